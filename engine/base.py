@@ -1,0 +1,53 @@
+"""The one interface the img2img loop talks to. A backend runs the four networks; it knows
+nothing of schedulers, guidance or images, and the loop knows nothing of the backend."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """Runs text encoder, UNet, VAE encoder and VAE decoder.
+
+    Inputs and outputs are float32 torch tensors on ``device`` (token ids are int64); a
+    backend casts to its networks' precision inside, so the scheduler math stays in fp32.
+    """
+
+    name: str
+    device: torch.device
+    # Height and width (pixels) must be multiples of this.
+    size_multiple: int
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 77] token ids -> [B, 77, C] last hidden state."""
+        ...
+
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """[N, 4, h, w] latents, scalar timestep, [N, 77, C] -> [N, 4, h, w] model output."""
+        ...
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, 8, h, w] latent distribution (mean, logvar)."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, 4, h, w] unscaled latents -> [B, 3, H, W] image in about [-1, 1]."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on CPU); called before each clock read."""
+        ...
+
+
+def unet_downsamplers(unet_config: dict) -> int:
+    """How many times the UNet halves the latent: one per down block but the last."""
+    return len(unet_config["down_block_types"]) - 1
+
+
+def size_multiple_for(unet_config: dict, vae_scale_factor: int) -> int:
+    """Pixel multiple a graph with fixed skip connections needs: 8 x 2^(downsamplers)."""
+    return vae_scale_factor * 2 ** unet_downsamplers(unet_config)

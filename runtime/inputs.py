@@ -1,0 +1,85 @@
+"""Checks of the call's arguments, each failing with a message that says what is allowed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import PIL.Image
+
+from sdtrt.errors import InvalidInputError
+
+DEFAULT_STRENGTH = 0.8  # the seed's start step 10 of 50
+
+
+def check_steps_and_guidance(num_inference_steps: int, guidance_scale: float) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise InvalidInputError(f"steps must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise InvalidInputError(f"steps must be >= 1, got {num_inference_steps}")
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise InvalidInputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+
+
+def resolve_start_step(
+    num_inference_steps: int, strength: float | None, start_step: int | None
+) -> int:
+    """The index of the first denoising step, from diffusers' ``strength`` or the seed's
+    ``start_step`` (the same knob: ``start_step = N - min(int(N * strength), N)``)."""
+    n = num_inference_steps
+    if strength is not None and start_step is not None:
+        raise InvalidInputError("give strength or start step, not both (they are the same knob)")
+    if start_step is not None:
+        if (
+            isinstance(start_step, bool)
+            or not isinstance(start_step, int)
+            or not 0 <= start_step < n
+        ):
+            raise InvalidInputError(
+                f"start step must be an integer in [0, {n}) for {n} steps, got {start_step!r}"
+            )
+        return start_step
+    if strength is None:
+        strength = DEFAULT_STRENGTH
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+    if not 0.0 < strength <= 1.0:
+        raise InvalidInputError(f"strength must be in (0, 1], got {strength!r}")
+    init_timestep = min(int(n * strength), n)
+    if init_timestep < 1:
+        raise InvalidInputError(
+            f"strength {strength} with {n} steps leaves no denoising step: "
+            f"strength must be at least 1/{n} = {1 / n:.4g}"
+        )
+    return n - init_timestep
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """Height and width must be positive multiples of ``multiple`` pixels."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise InvalidInputError(
+                f"{name} {value} is not a multiple of {multiple} px for this model/backend: "
+                f"nearest valid sizes are {lower} and {lower + multiple}"
+            )
+
+
+def load_image(path: str | Path) -> PIL.Image.Image:
+    """Open an image file fully (so truncated files fail here) and convert it to RGB."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"image file {path} does not exist")
+    if path.is_dir():
+        raise InvalidInputError(f"image path {path} is a directory, expected an image file")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
+        raise InvalidInputError(
+            f"cannot read {path} as an image ({exc}); expected a PNG, JPEG or other "
+            "format Pillow reads"
+        ) from exc

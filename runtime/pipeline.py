@@ -1,0 +1,263 @@
+"""The img2img pipeline: the seed notebook's loop, started from the noised input image.
+
+Order of work, as in diffusers' StableDiffusionImg2ImgPipeline: check inputs -> preprocess
+the image -> encode the prompts -> timesteps from the start step -> encode and noise the
+image -> denoising loop -> decode. Random draws happen in diffusers' order (VAE sample,
+then the noise, then per-step draws of stochastic schedulers), so with the torch backend
+and the same generator the images equal diffusers' own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from sdtrt.engine.base import Backend
+from sdtrt.errors import InvalidInputError, NonFiniteOutputError
+from sdtrt.runtime.inputs import check_size, check_steps_and_guidance, resolve_start_step
+from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class Img2ImgOutput:
+    images: Any
+    """PIL images, a float numpy array [B, H, W, 3] in [0, 1], or latents [B, 4, h, w]."""
+    unet_calls: int
+    """UNet calls the loop made (one per timestep run, each on the whole 2B batch)."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage: text_encoder, vae_encoder, denoise, vae_decoder."""
+
+
+class Img2ImgPipeline:
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        tokenizer: Any,
+        scheduler: Any,
+        vae_scale_factor: int,
+        scaling_factor: float,
+        show_progress: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.scaling_factor = scaling_factor
+        self.show_progress = show_progress
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=vae_scale_factor, do_convert_rgb=True
+        )
+
+    @classmethod
+    def from_components(
+        cls,
+        components: dict[str, Any],
+        backend: str = "torch",
+        scheduler: str = "lms",
+        *,
+        show_progress: bool = True,
+        **backend_options: Any,
+    ) -> Img2ImgPipeline:
+        """Build from ``load_components``' dict; ``backend_options`` go to the backend
+        (``device``, ``dtype`` for torch; ``precision`` and cache options for graphs)."""
+        from sdtrt.engine.factory import backend_from_components
+
+        vae_config = components["vae"].config
+        return cls(
+            backend=backend_from_components(backend, components, **backend_options),
+            tokenizer=components["tokenizer"],
+            scheduler=make_scheduler(scheduler, components["scheduler"].config),
+            vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
+            scaling_factor=vae_config.scaling_factor,
+            show_progress=show_progress,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        backend: str = "onnxruntime",
+        scheduler: str = "lms",
+        *,
+        show_progress: bool = True,
+        **backend_options: Any,
+    ) -> Img2ImgPipeline:
+        """Build from an exported folder (``sdtrt export``) alone: no PyTorch network."""
+        from sdtrt.engine.factory import backend_from_exported
+        from sdtrt.export.folder import ExportedModel
+
+        exported = ExportedModel.open(Path(model_dir))
+        return cls(
+            backend=backend_from_exported(backend, exported, **backend_options),
+            tokenizer=exported.tokenizer(),
+            scheduler=make_scheduler(scheduler, exported.scheduler_config()),
+            vae_scale_factor=exported.manifest["vae_scale_factor"],
+            scaling_factor=exported.manifest["scaling_factor"],
+            show_progress=show_progress,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: Any,
+        strength: float | None = None,
+        start_step: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 8.0,
+        negative_prompt: str | list[str] | None = None,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Img2ImgOutput:
+        # 1. Check inputs.
+        prompts = _as_prompt_list(prompt, "prompt")
+        check_steps_and_guidance(num_inference_steps, guidance_scale)
+        t_start = resolve_start_step(num_inference_steps, strength, start_step)
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(
+                f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InvalidInputError(
+                f"images per prompt must be an integer >= 1, got {num_images_per_prompt!r}"
+            )
+        if negative_prompt is None:
+            negative_prompts = [""] * len(prompts)
+        else:
+            negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
+            if len(negative_prompts) == 1:
+                negative_prompts = negative_prompts * len(prompts)
+            if len(negative_prompts) != len(prompts):
+                raise InvalidInputError(
+                    f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: "
+                    "give one, or one per prompt"
+                )
+        if height is not None or width is not None:
+            # A size not given follows the image; check the one(s) given.
+            multiple = self.image_processor.config.vae_scale_factor
+            check_size(height or multiple, width or multiple, multiple)
+        batch_size = len(prompts) * num_images_per_prompt
+        do_guidance = guidance_scale > 1.0
+        timings: dict[str, float] = {}
+
+        # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW.
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        check_size(pixels.shape[-2], pixels.shape[-1], self.backend.size_multiple)
+        if pixels.shape[0] > batch_size or batch_size % pixels.shape[0]:
+            raise InvalidInputError(
+                f"{pixels.shape[0]} images for a batch of {batch_size} "
+                "(prompts x images per prompt): give one image, or one per prompt"
+            )
+        pixels = pixels.to(self.backend.device, torch.float32)
+
+        # 3. Encode the prompts; [uncond, cond] go through the UNet as ONE batch.
+        with self._timed("text_encoder", timings):
+            text_embeddings = self._encode(prompts, num_images_per_prompt)
+            if do_guidance:
+                uncond_embeddings = self._encode(negative_prompts, num_images_per_prompt)
+                text_embeddings = torch.cat([uncond_embeddings, text_embeddings])
+
+        # 4. Timesteps: skip every index before the start step.
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self.backend.device)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+
+        # 5. Encode the image, sample its latent with the caller's generator, add noise.
+        with self._timed("vae_encoder", timings):
+            latent_parameters = self.backend.encode_image(pixels)
+        latent_dist = DiagonalGaussianDistribution(latent_parameters)
+        encoded = self.scaling_factor * latent_dist.sample(generator)
+        # diffusers repeats the whole image batch (not each image) to fill the prompt batch.
+        encoded = torch.cat([encoded] * (batch_size // encoded.shape[0]))
+        noise = randn_tensor(
+            encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
+        )
+        latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(batch_size))
+
+        # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
+        extra = step_kwargs(scheduler, generator)
+        with self._timed("denoise", timings):
+            for t in tqdm(timesteps, disable=not self.show_progress, desc="denoising"):
+                model_input = torch.cat([latents] * 2) if do_guidance else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise_pred = self.backend.unet(model_input, t, text_embeddings)
+                if do_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (
+                        noise_pred_text - noise_pred_uncond
+                    )
+                latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        _check_finite(latents, "unet")
+
+        # 7. Decode.
+        if output_type == "latent":
+            return Img2ImgOutput(latents, len(timesteps), timings)
+        with self._timed("vae_decoder", timings):
+            decoded = self.backend.decode_latents(latents / self.scaling_factor)
+        _check_finite(decoded, "vae_decoder")
+        images = self.image_processor.postprocess(
+            decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
+        )
+        return Img2ImgOutput(images, len(timesteps), timings)
+
+    def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
+        tokenizer = self.tokenizer
+        input_ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if longest.shape[-1] > input_ids.shape[-1]:
+            logger.warning(
+                "a prompt is longer than the text encoder's %d tokens and was truncated",
+                tokenizer.model_max_length,
+            )
+        embeddings = self.backend.encode_text(input_ids)
+        return embeddings.repeat_interleave(num_images_per_prompt, dim=0)
+
+    @contextmanager
+    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
+        self.backend.synchronize()
+        start = time.perf_counter()
+        yield
+        self.backend.synchronize()
+        timings[stage] = (time.perf_counter() - start) * 1e3
+
+
+def _as_prompt_list(prompt: Any, what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+
+
+def _check_finite(tensor: torch.Tensor, network: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteOutputError(
+            f"{network} produced NaN or infinite values; with fp16 this is usually the VAE "
+            "overflowing: export or build the VAE in fp32"
+        )

@@ -1,0 +1,30 @@
+"""sdtrt: Stable Diffusion img2img on TensorRT, ONNX Runtime and PyTorch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["Img2ImgPipeline", "build_pipeline", "load_components", "__version__"]
+
+if TYPE_CHECKING:
+    from sdtrt.api import build_pipeline
+    from sdtrt.models import load_components
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import sdtrt` (and the CLI's --help) must not pay for torch and diffusers.
+    if name == "Img2ImgPipeline":
+        from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+        return Img2ImgPipeline
+    if name == "load_components":
+        from sdtrt.models import load_components
+
+        return load_components
+    if name == "build_pipeline":
+        from sdtrt.api import build_pipeline
+
+        return build_pipeline
+    raise AttributeError(f"module 'sdtrt' has no attribute {name!r}")

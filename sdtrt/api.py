@@ -1,0 +1,62 @@
+"""Public entry points: one call from a model name or folder to a ready pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def is_exported_folder(model: str | Path) -> bool:
+    return Path(model, "sdtrt.json").is_file()
+
+
+def build_pipeline(
+    model: str,
+    *,
+    backend: str = "torch",
+    scheduler: str = "lms",
+    precision: str = "fp32",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    cuda_graphs: bool = False,
+    show_progress: bool = True,
+) -> Img2ImgPipeline:
+    """A pipeline for a built-in model name, a diffusers folder or an exported folder."""
+    import torch
+
+    from sdtrt.models import load_components
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    options: dict[str, Any]
+    if backend == "torch":
+        options = {"device": device, "dtype": getattr(torch, DTYPES[dtype])}
+        if cuda_graphs:
+            options["cuda_graphs"] = True
+    else:
+        options = {"precision": precision}
+        if cuda_graphs:
+            options["cuda_graphs"] = True
+    if is_exported_folder(model):
+        options.pop("device", None)
+        options.pop("dtype", None)
+        return Img2ImgPipeline.from_pretrained(
+            model, backend=backend, scheduler=scheduler, show_progress=show_progress, **options
+        )
+    return Img2ImgPipeline.from_components(
+        load_components(model),
+        backend=backend,
+        scheduler=scheduler,
+        show_progress=show_progress,
+        **options,
+    )
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    return json.loads(Path(folder, "sdtrt.json").read_text())

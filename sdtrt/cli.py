@@ -1,0 +1,144 @@
+"""The ``sdtrt`` command line: parse, check, call one library function. Heavy modules are
+imported inside the handlers so ``--help`` and argument errors are instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import SdtrtError
+
+SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+SEED_PROMPT = "A colorful dancer, nat geo photo"
+SCHEDULER_NAMES = ("lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
+BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
+
+
+def _add_img2img(sub: Any) -> None:
+    p = sub.add_parser("img2img", help="run img2img (defaults: the seed notebook's run)")
+    p.add_argument("--image", default=str(SAMPLE_IMAGE), help="input image (default: sample)")
+    p.add_argument("--prompt", default=SEED_PROMPT)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default="tiny", help="tiny | sd15-random | sd21-random | PATH")
+    p.add_argument("--backend", default="torch", choices=BACKEND_NAMES)
+    knob = p.add_mutually_exclusive_group()
+    knob.add_argument("--strength", type=float, default=None, help="in (0, 1]; default 0.8")
+    knob.add_argument("--start-step", type=int, default=None, help="first step, in [0, steps)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=8.0)
+    p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES)
+    p.add_argument("--seed", type=int, default=32)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="graph backends")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="torch backend")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as a CUDA graph")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="out/img2img.png")
+    p.set_defaults(handler=_run_img2img)
+
+
+def _run_img2img(args: argparse.Namespace) -> int:
+    from sdtrt.runtime.inputs import (
+        check_size,
+        check_steps_and_guidance,
+        load_image,
+        resolve_start_step,
+    )
+
+    # Everything the user typed is checked before any model is loaded.
+    check_steps_and_guidance(args.steps, args.guidance)
+    resolve_start_step(args.steps, args.strength, args.start_step)
+    check_size(args.height, args.width, 8)
+    if args.batch < 1:
+        raise _invalid(f"batch must be >= 1, got {args.batch}")
+    image = load_image(args.image)
+
+    import torch
+
+    from sdtrt.api import build_pipeline
+    from sdtrt.fileio import atomic_path
+
+    pipe = build_pipeline(
+        args.model,
+        backend=args.backend,
+        scheduler=args.scheduler,
+        precision=args.precision,
+        device=args.device,
+        dtype=args.dtype,
+        cuda_graphs=args.cuda_graphs,
+        show_progress=not args.no_progress,
+    )
+    result = pipe(
+        args.prompt,
+        image,
+        strength=args.strength,
+        start_step=args.start_step,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_images_per_prompt=args.batch,
+        height=args.height,
+        width=args.width,
+    )
+    out = Path(args.out)
+    paths = (
+        [out]
+        if len(result.images) == 1
+        else [
+            out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+            for i in range(len(result.images))
+        ]
+    )
+    for picture, path in zip(result.images, paths, strict=True):
+        with atomic_path(path) as tmp:
+            picture.save(tmp, format="PNG")
+        print(f"wrote {path} ({picture.width}x{picture.height})")
+    stages = ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items())
+    print(f"{result.unet_calls} UNet calls; {stages}")
+    return 0
+
+
+def _invalid(message: str) -> SdtrtError:
+    from sdtrt.errors import InvalidInputError
+
+    return InvalidInputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtrt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except SdtrtError as exc:
+        print(f"sdtrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

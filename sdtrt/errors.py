@@ -1,0 +1,36 @@
+"""Typed errors: everything a user can cause is one of these, with a message that says
+what is allowed. The command line turns them into exit code 2 and one line, no traceback."""
+
+from __future__ import annotations
+
+
+class SdtrtError(Exception):
+    """Base of every error sdtrt raises on purpose."""
+
+
+class InvalidInputError(SdtrtError, ValueError):
+    """An argument or file the user gave is outside what is allowed."""
+
+
+class ModelNotFoundError(SdtrtError, FileNotFoundError):
+    """A model name is unknown, or a model folder is missing or incomplete."""
+
+
+class BackendUnavailableError(SdtrtError, RuntimeError):
+    """The requested backend or device cannot run on this machine (missing library or GPU)."""
+
+
+class GraphIntegrityError(SdtrtError, RuntimeError):
+    """An exported ONNX folder is missing a graph, corrupt, or does not match its manifest."""
+
+
+class ShapeOutsideProfileError(SdtrtError, ValueError):
+    """A request's shape lies outside what an engine or graph was built for."""
+
+
+class EngineMismatchError(SdtrtError, RuntimeError):
+    """A TensorRT engine was built for another graph, TensorRT version, GPU or profile."""
+
+
+class NonFiniteOutputError(SdtrtError, FloatingPointError):
+    """A network produced NaN or infinite values (typically an fp16 VAE overflowing)."""

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from sdtrt.models import build_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded tiny model; tests must not modify it."""
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Two random RGB images of a size the tiny model takes (multiples of 16)."""
+    rng = np.random.default_rng(0)
+    return [
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(2)
+    ]
+
+
+def diffusers_img2img(components, scheduler_class_name: str):
+    """diffusers' own pipeline on the same components: the reference every test uses."""
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    scheduler = getattr(diffusers, scheduler_class_name).from_config(components["scheduler"].config)
+    pipe = StableDiffusionImg2ImgPipeline(
+        **{**components, "scheduler": scheduler},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,95 @@
+"""The command line: bad input exits 2 with one line and writes nothing; good input
+writes a PNG of the requested size."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+
+from sdtrt.cli import main
+
+FAST = ["--steps", "2", "--height", "32", "--width", "48", "--no-progress"]
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "in.png"
+    PIL.Image.new("RGB", (40, 30), (10, 200, 30)).save(path)
+    return path
+
+
+def run(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_writes_png_of_requested_size(tmp_path, png, capsys):
+    out = tmp_path / "o" / "result.png"
+    code, _ = run(["img2img", "--image", str(png), "--out", str(out), *FAST], capsys)
+    assert code == 0
+    with PIL.Image.open(out) as image:
+        assert image.size == (48, 32)
+    assert not list(out.parent.glob(".*tmp"))  # the temp file was renamed, not left
+
+
+def test_batch_writes_one_file_per_image(tmp_path, png, capsys):
+    out = tmp_path / "b.png"
+    args = ["img2img", "--image", str(png), "--out", str(out), "--batch", "2", *FAST]
+    assert run(args, capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.glob("b-*.png")) == ["b-0.png", "b-1.png"]
+
+
+def _bad_files(tmp_path, png):
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    truncated = tmp_path / "truncated.png"
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "full.png")
+    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    return {
+        "missing": (tmp_path / "nope.png", "does not exist"),
+        "directory": (tmp_path, "is a directory"),
+        "unreadable": (text, "cannot read"),
+        "truncated": (truncated, "cannot read"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "unreadable", "truncated"])
+def test_bad_image_files(tmp_path, png, capsys, case):
+    path, message = _bad_files(tmp_path, png)[case]
+    out = tmp_path / "out.png"
+    code, err = run(["img2img", "--image", str(path), "--out", str(out), *FAST], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strength", "0"], "strength must be in (0, 1]"),
+        (["--strength", "1.01"], "strength must be in (0, 1]"),
+        (["--start-step", "2"], "start step must be an integer in [0, 2)"),
+        (["--start-step", "-1"], "start step must be an integer in [0, 2)"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--guidance", "nan"], "guidance scale must be a finite number"),
+        (["--guidance", "inf"], "guidance scale must be a finite number"),
+        (["--height", "30"], "height 30 is not a multiple of 8"),
+        (["--width", "0"], "width must be a positive integer"),
+        (["--strength", "0.5", "--start-step", "1"], "not allowed with argument"),
+        (["--scheduler", "heun"], "invalid choice: 'heun'"),
+        (["--backend", "jax"], "invalid choice: 'jax'"),
+        (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, sd15-random"),
+        (["--batch", "0"], "batch must be >= 1"),
+    ],
+)
+def test_bad_arguments(tmp_path, png, capsys, extra, message):
+    out = tmp_path / "out.png"
+    # extra comes last so it overrides FAST's values.
+    code, err = run(["img2img", "--image", str(png), "--out", str(out), *FAST, *extra], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists()

@@ -1,0 +1,78 @@
+"""The torch backend's img2img equals diffusers' StableDiffusionImg2ImgPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import diffusers_img2img
+
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.schedulers import SCHEDULERS
+
+CASES = [
+    pytest.param(1, None, id="b1"),
+    pytest.param(1, "blurry", id="b1-neg"),
+    pytest.param(2, None, id="b2"),
+    pytest.param(2, "blurry", id="b2-neg"),
+]
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_equals_diffusers(tiny, images, scheduler):
+    ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    reference = diffusers_img2img(tiny, SCHEDULERS[scheduler])
+    for strength in (0.3, 0.8, 1.0):
+        for batch, negative in (c.values for c in CASES):
+            prompts = ["A colorful dancer, nat geo photo", "a cat"][:batch]
+            negatives = None if negative is None else [negative] * batch
+            picture = images[0] if batch == 1 else images
+            kwargs = dict(
+                strength=strength,
+                num_inference_steps=8,
+                guidance_scale=8.0,
+                negative_prompt=negatives,
+                output_type="np",
+            )
+            got = ours(prompts, picture, generator=torch.Generator().manual_seed(32), **kwargs)
+            want = reference(
+                prompts, picture, generator=torch.Generator().manual_seed(32), **kwargs
+            ).images
+            assert got.images.shape == want.shape == (batch, 32, 48, 3)
+            diff = float(np.abs(got.images - want).max())
+            assert diff <= 1e-6, f"{scheduler} strength={strength} batch={batch}: {diff}"
+
+
+def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
+    ours = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    batches = []
+    unet = ours.backend.unet
+
+    def spy(sample, timestep, hidden):
+        batches.append(sample.shape[0])
+        return unet(sample, timestep, hidden)
+
+    ours.backend.unet = spy  # type: ignore[method-assign]
+    kwargs = dict(strength=0.5, num_inference_steps=6, guidance_scale=1.0, output_type="np")
+    got = ours(["a", "b"], images, generator=torch.Generator().manual_seed(1), **kwargs)
+    want = diffusers_img2img(tiny, "LMSDiscreteScheduler")(
+        ["a", "b"], images, generator=torch.Generator().manual_seed(1), **kwargs
+    ).images
+    assert batches == [2, 2, 2]
+    assert float(np.abs(got.images - want).max()) <= 1e-6
+
+
+def test_v_prediction_equals_diffusers(tiny, images):
+    components = dict(tiny)
+    components["scheduler"] = type(tiny["scheduler"]).from_config(
+        tiny["scheduler"].config, prediction_type="v_prediction"
+    )
+    kwargs = dict(strength=0.8, num_inference_steps=5, guidance_scale=8.0, output_type="np")
+    for name in ("ddim", "euler"):
+        ours = Img2ImgPipeline.from_components(components, scheduler=name, show_progress=False)
+        assert ours.scheduler.config.prediction_type == "v_prediction"
+        got = ours("a", images[0], generator=torch.Generator().manual_seed(5), **kwargs)
+        want = diffusers_img2img(components, SCHEDULERS[name])(
+            "a", images[0], generator=torch.Generator().manual_seed(5), **kwargs
+        ).images
+        assert float(np.abs(got.images - want).max()) <= 1e-6
