@@ -25,8 +25,10 @@ def backend_from_components(name: str, components: dict[str, Any], **options: An
         return TorchBackend(components, **options)
     from sdtrt.export.cache import exported_for
 
-    cache_options = {k: options.pop(k) for k in ("precision", "opset", "cache_dir") if k in options}
-    return backend_from_exported(name, exported_for(components, **cache_options), **options)
+    cache_options = {k: options.pop(k) for k in ("opset", "cache_dir", "source") if k in options}
+    precision = options.get("precision", "fp32")
+    exported = exported_for(components, precision=precision, **cache_options)
+    return backend_from_exported(name, exported, **options)
 
 
 def backend_from_exported(name: str, exported: Any, **options: Any) -> Backend:

@@ -49,6 +49,8 @@ def build_pipeline(
         return Img2ImgPipeline.from_pretrained(
             model, backend=backend, scheduler=scheduler, show_progress=show_progress, **options
         )
+    if backend != "torch":
+        options["source"] = model
     return Img2ImgPipeline.from_components(
         load_components(model),
         backend=backend,

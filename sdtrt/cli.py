@@ -126,10 +126,9 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Our INFO lines, but only the warnings of the exporters' chatty loggers.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdtrt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.handler(args))
     except SdtrtError as exc:

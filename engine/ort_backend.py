@@ -1,0 +1,159 @@
+"""The ONNX Runtime backend: one session per network, from an exported folder.
+
+CPU provider here; the CUDA provider where onnxruntime-gpu is installed, with I/O bound
+straight to torch CUDA tensors (no host copies).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtrt.errors import GraphIntegrityError, InvalidInputError
+from sdtrt.export.folder import ExportedModel
+from sdtrt.export.networks import NETWORK_NAMES, networks_for
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
+_TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int32: torch.int32}
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        exported: ExportedModel,
+        *,
+        precision: str = "fp32",
+        provider: str | None = None,
+        optimization: str = "basic",
+        threads: int = 0,
+        memory_arena: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise InvalidInputError(
+                f"ONNX Runtime optimisation must be one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        available = ort.get_available_providers()
+        provider = provider or (
+            "CUDAExecutionProvider"
+            if "CUDAExecutionProvider" in available
+            else "CPUExecutionProvider"
+        )
+        if provider not in available:
+            raise InvalidInputError(
+                f"ONNX Runtime provider {provider} is not available here ({', '.join(available)})"
+            )
+        self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+        self.size_multiple = exported.dims.size_multiple
+        self.precision = precision
+        self._contracts = networks_for(exported.dims)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _level(ort, optimization)
+        options.intra_op_num_threads = threads
+        options.enable_cpu_mem_arena = memory_arena
+        options.log_severity_level = 3
+        self.sessions: dict[str, Any] = {}
+        for network in NETWORK_NAMES:
+            path = exported.graph_path(network, precision)
+            try:
+                self.sessions[network] = ort.InferenceSession(
+                    str(path), sess_options=options, providers=[provider]
+                )
+            except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+                raise GraphIntegrityError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        self._input_types = {
+            network: {i.name: _NUMPY[i.type] for i in session.get_inputs()}
+            for network, session in self.sessions.items()
+        }
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._run("text_encoder", input_ids=input_ids)
+
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self._run(
+            "unet",
+            sample=sample,
+            timestep=timestep.reshape(1).float(),
+            encoder_hidden_states=encoder_hidden_states,
+        )
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_encoder", sample=image)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_decoder", latent_sample=latents)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _run(self, network: str, **inputs: torch.Tensor) -> torch.Tensor:
+        types = self._input_types[network]
+        if self.device.type == "cuda":
+            return self._run_bound(network, inputs)
+        feeds = {
+            name: tensor.detach().cpu().numpy().astype(types[name], copy=False)
+            for name, tensor in inputs.items()
+        }
+        (out,) = self.sessions[network].run(None, feeds)
+        return torch.from_numpy(out).float()
+
+    def _run_bound(self, network: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CUDA: bind torch tensors by pointer, so nothing crosses to the host."""
+        session, types = self.sessions[network], self._input_types[network]
+        contract = self._contracts[network]
+        binding = session.io_binding()
+        kept = []
+        for name, tensor in inputs.items():
+            tensor = tensor.to(self.device, _TORCH[types[name]]).contiguous()
+            kept.append(tensor)
+            binding.bind_input(name, "cuda", 0, types[name], list(tensor.shape), tensor.data_ptr())
+        (output_name,) = contract.outputs
+        shape = _output_shape(contract, inputs)
+        dtype = (
+            np.float16
+            if self.precision == "fp16" and any(t == np.float16 for t in types.values())
+            else np.float32
+        )
+        out = torch.empty(shape, dtype=_TORCH[dtype], device=self.device)
+        binding.bind_output(output_name, "cuda", 0, dtype, shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out.float()
+
+
+def _output_shape(contract: Any, inputs: dict[str, torch.Tensor]) -> list[int]:
+    """The output's shape from the inputs', by the contract's axis names."""
+    sizes: dict[str, int] = {}
+    for name, axes in contract.inputs.items():
+        for axis, size in zip(axes, inputs[name].shape, strict=True):
+            if isinstance(axis, tuple):
+                sizes[axis[0]] = int(size)
+    factor = contract.dims.vae_scale_factor
+    if "h" in sizes and "H" not in sizes:
+        sizes["H"], sizes["W"] = sizes["h"] * factor, sizes["w"] * factor
+    if "H" in sizes and "h" not in sizes:
+        sizes["h"], sizes["w"] = sizes["H"] // factor, sizes["W"] // factor
+    (axes,) = contract.outputs.values()
+    return [sizes[a[0]] if isinstance(a, tuple) else a for a in axes]
+
+
+def _level(ort: Any, name: str) -> Any:
+    levels = ort.GraphOptimizationLevel
+    return {
+        "disable": levels.ORT_DISABLE_ALL,
+        "basic": levels.ORT_ENABLE_BASIC,
+        "extended": levels.ORT_ENABLE_EXTENDED,
+        "layout": getattr(levels, "ORT_ENABLE_LAYOUT", levels.ORT_ENABLE_EXTENDED),
+        "all": levels.ORT_ENABLE_ALL,
+    }[name]

@@ -1,0 +1,162 @@
+"""``sdtrt export``: a model's four networks as ONNX graphs in the Hugging Face ONNX layout
+(the one optimum writes), with tokenizer, scheduler config and a manifest, so the folder
+runs without PyTorch weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.export.networks import VAE_NETWORKS, ModelDims, networks_for
+from sdtrt.export.onnx_export import DEFAULT_OPSET, export_network
+from sdtrt.fileio import atomic_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "sdtrt.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16")
+GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+
+
+def graph_file(network: str, precision: str) -> str:
+    return f"{network}/{GRAPH_FILES[precision]}"
+
+
+def export_model(
+    components: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    source: str,
+    precisions: tuple[str, ...] = ("fp32",),
+    opset: int = DEFAULT_OPSET,
+    vae_precision: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Export into ``out_dir`` atomically: it appears complete or not at all."""
+    from sdtrt import __version__
+    from sdtrt.models import model_fingerprint
+
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise InvalidInputError(
+            f"precision must be among {', '.join(PRECISIONS)}, got {precisions}"
+        )
+    if vae_precision not in (None, *PRECISIONS):
+        raise InvalidInputError(f"VAE precision must be one of {', '.join(PRECISIONS)}")
+    if opset < 18:
+        raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {opset}")
+    out_dir = Path(out_dir)
+    dims = ModelDims.from_components(components)
+    networks = networks_for(dims)
+    # Which file each (precision, network) uses; a VAE kept in fp32 points at the fp32 file.
+    plan: dict[str, dict[str, dict[str, str]]] = {}
+    for precision in precisions:
+        plan[precision] = {}
+        for name in networks:
+            used = vae_precision if (name in VAE_NETWORKS and vae_precision) else precision
+            plan[precision][name] = {"file": graph_file(name, used), "precision": used}
+    todo = sorted(
+        {(e["file"], name, e["precision"]) for p in plan.values() for name, e in p.items()}
+    )
+
+    with atomic_dir(out_dir) as tmp:
+        graphs: dict[str, dict[str, Any]] = {}
+        timings: dict[str, float] = {}
+        for file, name, precision in tqdm(todo, desc="export", disable=not show_progress):
+            network = networks[name]
+            start = time.perf_counter()
+            export_network(
+                network, components[network.component], tmp / file, precision=precision, opset=opset
+            )
+            timings[file] = round(time.perf_counter() - start, 2)
+            logger.info("exported %s in %.1f s", file, timings[file])
+            graphs[file] = _describe_graph(tmp, file)
+        components["tokenizer"].save_pretrained(tmp / "tokenizer")
+        components["scheduler"].save_pretrained(tmp / "scheduler")
+        _write_model_index(tmp, components)
+        vae_config = components["vae"].config
+        manifest = {
+            "format": "sdtrt-onnx",
+            "format_version": FORMAT_VERSION,
+            "sdtrt_version": __version__,
+            "source": {"model": source, "fingerprint": model_fingerprint(components)},
+            "opset": opset,
+            "precisions": plan,
+            "graphs": graphs,
+            "networks": {
+                name: {"inputs": net.inputs, "outputs": net.outputs}
+                for name, net in networks.items()
+            },
+            "dynamic_axes": {
+                "B": "images per request",
+                "2B": "UNet batch: [uncond, cond] for each image",
+                "H, W": f"image height, width in pixels: multiples of {dims.size_multiple}",
+                "h, w": f"latent height, width: H, W / {dims.vae_scale_factor}",
+            },
+            "dims": asdict(dims),
+            "size_multiple": dims.size_multiple,
+            "size_rule": (
+                f"height and width must be multiples of {dims.vae_scale_factor} x "
+                f"2^{dims.unet_factor.bit_length() - 1} = {dims.size_multiple} px"
+            ),
+            "vae_scale_factor": dims.vae_scale_factor,
+            "scaling_factor": vae_config.scaling_factor,
+            "versions": _versions(),
+            "export_seconds": timings,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return out_dir
+
+
+def _describe_graph(root: Path, file: str) -> dict[str, Any]:
+    path = root / file
+    files = [path] + ([data] if (data := path.with_name(path.name + ".data")).exists() else [])
+    return {
+        "sha256": {f.name: sha256_file(f) for f in files},
+        "bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_model_index(root: Path, components: dict[str, Any]) -> None:
+    # Optimum's layout: the class names say which ONNX model each folder holds.
+    index = {
+        "_class_name": "ORTStableDiffusionImg2ImgPipeline",
+        "tokenizer": ["transformers", type(components["tokenizer"]).__name__],
+        "scheduler": ["diffusers", type(components["scheduler"]).__name__],
+        "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
+        "unet": ["onnxruntime", "ORTModelUnet"],
+        "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
+        "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+    }

@@ -1,0 +1,128 @@
+"""PyTorch -> ONNX for one network: torch's dynamo exporter with the contract's dynamic
+axes, then clean-up with polygraphy's constant folding and onnx-graphsurgeon."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from sdtrt.export.networks import Axis, Network
+
+logger = logging.getLogger(__name__)
+
+# Opset 20 is the lowest at which torch 2.13's exporter gave a valid SD UNet (17 did not).
+DEFAULT_OPSET = 20
+# protobuf cannot serialise a message over 2 GiB: bigger graphs keep weights outside.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+_DIM_IDENTIFIERS = {"B": "batch", "2B": "batch2", "H": "height", "W": "width", "h": "lh", "w": "lw"}
+
+
+def export_network(
+    network: Network, module: torch.nn.Module, path: Path, *, precision: str, opset: int
+) -> None:
+    """Write ``network`` as ``path`` (plus ``path.data`` when the weights exceed 1 GiB)."""
+    wrapper = network.wrap(module).eval()
+    if precision == "fp16":
+        # A copy: the caller's module stays fp32. TensorRT 11's strongly typed builds take
+        # their precision from the graph, so fp16 is baked in here.
+        wrapper = copy.deepcopy(wrapper).half()
+    samples = network.sample_inputs(precision)
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch, "raw.onnx")
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(samples.values()),
+                str(raw),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(network.inputs),
+                output_names=list(network.outputs),
+                dynamic_shapes=_dynamic_shapes(network),
+                verbose=False,
+            )
+        model = onnx.load(str(raw))
+    del wrapper
+    model = clean_graph(model)
+    _name_dynamic_axes(model, network)
+    save_model(model, path)
+    onnx.checker.check_model(str(path))
+
+
+def _dynamic_shapes(network: Network) -> dict[str, dict[int, object] | None]:
+    dims: dict[str, object] = {}
+
+    def dim(axis: Axis) -> object:
+        name, multiple = axis
+        if name not in dims:
+            identifier = _DIM_IDENTIFIERS[name]
+            if multiple == 1:
+                dims[name] = Dim(identifier, min=1, max=1024)
+            else:
+                # min 2: torch.export specialises a free size of 1.
+                dims[name] = multiple * Dim(f"{identifier}_units", min=2, max=4096)
+        return dims[name]
+
+    return {
+        name: {i: dim(a) for i, a in enumerate(axes) if isinstance(a, tuple)} or None
+        for name, axes in network.inputs.items()
+    }
+
+
+def _name_dynamic_axes(model: onnx.ModelProto, network: Network) -> None:
+    """The exporter names axes after its symbols ("2*lh_units"); give the graph's inputs and
+    outputs the contract's names (2B, h, w...), which TensorRT profiles and users read."""
+    contract = {**network.inputs, **network.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim, axis in zip(value.type.tensor_type.shape.dim, contract[value.name], strict=True):
+            if isinstance(axis, tuple):
+                dim.dim_param = axis[0]
+
+
+def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants (polygraphy) and drop dead nodes, toposorted (onnx-graphsurgeon)."""
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
+
+    if _weights_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            model = fold_constants(model, error_ok=True)
+    else:
+        # Folding serialises the whole model for ONNX Runtime, which protobuf's 2 GiB limit
+        # forbids; the exporter's own optimiser already folded the constants it could.
+        logger.info(
+            "graph over %d bytes: constant folding left to the exporter", EXTERNAL_DATA_THRESHOLD
+        )
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = _weights_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def _weights_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+        else:
+            total += len(tensor.raw_data)
+    return total
