@@ -57,13 +57,7 @@ def export_model(
     out_dir = Path(out_dir)
     dims = ModelDims.from_components(components)
     networks = networks_for(dims)
-    # Which file each (precision, network) uses; a VAE kept in fp32 points at the fp32 file.
-    plan: dict[str, dict[str, dict[str, str]]] = {}
-    for precision in precisions:
-        plan[precision] = {}
-        for name in networks:
-            used = vae_precision if (name in VAE_NETWORKS and vae_precision) else precision
-            plan[precision][name] = {"file": graph_file(name, used), "precision": used}
+    plan = graph_plan(tuple(networks), precisions, vae_precision)
     todo = sorted(
         {(e["file"], name, e["precision"]) for p in plan.values() for name, e in p.items()}
     )
@@ -81,7 +75,7 @@ def export_model(
             logger.info("exported %s in %.1f s", file, timings[file])
             graphs[file] = _describe_graph(tmp, file)
         components["tokenizer"].save_pretrained(tmp / "tokenizer")
-        components["scheduler"].save_pretrained(tmp / "scheduler")
+        _write_scheduler_config(tmp, components["scheduler"])
         _write_model_index(tmp, components)
         vae_config = components["vae"].config
         manifest = {
@@ -117,6 +111,20 @@ def export_model(
     return out_dir
 
 
+def graph_plan(
+    networks: tuple[str, ...], precisions: tuple[str, ...], vae_precision: str | None
+) -> dict[str, dict[str, dict[str, str]]]:
+    """Which graph file each (precision, network) uses; with ``vae_precision`` the VAE's
+    graphs are that precision's whatever the rest is (fp32 for VAEs that overflow in fp16)."""
+    plan: dict[str, dict[str, dict[str, str]]] = {}
+    for precision in precisions:
+        plan[precision] = {}
+        for name in networks:
+            used = vae_precision if (name in VAE_NETWORKS and vae_precision) else precision
+            plan[precision][name] = {"file": graph_file(name, used), "precision": used}
+    return plan
+
+
 def _describe_graph(root: Path, file: str) -> dict[str, Any]:
     path = root / file
     files = [path] + ([data] if (data := path.with_name(path.name + ".data")).exists() else [])
@@ -132,6 +140,18 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _write_scheduler_config(root: Path, scheduler: Any) -> None:
+    """The scheduler config with its ``_use_default_values`` kept. diffusers' save_pretrained
+    writes defaults out as if chosen, and then another scheduler class built from the saved
+    config takes them (LMS would get PNDM's "leading" spacing instead of its own
+    "linspace"): the exported folder would not run what the PyTorch model runs."""
+    config = {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def _write_model_index(root: Path, components: dict[str, Any]) -> None:

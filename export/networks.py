@@ -93,13 +93,15 @@ class Network:
             "w": width // f,
         }
 
-    def sample_inputs(self, precision: str, batch: int = 2, height: int = 0, width: int = 0):
+    def sample_inputs(
+        self, precision: str, batch: int = 2, height: int = 0, width: int = 0, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Random inputs of the contract's dtypes for a shape in range. Export uses a batch
         of 2: torch.export specialises any dimension whose example value is 1."""
         height = height or 2 * self.dims.size_multiple
         width = width or 3 * self.dims.size_multiple
         shapes = self.shapes(batch, height, width)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         out = {}
         for name in self.inputs:
             if name == "input_ids":

@@ -106,6 +106,88 @@ def _run_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="export the four networks to ONNX (Hugging Face layout)")
+    p.add_argument("--model", default="tiny", help="tiny | sd15-random | sd21-random | PATH")
+    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16")
+    p.add_argument("--vae-precision", default=None, choices=("fp32", "fp16"))
+    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from sdtrt.export.exporter import PRECISIONS, export_model
+    from sdtrt.models import load_components
+
+    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise _invalid(
+            f"--precision must list {' and/or '.join(PRECISIONS)}, got {args.precision!r}"
+        )
+    if args.opset < 18:
+        raise _invalid(f"--opset must be >= 18 (20 recommended), got {args.opset}")
+    components = load_components(args.model)
+    out = export_model(
+        components,
+        args.out,
+        source=_source_name(args.model),
+        precisions=precisions,
+        opset=args.opset,
+        vae_precision=args.vae_precision,
+        show_progress=not args.no_progress,
+    )
+    print(f"exported {args.model} ({', '.join(precisions)}) to {out}")
+    return 0
+
+
+def _source_name(model: str) -> str:
+    """Built-in names as they are; folders as absolute paths, so `check` finds them again."""
+    from sdtrt.models import BUILTIN_MODELS
+
+    return model if model in BUILTIN_MODELS else str(Path(model).resolve())
+
+
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser("check", help="compare a backend's networks and image with PyTorch")
+    p.add_argument("--model", required=True, help="exported folder, or a model to export first")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.set_defaults(handler=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from sdtrt.api import is_exported_folder
+    from sdtrt.bench.check import format_report, run_check
+    from sdtrt.errors import GraphIntegrityError
+    from sdtrt.export.cache import exported_for
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.fileio import write_json
+    from sdtrt.models import load_components, model_fingerprint
+
+    if is_exported_folder(args.model):
+        exported = ExportedModel.open(Path(args.model))
+        source = exported.manifest["source"]
+        components = load_components(source["model"])
+        if model_fingerprint(components) != source["fingerprint"]:
+            raise GraphIntegrityError(
+                f"{args.model} was exported from another model than {source['model']} is now "
+                "(weights or config differ): export again"
+            )
+    else:
+        components = load_components(args.model)
+        exported = exported_for(
+            components, precision=args.precision, source=_source_name(args.model)
+        )
+    report = run_check(exported, components, backend=args.backend, precision=args.precision)
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0 if report["passed"] else 1
+
+
 def _invalid(message: str) -> SdtrtError:
     from sdtrt.errors import InvalidInputError
 
@@ -121,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img, _add_export, _add_check]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

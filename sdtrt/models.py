@@ -193,6 +193,11 @@ def load_components(model: str) -> dict[str, Any]:
 def load_diffusers_folder(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} is not a folder")
+    if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
+        raise ModelNotFoundError(
+            f"{path} holds ONNX graphs but no sdtrt.json manifest: not a folder written by "
+            "`sdtrt export`; export the model again"
+        )
     missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
     if missing:
         raise ModelNotFoundError(

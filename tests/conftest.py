@@ -36,3 +36,26 @@ def diffusers_img2img(components, scheduler_class_name: str):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sdtrt-cache")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, onnx_cache):
+    """The tiny model exported in fp32 through the cache (about a minute on 2 cores)."""
+    from sdtrt.export.cache import exported_for
+
+    return exported_for(tiny, precision="fp32", cache_dir=onnx_cache, source="tiny")
+
+
+@pytest.fixture(scope="session")
+def exported_fp16(tiny, tmp_path_factory):
+    from sdtrt.export.exporter import export_model
+    from sdtrt.export.folder import ExportedModel
+
+    folder = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    export_model(tiny, folder, source="tiny", precisions=("fp16",), show_progress=False)
+    return ExportedModel.open(folder)
