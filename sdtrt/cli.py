@@ -188,6 +188,68 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="latency per stage, throughput, with diffusers side by side")
+    p.add_argument("--model", default="tiny", help="tiny | sd15-random | sd21-random | PATH | DIR")
+    p.add_argument("--backends", default="torch,onnxruntime,diffusers")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="graph backends")
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--ort-optimization", default="basic")
+    p.add_argument("--ort-threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from sdtrt.bench.benchmark import BenchConfig, run_bench
+    from sdtrt.bench.report import markdown_table, plot
+    from sdtrt.fileio import write_json
+    from sdtrt.runtime.inputs import check_size, resolve_start_step
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise _invalid(f"--batch must be comma-separated integers, got {args.batch!r}") from None
+    resolve_start_step(args.steps, args.strength, None)
+    check_size(args.height, args.width, 8)
+    config = BenchConfig(
+        model=args.model,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        batches=batches,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        strength=args.strength,
+        scheduler=args.scheduler,
+        device=args.device,
+        dtype=args.dtype,
+        precision=args.precision,
+        cuda_graphs=args.cuda_graphs,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        ort_optimization=args.ort_optimization,
+        ort_threads=args.ort_threads,
+    )
+    record = run_bench(config)
+    print(markdown_table(record))
+    if args.json:
+        write_json(args.json, record)
+    if args.plot:
+        plot(record, args.plot)
+    return 0
+
+
 def _invalid(message: str) -> SdtrtError:
     from sdtrt.errors import InvalidInputError
 
@@ -203,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img, _add_export, _add_check]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img, _add_export, _add_check, _add_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,341 @@
+"""``sdtrt bench``: img2img latency per stage and end to end, throughput, loop overhead and
+the price of batching cond/uncond, for each backend and diffusers' own pipeline in one
+process on the same inputs."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_rss, synchronize
+from sdtrt.errors import InvalidInputError, SdtrtError
+
+logger = logging.getLogger(__name__)
+
+BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "diffusers")
+SEED_PROMPT = "A colorful dancer, nat geo photo"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny"
+    """Built-in name, diffusers folder, or exported folder (graphs used as they are)."""
+    backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
+    batches: tuple[int, ...] = (1,)
+    """Images per prompt; the UNet runs on twice this (cond + uncond)."""
+    height: int = 512
+    width: int = 512
+    steps: int = 50
+    strength: float = 0.8
+    scheduler: str = "lms"
+    device: str = "cpu"
+    """torch and diffusers: cpu or cuda."""
+    dtype: str = "fp32"
+    """torch and diffusers: fp32 or fp16."""
+    precision: str = "fp32"
+    """Graph backends: which exported graphs (fp32, fp16)."""
+    cuda_graphs: bool = False
+    warmup: int = 2
+    repeats: int = 10
+    ort_optimization: str = "basic"
+    """ONNX Runtime graph optimisation level (disable, basic, extended, layout, all)."""
+    ort_threads: int = 0
+    """ONNX Runtime intra-op threads; 0 lets it choose."""
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BENCH_BACKENDS]
+        if unknown or not self.backends:
+            raise InvalidInputError(
+                f"backends must be among {', '.join(BENCH_BACKENDS)}, got {', '.join(unknown)}"
+            )
+        if not self.batches or min(self.batches) < 1:
+            raise InvalidInputError(f"batch sizes must be >= 1, got {self.batches}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise InvalidInputError("repeats must be >= 1 and warm-up >= 0")
+
+
+@dataclass
+class Target:
+    """One thing to time: a callable img2img run plus the hooks that feed the timer."""
+
+    name: str
+    run: Callable[[int, int], int]  # (batch, seed) -> UNet calls
+    unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]  # untimed, for batching
+    denoise_ms: Callable[[], float]  # the last run's denoising loop, wall time
+    device: torch.device
+    hidden_size: int  # C of encoder_hidden_states
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from sdtrt.api import is_exported_folder
+    from sdtrt.bench.environment import environment
+    from sdtrt.models import load_components
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    exported = None
+    if is_exported_folder(config.model):
+        from sdtrt.export.folder import ExportedModel
+
+        exported = ExportedModel.open(config.model)
+        components = load_components(exported.manifest["source"]["model"])
+    else:
+        components = load_components(config.model)
+    image = _sample_image(config.height, config.width)
+    results: list[dict[str, Any]] = []
+    for backend in config.backends:
+        log(f"bench: {backend} ...")
+        reset_peak_rss()
+        timer = StageTimer("cpu")
+        try:
+            target = _make_target(backend, config, components, exported, image, timer)
+        except SdtrtError as exc:
+            log(f"bench: {backend} skipped: {exc}")
+            results.append({"backend": backend, "status": "skipped", "reason": str(exc)})
+            continue
+        timer.device = target.device
+        for batch in config.batches:
+            results.append(_measure(target, batch, config, timer))
+            log(f"bench: {backend} batch {batch}: p50 {results[-1]['end_to_end_ms']['p50']:.1f} ms")
+        del target
+    return {
+        "environment": environment(),
+        "config": asdict(config),
+        "results": results,
+    }
+
+
+def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer) -> dict[str, Any]:
+    device = target.device
+    for i in range(config.warmup):
+        target.run(batch, i)
+    samples: list[float] = []
+    stages: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "text_encoder",
+            "vae_encoder",
+            "unet_per_call",
+            "loop_overhead_per_step",
+            "vae_decoder",
+        )
+    }
+    unet_calls = 0
+    for i in range(config.repeats):
+        timer.reset()
+        synchronize(device)
+        start = time.perf_counter()
+        unet_calls = target.run(batch, 1000 + i)
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+        calls = max(timer.calls["unet"], 1)
+        stages["text_encoder"].append(timer.totals["text_encoder"])
+        stages["vae_encoder"].append(timer.totals["vae_encoder"])
+        stages["vae_decoder"].append(timer.totals["vae_decoder"])
+        stages["unet_per_call"].append(timer.totals["unet"] / calls)
+        stages["loop_overhead_per_step"].append(
+            (target.denoise_ms() - timer.totals["unet"]) / calls
+        )
+    e2e = percentiles(samples)
+    return {
+        "backend": target.name,
+        "status": "ok",
+        "batch": batch,
+        "unet_calls": unet_calls,
+        "stages_ms": {k: statistics.median(v) for k, v in stages.items()},
+        "end_to_end_ms": e2e,
+        "images_per_s": batch / (e2e["p50"] / 1e3),
+        "unet_batching": _unet_batching(target, batch, config),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": (
+            torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        ),
+    }
+
+
+def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str, float]:
+    """One UNet call on 2B against two calls on B: what batching cond and uncond buys."""
+    device, hidden = target.device, target.hidden_size
+    h, w = config.height // 8, config.width // 8
+    t = torch.tensor(500.0)
+
+    def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            torch.randn(n, 4, h, w, device=device),
+            t.to(device),
+            torch.randn(n, 77, hidden, device=device),
+        )
+
+    def timed(fn: Callable[[], Any]) -> float:
+        runs = []
+        for _ in range(max(2, min(config.repeats, 5)) + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs[1:])  # the first is a warm-up
+
+    both, half = inputs(2 * batch), inputs(batch)
+    one_call = timed(lambda: target.unet(*both))
+    two_calls = timed(lambda: (target.unet(*half), target.unet(*half)))
+    return {
+        "one_2b_call_ms": one_call,
+        "two_b_calls_ms": two_calls,
+        "speedup": two_calls / one_call,
+    }
+
+
+def _sample_image(height: int, width: int) -> Any:
+    import PIL.Image
+
+    from sdtrt.cli import SAMPLE_IMAGE
+
+    with PIL.Image.open(SAMPLE_IMAGE) as image:
+        return image.convert("RGB").resize((width, height))
+
+
+def _make_target(
+    backend: str,
+    config: BenchConfig,
+    components: dict[str, Any],
+    exported: Any,
+    image: Any,
+    timer: StageTimer,
+) -> Target:
+    if backend == "diffusers":
+        return _diffusers_target(config, components, image, timer)
+    from sdtrt.api import DTYPES
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    options: dict[str, Any]
+    if backend == "torch":
+        if config.device == "cuda" and not torch.cuda.is_available():
+            from sdtrt.errors import BackendUnavailableError
+
+            raise BackendUnavailableError("no CUDA device on this machine")
+        options = {"device": config.device, "dtype": getattr(torch, DTYPES[config.dtype])}
+    else:
+        options = {"precision": config.precision}
+        if backend == "onnxruntime":
+            options.update(optimization=config.ort_optimization, threads=config.ort_threads)
+    if config.cuda_graphs and backend != "onnxruntime":
+        options["cuda_graphs"] = True
+    if exported is not None and backend != "torch":
+        pipe = Img2ImgPipeline.from_pretrained(
+            exported.root,
+            backend=backend,
+            scheduler=config.scheduler,
+            show_progress=False,
+            **options,
+        )
+    else:
+        if backend != "torch":
+            options["source"] = config.model
+        pipe = Img2ImgPipeline.from_components(
+            components, backend=backend, scheduler=config.scheduler, show_progress=False, **options
+        )
+    engine = pipe.backend
+    raw_unet = engine.unet
+    engine.encode_text = timer.wrap("text_encoder", engine.encode_text)  # type: ignore[method-assign]
+    engine.unet = timer.wrap("unet", engine.unet)  # type: ignore[method-assign]
+    engine.encode_image = timer.wrap("vae_encoder", engine.encode_image)  # type: ignore[method-assign]
+    engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)  # type: ignore[method-assign]
+    last: dict[str, float] = {}
+
+    def run(batch: int, seed: int) -> int:
+        out = pipe(
+            SEED_PROMPT,
+            image,
+            strength=config.strength,
+            num_inference_steps=config.steps,
+            guidance_scale=8.0,
+            generator=torch.Generator().manual_seed(seed),
+            num_images_per_prompt=batch,
+            output_type="np",
+        )
+        last["denoise"] = out.timings_ms["denoise"]
+        return out.unet_calls
+
+    hidden = components["text_encoder"].config.hidden_size
+    return Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, hidden)
+
+
+def _diffusers_target(
+    config: BenchConfig, components: dict[str, Any], image: Any, timer: StageTimer
+) -> Target:
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from sdtrt.api import DTYPES
+    from sdtrt.runtime.schedulers import SCHEDULERS
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        from sdtrt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("no CUDA device on this machine")
+    # diffusers' own scheduler class: what a user of diffusers gets.
+    scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(
+        components["scheduler"].config
+    )
+    pipe = StableDiffusionImg2ImgPipeline(
+        **{**components, "scheduler": scheduler},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(config.device)
+    if config.dtype != "fp32":  # diffusers warns on every dtype cast, so only when needed
+        pipe = pipe.to(dtype=getattr(torch, DTYPES[config.dtype]))
+    pipe.set_progress_bar_config(disable=True)
+    dtype = pipe.unet.dtype
+    marks: dict[str, float] = {}
+    encode = timer.wrap("vae_encoder", pipe.vae.encode)
+
+    def encode_and_mark(*args: Any, **kwargs: Any) -> Any:
+        out = encode(*args, **kwargs)
+        marks["loop_start"] = time.perf_counter()
+        return out
+
+    def step_end(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        synchronize(config.device)
+        marks["loop_end"] = time.perf_counter()
+        return kwargs
+
+    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    unet_forward = pipe.unet.forward
+    pipe.unet.forward = timer.wrap("unet", unet_forward)
+    pipe.vae.encode = encode_and_mark
+    pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
+
+    def run(batch: int, seed: int) -> int:
+        pipe(
+            SEED_PROMPT,
+            image,
+            strength=config.strength,
+            num_inference_steps=config.steps,
+            guidance_scale=8.0,
+            generator=torch.Generator().manual_seed(seed),
+            num_images_per_prompt=batch,
+            output_type="np",
+            callback_on_step_end=step_end,
+        )
+        return timer.calls["unet"]
+
+    @torch.no_grad()
+    def unet(sample: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> Any:
+        return unet_forward(sample.to(dtype), t, encoder_hidden_states=hidden.to(dtype))
+
+    return Target(
+        "diffusers",
+        run,
+        unet,
+        lambda: (marks["loop_end"] - marks["loop_start"]) * 1e3,
+        torch.device(config.device),
+        components["text_encoder"].config.hidden_size,
+    )

@@ -1,0 +1,74 @@
+"""The benchmark record as a markdown table and as a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+STAGES = ("text_encoder", "vae_encoder", "unet_per_call", "loop_overhead_per_step", "vae_decoder")
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    ok = [r for r in record["results"] if r["status"] == "ok"]
+    reference = {r["batch"]: r["end_to_end_ms"]["p50"] for r in ok if r["backend"] == "diffusers"}
+    lines = [
+        "| backend | batch | UNet calls | p50 ms | p90 ms | img/s | vs diffusers | text enc ms "
+        "| VAE enc ms | UNet/call ms | loop overhead/step ms | VAE dec ms | 1x2B vs 2xB |",
+        "| --- |" + " ---: |" * 12,
+    ]
+    for r in ok:
+        e2e, s = r["end_to_end_ms"], r["stages_ms"]
+        ratio = reference.get(r["batch"])
+        versus = f"{ratio / e2e['p50']:.2f}x" if ratio else "-"
+        lines.append(
+            f"| {r['backend']} | {r['batch']} | {r['unet_calls']} | {e2e['p50']:.1f} "
+            f"| {e2e['p90']:.1f} | {r['images_per_s']:.3f} | {versus} | "
+            + " | ".join(f"{s[k]:.2f}" for k in STAGES)
+            + f" | {r['unet_batching']['speedup']:.2f}x |"
+        )
+    for r in record["results"]:
+        if r["status"] == "skipped":
+            lines.append(f"| {r['backend']} | skipped: {r['reason']} |")
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: str | Path) -> None:
+    """Left: stacked per-stage time per backend (smallest batch). Right: throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdtrt.fileio import atomic_path
+
+    ok = [r for r in record["results"] if r["status"] == "ok"]
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    smallest = min((r["batch"] for r in ok), default=1)
+    parts = {
+        "text encoder": lambda r: r["stages_ms"]["text_encoder"],
+        "VAE encoder": lambda r: r["stages_ms"]["vae_encoder"],
+        "UNet": lambda r: r["stages_ms"]["unet_per_call"] * r["unet_calls"],
+        "loop overhead": lambda r: r["stages_ms"]["loop_overhead_per_step"] * r["unet_calls"],
+        "VAE decoder": lambda r: r["stages_ms"]["vae_decoder"],
+    }
+    rows = [next(r for r in ok if r["backend"] == b and r["batch"] == smallest) for b in backends]
+    bottom = [0.0] * len(rows)
+    for label, value in parts.items():
+        heights = [value(r) for r in rows]
+        left.bar(backends, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    left.set_ylabel("ms per img2img call")
+    left.set_title(f"time per stage, batch {smallest}")
+    left.legend()
+    for backend in backends:
+        points = sorted((r["batch"], r["images_per_s"]) for r in ok if r["backend"] == backend)
+        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+    right.set_xlabel("batch (images per call)")
+    right.set_ylabel("images per second")
+    right.set_title("throughput")
+    right.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,72 @@
+"""Clocks for benchmarks: every read follows a device synchronisation."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StageTimer:
+    """Wraps callables so that each call's wall time is added to a named stage."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls.clear()
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            synchronize(self.device)
+            self.totals[stage] += (time.perf_counter() - start) * 1e3
+            self.calls[stage] += 1
+            return out
+
+        return timed
+
+
+def percentiles(samples: list[float]) -> dict[str, Any]:
+    a = np.asarray(samples, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "samples": [round(float(x), 3) for x in a],
+    }
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

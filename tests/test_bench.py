@@ -1,0 +1,74 @@
+"""`sdtrt bench` on the tiny model: every requested backend has a row with the right
+fields and call count, the JSON and the PNG are written, a backend that cannot run is
+reported as skipped. No speed is asserted here: speed is the benchmark's job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdtrt.bench.benchmark import BenchConfig, run_bench
+from sdtrt.bench.report import markdown_table
+from sdtrt.cli import main
+from sdtrt.errors import InvalidInputError
+
+STAGES = {"text_encoder", "vae_encoder", "unet_per_call", "loop_overhead_per_step", "vae_decoder"}
+
+
+def test_bench_cli_writes_json_and_png(exported, onnx_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDTRT_CACHE", str(onnx_cache))  # reuse the session's export
+    args = [
+        "bench", "--model", "tiny", "--backends", "torch,onnxruntime,tensorrt,diffusers",
+        "--batch", "1,2", "--height", "32", "--width", "48", "--steps", "6",
+        "--strength", "0.5", "--warmup", "1", "--repeats", "2",
+        "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert {"cpu", "cores", "gpu", "versions", "git_commit", "python"} <= set(record["environment"])
+    assert record["config"]["steps"] == 6 and record["config"]["batches"] == [1, 2]
+    rows = [r for r in record["results"] if r["status"] == "ok"]
+    assert sorted((r["backend"], r["batch"]) for r in rows) == [
+        ("diffusers", 1), ("diffusers", 2), ("onnxruntime", 1), ("onnxruntime", 2),
+        ("torch", 1), ("torch", 2),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["unet_calls"] == 3  # 6 steps at strength 0.5
+        assert set(r["stages_ms"]) == STAGES and all(v >= 0 for v in r["stages_ms"].values())
+        assert r["stages_ms"]["unet_per_call"] > 0
+        e2e = r["end_to_end_ms"]
+        assert len(e2e["samples"]) == 2 and e2e["p50"] <= e2e["p90"] <= e2e["p99"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (e2e["p50"] / 1e3))
+        assert r["unet_batching"]["one_2b_call_ms"] > 0
+    (skipped,) = [r for r in record["results"] if r["status"] == "skipped"]
+    assert skipped["backend"] == "tensorrt" and "TensorRT" in skipped["reason"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "| torch | 1 | 3 |" in out and "| diffusers | 2 | 3 |" in out and "1.00x" in out
+
+
+def test_markdown_table_names_skipped_backends():
+    record = {"results": [{"backend": "tensorrt", "status": "skipped", "reason": "no GPU"}]}
+    assert "| tensorrt | skipped: no GPU |" in markdown_table(record)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(InvalidInputError, match="backends must be among"):
+        BenchConfig(backends=("jax",))
+    with pytest.raises(InvalidInputError, match="batch sizes must be >= 1"):
+        BenchConfig(batches=(0,))
+
+
+def test_run_bench_skips_cuda_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    record = run_bench(
+        BenchConfig(backends=("torch",), device="cuda", height=32, width=32, steps=2, repeats=1),
+        log=lambda line: None,
+    )
+    assert record["results"] == [
+        {"backend": "torch", "status": "skipped", "reason": "no CUDA device on this machine"}
+    ]
