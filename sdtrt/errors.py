@@ -34,3 +34,7 @@ class EngineMismatchError(SdtrtError, RuntimeError):
 
 class NonFiniteOutputError(SdtrtError, FloatingPointError):
     """A network produced NaN or infinite values (typically an fp16 VAE overflowing)."""
+
+
+class EngineBuildError(SdtrtError, RuntimeError):
+    """TensorRT could not build an engine (out of GPU memory, unsupported graph...)."""

@@ -1,0 +1,127 @@
+"""Engine cache keys, sidecars, the build lock and the atomic write.
+
+An engine only runs on the TensorRT version and GPU generation it was built for, so each
+engine file's name and its JSON sidecar carry everything it was built from. A mismatch is
+found from the sidecar, before the engine is deserialised. Pure Python: tested on CPU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import EngineMismatchError
+from sdtrt.fileio import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+# What must match for an engine to run here at all; the profile and build flags only decide
+# whether `sdtrt build` rebuilds.
+RUNTIME_FIELDS = (
+    "network",
+    "graph_sha256",
+    "precision",
+    "tensorrt_version",
+    "gpu_name",
+    "compute_capability",
+)
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    network: str
+    graph_sha256: str
+    precision: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    profile: dict[str, Any] = field(default_factory=dict)
+    build_flags: dict[str, Any] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def stem(self) -> str:
+        cc = self.compute_capability.replace(".", "")
+        return f"{self.network}.{self.precision}.trt{self.tensorrt_version}.sm{cc}.{self.digest()}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mismatches(found: dict[str, Any], expected: EngineKey, fields: tuple[str, ...]) -> list[str]:
+    """Each differing field as 'field: engine has X, needed Y'."""
+    want = expected.to_json()
+    return [
+        f"{name}: engine has {found.get(name)!r}, needed {want[name]!r}"
+        for name in fields
+        if found.get(name) != want[name]
+    ]
+
+
+def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, Any]]:
+    """The newest engine for ``expected.network`` whose sidecar matches this machine and
+    graph; else EngineMismatchError naming what differs (or that none was built)."""
+    sidecars = sorted(
+        engine_dir.glob(f"{expected.network}.*.json"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    problems: list[str] = []
+    for sidecar in sidecars:
+        try:
+            found = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            problems.append(f"{sidecar.name}: unreadable sidecar")
+            continue
+        differ = mismatches(found, expected, RUNTIME_FIELDS)
+        plan = sidecar.with_suffix(".plan")
+        if not differ and plan.is_file():
+            return plan, found
+        problems.extend(f"{sidecar.name}: {d}" for d in differ or ["engine file missing"])
+    if not sidecars:
+        raise EngineMismatchError(
+            f"no {expected.network} engine in {engine_dir}: run `sdtrt build` first"
+        )
+    raise EngineMismatchError(
+        f"no {expected.network} engine in {engine_dir} fits this machine and graph ("
+        + "; ".join(problems)
+        + "): rebuild with `sdtrt build`"
+    )
+
+
+@contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path``: two builds of the same engine run one after the other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) -> Path:
+    """The engine for ``key``: reused when its sidecar matches every field, else built with
+    ``build`` under a lock and written atomically (engine first, then the sidecar that
+    vouches for it)."""
+    plan = engine_dir / f"{key.stem()}.plan"
+    sidecar = plan.with_suffix(".json")
+    with build_lock(plan.with_suffix(".lock")):
+        if plan.is_file() and sidecar.is_file():
+            found = json.loads(sidecar.read_text())
+            if not mismatches(found, key, tuple(key.to_json())):
+                logger.info("reusing engine %s", plan.name)
+                return plan
+        logger.info("building engine %s", plan.name)
+        data = build()
+        with atomic_path(plan) as tmp:
+            tmp.write_bytes(data)
+        write_json(sidecar, key.to_json())
+    return plan
