@@ -25,10 +25,22 @@ def backend_from_components(name: str, components: dict[str, Any], **options: An
         return TorchBackend(components, **options)
     from sdtrt.export.cache import exported_for
 
+    if name == "tensorrt":
+        from sdtrt.engine.trt_build import BuildOptions, require_tensorrt
+
+        require_tensorrt()  # before minutes of export, not after
+        # Cache-managed engines are built when missing; engines of a folder the user
+        # exported are theirs to build (`sdtrt build`), and a mismatch there is an error.
+        options.setdefault("build", BuildOptions())
     cache_options = {k: options.pop(k) for k in ("opset", "cache_dir", "source") if k in options}
-    precision = options.get("precision", "fp32")
+    precision = options.setdefault("precision", default_precision(name))
     exported = exported_for(components, precision=precision, **cache_options)
     return backend_from_exported(name, exported, **options)
+
+
+def default_precision(backend: str) -> str:
+    """TensorRT's product is fp16 engines; ONNX Runtime on CPU is fastest and exact in fp32."""
+    return "fp16" if backend == "tensorrt" else "fp32"
 
 
 def backend_from_exported(name: str, exported: Any, **options: Any) -> Backend:

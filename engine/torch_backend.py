@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from sdtrt.engine.cuda_graphs import CudaGraphed
+from sdtrt.errors import BackendUnavailableError, InvalidInputError
+
 
 class TorchBackend:
     name = "torch"
@@ -17,31 +20,42 @@ class TorchBackend:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+        if (self.device.type == "cuda" or cuda_graphs) and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"--device cuda and --cuda-graphs need an NVIDIA GPU and a CUDA build of torch; "
+                f"torch {torch.__version__} sees no GPU here"
+            )
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidInputError("--cuda-graphs needs --device cuda")
         self.text_encoder = _moved(components["text_encoder"], self.device, dtype)
         self.unet_model = _moved(components["unet"], self.device, dtype)
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
         self.size_multiple = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._graphed_unet = CudaGraphed(self._unet_forward) if cuda_graphs else None
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.text_encoder(input_ids.to(self.device))[0]
         return out.float()
 
+    def _unet_forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet_model(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+
     @torch.no_grad()
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        out = self.unet_model(
-            sample.to(self.dtype),
-            timestep,
-            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-            return_dict=False,
-        )[0]
-        return out.float()
+        args = (sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
+        if self._graphed_unet is not None:
+            return self._graphed_unet(*args).float()
+        return self._unet_forward(*args).float()
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ def export_network(
         # their precision from the graph, so fp16 is baked in here.
         wrapper = copy.deepcopy(wrapper).half()
     samples = network.sample_inputs(precision)
-    with tempfile.TemporaryDirectory() as scratch:
+    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch, "raw.onnx")
         with torch.no_grad():
             torch.onnx.export(
@@ -45,14 +47,35 @@ def export_network(
                 input_names=list(network.inputs),
                 output_names=list(network.outputs),
                 dynamic_shapes=_dynamic_shapes(network),
+                external_data=weight_bytes >= EXTERNAL_DATA_THRESHOLD,
                 verbose=False,
             )
-        model = onnx.load(str(raw))
-    del wrapper
-    model = clean_graph(model)
-    _name_dynamic_axes(model, network)
-    save_model(model, path)
+        del wrapper
+        raw_data = raw.with_name(raw.name + ".data")
+        if raw_data.exists():
+            # Over 2 GiB (the SD UNet): loading, folding and re-saving would hold the
+            # weights three times over in memory. The exporter's optimiser has folded
+            # constants already; only the axis names and the data file's name change.
+            model = onnx.load(str(raw), load_external_data=False)
+            _name_dynamic_axes(model, network)
+            _relocate_external_data(model, f"{path.name}.data")
+            raw_data.replace(path.with_name(f"{path.name}.data"))
+            onnx.save(model, str(path))
+        else:
+            model = clean_graph(onnx.load(str(raw)))
+            _name_dynamic_axes(model, network)
+            save_model(model, path)
+    for written in (path, path.with_name(f"{path.name}.data")):
+        if written.exists():
+            written.chmod(0o644)
     onnx.checker.check_model(str(path))
+
+
+def _relocate_external_data(model: onnx.ModelProto, location: str) -> None:
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
 
 
 def _dynamic_shapes(network: Network) -> dict[str, dict[int, object] | None]:

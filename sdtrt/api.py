@@ -21,13 +21,15 @@ def build_pipeline(
     *,
     backend: str = "torch",
     scheduler: str = "lms",
-    precision: str = "fp32",
+    precision: str | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
     cuda_graphs: bool = False,
     show_progress: bool = True,
 ) -> Img2ImgPipeline:
-    """A pipeline for a built-in model name, a diffusers folder or an exported folder."""
+    """A pipeline for a built-in model name, a diffusers folder or an exported folder.
+    ``precision`` picks the graphs of graph backends (default: fp16 for TensorRT, else fp32);
+    ``device``/``dtype`` configure the torch backend."""
     import torch
 
     from sdtrt.models import load_components
@@ -40,7 +42,9 @@ def build_pipeline(
         if cuda_graphs:
             options["cuda_graphs"] = True
     else:
-        options = {"precision": precision}
+        from sdtrt.engine.factory import default_precision
+
+        options = {"precision": precision or default_precision(backend)}
         if cuda_graphs:
             options["cuda_graphs"] = True
     if is_exported_folder(model):

@@ -35,8 +35,13 @@ def _add_img2img(sub: Any) -> None:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="graph backends")
-    p.add_argument("--device", default="cpu", help="torch backend: cpu | cuda")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=("fp32", "fp16"),
+        help="graph backends (default: fp16 for tensorrt, fp32 for onnxruntime)",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch backend")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="torch backend")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as a CUDA graph")
     p.add_argument("--no-progress", action="store_true")
@@ -250,6 +255,67 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_range(text: str, what: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split("-")]
+    except ValueError:
+        raise _invalid(f"--{what} must be N or MIN-MAX, got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise _invalid(f"--{what} must be N or MIN-MAX, got {text!r}")
+    return parts[0], parts[-1]
+
+
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines from an exported folder")
+    p.add_argument("--model", required=True, help="exported folder, or a model to export first")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    p.add_argument("--batch", default="1-4", help="images per request: N or MIN-MAX")
+    p.add_argument("--height", default="256-768", help="pixels: N or MIN-MAX")
+    p.add_argument("--width", default="256-768", help="pixels: N or MIN-MAX")
+    p.add_argument("--opt-batch", type=int, default=1)
+    p.add_argument("--opt-height", type=int, default=512)
+    p.add_argument("--opt-width", type=int, default=512)
+    p.add_argument("--static", action="store_true", help="min = opt = max: lowest latency")
+    p.add_argument("--optimization-level", type=int, default=3, choices=range(6))
+    p.add_argument("--workspace-gb", type=float, default=None)
+    p.add_argument("--engine-dir", default=None, help="default: DIR/tensorrt")
+    p.set_defaults(handler=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from sdtrt.api import is_exported_folder
+    from sdtrt.engine.trt_build import BuildOptions, build_engines, require_tensorrt
+    from sdtrt.engine.trt_profile import BuildRanges
+    from sdtrt.export.cache import exported_for
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.models import load_components
+
+    ranges = BuildRanges(
+        batch=_parse_range(args.batch, "batch"),
+        height=_parse_range(args.height, "height"),
+        width=_parse_range(args.width, "width"),
+        opt_batch=args.opt_batch,
+        opt_height=args.opt_height,
+        opt_width=args.opt_width,
+        static=args.static,
+    )
+    require_tensorrt()  # a machine without TensorRT or a GPU is told so before any work
+    if is_exported_folder(args.model):
+        exported = ExportedModel.open(Path(args.model))
+    else:
+        exported = exported_for(
+            load_components(args.model), precision=args.precision, source=_source_name(args.model)
+        )
+    ranges.check(exported.dims.size_multiple)
+    options = BuildOptions(
+        ranges=ranges, optimization_level=args.optimization_level, workspace_gb=args.workspace_gb
+    )
+    engine_dir = Path(args.engine_dir) if args.engine_dir else None
+    for network, path in build_engines(exported, args.precision, options, engine_dir).items():
+        print(f"{network}: {path}")
+    return 0
+
+
 def _invalid(message: str) -> SdtrtError:
     from sdtrt.errors import InvalidInputError
 
@@ -265,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_img2img, _add_export, _add_check, _add_bench]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_img2img,
+    _add_export,
+    _add_build,
+    _add_check,
+    _add_bench,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,140 @@
+"""GPU tests: TensorRT engines and the PyTorch CUDA path. Marked `gpu`; each skips with its
+reason where there is no CUDA GPU (or no TensorRT). Run them with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrt.bench.check import THRESHOLDS, compare_images
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+tensorrt = pytest.mark.skipif(
+    not (HAS_CUDA and HAS_TRT),
+    reason="needs an NVIDIA GPU and TensorRT (pip install 'sdtrt[tensorrt]')",
+)
+pytestmark = pytest.mark.gpu
+RUN = dict(strength=0.75, num_inference_steps=8, output_type="np")
+
+
+def _image(seed=0):
+    return torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(seed))
+
+
+@cuda
+def test_torch_cuda_fp16_matches_cpu_fp32(tiny):
+    gpu = Img2ImgPipeline.from_components(
+        tiny, device="cuda", dtype=torch.float16, show_progress=False
+    )
+    cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    got = gpu("a dancer", _image(), generator=torch.Generator().manual_seed(1), **RUN).images
+    want = cpu("a dancer", _image(), generator=torch.Generator().manual_seed(1), **RUN).images
+    assert compare_images(got, want, "fp16").passed
+
+
+@cuda
+def test_torch_cuda_graph_replay_equals_plain_run(tiny):
+    plain = Img2ImgPipeline.from_components(tiny, device="cuda", show_progress=False)
+    graphed = Img2ImgPipeline.from_components(
+        tiny, device="cuda", cuda_graphs=True, show_progress=False
+    )
+    a = plain("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
+    b = graphed("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def engines(exported_fp16, tmp_path_factory):
+    from sdtrt.engine.trt_build import BuildOptions, build_engines
+    from sdtrt.engine.trt_profile import BuildRanges
+
+    ranges = BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
+    engine_dir = tmp_path_factory.mktemp("engines")
+    paths = build_engines(exported_fp16, "fp16", BuildOptions(ranges=ranges), engine_dir)
+    return exported_fp16, engine_dir, paths
+
+
+@tensorrt
+def test_engines_match_torch_per_network(engines, tiny):
+    from sdtrt.engine.trt_backend import TensorRTBackend
+    from sdtrt.export.networks import networks_for
+
+    exported, engine_dir, _ = engines
+    backend = TensorRTBackend(exported, precision="fp16", engine_dir=engine_dir)
+    for name, network in networks_for(exported.dims).items():
+        inputs = network.sample_inputs("fp16", 1, 32, 48, seed=3)
+        got = backend.networks[name](**{k: v.cuda() for k, v in inputs.items()}).float().cpu()
+        wrapper = network.wrap(tiny[network.component]).eval()
+        with torch.no_grad():
+            want = wrapper(*[v.float() if v.is_floating_point() else v for v in inputs.values()])
+        rel = float((got - want).norm() / want.norm())
+        assert rel <= THRESHOLDS["fp16"].rel_l2, (name, rel)
+
+
+@tensorrt
+def test_tensorrt_img2img_psnr_and_cuda_graphs(engines, tiny):
+    exported, engine_dir, _ = engines
+    trt_pipe = Img2ImgPipeline.from_pretrained(
+        exported.root,
+        backend="tensorrt",
+        precision="fp16",
+        engine_dir=engine_dir,
+        show_progress=False,
+    )
+    graphed = Img2ImgPipeline.from_pretrained(
+        exported.root,
+        backend="tensorrt",
+        precision="fp16",
+        engine_dir=engine_dir,
+        cuda_graphs=True,
+        show_progress=False,
+    )
+    cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    got = trt_pipe("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    replayed = graphed("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    want = cpu("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    assert compare_images(got, want, "fp16").passed
+    np.testing.assert_array_equal(got, replayed)
+
+
+@tensorrt
+def test_request_outside_profile_is_refused(engines):
+    from sdtrt.errors import ShapeOutsideProfileError
+
+    exported, engine_dir, _ = engines
+    pipe = Img2ImgPipeline.from_pretrained(
+        exported.root,
+        backend="tensorrt",
+        precision="fp16",
+        engine_dir=engine_dir,
+        show_progress=False,
+    )
+    with pytest.raises(ShapeOutsideProfileError, match="outside the engine's profile"):
+        pipe("a", torch.rand(1, 3, 128, 128), num_inference_steps=2)
+
+
+@tensorrt
+def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
+    import json
+    import shutil
+
+    from sdtrt.engine.trt_build import BuildOptions, build_engines
+    from sdtrt.engine.trt_profile import BuildRanges
+    from sdtrt.export.folder import ExportedModel
+
+    exported, engine_dir, paths = engines
+    root = shutil.copytree(exported.root, tmp_path / "copy")
+    manifest = json.loads((root / "sdtrt.json").read_text())
+    file = manifest["precisions"]["fp16"]["text_encoder"]["file"]
+    manifest["graphs"][file]["sha256"]["model_fp16.onnx"] = "0" * 64
+    (root / "sdtrt.json").write_text(json.dumps(manifest))
+    changed = ExportedModel(root, manifest, {file})  # skip the file check: the hash is the test
+    ranges = BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
+    new = build_engines(changed, "fp16", BuildOptions(ranges=ranges), engine_dir, ("text_encoder",))
+    assert new["text_encoder"] != paths["text_encoder"]

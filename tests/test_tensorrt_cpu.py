@@ -1,0 +1,192 @@
+"""The TensorRT logic that needs no GPU: profiles, shape refusal, engine keys and sidecars,
+the build lock and atomic write, and the messages when TensorRT or CUDA is missing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sdtrt.cli import main
+from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine, mismatches
+from sdtrt.engine.trt_profile import BuildRanges, check_request, network_profile
+from sdtrt.errors import EngineMismatchError, InvalidInputError, ShapeOutsideProfileError
+from sdtrt.export.networks import ModelDims, networks_for
+
+SD15 = ModelDims(text_hidden_size=768, latent_channels=4, vae_scale_factor=8, unet_factor=8)
+NETS = networks_for(SD15)
+KEY = EngineKey(
+    network="unet",
+    graph_sha256="a" * 64,
+    precision="fp16",
+    tensorrt_version="10.13.0",
+    gpu_name="NVIDIA H100 80GB HBM3",
+    compute_capability="9.0",
+    profile={"sample": {"min": [2, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [8, 4, 96, 96]}},
+    build_flags={"optimization_level": 3, "workspace_gb": None},
+)
+
+
+def test_unet_profile_is_2b_and_latent_sized():
+    profile = network_profile(NETS["unet"], BuildRanges())
+    assert profile["sample"] == {
+        "min": (2, 4, 32, 32),
+        "opt": (2, 4, 64, 64),
+        "max": (8, 4, 96, 96),
+    }
+    assert profile["encoder_hidden_states"]["max"] == (8, 77, 768)
+    assert "timestep" not in profile  # static [1]: no profile entry needed
+
+
+def test_other_networks_profiles():
+    ranges = BuildRanges(batch=(1, 2), height=(256, 512), width=(384, 768), opt_width=512)
+    assert network_profile(NETS["text_encoder"], ranges)["input_ids"] == {
+        "min": (1, 77),
+        "opt": (1, 77),
+        "max": (2, 77),
+    }
+    assert network_profile(NETS["vae_encoder"], ranges)["sample"]["max"] == (2, 3, 512, 768)
+    assert network_profile(NETS["vae_decoder"], ranges)["latent_sample"]["min"] == (1, 4, 32, 48)
+
+
+def test_static_profile_is_one_shape():
+    profile = network_profile(NETS["unet"], BuildRanges(static=True, opt_batch=2))
+    assert profile["sample"]["min"] == profile["sample"]["opt"] == profile["sample"]["max"]
+    assert profile["sample"]["opt"] == (4, 4, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "ranges, message",
+    [
+        (BuildRanges(height=(250, 768)), "height 250 is not a multiple of 64"),
+        (BuildRanges(opt_batch=5), "opt batch 5 is outside its range 1-4"),
+        (BuildRanges(batch=(3, 2), opt_batch=2), "batch range 3-2"),
+    ],
+)
+def test_bad_ranges(ranges, message):
+    with pytest.raises(InvalidInputError, match=message):
+        network_profile(NETS["unet"], ranges)
+
+
+def test_request_outside_profile_is_refused_with_the_range():
+    profile = {"sample": {"min": [2, 4, 32, 32], "max": [8, 4, 96, 96]}}
+    check_request("unet", profile, {"sample": (4, 4, 64, 64), "timestep": (1,)})
+    with pytest.raises(ShapeOutsideProfileError, match=r"\(2, 4, 32, 32\) to \(8, 4, 96, 96\)"):
+        check_request("unet", profile, {"sample": (2, 4, 128, 64)})
+    with pytest.raises(ShapeOutsideProfileError, match="the UNet's batch is 2B"):
+        check_request("unet", profile, {"sample": (1, 4, 64, 64)})
+
+
+@pytest.mark.parametrize("field", list(KEY.to_json()))
+def test_every_key_field_changes_the_digest_and_is_named(field):
+    value = KEY.to_json()[field]
+    other = replace(KEY, **{field: {"x": 1} if isinstance(value, dict) else f"{value}-other"})
+    assert other.digest() != KEY.digest()
+    assert mismatches(KEY.to_json(), other, tuple(KEY.to_json())) == [
+        f"{field}: engine has {value!r}, needed {other.to_json()[field]!r}"
+    ]
+
+
+def test_stem_names_what_the_engine_is_for():
+    stem = KEY.stem()
+    assert stem.startswith("unet.fp16.trt10.13.0.sm90.") and stem.endswith(KEY.digest())
+
+
+def _write_engine(directory, key, data=b"plan"):
+    (directory / f"{key.stem()}.plan").write_bytes(data)
+    (directory / f"{key.stem()}.json").write_text(json.dumps(key.to_json()))
+
+
+def test_find_engine_matches_before_deserialising(tmp_path):
+    _write_engine(tmp_path, KEY)
+    path, sidecar = find_engine(tmp_path, replace(KEY, profile={}, build_flags={}))
+    assert path.read_bytes() == b"plan" and sidecar["profile"] == KEY.profile
+
+
+@pytest.mark.parametrize(
+    "field", ["graph_sha256", "precision", "tensorrt_version", "gpu_name", "compute_capability"]
+)
+def test_find_engine_names_the_field_that_differs(tmp_path, field):
+    _write_engine(tmp_path, KEY)
+    wanted = replace(KEY, **{field: "something else"})
+    with pytest.raises(EngineMismatchError, match=f"{field}: engine has"):
+        find_engine(tmp_path, wanted)
+
+
+def test_find_engine_without_any(tmp_path):
+    with pytest.raises(EngineMismatchError, match="run `sdtrt build` first"):
+        find_engine(tmp_path, KEY)
+
+
+def test_cached_engine_builds_once_then_reuses(tmp_path):
+    builds = []
+    first = cached_engine(tmp_path, KEY, lambda: builds.append(1) or b"engine-bytes")
+    second = cached_engine(tmp_path, KEY, lambda: builds.append(1) or b"other")
+    assert first == second and builds == [1] and first.read_bytes() == b"engine-bytes"
+    assert json.loads(first.with_suffix(".json").read_text()) == KEY.to_json()
+    # A changed graph is another key: another engine, built.
+    changed = cached_engine(tmp_path, replace(KEY, graph_sha256="b" * 64), lambda: b"new")
+    assert changed != first and changed.read_bytes() == b"new"
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def boom() -> bytes:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        cached_engine(tmp_path, KEY, boom)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_lock_serialises_two_builds_of_one_engine(tmp_path):
+    builds = []
+
+    def slow_build() -> bytes:
+        builds.append(threading.get_ident())
+        time.sleep(0.3)
+        return b"engine"
+
+    threads = [
+        threading.Thread(target=cached_engine, args=(tmp_path, KEY, slow_build)) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1  # the second waited for the lock, then reused the engine
+
+
+no_trt = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorrt") is not None
+    and __import__("torch").cuda.is_available(),
+    reason="this machine has TensorRT and a GPU",
+)
+
+
+@no_trt
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build", "--model", "tiny"],
+        ["img2img", "--model", "tiny", "--backend", "tensorrt", "--steps", "2"],
+    ],
+)
+def test_without_tensorrt_or_gpu_exit_2_with_how_to_install(args, capsys, tmp_path):
+    code = main([*args, *(["--out", str(tmp_path / "o.png")] if args[0] == "img2img" else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "pip install" in err or "NVIDIA GPU" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--cuda-graphs"]])
+def test_cuda_options_without_cuda_exit_2(extra, capsys, tmp_path):
+    args = ["img2img", "--steps", "2", "--height", "32", "--width", "32"]
+    code = main([*args, *extra, "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sees no GPU" in err and "Traceback" not in err
