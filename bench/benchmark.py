@@ -192,6 +192,18 @@ def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str,
     }
 
 
+def _call_options(config: BenchConfig, batch: int, seed: int) -> dict[str, Any]:
+    """The same call for our pipeline and diffusers' (their signatures agree on these)."""
+    return {
+        "strength": config.strength,
+        "num_inference_steps": config.steps,
+        "guidance_scale": 8.0,
+        "generator": torch.Generator().manual_seed(seed),
+        "num_images_per_prompt": batch,
+        "output_type": "np",
+    }
+
+
 def _sample_image(height: int, width: int) -> Any:
     import PIL.Image
 
@@ -250,16 +262,7 @@ def _make_target(
     last: dict[str, float] = {}
 
     def run(batch: int, seed: int) -> int:
-        out = pipe(
-            SEED_PROMPT,
-            image,
-            strength=config.strength,
-            num_inference_steps=config.steps,
-            guidance_scale=8.0,
-            generator=torch.Generator().manual_seed(seed),
-            num_images_per_prompt=batch,
-            output_type="np",
-        )
+        out = pipe(SEED_PROMPT, image, **_call_options(config, batch, seed))
         last["denoise"] = out.timings_ms["denoise"]
         return out.unet_calls
 
@@ -317,12 +320,7 @@ def _diffusers_target(
         pipe(
             SEED_PROMPT,
             image,
-            strength=config.strength,
-            num_inference_steps=config.steps,
-            guidance_scale=8.0,
-            generator=torch.Generator().manual_seed(seed),
-            num_images_per_prompt=batch,
-            output_type="np",
+            **_call_options(config, batch, seed),
             callback_on_step_end=step_end,
         )
         return timer.calls["unet"]
