@@ -35,6 +35,7 @@ class OrtBackend:
         optimization: str = "basic",
         threads: int = 0,
         memory_arena: bool = True,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -60,6 +61,11 @@ class OrtBackend:
         options.graph_optimization_level = _level(ort, optimization)
         options.intra_op_num_threads = threads
         options.enable_cpu_mem_arena = memory_arena
+        # Worker threads busy-wait after each run; off frees the cores for the Python
+        # between calls (scheduler step, guidance) at some cost in wake-up latency.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         options.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
