@@ -96,27 +96,62 @@ class TorchNetworkRunner(BaseRunner):
         del self.wrapper
 
 
-def compare_networks(
-    exported: ExportedModel, components: dict[str, Any], precision: str
-) -> list[NetworkResult]:
+def _graph_runner(backend: str, exported: ExportedModel, network: str, precision: str) -> Any:
+    """polygraphy's runner for the backend's form of ``network``: the ONNX graph in ONNX
+    Runtime, or the built engine in TensorRT."""
+    if backend == "tensorrt":
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+        from sdtrt.engine.trt_build import BuildOptions, default_engine_dir, engine_key
+        from sdtrt.engine.trt_cache import find_engine
+
+        key = engine_key(exported, network, precision, BuildOptions())
+        path, _ = find_engine(default_engine_dir(exported), key)
+        return TrtRunner(EngineFromPath(str(path)))
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    path = exported.graph_path(network, precision)
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+
+
+def _profile_corners(exported: ExportedModel, precision: str) -> list[tuple[int, int, int]]:
+    from sdtrt.engine.trt_build import BuildOptions, default_engine_dir, engine_key
+    from sdtrt.engine.trt_cache import find_engine
+
+    key = engine_key(exported, "unet", precision, BuildOptions())
+    _, sidecar = find_engine(default_engine_dir(exported), key)
+    f = exported.dims.vae_scale_factor
+    corners = []
+    for end in ("min", "max"):
+        batch2, _, h, w = sidecar["profile"]["sample"][end]
+        corners.append((batch2 // 2, h * f, w * f))
+    return corners
+
+
+def compare_networks(
+    exported: ExportedModel,
+    components: dict[str, Any],
+    precision: str,
+    backend: str = "onnxruntime",
+) -> list[NetworkResult]:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
     limit = THRESHOLDS[precision].rel_l2
     m = exported.dims.size_multiple
     requests = [(1, 2 * m, 3 * m), (3, 4 * m, 2 * m)]  # two batches, two aspect ratios
+    if backend == "tensorrt":  # the corners of what the engines were built for
+        requests = _profile_corners(exported, precision)
     results: list[NetworkResult] = []
     for name, network in networks_for(exported.dims).items():
         graph_precision = exported.network_precision(name, precision)
-        path = exported.graph_path(name, precision)
         feeds = []
         for i, (batch, height, width) in enumerate(requests):
             inputs = network.sample_inputs(graph_precision, batch, height, width, seed=1000 + i)
             feeds.append(OrderedDict((k, v.numpy()) for k, v in inputs.items()))
         dtypes = {k: v.dtype for k, v in feeds[0].items()}
         runners = [
-            OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])),
+            _graph_runner(backend, exported, name, precision),
             TorchNetworkRunner(network, components[network.component], dtypes),
         ]
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -160,7 +195,7 @@ def run_check(
     """Every network against PyTorch, then one img2img image against the torch backend."""
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
-    networks = compare_networks(exported, components, precision) if backend == "onnxruntime" else []
+    networks = compare_networks(exported, components, precision, backend)
     m = exported.dims.size_multiple
     image = torch.rand(1, 3, 2 * m, 3 * m, generator=torch.Generator().manual_seed(7))
     run = dict(strength=strength, num_inference_steps=steps, output_type="np")
