@@ -27,11 +27,9 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
         raise InvalidInputError(
             f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}"
         )
-    cls = getattr(diffusers, SCHEDULERS[name])
-    if name == "lms":
-        from sdtrt.runtime.fast_lms import CachedLMSDiscreteScheduler
+    from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
-        cls = CachedLMSDiscreteScheduler
+    cls = FAST_SCHEDULERS.get(name) or getattr(diffusers, SCHEDULERS[name])
     scheduler = cls.from_config(dict(config))
     normalise_scheduler_config(scheduler)
     return scheduler
