@@ -49,14 +49,29 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _ranges():
+    from sdtrt.engine.trt_profile import BuildRanges
+
+    return BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
+
+
+def _trt_pipeline(exported, engine_dir, **options):
+    return Img2ImgPipeline.from_pretrained(
+        exported.root,
+        backend="tensorrt",
+        precision="fp16",
+        engine_dir=engine_dir,
+        show_progress=False,
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def engines(exported_fp16, tmp_path_factory):
     from sdtrt.engine.trt_build import BuildOptions, build_engines
-    from sdtrt.engine.trt_profile import BuildRanges
 
-    ranges = BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
     engine_dir = tmp_path_factory.mktemp("engines")
-    paths = build_engines(exported_fp16, "fp16", BuildOptions(ranges=ranges), engine_dir)
+    paths = build_engines(exported_fp16, "fp16", BuildOptions(ranges=_ranges()), engine_dir)
     return exported_fp16, engine_dir, paths
 
 
@@ -80,21 +95,8 @@ def test_engines_match_torch_per_network(engines, tiny):
 @tensorrt
 def test_tensorrt_img2img_psnr_and_cuda_graphs(engines, tiny):
     exported, engine_dir, _ = engines
-    trt_pipe = Img2ImgPipeline.from_pretrained(
-        exported.root,
-        backend="tensorrt",
-        precision="fp16",
-        engine_dir=engine_dir,
-        show_progress=False,
-    )
-    graphed = Img2ImgPipeline.from_pretrained(
-        exported.root,
-        backend="tensorrt",
-        precision="fp16",
-        engine_dir=engine_dir,
-        cuda_graphs=True,
-        show_progress=False,
-    )
+    trt_pipe = _trt_pipeline(exported, engine_dir)
+    graphed = _trt_pipeline(exported, engine_dir, cuda_graphs=True)
     cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
     got = trt_pipe("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
     replayed = graphed("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
@@ -108,13 +110,7 @@ def test_request_outside_profile_is_refused(engines):
     from sdtrt.errors import ShapeOutsideProfileError
 
     exported, engine_dir, _ = engines
-    pipe = Img2ImgPipeline.from_pretrained(
-        exported.root,
-        backend="tensorrt",
-        precision="fp16",
-        engine_dir=engine_dir,
-        show_progress=False,
-    )
+    pipe = _trt_pipeline(exported, engine_dir)
     with pytest.raises(ShapeOutsideProfileError, match="outside the engine's profile"):
         pipe("a", torch.rand(1, 3, 128, 128), num_inference_steps=2)
 
@@ -125,7 +121,6 @@ def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
     import shutil
 
     from sdtrt.engine.trt_build import BuildOptions, build_engines
-    from sdtrt.engine.trt_profile import BuildRanges
     from sdtrt.export.folder import ExportedModel
 
     exported, engine_dir, paths = engines
@@ -135,6 +130,7 @@ def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
     manifest["graphs"][file]["sha256"]["model_fp16.onnx"] = "0" * 64
     (root / "sdtrt.json").write_text(json.dumps(manifest))
     changed = ExportedModel(root, manifest, {file})  # skip the file check: the hash is the test
-    ranges = BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
-    new = build_engines(changed, "fp16", BuildOptions(ranges=ranges), engine_dir, ("text_encoder",))
+    new = build_engines(
+        changed, "fp16", BuildOptions(ranges=_ranges()), engine_dir, ("text_encoder",)
+    )
     assert new["text_encoder"] != paths["text_encoder"]
