@@ -44,8 +44,8 @@ class BenchConfig:
     cuda_graphs: bool = False
     warmup: int = 2
     repeats: int = 10
-    ort_optimization: str = "basic"
-    """ONNX Runtime graph optimisation level (disable, basic, extended, layout, all)."""
+    ort_optimization: str = "auto"
+    """ONNX Runtime graph optimisation level (auto, disable, basic, extended, layout, all)."""
     ort_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it choose."""
 

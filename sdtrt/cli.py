@@ -209,7 +209,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--ort-optimization", default="basic")
+    p.add_argument("--ort-optimization", default="auto", help="auto: all for the VAE, basic else")
     p.add_argument("--ort-threads", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
