@@ -61,7 +61,139 @@ class CachedDPMSolverMultistepScheduler(_MemoisedAlphaSigma, DPMSolverMultistepS
 
 
 class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler):
-    pass
+    """UniPC's predictor and corrector each compute, every step, a dozen 0-d tensors (log
+    alphas and sigmas, h, the ratios r_k, B(h), a small linear solve for the rho weights)
+    that depend only on the schedule, the step index and the order. They are computed here
+    with diffusers' own operations, in its order, once per schedule; the tensor update then
+    applies them exactly as diffusers' ``multistep_uni_{p,c}_bh_update`` does (0.42)."""
+
+    _coefficient_caches: dict[bytes, dict[tuple[Any, ...], dict[str, Any]]]
+    _coefficients: dict[tuple[Any, ...], dict[str, Any]]
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(*args, **kwargs)
+        if not hasattr(self, "_coefficient_caches"):
+            self._coefficient_caches = {}
+        key = self.sigmas.numpy().tobytes()
+        self._coefficients = self._coefficient_caches.setdefault(key, {})
+
+    def _uni_coefficients(
+        self, corrector: bool, order: int, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        key = (corrector, self.step_index, order, device, dtype)
+        cached = self._coefficients.get(key)
+        if cached is not None:
+            return cached
+        # Predictor: from s0 = step_index to t = step_index + 1; corrector: one step back.
+        t_index = self.step_index if corrector else self.step_index + 1
+        s0_index = t_index - 1
+        sigma_t, sigma_s0 = self.sigmas[t_index].to(device), self.sigmas[s0_index].to(device)
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma_t)
+        alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(sigma_s0)
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lambda_t - lambda_s0
+        rks = []
+        for i in range(1, order):
+            si = s0_index - i
+            alpha_si, sigma_si = self._sigma_to_alpha_sigma_t(self.sigmas[si].to(device))
+            lambda_si = torch.log(alpha_si) - torch.log(sigma_si)
+            rks.append((lambda_si - lambda_s0) / h)
+        ratios = list(rks)
+        rks.append(torch.ones((), device=device))
+        rks_t = torch.stack(rks)
+        R, b = [], []
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        if self.config.solver_type == "bh1":
+            B_h = hh
+        elif self.config.solver_type == "bh2":
+            B_h = torch.expm1(hh)
+        else:
+            raise NotImplementedError()
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks_t, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        R_t = torch.stack(R)
+        b_t = torch.stack(b) if len(b) > 0 else torch.tensor(b, device=device)
+        rhos = None
+        if corrector:
+            if order == 1:
+                rhos = torch.ones(1, dtype=dtype, device=device) * 0.5
+            else:
+                rhos = torch.linalg.solve(R_t, b_t).to(device).to(dtype)
+        elif ratios:
+            if order == 2:
+                rhos = torch.ones(1, dtype=dtype, device=device) * 0.5
+            else:
+                rhos = torch.linalg.solve(R_t[:-1, :-1], b_t[:-1]).to(device).to(dtype)
+        if self.predict_x0:
+            scale, first, last = sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * B_h
+        else:
+            scale, first, last = alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * B_h
+        cached = {"rks": ratios, "rhos": rhos, "scale": scale, "first": first, "last": last}
+        self._coefficients[key] = cached
+        return cached
+
+    def multistep_uni_p_bh_update(
+        self,
+        model_output: torch.Tensor,
+        *args: Any,
+        sample: torch.Tensor = None,
+        order: int = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if args or kwargs or self.solver_p or sample is None or order is None:
+            return super().multistep_uni_p_bh_update(
+                model_output, *args, sample=sample, order=order, **kwargs
+            )
+        m0 = self.model_outputs[-1]
+        x = sample
+        c = self._uni_coefficients(False, order, sample.device, x.dtype)
+        d1s = [(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(c["rks"], 1)]
+        x_t_ = c["scale"] * x - c["first"] * m0
+        if d1s:
+            pred_res = torch.einsum("k,bkc...->bc...", c["rhos"], torch.stack(d1s, dim=1))
+        else:
+            pred_res = 0
+        x_t = x_t_ - c["last"] * pred_res
+        return x_t.to(x.dtype)
+
+    def multistep_uni_c_bh_update(
+        self,
+        this_model_output: torch.Tensor,
+        *args: Any,
+        last_sample: torch.Tensor = None,
+        this_sample: torch.Tensor = None,
+        order: int = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if args or kwargs or last_sample is None or this_sample is None or order is None:
+            return super().multistep_uni_c_bh_update(
+                this_model_output,
+                *args,
+                last_sample=last_sample,
+                this_sample=this_sample,
+                order=order,
+                **kwargs,
+            )
+        m0 = self.model_outputs[-1]
+        x = last_sample
+        c = self._uni_coefficients(True, order, this_sample.device, x.dtype)
+        d1s = [(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(c["rks"], 1)]
+        x_t_ = c["scale"] * x - c["first"] * m0
+        rhos = c["rhos"]
+        if d1s:
+            corr_res = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(d1s, dim=1))
+        else:
+            corr_res = 0
+        d1_t = this_model_output - m0
+        x_t = x_t_ - c["last"] * (corr_res + rhos[-1] * d1_t)
+        return x_t.to(x.dtype)
 
 
 FAST_SCHEDULERS = {
