@@ -41,13 +41,3 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on CPU); called before each clock read."""
         ...
-
-
-def unet_downsamplers(unet_config: dict) -> int:
-    """How many times the UNet halves the latent: one per down block but the last."""
-    return len(unet_config["down_block_types"]) - 1
-
-
-def size_multiple_for(unet_config: dict, vae_scale_factor: int) -> int:
-    """Pixel multiple a graph with fixed skip connections needs: 8 x 2^(downsamplers)."""
-    return vae_scale_factor * 2 ** unet_downsamplers(unet_config)

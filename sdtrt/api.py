@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,3 @@ def build_pipeline(
         show_progress=show_progress,
         **options,
     )
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    return json.loads(Path(folder, "sdtrt.json").read_text())
