@@ -11,7 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 
 class CachedLMSDiscreteScheduler(LMSDiscreteScheduler):
@@ -254,7 +260,74 @@ class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler
         return x_t.to(x.dtype)
 
 
+class CachedDDIMScheduler(DDIMScheduler):
+    """DDIM's deterministic step (eta 0, epsilon prediction, no clipping): its four 0-d
+    factors depend only on the timestep and the number of steps. Memoised; any other
+    setting runs diffusers' own step."""
+
+    _factors: dict[tuple[int, int], tuple[torch.Tensor, ...]]
+
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        config = self.config
+        if (
+            eta != 0.0
+            or use_clipped_model_output
+            or variance_noise is not None
+            or config.thresholding
+            or config.clip_sample
+            or config.prediction_type != "epsilon"
+            or self.num_inference_steps is None
+        ):
+            return super().step(
+                model_output,
+                timestep,
+                sample,
+                eta,
+                use_clipped_model_output,
+                generator,
+                variance_noise,
+                return_dict,
+            )
+        cache = self.__dict__.setdefault("_factors", {})
+        key = (int(timestep), self.num_inference_steps)
+        factors = cache.get(key)
+        if factors is None:
+            factors = cache[key] = self._step_factors(timestep, eta)
+        root_beta, root_alpha, direction, root_alpha_prev = factors
+        pred_original_sample = (sample - root_beta * model_output) / root_alpha
+        prev_sample = root_alpha_prev * pred_original_sample + direction * model_output
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return DDIMSchedulerOutput(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        )
+
+    def _step_factors(self, timestep: int | torch.Tensor, eta: float) -> tuple[torch.Tensor, ...]:
+        # diffusers' operations, in its order.
+        prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = (
+            self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        )
+        beta_prod_t = 1 - alpha_prod_t
+        variance = self._get_variance(timestep, prev_timestep)
+        std_dev_t = eta * variance ** (0.5)
+        direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+        return beta_prod_t ** (0.5), alpha_prod_t ** (0.5), direction, alpha_prod_t_prev ** (0.5)
+
+
 FAST_SCHEDULERS = {
+    "ddim": CachedDDIMScheduler,
     "lms": CachedLMSDiscreteScheduler,
     "dpmpp_2m": CachedDPMSolverMultistepScheduler,
     "unipc": CachedUniPCMultistepScheduler,
