@@ -20,30 +20,40 @@ from diffusers import (
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 
-class CachedLMSDiscreteScheduler(LMSDiscreteScheduler):
+class _PerScheduleCache:
+    """One memo per timestep schedule, chosen in ``set_timesteps``: values computed for a
+    schedule are reused by every later run with the same schedule. No ``__init__``:
+    diffusers' ``from_config`` reads the scheduler's own signature."""
+
+    _schedule_caches: dict[bytes, dict[Any, Any]]
+    _cache: dict[Any, Any]
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(*args, **kwargs)  # type: ignore[misc]
+        if not hasattr(self, "_schedule_caches"):
+            self._schedule_caches = {}
+        schedule = getattr(self, "sigmas", None)
+        if schedule is None:  # DDIM: its schedule is the timesteps and their count
+            schedule = self.timesteps  # type: ignore[attr-defined]
+        key = schedule.cpu().numpy().tobytes() + str(self.num_inference_steps).encode()  # type: ignore[attr-defined]
+        self._cache = self._schedule_caches.setdefault(key, {})
+
+    def _memoised(self, key: Any, compute: Any) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = compute()
+        return value
+
+
+class CachedLMSDiscreteScheduler(_PerScheduleCache, LMSDiscreteScheduler):
     """``LMSDiscreteScheduler.step`` integrates each coefficient with
     ``scipy.integrate.quad`` on every call (about 3 ms a step on a 2-core CPU, as much as a
     tiny UNet call); the coefficients depend only on the sigmas, the step index and the
     order, so they are memoised per schedule."""
 
-    # No __init__ of our own: diffusers' from_config reads the parent's signature.
-    _coefficient_caches: dict[bytes, dict[tuple[int, int, int], float]]
-    _coefficients: dict[tuple[int, int, int], float]
-
-    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
-        super().set_timesteps(num_inference_steps, device=device)
-        if not hasattr(self, "_coefficient_caches"):
-            self._coefficient_caches = {}
-        key = self.sigmas.numpy().tobytes()
-        self._coefficients = self._coefficient_caches.setdefault(key, {})
-
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
-        key = (order, t, current_order)
-        coefficient = self._coefficients.get(key)
-        if coefficient is None:
-            coefficient = super().get_lms_coefficient(order, t, current_order)
-            self._coefficients[key] = coefficient
-        return coefficient
+        compute = super().get_lms_coefficient
+        return self._memoised((order, t, current_order), lambda: compute(order, t, current_order))
 
 
 class _MemoisedAlphaSigma:
@@ -62,21 +72,13 @@ class _MemoisedAlphaSigma:
         return hit
 
 
-class CachedDPMSolverMultistepScheduler(_MemoisedAlphaSigma, DPMSolverMultistepScheduler):
+class CachedDPMSolverMultistepScheduler(
+    _PerScheduleCache, _MemoisedAlphaSigma, DPMSolverMultistepScheduler
+):
     """DPM-Solver++(2M)'s second-order update: its 0-d coefficients (lambdas, h, r0 and the
     products that scale sample, D0 and D1) depend only on the schedule and the step index.
     Memoised per schedule for the midpoint dpmsolver++ solver (DPM++ 2M); every other
     variant runs diffusers' own code."""
-
-    _coefficient_caches: dict[bytes, dict[int, tuple[torch.Tensor, ...]]]
-    _coefficients: dict[int, tuple[torch.Tensor, ...]]
-
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
-        super().set_timesteps(*args, **kwargs)
-        if not hasattr(self, "_coefficient_caches"):
-            self._coefficient_caches = {}
-        key = self.sigmas.numpy().tobytes()
-        self._coefficients = self._coefficient_caches.setdefault(key, {})
 
     def multistep_dpm_solver_second_order_update(
         self,
@@ -97,10 +99,9 @@ class CachedDPMSolverMultistepScheduler(_MemoisedAlphaSigma, DPMSolverMultistepS
             return super().multistep_dpm_solver_second_order_update(
                 model_output_list, *args, sample=sample, noise=noise, **kwargs
             )
-        coefficients = self._coefficients.get(self.step_index)
-        if coefficients is None:
-            coefficients = self._coefficients[self.step_index] = self._second_order_coefficients()
-        scale, inv_r0, first, second = coefficients
+        scale, inv_r0, first, second = self._memoised(
+            self.step_index, self._second_order_coefficients
+        )
         m0, m1 = model_output_list[-1], model_output_list[-2]
         d0, d1 = m0, inv_r0 * (m0 - m1)
         return scale * sample - first * d0 - second * d1
@@ -124,30 +125,26 @@ class CachedDPMSolverMultistepScheduler(_MemoisedAlphaSigma, DPMSolverMultistepS
         return sigma_t / sigma_s0, 1.0 / r0, first, 0.5 * first
 
 
-class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler):
+class CachedUniPCMultistepScheduler(
+    _PerScheduleCache, _MemoisedAlphaSigma, UniPCMultistepScheduler
+):
     """UniPC's predictor and corrector each compute, every step, a dozen 0-d tensors (log
     alphas and sigmas, h, the ratios r_k, B(h), a small linear solve for the rho weights)
     that depend only on the schedule, the step index and the order. They are computed here
     with diffusers' own operations, in its order, once per schedule; the tensor update then
     applies them exactly as diffusers' ``multistep_uni_{p,c}_bh_update`` does (0.42)."""
 
-    _coefficient_caches: dict[bytes, dict[tuple[Any, ...], dict[str, Any]]]
-    _coefficients: dict[tuple[Any, ...], dict[str, Any]]
-
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
-        super().set_timesteps(*args, **kwargs)
-        if not hasattr(self, "_coefficient_caches"):
-            self._coefficient_caches = {}
-        key = self.sigmas.numpy().tobytes()
-        self._coefficients = self._coefficient_caches.setdefault(key, {})
-
     def _uni_coefficients(
         self, corrector: bool, order: int, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Any]:
         key = (corrector, self.step_index, order, device, dtype)
-        cached = self._coefficients.get(key)
-        if cached is not None:
-            return cached
+        return self._memoised(
+            key, lambda: self._compute_uni_coefficients(corrector, order, device, dtype)
+        )
+
+    def _compute_uni_coefficients(
+        self, corrector: bool, order: int, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
         # Predictor: from s0 = step_index to t = step_index + 1; corrector: one step back.
         t_index = self.step_index if corrector else self.step_index + 1
         s0_index = t_index - 1
@@ -199,9 +196,7 @@ class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler
             scale, first, last = sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * B_h
         else:
             scale, first, last = alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * B_h
-        cached = {"rks": ratios, "rhos": rhos, "scale": scale, "first": first, "last": last}
-        self._coefficients[key] = cached
-        return cached
+        return {"rks": ratios, "rhos": rhos, "scale": scale, "first": first, "last": last}
 
     def multistep_uni_p_bh_update(
         self,
@@ -260,12 +255,10 @@ class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler
         return x_t.to(x.dtype)
 
 
-class CachedDDIMScheduler(DDIMScheduler):
+class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
     """DDIM's deterministic step (eta 0, epsilon prediction, no clipping): its four 0-d
     factors depend only on the timestep and the number of steps. Memoised; any other
     setting runs diffusers' own step."""
-
-    _factors: dict[tuple[int, int], tuple[torch.Tensor, ...]]
 
     def step(  # type: ignore[override]
         self,
@@ -298,12 +291,9 @@ class CachedDDIMScheduler(DDIMScheduler):
                 variance_noise,
                 return_dict,
             )
-        cache = self.__dict__.setdefault("_factors", {})
-        key = (int(timestep), self.num_inference_steps)
-        factors = cache.get(key)
-        if factors is None:
-            factors = cache[key] = self._step_factors(timestep, eta)
-        root_beta, root_alpha, direction, root_alpha_prev = factors
+        root_beta, root_alpha, direction, root_alpha_prev = self._memoised(
+            int(timestep), lambda: self._step_factors(timestep, eta)
+        )
         pred_original_sample = (sample - root_beta * model_output) / root_alpha
         prev_sample = root_alpha_prev * pred_original_sample + direction * model_output
         if not return_dict:
