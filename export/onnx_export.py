@@ -4,7 +4,6 @@ axes, then clean-up with polygraphy's constant folding and onnx-graphsurgeon."""
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 from pathlib import Path
 
@@ -13,8 +12,6 @@ import torch
 from torch.export import Dim
 
 from sdtrt.export.networks import Axis, Network
-
-logger = logging.getLogger(__name__)
 
 # Opset 20 is the lowest at which torch 2.13's exporter gave a valid SD UNet (17 did not).
 DEFAULT_OPSET = 20
@@ -64,7 +61,7 @@ def export_network(
         else:
             model = clean_graph(onnx.load(str(raw)))
             _name_dynamic_axes(model, network)
-            save_model(model, path)
+            onnx.save(model, str(path))
     for written in (path, path.with_name(f"{path.name}.data")):
         if written.exists():
             written.chmod(0o644)
@@ -121,43 +118,15 @@ def _name_dynamic_axes(model: onnx.ModelProto, network: Network) -> None:
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constants (polygraphy) and drop dead nodes, toposorted (onnx-graphsurgeon)."""
+    """Fold constants (polygraphy) and drop dead nodes, toposorted (onnx-graphsurgeon).
+    Only for graphs under ``EXTERNAL_DATA_THRESHOLD``: folding serialises the whole model
+    for ONNX Runtime, which protobuf's 2 GiB limit forbids for bigger ones."""
     import onnx_graphsurgeon as gs
     from polygraphy.backend.onnx import fold_constants
     from polygraphy.logger import G_LOGGER
 
-    if _weights_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        with G_LOGGER.verbosity(G_LOGGER.WARNING):
-            model = fold_constants(model, error_ok=True)
-    else:
-        # Folding serialises the whole model for ONNX Runtime, which protobuf's 2 GiB limit
-        # forbids; the exporter's own optimiser already folded the constants it could.
-        logger.info(
-            "graph over %d bytes: constant folding left to the exporter", EXTERNAL_DATA_THRESHOLD
-        )
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        model = fold_constants(model, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     return gs.export_onnx(graph)
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = _weights_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    onnx.save(
-        model,
-        str(path),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-        size_threshold=1024,
-    )
-
-
-def _weights_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
-        else:
-            total += len(tensor.raw_data)
-    return total
