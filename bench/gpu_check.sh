@@ -23,7 +23,8 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 fi
-# The package layout maps root folders to sdtrt.*: make it importable without installing.
+# The package layout maps root folders to sdtrt.*: make it importable without installing
+# (python3 -P: the checkout's own sdtrt/ folder must not shadow the copy).
 rm -rf .sdtrt-src && mkdir -p .sdtrt-src/sdtrt
 cp -r sdtrt/* .sdtrt-src/sdtrt/
 for part in export engine runtime bench; do cp -r "$part" ".sdtrt-src/sdtrt/$part"; done
@@ -32,13 +33,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
 echo "== GPU tests (TensorRT ones skip without TensorRT) =="
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.txt" \
+python3 -P -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.txt" \
   || fail "GPU tests"
 
 bench() {  # name, extra bench args
   local name=$1; shift
   echo "== $name: sd15-random 512x512, 50 steps, strength 0.8, fp16 =="
-  python3 -m sdtrt.cli bench --model sd15-random --device cuda --dtype fp16 \
+  python3 -P -m sdtrt.cli bench --model sd15-random --device cuda --dtype fp16 \
     --height 512 --width 512 --steps 50 --strength 0.8 --batch 1,4 --warmup 2 --repeats 5 \
     --json "$OUT/bench_$name.json" "$@" | tee "$OUT/bench_$name.md"
 }

@@ -71,7 +71,9 @@ class TorchBackend:
 
 
 def _moved(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move only when needed: diffusers warns on every ``.to(dtype)`` call."""
+    """Move only when needed: diffusers warns on every ``.to(dtype)`` call. The move is in
+    place, as diffusers' ``pipeline.to()`` is: components shared with another pipeline move
+    too (copy them first to keep both)."""
     parameter = next(module.parameters())
     if parameter.device != device or parameter.dtype != dtype:
         module = module.to(device=device, dtype=dtype)

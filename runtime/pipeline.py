@@ -74,7 +74,9 @@ class Img2ImgPipeline:
         **backend_options: Any,
     ) -> Img2ImgPipeline:
         """Build from ``load_components``' dict; ``backend_options`` go to the backend
-        (``device``, ``dtype`` for torch; ``precision`` and cache options for graphs)."""
+        (``device``, ``dtype`` for torch; ``precision`` and cache options for graphs).
+        The torch backend moves the modules to its device and dtype in place, as diffusers'
+        ``pipeline.to()`` does."""
         from sdtrt.engine.factory import backend_from_components
 
         vae_config = components["vae"].config

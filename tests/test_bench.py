@@ -72,3 +72,30 @@ def test_run_bench_skips_cuda_without_a_gpu():
     assert record["results"] == [
         {"backend": "torch", "status": "skipped", "reason": "no CUDA device on this machine"}
     ]
+
+
+def test_graph_backends_export_the_fp32_weights_before_torch_moves_them(monkeypatch):
+    """The torch target casts the shared modules to its dtype in place; a graph backend asked
+    for after it must still export the fp32 weights, and the rows keep the asked order."""
+    import torch
+
+    from sdtrt.errors import BackendUnavailableError
+
+    exported_dtypes = []
+
+    def fake_export(components, **options):
+        exported_dtypes.append(components["unet"].dtype)
+        raise BackendUnavailableError("export stopped by the test")
+
+    monkeypatch.setattr("sdtrt.export.cache.exported_for", fake_export)
+    config = BenchConfig(
+        backends=("torch", "onnxruntime"), dtype="fp16", height=32, width=32, steps=2,
+        strength=1.0, warmup=0, repeats=1,
+    )  # fmt: skip
+    record = run_bench(config, log=lambda line: None)
+    assert exported_dtypes == [torch.float32]
+    assert [(r["backend"], r["status"]) for r in record["results"]] == [
+        ("torch", "ok"), ("onnxruntime", "skipped"),
+    ]  # fmt: skip
+    with pytest.raises(InvalidInputError, match="more than once"):
+        BenchConfig(backends=("torch", "torch"))

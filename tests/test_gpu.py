@@ -3,6 +3,7 @@ reason where there is no CUDA GPU (or no TensorRT). Run them with `pytest -m gpu
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -23,6 +24,12 @@ pytestmark = pytest.mark.gpu
 RUN = dict(strength=0.75, num_inference_steps=8, output_type="np")
 
 
+def _own(components):
+    """A copy for a CUDA pipeline: the torch backend moves its modules in place, as diffusers'
+    ``pipeline.to()`` does, and the session's ``tiny`` must stay on the CPU in fp32."""
+    return copy.deepcopy(components)
+
+
 def _image(seed=0):
     return torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(seed))
 
@@ -30,7 +37,7 @@ def _image(seed=0):
 @cuda
 def test_torch_cuda_fp16_matches_cpu_fp32(tiny):
     gpu = Img2ImgPipeline.from_components(
-        tiny, device="cuda", dtype=torch.float16, show_progress=False
+        _own(tiny), device="cuda", dtype=torch.float16, show_progress=False
     )
     cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
     got = gpu("a dancer", _image(), generator=torch.Generator().manual_seed(1), **RUN).images
@@ -40,9 +47,10 @@ def test_torch_cuda_fp16_matches_cpu_fp32(tiny):
 
 @cuda
 def test_torch_cuda_graph_replay_equals_plain_run(tiny):
-    plain = Img2ImgPipeline.from_components(tiny, device="cuda", show_progress=False)
+    on_gpu = _own(tiny)
+    plain = Img2ImgPipeline.from_components(on_gpu, device="cuda", show_progress=False)
     graphed = Img2ImgPipeline.from_components(
-        tiny, device="cuda", cuda_graphs=True, show_progress=False
+        on_gpu, device="cuda", cuda_graphs=True, show_progress=False
     )
     a = plain("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
     b = graphed("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
