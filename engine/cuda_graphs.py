@@ -2,7 +2,9 @@
 
 The Python and launch overhead of a UNet call (hundreds of kernels) disappears on replay.
 Inputs are copied into the captured static tensors; the output is cloned out, because the
-next replay overwrites it.
+next replay overwrites it. Capture and replay run in inference mode, as the pipeline does,
+whoever calls: the static tensors are inference tensors, which only inference mode may
+write.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class CudaGraphed:
         self.fn = fn
         self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
 
+    @torch.inference_mode()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         entry = self.graphs.get(key)

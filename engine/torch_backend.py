@@ -38,7 +38,7 @@ class TorchBackend:
         self.size_multiple = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._graphed_unet = CudaGraphed(self._unet_forward) if cuda_graphs else None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.text_encoder(input_ids.to(self.device))[0]
         return out.float()
@@ -48,7 +48,7 @@ class TorchBackend:
     ) -> torch.Tensor:
         return self.unet_model(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
@@ -57,11 +57,11 @@ class TorchBackend:
             return self._graphed_unet(*args).float()
         return self._unet_forward(*args).float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image.to(self.dtype)).latent_dist.parameters.float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.dtype), return_dict=False)[0].float()
 

@@ -14,10 +14,18 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+    EulerAncestralDiscreteSchedulerOutput,
+)
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 
 class _PerScheduleCache:
@@ -35,7 +43,8 @@ class _PerScheduleCache:
         schedule = getattr(self, "sigmas", None)
         if schedule is None:  # DDIM: its schedule is the timesteps and their count
             schedule = self.timesteps  # type: ignore[attr-defined]
-        key = schedule.cpu().numpy().tobytes() + str(self.num_inference_steps).encode()  # type: ignore[attr-defined]
+        steps = self.num_inference_steps  # type: ignore[attr-defined]
+        key = schedule.cpu().numpy().tobytes() + f"{steps}{schedule.device}".encode()
         self._cache = self._schedule_caches.setdefault(key, {})
 
     def _memoised(self, key: Any, compute: Any) -> Any:
@@ -45,7 +54,23 @@ class _PerScheduleCache:
         return value
 
 
-class CachedLMSDiscreteScheduler(_PerScheduleCache, LMSDiscreteScheduler):
+class _MemoisedInputScale:
+    """LMS, Euler and Euler A divide the UNet input by ``(sigma**2 + 1) ** 0.5`` every step:
+    three 0-d tensor ops whose result depends only on the step index."""
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+        if self.step_index is None:  # type: ignore[attr-defined]
+            self._init_step_index(timestep)  # type: ignore[attr-defined]
+        index = self.step_index  # type: ignore[attr-defined]
+        divisor = self._memoised(  # type: ignore[attr-defined]
+            ("input_scale", index),
+            lambda: (self.sigmas[index] ** 2 + 1) ** 0.5,  # type: ignore[attr-defined]
+        )
+        self.is_scale_input_called = True
+        return sample / divisor
+
+
+class CachedLMSDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, LMSDiscreteScheduler):
     """``LMSDiscreteScheduler.step`` integrates each coefficient with
     ``scipy.integrate.quad`` on every call (about 3 ms a step on a 2-core CPU, as much as a
     tiny UNet call); the coefficients depend only on the sigmas, the step index and the
@@ -132,7 +157,8 @@ class CachedUniPCMultistepScheduler(
     alphas and sigmas, h, the ratios r_k, B(h), a small linear solve for the rho weights)
     that depend only on the schedule, the step index and the order. They are computed here
     with diffusers' own operations, in its order, once per schedule; the tensor update then
-    applies them exactly as diffusers' ``multistep_uni_{p,c}_bh_update`` does (0.42)."""
+    applies them exactly as diffusers' ``multistep_uni_{p,c}_bh_update`` does (0.42). The
+    data prediction (x0 from epsilon) takes its alpha and sigma from the same memo."""
 
     def _uni_coefficients(
         self, corrector: bool, order: int, device: torch.device, dtype: torch.dtype
@@ -196,7 +222,34 @@ class CachedUniPCMultistepScheduler(
             scale, first, last = sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * B_h
         else:
             scale, first, last = alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * B_h
-        return {"rks": ratios, "rhos": rhos, "scale": scale, "first": first, "last": last}
+        rho_last = None if rhos is None else rhos[-1]
+        return {
+            "rks": ratios,
+            "rhos": rhos,
+            "rho_last": rho_last,
+            "scale": scale,
+            "first": first,
+            "last": last,
+        }
+
+    def convert_model_output(
+        self, model_output: torch.Tensor, *args: Any, sample: torch.Tensor = None, **kwargs: Any
+    ) -> torch.Tensor:
+        config = self.config
+        if (
+            args
+            or kwargs
+            or sample is None
+            or not self.predict_x0
+            or config.prediction_type != "epsilon"
+            or config.thresholding
+        ):
+            return super().convert_model_output(model_output, *args, sample=sample, **kwargs)
+        index = self.step_index
+        alpha_t, sigma_t = self._memoised(
+            ("alpha_sigma", index), lambda: self._sigma_to_alpha_sigma_t(self.sigmas[index])
+        )
+        return (sample - sigma_t * model_output) / alpha_t
 
     def multistep_uni_p_bh_update(
         self,
@@ -215,12 +268,9 @@ class CachedUniPCMultistepScheduler(
         c = self._uni_coefficients(False, order, sample.device, x.dtype)
         d1s = [(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(c["rks"], 1)]
         x_t_ = c["scale"] * x - c["first"] * m0
-        if d1s:
-            pred_res = torch.einsum("k,bkc...->bc...", c["rhos"], torch.stack(d1s, dim=1))
-        else:
-            pred_res = 0
+        pred_res = _weighted_sum(c["rhos"], d1s) if d1s else 0
         x_t = x_t_ - c["last"] * pred_res
-        return x_t.to(x.dtype)
+        return x_t if x_t.dtype == x.dtype else x_t.to(x.dtype)
 
     def multistep_uni_c_bh_update(
         self,
@@ -245,14 +295,19 @@ class CachedUniPCMultistepScheduler(
         c = self._uni_coefficients(True, order, this_sample.device, x.dtype)
         d1s = [(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(c["rks"], 1)]
         x_t_ = c["scale"] * x - c["first"] * m0
-        rhos = c["rhos"]
-        if d1s:
-            corr_res = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(d1s, dim=1))
-        else:
-            corr_res = 0
+        corr_res = _weighted_sum(c["rhos"][:-1], d1s) if d1s else 0
         d1_t = this_model_output - m0
-        x_t = x_t_ - c["last"] * (corr_res + rhos[-1] * d1_t)
-        return x_t.to(x.dtype)
+        x_t = x_t_ - c["last"] * (corr_res + c["rho_last"] * d1_t)
+        return x_t if x_t.dtype == x.dtype else x_t.to(x.dtype)
+
+
+def _weighted_sum(weights: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    """diffusers' ``einsum("k,bkc...->bc...", weights, stack(terms, dim=1))``. With one term
+    (UniPC of order 2, Stable Diffusion's) that is one product, which a multiply gives with
+    the same rounding and without einsum's and stack's Python cost."""
+    if len(terms) == 1:
+        return weights[0] * terms[0]
+    return torch.einsum("k,bkc...->bc...", weights, torch.stack(terms, dim=1))
 
 
 class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
@@ -316,9 +371,149 @@ class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
         return beta_prod_t ** (0.5), alpha_prod_t ** (0.5), direction, alpha_prod_t_prev ** (0.5)
 
 
+def _is_step_index(timestep: Any) -> bool:
+    """diffusers' Euler schedulers refuse integer step indices as timesteps (their own
+    ``step`` raises the error)."""
+    return isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
+
+
+class CachedEulerDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, EulerDiscreteScheduler):
+    """Euler's step without churn (the pipeline's call: no ``s_*`` arguments) and with
+    epsilon prediction: ``sigma_hat`` and ``dt`` depend only on the step index. Memoised;
+    any other call runs diffusers' own step."""
+
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        *args: Any,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        if (
+            args
+            or kwargs
+            or _is_step_index(timestep)
+            or not self.is_scale_input_called
+            or self.config.prediction_type != "epsilon"
+        ):
+            return super().step(
+                model_output, timestep, sample, *args, generator=generator,
+                return_dict=return_dict, **kwargs,
+            )  # fmt: skip
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma_hat, dt = self._memoised(self.step_index, self._step_factors)
+        # diffusers' tensor operations, in its order.
+        sample = sample.to(torch.float32)
+        pred_original_sample = sample - sigma_hat * model_output
+        derivative = (sample - pred_original_sample) / sigma_hat
+        prev_sample = (sample + derivative * dt).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return EulerDiscreteSchedulerOutput(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        )
+
+    def _step_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = self.sigmas[self.step_index]
+        sigma_hat = sigma * (0.0 + 1)  # gamma is 0.0 without churn
+        return sigma_hat, self.sigmas[self.step_index + 1] - sigma_hat
+
+
+class CachedEulerAncestralDiscreteScheduler(
+    _PerScheduleCache, _MemoisedInputScale, EulerAncestralDiscreteScheduler
+):
+    """Euler ancestral with epsilon prediction: sigma, ``sigma_up`` and ``dt`` (eight 0-d
+    tensor ops) depend only on the step index. Memoised; the noise is drawn from the
+    caller's generator exactly as diffusers draws it."""
+
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        if (
+            _is_step_index(timestep)
+            or not self.is_scale_input_called
+            or self.config.prediction_type != "epsilon"
+        ):
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_up, dt = self._memoised(self.step_index, self._step_factors)
+        # diffusers' tensor operations, in its order.
+        sample = sample.to(torch.float32)
+        pred_original_sample = sample - sigma * model_output
+        derivative = (sample - pred_original_sample) / sigma
+        prev_sample = sample + derivative * dt
+        noise = randn_tensor(
+            model_output.shape,
+            dtype=model_output.dtype,
+            device=model_output.device,
+            generator=generator,
+        )
+        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return EulerAncestralDiscreteSchedulerOutput(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        )
+
+    def _step_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # diffusers' operations, in its order.
+        sigma_from = sigma = self.sigmas[self.step_index]
+        sigma_to = self.sigmas[self.step_index + 1]
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        return sigma, sigma_up, sigma_down - sigma
+
+
+class CachedPNDMScheduler(_PerScheduleCache, PNDMScheduler):
+    """PNDM's update (formula 9 of the paper) with epsilon prediction: its three 0-d
+    coefficients depend only on the pair of timesteps. Memoised per pair."""
+
+    def _get_prev_sample(
+        self, sample: torch.Tensor, timestep: Any, prev_timestep: Any, model_output: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.prediction_type != "epsilon":
+            return super()._get_prev_sample(sample, timestep, prev_timestep, model_output)
+        sample_coeff, alpha_step, denominator = self._memoised(
+            (int(timestep), int(prev_timestep)),
+            lambda: self._prev_sample_coefficients(timestep, prev_timestep),
+        )
+        return sample_coeff * sample - alpha_step * model_output / denominator
+
+    def _prev_sample_coefficients(
+        self, timestep: Any, prev_timestep: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # diffusers' operations, in its order.
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = (
+            self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        )
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** (0.5)
+        denominator = alpha_prod_t * beta_prod_t_prev ** (0.5) + (
+            alpha_prod_t * beta_prod_t * alpha_prod_t_prev
+        ) ** (0.5)
+        return sample_coeff, alpha_prod_t_prev - alpha_prod_t, denominator
+
+
 FAST_SCHEDULERS = {
     "ddim": CachedDDIMScheduler,
     "lms": CachedLMSDiscreteScheduler,
+    "pndm": CachedPNDMScheduler,
+    "euler": CachedEulerDiscreteScheduler,
+    "euler_a": CachedEulerAncestralDiscreteScheduler,
     "dpmpp_2m": CachedDPMSolverMultistepScheduler,
     "unipc": CachedUniPCMultistepScheduler,
 }

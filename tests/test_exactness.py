@@ -40,7 +40,7 @@ def test_equals_diffusers(tiny, images, scheduler):
             ).images
             assert got.images.shape == want.shape == (batch, 32, 48, 3)
             diff = float(np.abs(got.images - want).max())
-            assert diff <= 1e-6, f"{scheduler} strength={strength} batch={batch}: {diff}"
+            assert diff == 0.0, f"{scheduler} strength={strength} batch={batch}: {diff}"
 
 
 def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
@@ -59,7 +59,7 @@ def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
         ["a", "b"], images, generator=torch.Generator().manual_seed(1), **kwargs
     ).images
     assert batches == [2, 2, 2]
-    assert float(np.abs(got.images - want).max()) <= 1e-6
+    assert float(np.abs(got.images - want).max()) == 0.0
 
 
 def test_v_prediction_equals_diffusers(tiny, images):
@@ -75,4 +75,4 @@ def test_v_prediction_equals_diffusers(tiny, images):
         want = diffusers_img2img(components, SCHEDULERS[name])(
             "a", images[0], generator=torch.Generator().manual_seed(5), **kwargs
         ).images
-        assert float(np.abs(got.images - want).max()) <= 1e-6
+        assert float(np.abs(got.images - want).max()) == 0.0
