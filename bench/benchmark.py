@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_rss, synchronize
+from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
 from sdtrt.errors import InvalidInputError, SdtrtError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     # diffusers targets move to the GPU or to fp16 in place. Rows keep the order asked for.
     for backend in sorted(config.backends, key=lambda name: name in ("torch", "diffusers")):
         log(f"bench: {backend} ...")
-        reset_peak_rss()
+        reset_peak_memory()
         timer = StageTimer("cpu")
         try:
             target = _make_target(backend, config, components, exported, image, timer)

@@ -54,8 +54,10 @@ def percentiles(samples: list[float]) -> dict[str, Any]:
     }
 
 
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process."""
+def reset_peak_memory() -> None:
+    """Peak RSS (Linux: writing 5 to clear_refs resets VmHWM) and peak CUDA memory."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -9,9 +9,11 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import diffusers_img2img
 
 from sdtrt.bench.check import THRESHOLDS, compare_images
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.schedulers import SCHEDULERS
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -55,6 +57,23 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
     a = plain("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
     b = graphed("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@cuda
+def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
+    """The memoised schedulers step CUDA tensors with CPU-held factors: the same numbers as
+    diffusers' pipeline on the GPU (fp32; a bound, not 0.0, for GPU kernels' run-to-run
+    freedom)."""
+    on_gpu = _own(tiny)
+    run = dict(strength=0.8, num_inference_steps=8, guidance_scale=7.5, output_type="np")
+    for name, class_name in SCHEDULERS.items():
+        ours = Img2ImgPipeline.from_components(
+            on_gpu, scheduler=name, device="cuda", show_progress=False
+        )
+        reference = diffusers_img2img(on_gpu, class_name).to("cuda")
+        got = ours("a dancer", _image(), generator=torch.Generator().manual_seed(6), **run)
+        want = reference("a dancer", _image(), generator=torch.Generator().manual_seed(6), **run)
+        assert float(np.abs(got.images - want.images).max()) <= 1e-5, name
 
 
 def _ranges():
