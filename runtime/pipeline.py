@@ -215,14 +215,14 @@ class Img2ImgPipeline:
 
         # 7. Decode.
         if output_type == "latent":
-            return Img2ImgOutput(latents, len(timesteps), timings)
+            return Img2ImgOutput(_ordinary(latents), len(timesteps), timings)
         with self._timed("vae_decoder", timings):
             decoded = self.backend.decode_latents(latents / self.scaling_factor)
         _check_finite(decoded, "vae_decoder")
         images = self.image_processor.postprocess(
             decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
         )
-        return Img2ImgOutput(images, len(timesteps), timings)
+        return Img2ImgOutput(_ordinary(images), len(timesteps), timings)
 
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         tokenizer = self.tokenizer
@@ -249,6 +249,15 @@ class Img2ImgPipeline:
         yield
         self.backend.synchronize()
         timings[stage] = (time.perf_counter() - start) * 1e3
+
+
+def _ordinary(images: Any) -> Any:
+    """Tensors made in inference mode cannot be changed in place outside it: the caller gets
+    ordinary ones, as from diffusers' no_grad pipeline."""
+    if isinstance(images, torch.Tensor) and images.is_inference():
+        with torch.inference_mode(False):
+            return images.clone()
+    return images
 
 
 def _as_prompt_list(prompt: Any, what: str) -> list[str]:

@@ -60,6 +60,16 @@ def test_unet_call_count(counted, images, scheduler, steps, strength, expected):
     assert all(batch == 2 for batch, _ in backend.calls)  # [uncond, cond] in ONE call
 
 
+def test_latents_come_back_as_ordinary_tensors(tiny, images):
+    """The loop runs in inference mode; what the caller gets can still be changed in place."""
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    latents = pipe("a", images[0], num_inference_steps=2, output_type="latent").images
+    assert not latents.is_inference()
+    before = latents.clone()
+    latents.mul_(2)
+    assert torch.equal(latents, 2 * before)
+
+
 def test_start_step_skips_the_first_timesteps(counted, images):
     pipe, backend = counted("euler")
     pipe("a", images[0], start_step=3, num_inference_steps=8, output_type="latent")
