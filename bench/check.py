@@ -12,6 +12,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,11 +103,7 @@ def _graph_runner(backend: str, exported: ExportedModel, network: str, precision
     if backend == "tensorrt":
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
-        from sdtrt.engine.trt_build import BuildOptions, default_engine_dir, engine_key
-        from sdtrt.engine.trt_cache import find_engine
-
-        key = engine_key(exported, network, precision, BuildOptions())
-        path, _ = find_engine(default_engine_dir(exported), key)
+        path, _ = _built_engine(exported, network, precision)
         return TrtRunner(EngineFromPath(str(path)))
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -114,12 +111,20 @@ def _graph_runner(backend: str, exported: ExportedModel, network: str, precision
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
 
 
-def _profile_corners(exported: ExportedModel, precision: str) -> list[tuple[int, int, int]]:
+def _built_engine(
+    exported: ExportedModel, network: str, precision: str
+) -> tuple[Path, dict[str, Any]]:
+    """The engine ``sdtrt build`` made for ``network`` with the default options, and its
+    sidecar (the profile it was built for)."""
     from sdtrt.engine.trt_build import BuildOptions, default_engine_dir, engine_key
     from sdtrt.engine.trt_cache import find_engine
 
-    key = engine_key(exported, "unet", precision, BuildOptions())
-    _, sidecar = find_engine(default_engine_dir(exported), key)
+    key = engine_key(exported, network, precision, BuildOptions())
+    return find_engine(default_engine_dir(exported), key)
+
+
+def _profile_corners(exported: ExportedModel, precision: str) -> list[tuple[int, int, int]]:
+    _, sidecar = _built_engine(exported, "unet", precision)
     f = exported.dims.vae_scale_factor
     corners = []
     for end in ("min", "max"):
