@@ -30,9 +30,10 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD's hash, with "-dirty" when the working tree differs from it."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
