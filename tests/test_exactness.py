@@ -68,7 +68,7 @@ def test_v_prediction_equals_diffusers(tiny, images):
         tiny["scheduler"].config, prediction_type="v_prediction"
     )
     kwargs = dict(strength=0.8, num_inference_steps=5, guidance_scale=8.0, output_type="np")
-    for name in ("ddim", "euler"):
+    for name in SCHEDULERS:  # the memoised fast paths are epsilon-only: the rest falls back
         ours = Img2ImgPipeline.from_components(components, scheduler=name, show_progress=False)
         assert ours.scheduler.config.prediction_type == "v_prediction"
         got = ours("a", images[0], generator=torch.Generator().manual_seed(5), **kwargs)
@@ -76,3 +76,21 @@ def test_v_prediction_equals_diffusers(tiny, images):
             "a", images[0], generator=torch.Generator().manual_seed(5), **kwargs
         ).images
         assert float(np.abs(got.images - want).max()) == 0.0
+
+
+def test_third_order_unipc_equals_diffusers(tiny, images):
+    """Solver order 3 sums two terms with diffusers' einsum (order 2, SD's, multiplies one)."""
+    from diffusers import UniPCMultistepScheduler
+
+    components = dict(tiny)
+    components["scheduler"] = UniPCMultistepScheduler.from_config(
+        tiny["scheduler"].config, solver_order=3
+    )
+    ours = Img2ImgPipeline.from_components(components, scheduler="unipc", show_progress=False)
+    assert ours.scheduler.config.solver_order == 3
+    kwargs = dict(strength=1.0, num_inference_steps=8, guidance_scale=8.0, output_type="np")
+    got = ours("a", images[0], generator=torch.Generator().manual_seed(7), **kwargs)
+    want = diffusers_img2img(components, "UniPCMultistepScheduler")(
+        "a", images[0], generator=torch.Generator().manual_seed(7), **kwargs
+    ).images
+    assert float(np.abs(got.images - want).max()) == 0.0
