@@ -371,13 +371,37 @@ class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
         return beta_prod_t ** (0.5), alpha_prod_t ** (0.5), direction, alpha_prod_t_prev ** (0.5)
 
 
-def _is_step_index(timestep: Any) -> bool:
-    """diffusers' Euler schedulers refuse integer step indices as timesteps (their own
-    ``step`` raises the error)."""
-    return isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
+class _MemoisedEulerStep(_PerScheduleCache, _MemoisedInputScale):
+    """What the two Euler steps share with epsilon prediction: per-step factors memoised by
+    step index (``_step_factors``, each class's own), and the Euler update itself with
+    diffusers' tensor operations in its order."""
+
+    def _fast_step_applies(self, timestep: Any) -> bool:
+        # An integer step index as timestep is refused by diffusers' own step, with its
+        # error; without scale_model_input it warns: both are left to it.
+        return (
+            not isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
+            and self.is_scale_input_called
+            and self.config.prediction_type == "epsilon"  # type: ignore[attr-defined]
+        )
+
+    def _factors(self, timestep: Any) -> Any:
+        if self.step_index is None:  # type: ignore[attr-defined]
+            self._init_step_index(timestep)  # type: ignore[attr-defined]
+        return self._memoised(self.step_index, self._step_factors)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _euler_update(
+        model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, dt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, x + (x - x0) / sigma * dt), before any noise and dtype cast."""
+        sample = sample.to(torch.float32)
+        pred_original_sample = sample - sigma * model_output
+        derivative = (sample - pred_original_sample) / sigma
+        return pred_original_sample, sample + derivative * dt
 
 
-class CachedEulerDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, EulerDiscreteScheduler):
+class CachedEulerDiscreteScheduler(_MemoisedEulerStep, EulerDiscreteScheduler):
     """Euler's step without churn (the pipeline's call: no ``s_*`` arguments) and with
     epsilon prediction: ``sigma_hat`` and ``dt`` depend only on the step index. Memoised;
     any other call runs diffusers' own step."""
@@ -392,25 +416,14 @@ class CachedEulerDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, Euler
         return_dict: bool = True,
         **kwargs: Any,
     ) -> Any:
-        if (
-            args
-            or kwargs
-            or _is_step_index(timestep)
-            or not self.is_scale_input_called
-            or self.config.prediction_type != "epsilon"
-        ):
+        if args or kwargs or not self._fast_step_applies(timestep):
             return super().step(
                 model_output, timestep, sample, *args, generator=generator,
                 return_dict=return_dict, **kwargs,
             )  # fmt: skip
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma_hat, dt = self._memoised(self.step_index, self._step_factors)
-        # diffusers' tensor operations, in its order.
-        sample = sample.to(torch.float32)
-        pred_original_sample = sample - sigma_hat * model_output
-        derivative = (sample - pred_original_sample) / sigma_hat
-        prev_sample = (sample + derivative * dt).to(model_output.dtype)
+        sigma_hat, dt = self._factors(timestep)
+        pred_original_sample, prev_sample = self._euler_update(model_output, sample, sigma_hat, dt)
+        prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
@@ -424,9 +437,7 @@ class CachedEulerDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, Euler
         return sigma_hat, self.sigmas[self.step_index + 1] - sigma_hat
 
 
-class CachedEulerAncestralDiscreteScheduler(
-    _PerScheduleCache, _MemoisedInputScale, EulerAncestralDiscreteScheduler
-):
+class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDiscreteScheduler):
     """Euler ancestral with epsilon prediction: sigma, ``sigma_up`` and ``dt`` (eight 0-d
     tensor ops) depend only on the step index. Memoised; the noise is drawn from the
     caller's generator exactly as diffusers draws it."""
@@ -439,20 +450,10 @@ class CachedEulerAncestralDiscreteScheduler(
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> Any:
-        if (
-            _is_step_index(timestep)
-            or not self.is_scale_input_called
-            or self.config.prediction_type != "epsilon"
-        ):
+        if not self._fast_step_applies(timestep):
             return super().step(model_output, timestep, sample, generator, return_dict)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma, sigma_up, dt = self._memoised(self.step_index, self._step_factors)
-        # diffusers' tensor operations, in its order.
-        sample = sample.to(torch.float32)
-        pred_original_sample = sample - sigma * model_output
-        derivative = (sample - pred_original_sample) / sigma
-        prev_sample = sample + derivative * dt
+        sigma, sigma_up, dt = self._factors(timestep)
+        pred_original_sample, prev_sample = self._euler_update(model_output, sample, sigma, dt)
         noise = randn_tensor(
             model_output.shape,
             dtype=model_output.dtype,
