@@ -373,8 +373,10 @@ class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
 
 class _MemoisedEulerStep(_PerScheduleCache, _MemoisedInputScale):
     """What the two Euler steps share with epsilon prediction: per-step factors memoised by
-    step index (``_step_factors``, each class's own), and the Euler update itself with
-    diffusers' tensor operations in its order."""
+    step index (``_step_factors``, each class's own), the Euler update itself with
+    diffusers' tensor operations in its order, and the answer (``_output_class``)."""
+
+    _output_class: Any
 
     def _fast_step_applies(self, timestep: Any) -> bool:
         # An integer step index as timestep is refused by diffusers' own step, with its
@@ -400,11 +402,29 @@ class _MemoisedEulerStep(_PerScheduleCache, _MemoisedInputScale):
         derivative = (sample - pred_original_sample) / sigma
         return pred_original_sample, sample + derivative * dt
 
+    def _step_output(
+        self,
+        prev_sample: torch.Tensor,
+        pred_original_sample: torch.Tensor,
+        dtype: torch.dtype,
+        return_dict: bool,
+    ) -> Any:
+        """Cast, advance the step index and answer in diffusers' shape."""
+        prev_sample = prev_sample.to(dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return self._output_class(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        )
+
 
 class CachedEulerDiscreteScheduler(_MemoisedEulerStep, EulerDiscreteScheduler):
     """Euler's step without churn (the pipeline's call: no ``s_*`` arguments) and with
     epsilon prediction: ``sigma_hat`` and ``dt`` depend only on the step index. Memoised;
     any other call runs diffusers' own step."""
+
+    _output_class = EulerDiscreteSchedulerOutput
 
     def step(  # type: ignore[override]
         self,
@@ -423,13 +443,7 @@ class CachedEulerDiscreteScheduler(_MemoisedEulerStep, EulerDiscreteScheduler):
             )  # fmt: skip
         sigma_hat, dt = self._factors(timestep)
         pred_original_sample, prev_sample = self._euler_update(model_output, sample, sigma_hat, dt)
-        prev_sample = prev_sample.to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return EulerDiscreteSchedulerOutput(
-            prev_sample=prev_sample, pred_original_sample=pred_original_sample
-        )
+        return self._step_output(prev_sample, pred_original_sample, model_output.dtype, return_dict)
 
     def _step_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.sigmas[self.step_index]
@@ -441,6 +455,8 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
     """Euler ancestral with epsilon prediction: sigma, ``sigma_up`` and ``dt`` (eight 0-d
     tensor ops) depend only on the step index. Memoised; the noise is drawn from the
     caller's generator exactly as diffusers draws it."""
+
+    _output_class = EulerAncestralDiscreteSchedulerOutput
 
     def step(  # type: ignore[override]
         self,
@@ -460,12 +476,8 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
             device=model_output.device,
             generator=generator,
         )
-        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return EulerAncestralDiscreteSchedulerOutput(
-            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        return self._step_output(
+            prev_sample + noise * sigma_up, pred_original_sample, model_output.dtype, return_dict
         )
 
     def _step_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -222,7 +222,7 @@ class Img2ImgPipeline:
         images = self.image_processor.postprocess(
             decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
         )
-        return Img2ImgOutput(_ordinary(images), len(timesteps), timings)
+        return Img2ImgOutput(images, len(timesteps), timings)
 
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         tokenizer = self.tokenizer
@@ -251,13 +251,12 @@ class Img2ImgPipeline:
         timings[stage] = (time.perf_counter() - start) * 1e3
 
 
-def _ordinary(images: Any) -> Any:
+def _ordinary(latents: torch.Tensor) -> torch.Tensor:
     """Tensors made in inference mode cannot be changed in place outside it: the caller gets
-    ordinary ones, as from diffusers' no_grad pipeline."""
-    if isinstance(images, torch.Tensor) and images.is_inference():
-        with torch.inference_mode(False):
-            return images.clone()
-    return images
+    an ordinary one, as from diffusers' no_grad pipeline (pil and np outputs are not
+    tensors)."""
+    with torch.inference_mode(False):
+        return latents.clone()
 
 
 def _as_prompt_list(prompt: Any, what: str) -> list[str]:
