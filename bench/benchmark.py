@@ -86,7 +86,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         from sdtrt.export.folder import ExportedModel
 
         exported = ExportedModel.open(config.model)
-        components = load_components(exported.manifest["source"]["model"])
+        components = exported.source_components()
     else:
         components = load_components(config.model)
     image = _sample_image(config.height, config.width)

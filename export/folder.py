@@ -90,6 +90,20 @@ class ExportedModel:
                     "changed, truncated or corrupted after export; export again"
                 )
 
+    def source_components(self) -> dict[str, Any]:
+        """The PyTorch components this folder was exported from, loaded again and checked to
+        be the same weights and config: the reference that check and bench compare with."""
+        from sdtrt.models import load_components, model_fingerprint
+
+        source = self.manifest["source"]
+        components = load_components(source["model"])
+        if model_fingerprint(components) != source["fingerprint"]:
+            raise GraphIntegrityError(
+                f"{self.root} was exported from another model than {source['model']} is now "
+                "(weights or config differ): export again"
+            )
+        return components
+
     def tokenizer(self) -> Any:
         from transformers import CLIPTokenizer
 

@@ -38,14 +38,12 @@ def build_pipeline(
     options: dict[str, Any]
     if backend == "torch":
         options = {"device": device, "dtype": getattr(torch, DTYPES[dtype])}
-        if cuda_graphs:
-            options["cuda_graphs"] = True
     else:
         from sdtrt.engine.factory import default_precision
 
         options = {"precision": precision or default_precision(backend)}
-        if cuda_graphs:
-            options["cuda_graphs"] = True
+    if cuda_graphs:
+        options["cuda_graphs"] = True
     if is_exported_folder(model):
         options.pop("device", None)
         options.pop("dtype", None)

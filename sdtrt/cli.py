@@ -166,31 +166,34 @@ def _add_check(sub: Any) -> None:
 def _run_check(args: argparse.Namespace) -> int:
     from sdtrt.api import is_exported_folder
     from sdtrt.bench.check import format_report, run_check
-    from sdtrt.errors import GraphIntegrityError
-    from sdtrt.export.cache import exported_for
-    from sdtrt.export.folder import ExportedModel
     from sdtrt.fileio import write_json
-    from sdtrt.models import load_components, model_fingerprint
+    from sdtrt.models import load_components
 
     if is_exported_folder(args.model):
-        exported = ExportedModel.open(Path(args.model))
-        source = exported.manifest["source"]
-        components = load_components(source["model"])
-        if model_fingerprint(components) != source["fingerprint"]:
-            raise GraphIntegrityError(
-                f"{args.model} was exported from another model than {source['model']} is now "
-                "(weights or config differ): export again"
-            )
+        exported = _exported(args.model, args.precision)
+        components = exported.source_components()
     else:
         components = load_components(args.model)
-        exported = exported_for(
-            components, precision=args.precision, source=_source_name(args.model)
-        )
+        exported = _exported(args.model, args.precision, components)
     report = run_check(exported, components, backend=args.backend, precision=args.precision)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
     return 0 if report["passed"] else 1
+
+
+def _exported(model: str, precision: str, components: dict[str, Any] | None = None) -> Any:
+    """An exported folder as it is, or a model exported into the cache (once)."""
+    from sdtrt.api import is_exported_folder
+    from sdtrt.export.cache import exported_for
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.models import load_components
+
+    if is_exported_folder(model):
+        return ExportedModel.open(Path(model))
+    if components is None:
+        components = load_components(model)
+    return exported_for(components, precision=precision, source=_source_name(model))
 
 
 def _add_bench(sub: Any) -> None:
@@ -283,12 +286,8 @@ def _add_build(sub: Any) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from sdtrt.api import is_exported_folder
     from sdtrt.engine.trt_build import BuildOptions, build_engines, require_tensorrt
     from sdtrt.engine.trt_profile import BuildRanges
-    from sdtrt.export.cache import exported_for
-    from sdtrt.export.folder import ExportedModel
-    from sdtrt.models import load_components
 
     ranges = BuildRanges(
         batch=_parse_range(args.batch, "batch"),
@@ -300,12 +299,7 @@ def _run_build(args: argparse.Namespace) -> int:
         static=args.static,
     )
     require_tensorrt()  # a machine without TensorRT or a GPU is told so before any work
-    if is_exported_folder(args.model):
-        exported = ExportedModel.open(Path(args.model))
-    else:
-        exported = exported_for(
-            load_components(args.model), precision=args.precision, source=_source_name(args.model)
-        )
+    exported = _exported(args.model, args.precision)
     ranges.check(exported.dims.size_multiple)
     options = BuildOptions(
         ranges=ranges, optimization_level=args.optimization_level, workspace_gb=args.workspace_gb

@@ -195,6 +195,11 @@ def test_bad_folders_exit_2(exported, tmp_path, capsys, damage, message):
         assert code == 2, command
         assert message in captured.err and "Traceback" not in captured.err
     assert not (tmp_path / "o.png").exists()
+    if damage is _other_model:  # the bench compares with the source model too
+        bench = ["bench", "--model", str(root), "--backends", "torch", "--steps", "2",
+                 "--height", "32", "--width", "32", "--warmup", "0", "--repeats", "1"]  # fmt: skip
+        code, captured = _cli(bench, capsys)
+        assert code == 2 and message in captured.err
 
 
 def test_missing_folder_exits_2(tmp_path, capsys):
