@@ -45,15 +45,7 @@ def export_model(
     from sdtrt import __version__
     from sdtrt.models import model_fingerprint
 
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad or not precisions:
-        raise InvalidInputError(
-            f"precision must be among {', '.join(PRECISIONS)}, got {precisions}"
-        )
-    if vae_precision not in (None, *PRECISIONS):
-        raise InvalidInputError(f"VAE precision must be one of {', '.join(PRECISIONS)}")
-    if opset < 18:
-        raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {opset}")
+    check_export_options(precisions, opset, vae_precision)
     out_dir = Path(out_dir)
     dims = ModelDims.from_components(components)
     networks = networks_for(dims)
@@ -109,6 +101,21 @@ def export_model(
         }
         write_json(tmp / MANIFEST, manifest)
     return out_dir
+
+
+def check_export_options(
+    precisions: tuple[str, ...], opset: int, vae_precision: str | None = None
+) -> None:
+    """Refuse what cannot be exported, before any model is loaded."""
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise InvalidInputError(
+            f"precision must list {' and/or '.join(PRECISIONS)}, got {', '.join(precisions)}"
+        )
+    if vae_precision not in (None, *PRECISIONS):
+        raise InvalidInputError(f"VAE precision must be one of {', '.join(PRECISIONS)}")
+    if opset < 18:
+        raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {opset}")
 
 
 def graph_plan(

@@ -123,16 +123,11 @@ def _add_export(sub: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from sdtrt.export.exporter import PRECISIONS, export_model
+    from sdtrt.export.exporter import check_export_options, export_model
     from sdtrt.models import load_components
 
     precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
-    if not precisions or any(p not in PRECISIONS for p in precisions):
-        raise _invalid(
-            f"--precision must list {' and/or '.join(PRECISIONS)}, got {args.precision!r}"
-        )
-    if args.opset < 18:
-        raise _invalid(f"--opset must be >= 18 (20 recommended), got {args.opset}")
+    check_export_options(precisions, args.opset, args.vae_precision)
     components = load_components(args.model)
     out = export_model(
         components,

@@ -236,3 +236,18 @@ def test_check_fails_on_perturbed_weights(exported, tmp_path, capsys):
     code, captured = _cli(["check", "--model", str(root)], capsys)
     assert code == 1
     assert "FAILED" in captured.out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "fp8"], "precision must list fp32 and/or fp16"),
+        (["--opset", "17"], "opset must be >= 18"),
+    ],
+)
+def test_export_refuses_bad_options_before_any_work(tmp_path, capsys, extra, message):
+    code, captured = _cli(
+        ["export", "--model", "tiny", "--out", str(tmp_path / "x"), *extra], capsys
+    )
+    assert code == 2 and message in captured.err
+    assert not (tmp_path / "x").exists()
