@@ -50,18 +50,16 @@ def export_network(
         del wrapper
         raw_data = raw.with_name(raw.name + ".data")
         if raw_data.exists():
-            # Over 2 GiB (the SD UNet): loading, folding and re-saving would hold the
-            # weights three times over in memory. The exporter's optimiser has folded
+            # Weights kept outside (the SD UNet): loading, folding and re-saving would hold
+            # them three times over in memory. The exporter's optimiser has folded
             # constants already; only the axis names and the data file's name change.
             model = onnx.load(str(raw), load_external_data=False)
-            _name_dynamic_axes(model, network)
             _relocate_external_data(model, f"{path.name}.data")
             raw_data.replace(path.with_name(f"{path.name}.data"))
-            onnx.save(model, str(path))
         else:
             model = clean_graph(onnx.load(str(raw)))
-            _name_dynamic_axes(model, network)
-            onnx.save(model, str(path))
+        _name_dynamic_axes(model, network)
+        onnx.save(model, str(path))
     for written in (path, path.with_name(f"{path.name}.data")):
         if written.exists():
             written.chmod(0o644)
