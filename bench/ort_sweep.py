@@ -27,19 +27,15 @@ SETTINGS = [
 def sweep(exported: ExportedModel, network: str, batch: int, height: int, width: int, repeats: int):
     import onnxruntime as ort
 
-    from sdtrt.engine.ort_backend import _level
+    from sdtrt.engine.ort_backend import session_options
 
     contract = networks_for(exported.dims)[network]
     feeds = {k: v.numpy() for k, v in contract.sample_inputs("fp32", batch, height, width).items()}
     path = str(exported.graph_path(network, "fp32"))
     rows = []
     for setting in SETTINGS:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _level(ort, setting["optimization"])
-        options.intra_op_num_threads = setting["threads"]
-        options.enable_cpu_mem_arena = setting["arena"]
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if setting["spinning"] else "0"
+        options = session_options(
+            setting["optimization"], setting["threads"], setting["arena"], setting["spinning"]
         )
         start = time.perf_counter()
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

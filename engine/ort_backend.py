@@ -60,20 +60,11 @@ class OrtBackend:
         self.size_multiple = exported.dims.size_multiple
         self.precision = precision
         self._contracts = networks_for(exported.dims)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.enable_cpu_mem_arena = memory_arena
-        # Worker threads busy-wait after each run; off frees the cores for the Python
-        # between calls (scheduler step, guidance) at some cost in wake-up latency.
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if spinning else "0"
-        )
-        options.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
             path = exported.graph_path(network, precision)
             level = AUTO_LEVELS[network] if optimization == "auto" else optimization
-            options.graph_optimization_level = _level(ort, level)
+            options = session_options(level, threads, memory_arena, spinning)
             try:
                 self.sessions[network] = ort.InferenceSession(
                     str(path), sess_options=options, providers=[provider]
@@ -158,12 +149,24 @@ def _output_shape(contract: Any, inputs: dict[str, torch.Tensor]) -> list[int]:
     return [sizes[a[0]] if isinstance(a, tuple) else a for a in axes]
 
 
-def _level(ort: Any, name: str) -> Any:
+def session_options(level: str, threads: int, memory_arena: bool, spinning: bool) -> Any:
+    """ONNX Runtime session options for one optimisation level (not "auto") and the knobs
+    the backend exposes; the ORT sweep measures through the same function."""
+    import onnxruntime as ort
+
     levels = ort.GraphOptimizationLevel
-    return {
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
         "disable": levels.ORT_DISABLE_ALL,
         "basic": levels.ORT_ENABLE_BASIC,
         "extended": levels.ORT_ENABLE_EXTENDED,
         "layout": getattr(levels, "ORT_ENABLE_LAYOUT", levels.ORT_ENABLE_EXTENDED),
         "all": levels.ORT_ENABLE_ALL,
-    }[name]
+    }[level]
+    options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = memory_arena
+    # Worker threads busy-wait after each run; off frees the cores for the Python between
+    # calls (scheduler step, guidance) at some cost in wake-up latency.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
