@@ -121,7 +121,7 @@ class OrtBackend:
             kept.append(tensor)
             binding.bind_input(name, "cuda", 0, types[name], list(tensor.shape), tensor.data_ptr())
         (output_name,) = contract.outputs
-        shape = _output_shape(contract, inputs)
+        shape = list(contract.output_shape({k: tuple(v.shape) for k, v in inputs.items()}))
         dtype = (
             np.float16
             if self.precision == "fp16" and any(t == np.float16 for t in types.values())
@@ -131,22 +131,6 @@ class OrtBackend:
         binding.bind_output(output_name, "cuda", 0, dtype, shape, out.data_ptr())
         session.run_with_iobinding(binding)
         return out.float()
-
-
-def _output_shape(contract: Any, inputs: dict[str, torch.Tensor]) -> list[int]:
-    """The output's shape from the inputs', by the contract's axis names."""
-    sizes: dict[str, int] = {}
-    for name, axes in contract.inputs.items():
-        for axis, size in zip(axes, inputs[name].shape, strict=True):
-            if isinstance(axis, tuple):
-                sizes[axis[0]] = int(size)
-    factor = contract.dims.vae_scale_factor
-    if "h" in sizes and "H" not in sizes:
-        sizes["H"], sizes["W"] = sizes["h"] * factor, sizes["w"] * factor
-    if "H" in sizes and "h" not in sizes:
-        sizes["h"], sizes["w"] = sizes["H"] // factor, sizes["W"] // factor
-    (axes,) = contract.outputs.values()
-    return [sizes[a[0]] if isinstance(a, tuple) else a for a in axes]
 
 
 def session_options(level: str, threads: int, memory_arena: bool, spinning: bool) -> Any:

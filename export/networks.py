@@ -82,6 +82,22 @@ class Network:
             for name, axes in {**self.inputs, **self.outputs}.items()
         }
 
+    def output_shape(self, input_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """The output's shape for these input shapes, read through the axis names (what an
+        ONNX Runtime I/O binding must allocate before the run)."""
+        named = {
+            axis[0]: size
+            for name, axes in self.inputs.items()
+            for axis, size in zip(axes, input_shapes[name], strict=True)
+            if isinstance(axis, tuple)
+        }
+        f = self.dims.vae_scale_factor
+        batch = named.get("B", named.get("2B", 0) // 2)
+        height = named.get("H", named.get("h", 0) * f)
+        width = named.get("W", named.get("w", 0) * f)
+        (output,) = self.outputs
+        return self.shapes(batch, height, width)[output]
+
     def axis_sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
         f = self.dims.vae_scale_factor
         return {

@@ -97,6 +97,27 @@ def test_fp16_graphs(exported_fp16, tiny):
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
 
+@pytest.mark.parametrize("batch, height, width", [(1, 512, 512), (3, 256, 768)])
+def test_output_shape_from_input_shapes(batch, height, width):
+    """What the ONNX Runtime CUDA binding allocates: each output's shape from its inputs'."""
+    from sdtrt.export.networks import ModelDims, networks_for
+
+    sd = ModelDims(text_hidden_size=768, latent_channels=4, vae_scale_factor=8, unet_factor=8)
+    for network in networks_for(sd).values():
+        shapes = network.shapes(batch, height, width)
+        (output,) = network.outputs
+        got = network.output_shape({name: shapes[name] for name in network.inputs})
+        assert got == shapes[output], network.name
+    expected = {
+        "text_encoder": (batch, 77, 768),
+        "unet": (2 * batch, 4, height // 8, width // 8),
+        "vae_encoder": (batch, 8, height // 8, width // 8),
+        "vae_decoder": (batch, 3, height, width),
+    }
+    assert {n: net.shapes(batch, height, width)[next(iter(net.outputs))]
+            for n, net in networks_for(sd).items()} == expected  # fmt: skip
+
+
 def test_vae_precision_plan_points_at_fp32_graphs():
     plan = graph_plan(NETWORK_NAMES, ("fp32", "fp16"), "fp32")
     assert plan["fp16"]["unet"] == {"file": "unet/model_fp16.onnx", "precision": "fp16"}
