@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
 from sdtrt.errors import InvalidInputError, SdtrtError
 
@@ -122,16 +123,7 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
     for i in range(config.warmup):
         target.run(batch, i)
     samples: list[float] = []
-    stages: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "text_encoder",
-            "vae_encoder",
-            "unet_per_call",
-            "loop_overhead_per_step",
-            "vae_decoder",
-        )
-    }
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
     unet_calls = 0
     for i in range(config.repeats):
         timer.reset()
