@@ -219,6 +219,11 @@ def _make_target(
     image: Any,
     timer: StageTimer,
 ) -> Target:
+    if backend in ("torch", "diffusers") and config.device == "cuda":
+        if not torch.cuda.is_available():
+            from sdtrt.errors import BackendUnavailableError
+
+            raise BackendUnavailableError("no CUDA device on this machine")
     if backend == "diffusers":
         return _diffusers_target(config, components, image, timer)
     from sdtrt.api import DTYPES
@@ -226,10 +231,6 @@ def _make_target(
 
     options: dict[str, Any]
     if backend == "torch":
-        if config.device == "cuda" and not torch.cuda.is_available():
-            from sdtrt.errors import BackendUnavailableError
-
-            raise BackendUnavailableError("no CUDA device on this machine")
         options = {"device": config.device, "dtype": getattr(torch, DTYPES[config.dtype])}
     else:
         options = {"precision": config.precision}
@@ -277,10 +278,6 @@ def _diffusers_target(
     from sdtrt.api import DTYPES
     from sdtrt.runtime.schedulers import SCHEDULERS
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        from sdtrt.errors import BackendUnavailableError
-
-        raise BackendUnavailableError("no CUDA device on this machine")
     # diffusers' own scheduler class: what a user of diffusers gets.
     scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(
         components["scheduler"].config
