@@ -13,14 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
-	# The stubs ship without py.typed, so mypy skips them in site-packages; on mypy_path
-	# it reads them. Two generated-stub syntax errors are mended: plugin signatures name a
-	# parameter `in`, and add_scale_nd puts channel_axis without a default after defaults.
+	# TensorRT's type stubs go where only mypy looks (mypy_path), never into site-packages:
+	# there they leave a `tensorrt` namespace that imports as if TensorRT were installed.
+	# Two generated-stub syntax errors are mended: plugin signatures name a parameter `in`,
+	# and add_scale_nd puts channel_axis without a default after defaults.
 	# (TensorRT itself never installs here: its wheels come from NVIDIA's own index.)
-	rm -rf $(VENV)/trt-stubs && mkdir -p $(VENV)/trt-stubs
-	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  cp -r $$site/tensorrt $$site/tensorrt_bindings $(VENV)/trt-stubs/
+	rm -rf $(VENV)/trt-stubs
+	$(PY) -m pip install -q --no-deps --target $(VENV)/trt-stubs tensorrt-stubs==10.13.0.35.1
 	sed -i -E -e 's/([(,] *)in: /\1in_: /g' -e 's/, channel_axis: int\)/, channel_axis: int = ...)/' \
 	  $(VENV)/trt-stubs/tensorrt_bindings/tensorrt.pyi
 	touch $(STAMP)

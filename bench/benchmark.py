@@ -14,54 +14,14 @@ from typing import Any
 
 import torch
 
+from sdtrt.bench.config import BenchConfig
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
-from sdtrt.errors import InvalidInputError, SdtrtError
+from sdtrt.errors import SdtrtError
+from sdtrt.export.networks import ModelDims
+from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions
 
 logger = logging.getLogger(__name__)
-
-BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "diffusers")
-SEED_PROMPT = "A colorful dancer, nat geo photo"
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str = "tiny"
-    """Built-in name, diffusers folder, or exported folder (graphs used as they are)."""
-    backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
-    batches: tuple[int, ...] = (1,)
-    """Images per prompt; the UNet runs on twice this (cond + uncond)."""
-    height: int = 512
-    width: int = 512
-    steps: int = 50
-    strength: float = 0.8
-    scheduler: str = "lms"
-    device: str = "cpu"
-    """torch and diffusers: cpu or cuda."""
-    dtype: str = "fp32"
-    """torch and diffusers: fp32 or fp16."""
-    precision: str = "fp32"
-    """Graph backends: which exported graphs (fp32, fp16)."""
-    cuda_graphs: bool = False
-    warmup: int = 2
-    repeats: int = 10
-    ort_optimization: str = "auto"
-    """ONNX Runtime graph optimisation level (auto, disable, basic, extended, layout, all)."""
-    ort_threads: int = 0
-    """ONNX Runtime intra-op threads; 0 lets it choose."""
-
-    def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BENCH_BACKENDS]
-        if unknown or not self.backends:
-            raise InvalidInputError(
-                f"backends must be among {', '.join(BENCH_BACKENDS)}, got {', '.join(unknown)}"
-            )
-        if len(set(self.backends)) != len(self.backends):
-            raise InvalidInputError(f"a backend is named more than once: {self.backends}")
-        if not self.batches or min(self.batches) < 1:
-            raise InvalidInputError(f"batch sizes must be >= 1, got {self.batches}")
-        if self.repeats < 1 or self.warmup < 0:
-            raise InvalidInputError("repeats must be >= 1 and warm-up >= 0")
 
 
 @dataclass
@@ -73,17 +33,17 @@ class Target:
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]  # untimed, for batching
     denoise_ms: Callable[[], float]  # the last run's denoising loop, wall time
     device: torch.device
-    hidden_size: int  # C of encoder_hidden_states
+    dims: ModelDims  # C of encoder_hidden_states, pixels per latent
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from sdtrt.api import is_exported_folder
     from sdtrt.bench.environment import environment
+    from sdtrt.export.folder import is_export
     from sdtrt.models import load_components
 
     log = log or (lambda line: print(line, file=sys.stderr))
     exported = None
-    if is_exported_folder(config.model):
+    if is_export(config.model):
         from sdtrt.export.folder import ExportedModel
 
         exported = ExportedModel.open(config.model)
@@ -159,8 +119,9 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
 
 def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str, float]:
     """One UNet call on 2B against two calls on B: what batching cond and uncond buys."""
-    device, hidden = target.device, target.hidden_size
-    h, w = config.height // 8, config.width // 8
+    device, hidden = target.device, target.dims.text_hidden_size
+    f = target.dims.vae_scale_factor
+    h, w = config.height // f, config.width // f
     t = torch.tensor(500.0)
 
     def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,8 +166,6 @@ def _call_options(config: BenchConfig, batch: int, seed: int) -> dict[str, Any]:
 def _sample_image(height: int, width: int) -> Any:
     import PIL.Image
 
-    from sdtrt.cli import SAMPLE_IMAGE
-
     with PIL.Image.open(SAMPLE_IMAGE) as image:
         return image.convert("RGB").resize((width, height))
 
@@ -226,31 +185,20 @@ def _make_target(
             raise BackendUnavailableError("no CUDA device on this machine")
     if backend == "diffusers":
         return _diffusers_target(config, components, image, timer)
-    from sdtrt.api import DTYPES
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
-    options: dict[str, Any]
-    if backend == "torch":
-        options = {"device": config.device, "dtype": getattr(torch, DTYPES[config.dtype])}
-    else:
-        options = {"precision": config.precision}
-        if backend == "onnxruntime":
-            options.update(optimization=config.ort_optimization, threads=config.ort_threads)
-    if config.cuda_graphs and backend != "onnxruntime":
-        options["cuda_graphs"] = True
+    options = config.options_for(backend)
     if exported is not None and backend != "torch":
         pipe = Img2ImgPipeline.from_pretrained(
-            exported.root,
-            backend=backend,
-            scheduler=config.scheduler,
-            show_progress=False,
-            **options,
+            exported.root, options, config.scheduler, show_progress=False
         )
     else:
-        if backend != "torch":
-            options["source"] = config.model
         pipe = Img2ImgPipeline.from_components(
-            components, backend=backend, scheduler=config.scheduler, show_progress=False, **options
+            components,
+            options,
+            config.scheduler,
+            cache=CacheOptions(source=config.model),
+            show_progress=False,
         )
     engine = pipe.backend
     raw_unet = engine.unet
@@ -265,8 +213,8 @@ def _make_target(
         last["denoise"] = out.timings_ms["denoise"]
         return out.unet_calls
 
-    hidden = components["text_encoder"].config.hidden_size
-    return Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, hidden)
+    dims = ModelDims.from_components(components)
+    return Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
 
 
 def _diffusers_target(
@@ -275,7 +223,6 @@ def _diffusers_target(
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from sdtrt.api import DTYPES
     from sdtrt.runtime.schedulers import SCHEDULERS
 
     # diffusers' own scheduler class: what a user of diffusers gets.
@@ -330,5 +277,5 @@ def _diffusers_target(
         unet,
         lambda: (marks["loop_end"] - marks["loop_start"]) * 1e3,
         torch.device(config.device),
-        components["text_encoder"].config.hidden_size,
+        ModelDims.from_components(components),
     )

@@ -116,8 +116,9 @@ def _built_engine(
 ) -> tuple[Path, dict[str, Any]]:
     """The engine ``sdtrt build`` made for ``network`` with the default options, and its
     sidecar (the profile it was built for)."""
-    from sdtrt.engine.trt_build import BuildOptions, default_engine_dir, engine_key
+    from sdtrt.engine.trt_build import default_engine_dir, engine_key
     from sdtrt.engine.trt_cache import find_engine
+    from sdtrt.options import BuildOptions
 
     key = engine_key(exported, network, precision, BuildOptions())
     return find_engine(default_engine_dir(exported), key)
@@ -125,7 +126,7 @@ def _built_engine(
 
 def _profile_corners(exported: ExportedModel, precision: str) -> list[tuple[int, int, int]]:
     _, sidecar = _built_engine(exported, "unet", precision)
-    f = exported.dims.vae_scale_factor
+    f = exported.vae_scale_factor
     corners = []
     for end in ("min", "max"):
         batch2, _, h, w = sidecar["profile"]["sample"][end]
@@ -198,18 +199,16 @@ def run_check(
     scheduler: str = "lms",
 ) -> dict[str, Any]:
     """Every network against PyTorch, then one img2img image against the torch backend."""
+    from sdtrt.options import backend_options
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
     networks = compare_networks(exported, components, precision, backend)
     m = exported.dims.size_multiple
     image = torch.rand(1, 3, 2 * m, 3 * m, generator=torch.Generator().manual_seed(7))
     run = dict(strength=strength, num_inference_steps=steps, output_type="np")
+    options = backend_options(backend, precision=precision)
     graph_pipe = Img2ImgPipeline.from_pretrained(
-        exported.root,
-        backend=backend,
-        scheduler=scheduler,
-        show_progress=False,
-        precision=precision,
+        exported.root, options, scheduler, show_progress=False
     )
     torch_pipe = Img2ImgPipeline.from_components(
         components, scheduler=scheduler, show_progress=False

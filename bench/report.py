@@ -32,6 +32,24 @@ def markdown_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def check_plot_path(path: str | Path) -> str:
+    """The format a plot's extension names, and a writable place for it; else a clear error
+    before the bench runs."""
+    from sdtrt.errors import InvalidInputError
+    from sdtrt.fileio import check_output_file
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise InvalidInputError(
+            f"--plot {path}: use one of {', '.join(PLOT_FORMATS)} (the extension names the format)"
+        )
+    check_output_file(path, "--plot")
+    return PLOT_FORMATS[suffix]
+
+
 def plot(record: dict[str, Any], path: str | Path) -> None:
     """Left: stacked per-stage time per backend (smallest batch). Right: throughput."""
     import matplotlib
@@ -41,6 +59,7 @@ def plot(record: dict[str, Any], path: str | Path) -> None:
 
     from sdtrt.fileio import atomic_path
 
+    fmt = check_plot_path(path)
     ok = [r for r in record["results"] if r["status"] == "ok"]
     backends = list(dict.fromkeys(r["backend"] for r in ok))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -70,5 +89,5 @@ def plot(record: dict[str, Any], path: str | Path) -> None:
     right.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format=fmt, dpi=100)
     plt.close(fig)

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.errors import GraphIntegrityError, InvalidInputError
+from sdtrt.errors import GraphIntegrityError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, networks_for
+from sdtrt.options import OrtOptions
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZATION_LEVELS = ("auto", "disable", "basic", "extended", "layout", "all")
 # "auto", measured on SD-1.5 graphs, 2-core CPU, 256x256 (bench/README.md): "all" made the
 # VAE decoder 1.07x faster for 0.3 s of session load, the UNet only 1.03x for 5.5 s more.
 AUTO_LEVELS = {"text_encoder": "basic", "unet": "basic", "vae_encoder": "all", "vae_decoder": "all"}
@@ -29,45 +29,30 @@ _TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int32: torch.
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        exported: ExportedModel,
-        *,
-        precision: str = "fp32",
-        provider: str | None = None,
-        optimization: str = "auto",
-        threads: int = 0,
-        memory_arena: bool = True,
-        spinning: bool = True,
-    ) -> None:
+    def __init__(self, exported: ExportedModel, options: OrtOptions = OrtOptions()) -> None:
         import onnxruntime as ort
 
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise InvalidInputError(
-                f"ONNX Runtime optimisation must be one of {', '.join(OPTIMIZATION_LEVELS)}"
-            )
-        available = ort.get_available_providers()
-        provider = provider or (
-            "CUDAExecutionProvider"
-            if "CUDAExecutionProvider" in available
-            else "CPUExecutionProvider"
+        from sdtrt.engine.factory import check_available
+
+        check_available(options)
+        device = options.device or (
+            "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
         )
-        if provider not in available:
-            raise InvalidInputError(
-                f"ONNX Runtime provider {provider} is not available here ({', '.join(available)})"
-            )
-        self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+        provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+        self.device = torch.device(device)
         self.size_multiple = exported.dims.size_multiple
-        self.precision = precision
+        self.precision = precision = options.precision
         self._contracts = networks_for(exported.dims)
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
             path = exported.graph_path(network, precision)
-            level = AUTO_LEVELS[network] if optimization == "auto" else optimization
-            options = session_options(level, threads, memory_arena, spinning)
+            level = AUTO_LEVELS[network] if options.optimization == "auto" else options.optimization
+            session = session_options(
+                level, options.threads, options.memory_arena, options.spinning
+            )
             try:
                 self.sessions[network] = ort.InferenceSession(
-                    str(path), sess_options=options, providers=[provider]
+                    str(path), sess_options=session, providers=[provider]
                 )
             except Exception as exc:  # ORT raises its own untyped errors for bad graphs
                 raise GraphIntegrityError(f"ONNX Runtime cannot load {path}: {exc}") from exc

@@ -8,35 +8,25 @@ from typing import Any
 import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
-from sdtrt.errors import BackendUnavailableError, InvalidInputError
+from sdtrt.export.networks import ModelDims
+from sdtrt.options import DTYPES, TorchOptions
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(
-        self,
-        components: dict[str, Any],
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        cuda_graphs: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        if (self.device.type == "cuda" or cuda_graphs) and not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"--device cuda and --cuda-graphs need an NVIDIA GPU and a CUDA build of torch; "
-                f"torch {torch.__version__} sees no GPU here"
-            )
-        if cuda_graphs and self.device.type != "cuda":
-            raise InvalidInputError("--cuda-graphs needs --device cuda")
+    def __init__(self, components: dict[str, Any], options: TorchOptions = TorchOptions()) -> None:
+        from sdtrt.engine.factory import check_available
+
+        check_available(options)
+        self.device = torch.device(options.device)
+        self.dtype = dtype = getattr(torch, DTYPES[options.dtype])
         self.text_encoder = _moved(components["text_encoder"], self.device, dtype)
         self.unet_model = _moved(components["unet"], self.device, dtype)
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
-        self.size_multiple = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self._graphed_unet = CudaGraphed(self._unet_forward) if cuda_graphs else None
+        self.size_multiple = ModelDims.from_components(components).vae_scale_factor
+        self._graphed_unet = CudaGraphed(self._unet_forward) if options.cuda_graphs else None
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Activation memory is one buffer shared by the four contexts (they run one after another
 on one stream); I/O buffers are torch CUDA tensors allocated once for the profile's
 maximum and viewed per request; everything is enqueued on torch's current stream, so the
-denoising loop never waits on the host.
+denoising loop never waits on the host. Outputs are handed out as fresh float32 tensors,
+never views of those buffers: the next call overwrites them, and schedulers keep model
+outputs across steps (PNDM's ``ets``), as NVIDIA's demo clones its engine outputs for.
 """
 
 from __future__ import annotations
@@ -16,17 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
-from sdtrt.engine.trt_build import (
-    BuildOptions,
-    build_engines,
-    default_engine_dir,
-    engine_key,
-    require_tensorrt,
-)
-from sdtrt.engine.trt_cache import find_engine
+from sdtrt.engine.trt_build import build_engines, default_engine_dir, engine_key, require_tensorrt
+from sdtrt.engine.trt_cache import find_engine, has_engine
 from sdtrt.engine.trt_profile import check_request
+from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES
+from sdtrt.options import BuildOptions, TensorRTOptions
 
 if TYPE_CHECKING:  # TensorRT is imported lazily: machines without it still load this module
     import tensorrt as trt
@@ -44,8 +42,6 @@ class TrtNetwork:
         self.profile = sidecar["profile"]
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            from sdtrt.errors import EngineMismatchError
-
             raise EngineMismatchError(f"TensorRT could not deserialise {path}: rebuild it")
         self.context = self.engine.create_execution_context(
             trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -114,26 +110,26 @@ _TORCH_DTYPES = {
 }
 
 
+def owned(output: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of an engine's output buffer that the caller owns (``.float()`` would
+    hand out the buffer itself when the engine's output is already float32)."""
+    return output.to(torch.float32, copy=True)
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(
-        self,
-        exported: ExportedModel,
-        *,
-        precision: str = "fp16",
-        engine_dir: str | Path | None = None,
-        build: BuildOptions | None = None,
-        cuda_graphs: bool = False,
-    ) -> None:
+    def __init__(self, exported: ExportedModel, options: TensorRTOptions = TensorRTOptions()):
         require_tensorrt()
         import tensorrt as trt
 
+        precision = options.precision
         self.device = torch.device("cuda")
         self.size_multiple = exported.dims.size_multiple
-        engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(exported)
-        if build is not None:
-            build_engines(exported, precision, build, engine_dir)
+        engine_dir = Path(options.engine_dir) if options.engine_dir else None
+        engine_dir = engine_dir or default_engine_dir(exported)
+        if options.build_missing:
+            build_engines(exported, precision, BuildOptions(), engine_dir)
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.trt_logger)
         self.networks: dict[str, TrtNetwork] = {}
@@ -153,27 +149,26 @@ class TensorRTBackend:
             self.fp32_activations = torch.empty(size, dtype=torch.uint8, device="cuda")
             self.fp32_decoder.context.set_device_memory(self.fp32_activations.data_ptr(), size)
         unet = self.networks["unet"]
-        self._graphed_unet = CudaGraphed(self._unet_enqueue) if cuda_graphs else None
+        self._graphed_unet = CudaGraphed(self._unet_enqueue) if options.cuda_graphs else None
         self._unet_net = unet
 
     def _fp32_decoder(
         self, runtime: trt.Runtime, exported: ExportedModel, precision: str, engine_dir: Path
     ) -> TrtNetwork | None:
-        """An fp32 VAE decoder engine, if one was built, as the fallback for fp16 overflow."""
+        """An fp32 VAE decoder engine, if one was built, as the fallback for fp16 overflow.
+        None built: no fallback. One built for something else: EngineMismatchError, as for
+        any engine (a stale one must not silently turn the fallback off)."""
         if exported.network_precision("vae_decoder", precision) == "fp32":
             return None
-        if "fp32" not in exported.precisions:
+        if "fp32" not in exported.precisions or not has_engine(engine_dir, "vae_decoder", "fp32"):
             return None
-        try:
-            key = engine_key(exported, "vae_decoder", "fp32", BuildOptions())
-            path, sidecar = find_engine(engine_dir, key)
-        except Exception:  # no fp32 engine: no fallback, which is fine
-            return None
+        key = engine_key(exported, "vae_decoder", "fp32", BuildOptions())
+        path, sidecar = find_engine(engine_dir, key)
         return TrtNetwork(runtime, path, sidecar)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device, torch.int32)
-        return self.networks["text_encoder"](input_ids=ids).float()
+        return owned(self.networks["text_encoder"](input_ids=ids))
 
     def _unet_enqueue(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
@@ -190,19 +185,19 @@ class TensorRTBackend:
             encoder_hidden_states.to(self.device, dtype),
         )
         if self._graphed_unet is not None:
-            return self._graphed_unet(*args).float()
-        return self._unet_enqueue(*args).float()
+            return self._graphed_unet(*args).float()  # the graph's output is a clone already
+        return owned(self._unet_enqueue(*args))
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         net = self.networks["vae_encoder"]
-        return net(sample=image.to(self.device, net.buffers["sample"].dtype)).float()
+        return owned(net(sample=image.to(self.device, net.buffers["sample"].dtype)))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         net = self.networks["vae_decoder"]
-        out = net(latent_sample=latents.to(self.device, net.buffers["latent_sample"].dtype)).float()
+        out = owned(net(latent_sample=latents.to(self.device, net.buffers["latent_sample"].dtype)))
         if self.fp32_decoder is not None and not torch.isfinite(out).all():
             logger.warning("the fp16 VAE decoder overflowed: decoding again with the fp32 engine")
-            out = self.fp32_decoder(latent_sample=latents.to(self.device, torch.float32)).float()
+            out = owned(self.fp32_decoder(latent_sample=latents.to(self.device, torch.float32)))
         return out
 
     def synchronize(self) -> None:

@@ -5,15 +5,14 @@ timing cache, and the keyed engine cache."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sdtrt.engine.trt_cache import EngineKey, cached_engine
-from sdtrt.engine.trt_profile import BuildRanges, network_profile, profile_to_json
+from sdtrt.engine.trt_profile import network_profile, profile_to_json
 from sdtrt.errors import BackendUnavailableError, EngineBuildError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, networks_for
+from sdtrt.options import BuildOptions
 
 logger = logging.getLogger(__name__)
 
@@ -22,30 +21,28 @@ INSTALL_HINT = (
 )
 
 
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version, or None. A real TensorRT is a module with a
+    version and a Builder: a bare ``tensorrt`` namespace (type stubs, a half-removed
+    install) imports fine and is not one."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    version = getattr(tensorrt, "__version__", None)
+    return str(version) if version and hasattr(tensorrt, "Builder") else None
+
+
 def require_tensorrt() -> None:
     """Nothing, or a clear error saying what is missing and how to get it."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise BackendUnavailableError(f"TensorRT is not installed ({INSTALL_HINT})") from None
+    if tensorrt_version() is None:
+        raise BackendUnavailableError(f"TensorRT is not installed ({INSTALL_HINT})")
     import torch
 
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             "TensorRT needs an NVIDIA GPU with CUDA, and torch sees none on this machine"
         )
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    ranges: BuildRanges = BuildRanges()
-    optimization_level: int = 3
-    """TensorRT builder optimisation level, 0-5 (higher: longer builds, faster engines)."""
-    workspace_gb: float | None = None
-    """Workspace memory pool limit; None leaves TensorRT's default (the GPU's memory)."""
-
-    def flags(self) -> dict[str, Any]:
-        return {"optimization_level": self.optimization_level, "workspace_gb": self.workspace_gb}
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -61,14 +58,12 @@ def engine_key(
     require_tensorrt()
     import tensorrt as trt
 
-    graph = exported.manifest["precisions"][precision][network]
-    sha = exported.manifest["graphs"][graph["file"]]["sha256"][Path(graph["file"]).name]
     contract = networks_for(exported.dims)[network]
     name, cc = gpu_identity()
     return EngineKey(
         network=network,
-        graph_sha256=sha,
-        precision=graph["precision"],
+        graph_sha256=exported.graph_sha256(network, precision),
+        precision=exported.network_precision(network, precision),
         tensorrt_version=trt.__version__,
         gpu_name=name,
         compute_capability=cc,

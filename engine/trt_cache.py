@@ -74,9 +74,8 @@ def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, 
     )
     problems: list[str] = []
     for sidecar in sidecars:
-        try:
-            found = json.loads(sidecar.read_text())
-        except (OSError, json.JSONDecodeError):
+        found = _read_sidecar(sidecar)
+        if found is None:
             problems.append(f"{sidecar.name}: unreadable sidecar")
             continue
         differ = mismatches(found, expected, RUNTIME_FIELDS)
@@ -93,6 +92,19 @@ def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, 
         + "; ".join(problems)
         + "): rebuild with `sdtrt build`"
     )
+
+
+def has_engine(engine_dir: Path, network: str, precision: str) -> bool:
+    """Whether any engine of ``network`` at ``precision`` was built into ``engine_dir``."""
+    return any(engine_dir.glob(f"{network}.{precision}.*.json"))
+
+
+def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 @contextmanager
@@ -114,11 +126,12 @@ def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) 
     plan = engine_dir / f"{key.stem()}.plan"
     sidecar = plan.with_suffix(".json")
     with build_lock(plan.with_suffix(".lock")):
-        if plan.is_file() and sidecar.is_file():
-            found = json.loads(sidecar.read_text())
-            if not mismatches(found, key, tuple(key.to_json())):
-                logger.info("reusing engine %s", plan.name)
-                return plan
+        found = _read_sidecar(sidecar) if plan.is_file() else None
+        if found is not None and not mismatches(found, key, tuple(key.to_json())):
+            logger.info("reusing engine %s", plan.name)
+            return plan
+        if sidecar.is_file() and found is None:
+            logger.warning("sidecar %s is unreadable: building the engine again", sidecar.name)
         logger.info("building engine %s", plan.name)
         data = build()
         with atomic_path(plan) as tmp:

@@ -5,56 +5,13 @@ Pure Python: no TensorRT needed, so every rule here is tested on CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from sdtrt.errors import InvalidInputError, ShapeOutsideProfileError
+from sdtrt.errors import ShapeOutsideProfileError
 from sdtrt.export.networks import Network
+from sdtrt.options import BuildRanges
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class BuildRanges:
-    """What engines must accept, in the user's units: images per request and pixels."""
-
-    batch: tuple[int, int] = (1, 4)
-    height: tuple[int, int] = (256, 768)
-    width: tuple[int, int] = (256, 768)
-    opt_batch: int = 1
-    opt_height: int = 512
-    opt_width: int = 512
-    static: bool = False
-    """min = opt = max at the opt values: the lowest latency, one shape only."""
-
-    def check(self, size_multiple: int) -> None:
-        for what, (low, high), opt in (
-            ("batch", self.batch, self.opt_batch),
-            ("height", self.height, self.opt_height),
-            ("width", self.width, self.opt_width),
-        ):
-            if not 1 <= low <= high:
-                raise InvalidInputError(f"{what} range {low}-{high} must satisfy 1 <= min <= max")
-            if not self.static and not low <= opt <= high:
-                raise InvalidInputError(f"opt {what} {opt} is outside its range {low}-{high}")
-            if what != "batch":
-                for value in (low, high, opt):
-                    if value % size_multiple:
-                        raise InvalidInputError(
-                            f"{what} {value} is not a multiple of {size_multiple} px, which "
-                            "these graphs need"
-                        )
-
-    def extremes(self) -> dict[str, tuple[int, int, int]]:
-        """(batch, height, width) at min, opt and max."""
-        opt = (self.opt_batch, self.opt_height, self.opt_width)
-        if self.static:
-            return {"min": opt, "opt": opt, "max": opt}
-        return {
-            "min": (self.batch[0], self.height[0], self.width[0]),
-            "opt": opt,
-            "max": (self.batch[1], self.height[1], self.width[1]),
-        }
 
 
 def network_profile(network: Network, ranges: BuildRanges) -> dict[str, dict[str, Shape]]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from sdtrt.export.folder import ExportedModel
-from sdtrt.export.onnx_export import DEFAULT_OPSET
+from sdtrt.export.folder import ExportedModel, is_export
+from sdtrt.options import CacheOptions, ExportOptions
 
 logger = logging.getLogger(__name__)
 
@@ -21,21 +22,27 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def exported_for(
-    components: dict[str, Any],
-    *,
-    precision: str = "fp32",
-    opset: int = DEFAULT_OPSET,
-    cache_dir: str | Path | None = None,
-    source: str = "in-memory",
+    components: dict[str, Any], *, precision: str, cache: CacheOptions = CacheOptions()
 ) -> ExportedModel:
+    """The model's graphs at ``precision``, exported into the cache the first time."""
     from sdtrt.export.exporter import export_model
     from sdtrt.models import model_fingerprint
 
-    key = f"{model_fingerprint(components)[:24]}-{precision}-opset{opset}"
-    folder = cache_root(cache_dir) / "onnx" / key
-    if (folder / "sdtrt.json").is_file():
+    key = f"{model_fingerprint(components)[:24]}-{precision}-opset{cache.opset}"
+    folder = cache_root(cache.cache_dir) / "onnx" / key
+    fix = (
+        f"{folder} is sdtrt's export cache: delete it (or all of {folder.parent}) and run "
+        "again to export afresh"
+    )
+    if is_export(folder):
         logger.info("reusing the export in %s", folder)
     else:
-        logger.info("exporting %s (%s, opset %d) into %s", source, precision, opset, folder)
-        export_model(components, folder, source=source, precisions=(precision,), opset=opset)
-    return ExportedModel.open(folder)
+        if folder.exists():  # an entry of ours that never completed: only ours, by its key
+            logger.warning("removing the incomplete cache entry %s", folder)
+            shutil.rmtree(folder)
+        logger.info(
+            "exporting %s (%s, opset %d) into %s", cache.source, precision, cache.opset, folder
+        )
+        options = ExportOptions(precisions=(precision,), opset=cache.opset)
+        export_model(components, folder, source=cache.source, options=options)
+    return ExportedModel.open(folder, fix=fix)

@@ -4,7 +4,6 @@ runs without PyTorch weights."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,21 +13,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sdtrt.errors import InvalidInputError
+from sdtrt.export.folder import FORMAT, FORMAT_VERSION, MANIFEST, graph_file, is_export, sha256_file
 from sdtrt.export.networks import VAE_NETWORKS, ModelDims, networks_for
-from sdtrt.export.onnx_export import DEFAULT_OPSET, export_network
+from sdtrt.export.onnx_export import export_network
 from sdtrt.fileio import atomic_dir, write_json
+from sdtrt.options import ExportOptions
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "sdtrt.json"
-FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
-GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
-
-
-def graph_file(network: str, precision: str) -> str:
-    return f"{network}/{GRAPH_FILES[precision]}"
 
 
 def export_model(
@@ -36,25 +27,25 @@ def export_model(
     out_dir: str | Path,
     *,
     source: str,
-    precisions: tuple[str, ...] = ("fp32",),
-    opset: int = DEFAULT_OPSET,
-    vae_precision: str | None = None,
+    options: ExportOptions = ExportOptions(),
     show_progress: bool = True,
 ) -> Path:
-    """Export into ``out_dir`` atomically: it appears complete or not at all."""
+    """Export into ``out_dir`` atomically: it appears complete or not at all. An existing
+    ``out_dir`` is replaced only if it is empty or an earlier export (else InvalidInputError,
+    before any work)."""
     from sdtrt import __version__
     from sdtrt.models import model_fingerprint
 
-    check_export_options(precisions, opset, vae_precision)
     out_dir = Path(out_dir)
+    opset = options.opset
     dims = ModelDims.from_components(components)
     networks = networks_for(dims)
-    plan = graph_plan(tuple(networks), precisions, vae_precision)
+    plan = graph_plan(tuple(networks), options.precisions, options.vae_precision)
     todo = sorted(
         {(e["file"], name, e["precision"]) for p in plan.values() for name, e in p.items()}
     )
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, is_export) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         timings: dict[str, float] = {}
         for file, name, precision in tqdm(todo, desc="export", disable=not show_progress):
@@ -71,7 +62,7 @@ def export_model(
         _write_model_index(tmp, components)
         vae_config = components["vae"].config
         manifest = {
-            "format": "sdtrt-onnx",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "sdtrt_version": __version__,
             "source": {"model": source, "fingerprint": model_fingerprint(components)},
@@ -103,21 +94,6 @@ def export_model(
     return out_dir
 
 
-def check_export_options(
-    precisions: tuple[str, ...], opset: int, vae_precision: str | None = None
-) -> None:
-    """Refuse what cannot be exported, before any model is loaded."""
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad or not precisions:
-        raise InvalidInputError(
-            f"precision must list {' and/or '.join(PRECISIONS)}, got {', '.join(precisions)}"
-        )
-    if vae_precision not in (None, *PRECISIONS):
-        raise InvalidInputError(f"VAE precision must be one of {', '.join(PRECISIONS)}")
-    if opset < 18:
-        raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {opset}")
-
-
 def graph_plan(
     networks: tuple[str, ...], precisions: tuple[str, ...], vae_precision: str | None
 ) -> dict[str, dict[str, dict[str, str]]]:
@@ -139,14 +115,6 @@ def _describe_graph(root: Path, file: str) -> dict[str, Any]:
         "sha256": {f.name: sha256_file(f) for f in files},
         "bytes": sum(f.stat().st_size for f in files),
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_scheduler_config(root: Path, scheduler: Any) -> None:

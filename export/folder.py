@@ -3,24 +3,54 @@ needs are found and their sha256 compared with the manifest before anything runs
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtrt.errors import GraphIntegrityError, InvalidInputError, ModelNotFoundError
-from sdtrt.export.exporter import FORMAT_VERSION, MANIFEST, sha256_file
-from sdtrt.export.networks import NETWORK_NAMES, ModelDims
+from sdtrt.export.networks import ModelDims
+
+MANIFEST = "sdtrt.json"
+FORMAT = "sdtrt-onnx"
+FORMAT_VERSION = 1
+GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+
+
+def graph_file(network: str, precision: str) -> str:
+    return f"{network}/{GRAPH_FILES[precision]}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a folder ``sdtrt export`` wrote (its manifest says so)."""
+    manifest = Path(path, MANIFEST)
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass
 class ExportedModel:
     root: Path
     manifest: dict[str, Any]
+    fix: str = "export again"
+    """What a user does about a damaged folder: theirs, export again; the cache's, clear it."""
     _verified: set[str] = field(default_factory=set)
 
     @classmethod
-    def open(cls, root: Path) -> ExportedModel:
+    def open(cls, root: str | Path, fix: str = "export again") -> ExportedModel:
         root = Path(root)
         if not root.is_dir():
             raise ModelNotFoundError(f"exported model folder {root} does not exist")
@@ -33,19 +63,16 @@ class ExportedModel:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise GraphIntegrityError(f"{manifest_path} is not valid JSON: {exc}") from exc
-        if (
-            manifest.get("format") != "sdtrt-onnx"
-            or manifest.get("format_version") != FORMAT_VERSION
-        ):
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise GraphIntegrityError(
                 f"{manifest_path} is format {manifest.get('format')!r} version "
-                f"{manifest.get('format_version')!r}; this sdtrt reads sdtrt-onnx version "
+                f"{manifest.get('format_version')!r}; this sdtrt reads {FORMAT} version "
                 f"{FORMAT_VERSION}: export the model again"
             )
         for part in ("tokenizer", "scheduler"):
             if not (root / part).is_dir():
                 raise GraphIntegrityError(f"{root} is missing its {part}/ folder")
-        return cls(root, manifest)
+        return cls(root, manifest, fix)
 
     @property
     def dims(self) -> ModelDims:
@@ -57,12 +84,7 @@ class ExportedModel:
 
     def graph_path(self, network: str, precision: str) -> Path:
         """The graph file ``network`` uses at ``precision``, checked against the manifest."""
-        if precision not in self.manifest["precisions"]:
-            raise InvalidInputError(
-                f"{self.root} holds {', '.join(self.precisions)} graphs, not {precision}: "
-                f"export with --precision {precision}"
-            )
-        entry = self.manifest["precisions"][precision][network]
+        entry = self._entry(network, precision)
         path = self.root / entry["file"]
         if entry["file"] not in self._verified:
             self._verify(entry["file"])
@@ -70,11 +92,34 @@ class ExportedModel:
         return path
 
     def network_precision(self, network: str, precision: str) -> str:
-        return self.manifest["precisions"][precision][network]["precision"]
+        """The precision of the graph ``network`` runs at ``precision`` (a VAE kept in fp32
+        runs fp32 in an fp16 export)."""
+        return str(self._entry(network, precision)["precision"])
 
-    def verify(self, precision: str) -> None:
-        for network in NETWORK_NAMES:
-            self.graph_path(network, precision)
+    def graph_sha256(self, network: str, precision: str) -> str:
+        file = self._entry(network, precision)["file"]
+        return str(self.manifest["graphs"][file]["sha256"][Path(file).name])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.dims.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.manifest["scaling_factor"])
+
+    @property
+    def source_model(self) -> str:
+        return str(self.manifest["source"]["model"])
+
+    def _entry(self, network: str, precision: str) -> dict[str, str]:
+        if precision not in self.manifest["precisions"]:
+            raise InvalidInputError(
+                f"{self.root} holds {', '.join(self.precisions)} graphs, not {precision}: "
+                f"export with --precision {precision}"
+            )
+        entry: dict[str, str] = self.manifest["precisions"][precision][network]
+        return entry
 
     def _verify(self, file: str) -> None:
         described = self.manifest["graphs"].get(file)
@@ -83,11 +128,11 @@ class ExportedModel:
         for name, expected in described["sha256"].items():
             path = self.root / Path(file).parent / name
             if not path.is_file():
-                raise GraphIntegrityError(f"graph file {path} is missing: export again")
+                raise GraphIntegrityError(f"graph file {path} is missing: {self.fix}")
             if sha256_file(path) != expected:
                 raise GraphIntegrityError(
                     f"graph file {path} does not match its manifest (sha256 differs): it was "
-                    "changed, truncated or corrupted after export; export again"
+                    f"changed, truncated or corrupted after export; {self.fix}"
                 )
 
     def source_components(self) -> dict[str, Any]:

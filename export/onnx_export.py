@@ -13,8 +13,6 @@ from torch.export import Dim
 
 from sdtrt.export.networks import Axis, Network
 
-# Opset 20 is the lowest at which torch 2.13's exporter gave a valid SD UNet (17 did not).
-DEFAULT_OPSET = 20
 # protobuf cannot serialise a message over 2 GiB: bigger graphs keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 _DIM_IDENTIFIERS = {"B": "batch", "2B": "batch2", "H": "height", "W": "width", "h": "lh", "w": "lw"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -10,6 +12,56 @@ import PIL.Image
 from sdtrt.errors import InvalidInputError
 
 DEFAULT_STRENGTH = 0.8  # the seed's start step 10 of 50
+# torch.Generator.manual_seed takes an unsigned 64-bit seed; larger ones overflow inside it.
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much work one request may ask for. A request past a limit is refused before any
+    work, not left to exhaust memory (a 100000 px square took 24 GB and the kernel's OOM
+    killer). The defaults fit SD 1.x/2.x on a 24 GB machine; each can be raised through its
+    environment variable. A TensorRT engine's profile bounds its requests further."""
+
+    max_pixels: int = 2048 * 2048
+    """height x width per image. Raise with SDTRT_MAX_PIXELS."""
+    max_batch: int = 16
+    """Images per request (prompts x images per prompt). Raise with SDTRT_MAX_BATCH."""
+    max_steps: int = 1000
+    """Denoising steps (SD's schedulers have 1000 training steps). SDTRT_MAX_STEPS."""
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        values = {}
+        for name in ("max_pixels", "max_batch", "max_steps"):
+            variable = f"SDTRT_{name.upper()}"
+            text = os.environ.get(variable)
+            if text is None:
+                continue
+            if not text.isdigit() or int(text) < 1:
+                raise InvalidInputError(f"{variable} must be a positive integer, got {text!r}")
+            values[name] = int(text)
+        return cls(**values)
+
+    def check(self, *, steps: int, batch: int, height: int, width: int) -> None:
+        for what, value, limit, variable in (
+            ("steps", steps, self.max_steps, "SDTRT_MAX_STEPS"),
+            ("images per request", batch, self.max_batch, "SDTRT_MAX_BATCH"),
+            (f"{height}x{width} pixels", height * width, self.max_pixels, "SDTRT_MAX_PIXELS"),
+        ):
+            if value > limit:
+                raise InvalidInputError(
+                    f"{what} ({value}) is over this machine's limit of {limit}; "
+                    f"set {variable} to raise it"
+                )
+
+
+def check_seed(seed: int) -> int:
+    """A seed torch's generator takes as it is: an integer in [0, 2^64 - 1]. Outside that
+    range it is refused rather than silently reduced, so that a seed always names one image."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"seed must be an integer in [0, 2^64 - 1], got {seed!r}")
+    return seed
 
 
 def check_steps_and_guidance(num_inference_steps: int, guidance_scale: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -25,7 +26,14 @@ from tqdm.auto import tqdm
 
 from sdtrt.engine.base import Backend
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
-from sdtrt.runtime.inputs import check_size, check_steps_and_guidance, resolve_start_step
+from sdtrt.export.networks import ModelDims
+from sdtrt.options import BackendOptions, CacheOptions, default_options
+from sdtrt.runtime.inputs import (
+    Limits,
+    check_size,
+    check_steps_and_guidance,
+    resolve_start_step,
+)
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
 
 logger = logging.getLogger(__name__)
@@ -53,8 +61,10 @@ class Img2ImgPipeline:
         vae_scale_factor: int,
         scaling_factor: float,
         show_progress: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.backend = backend
+        self.limits = limits or Limits.from_env()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.scaling_factor = scaling_factor
@@ -67,49 +77,61 @@ class Img2ImgPipeline:
     def from_components(
         cls,
         components: dict[str, Any],
-        backend: str = "torch",
+        backend: BackendOptions | str = "torch",
         scheduler: str = "lms",
         *,
+        cache: CacheOptions = CacheOptions(),
         show_progress: bool = True,
-        **backend_options: Any,
     ) -> Img2ImgPipeline:
-        """Build from ``load_components``' dict; ``backend_options`` go to the backend
-        (``device``, ``dtype`` for torch; ``precision`` and cache options for graphs).
+        """Build from ``load_components``' dict on ``backend`` (a name, for its defaults,
+        or typed options); graph backends export into the cache described by ``cache``.
         The torch backend moves the modules to its device and dtype in place, as diffusers'
         ``pipeline.to()`` does."""
         from sdtrt.engine.factory import backend_from_components
 
-        vae_config = components["vae"].config
+        dims = ModelDims.from_components(components)
         return cls(
-            backend=backend_from_components(backend, components, **backend_options),
+            backend=backend_from_components(components, _options(backend), cache),
             tokenizer=components["tokenizer"],
             scheduler=make_scheduler(scheduler, components["scheduler"].config),
-            vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
-            scaling_factor=vae_config.scaling_factor,
+            vae_scale_factor=dims.vae_scale_factor,
+            scaling_factor=components["vae"].config.scaling_factor,
             show_progress=show_progress,
         )
 
     @classmethod
     def from_pretrained(
         cls,
-        model_dir: str | Path,
-        backend: str = "onnxruntime",
+        model: str | Path,
+        backend: BackendOptions | str | None = None,
         scheduler: str = "lms",
         *,
+        cache: CacheOptions | None = None,
         show_progress: bool = True,
-        **backend_options: Any,
     ) -> Img2ImgPipeline:
-        """Build from an exported folder (``sdtrt export``) alone: no PyTorch network."""
+        """Build from what a user names: an exported folder (``sdtrt export``; runs from the
+        graphs alone, ONNX Runtime by default), a local diffusers folder or a built-in model
+        name (torch by default; graph backends export into the cache)."""
         from sdtrt.engine.factory import backend_from_exported
-        from sdtrt.export.folder import ExportedModel
+        from sdtrt.export.folder import ExportedModel, is_export
+        from sdtrt.models import load_components, source_name
 
-        exported = ExportedModel.open(Path(model_dir))
+        if not is_export(model):
+            cache = cache or CacheOptions(source=source_name(str(model)))
+            return cls.from_components(
+                load_components(str(model)),
+                backend or "torch",
+                scheduler,
+                cache=cache,
+                show_progress=show_progress,
+            )
+        exported = ExportedModel.open(Path(model))
         return cls(
-            backend=backend_from_exported(backend, exported, **backend_options),
+            backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),
             scheduler=make_scheduler(scheduler, exported.scheduler_config()),
-            vae_scale_factor=exported.manifest["vae_scale_factor"],
-            scaling_factor=exported.manifest["scaling_factor"],
+            vae_scale_factor=exported.vae_scale_factor,
+            scaling_factor=exported.scaling_factor,
             show_progress=show_progress,
         )
 
@@ -154,17 +176,14 @@ class Img2ImgPipeline:
                     f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: "
                     "give one, or one per prompt"
                 )
-        if height is not None or width is not None:
-            # A size not given follows the image; check the one(s) given.
-            multiple = self.image_processor.config.vae_scale_factor
-            check_size(height or multiple, width or multiple, multiple)
         batch_size = len(prompts) * num_images_per_prompt
         do_guidance = guidance_scale > 1.0
         timings: dict[str, float] = {}
 
         # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW.
+        height, width = self._output_size(image, height, width)
+        self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
         pixels = self.image_processor.preprocess(image, height=height, width=width)
-        check_size(pixels.shape[-2], pixels.shape[-1], self.backend.size_multiple)
         if pixels.shape[0] > batch_size or batch_size % pixels.shape[0]:
             raise InvalidInputError(
                 f"{pixels.shape[0]} images for a batch of {batch_size} "
@@ -224,6 +243,30 @@ class Img2ImgPipeline:
         )
         return Img2ImgOutput(images, len(timesteps), timings)
 
+    def _output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
+        """The size asked for (a multiple of the backend's unit), else diffusers' rule: the
+        image's own size, rounded down to that unit, with a note when that resizes it."""
+        multiple = self.backend.size_multiple
+        if height is not None and width is not None:
+            check_size(height, width, multiple)
+            return height, width
+        own_h, own_w = _image_size(image)
+        if height is None:
+            height = max(multiple, own_h // multiple * multiple)
+        if width is None:
+            width = max(multiple, own_w // multiple * multiple)
+        check_size(height, width, multiple)
+        if (height, width) != (own_h, own_w):
+            logger.info(
+                "the %dx%d input image is resized to %dx%d (sizes are multiples of %d px here)",
+                own_w,
+                own_h,
+                width,
+                height,
+                multiple,
+            )
+        return height, width
+
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         tokenizer = self.tokenizer
         input_ids = tokenizer(
@@ -257,6 +300,22 @@ def _ordinary(latents: torch.Tensor) -> torch.Tensor:
     tensors)."""
     with torch.inference_mode(False):
         return latents.clone()
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of what diffusers' image processor takes: a PIL image, an HWC/NHWC
+    array, a CHW/NCHW tensor, or a list of them (the first one's)."""
+    first = image[0] if isinstance(image, list) and image else image
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    shape = tuple(first.shape)
+    if isinstance(first, torch.Tensor):
+        return int(shape[-2]), int(shape[-1])
+    return (int(shape[0]), int(shape[1])) if len(shape) == 3 else (int(shape[1]), int(shape[2]))
+
+
+def _options(backend: BackendOptions | str) -> BackendOptions:
+    return default_options(backend) if isinstance(backend, str) else backend
 
 
 def _as_prompt_list(prompt: Any, what: str) -> list[str]:

@@ -4,12 +4,21 @@ normalised exactly as diffusers' Stable Diffusion pipelines normalise old config
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sdtrt.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+# runtime/fast_schedulers.py overrides private diffusers methods. Its classes are used only
+# on the diffusers releases whose exactness tests (tests/test_exactness.py: 0.0 difference
+# from diffusers' own pipeline, all seven schedulers) were run; elsewhere diffusers' own
+# classes run, with a log line. Add a release here after running those tests on it.
+PROVEN_DIFFUSERS = ("0.42.1",)
 
 SCHEDULERS: dict[str, str] = {
     "lms": "LMSDiscreteScheduler",
@@ -27,12 +36,33 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
         raise InvalidInputError(
             f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}"
         )
-    from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if fast_schedulers_proven():
+        from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
-    cls = FAST_SCHEDULERS.get(name) or getattr(diffusers, SCHEDULERS[name])
+        cls = FAST_SCHEDULERS[name]
     scheduler = cls.from_config(dict(config))
     normalise_scheduler_config(scheduler)
     return scheduler
+
+
+def fast_schedulers_proven(version: str | None = None) -> bool:
+    """Whether sdtrt's memoised schedulers were proven exact on this diffusers release."""
+    version = version or diffusers.__version__
+    if version in PROVEN_DIFFUSERS:
+        return True
+    if not _warned:
+        _warned.append(version)
+        logger.info(
+            "diffusers %s is not one the fast schedulers were proven on (%s): using "
+            "diffusers' own scheduler classes (same images, more Python per step)",
+            version,
+            ", ".join(PROVEN_DIFFUSERS),
+        )
+    return False
+
+
+_warned: list[str] = []
 
 
 def normalise_scheduler_config(scheduler: SchedulerMixin) -> None:

@@ -1,61 +1,151 @@
-"""Public entry points: one call from a model name or folder to a ready pipeline."""
+"""The library's verbs: open a model, img2img, export, build, check. The command line calls
+these and prints; the bench and the server call them too. Each one checks everything it was
+given, outputs included, before it loads or exports anything."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from sdtrt.errors import InvalidInputError
-from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.export.folder import ExportedModel, is_export
+from sdtrt.fileio import atomic_path, check_output_dir, check_output_file, image_format
+from sdtrt.options import (
+    BackendOptions,
+    BuildOptions,
+    CacheOptions,
+    ExportOptions,
+    Img2ImgJob,
+    default_options,
+    default_precision,
+)
+from sdtrt.runtime.inputs import Limits, load_image
+from sdtrt.runtime.pipeline import Img2ImgOutput, Img2ImgPipeline
 
-DTYPES = {"fp32": "float32", "fp16": "float16"}
-
-
-def is_exported_folder(model: str | Path) -> bool:
-    return Path(model, "sdtrt.json").is_file()
+logger = logging.getLogger(__name__)
 
 
 def build_pipeline(
-    model: str,
-    *,
-    backend: str = "torch",
-    scheduler: str = "lms",
-    precision: str | None = None,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    cuda_graphs: bool = False,
-    show_progress: bool = True,
+    model: str, backend: BackendOptions | str = "torch", scheduler: str = "lms", **kwargs: Any
 ) -> Img2ImgPipeline:
-    """A pipeline for a built-in model name, a diffusers folder or an exported folder.
-    ``precision`` picks the graphs of graph backends (default: fp16 for TensorRT, else fp32);
-    ``device``/``dtype`` configure the torch backend."""
+    """A pipeline for a built-in model name, a diffusers folder or an exported folder; the
+    machine is checked for the backend first (before minutes of export)."""
+    from sdtrt.engine.factory import check_available
+
+    options = default_options(backend) if isinstance(backend, str) else backend
+    check_available(options)
+    return Img2ImgPipeline.from_pretrained(model, options, scheduler, **kwargs)
+
+
+def img2img(
+    model: str,
+    job: Img2ImgJob,
+    backend: BackendOptions | str = "torch",
+    scheduler: str = "lms",
+    show_progress: bool = True,
+) -> tuple[Img2ImgOutput, list[Path]]:
+    """Run one job and write its images atomically; returns the output and the paths."""
     import torch
 
-    from sdtrt.models import load_components
+    from sdtrt.options import SAMPLE_IMAGE
 
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    options: dict[str, Any]
-    if backend == "torch":
-        options = {"device": device, "dtype": getattr(torch, DTYPES[dtype])}
-    else:
-        from sdtrt.engine.factory import default_precision
-
-        options = {"precision": precision or default_precision(backend)}
-    if cuda_graphs:
-        options["cuda_graphs"] = True
-    if is_exported_folder(model):
-        options.pop("device", None)
-        options.pop("dtype", None)
-        return Img2ImgPipeline.from_pretrained(
-            model, backend=backend, scheduler=scheduler, show_progress=show_progress, **options
-        )
-    if backend != "torch":
-        options["source"] = model
-    return Img2ImgPipeline.from_components(
-        load_components(model),
-        backend=backend,
-        scheduler=scheduler,
-        show_progress=show_progress,
-        **options,
+    job.check()
+    image = load_image(job.image or SAMPLE_IMAGE)
+    Limits.from_env().check(
+        steps=job.steps, batch=job.batch, height=image.height, width=image.width
     )
+    pipe = build_pipeline(model, backend, scheduler, show_progress=show_progress)
+    result = pipe(
+        job.prompt,
+        image,
+        strength=job.strength,
+        start_step=job.start_step,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance,
+        negative_prompt=job.negative_prompt,
+        generator=torch.Generator().manual_seed(job.seed),
+        num_images_per_prompt=job.batch,
+        height=job.height,
+        width=job.width,
+    )
+    paths = job.output_paths()
+    for picture, path in zip(result.images, paths, strict=True):
+        with atomic_path(path) as tmp:
+            picture.save(tmp, format=image_format(path))
+    return result, paths
+
+
+def check_export_target(out: str | Path) -> Path:
+    return check_output_dir(
+        out, is_export, "--out", " (an existing sdtrt export there would be replaced)"
+    )
+
+
+def export(
+    model: str, out: str | Path, options: ExportOptions = ExportOptions(), **kwargs: Any
+) -> Path:
+    """``sdtrt export``: the model's four networks as ONNX into ``out``, atomically. An
+    existing ``out`` is replaced only when it is empty or an earlier export."""
+    from sdtrt.export.exporter import export_model
+    from sdtrt.models import load_components, source_name
+
+    check_export_target(out)
+    components = load_components(model)
+    return export_model(components, out, source=source_name(model), options=options, **kwargs)
+
+
+def open_exported(
+    model: str, precision: str, components: dict[str, Any] | None = None
+) -> ExportedModel:
+    """An exported folder as it is, or a model (name or diffusers folder) exported into the
+    cache once at ``precision``."""
+    from sdtrt.export.cache import exported_for
+    from sdtrt.models import load_components, source_name
+
+    if is_export(model):
+        return ExportedModel.open(Path(model))
+    if components is None:
+        components = load_components(model)
+    return exported_for(
+        components, precision=precision, cache=CacheOptions(source=source_name(model))
+    )
+
+
+def build(
+    model: str,
+    precision: str | None = None,
+    options: BuildOptions = BuildOptions(),
+    engine_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """``sdtrt build``: one TensorRT engine per network (reused when already built)."""
+    from sdtrt.engine.trt_build import build_engines, require_tensorrt
+
+    precision = precision or default_precision("tensorrt")
+    if engine_dir is not None:
+        check_output_file(Path(engine_dir) / "engine.plan", "--engine-dir")
+    require_tensorrt()  # a machine without TensorRT or a GPU is told so before any work
+    exported = open_exported(model, precision)
+    options.ranges.check(exported.dims.size_multiple)
+    return build_engines(exported, precision, options, Path(engine_dir) if engine_dir else None)
+
+
+def check(model: str, backend: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:
+    """``sdtrt check``: the backend's networks and one img2img image against PyTorch. The
+    precision defaults as everywhere (``default_precision``), so ``build`` then ``check``
+    look at the same engines."""
+    from sdtrt.bench.check import run_check
+    from sdtrt.engine.factory import check_available
+    from sdtrt.models import load_components
+    from sdtrt.options import backend_options
+
+    options = backend_options(backend, precision=precision)
+    check_available(options)
+    precision = precision or default_precision(backend)
+    if is_export(model):
+        exported = ExportedModel.open(Path(model))
+        exported.network_precision("unet", precision)  # holds those graphs, or says so
+        components = exported.source_components()
+    else:
+        components = load_components(model)
+        exported = open_exported(model, precision, components)
+    return run_check(exported, components, backend=backend, precision=precision)

@@ -1,15 +1,89 @@
-"""Atomic writes: a file or folder appears complete or not at all."""
+"""Outputs, safely: every output path is checked before the work that fills it, a file or
+folder appears complete or not at all, and a folder is only ever replaced when it is one
+of ours (or empty)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sdtrt.errors import InvalidInputError
+
+# What PIL writes by extension; an output name must say which.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def _check_writable_parent(path: Path, what: str) -> None:
+    """``path``'s folder exists or can be made, and a file can be created there. Probed by
+    creating (and removing) a file: permission bits do not tell for root or read-only
+    mounts."""
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise InvalidInputError(f"{what} {path} is under {existing}, which is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sdtrt-probe.", dir=existing)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"{what} {path} cannot be written: {existing} is not writable ({exc.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse, before any work, an output file that could not be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{what} {path} is a folder: give a file name")
+    _check_writable_parent(path, what)
+    return path
+
+
+def image_format(path: str | Path) -> str:
+    """The format an image output's extension names (PNG, JPEG, WebP), else a clear error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise InvalidInputError(
+            f"output image {path}: extension {suffix or '(none)'!r} is not one sdtrt writes; "
+            f"use one of {', '.join(IMAGE_FORMATS)}"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
+def check_output_dir(
+    path: str | Path, is_ours: Callable[[Path], bool], what: str, hint: str = ""
+) -> Path:
+    """Refuse, before any work, an output folder that sdtrt would have to delete to replace
+    and that is neither empty nor one of ours (``is_ours``), the current folder or one
+    above it, or one that cannot be written."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{what} {path} is a file, not a folder")
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise InvalidInputError(
+            f"{what} {path} is the current folder or one above it: name a new folder"
+        )
+    if path.is_dir() and any(path.iterdir()) and not is_ours(path):
+        raise InvalidInputError(
+            f"{what} {path} already exists and holds files sdtrt did not write: it is "
+            f"replaced only when empty or one of sdtrt's own; choose another folder{hint}"
+        )
+    _check_writable_parent(path, what)
+    return path
 
 
 @contextmanager
@@ -29,16 +103,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only on success, so an
-    interrupted writer never leaves a folder that looks complete."""
-    path = Path(path)
+    interrupted writer never leaves a folder that looks complete. An existing ``path`` is
+    replaced only if it is empty or ``is_ours`` says so (checked before and after)."""
+    path = check_output_dir(path, is_ours, "output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if path.exists():
+            check_output_dir(path, is_ours, "output folder")  # it may have changed meanwhile
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
@@ -47,5 +123,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): non-finite floats are written as
+    null, so every parser reads the file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False)
+        tmp.write_text(text + "\n")
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data

@@ -16,7 +16,6 @@ from sdtrt.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 FOLDER_PARTS = ("model_index.json", "tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 # The scheduler config real SD 1.5 ships (a PNDM config, normalised on load by diffusers).
@@ -188,6 +187,12 @@ def load_components(model: str) -> dict[str, Any]:
             "or a local diffusers folder"
         )
     return load_diffusers_folder(path)
+
+
+def source_name(model: str) -> str:
+    """How a model is recorded in an export's manifest: built-in names as they are, folders
+    as absolute paths, so that ``check`` and ``bench`` find the source again."""
+    return model if model in BUILTIN_MODELS else str(Path(model).resolve())
 
 
 def load_diffusers_folder(path: Path) -> dict[str, Any]:

@@ -48,7 +48,10 @@ def exported(tiny, onnx_cache):
     """The tiny model exported in fp32 through the cache (about a minute on 2 cores)."""
     from sdtrt.export.cache import exported_for
 
-    return exported_for(tiny, precision="fp32", cache_dir=onnx_cache, source="tiny")
+    from sdtrt.options import CacheOptions
+
+    cache = CacheOptions(cache_dir=str(onnx_cache), source="tiny")
+    return exported_for(tiny, precision="fp32", cache=cache)
 
 
 @pytest.fixture(scope="session")
@@ -57,5 +60,8 @@ def exported_fp16(tiny, tmp_path_factory):
     from sdtrt.export.folder import ExportedModel
 
     folder = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
-    export_model(tiny, folder, source="tiny", precisions=("fp16",), show_progress=False)
+    from sdtrt.options import ExportOptions
+
+    options = ExportOptions(precisions=("fp16",))
+    export_model(tiny, folder, source="tiny", options=options, show_progress=False)
     return ExportedModel.open(folder)

@@ -15,8 +15,10 @@ from sdtrt.bench.check import compare_networks
 from sdtrt.cli import main
 from sdtrt.errors import InvalidInputError
 from sdtrt.export import cache as cache_module
-from sdtrt.export.exporter import graph_plan, sha256_file
+from sdtrt.export.exporter import graph_plan
+from sdtrt.export.folder import sha256_file
 from sdtrt.export.networks import NETWORK_NAMES
+from sdtrt.options import CacheOptions, OrtOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 
@@ -92,7 +94,7 @@ def test_fp16_graphs(exported_fp16, tiny):
             assert types["sample"] == onnx.TensorProto.FLOAT16
     results = compare_networks(exported_fp16, tiny, "fp16")
     assert max(r.rel_l2 for r in results) <= 5e-3
-    pipe = Img2ImgPipeline.from_pretrained(root, precision="fp16", show_progress=False)
+    pipe = Img2ImgPipeline.from_pretrained(root, OrtOptions(precision="fp16"), show_progress=False)
     out = pipe("a", np.zeros((32, 32, 3), np.float32), num_inference_steps=3, output_type="np")
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
@@ -130,11 +132,10 @@ def test_cache_is_reused(exported, tiny, onnx_cache, monkeypatch):
         raise AssertionError("exported again instead of reusing the cache")
 
     monkeypatch.setattr("sdtrt.export.exporter.export_model", no_export)
-    again = cache_module.exported_for(tiny, precision="fp32", cache_dir=onnx_cache)
+    cache = CacheOptions(cache_dir=str(onnx_cache))
+    again = cache_module.exported_for(tiny, precision="fp32", cache=cache)
     assert again.root == exported.root
-    pipe = Img2ImgPipeline.from_components(
-        tiny, backend="onnxruntime", cache_dir=onnx_cache, show_progress=False
-    )
+    pipe = Img2ImgPipeline.from_components(tiny, "onnxruntime", cache=cache, show_progress=False)
     assert pipe.backend.name == "onnxruntime"
 
 

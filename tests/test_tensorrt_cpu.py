@@ -13,9 +13,10 @@ import torch
 
 from sdtrt.cli import main
 from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine, mismatches
-from sdtrt.engine.trt_profile import BuildRanges, check_request, network_profile
+from sdtrt.engine.trt_profile import check_request, network_profile
 from sdtrt.errors import EngineMismatchError, InvalidInputError, ShapeOutsideProfileError
 from sdtrt.export.networks import ModelDims, networks_for
+from sdtrt.options import BuildRanges
 
 SD15 = ModelDims(text_hidden_size=768, latent_channels=4, vae_scale_factor=8, unet_factor=8)
 NETS = networks_for(SD15)
@@ -184,9 +185,16 @@ def test_without_tensorrt_or_gpu_exit_2_with_how_to_install(args, capsys, tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--cuda-graphs"]])
-def test_cuda_options_without_cuda_exit_2(extra, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "cuda"], "sees no GPU"),
+        (["--device", "cuda", "--cuda-graphs"], "sees no GPU"),
+        (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+    ],
+)
+def test_cuda_options_without_cuda_exit_2(extra, message, capsys, tmp_path):
     args = ["img2img", "--steps", "2", "--height", "32", "--width", "32"]
     code = main([*args, *extra, "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "sees no GPU" in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err

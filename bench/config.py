@@ -1,0 +1,90 @@
+"""What ``sdtrt bench`` measures: one frozen config, checked whole before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.options import (
+    BACKENDS,
+    GRAPH_BACKENDS,
+    BackendOptions,
+    OrtOptions,
+    TensorRTOptions,
+    TorchOptions,
+    default_precision,
+)
+
+BENCH_BACKENDS = (*BACKENDS, "diffusers")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny"
+    """Built-in name, diffusers folder, or exported folder (graphs used as they are)."""
+    backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
+    batches: tuple[int, ...] = (1,)
+    """Images per prompt; the UNet runs on twice this (cond + uncond)."""
+    height: int = 512
+    width: int = 512
+    steps: int = 50
+    strength: float = 0.8
+    scheduler: str = "lms"
+    device: str = "cpu"
+    """torch and diffusers: cpu or cuda."""
+    dtype: str = "fp32"
+    """torch and diffusers: fp32 or fp16."""
+    precision: str | None = None
+    """Graph backends: which exported graphs (fp32, fp16); None: each backend's default."""
+    cuda_graphs: bool = False
+    warmup: int = 2
+    repeats: int = 10
+    ort_optimization: str = "auto"
+    """ONNX Runtime graph optimisation level (auto, disable, basic, extended, layout, all)."""
+    ort_threads: int = 0
+    """ONNX Runtime intra-op threads; 0 lets it choose."""
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BENCH_BACKENDS]
+        if unknown or not self.backends:
+            raise InvalidInputError(
+                f"backends must be among {', '.join(BENCH_BACKENDS)}, got {', '.join(unknown)}"
+            )
+        if len(set(self.backends)) != len(self.backends):
+            raise InvalidInputError(f"a backend is named more than once: {self.backends}")
+        if not self.batches or min(self.batches) < 1:
+            raise InvalidInputError(f"batch sizes must be >= 1, got {self.batches}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise InvalidInputError("repeats must be >= 1 and warm-up >= 0")
+        from sdtrt.runtime.inputs import Limits, check_size, resolve_start_step
+
+        resolve_start_step(self.steps, self.strength, None)
+        check_size(self.height, self.width, 8)
+        Limits.from_env().check(
+            steps=self.steps, batch=max(self.batches), height=self.height, width=self.width
+        )
+        graph = [b for b in self.backends if b in GRAPH_BACKENDS]
+        if self.precision is not None and not graph:
+            raise InvalidInputError(
+                "--precision picks exported graphs: it applies to onnxruntime and tensorrt, "
+                "and neither is benchmarked"
+            )
+        if self.cuda_graphs and not {"torch", "tensorrt"} & set(self.backends):
+            raise InvalidInputError("--cuda-graphs applies to the torch and tensorrt backends")
+        for backend in self.backends:
+            if backend != "diffusers":
+                self.options_for(backend)  # refuses a combination that cannot run
+
+    def options_for(self, backend: str) -> BackendOptions:
+        """The typed options each sdtrt backend runs with in this bench."""
+        if backend == "torch":
+            return TorchOptions(self.device, self.dtype, self.cuda_graphs)
+        if backend == "onnxruntime":
+            return OrtOptions(
+                precision=self.precision or default_precision(backend),
+                optimization=self.ort_optimization,
+                threads=self.ort_threads,
+            )
+        return TensorRTOptions(
+            precision=self.precision or default_precision(backend), cuda_graphs=self.cuda_graphs
+        )

@@ -1,0 +1,319 @@
+"""Every option a user can give sdtrt, typed, with the name lists they are checked against.
+
+Light on purpose (no torch, no diffusers): the command line builds its help from here, and
+the API, the bench, the factory and the server build their options here, once. Each
+backend has its own frozen options class; ``backend_options`` turns what a user typed into
+the right one and refuses, with one line, an option that does not apply to the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from sdtrt.errors import InvalidInputError
+
+SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
+SEED_PROMPT = "A colorful dancer, nat geo photo"
+SCHEDULER_NAMES = ("lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+DEVICES = ("cpu", "cuda")
+ORT_OPTIMIZATION_LEVELS = ("auto", "disable", "basic", "extended", "layout", "all")
+# Opset 20 is the lowest at which torch 2.13's exporter gave a valid SD UNet (17 did not).
+DEFAULT_OPSET = 20
+
+
+def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """The PyTorch backend: diffusers' modules, the accuracy reference."""
+
+    backend: ClassVar[str] = "torch"
+    device: str = "cpu"
+    """cpu or cuda."""
+    dtype: str = "fp32"
+    """fp32 or fp16: the modules are cast to it in place (as diffusers' ``.to()`` does)."""
+    cuda_graphs: bool = False
+    """Replay the UNet as a CUDA graph (needs ``device="cuda"``)."""
+
+    def __post_init__(self) -> None:
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, tuple(DTYPES))
+        if self.cuda_graphs and self.device != "cuda":
+            raise InvalidInputError("--cuda-graphs needs --device cuda on the torch backend")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """The ONNX Runtime backend, on an exported folder's graphs."""
+
+    backend: ClassVar[str] = "onnxruntime"
+    precision: str = "fp32"
+    """Which exported graphs: fp32 (exact on CPU, the fastest there) or fp16."""
+    device: str | None = None
+    """cpu or cuda (the CUDA provider of onnxruntime-gpu); None: cuda where it is installed."""
+    optimization: str = "auto"
+    """Graph optimisation level; auto: all for the VAE, basic for the rest (measured)."""
+    threads: int = 0
+    """Intra-op threads; 0 lets ONNX Runtime choose."""
+    memory_arena: bool = True
+    spinning: bool = True
+    """Worker threads busy-wait after each run."""
+
+    def __post_init__(self) -> None:
+        _one_of("precision", self.precision, PRECISIONS)
+        if self.device is not None:
+            _one_of("device", self.device, DEVICES)
+        _one_of("ONNX Runtime optimisation", self.optimization, ORT_OPTIMIZATION_LEVELS)
+        if self.threads < 0:
+            raise InvalidInputError(f"ONNX Runtime threads must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """The TensorRT backend: engines built from an exported folder's graphs."""
+
+    backend: ClassVar[str] = "tensorrt"
+    precision: str = "fp16"
+    """Which graphs the engines come from (engines are strongly typed): fp16 or fp32."""
+    cuda_graphs: bool = False
+    """Replay the UNet's enqueue as a CUDA graph."""
+    engine_dir: str | None = None
+    """Where the engines are; None: the exported folder's ``tensorrt/``."""
+    build_missing: bool = False
+    """Build engines that are missing (the cache does; a user's folder is built by
+    ``sdtrt build``, and a mismatch there is an error)."""
+
+    def __post_init__(self) -> None:
+        _one_of("precision", self.precision, PRECISIONS)
+
+
+BackendOptions = TorchOptions | OrtOptions | TensorRTOptions
+_OPTION_CLASSES: dict[str, type[BackendOptions]] = {
+    "torch": TorchOptions,
+    "onnxruntime": OrtOptions,
+    "tensorrt": TensorRTOptions,
+}
+
+
+def default_options(backend: str) -> BackendOptions:
+    _one_of("backend", backend, BACKENDS)
+    return _OPTION_CLASSES[backend]()
+
+
+def default_precision(backend: str) -> str:
+    """The graphs a graph backend uses when none is named: fp16 engines for TensorRT (its
+    product), fp32 for ONNX Runtime (exact and fastest on CPU). One rule for every verb."""
+    _one_of("graph backend", backend, GRAPH_BACKENDS)
+    return TensorRTOptions.precision if backend == "tensorrt" else OrtOptions.precision
+
+
+def backend_options(
+    backend: str,
+    *,
+    precision: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    cuda_graphs: bool = False,
+    ort_optimization: str | None = None,
+    ort_threads: int | None = None,
+) -> BackendOptions:
+    """What a user gave (None or False: not given) as the backend's typed options. An option
+    the backend has no use for is refused, naming the backend and what it does take."""
+    _one_of("backend", backend, BACKENDS)
+
+    def refuse(option: str, why: str) -> InvalidInputError:
+        return InvalidInputError(f"{option} does not apply to the {backend} backend: {why}")
+
+    if backend != "onnxruntime":
+        if ort_optimization is not None:
+            raise refuse("--ort-optimization", "it sets ONNX Runtime sessions")
+        if ort_threads is not None:
+            raise refuse("--ort-threads", "it sets ONNX Runtime sessions")
+    if backend == "torch":
+        if precision is not None:
+            raise refuse("--precision", "it picks exported graphs; the torch backend takes --dtype")
+        return TorchOptions(
+            device=device or TorchOptions.device,
+            dtype=dtype or TorchOptions.dtype,
+            cuda_graphs=cuda_graphs,
+        )
+    if dtype is not None:
+        raise refuse("--dtype", "graph backends take --precision (which exported graphs run)")
+    if backend == "onnxruntime":
+        if cuda_graphs:
+            raise refuse("--cuda-graphs", "CUDA graphs are for the torch and tensorrt backends")
+        return OrtOptions(
+            precision=precision or OrtOptions.precision,
+            device=device,
+            optimization=ort_optimization or OrtOptions.optimization,
+            threads=OrtOptions.threads if ort_threads is None else ort_threads,
+        )
+    if device == "cpu":
+        raise refuse("--device cpu", "TensorRT runs on an NVIDIA GPU only")
+    return TensorRTOptions(
+        precision=precision or TensorRTOptions.precision, cuda_graphs=cuda_graphs
+    )
+
+
+@dataclass(frozen=True)
+class Img2ImgJob:
+    """One ``sdtrt img2img`` run: what to make and where to write it."""
+
+    prompt: str = SEED_PROMPT
+    image: str | None = None
+    """Input image file; None: the sample picture that ships with sdtrt."""
+    negative_prompt: str | None = None
+    strength: float | None = None
+    start_step: int | None = None
+    steps: int = 50
+    guidance: float = 8.0
+    seed: int = 32
+    height: int | None = None
+    """None: the input image's height, rounded down to the model's size unit."""
+    width: int | None = None
+    batch: int = 1
+    out: str = "out/img2img.png"
+    """PNG, JPEG or WebP by extension; a batch writes NAME-0.EXT, NAME-1.EXT, ..."""
+
+    def output_paths(self) -> list[Path]:
+        out = Path(self.out)
+        if self.batch == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(self.batch)]
+
+    def check(self) -> None:
+        """Everything about the job that can be known without the model."""
+        from sdtrt.fileio import check_output_file, image_format
+        from sdtrt.runtime.inputs import (
+            Limits,
+            check_seed,
+            check_size,
+            check_steps_and_guidance,
+            resolve_start_step,
+        )
+
+        check_steps_and_guidance(self.steps, self.guidance)
+        resolve_start_step(self.steps, self.strength, self.start_step)
+        check_seed(self.seed)
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise InvalidInputError(f"batch must be >= 1, got {self.batch}")
+        if self.height is not None or self.width is not None:  # the model's unit comes later
+            check_size(self.height or 8, self.width or 8, 8)
+        Limits.from_env().check(
+            steps=self.steps,
+            batch=self.batch,
+            height=self.height or 1,
+            width=self.width or 1,
+        )
+        image_format(self.out)
+        for path in self.output_paths():
+            check_output_file(path, "--out")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Where a PyTorch model is exported (once) when a graph backend runs it."""
+
+    opset: int = DEFAULT_OPSET
+    cache_dir: str | None = None
+    """None: ``$SDTRT_CACHE``, else ``~/.cache/sdtrt``."""
+    source: str = "in-memory"
+    """The model's name or folder, recorded in the export's manifest."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """``sdtrt export``: which graphs to write."""
+
+    precisions: tuple[str, ...] = PRECISIONS
+    """fp32 (``model.onnx``, what ONNX Runtime and optimum load) and fp16
+    (``model_fp16.onnx``, what TensorRT engines are built from)."""
+    opset: int = DEFAULT_OPSET
+    vae_precision: str | None = None
+    """Force the VAE's graphs to one precision (fp32 for VAEs that overflow in fp16)."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise InvalidInputError(
+                f"precision must list {' and/or '.join(PRECISIONS)}, "
+                f"got {', '.join(self.precisions)}"
+            )
+        if self.vae_precision is not None:
+            _one_of("VAE precision", self.vae_precision, PRECISIONS)
+        if self.opset < 18:
+            raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {self.opset}")
+
+
+@dataclass(frozen=True)
+class BuildRanges:
+    """What engines must accept, in the user's units: images per request and pixels."""
+
+    batch: tuple[int, int] = (1, 4)
+    height: tuple[int, int] = (256, 768)
+    width: tuple[int, int] = (256, 768)
+    opt_batch: int = 1
+    opt_height: int = 512
+    opt_width: int = 512
+    static: bool = False
+    """min = opt = max at the opt values: the lowest latency, one shape only."""
+
+    def check(self, size_multiple: int) -> None:
+        for what, (low, high), opt in (
+            ("batch", self.batch, self.opt_batch),
+            ("height", self.height, self.opt_height),
+            ("width", self.width, self.opt_width),
+        ):
+            if not 1 <= low <= high:
+                raise InvalidInputError(f"{what} range {low}-{high} must satisfy 1 <= min <= max")
+            if not self.static and not low <= opt <= high:
+                raise InvalidInputError(f"opt {what} {opt} is outside its range {low}-{high}")
+            if what != "batch":
+                for value in (low, high, opt):
+                    if value % size_multiple:
+                        raise InvalidInputError(
+                            f"{what} {value} is not a multiple of {size_multiple} px, which "
+                            "these graphs need"
+                        )
+
+    def extremes(self) -> dict[str, tuple[int, int, int]]:
+        """(batch, height, width) at min, opt and max."""
+        opt = (self.opt_batch, self.opt_height, self.opt_width)
+        if self.static:
+            return {"min": opt, "opt": opt, "max": opt}
+        return {
+            "min": (self.batch[0], self.height[0], self.width[0]),
+            "opt": opt,
+            "max": (self.batch[1], self.height[1], self.width[1]),
+        }
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """``sdtrt build``: the profile and builder settings of the engines."""
+
+    ranges: BuildRanges = BuildRanges()
+    optimization_level: int = 3
+    """TensorRT builder optimisation level, 0-5 (higher: longer builds, faster engines)."""
+    workspace_gb: float | None = None
+    """Workspace memory pool limit; None leaves TensorRT's default (the GPU's memory)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:
+            raise InvalidInputError(
+                f"optimisation level must be in 0-5, got {self.optimization_level}"
+            )
+        if self.workspace_gb is not None and self.workspace_gb <= 0:
+            raise InvalidInputError(f"workspace must be > 0 GB, got {self.workspace_gb}")
+
+    def flags(self) -> dict[str, float | int | None]:
+        return {"optimization_level": self.optimization_level, "workspace_gb": self.workspace_gb}
