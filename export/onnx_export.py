@@ -4,7 +4,11 @@ axes, then clean-up with polygraphy's constant folding and onnx-graphsurgeon."""
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -32,7 +36,7 @@ def export_network(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch, "raw.onnx")
-        with torch.no_grad():
+        with torch.no_grad(), _exporter_quiet():
             torch.onnx.export(
                 wrapper,
                 tuple(samples.values()),
@@ -62,6 +66,24 @@ def export_network(
         if written.exists():
             written.chmod(0o644)
     onnx.checker.check_model(str(path))
+
+
+@contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """The exporter's console noise on every run, none of it about our graphs: one line per
+    torchvision operator it cannot register (torchvision is not a dependency), torch's own
+    pytree deprecation warnings, and a note on each dynamic axis that shares another's
+    constraints (the UNet's 2B). Real warnings and errors still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _fp16_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -276,7 +276,10 @@ class Img2ImgPipeline:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        # verbose=False: transformers' own "indexing errors" warning; ours below says it.
+        longest = tokenizer(
+            prompts, padding="longest", return_tensors="pt", verbose=False
+        ).input_ids
         if longest.shape[-1] > input_ids.shape[-1]:
             logger.warning(
                 "a prompt is longer than the text encoder's %d tokens and was truncated",

@@ -47,7 +47,6 @@ def onnx_cache(tmp_path_factory):
 def exported(tiny, onnx_cache):
     """The tiny model exported in fp32 through the cache (about a minute on 2 cores)."""
     from sdtrt.export.cache import exported_for
-
     from sdtrt.options import CacheOptions
 
     cache = CacheOptions(cache_dir=str(onnx_cache), source="tiny")
