@@ -41,12 +41,12 @@ def check_plot_path(path: str | Path) -> str:
     from sdtrt.errors import InvalidInputError
     from sdtrt.fileio import check_output_file
 
+    check_output_file(path, "--plot")
     suffix = Path(path).suffix.lower()
     if suffix not in PLOT_FORMATS:
         raise InvalidInputError(
             f"--plot {path}: use one of {', '.join(PLOT_FORMATS)} (the extension names the format)"
         )
-    check_output_file(path, "--plot")
     return PLOT_FORMATS[suffix]
 
 

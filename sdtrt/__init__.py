@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Img2ImgPipeline", "build_pipeline", "load_components", "__version__"]
+__all__ = ["SAMPLE_IMAGE", "Img2ImgPipeline", "build_pipeline", "load_components", "__version__"]
 
 if TYPE_CHECKING:
     from sdtrt.api import build_pipeline
     from sdtrt.models import load_components
     from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+
+from sdtrt.options import SAMPLE_IMAGE  # noqa: E402 (light: no torch)
 
 
 def __getattr__(name: str) -> Any:

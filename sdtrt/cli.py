@@ -72,7 +72,7 @@ def _add_backend_options(p: argparse.ArgumentParser, backends: Sequence[str]) ->
 
 
 def _add_img2img(sub: Any) -> None:
-    job = Img2ImgJob()
+    job = Img2ImgJob
     p = sub.add_parser(
         "img2img",
         help="run img2img (defaults: the seed notebook's run)",
@@ -221,7 +221,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    config = BenchConfig()
+    config = BenchConfig  # its class defaults: an instance would check the environment
     p = sub.add_parser(
         "bench",
         help="latency per stage, throughput, with diffusers side by side",

@@ -214,9 +214,9 @@ class Img2ImgJob:
             height=self.height or 1,
             width=self.width or 1,
         )
-        image_format(self.out)
         for path in self.output_paths():
             check_output_file(path, "--out")
+        image_format(self.out)
 
 
 @dataclass(frozen=True)

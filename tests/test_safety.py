@@ -1,0 +1,314 @@
+"""Safe by default: nothing that is not ours is deleted, every output is checked before the
+work, a request's size is bounded, and what a newcomer meets (help, README snippets, the
+console) says what it should."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from sdtrt.cli import main
+from sdtrt.options import ExportOptions
+
+README = Path(__file__).parent.parent / "README.md"
+FAST = ["--steps", "2", "--height", "32", "--width", "48", "--no-progress"]
+UNWRITABLE = Path("/proc/sdtrt-cannot-write-here")  # not even root creates files in /proc
+
+
+class _WorkStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model load or export fails the test: refusals must come first."""
+
+    def started(*args, **kwargs):
+        raise _WorkStarted
+
+    for target in (
+        "sdtrt.models.load_components",
+        "sdtrt.export.folder.ExportedModel.open",
+        "sdtrt.export.exporter.export_model",
+        "sdtrt.runtime.pipeline.Img2ImgPipeline.from_pretrained",
+    ):
+        monkeypatch.setattr(target, started)
+
+
+def _run(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _fake_network_export(network, module, path, *, precision, opset):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(f"{network.name}-{precision}".encode())
+
+
+@pytest.fixture
+def fast_export(monkeypatch):
+    """export_model's folder handling, without the minute of torch.export."""
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", _fake_network_export)
+
+
+# Data loss -------------------------------------------------------------------------------
+
+
+def test_export_never_replaces_a_folder_of_the_users(tmp_path, capsys, no_work):
+    target = tmp_path / "p"
+    (target / "photos").mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    (target / "photos" / "a.jpg").write_bytes(b"jpeg")
+    code, err = _run(["export", "--model", "tiny", "--out", str(target)], capsys)
+    assert code == 2 and "holds files sdtrt did not write" in err and "Traceback" not in err
+    assert (target / "notes.txt").read_text() == "mine"
+    assert (target / "photos" / "a.jpg").read_bytes() == b"jpeg"
+
+
+def test_export_into_the_current_folder_is_refused(tmp_path, capsys, monkeypatch, no_work):
+    (tmp_path / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(["export", "--model", "tiny", "--out", "."], capsys)
+    assert code == 2 and "current folder" in err and "Traceback" not in err
+    assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_export_replaces_only_empty_folders_and_exports(tiny, tmp_path, fast_export):
+    from sdtrt.errors import InvalidInputError
+    from sdtrt.export.exporter import export_model
+
+    options = ExportOptions(precisions=("fp32",))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_model(tiny, empty, source="tiny", options=options, show_progress=False)
+    assert (empty / "sdtrt.json").is_file()
+    (empty / "unet" / "model.onnx").write_bytes(b"stale")
+    export_model(tiny, empty, source="tiny", options=options, show_progress=False)  # ours
+    assert (empty / "unet" / "model.onnx").read_bytes() == b"unet-fp32"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sdtrt.json").write_text('{"format": "something-else"}')
+    with pytest.raises(InvalidInputError, match="did not write"):
+        export_model(tiny, theirs, source="tiny", options=options, show_progress=False)
+    assert (theirs / "sdtrt.json").read_text() == '{"format": "something-else"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "theirs"]  # no leftovers
+
+
+def test_corrupt_cache_entry_names_the_cache_and_how_to_clear_it(tiny, tmp_path, fast_export):
+    from sdtrt.errors import GraphIntegrityError
+    from sdtrt.export.cache import exported_for
+    from sdtrt.options import CacheOptions
+
+    cache = CacheOptions(cache_dir=str(tmp_path))
+    exported = exported_for(tiny, precision="fp32", cache=cache)
+    (exported.root / "unet" / "model.onnx").write_bytes(b"damaged")
+    again = exported_for(tiny, precision="fp32", cache=cache)
+    with pytest.raises(GraphIntegrityError, match="export cache: delete it") as info:
+        again.graph_path("unet", "fp32")
+    assert str(exported.root) in str(info.value)
+
+
+# Outputs checked before the work ---------------------------------------------------------
+
+
+def _outputs(tmp_path):
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    return {
+        "unwritable": (UNWRITABLE / "x.png", "cannot be written"),
+        "folder": (folder, "is a folder"),
+        "under-a-file": (a_file / "x.png", "which is a file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unwritable", "folder", "under-a-file"])
+def test_every_subcommand_checks_its_outputs_first(tmp_path, capsys, no_work, case):
+    path, message = _outputs(tmp_path)[case]
+    json_path = path.with_suffix(".json") if case != "folder" else path
+    commands = [
+        ["img2img", "--out", str(path), *FAST],
+        ["check", "--model", "tiny", "--json", str(json_path)],
+        ["bench", "--backends", "torch", "--json", str(json_path)],
+        ["bench", "--backends", "torch", "--plot", str(path)],
+    ]
+    if case != "folder":  # a folder is what export writes
+        commands.append(["export", "--model", "tiny", "--out", str(path)])
+        commands.append(["build", "--model", "tiny", "--engine-dir", str(path)])
+    for command in commands:
+        start = time.perf_counter()
+        code, err = _run(command, capsys)
+        assert code == 2, (command, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, command
+        assert message in err or "is a file" in err, (command, err)
+        assert time.perf_counter() - start < 5, command
+
+
+def test_export_onto_an_existing_file_is_refused(tmp_path, capsys, no_work):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"keep")
+    code, err = _run(["export", "--out", str(target)], capsys)
+    assert code == 2 and "is a file" in err and target.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("suffix, format", [(".jpg", "JPEG"), (".webp", "WEBP"), (".PNG", "PNG")])
+def test_output_format_follows_the_extension(tmp_path, capsys, suffix, format):
+    out = tmp_path / f"result{suffix}"
+    code, _ = _run(["img2img", "--out", str(out), *FAST], capsys)
+    assert code == 0
+    with PIL.Image.open(out) as image:
+        assert image.format == format and image.size == (48, 32)
+
+
+def test_unknown_image_extension_is_refused(tmp_path, capsys, no_work):
+    code, err = _run(["img2img", "--out", str(tmp_path / "x.gif"), *FAST], capsys)
+    assert code == 2 and "use one of .png, .jpg, .jpeg, .webp" in err
+
+
+# Bounded work ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--height", "100000", "--width", "100000"], "set SDTRT_MAX_PIXELS to raise it"),
+        (["--batch", "1000"], "set SDTRT_MAX_BATCH"),
+        (["--steps", "100000"], "set SDTRT_MAX_STEPS"),
+        (["--seed", "99999999999999999999999"], "seed must be an integer in [0, 2^64 - 1]"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2^64 - 1]"),
+    ],
+)
+def test_requests_past_the_limits_are_refused_up_front(tmp_path, capsys, no_work, extra, message):
+    code, err = _run(["img2img", "--out", str(tmp_path / "o.png"), *FAST, *extra], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_limits_follow_the_environment(monkeypatch):
+    from sdtrt.errors import InvalidInputError
+    from sdtrt.runtime.inputs import Limits
+
+    monkeypatch.setenv("SDTRT_MAX_PIXELS", str(64 * 64))
+    limits = Limits.from_env()
+    limits.check(steps=10, batch=1, height=64, width=64)
+    with pytest.raises(InvalidInputError, match="64x80 pixels \\(5120\\) is over"):
+        limits.check(steps=10, batch=1, height=64, width=80)
+    monkeypatch.setenv("SDTRT_MAX_PIXELS", "lots")
+    with pytest.raises(InvalidInputError, match="SDTRT_MAX_PIXELS must be a positive integer"):
+        Limits.from_env()
+
+
+def test_a_huge_input_image_is_refused_before_the_model(tmp_path, capsys, no_work, monkeypatch):
+    monkeypatch.setenv("SDTRT_MAX_PIXELS", str(32 * 32))
+    image = tmp_path / "big.png"
+    PIL.Image.new("RGB", (64, 64)).save(image)
+    code, err = _run(["img2img", "--image", str(image), "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "64x64 pixels" in err
+
+
+# Tracebacks and wrong words --------------------------------------------------------------
+
+
+def test_check_at_a_precision_the_export_lacks(exported, capsys):
+    code, err = _run(["check", "--model", str(exported.root), "--precision", "fp16"], capsys)
+    assert code == 2 and "holds fp32 graphs, not fp16" in err and "Traceback" not in err
+
+
+def test_json_is_strict(tmp_path):
+    from sdtrt.fileio import write_json
+
+    write_json(tmp_path / "r.json", {"psnr": float("inf"), "rows": [float("nan"), 1.5]})
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    data = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert data == {"psnr": None, "rows": [None, 1.5]}
+
+
+def test_type_stubs_are_not_taken_for_tensorrt(tmp_path, monkeypatch):
+    """A bare `tensorrt` namespace (what tensorrt-stubs leaves in site-packages) imports
+    fine; it is not TensorRT, and the user is told how to install the real one."""
+    from sdtrt.engine.trt_build import require_tensorrt, tensorrt_version
+    from sdtrt.errors import BackendUnavailableError
+
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    __import__("tensorrt")  # the namespace imports...
+    assert tensorrt_version() is None  # ...and is not TensorRT
+    with pytest.raises(BackendUnavailableError, match="pip install"):
+        require_tensorrt()
+
+
+def test_a_bench_that_measured_nothing_fails(tmp_path, capsys):
+    args = ["bench", "--backends", "tensorrt", "--height", "32", "--width", "32"]
+    code, err = _run([*args, "--steps", "2", "--warmup", "0", "--repeats", "1"], capsys)
+    assert code == 1 and "nothing was measured" in err
+
+
+# What a newcomer meets -------------------------------------------------------------------
+
+
+def test_help_shows_defaults_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["img2img", "--help"])
+    text = capsys.readouterr().out
+    for expected in ("(default: 50)", "(default: 8.0)", "(default: 32)", "out/img2img.png"):
+        assert expected in text
+    assert "NAME-0.EXT" in text and "the image's, rounded down" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert re.fullmatch(r"sdtrt \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+def test_output_size_follows_the_image(tmp_path, capsys, caplog):
+    """One rule for CLI and API (diffusers'): the image's size, rounded down to the unit."""
+    image = tmp_path / "wide.png"
+    PIL.Image.new("RGB", (300, 100), (200, 30, 30)).save(image)
+    out = tmp_path / "o.png"
+    with caplog.at_level("INFO", logger="sdtrt.runtime.pipeline"):
+        code, _ = _run(
+            ["img2img", "--image", str(image), "--out", str(out), "--steps", "2"], capsys
+        )
+    assert code == 0
+    with PIL.Image.open(out) as result:
+        assert result.size == (296, 96)  # the torch backend's unit: the VAE's 8 px
+    assert "300x100 input image is resized to 296x96" in caplog.text
+
+
+def test_long_prompts_warn_once_in_our_words(tiny, images, capsys, caplog):
+    import torch
+
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    with caplog.at_level("WARNING"):
+        pipe("word " * 100, images[0], num_inference_steps=2, generator=torch.Generator())
+    assert "was truncated" in caplog.text
+    assert "indexing errors" not in caplog.text + capsys.readouterr().err
+
+
+def _readme_snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
+    snippets = _readme_snippets()
+    assert snippets
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDTRT_CACHE", str(tmp_path / "cache"))
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".png")]
