@@ -202,10 +202,10 @@ def _make_target(
         )
     engine = pipe.backend
     raw_unet = engine.unet
-    engine.encode_text = timer.wrap("text_encoder", engine.encode_text)  # type: ignore[method-assign]
-    engine.unet = timer.wrap("unet", engine.unet)  # type: ignore[method-assign]
-    engine.encode_image = timer.wrap("vae_encoder", engine.encode_image)  # type: ignore[method-assign]
-    engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)  # type: ignore[method-assign]
+    engine.encode_text = timer.wrap("text_encoder", engine.encode_text)
+    engine.unet = timer.wrap("unet", engine.unet)
+    engine.encode_image = timer.wrap("vae_encoder", engine.encode_image)
+    engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)
     last: dict[str, float] = {}
 
     def run(batch: int, seed: int) -> int:
@@ -229,12 +229,13 @@ def _diffusers_target(
     scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(
         components["scheduler"].config
     )
-    pipe = StableDiffusionImg2ImgPipeline(
+    pipe: Any = StableDiffusionImg2ImgPipeline(
         **{**components, "scheduler": scheduler},
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(config.device)
+    )
+    pipe = pipe.to(config.device)
     if config.dtype != "fp32":  # diffusers warns on every dtype cast, so only when needed
         pipe = pipe.to(dtype=getattr(torch, DTYPES[config.dtype]))
     pipe.set_progress_bar_config(disable=True)

@@ -167,8 +167,9 @@ def compare_networks(
         for feed, got, want in zip(feeds, graph_iterations, torch_iterations, strict=True):
             a = np.asarray(got[output], np.float64)
             b = np.asarray(want[output], np.float64)
-            rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-            cosine = float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+            norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+            rel = float(np.linalg.norm(a - b)) / max(norm_b, 1e-30)
+            cosine = float((a * b).sum()) / max(norm_a * norm_b, 1e-30)
             shape = "x".join(str(s) for s in next(iter(feed.values())).shape)
             results.append(
                 NetworkResult(

@@ -8,7 +8,7 @@ results stay bit-identical to diffusers (the exactness tests hold them to it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -27,8 +27,16 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+if TYPE_CHECKING:
+    # The mixins below are used on top of diffusers' scheduler classes and use their
+    # attributes (sigmas, step_index, config...), which diffusers sets dynamically; to the
+    # type checker they are typed as diffusers' own: Any.
+    _Scheduler = Any
+else:
+    _Scheduler = object
 
-class _PerScheduleCache:
+
+class _PerScheduleCache(_Scheduler):
     """One memo per timestep schedule, chosen in ``set_timesteps``: values computed for a
     schedule are reused by every later run with the same schedule. No ``__init__``:
     diffusers' ``from_config`` reads the scheduler's own signature."""
@@ -37,13 +45,13 @@ class _PerScheduleCache:
     _cache: dict[Any, Any]
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
-        super().set_timesteps(*args, **kwargs)  # type: ignore[misc]
+        super().set_timesteps(*args, **kwargs)
         if not hasattr(self, "_schedule_caches"):
             self._schedule_caches = {}
         schedule = getattr(self, "sigmas", None)
         if schedule is None:  # DDIM: its schedule is the timesteps and their count
-            schedule = self.timesteps  # type: ignore[attr-defined]
-        steps = self.num_inference_steps  # type: ignore[attr-defined]
+            schedule = self.timesteps
+        steps = self.num_inference_steps
         key = schedule.cpu().numpy().tobytes() + f"{steps}{schedule.device}".encode()
         self._cache = self._schedule_caches.setdefault(key, {})
 
@@ -54,17 +62,17 @@ class _PerScheduleCache:
         return value
 
 
-class _MemoisedInputScale:
+class _MemoisedInputScale(_Scheduler):
     """LMS, Euler and Euler A divide the UNet input by ``(sigma**2 + 1) ** 0.5`` every step:
     three 0-d tensor ops whose result depends only on the step index."""
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
-        if self.step_index is None:  # type: ignore[attr-defined]
-            self._init_step_index(timestep)  # type: ignore[attr-defined]
-        index = self.step_index  # type: ignore[attr-defined]
-        divisor = self._memoised(  # type: ignore[attr-defined]
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        divisor = self._memoised(
             ("input_scale", index),
-            lambda: (self.sigmas[index] ** 2 + 1) ** 0.5,  # type: ignore[attr-defined]
+            lambda: (self.sigmas[index] ** 2 + 1) ** 0.5,
         )
         self.is_scale_input_called = True
         return sample / divisor
@@ -81,12 +89,12 @@ class CachedLMSDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, LMSDisc
         return self._memoised((order, t, current_order), lambda: compute(order, t, current_order))
 
 
-class _MemoisedAlphaSigma:
+class _MemoisedAlphaSigma(_Scheduler):
     """``_sigma_to_alpha_sigma_t`` is called 4-7 times a step by the multistep solvers, each
     time a handful of 0-d tensor ops; its result depends on the sigma's value alone."""
 
     def _sigma_to_alpha_sigma_t(self, sigma: torch.Tensor) -> Any:
-        parent = super()._sigma_to_alpha_sigma_t  # type: ignore[misc]
+        parent = super()._sigma_to_alpha_sigma_t
         if not isinstance(sigma, torch.Tensor) or sigma.device.type != "cpu" or sigma.ndim:
             return parent(sigma)  # reading a GPU value would synchronise: compute instead
         cache: dict[tuple[float, torch.dtype], Any] = self.__dict__.setdefault("_alpha_sigma", {})
@@ -233,7 +241,11 @@ class CachedUniPCMultistepScheduler(
         }
 
     def convert_model_output(
-        self, model_output: torch.Tensor, *args: Any, sample: torch.Tensor = None, **kwargs: Any
+        self,
+        model_output: torch.Tensor,
+        *args: Any,
+        sample: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         config = self.config
         if (
@@ -255,8 +267,8 @@ class CachedUniPCMultistepScheduler(
         self,
         model_output: torch.Tensor,
         *args: Any,
-        sample: torch.Tensor = None,
-        order: int = None,
+        sample: torch.Tensor | None = None,
+        order: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         if args or kwargs or self.solver_p or sample is None or order is None:
@@ -276,9 +288,9 @@ class CachedUniPCMultistepScheduler(
         self,
         this_model_output: torch.Tensor,
         *args: Any,
-        last_sample: torch.Tensor = None,
-        this_sample: torch.Tensor = None,
-        order: int = None,
+        last_sample: torch.Tensor | None = None,
+        this_sample: torch.Tensor | None = None,
+        order: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         if args or kwargs or last_sample is None or this_sample is None or order is None:
@@ -315,7 +327,7 @@ class CachedDDIMScheduler(_PerScheduleCache, DDIMScheduler):
     factors depend only on the timestep and the number of steps. Memoised; any other
     setting runs diffusers' own step."""
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
@@ -384,13 +396,13 @@ class _MemoisedEulerStep(_PerScheduleCache, _MemoisedInputScale):
         return (
             not isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
             and self.is_scale_input_called
-            and self.config.prediction_type == "epsilon"  # type: ignore[attr-defined]
+            and self.config.prediction_type == "epsilon"
         )
 
     def _factors(self, timestep: Any) -> Any:
-        if self.step_index is None:  # type: ignore[attr-defined]
-            self._init_step_index(timestep)  # type: ignore[attr-defined]
-        return self._memoised(self.step_index, self._step_factors)  # type: ignore[attr-defined]
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        return self._memoised(self.step_index, self._step_factors)
 
     @staticmethod
     def _euler_update(
@@ -426,7 +438,7 @@ class CachedEulerDiscreteScheduler(_MemoisedEulerStep, EulerDiscreteScheduler):
 
     _output_class = EulerDiscreteSchedulerOutput
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model_output: torch.Tensor,
         timestep: Any,
@@ -458,7 +470,7 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
 
     _output_class = EulerAncestralDiscreteSchedulerOutput
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model_output: torch.Tensor,
         timestep: Any,

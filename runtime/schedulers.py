@@ -65,7 +65,7 @@ def fast_schedulers_proven(version: str | None = None) -> bool:
 _warned: list[str] = []
 
 
-def normalise_scheduler_config(scheduler: SchedulerMixin) -> None:
+def normalise_scheduler_config(scheduler: Any) -> None:
     """The two fixes StableDiffusionImg2ImgPipeline.__init__ applies to old SD configs."""
     updates: dict[str, Any] = {}
     if getattr(scheduler.config, "steps_offset", 1) != 1:
@@ -76,7 +76,7 @@ def normalise_scheduler_config(scheduler: SchedulerMixin) -> None:
         scheduler.register_to_config(**updates)
 
 
-def step_kwargs(scheduler: SchedulerMixin, generator: Any, eta: float = 0.0) -> dict[str, Any]:
+def step_kwargs(scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, Any]:
     """The keyword arguments diffusers' pipeline passes to ``scheduler.step``: ``eta`` and
     ``generator`` where the scheduler accepts them (stochastic schedulers draw from it)."""
     accepted = inspect.signature(scheduler.step).parameters

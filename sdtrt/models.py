@@ -76,9 +76,11 @@ def _build(
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config).eval()
     torch.manual_seed(seed + 1)
-    unet_model = UNet2DConditionModel(**unet).eval()
+    unet_model: Any = UNet2DConditionModel(**unet)  # diffusers' models are untyped modules
+    unet_model.eval()
     torch.manual_seed(seed + 2)
-    vae_model = AutoencoderKL(**vae).eval()
+    vae_model: Any = AutoencoderKL(**vae)
+    vae_model.eval()
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
@@ -237,7 +239,7 @@ def save_diffusers_folder(components: dict[str, Any], path: Path) -> None:
     """Write components as a diffusers folder (the layout ``load_components`` reads)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(
+    pipe: Any = StableDiffusionImg2ImgPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(path, safe_serialization=True)

@@ -9,7 +9,9 @@ tokens); only the merge list is ours: a few hundred merges learnt from a fixed w
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from itertools import pairwise
+from typing import Any
 
 from transformers import CLIPTokenizer
 
@@ -43,7 +45,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def _learn_merges(words: tuple[str, ...], num_merges: int) -> list[tuple[str, str]]:
+def _learn_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
     """Plain BPE training (most frequent adjacent pair first, ties broken by the pair)."""
     split = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
     merges: list[tuple[str, str]] = []
@@ -74,4 +76,6 @@ def build_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
     vocab, merges = build_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # transformers 5 takes merges as (a, b) pairs, whatever its annotation says (strings).
+    pairs: Any = merges
+    return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
