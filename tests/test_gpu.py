@@ -4,7 +4,6 @@ reason where there is no CUDA GPU (or no TensorRT). Run them with `pytest -m gpu
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
@@ -12,11 +11,13 @@ import torch
 from conftest import diffusers_img2img
 
 from sdtrt.bench.check import THRESHOLDS, compare_images
+from sdtrt.engine.trt_build import tensorrt_version
+from sdtrt.options import BuildRanges, TensorRTOptions, TorchOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import SCHEDULERS
 
 HAS_CUDA = torch.cuda.is_available()
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_TRT = tensorrt_version() is not None
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
 tensorrt = pytest.mark.skipif(
     not (HAS_CUDA and HAS_TRT),
@@ -39,7 +40,7 @@ def _image(seed=0):
 @cuda
 def test_torch_cuda_fp16_matches_cpu_fp32(tiny):
     gpu = Img2ImgPipeline.from_components(
-        _own(tiny), device="cuda", dtype=torch.float16, show_progress=False
+        _own(tiny), TorchOptions(device="cuda", dtype="fp16"), show_progress=False
     )
     cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
     got = gpu("a dancer", _image(), generator=torch.Generator().manual_seed(1), **RUN).images
@@ -50,9 +51,11 @@ def test_torch_cuda_fp16_matches_cpu_fp32(tiny):
 @cuda
 def test_torch_cuda_graph_replay_equals_plain_run(tiny):
     on_gpu = _own(tiny)
-    plain = Img2ImgPipeline.from_components(on_gpu, device="cuda", show_progress=False)
+    plain = Img2ImgPipeline.from_components(
+        on_gpu, TorchOptions(device="cuda"), show_progress=False
+    )
     graphed = Img2ImgPipeline.from_components(
-        on_gpu, device="cuda", cuda_graphs=True, show_progress=False
+        on_gpu, TorchOptions(device="cuda", cuda_graphs=True), show_progress=False
     )
     a = plain("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
     b = graphed("a", _image(), generator=torch.Generator().manual_seed(2), **RUN).images
@@ -68,7 +71,7 @@ def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
     run = dict(strength=0.8, num_inference_steps=8, guidance_scale=7.5, output_type="np")
     for name, class_name in SCHEDULERS.items():
         ours = Img2ImgPipeline.from_components(
-            on_gpu, scheduler=name, device="cuda", show_progress=False
+            on_gpu, TorchOptions(device="cuda"), scheduler=name, show_progress=False
         )
         reference = diffusers_img2img(on_gpu, class_name).to("cuda")
         got = ours("a dancer", _image(), generator=torch.Generator().manual_seed(6), **run)
@@ -77,25 +80,18 @@ def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
 
 
 def _ranges():
-    from sdtrt.engine.trt_profile import BuildRanges
-
     return BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
 
 
-def _trt_pipeline(exported, engine_dir, **options):
-    return Img2ImgPipeline.from_pretrained(
-        exported.root,
-        backend="tensorrt",
-        precision="fp16",
-        engine_dir=engine_dir,
-        show_progress=False,
-        **options,
-    )
+def _trt_pipeline(exported, engine_dir, cuda_graphs=False):
+    options = TensorRTOptions(engine_dir=str(engine_dir), cuda_graphs=cuda_graphs)
+    return Img2ImgPipeline.from_pretrained(exported.root, options, show_progress=False)
 
 
 @pytest.fixture(scope="module")
 def engines(exported_fp16, tmp_path_factory):
-    from sdtrt.engine.trt_build import BuildOptions, build_engines
+    from sdtrt.engine.trt_build import build_engines
+    from sdtrt.options import BuildOptions
 
     engine_dir = tmp_path_factory.mktemp("engines")
     paths = build_engines(exported_fp16, "fp16", BuildOptions(ranges=_ranges()), engine_dir)
@@ -108,7 +104,7 @@ def test_engines_match_torch_per_network(engines, tiny):
     from sdtrt.export.networks import networks_for
 
     exported, engine_dir, _ = engines
-    backend = TensorRTBackend(exported, precision="fp16", engine_dir=engine_dir)
+    backend = TensorRTBackend(exported, TensorRTOptions(engine_dir=str(engine_dir)))
     for name, network in networks_for(exported.dims).items():
         inputs = network.sample_inputs("fp16", 1, 32, 48, seed=3)
         got = backend.networks[name](**{k: v.cuda() for k, v in inputs.items()}).float().cpu()
@@ -133,6 +129,18 @@ def test_tensorrt_img2img_psnr_and_cuda_graphs(engines, tiny):
 
 
 @tensorrt
+def test_tensorrt_outputs_belong_to_the_caller(engines):
+    """A second UNet call must not change the first's result (PNDM keeps model outputs)."""
+    exported, engine_dir, _ = engines
+    backend = _trt_pipeline(exported, engine_dir).backend
+    hidden = torch.randn(2, 77, exported.dims.text_hidden_size, device="cuda")
+    first = backend.unet(torch.randn(2, 4, 4, 6, device="cuda"), torch.tensor(500.0), hidden)
+    kept = first.clone()
+    backend.unet(torch.randn(2, 4, 4, 6, device="cuda"), torch.tensor(10.0), hidden)
+    assert torch.equal(first, kept)
+
+
+@tensorrt
 def test_request_outside_profile_is_refused(engines):
     from sdtrt.errors import ShapeOutsideProfileError
 
@@ -147,8 +155,9 @@ def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
     import json
     import shutil
 
-    from sdtrt.engine.trt_build import BuildOptions, build_engines
+    from sdtrt.engine.trt_build import build_engines
     from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import BuildOptions
 
     exported, engine_dir, paths = engines
     root = shutil.copytree(exported.root, tmp_path / "copy")
@@ -156,7 +165,9 @@ def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
     file = manifest["precisions"]["fp16"]["text_encoder"]["file"]
     manifest["graphs"][file]["sha256"]["model_fp16.onnx"] = "0" * 64
     (root / "sdtrt.json").write_text(json.dumps(manifest))
-    changed = ExportedModel(root, manifest, {file})  # skip the file check: the hash is the test
+    changed = ExportedModel(
+        root, manifest, _verified={file}
+    )  # skip the file check: the hash is the test
     new = build_engines(
         changed, "fp16", BuildOptions(ranges=_ranges()), engine_dir, ("text_encoder",)
     )
