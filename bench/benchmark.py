@@ -20,6 +20,7 @@ from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_
 from sdtrt.errors import SdtrtError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions
+from sdtrt.runtime.clock import stopwatch
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,9 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
     unet_calls = 0
     for i in range(config.repeats):
         timer.reset()
-        synchronize(device)
-        start = time.perf_counter()
-        unet_calls = target.run(batch, 1000 + i)
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
+        with stopwatch(lambda: synchronize(device)) as watch:
+            unet_calls = target.run(batch, 1000 + i)
+        samples.append(watch.ms)
         calls = max(timer.calls["unet"], 1)
         stages["text_encoder"].append(timer.totals["text_encoder"])
         stages["vae_encoder"].append(timer.totals["vae_encoder"])
@@ -134,11 +133,9 @@ def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str,
     def timed(fn: Callable[[], Any]) -> float:
         runs = []
         for _ in range(max(2, min(config.repeats, 5)) + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            runs.append((time.perf_counter() - start) * 1e3)
+            with stopwatch(lambda: synchronize(device)) as watch:
+                fn()
+            runs.append(watch.ms)
         return statistics.median(runs[1:])  # the first is a warm-up
 
     both, half = inputs(2 * batch), inputs(batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from sdtrt.runtime.clock import stopwatch
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -33,11 +34,9 @@ class StageTimer:
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            synchronize(self.device)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            synchronize(self.device)
-            self.totals[stage] += (time.perf_counter() - start) * 1e3
+            with stopwatch(lambda: synchronize(self.device)) as watch:
+                out = fn(*args, **kwargs)
+            self.totals[stage] += watch.ms
             self.calls[stage] += 1
             return out
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdtrt.engine.factory import check_available
 from sdtrt.errors import GraphIntegrityError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, networks_for
@@ -31,8 +32,6 @@ class OrtBackend:
 
     def __init__(self, exported: ExportedModel, options: OrtOptions = OrtOptions()) -> None:
         import onnxruntime as ort
-
-        from sdtrt.engine.factory import check_available
 
         check_available(options)
         device = options.device or (

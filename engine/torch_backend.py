@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
+from sdtrt.engine.factory import check_available
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, TorchOptions
 
@@ -16,8 +17,6 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, components: dict[str, Any], options: TorchOptions = TorchOptions()) -> None:
-        from sdtrt.engine.factory import check_available
-
         check_available(options)
         self.device = torch.device(options.device)
         self.dtype = dtype = getattr(torch, DTYPES[options.dtype])

@@ -10,7 +10,6 @@ and the same generator the images equal diffusers' own.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from sdtrt.engine.base import Backend
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import BackendOptions, CacheOptions, default_options
+from sdtrt.runtime.clock import stopwatch
 from sdtrt.runtime.inputs import (
     Limits,
     check_size,
@@ -290,11 +290,9 @@ class Img2ImgPipeline:
 
     @contextmanager
     def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
-        self.backend.synchronize()
-        start = time.perf_counter()
-        yield
-        self.backend.synchronize()
-        timings[stage] = (time.perf_counter() - start) * 1e3
+        with stopwatch(self.backend.synchronize) as watch:
+            yield
+        timings[stage] = watch.ms
 
 
 def _ordinary(latents: torch.Tensor) -> torch.Tensor:
