@@ -22,6 +22,7 @@ from polygraphy.common import TensorMetadata
 
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import Network, networks_for
+from sdtrt.options import TRT_FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ class TorchNetworkRunner(BaseRunner):
 def _graph_runner(backend: str, exported: ExportedModel, network: str, precision: str) -> Any:
     """polygraphy's runner for the backend's form of ``network``: the ONNX graph in ONNX
     Runtime, or the built engine in TensorRT."""
-    if backend == "tensorrt":
+    if backend in TRT_FAMILIES:
+        from sdtrt.engine.trt_family import use_polygraphy_family
+
+        use_polygraphy_family(backend)
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
-        path, _ = _built_engine(exported, network, precision)
+        path, _ = _built_engine(exported, network, precision, backend)
         return TrtRunner(EngineFromPath(str(path)))
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -112,20 +116,22 @@ def _graph_runner(backend: str, exported: ExportedModel, network: str, precision
 
 
 def _built_engine(
-    exported: ExportedModel, network: str, precision: str
+    exported: ExportedModel, network: str, precision: str, family: str
 ) -> tuple[Path, dict[str, Any]]:
     """The engine ``sdtrt build`` made for ``network`` with the default options, and its
     sidecar (the profile it was built for)."""
-    from sdtrt.engine.trt_build import default_engine_dir, engine_key
+    from sdtrt.engine.trt_build import default_engine_dir, engine_key, gpu_identity
     from sdtrt.engine.trt_cache import find_engine
     from sdtrt.options import BuildOptions
 
-    key = engine_key(exported, network, precision, BuildOptions())
-    return find_engine(default_engine_dir(exported), key)
+    key = engine_key(exported, network, precision, BuildOptions(), family)
+    return find_engine(default_engine_dir(exported), key, gpu_identity())
 
 
-def _profile_corners(exported: ExportedModel, precision: str) -> list[tuple[int, int, int]]:
-    _, sidecar = _built_engine(exported, "unet", precision)
+def _profile_corners(
+    exported: ExportedModel, precision: str, family: str
+) -> list[tuple[int, int, int]]:
+    _, sidecar = _built_engine(exported, "unet", precision, family)
     f = exported.vae_scale_factor
     corners = []
     for end in ("min", "max"):
@@ -146,8 +152,8 @@ def compare_networks(
     limit = THRESHOLDS[precision].rel_l2
     m = exported.dims.size_multiple
     requests = [(1, 2 * m, 3 * m), (3, 4 * m, 2 * m)]  # two batches, two aspect ratios
-    if backend == "tensorrt":  # the corners of what the engines were built for
-        requests = _profile_corners(exported, precision)
+    if backend in TRT_FAMILIES:  # the corners of what the engines were built for
+        requests = _profile_corners(exported, precision, backend)
     results: list[NetworkResult] = []
     for name, network in networks_for(exported.dims).items():
         graph_precision = exported.network_precision(name, precision)

@@ -8,6 +8,7 @@ from sdtrt.errors import InvalidInputError
 from sdtrt.options import (
     BACKENDS,
     GRAPH_BACKENDS,
+    TRT_FAMILIES,
     BackendOptions,
     OrtOptions,
     TensorRTOptions,
@@ -69,8 +70,8 @@ class BenchConfig:
                 "--precision picks exported graphs: it applies to onnxruntime and tensorrt, "
                 "and neither is benchmarked"
             )
-        if self.cuda_graphs and not {"torch", "tensorrt"} & set(self.backends):
-            raise InvalidInputError("--cuda-graphs applies to the torch and tensorrt backends")
+        if self.cuda_graphs and not {"torch", *TRT_FAMILIES} & set(self.backends):
+            raise InvalidInputError("--cuda-graphs applies to the torch and TensorRT backends")
         for backend in self.backends:
             if backend != "diffusers":
                 self.options_for(backend)  # refuses a combination that cannot run
@@ -86,5 +87,7 @@ class BenchConfig:
                 threads=self.ort_threads,
             )
         return TensorRTOptions(
-            precision=self.precision or default_precision(backend), cuda_graphs=self.cuda_graphs
+            family=backend,
+            precision=self.precision or default_precision(backend),
+            cuda_graphs=self.cuda_graphs,
         )

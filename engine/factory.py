@@ -42,7 +42,7 @@ def check_available(options: BackendOptions) -> None:
     else:
         from sdtrt.engine.trt_build import require_tensorrt
 
-        require_tensorrt()
+        require_tensorrt(options.family)
 
 
 def backend_from_components(

@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
-from sdtrt.engine.trt_build import build_engines, default_engine_dir, engine_key, require_tensorrt
+from sdtrt.engine.trt_build import (
+    build_engines,
+    default_engine_dir,
+    engine_key,
+    gpu_identity,
+    require_tensorrt,
+)
 from sdtrt.engine.trt_cache import find_engine, has_engine
+from sdtrt.engine.trt_family import RuntimeCacheFile, trt_module
 from sdtrt.engine.trt_profile import check_request
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
@@ -35,17 +42,32 @@ logger = logging.getLogger(__name__)
 class TrtNetwork:
     """One deserialised engine with its context and preallocated I/O buffers."""
 
-    def __init__(self, runtime: trt.Runtime, path: Path, sidecar: dict[str, Any]) -> None:
-        import tensorrt as trt
-
+    def __init__(
+        self, trt: Any, runtime: trt.Runtime, path: Path, sidecar: dict[str, Any], log: Any
+    ) -> None:
         self.name = sidecar["network"]
         self.profile = sidecar["profile"]
+        family = sidecar.get("family", "tensorrt")
+        log.errors.clear()
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise EngineMismatchError(f"TensorRT could not deserialise {path}: rebuild it")
-        self.context = self.engine.create_execution_context(
-            trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        )
+            reason = "; ".join(log.errors) or "no reason given"
+            raise EngineMismatchError(f"{family} could not deserialise {path}: {reason}")
+        self.runtime_cache: RuntimeCacheFile | None = None
+        self._shapes_seen: set[tuple[tuple[int, ...], ...]] = set()
+        self.cache_dirty = False
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if family == "tensorrt-rtx":
+            # The kernels TensorRT-RTX compiles on first run, kept per engine and GPU.
+            config: Any = self.engine.create_runtime_config()  # TensorRT-RTX's API
+            config.set_execution_context_allocation_strategy(strategy)
+            cc = "".join(str(v) for v in torch.cuda.get_device_capability())
+            cache_path = path.with_name(f"{path.stem}.sm{cc}.runtime-cache")
+            self.runtime_cache = RuntimeCacheFile(cache_path, config.create_runtime_cache())
+            config.set_runtime_cache(self.runtime_cache.cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context(strategy)
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.buffers: dict[str, torch.Tensor] = {}
@@ -75,7 +97,12 @@ class TrtNetwork:
     def bind(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Copy inputs into their buffers and point the context at them; returns the view
         the output will be written to. The shapes are checked against the profile first."""
-        check_request(self.name, self.profile, {k: tuple(v.shape) for k, v in inputs.items()})
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+        check_request(self.name, self.profile, shapes)
+        seen = tuple(shapes.values())
+        if self.runtime_cache is not None and seen not in self._shapes_seen:
+            self._shapes_seen.add(seen)
+            self.cache_dirty = True  # TensorRT-RTX compiles kernels for a new shape
         for name, tensor in inputs.items():
             buffer = self.buffers[name][: tensor.numel()].view(tensor.shape)
             buffer.copy_(tensor, non_blocking=True)
@@ -95,6 +122,24 @@ class TrtNetwork:
         out = self.bind(inputs)
         self.enqueue()
         return out
+
+
+def _recording_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps the errors, so a failure can say TensorRT's reason."""
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(msg)
+                logger.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.WARNING:
+                logger.warning("TensorRT: %s", msg)
+
+    return RecordingLogger()
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
@@ -120,26 +165,37 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, exported: ExportedModel, options: TensorRTOptions = TensorRTOptions()):
-        require_tensorrt()
-        import tensorrt as trt
-
+        family = options.family
+        require_tensorrt(family)
+        trt = trt_module(family)
+        self.name = family
         precision = options.precision
         self.device = torch.device("cuda")
         self.size_multiple = exported.dims.size_multiple
         engine_dir = Path(options.engine_dir) if options.engine_dir else None
         engine_dir = engine_dir or default_engine_dir(exported)
         if options.build_missing:
-            build_engines(exported, precision, BuildOptions(), engine_dir)
-        self.trt_logger = trt.Logger(trt.Logger.WARNING)
+            build_engines(exported, precision, BuildOptions(), engine_dir, family=family)
+        self.trt_logger = _recording_logger(trt)
         runtime = trt.Runtime(self.trt_logger)
-        self.networks: dict[str, TrtNetwork] = {}
-        for network in NETWORK_NAMES:
-            # Found from the sidecar, before deserialising: a mismatch names its field.
-            path, sidecar = find_engine(
-                engine_dir, engine_key(exported, network, precision, BuildOptions())
-            )
-            self.networks[network] = TrtNetwork(runtime, path, sidecar)
-        self.fp32_decoder = self._fp32_decoder(runtime, exported, precision, engine_dir)
+        gpu = gpu_identity()
+
+        def load(network: str, precision: str) -> TrtNetwork:
+            # Found from the sidecar, before deserialising: a mismatch names its field, an
+            # RTX engine whose targets miss this GPU names both.
+            key = engine_key(exported, network, precision, BuildOptions(), family)
+            path, sidecar = find_engine(engine_dir, key, gpu)
+            return TrtNetwork(trt, runtime, path, sidecar, self.trt_logger)
+
+        self.networks = {network: load(network, precision) for network in NETWORK_NAMES}
+        self.fp32_decoder = None
+        fp16_vae = exported.network_precision("vae_decoder", precision) == "fp16"
+        if fp16_vae and "fp32" in exported.precisions:
+            # An fp32 decoder engine, if one was built, is the fallback for fp16 overflow.
+            # None built: no fallback. One built for something else: EngineMismatchError, as
+            # for any engine (a stale one must not silently turn the fallback off).
+            if has_engine(engine_dir, "vae_decoder", "fp32", family):
+                self.fp32_decoder = load("vae_decoder", "fp32")
         shared = max(n.device_memory_size for n in self.networks.values())
         self.activations = torch.empty(shared, dtype=torch.uint8, device="cuda")
         for network in self.networks.values():
@@ -152,19 +208,12 @@ class TensorRTBackend:
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if options.cuda_graphs else None
         self._unet_net = unet
 
-    def _fp32_decoder(
-        self, runtime: trt.Runtime, exported: ExportedModel, precision: str, engine_dir: Path
-    ) -> TrtNetwork | None:
-        """An fp32 VAE decoder engine, if one was built, as the fallback for fp16 overflow.
-        None built: no fallback. One built for something else: EngineMismatchError, as for
-        any engine (a stale one must not silently turn the fallback off)."""
-        if exported.network_precision("vae_decoder", precision) == "fp32":
-            return None
-        if "fp32" not in exported.precisions or not has_engine(engine_dir, "vae_decoder", "fp32"):
-            return None
-        key = engine_key(exported, "vae_decoder", "fp32", BuildOptions())
-        path, sidecar = find_engine(engine_dir, key)
-        return TrtNetwork(runtime, path, sidecar)
+    def save_runtime_caches(self) -> None:
+        """TensorRT-RTX: keep the kernels compiled for new shapes for the next process."""
+        for network in [*self.networks.values(), self.fp32_decoder]:
+            if network is not None and network.runtime_cache is not None and network.cache_dirty:
+                network.runtime_cache.save()
+                network.cache_dirty = False
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device, torch.int32)
@@ -198,6 +247,7 @@ class TensorRTBackend:
         if self.fp32_decoder is not None and not torch.isfinite(out).all():
             logger.warning("the fp16 VAE decoder overflowed: decoding again with the fp32 engine")
             out = owned(self.fp32_decoder(latent_sample=latents.to(self.device, torch.float32)))
+        self.save_runtime_caches()  # the end of a request
         return out
 
     def synchronize(self) -> None:

@@ -18,20 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.errors import EngineMismatchError
+from sdtrt.export.folder import sha256_file
 from sdtrt.fileio import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
 # What must match for an engine to run here at all; the profile and build flags only decide
-# whether `sdtrt build` rebuilds.
+# whether `sdtrt build` rebuilds. A standard engine runs on the GPU model it was built on; an
+# RTX engine on any GPU among its targets (checked by trt_family.check_targets).
 RUNTIME_FIELDS = (
     "network",
     "graph_sha256",
     "precision",
+    "family",
     "tensorrt_version",
     "gpu_name",
     "compute_capability",
 )
+RTX_RUNTIME_FIELDS = tuple(f for f in RUNTIME_FIELDS if f not in ("gpu_name", "compute_capability"))
+_FAMILY_TAGS = {"tensorrt": "trt", "tensorrt-rtx": "rtx"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class EngineKey:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
+    """Standard TensorRT: the GPU's ("9.0"). TensorRT-RTX: the targets ("8.0,8.6,8.9,12.0+")."""
+    family: str = "tensorrt"
     profile: dict[str, Any] = field(default_factory=dict)
     build_flags: dict[str, Any] = field(default_factory=dict)
 
@@ -49,8 +56,14 @@ class EngineKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def stem(self) -> str:
-        cc = self.compute_capability.replace(".", "")
-        return f"{self.network}.{self.precision}.trt{self.tensorrt_version}.sm{cc}.{self.digest()}"
+        cc = self.compute_capability.replace(".", "").replace(",", "-").replace("+", "p")
+        tag = _FAMILY_TAGS.get(self.family, self.family)
+        return (
+            f"{self.network}.{self.precision}.{tag}{self.tensorrt_version}.sm{cc}.{self.digest()}"
+        )
+
+    def runtime_fields(self) -> tuple[str, ...]:
+        return RTX_RUNTIME_FIELDS if self.family == "tensorrt-rtx" else RUNTIME_FIELDS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,9 +79,14 @@ def mismatches(found: dict[str, Any], expected: EngineKey, fields: tuple[str, ..
     ]
 
 
-def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, Any]]:
+def find_engine(
+    engine_dir: Path, expected: EngineKey, gpu: tuple[str, str] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The newest engine for ``expected.network`` whose sidecar matches this machine and
-    graph; else EngineMismatchError naming what differs (or that none was built)."""
+    graph; else EngineMismatchError naming what differs (or that none was built). For an
+    RTX engine, ``gpu`` (name, compute capability) is checked against its targets."""
+    from sdtrt.engine.trt_family import check_targets
+
     sidecars = sorted(
         engine_dir.glob(f"{expected.network}.*.json"), key=lambda p: p.stat().st_mtime, reverse=True
     )
@@ -78,9 +96,13 @@ def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, 
         if found is None:
             problems.append(f"{sidecar.name}: unreadable sidecar")
             continue
-        differ = mismatches(found, expected, RUNTIME_FIELDS)
+        differ = mismatches(found, expected, expected.runtime_fields())
         plan = sidecar.with_suffix(".plan")
+        if not differ and plan.is_file() and plan.stat().st_size != found.get("plan_bytes"):
+            differ = [f"engine file {plan.name} is not the size its sidecar records: rebuild it"]
         if not differ and plan.is_file():
+            if gpu is not None and expected.family == "tensorrt-rtx":
+                check_targets(found["compute_capability"], gpu[1], gpu[0])
             return plan, found
         problems.extend(f"{sidecar.name}: {d}" for d in differ or ["engine file missing"])
     if not sidecars:
@@ -94,9 +116,9 @@ def find_engine(engine_dir: Path, expected: EngineKey) -> tuple[Path, dict[str, 
     )
 
 
-def has_engine(engine_dir: Path, network: str, precision: str) -> bool:
-    """Whether any engine of ``network`` at ``precision`` was built into ``engine_dir``."""
-    return any(engine_dir.glob(f"{network}.{precision}.*.json"))
+def has_engine(engine_dir: Path, network: str, precision: str, family: str = "tensorrt") -> bool:
+    """Whether any ``family`` engine of ``network`` at ``precision`` is in ``engine_dir``."""
+    return any(engine_dir.glob(f"{network}.{precision}.{_FAMILY_TAGS[family]}*.json"))
 
 
 def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:
@@ -128,13 +150,16 @@ def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) 
     with build_lock(plan.with_suffix(".lock")):
         found = _read_sidecar(sidecar) if plan.is_file() else None
         if found is not None and not mismatches(found, key, tuple(key.to_json())):
-            logger.info("reusing engine %s", plan.name)
-            return plan
-        if sidecar.is_file() and found is None:
+            if sha256_file(plan) == found.get("plan_sha256"):
+                logger.info("reusing engine %s", plan.name)
+                return plan
+            logger.warning("engine %s does not match its sidecar: building it again", plan.name)
+        elif sidecar.is_file() and found is None:
             logger.warning("sidecar %s is unreadable: building the engine again", sidecar.name)
         logger.info("building engine %s", plan.name)
         data = build()
         with atomic_path(plan) as tmp:
             tmp.write_bytes(data)
-        write_json(sidecar, key.to_json())
+        digest = hashlib.sha256(data).hexdigest()
+        write_json(sidecar, {**key.to_json(), "plan_sha256": digest, "plan_bytes": len(data)})
     return plan

@@ -116,17 +116,20 @@ def build(
     precision: str | None = None,
     options: BuildOptions = BuildOptions(),
     engine_dir: str | Path | None = None,
+    family: str = "tensorrt",
 ) -> dict[str, Path]:
-    """``sdtrt build``: one TensorRT engine per network (reused when already built)."""
+    """``sdtrt build``: one engine per network (reused when already built). ``family``:
+    tensorrt (on and for this GPU) or tensorrt-rtx (on any machine, for its targets)."""
     from sdtrt.engine.trt_build import build_engines, require_tensorrt
 
-    precision = precision or default_precision("tensorrt")
+    precision = precision or default_precision(family)
     if engine_dir is not None:
         check_output_file(Path(engine_dir) / "engine.plan", "--engine-dir")
-    require_tensorrt()  # a machine without TensorRT or a GPU is told so before any work
+    require_tensorrt(family, gpu=False)  # what is missing is said before any work
     exported = open_exported(model, precision)
     options.ranges.check(exported.dims.size_multiple)
-    return build_engines(exported, precision, options, Path(engine_dir) if engine_dir else None)
+    out = Path(engine_dir) if engine_dir else None
+    return build_engines(exported, precision, options, out, family=family)
 
 
 def check(model: str, backend: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:

@@ -14,15 +14,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdtrt.bench.config import BenchConfig
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import EngineBuildError, SdtrtError
 from sdtrt.options import (
     BACKENDS,
     DEVICES,
     GRAPH_BACKENDS,
     ORT_OPTIMIZATION_LEVELS,
     PRECISIONS,
+    RTX_TARGETS,
     SCHEDULER_NAMES,
     SEED_PROMPT,
+    TRT_FAMILIES,
     BuildOptions,
     BuildRanges,
     ExportOptions,
@@ -35,7 +37,7 @@ from sdtrt.options import (
 MODEL_HELP = "tiny | sd15-random | sd21-random | a diffusers folder | an sdtrt export"
 PRECISION_HELP = (
     f"graph backends: which exported graphs run (default: {TensorRTOptions.precision} for "
-    f"tensorrt, {OrtOptions.precision} for onnxruntime)"
+    f"the TensorRT backends, {OrtOptions.precision} for onnxruntime)"
 )
 
 
@@ -67,7 +69,7 @@ def _add_backend_options(p: argparse.ArgumentParser, backends: Sequence[str]) ->
     p.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="torch (with --device cuda) and tensorrt: replay the UNet as a CUDA graph",
+        help="torch (with --device cuda) and the TensorRT backends: the UNet as a CUDA graph",
     )
 
 
@@ -231,7 +233,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--backends",
         default=",".join(config.backends),
-        help="comma-separated: torch, onnxruntime, tensorrt, diffusers",
+        help="comma-separated: torch, onnxruntime, tensorrt, tensorrt-rtx, diffusers",
     )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--height", type=int, default=config.height, help="pixels")
@@ -242,7 +244,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--device", default=config.device, choices=DEVICES, help="torch and diffusers")
     p.add_argument("--dtype", default=config.dtype, choices=PRECISIONS, help="torch and diffusers")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
-    p.add_argument("--cuda-graphs", action="store_true", help="torch and tensorrt")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")
     p.add_argument("--warmup", type=int, default=config.warmup, help="runs before timing")
     p.add_argument("--repeats", type=int, default=config.repeats, help="timed runs")
     p.add_argument(
@@ -325,6 +327,20 @@ def _add_build(sub: Any) -> None:
     )
     p.add_argument("--model", required=True, help=MODEL_HELP + " (exported into the cache)")
     p.add_argument(
+        "--backend",
+        default="tensorrt",
+        choices=TRT_FAMILIES,
+        help="tensorrt: on and for this GPU; tensorrt-rtx: on any machine (no GPU needed), "
+        "for RTX/Ampere+ GPUs",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="tensorrt-rtx: compute capabilities to run on, comma-separated ("
+        + ", ".join(RTX_TARGETS)
+        + "), or gpu for this machine's (default: its portable set 8.0, 8.6, 8.9, 12.0+)",
+    )
+    p.add_argument(
         "--precision", default=TensorRTOptions.precision, choices=PRECISIONS, help="graphs"
     )
     p.add_argument("--batch", default=_span(ranges.batch), help="images: N or MIN-MAX")
@@ -358,10 +374,17 @@ def _run_build(args: argparse.Namespace) -> int:
         opt_width=args.opt_width,
         static=args.static,
     )
+    targets = tuple(t.strip() for t in (args.targets or "").split(",") if t.strip())
+    if targets and args.backend != "tensorrt-rtx":
+        raise _invalid("--targets is for --backend tensorrt-rtx (tensorrt builds for this GPU)")
     options = BuildOptions(
-        ranges=ranges, optimization_level=args.optimization_level, workspace_gb=args.workspace_gb
+        ranges=ranges,
+        optimization_level=args.optimization_level,
+        workspace_gb=args.workspace_gb,
+        targets=targets,
     )
-    for network, path in build(args.model, args.precision, options, args.engine_dir).items():
+    built = build(args.model, args.precision, options, args.engine_dir, args.backend)
+    for network, path in built.items():
         print(f"{network}: {path}")
     return 0
 
@@ -402,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("sdtrt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.handler(args))
+    except EngineBuildError as exc:  # not the user's input: the graph or TensorRT failed
+        print(f"sdtrt: error: {exc}", file=sys.stderr)
+        return 1
     except SdtrtError as exc:
         print(f"sdtrt: error: {exc}", file=sys.stderr)
         return 2

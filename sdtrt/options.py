@@ -17,8 +17,14 @@ from sdtrt.errors import InvalidInputError
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
 SCHEDULER_NAMES = ("lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
+GRAPH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+# The two TensorRT families: standard TensorRT (datacenter and all CUDA GPUs; engines tied
+# to one GPU model) and TensorRT for RTX (Ampere, Ada, Blackwell: compute capability 8.0,
+# 8.6, 8.9, 12.x; engines built ahead of time without a GPU, portable across their targets).
+TRT_FAMILIES = ("tensorrt", "tensorrt-rtx")
+# Compute capabilities TensorRT-RTX can target (its ComputeCapability enum, 1.7).
+RTX_TARGETS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 PRECISIONS = ("fp32", "fp16")
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
@@ -79,9 +85,11 @@ class OrtOptions:
 
 @dataclass(frozen=True)
 class TensorRTOptions:
-    """The TensorRT backend: engines built from an exported folder's graphs."""
+    """The TensorRT backends: engines built from an exported folder's graphs."""
 
     backend: ClassVar[str] = "tensorrt"
+    family: str = "tensorrt"
+    """tensorrt (module ``tensorrt``) or tensorrt-rtx (module ``tensorrt_rtx``)."""
     precision: str = "fp16"
     """Which graphs the engines come from (engines are strongly typed): fp16 or fp32."""
     cuda_graphs: bool = False
@@ -93,6 +101,7 @@ class TensorRTOptions:
     ``sdtrt build``, and a mismatch there is an error)."""
 
     def __post_init__(self) -> None:
+        _one_of("TensorRT family", self.family, TRT_FAMILIES)
         _one_of("precision", self.precision, PRECISIONS)
 
 
@@ -106,6 +115,8 @@ _OPTION_CLASSES: dict[str, type[BackendOptions]] = {
 
 def default_options(backend: str) -> BackendOptions:
     _one_of("backend", backend, BACKENDS)
+    if backend in TRT_FAMILIES:
+        return TensorRTOptions(family=backend)
     return _OPTION_CLASSES[backend]()
 
 
@@ -113,7 +124,7 @@ def default_precision(backend: str) -> str:
     """The graphs a graph backend uses when none is named: fp16 engines for TensorRT (its
     product), fp32 for ONNX Runtime (exact and fastest on CPU). One rule for every verb."""
     _one_of("graph backend", backend, GRAPH_BACKENDS)
-    return TensorRTOptions.precision if backend == "tensorrt" else OrtOptions.precision
+    return OrtOptions.precision if backend == "onnxruntime" else TensorRTOptions.precision
 
 
 def backend_options(
@@ -160,7 +171,7 @@ def backend_options(
     if device == "cpu":
         raise refuse("--device cpu", "TensorRT runs on an NVIDIA GPU only")
     return TensorRTOptions(
-        precision=precision or TensorRTOptions.precision, cuda_graphs=cuda_graphs
+        family=backend, precision=precision or TensorRTOptions.precision, cuda_graphs=cuda_graphs
     )
 
 
@@ -306,8 +317,18 @@ class BuildOptions:
     """TensorRT builder optimisation level, 0-5 (higher: longer builds, faster engines)."""
     workspace_gb: float | None = None
     """Workspace memory pool limit; None leaves TensorRT's default (the GPU's memory)."""
+    targets: tuple[str, ...] = ()
+    """TensorRT-RTX only: the compute capabilities the engines run on ("8.6", "8.9"...);
+    empty: TensorRT-RTX's portable default (8.0, 8.6, 8.9, 12.0 and later); ("gpu",): this
+    machine's GPU."""
 
     def __post_init__(self) -> None:
+        for target in self.targets:
+            if target not in (*RTX_TARGETS, "gpu") or (target == "gpu" and len(self.targets) > 1):
+                raise InvalidInputError(
+                    f"target {target!r}: give compute capabilities among "
+                    f"{', '.join(RTX_TARGETS)}, or gpu (alone) for this machine's GPU"
+                )
         if not 0 <= self.optimization_level <= 5:
             raise InvalidInputError(
                 f"optimisation level must be in 0-5, got {self.optimization_level}"

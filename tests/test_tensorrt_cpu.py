@@ -100,7 +100,8 @@ def test_stem_names_what_the_engine_is_for():
 
 def _write_engine(directory, key, data=b"plan"):
     (directory / f"{key.stem()}.plan").write_bytes(data)
-    (directory / f"{key.stem()}.json").write_text(json.dumps(key.to_json()))
+    sidecar = {**key.to_json(), "plan_bytes": len(data)}
+    (directory / f"{key.stem()}.json").write_text(json.dumps(sidecar))
 
 
 def test_find_engine_matches_before_deserialising(tmp_path):
@@ -129,7 +130,8 @@ def test_cached_engine_builds_once_then_reuses(tmp_path):
     first = cached_engine(tmp_path, KEY, lambda: builds.append(1) or b"engine-bytes")
     second = cached_engine(tmp_path, KEY, lambda: builds.append(1) or b"other")
     assert first == second and builds == [1] and first.read_bytes() == b"engine-bytes"
-    assert json.loads(first.with_suffix(".json").read_text()) == KEY.to_json()
+    sidecar = json.loads(first.with_suffix(".json").read_text())
+    assert sidecar == {**KEY.to_json(), "plan_bytes": 12, "plan_sha256": sidecar["plan_sha256"]}
     # A changed graph is another key: another engine, built.
     changed = cached_engine(tmp_path, replace(KEY, graph_sha256="b" * 64), lambda: b"new")
     assert changed != first and changed.read_bytes() == b"new"

@@ -1,0 +1,221 @@
+"""TensorRT for RTX: real engines built from our graphs on this CPU machine (ahead of time, no
+GPU), reused, rebuilt when their graph or target changes, and refused with the reason when
+they are damaged or cannot run on a GPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from sdtrt.cli import main
+from sdtrt.engine.trt_family import RuntimeCacheFile, check_targets, family_version, runs_on
+from sdtrt.errors import EngineMismatchError
+from sdtrt.export.networks import NETWORK_NAMES
+
+pytestmark = pytest.mark.skipif(
+    family_version("tensorrt-rtx") is None,
+    reason="TensorRT-RTX is not installed (pip install 'sdtrt[rtx]')",
+)
+SMALL = ["--batch", "1-2", "--height", "32-64", "--width", "32-64"]
+SMALL += ["--opt-height", "32", "--opt-width", "48"]
+
+
+def _build(root, engine_dir, *extra):
+    args = ["build", "--model", str(root), "--backend", "tensorrt-rtx", *SMALL]
+    return main([*args, "--engine-dir", str(engine_dir), *extra])
+
+
+def _plans(engine_dir):
+    return {p.name: p.stat().st_mtime_ns for p in engine_dir.glob("*.plan")}
+
+
+def test_builds_the_eight_engines_on_cpu_and_reuses_them(
+    exported, exported_fp16, tmp_path, caplog, capsys
+):
+    engines = tmp_path / "engines"
+    assert _build(exported.root, engines, "--precision", "fp32") == 0
+    assert _build(exported_fp16.root, engines, "--precision", "fp16") == 0
+    plans = _plans(engines)
+    for precision in ("fp32", "fp16"):
+        for network in NETWORK_NAMES:
+            (name,) = [p for p in plans if p.startswith(f"{network}.{precision}.rtx")]
+            assert "sm80-86-89-120p" in name  # the portable targets are in the name
+            sidecar = json.loads((engines / name).with_suffix(".json").read_text())
+            assert sidecar["family"] == "tensorrt-rtx"
+            assert sidecar["compute_capability"] == "8.0,8.6,8.9,12.0+"
+            assert sidecar["gpu_name"] == "" and sidecar["plan_bytes"] > 100_000
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
+        assert _build(exported_fp16.root, engines, "--precision", "fp16") == 0
+    assert caplog.text.count("reusing engine") == 4 and "building" not in caplog.text
+    assert _plans(engines) == plans
+
+
+def test_another_target_is_another_engine(exported_fp16, tmp_path):
+    engines = tmp_path / "engines"
+    assert _build(exported_fp16.root, engines, "--targets", "8.6") == 0
+    first = _plans(engines)
+    assert all(".sm86." in name for name in first)
+    assert _build(exported_fp16.root, engines, "--targets", "8.6,12.0") == 0
+    assert len(_plans(engines)) == 8 and set(first) < set(_plans(engines))
+
+
+def test_a_changed_graph_rebuilds_only_its_engine(exported_fp16, tmp_path, caplog):
+    from sdtrt.engine.trt_build import build_engines
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import BuildOptions, BuildRanges
+
+    options = BuildOptions(ranges=BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64),
+                                              opt_height=32, opt_width=48))  # fmt: skip
+    engines = tmp_path / "engines"
+    paths = build_engines(exported_fp16, "fp16", options, engines, family="tensorrt-rtx")
+    root = shutil.copytree(exported_fp16.root, tmp_path / "copy")
+    manifest = json.loads((root / "sdtrt.json").read_text())
+    file = manifest["precisions"]["fp16"]["text_encoder"]["file"]
+    manifest["graphs"][file]["sha256"]["model_fp16.onnx"] = "0" * 64
+    changed = ExportedModel(root, manifest, _verified={file})  # the hash is the change
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
+        again = build_engines(changed, "fp16", options, engines, family="tensorrt-rtx")
+    assert again["text_encoder"] != paths["text_encoder"]
+    assert {n: again[n] for n in NETWORK_NAMES[1:]} == {n: paths[n] for n in NETWORK_NAMES[1:]}
+    assert caplog.text.count("building engine") == 1
+
+
+def test_a_corrupt_engine_is_rebuilt_and_never_run(exported_fp16, tmp_path, caplog):
+    from sdtrt.engine.trt_build import engine_key
+    from sdtrt.engine.trt_cache import find_engine
+    from sdtrt.options import BuildOptions, BuildRanges
+
+    engines = tmp_path / "engines"
+    assert _build(exported_fp16.root, engines) == 0
+    (unet,) = engines.glob("unet.*.plan")
+    good = unet.read_bytes()
+    unet.write_bytes(good[: len(good) // 2])  # truncated
+    ranges = BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32,
+                         opt_width=48)  # fmt: skip
+    key = engine_key(exported_fp16, "unet", "fp16", BuildOptions(ranges=ranges), "tensorrt-rtx")
+    with pytest.raises(EngineMismatchError, match="not the size its sidecar records"):
+        find_engine(engines, key)
+    unet.write_bytes(good[:-4] + b"XXXX")  # same size, other bytes
+    with caplog.at_level(logging.WARNING, logger="sdtrt.engine.trt_cache"):
+        assert _build(exported_fp16.root, engines) == 0
+    assert "does not match its sidecar: building it again" in caplog.text
+    assert unet.read_bytes() != good[:-4] + b"XXXX" and len(unet.read_bytes()) > 100_000
+
+
+def _unparseable(root):
+    """The text encoder's graph replaced by one with an operator no TensorRT knows."""
+    from sdtrt.export.folder import sha256_file
+
+    node = helper.make_node("NoSuchOperator", ["input_ids"], ["last_hidden_state"],
+                            domain="sdtrt.test")  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "bad",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["B", 77])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT16, ["B", 77, 32])],
+    )
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("sdtrt.test", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    path = root / "text_encoder" / "model_fp16.onnx"
+    onnx.save(model, str(path))
+    manifest = json.loads((root / "sdtrt.json").read_text())
+    manifest["graphs"]["text_encoder/model_fp16.onnx"]["sha256"]["model_fp16.onnx"] = sha256_file(
+        path
+    )
+    (root / "sdtrt.json").write_text(json.dumps(manifest))
+
+
+def test_a_graph_tensorrt_cannot_parse_fails_clearly(exported_fp16, tmp_path, capsys):
+    root = shutil.copytree(exported_fp16.root, tmp_path / "copy")
+    _unparseable(root)
+    engines = tmp_path / "engines"
+    code = _build(root, engines)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "tensorrt-rtx could not build text_encoder" in err and "NoSuchOperator" in err
+    assert not [p for p in engines.glob("text_encoder.*") if p.suffix != ".lock"]  # nothing
+
+
+def test_targets_name_both_capabilities():
+    assert runs_on("8.0,8.6,8.9,12.0+", "8.6") and runs_on("8.0,8.6,8.9,12.0+", "12.1")
+    assert not runs_on("8.0,8.6,8.9,12.0+", "9.0") and not runs_on("8.6", "8.9")
+    with pytest.raises(EngineMismatchError) as info:
+        check_targets("8.0,8.6,8.9,12.0+", "9.0", "NVIDIA H100 80GB HBM3")
+    message = str(info.value)
+    assert "targets compute capability 8.0, 8.6, 8.9, 12.0 and later" in message
+    assert "this GPU is 9.0 (NVIDIA H100 80GB HBM3)" in message
+    assert "use --backend tensorrt" in message
+
+
+def test_find_engine_checks_the_gpu_against_the_targets(tmp_path):
+    from sdtrt.engine.trt_cache import EngineKey, find_engine
+
+    key = EngineKey("unet", "a" * 64, "fp16", "1.7.1.116", "", "8.6,8.9", "tensorrt-rtx")
+    (tmp_path / f"{key.stem()}.plan").write_bytes(b"plan")
+    sidecar = {**key.to_json(), "plan_bytes": 4}
+    (tmp_path / f"{key.stem()}.json").write_text(json.dumps(sidecar))
+    runtime_key = EngineKey("unet", "a" * 64, "fp16", "1.7.1.116", "", "", "tensorrt-rtx")
+    assert find_engine(tmp_path, runtime_key, ("NVIDIA RTX 4090", "8.9"))[1]["network"] == "unet"
+    with pytest.raises(EngineMismatchError, match="8.6, 8.9; this GPU is 9.0"):
+        find_engine(tmp_path, runtime_key, ("NVIDIA H200", "9.0"))
+
+
+class _FakeCache:
+    def __init__(self, valid: bytes):
+        self.valid, self.content, self.resets = valid, b"", 0
+
+    def deserialize(self, blob):
+        if blob != self.valid:
+            return False
+        self.content = blob
+        return True
+
+    def reset(self):
+        self.resets += 1
+        self.content = b""
+
+    def serialize(self):
+        return self.content + b"+kernels"
+
+
+def test_runtime_cache_file(tmp_path, caplog):
+    path = tmp_path / "unet.runtime-cache"
+    fresh = RuntimeCacheFile(path, _FakeCache(b"ok"))  # none yet: nothing to load
+    fresh.save()
+    assert path.read_bytes() == b"+kernels" and not list(tmp_path.glob(".*tmp"))
+    path.write_bytes(b"ok")
+    loaded = RuntimeCacheFile(path, _FakeCache(b"ok"))
+    assert loaded.cache.content == b"ok" and loaded.cache.resets == 0
+    path.write_bytes(b"corrupt")
+    with caplog.at_level(logging.WARNING):
+        damaged = RuntimeCacheFile(path, _FakeCache(b"ok"))
+    assert damaged.cache.resets == 1 and "unreadable: starting a fresh one" in caplog.text
+
+
+def test_one_polygraphy_family_per_process():
+    code = """
+from sdtrt.engine.trt_family import use_polygraphy_family
+from sdtrt.errors import BackendUnavailableError
+use_polygraphy_family("tensorrt-rtx")
+import polygraphy.backend.trt
+from polygraphy.mod.trt_importer import tensorrt_module_and_version_string
+print(tensorrt_module_and_version_string())
+use_polygraphy_family("tensorrt-rtx")  # the same family again: fine
+try:
+    use_polygraphy_family("tensorrt")
+except BackendUnavailableError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()
+    assert first.startswith("tensorrt_rtx")
+    assert "already uses tensorrt-rtx through polygraphy, which cannot switch" in second
