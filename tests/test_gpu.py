@@ -172,3 +172,36 @@ def test_changed_graph_hash_triggers_rebuild(engines, tmp_path):
         changed, "fp16", BuildOptions(ranges=_ranges()), engine_dir, ("text_encoder",)
     )
     assert new["text_encoder"] != paths["text_encoder"]
+
+
+def _rtx_skip_reason() -> str | None:
+    from sdtrt.engine.trt_family import RTX_PORTABLE, family_version, runs_on
+
+    if not HAS_CUDA:
+        return "no CUDA GPU on this machine"
+    if family_version("tensorrt-rtx") is None:
+        return "TensorRT-RTX is not installed (pip install 'sdtrt[rtx]')"
+    major, minor = torch.cuda.get_device_capability()
+    if not runs_on(",".join(RTX_PORTABLE), f"{major}.{minor}"):
+        return f"TensorRT-RTX does not run on compute capability {major}.{minor} (this GPU)"
+    return None
+
+
+@pytest.mark.skipif(_rtx_skip_reason() is not None, reason=str(_rtx_skip_reason()))
+def test_tensorrt_rtx_img2img_matches_torch(exported_fp16, tiny, tmp_path):
+    """RTX engines built ahead of time (portable targets), JIT-compiled on this GPU: the
+    image within the fp16 thresholds of the torch CPU reference; the runtime cache is
+    written after the first request."""
+    from sdtrt.engine.trt_build import build_engines
+    from sdtrt.options import BuildOptions
+
+    engines = tmp_path / "rtx"
+    build_engines(exported_fp16, "fp16", BuildOptions(ranges=_ranges()), engines,
+                  family="tensorrt-rtx")  # fmt: skip
+    options = TensorRTOptions(family="tensorrt-rtx", engine_dir=str(engines))
+    pipe = Img2ImgPipeline.from_pretrained(exported_fp16.root, options, show_progress=False)
+    cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    got = pipe("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    want = cpu("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    assert compare_images(got, want, "fp16").passed
+    assert list(engines.glob("*.runtime-cache"))
