@@ -235,16 +235,6 @@ def load_diffusers_folder(path: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"could not load the diffusers folder {path}: {exc}") from exc
 
 
-def save_diffusers_folder(components: dict[str, Any], path: Path) -> None:
-    """Write components as a diffusers folder (the layout ``load_components`` reads)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe: Any = StableDiffusionImg2ImgPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
-
-
 def model_fingerprint(components: dict[str, Any]) -> str:
     """sha256 over every network's config and weights, the scheduler config and the
     vocabulary: the key of anything exported or built from these components."""

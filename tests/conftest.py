@@ -22,6 +22,16 @@ def images():
     ]
 
 
+def save_diffusers_folder(components, path):
+    """Write components as a diffusers folder (the layout ``load_components`` reads)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
 def diffusers_img2img(components, scheduler_class_name: str):
     """diffusers' own pipeline on the same components: the reference every test uses."""
     import diffusers

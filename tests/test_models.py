@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import diffusers_img2img
+from conftest import diffusers_img2img, save_diffusers_folder
 
 from sdtrt.errors import ModelNotFoundError
 from sdtrt.models import (
@@ -15,7 +15,6 @@ from sdtrt.models import (
     build_sd21_random,
     load_components,
     model_fingerprint,
-    save_diffusers_folder,
 )
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 

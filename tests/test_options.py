@@ -239,7 +239,9 @@ def test_bench_and_options_do_not_import_the_cli_or_torch():
 
 def test_from_pretrained_takes_a_diffusers_folder(tiny, tmp_path, images):
     """What a diffusers user expects: from_pretrained on a diffusers folder runs it on torch."""
-    from sdtrt.models import load_components, save_diffusers_folder
+    from conftest import save_diffusers_folder
+
+    from sdtrt.models import load_components
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
     save_diffusers_folder(tiny, tmp_path / "sd")
