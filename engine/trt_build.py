@@ -11,6 +11,7 @@ from typing import Any
 
 from sdtrt.engine.trt_cache import EngineKey, cached_engine
 from sdtrt.engine.trt_family import (
+    NAMES,
     builds_without_gpu,
     family_version,
     targets_text,
@@ -41,7 +42,7 @@ def require_tensorrt(family: str = "tensorrt", *, gpu: bool = True) -> None:
 
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
-            f"{family} needs an NVIDIA GPU with CUDA, and torch sees none on this machine"
+            f"{NAMES[family]} needs an NVIDIA GPU with CUDA, and torch sees none on this machine"
             + ("" if gpu else "; TensorRT-RTX (--backend tensorrt-rtx) builds without one")
         )
 

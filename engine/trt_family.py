@@ -25,6 +25,7 @@ from sdtrt.options import TRT_FAMILIES
 logger = logging.getLogger(__name__)
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+NAMES = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
 INSTALL_HINTS = {
     "tensorrt": "on an NVIDIA machine: pip install --extra-index-url https://pypi.nvidia.com "
     "'sdtrt[tensorrt]'",
@@ -52,7 +53,7 @@ def trt_module(family: str) -> Any:
     if family not in TRT_FAMILIES:
         raise BackendUnavailableError(f"unknown TensorRT family {family!r}")
     if family_version(family) is None:
-        raise BackendUnavailableError(f"{family} is not installed ({INSTALL_HINTS[family]})")
+        raise BackendUnavailableError(f"{NAMES[family]} is not installed ({INSTALL_HINTS[family]})")
     return importlib.import_module(MODULES[family])
 
 
