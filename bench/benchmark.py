@@ -50,7 +50,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         exported = ExportedModel.open(config.model)
         components = exported.source_components()
     else:
-        components = load_components(config.model)
+        components = load_components(config.source)
     image = _sample_image(config.height, config.width)
     rows: dict[str, list[dict[str, Any]]] = {}
     # Graph backends run first: they export from the fp32 CPU weights, which the torch and
@@ -182,6 +182,7 @@ def _make_target(
             raise BackendUnavailableError("no CUDA device on this machine")
     if backend == "diffusers":
         return _diffusers_target(config, components, image, timer)
+    from sdtrt.models import source_record
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
     options = config.options_for(backend)
@@ -194,7 +195,7 @@ def _make_target(
             components,
             options,
             config.scheduler,
-            cache=CacheOptions(source=config.model),
+            cache=CacheOptions(source=source_record(config.source)),
             show_progress=False,
         )
     engine = pipe.backend

@@ -10,6 +10,7 @@ from sdtrt.options import (
     GRAPH_BACKENDS,
     TRT_FAMILIES,
     BackendOptions,
+    ModelSource,
     OrtOptions,
     TensorRTOptions,
     TorchOptions,
@@ -23,6 +24,16 @@ BENCH_BACKENDS = (*BACKENDS, "diffusers")
 class BenchConfig:
     model: str = "tiny"
     """Built-in name, diffusers folder, or exported folder (graphs used as they are)."""
+    variant: str | None = None
+    """A diffusers folder's weight variant (see ModelSource)."""
+    model_config: str | None = None
+    """A single checkpoint file's architecture (see ModelSource)."""
+    allow_pickle: bool = False
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource(self.model, self.variant, self.model_config, self.allow_pickle)
+
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
     batches: tuple[int, ...] = (1,)
     """Images per prompt; the UNet runs on twice this (cond + uncond)."""

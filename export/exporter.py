@@ -17,7 +17,7 @@ from sdtrt.export.folder import FORMAT, FORMAT_VERSION, MANIFEST, graph_file, is
 from sdtrt.export.networks import VAE_NETWORKS, ModelDims, networks_for
 from sdtrt.export.onnx_export import export_network
 from sdtrt.fileio import atomic_dir, write_json
-from sdtrt.options import ExportOptions
+from sdtrt.options import ExportOptions, ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def export_model(
     components: dict[str, Any],
     out_dir: str | Path,
     *,
-    source: str,
+    source: str | ModelSource,
     options: ExportOptions = ExportOptions(),
     show_progress: bool = True,
 ) -> Path:
@@ -65,7 +65,10 @@ def export_model(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "sdtrt_version": __version__,
-            "source": {"model": source, "fingerprint": model_fingerprint(components)},
+            "source": {
+                **asdict(as_source(source)),
+                "fingerprint": model_fingerprint(components),
+            },
             "opset": opset,
             "precisions": plan,
             "graphs": graphs,

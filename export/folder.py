@@ -11,6 +11,7 @@ from typing import Any
 
 from sdtrt.errors import GraphIntegrityError, InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import ModelDims
+from sdtrt.options import ModelSource
 
 MANIFEST = "sdtrt.json"
 FORMAT = "sdtrt-onnx"
@@ -141,7 +142,14 @@ class ExportedModel:
         from sdtrt.models import load_components, model_fingerprint
 
         source = self.manifest["source"]
-        components = load_components(source["model"])
+        components = load_components(
+            ModelSource(
+                source["model"],
+                variant=source.get("variant"),
+                config=source.get("config"),
+                allow_pickle=bool(source.get("allow_pickle", False)),
+            )
+        )
         if model_fingerprint(components) != source["fingerprint"]:
             raise GraphIntegrityError(
                 f"{self.root} was exported from another model than {source['model']} is now "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sdtrt.engine.base import Backend
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
-from sdtrt.options import BackendOptions, CacheOptions, default_options
+from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, default_options
 from sdtrt.runtime.clock import stopwatch
 from sdtrt.runtime.inputs import (
     Limits,
@@ -102,7 +102,7 @@ class Img2ImgPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | Path,
+        model: str | Path | ModelSource,
         backend: BackendOptions | str | None = None,
         scheduler: str = "lms",
         *,
@@ -114,18 +114,19 @@ class Img2ImgPipeline:
         name (torch by default; graph backends export into the cache)."""
         from sdtrt.engine.factory import backend_from_exported
         from sdtrt.export.folder import ExportedModel, is_export
-        from sdtrt.models import load_components, source_name
+        from sdtrt.models import load_components, source_record
 
-        if not is_export(model):
-            cache = cache or CacheOptions(source=source_name(str(model)))
+        source = as_source(str(model) if isinstance(model, Path) else model)
+        if not is_export(source.model):
+            cache = cache or CacheOptions(source=source_record(source))
             return cls.from_components(
-                load_components(str(model)),
+                load_components(source),
                 backend or "torch",
                 scheduler,
                 cache=cache,
                 show_progress=show_progress,
             )
-        exported = ExportedModel.open(Path(model))
+        exported = ExportedModel.open(Path(source.model))
         return cls(
             backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),

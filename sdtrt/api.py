@@ -16,6 +16,8 @@ from sdtrt.options import (
     CacheOptions,
     ExportOptions,
     Img2ImgJob,
+    ModelSource,
+    as_source,
     default_options,
     default_precision,
 )
@@ -26,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_pipeline(
-    model: str, backend: BackendOptions | str = "torch", scheduler: str = "lms", **kwargs: Any
+    model: str | ModelSource,
+    backend: BackendOptions | str = "torch",
+    scheduler: str = "lms",
+    **kwargs: Any,
 ) -> Img2ImgPipeline:
     """A pipeline for a built-in model name, a diffusers folder or an exported folder; the
     machine is checked for the backend first (before minutes of export)."""
@@ -38,7 +43,7 @@ def build_pipeline(
 
 
 def img2img(
-    model: str,
+    model: str | ModelSource,
     job: Img2ImgJob,
     backend: BackendOptions | str = "torch",
     scheduler: str = "lms",
@@ -82,37 +87,40 @@ def check_export_target(out: str | Path) -> Path:
 
 
 def export(
-    model: str, out: str | Path, options: ExportOptions = ExportOptions(), **kwargs: Any
+    model: str | ModelSource,
+    out: str | Path,
+    options: ExportOptions = ExportOptions(),
+    **kwargs: Any,
 ) -> Path:
     """``sdtrt export``: the model's four networks as ONNX into ``out``, atomically. An
     existing ``out`` is replaced only when it is empty or an earlier export."""
     from sdtrt.export.exporter import export_model
-    from sdtrt.models import load_components, source_name
+    from sdtrt.models import load_components, source_record
 
     check_export_target(out)
     components = load_components(model)
-    return export_model(components, out, source=source_name(model), options=options, **kwargs)
+    return export_model(components, out, source=source_record(model), options=options, **kwargs)
 
 
 def open_exported(
-    model: str, precision: str, components: dict[str, Any] | None = None
+    model: str | ModelSource, precision: str, components: dict[str, Any] | None = None
 ) -> ExportedModel:
     """An exported folder as it is, or a model (name or diffusers folder) exported into the
     cache once at ``precision``."""
     from sdtrt.export.cache import exported_for
-    from sdtrt.models import load_components, source_name
+    from sdtrt.models import load_components, source_record
 
-    if is_export(model):
-        return ExportedModel.open(Path(model))
+    source = as_source(model)
+    if is_export(source.model):
+        return ExportedModel.open(Path(source.model))
     if components is None:
-        components = load_components(model)
-    return exported_for(
-        components, precision=precision, cache=CacheOptions(source=source_name(model))
-    )
+        components = load_components(source)
+    cache = CacheOptions(source=source_record(source))
+    return exported_for(components, precision=precision, cache=cache)
 
 
 def build(
-    model: str,
+    model: str | ModelSource,
     precision: str | None = None,
     options: BuildOptions = BuildOptions(),
     engine_dir: str | Path | None = None,
@@ -132,7 +140,9 @@ def build(
     return build_engines(exported, precision, options, out, family=family)
 
 
-def check(model: str, backend: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:
+def check(
+    model: str | ModelSource, backend: str = "onnxruntime", precision: str | None = None
+) -> dict[str, Any]:
     """``sdtrt check``: the backend's networks and one img2img image against PyTorch. The
     precision defaults as everywhere (``default_precision``), so ``build`` then ``check``
     look at the same engines."""
@@ -144,11 +154,12 @@ def check(model: str, backend: str = "onnxruntime", precision: str | None = None
     options = backend_options(backend, precision=precision)
     check_available(options)
     precision = precision or default_precision(backend)
-    if is_export(model):
-        exported = ExportedModel.open(Path(model))
+    source = as_source(model)
+    if is_export(source.model):
+        exported = ExportedModel.open(Path(source.model))
         exported.network_precision("unet", precision)  # holds those graphs, or says so
         components = exported.source_components()
     else:
-        components = load_components(model)
-        exported = open_exported(model, precision, components)
+        components = load_components(source)
+        exported = open_exported(source, precision, components)
     return run_check(exported, components, backend=backend, precision=precision)

@@ -29,12 +29,16 @@ from sdtrt.options import (
     BuildRanges,
     ExportOptions,
     Img2ImgJob,
+    ModelSource,
     OrtOptions,
     TensorRTOptions,
     TorchOptions,
 )
 
-MODEL_HELP = "tiny | sd15-random | sd21-random | a diffusers folder | an sdtrt export"
+MODEL_HELP = (
+    "tiny | sd15-random | sd21-random | a diffusers folder | an sdtrt export | "
+    "a .safetensors checkpoint (with --config)"
+)
 PRECISION_HELP = (
     f"graph backends: which exported graphs run (default: {TensorRTOptions.precision} for "
     f"the TensorRT backends, {OrtOptions.precision} for onnxruntime)"
@@ -49,6 +53,30 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="a diffusers folder's weight variant, e.g. fp16 (default: the default weights, "
+        "else the variant there is)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a single checkpoint's architecture: a diffusers folder of the same model, or "
+        "the original YAML",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a .ckpt checkpoint: it is a pickle, and unpickling runs code from the file",
+    )
+
+
+def _source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(args.model, args.variant, args.config, args.allow_pickle)
 
 
 def _add_backend_options(p: argparse.ArgumentParser, backends: Sequence[str]) -> None:
@@ -84,6 +112,7 @@ def _add_img2img(sub: Any) -> None:
     p.add_argument("--prompt", default=SEED_PROMPT, help="what the picture should show")
     p.add_argument("--negative-prompt", default=None, help="what it should not show")
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    _add_model_source(p)
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="what runs the networks")
     knob = p.add_mutually_exclusive_group()
     knob.add_argument(
@@ -145,7 +174,7 @@ def _run_img2img(args: argparse.Namespace) -> int:
     backend = _backend(args)
     job.check()  # everything the user typed, before any model is loaded
     result, paths = img2img(
-        args.model, job, backend, args.scheduler, show_progress=not args.no_progress
+        _source(args), job, backend, args.scheduler, show_progress=not args.no_progress
     )
     for picture, path in zip(result.images, paths, strict=True):
         print(f"wrote {path} ({picture.width}x{picture.height})")
@@ -161,6 +190,7 @@ def _add_export(sub: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    _add_model_source(p)
     p.add_argument(
         "--out",
         required=True,
@@ -186,7 +216,7 @@ def _run_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         precisions=precisions, opset=args.opset, vae_precision=args.vae_precision
     )
-    out = export(args.model, args.out, options, show_progress=not args.no_progress)
+    out = export(_source(args), args.out, options, show_progress=not args.no_progress)
     print(f"exported {args.model} ({', '.join(precisions)}) to {out}")
     return 0
 
@@ -198,6 +228,7 @@ def _add_check(sub: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
+    _add_model_source(p)
     p.add_argument(
         "--backend", default="onnxruntime", choices=GRAPH_BACKENDS, help="what is checked"
     )
@@ -215,7 +246,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file(args.json, "--json")
-    report = check(args.model, args.backend, args.precision)
+    report = check(_source(args), args.backend, args.precision)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -230,6 +261,7 @@ def _add_bench(sub: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", default=config.model, help=MODEL_HELP)
+    _add_model_source(p)
     p.add_argument(
         "--backends",
         default=",".join(config.backends),
@@ -272,6 +304,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise _invalid(f"--batch must be comma-separated integers, got {args.batch!r}") from None
     config = BenchConfig(
         model=args.model,
+        variant=args.variant,
+        model_config=args.config,
+        allow_pickle=args.allow_pickle,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         batches=batches,
         height=args.height,
@@ -326,6 +361,7 @@ def _add_build(sub: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", required=True, help=MODEL_HELP + " (exported into the cache)")
+    _add_model_source(p)
     p.add_argument(
         "--backend",
         default="tensorrt",
@@ -383,7 +419,7 @@ def _run_build(args: argparse.Namespace) -> int:
         workspace_gb=args.workspace_gb,
         targets=targets,
     )
-    built = build(args.model, args.precision, options, args.engine_dir, args.backend)
+    built = build(_source(args), args.precision, options, args.engine_dir, args.backend)
     for network, path in built.items():
         print(f"{network}: {path}")
     return 0

@@ -6,13 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdtrt.errors import ModelNotFoundError
+from sdtrt.errors import InvalidInputError, ModelNotFoundError
+from sdtrt.options import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 
@@ -177,27 +181,118 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def load_components(model: str) -> dict[str, Any]:
-    """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name
-    or a local diffusers-format folder."""
-    if model in BUILTIN_MODELS:
-        return BUILTIN_MODELS[model]()
-    path = Path(model)
+def load_components(model: str | ModelSource) -> dict[str, Any]:
+    """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name,
+    a local diffusers folder (default weights or a variant) or a single checkpoint file."""
+    source = as_source(model)
+    if source.model in BUILTIN_MODELS:
+        if source.variant or source.config:
+            raise InvalidInputError(
+                f"--variant and --config are for model folders and files, not {source.model!r}"
+            )
+        return BUILTIN_MODELS[source.model]()
+    path = Path(source.model)
+    if path.is_file():
+        from sdtrt.single_file import load_single_file
+
+        return load_single_file(path, source)
     if not path.exists():
         raise ModelNotFoundError(
-            f"unknown model {model!r}: expected one of {', '.join(BUILTIN_MODELS)} "
-            "or a local diffusers folder"
+            f"unknown model {source.model!r}: expected one of {', '.join(BUILTIN_MODELS)}, "
+            "a local diffusers folder or a checkpoint file"
         )
-    return load_diffusers_folder(path)
+    if source.config:
+        raise InvalidInputError("--config is for a single checkpoint file, not a folder")
+    return load_diffusers_folder(path, source.variant)
 
 
-def source_name(model: str) -> str:
+def source_record(model: str | ModelSource) -> ModelSource:
     """How a model is recorded in an export's manifest: built-in names as they are, folders
-    as absolute paths, so that ``check`` and ``bench`` find the source again."""
-    return model if model in BUILTIN_MODELS else str(Path(model).resolve())
+    and files as absolute paths, so that ``check`` and ``bench`` find the source again."""
+    source = as_source(model)
+    if source.model in BUILTIN_MODELS:
+        return source
+    config = str(Path(source.config).resolve()) if source.config else None
+    return replace(source, model=str(Path(source.model).resolve()), config=config)
 
 
-def load_diffusers_folder(path: Path) -> dict[str, Any]:
+# Weight files as diffusers and transformers name them: NAME[.VARIANT].EXT, sharded
+# NAME[.VARIANT]-00001-of-00002.EXT, or their index NAME.EXT.index[.VARIANT].json.
+_WEIGHTS = re.compile(
+    r"^(?:model|pytorch_model|diffusion_pytorch_model)"
+    r"(?:\.(?P<v1>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    r"(?:\.index(?:\.(?P<v2>[A-Za-z0-9_]+))?\.json)?$"
+)
+_WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+
+
+def folder_variants(path: Path) -> dict[str, set[str | None]]:
+    """Per component, the weight variants its folder holds (None: the default files)."""
+    found: dict[str, set[str | None]] = {}
+    for component in _WEIGHT_COMPONENTS:
+        variants: set[str | None] = set()
+        for file in (path / component).iterdir() if (path / component).is_dir() else ():
+            match = _WEIGHTS.match(file.name)
+            if match:
+                variants.add(match["v1"] or match["v2"])
+        found[component] = variants
+    return found
+
+
+def choose_variant(path: Path, variant: str | None) -> str | None:
+    """The variant to load: the one asked for; else the default weights; else the one
+    variant there is (fp16 first when there are several)."""
+    found = folder_variants(path)
+    empty = [c for c, v in found.items() if not v]
+    if empty:
+        raise ModelNotFoundError(f"{path}: no weights in {', '.join(empty)}")
+    common = set.intersection(*found.values())
+    named = sorted(str(v) for v in set.union(*found.values()) if v is not None)
+    if variant is not None:
+        if variant not in common:
+            lacking = [c for c, v in found.items() if variant not in v]
+            raise ModelNotFoundError(
+                f"{path}: no {variant!r} weights in {', '.join(lacking)}; variants there: "
+                f"{', '.join(named) or 'none (default weights only)'}"
+            )
+        return variant
+    if None in common:
+        return None
+    choices = sorted(str(v) for v in common if v is not None)
+    if "fp16" in choices:
+        return "fp16"
+    if len(choices) == 1:
+        return choices[0]
+    raise ModelNotFoundError(
+        f"{path} has no default weights and several variants ({', '.join(named)}): "
+        "name one with --variant"
+    )
+
+
+@contextmanager
+def quiet_loaders() -> Iterator[None]:
+    """The loaders' console noise, none of it about the user's model: progress bars over
+    components and weights, transformers' notes that torchvision (not a dependency) is
+    missing for image processors sdtrt never uses, and diffusers' warning on casting to
+    float32 with an empty list of modules to keep in float32. Errors still show."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} is not a folder")
     if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
@@ -211,26 +306,35 @@ def load_diffusers_folder(path: Path) -> dict[str, Any]:
             f"{path} is not a complete diffusers folder: missing {', '.join(missing)} "
             f"(expected {', '.join(FOLDER_PARTS)})"
         )
+    variant = choose_variant(path, variant)
+    if variant is not None:
+        logger.info("loading the %s weights of %s", variant, path)
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"))
+    # fp32 whatever the files hold: the torch backend is the fp32 reference, and it casts
+    # to fp16 itself when asked (--dtype fp16).
+    weights: dict[str, Any] = {"local_files_only": True, "variant": variant}
     try:
-        return {
-            "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-            "text_encoder": CLIPTextModel.from_pretrained(
-                path / "text_encoder", local_files_only=True
-            ).eval(),
-            "unet": UNet2DConditionModel.from_pretrained(
-                path, subfolder="unet", local_files_only=True
-            ).eval(),
-            "vae": AutoencoderKL.from_pretrained(
-                path, subfolder="vae", local_files_only=True
-            ).eval(),
-            "scheduler": scheduler_cls.from_config(scheduler_config),
-        }
+        with quiet_loaders():
+            return {
+                "tokenizer": CLIPTokenizer.from_pretrained(
+                    path / "tokenizer", local_files_only=True
+                ),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    path / "text_encoder", dtype=torch.float32, **weights
+                ).eval(),
+                "unet": UNet2DConditionModel.from_pretrained(
+                    path, subfolder="unet", torch_dtype=torch.float32, **weights
+                ).eval(),
+                "vae": AutoencoderKL.from_pretrained(
+                    path, subfolder="vae", torch_dtype=torch.float32, **weights
+                ).eval(),
+                "scheduler": scheduler_cls.from_config(scheduler_config),
+            }
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load the diffusers folder {path}: {exc}") from exc
 

@@ -231,14 +231,40 @@ class Img2ImgJob:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """Where a model's PyTorch weights come from: a built-in name, a diffusers folder, or a
+    single checkpoint file in the original Stable Diffusion layout."""
+
+    model: str
+    """tiny | sd15-random | sd21-random | a diffusers folder | a .safetensors/.ckpt file."""
+    variant: str | None = None
+    """A folder's weight variant (``model.fp16.safetensors``...); None: the default
+    weights, else the only variant there is (fp16 first)."""
+    config: str | None = None
+    """A single file's architecture: a diffusers folder of the same model, or the original
+    YAML config. Needed (nothing is downloaded)."""
+    allow_pickle: bool = False
+    """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
+
+    def describe(self) -> str:
+        extra = [f"variant {self.variant}"] * bool(self.variant)
+        extra += [f"config {self.config}"] * bool(self.config)
+        return self.model + (f" ({', '.join(extra)})" if extra else "")
+
+
+def as_source(model: str | ModelSource) -> ModelSource:
+    return model if isinstance(model, ModelSource) else ModelSource(str(model))
+
+
+@dataclass(frozen=True)
 class CacheOptions:
     """Where a PyTorch model is exported (once) when a graph backend runs it."""
 
     opset: int = DEFAULT_OPSET
     cache_dir: str | None = None
     """None: ``$SDTRT_CACHE``, else ``~/.cache/sdtrt``."""
-    source: str = "in-memory"
-    """The model's name or folder, recorded in the export's manifest."""
+    source: str | ModelSource = "in-memory"
+    """The model's name, folder or file, recorded in the export's manifest."""
 
 
 @dataclass(frozen=True)

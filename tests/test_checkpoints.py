@@ -1,0 +1,124 @@
+"""Real checkpoints as users keep them: a diffusers folder, a folder of only the fp16 variant,
+and a single file in the original Stable Diffusion layout. The same weights in any of the
+three give the same image and the same fingerprint; what cannot be loaded says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import save_diffusers_folder
+from ldm_layout import to_ldm_checkpoint
+from safetensors.torch import save_file
+
+from sdtrt.cli import main
+from sdtrt.models import folder_variants, load_components, model_fingerprint
+from sdtrt.options import ModelSource
+
+RUN = ["--scheduler", "pndm", "--steps", "4", "--height", "32", "--width", "48", "--no-progress"]
+
+
+def _variant_folder(tiny, path, variants):
+    """A folder whose weights exist only as the named variants (tiny's fp32 values)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(
+        **tiny, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    for variant in variants:
+        pipe.save_pretrained(path, safe_serialization=True, variant=variant)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    folder = root / "folder"
+    save_diffusers_folder(tiny, folder)
+    for extra in ("safety_checker", "feature_extractor", "image_encoder"):  # repos carry these
+        (folder / extra).mkdir()
+        (folder / extra / "config.json").write_text("{}")
+    single = root / "tiny.safetensors"
+    save_file(to_ldm_checkpoint(tiny), str(single))
+    return {
+        "folder": ModelSource(str(folder)),
+        "fp16-variant": ModelSource(str(_variant_folder(tiny, root / "fp16", ["fp16"]))),
+        "single-file": ModelSource(str(single), config=str(folder)),
+    }
+
+
+def _image(args, tmp_path, capsys, name):
+    out = tmp_path / f"{name}.png"
+    assert main(["img2img", *args, "--out", str(out), *RUN]) == 0, capsys.readouterr().err
+    with PIL.Image.open(out) as image:
+        return np.asarray(image)
+
+
+def _args(source):
+    args = ["--model", source.model]
+    return args + ["--config", source.config] * bool(source.config)
+
+
+def test_every_shape_gives_the_same_image_and_fingerprint(shapes, tmp_path, capsys):
+    reference = _image(["--model", "tiny"], tmp_path, capsys, "tiny")
+    prints = set()
+    for name, source in shapes.items():
+        got = _image(_args(source), tmp_path, capsys, name)
+        assert np.array_equal(got, reference), name
+        prints.add(model_fingerprint(load_components(source)))
+    assert len(prints) == 1  # the same weights, whatever shape they came in
+
+
+def test_variant_folders(tiny, shapes, tmp_path, capsys):
+    fp16 = shapes["fp16-variant"].model
+    assert folder_variants(__import__("pathlib").Path(fp16))["unet"] == {"fp16"}
+    code = main(["img2img", "--model", fp16, "--variant", "ema", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no 'ema' weights in text_encoder, unet, vae" in err
+    assert "variants there: fp16" in err
+    several = _variant_folder(tiny, tmp_path / "several", ["ema", "bf16"])
+    code = main(["img2img", "--model", str(several), "--out", str(tmp_path / "y.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "several variants (bf16, ema): name one with --variant" in err
+    assert main(["img2img", "--model", str(several), "--variant", "ema",
+                 "--out", str(tmp_path / "z.png"), *RUN]) == 0  # fmt: skip
+
+
+def test_single_file_refusals(shapes, tmp_path, capsys):
+    single = shapes["single-file"].model
+    cases = [
+        (["--model", single], "pass --config with a diffusers folder"),
+        (["--model", single, "--config", str(tmp_path / "nope")], "does not exist"),
+    ]
+    ckpt = tmp_path / "tiny.ckpt"
+    shutil.copy(single, ckpt)
+    cases.append((["--model", str(ckpt), "--config", shapes["folder"].model], "is a pickle"))
+    for args, message in cases:
+        code = main(["img2img", *args, "--out", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, args
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_component_is_named(shapes, tmp_path, capsys):
+    broken = shutil.copytree(shapes["folder"].model, tmp_path / "broken")
+    shutil.rmtree(broken / "unet")
+    code = main(["img2img", "--model", str(broken), "--out", str(tmp_path / "o.png")])
+    assert code == 2 and "missing unet" in capsys.readouterr().err
+
+
+def test_single_file_exports_and_checks(shapes, tmp_path, capsys):
+    """export and check take a single file too; the manifest remembers its config, so
+    check finds the PyTorch reference again."""
+    out = tmp_path / "onnx"
+    source = shapes["single-file"]
+    args = ["export", *_args(source), "--precision", "fp32", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    manifest = json.loads((out / "sdtrt.json").read_text())
+    assert manifest["source"]["config"] == source.config
+    assert manifest["source"]["fingerprint"] == model_fingerprint(load_components(source))
+    code = main(["check", "--model", str(out)])
+    assert code == 0, capsys.readouterr().out
