@@ -54,7 +54,13 @@ def test_manifest(exported, tiny):
     from sdtrt.models import model_fingerprint
 
     m = exported.manifest
-    assert m["source"] == {"model": "tiny", "fingerprint": model_fingerprint(tiny)}
+    assert m["source"] == {
+        "model": "tiny",
+        "variant": None,
+        "config": None,
+        "allow_pickle": False,
+        "fingerprint": model_fingerprint(tiny),
+    }
     assert m["opset"] == 20 and m["size_multiple"] == 16 and m["vae_scale_factor"] == 8
     assert m["scaling_factor"] == pytest.approx(0.18215)
     assert "16 px" in m["size_rule"]
