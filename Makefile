@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# optimum-onnx (the Hugging Face ONNX layout's real client) needs transformers < 4.58: its own
+# venv, used by tests/test_interop.py only.
+OPTIMUM_VENV ?= .venv-optimum
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 
 .PHONY: setup demo test lint clean
 
@@ -24,14 +28,21 @@ $(STAMP): pyproject.toml
 	  $(VENV)/trt-stubs/tensorrt_bindings/tensorrt.pyi
 	touch $(STAMP)
 
+$(OPTIMUM_STAMP):
+	test -x $(OPTIMUM_VENV)/bin/python || python3 -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q 'optimum-onnx[onnxruntime]==0.1.0' 'transformers<4.58' scipy
+	touch $(OPTIMUM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/sdtrt img2img --prompt "A colorful dancer, nat geo photo" --out out/demo.png
 
-test: $(STAMP)
+test: $(STAMP) $(OPTIMUM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(OPTIMUM_VENV) out

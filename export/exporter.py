@@ -57,7 +57,8 @@ def export_model(
             timings[file] = round(time.perf_counter() - start, 2)
             logger.info("exported %s in %.1f s", file, timings[file])
             graphs[file] = _describe_graph(tmp, file)
-        components["tokenizer"].save_pretrained(tmp / "tokenizer")
+        _write_tokenizer(tmp / "tokenizer", components["tokenizer"])
+        _write_component_configs(tmp, components)
         _write_scheduler_config(tmp, components["scheduler"])
         _write_model_index(tmp, components)
         vae_config = components["vae"].config
@@ -130,6 +131,29 @@ def _write_scheduler_config(root: Path, scheduler: Any) -> None:
     (root / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(config, indent=2, sort_keys=True) + "\n"
     )
+
+
+def _write_tokenizer(folder: Path, tokenizer: Any) -> None:
+    """The tokenizer in both formats the layout's readers use: transformers 5 writes only
+    the fast ``tokenizer.json``; transformers 4's CLIPTokenizer (optimum's, and every SD
+    repository's) needs ``vocab.json``, ``merges.txt`` and ``special_tokens_map.json``,
+    written here from the same BPE model."""
+    tokenizer.save_pretrained(folder)
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items()}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _write_component_configs(root: Path, components: dict[str, Any]) -> None:
+    """Each network folder's ``config.json``, as optimum reads them: without the VAE's
+    ``scaling_factor`` it silently falls back to 2^(blocks-1) and paints wrong pictures."""
+    components["text_encoder"].config.to_json_file(root / "text_encoder" / "config.json")
+    components["unet"].save_config(root / "unet")
+    for half in ("vae_encoder", "vae_decoder"):
+        components["vae"].save_config(root / half)
 
 
 def _write_model_index(root: Path, components: dict[str, Any]) -> None:
