@@ -32,7 +32,7 @@ $(OPTIMUM_STAMP):
 	test -x $(OPTIMUM_VENV)/bin/python || python3 -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(OPTIMUM_VENV)/bin/python -m pip install -q 'optimum-onnx[onnxruntime]==0.1.0' 'transformers<4.58' scipy
+	$(OPTIMUM_VENV)/bin/python -m pip install -q 'optimum-onnx[onnxruntime]==0.1.0' 'transformers<4.58' 'diffusers==0.39.0' scipy
 	touch $(OPTIMUM_STAMP)
 
 demo: $(STAMP)
