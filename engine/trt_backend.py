@@ -99,10 +99,11 @@ class TrtNetwork:
         the output will be written to. The shapes are checked against the profile first."""
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         check_request(self.name, self.profile, shapes)
-        seen = tuple(shapes.values())
-        if self.runtime_cache is not None and seen not in self._shapes_seen:
-            self._shapes_seen.add(seen)
-            self.cache_dirty = True  # TensorRT-RTX compiles kernels for a new shape
+        if self.runtime_cache is not None:
+            seen = tuple(shapes.values())
+            if seen not in self._shapes_seen:
+                self._shapes_seen.add(seen)
+                self.cache_dirty = True  # TensorRT-RTX compiles kernels for a new shape
         for name, tensor in inputs.items():
             buffer = self.buffers[name][: tensor.numel()].view(tensor.shape)
             buffer.copy_(tensor, non_blocking=True)
