@@ -56,8 +56,12 @@ def img2img(
 
     job.check()
     image = load_image(job.image or SAMPLE_IMAGE)
+    # The output takes the image's size where none is given: bound it before the model loads.
     Limits.from_env().check(
-        steps=job.steps, batch=job.batch, height=image.height, width=image.width
+        steps=job.steps,
+        batch=job.batch,
+        height=job.height or image.height,
+        width=job.width or image.width,
     )
     pipe = build_pipeline(model, backend, scheduler, show_progress=show_progress)
     result = pipe(

@@ -214,6 +214,10 @@ def test_a_huge_input_image_is_refused_before_the_model(tmp_path, capsys, no_wor
     PIL.Image.new("RGB", (64, 64)).save(image)
     code, err = _run(["img2img", "--image", str(image), "--out", str(tmp_path / "o.png")], capsys)
     assert code == 2 and "64x64 pixels" in err
+    # Resized to a size within the limit, the same picture is fine (the model is loaded).
+    small = ["--height", "32", "--width", "32", "--out", str(tmp_path / "o.png")]
+    with pytest.raises(_WorkStarted):
+        _run(["img2img", "--image", str(image), *small], capsys)
 
 
 # Tracebacks and wrong words --------------------------------------------------------------
