@@ -66,7 +66,7 @@ def backend_from_components(
 
 
 def backend_from_exported(exported: ExportedModel, options: BackendOptions) -> Backend:
-    check_available(options)
+    """A backend on an exported folder's graphs (each backend checks the machine itself)."""
     if isinstance(options, TorchOptions):
         raise InvalidInputError(
             "the torch backend needs PyTorch weights, not an exported ONNX folder: "

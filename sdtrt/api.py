@@ -49,7 +49,8 @@ def img2img(
     scheduler: str = "lms",
     show_progress: bool = True,
 ) -> tuple[Img2ImgOutput, list[Path]]:
-    """Run one job and write its images atomically; returns the output and the paths."""
+    """Run one job and write its images atomically; returns the output and the paths.
+    Everything the job asks for is checked before the model loads."""
     import torch
 
     from sdtrt.options import SAMPLE_IMAGE

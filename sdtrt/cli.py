@@ -79,7 +79,7 @@ def _source(args: argparse.Namespace) -> ModelSource:
     return ModelSource(args.model, args.variant, args.config, args.allow_pickle)
 
 
-def _add_backend_options(p: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument(
         "--device",
@@ -132,7 +132,7 @@ def _add_img2img(sub: Any) -> None:
         "--width", type=int, default=None, help="pixels (default: the image's, rounded down)"
     )
     p.add_argument("--batch", type=int, default=job.batch, help="images per prompt")
-    _add_backend_options(p, BACKENDS)
+    _add_backend_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--out",
@@ -171,10 +171,8 @@ def _run_img2img(args: argparse.Namespace) -> int:
         batch=args.batch,
         out=args.out,
     )
-    backend = _backend(args)
-    job.check()  # everything the user typed, before any model is loaded
     result, paths = img2img(
-        _source(args), job, backend, args.scheduler, show_progress=not args.no_progress
+        _source(args), job, _backend(args), args.scheduler, show_progress=not args.no_progress
     )
     for picture, path in zip(result.images, paths, strict=True):
         print(f"wrote {path} ({picture.width}x{picture.height})")

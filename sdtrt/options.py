@@ -202,10 +202,10 @@ class Img2ImgJob:
         return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(self.batch)]
 
     def check(self) -> None:
-        """Everything about the job that can be known without the model."""
+        """Everything about the job that can be known without the image or the model (the
+        size limits need the image: ``api.img2img`` checks them once it is read)."""
         from sdtrt.fileio import check_output_file, image_format
         from sdtrt.runtime.inputs import (
-            Limits,
             check_seed,
             check_size,
             check_steps_and_guidance,
@@ -219,12 +219,6 @@ class Img2ImgJob:
             raise InvalidInputError(f"batch must be >= 1, got {self.batch}")
         if self.height is not None or self.width is not None:  # the model's unit comes later
             check_size(self.height or 8, self.width or 8, 8)
-        Limits.from_env().check(
-            steps=self.steps,
-            batch=self.batch,
-            height=self.height or 1,
-            width=self.width or 1,
-        )
         for path in self.output_paths():
             check_output_file(path, "--out")
         image_format(self.out)
