@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from interop.settings import CALL, PROMPT, SEED
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 
@@ -34,7 +35,7 @@ def test_optimum_runs_our_export_and_agrees(exported, tmp_path, ours, theirs):
     PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "optimum.npy"
     run = subprocess.run(
-        [str(OPTIMUM_PYTHON), str(SCRIPT), str(exported.root), str(image), theirs, "7", str(out)],
+        [str(OPTIMUM_PYTHON), str(SCRIPT), str(exported.root), str(image), theirs, str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -44,13 +45,10 @@ def test_optimum_runs_our_export_and_agrees(exported, tmp_path, ours, theirs):
     assert run.stdout.split()[-1] == "0.18215"
     pipe = Img2ImgPipeline.from_pretrained(exported.root, scheduler=ours, show_progress=False)
     got = pipe(
-        "a red circle on a blue background",
+        PROMPT,
         PIL.Image.open(image).convert("RGB"),
-        strength=0.6,
-        num_inference_steps=10,
-        guidance_scale=8.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
+        generator=torch.Generator().manual_seed(SEED),
+        **CALL,
     ).images
     theirs_images = np.load(out)
     assert theirs_images.shape == got.shape == (1, 32, 48, 3)

@@ -1,7 +1,7 @@
 """Run by the optimum venv (optimum-onnx needs transformers < 4.58, so it lives apart):
 optimum's ORTStableDiffusionImg2ImgPipeline on an exported folder, the result as .npy.
 
-    python optimum_img2img.py FOLDER IMAGE SCHEDULER SEED OUT.npy
+    python optimum_img2img.py FOLDER IMAGE SCHEDULER OUT.npy
 """
 
 import sys
@@ -11,18 +11,16 @@ import numpy as np
 import PIL.Image
 import torch
 from optimum.onnxruntime import ORTStableDiffusionImg2ImgPipeline
+from settings import CALL, PROMPT, SEED  # beside this script
 
-folder, image, scheduler, seed, out = sys.argv[1:]
+folder, image, scheduler, out = sys.argv[1:]
 pipe = ORTStableDiffusionImg2ImgPipeline.from_pretrained(folder)
 pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
 result = pipe(
-    "a red circle on a blue background",
+    PROMPT,
     PIL.Image.open(image).convert("RGB"),
-    strength=0.6,
-    num_inference_steps=10,
-    guidance_scale=8.0,
-    generator=torch.Generator().manual_seed(int(seed)),
-    output_type="np",
+    generator=torch.Generator().manual_seed(SEED),
+    **CALL,
 )
 np.save(out, np.asarray(result.images, dtype=np.float32))
 print(
