@@ -17,7 +17,7 @@ import torch
 from sdtrt.bench.config import BenchConfig
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import ModelNotFoundError, SdtrtError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions
 from sdtrt.runtime.clock import stopwatch
@@ -39,16 +39,18 @@ class Target:
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     from sdtrt.bench.environment import environment
-    from sdtrt.export.folder import is_export
+    from sdtrt.export.folder import is_onnx_folder
     from sdtrt.models import load_components
 
     log = log or (lambda line: print(line, file=sys.stderr))
     exported = None
-    if is_export(config.model):
+    components: dict[str, Any] | None = None
+    if is_onnx_folder(config.model):
         from sdtrt.export.folder import ExportedModel
 
         exported = ExportedModel.open(config.model)
-        components = exported.source_components()
+        if config.reference is not None or not exported.adopted:
+            components = exported.source_components(config.reference)
     else:
         components = load_components(config.source)
     image = _sample_image(config.height, config.width)
@@ -170,7 +172,7 @@ def _sample_image(height: int, width: int) -> Any:
 def _make_target(
     backend: str,
     config: BenchConfig,
-    components: dict[str, Any],
+    components: dict[str, Any] | None,
     exported: Any,
     image: Any,
     timer: StageTimer,
@@ -181,7 +183,7 @@ def _make_target(
 
             raise BackendUnavailableError("no CUDA device on this machine")
     if backend == "diffusers":
-        return _diffusers_target(config, components, image, timer)
+        return _diffusers_target(config, _pytorch(components, config, backend), image, timer)
     from sdtrt.models import source_record
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
@@ -190,7 +192,10 @@ def _make_target(
         pipe = Img2ImgPipeline.from_pretrained(
             exported.root, options, config.scheduler, show_progress=False
         )
+        dims = exported.dims
     else:
+        components = _pytorch(components, config, backend)
+        dims = ModelDims.from_components(components)
         pipe = Img2ImgPipeline.from_components(
             components,
             options,
@@ -211,8 +216,16 @@ def _make_target(
         last["denoise"] = out.timings_ms["denoise"]
         return out.unet_calls
 
-    dims = ModelDims.from_components(components)
     return Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
+
+
+def _pytorch(components: dict[str, Any] | None, config: BenchConfig, backend: str) -> Any:
+    if components is None:
+        raise ModelNotFoundError(
+            f"{config.model} records no PyTorch model for the {backend} rows: name one with "
+            "--reference"
+        )
+    return components
 
 
 def _diffusers_target(

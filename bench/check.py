@@ -21,7 +21,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import Network, networks_for
+from sdtrt.export.networks import NETWORK_NAMES, Network
 from sdtrt.options import TRT_FAMILIES
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,14 @@ class TorchNetworkRunner(BaseRunner):
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
         inputs = [
-            torch.from_numpy(np.asarray(a, np.int32 if a.dtype == np.int32 else np.float32))
+            torch.from_numpy(np.asarray(a, a.dtype if a.dtype.kind == "i" else np.float32))
             for a in feed_dict.values()
         ]
         start = time.perf_counter()
         with torch.no_grad():
             out = self.wrapper(*inputs)
         self.inference_time = time.perf_counter() - start
-        (name,) = self.network.outputs
-        return OrderedDict([(name, out.float().numpy())])
+        return OrderedDict([(self.network.output_name, out.float().numpy())])
 
     def deactivate_impl(self) -> None:
         del self.wrapper
@@ -155,7 +154,8 @@ def compare_networks(
     if backend in TRT_FAMILIES:  # the corners of what the engines were built for
         requests = _profile_corners(exported, precision, backend)
     results: list[NetworkResult] = []
-    for name, network in networks_for(exported.dims).items():
+    for name in NETWORK_NAMES:
+        network = exported.network(name, precision)
         graph_precision = exported.network_precision(name, precision)
         feeds = []
         for i, (batch, height, width) in enumerate(requests):
@@ -169,7 +169,7 @@ def compare_networks(
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
             run = Comparator.run(runners, data_loader=feeds)
         (_, graph_iterations), (_, torch_iterations) = run
-        (output,) = network.outputs
+        output = network.output_name
         for feed, got, want in zip(feeds, graph_iterations, torch_iterations, strict=True):
             a = np.asarray(got[output], np.float64)
             b = np.asarray(want[output], np.float64)

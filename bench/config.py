@@ -29,6 +29,9 @@ class BenchConfig:
     model_config: str | None = None
     """A single checkpoint file's architecture (see ModelSource)."""
     allow_pickle: bool = False
+    reference: str | None = None
+    """The PyTorch model (name or diffusers folder) of an ONNX folder that records none
+    (optimum's): the torch and diffusers rows run it."""
 
     @property
     def source(self) -> ModelSource:

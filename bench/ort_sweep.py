@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import networks_for
 
 SETTINGS = [
     {"optimization": "basic", "threads": 0, "arena": True, "spinning": True},
@@ -29,7 +28,7 @@ def sweep(exported: ExportedModel, network: str, batch: int, height: int, width:
 
     from sdtrt.engine.ort_backend import session_options
 
-    contract = networks_for(exported.dims)[network]
+    contract = exported.network(network, "fp32")
     feeds = {k: v.numpy() for k, v in contract.sample_inputs("fp32", batch, height, width).items()}
     path = str(exported.graph_path(network, "fp32"))
     rows = []

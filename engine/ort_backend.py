@@ -15,7 +15,7 @@ import torch
 from sdtrt.engine.factory import check_available
 from sdtrt.errors import GraphIntegrityError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import NETWORK_NAMES, networks_for
+from sdtrt.export.networks import NETWORK_NAMES
 from sdtrt.options import OrtOptions
 
 logger = logging.getLogger(__name__)
@@ -23,8 +23,12 @@ logger = logging.getLogger(__name__)
 # "auto", measured on SD-1.5 graphs, 2-core CPU, 256x256 (bench/README.md): "all" made the
 # VAE decoder 1.07x faster for 0.3 s of session load, the UNet only 1.03x for 5.5 s more.
 AUTO_LEVELS = {"text_encoder": "basic", "unet": "basic", "vae_encoder": "all", "vae_decoder": "all"}
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
-_TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int32: torch.int32}
+_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
 
 
 class OrtBackend:
@@ -41,7 +45,7 @@ class OrtBackend:
         self.device = torch.device(device)
         self.size_multiple = exported.dims.size_multiple
         self.precision = precision = options.precision
-        self._contracts = networks_for(exported.dims)
+        self._contracts = {n: exported.network(n, precision) for n in NETWORK_NAMES}
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
             path = exported.graph_path(network, precision)
@@ -55,8 +59,8 @@ class OrtBackend:
                 )
             except Exception as exc:  # ORT raises its own untyped errors for bad graphs
                 raise GraphIntegrityError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-        self._input_types = {
-            network: {i.name: _NUMPY[i.type] for i in session.get_inputs()}
+        self._output_types = {
+            network: {o.name: _NUMPY.get(o.type, np.float32) for o in session.get_outputs()}
             for network, session in self.sessions.items()
         }
 
@@ -67,10 +71,7 @@ class OrtBackend:
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         return self._run(
-            "unet",
-            sample=sample,
-            timestep=timestep.reshape(1).float(),
-            encoder_hidden_states=encoder_hidden_states,
+            "unet", sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states
         )
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -84,37 +85,42 @@ class OrtBackend:
             torch.cuda.synchronize()
 
     def _run(self, network: str, **inputs: torch.Tensor) -> torch.Tensor:
-        types = self._input_types[network]
+        contract = self._contracts[network]
+        feeds = contract.feeds(**inputs)  # the graph's dtypes and timestep shape
         if self.device.type == "cuda":
-            return self._run_bound(network, inputs)
-        feeds = {
-            name: tensor.detach().cpu().numpy().astype(types[name], copy=False)
-            for name, tensor in inputs.items()
-        }
-        (out,) = self.sessions[network].run(None, feeds)
+            return self._run_bound(network, feeds)
+        arrays = {name: tensor.detach().cpu().numpy() for name, tensor in feeds.items()}
+        (out,) = self.sessions[network].run([contract.output_name], arrays)
         return torch.from_numpy(out).float()
 
     def _run_bound(self, network: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """CUDA: bind torch tensors by pointer, so nothing crosses to the host."""
-        session, types = self.sessions[network], self._input_types[network]
-        contract = self._contracts[network]
+        session, contract = self.sessions[network], self._contracts[network]
         binding = session.io_binding()
         kept = []
         for name, tensor in inputs.items():
-            tensor = tensor.to(self.device, _TORCH[types[name]]).contiguous()
+            tensor = tensor.to(self.device).contiguous()
             kept.append(tensor)
-            binding.bind_input(name, "cuda", 0, types[name], list(tensor.shape), tensor.data_ptr())
-        (output_name,) = contract.outputs
+            dtype = _numpy_dtype(tensor.dtype)
+            binding.bind_input(name, "cuda", 0, dtype, list(tensor.shape), tensor.data_ptr())
+        output_name = contract.output_name
         shape = list(contract.output_shape({k: tuple(v.shape) for k, v in inputs.items()}))
-        dtype = (
-            np.float16
-            if self.precision == "fp16" and any(t == np.float16 for t in types.values())
-            else np.float32
-        )
-        out = torch.empty(shape, dtype=_TORCH[dtype], device=self.device)
+        dtype = self._output_types[network][output_name]
+        out = torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
         binding.bind_output(output_name, "cuda", 0, dtype, shape, out.data_ptr())
+        for extra in self._output_types[network]:
+            if extra != output_name:  # optimum's pooler_output: ORT allocates it
+                binding.bind_output(extra, "cuda")
         session.run_with_iobinding(binding)
         return out.float()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    return torch.empty((), dtype=dtype).numpy().dtype.type
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    return torch.from_numpy(np.empty((), dtype)).dtype
 
 
 def session_options(level: str, threads: int, memory_arena: bool, spinning: bool) -> Any:

@@ -30,7 +30,7 @@ from sdtrt.engine.trt_family import RuntimeCacheFile, trt_module
 from sdtrt.engine.trt_profile import check_request
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import NETWORK_NAMES
+from sdtrt.export.networks import NETWORK_NAMES, Network
 from sdtrt.options import BuildOptions, TensorRTOptions
 
 if TYPE_CHECKING:  # TensorRT is imported lazily: machines without it still load this module
@@ -43,9 +43,16 @@ class TrtNetwork:
     """One deserialised engine with its context and preallocated I/O buffers."""
 
     def __init__(
-        self, trt: Any, runtime: trt.Runtime, path: Path, sidecar: dict[str, Any], log: Any
+        self,
+        trt: Any,
+        runtime: trt.Runtime,
+        path: Path,
+        sidecar: dict[str, Any],
+        log: Any,
+        contract: Network,
     ) -> None:
         self.name = sidecar["network"]
+        self.contract = contract
         self.profile = sidecar["profile"]
         family = sidecar.get("family", "tensorrt")
         log.errors.clear()
@@ -109,7 +116,9 @@ class TrtNetwork:
             buffer.copy_(tensor, non_blocking=True)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, buffer.data_ptr())
-        (output,) = self.outputs
+        for extra in self.outputs:  # optimum's text encoder also gives pooler_output
+            self.context.set_tensor_address(extra, self.buffers[extra].data_ptr())
+        output = self.contract.output_name
         shape = _dims(self.context.get_tensor_shape(output))
         out = self.buffers[output][: math.prod(shape)].view(shape)
         self.context.set_tensor_address(output, out.data_ptr())
@@ -120,7 +129,7 @@ class TrtNetwork:
             raise RuntimeError(f"TensorRT failed to enqueue {self.name}")
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        out = self.bind(inputs)
+        out = self.bind(self.contract.feeds(**inputs))
         self.enqueue()
         return out
 
@@ -186,7 +195,8 @@ class TensorRTBackend:
             # RTX engine whose targets miss this GPU names both.
             key = engine_key(exported, network, precision, BuildOptions(), family)
             path, sidecar = find_engine(engine_dir, key, gpu)
-            return TrtNetwork(trt, runtime, path, sidecar, self.trt_logger)
+            contract = exported.network(network, precision)
+            return TrtNetwork(trt, runtime, path, sidecar, self.trt_logger, contract)
 
         self.networks = {network: load(network, precision) for network in NETWORK_NAMES}
         self.fp32_decoder = None
@@ -217,37 +227,38 @@ class TensorRTBackend:
                 network.cache_dirty = False
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device, torch.int32)
-        return owned(self.networks["text_encoder"](input_ids=ids))
+        return owned(self.networks["text_encoder"](input_ids=input_ids.to(self.device)))
 
     def _unet_enqueue(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        return self._unet_net(sample=sample, timestep=timestep, encoder_hidden_states=hidden)
+        # Fed already (unet below): nothing here may wait on the GPU inside a graph capture.
+        net = self._unet_net
+        out = net.bind({"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden})
+        net.enqueue()
+        return out
 
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        dtype = self._unet_net.buffers["sample"].dtype
-        args = (
-            sample.to(self.device, dtype),
-            timestep.to(self.device, torch.float32).reshape(1),
-            encoder_hidden_states.to(self.device, dtype),
+        feeds = self._unet_net.contract.feeds(
+            sample=sample.to(self.device),
+            timestep=timestep.to(self.device),
+            encoder_hidden_states=encoder_hidden_states.to(self.device),
         )
+        args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
         if self._graphed_unet is not None:
             return self._graphed_unet(*args).float()  # the graph's output is a clone already
         return owned(self._unet_enqueue(*args))
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        net = self.networks["vae_encoder"]
-        return owned(net(sample=image.to(self.device, net.buffers["sample"].dtype)))
+        return owned(self.networks["vae_encoder"](sample=image.to(self.device)))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        net = self.networks["vae_decoder"]
-        out = owned(net(latent_sample=latents.to(self.device, net.buffers["latent_sample"].dtype)))
+        out = owned(self.networks["vae_decoder"](latent_sample=latents.to(self.device)))
         if self.fp32_decoder is not None and not torch.isfinite(out).all():
             logger.warning("the fp16 VAE decoder overflowed: decoding again with the fp32 engine")
-            out = owned(self.fp32_decoder(latent_sample=latents.to(self.device, torch.float32)))
+            out = owned(self.fp32_decoder(latent_sample=latents.to(self.device)))
         self.save_runtime_caches()  # the end of a request
         return out
 

@@ -21,7 +21,7 @@ from sdtrt.engine.trt_family import (
 from sdtrt.engine.trt_profile import network_profile, profile_to_json
 from sdtrt.errors import BackendUnavailableError, EngineBuildError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import NETWORK_NAMES, networks_for
+from sdtrt.export.networks import NETWORK_NAMES
 from sdtrt.options import BuildOptions
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def engine_key(
                 "--targets is for TensorRT-RTX: standard TensorRT builds for this GPU only"
             )
         name, cc = gpu_identity()
-    contract = networks_for(exported.dims)[network]
+    contract = exported.network(network, precision)
     return EngineKey(
         network=network,
         graph_sha256=exported.graph_sha256(network, precision),

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sdtrt.export.folder import ExportedModel, is_export
+from sdtrt.export.folder import FORMAT_VERSION, ExportedModel, is_export
 from sdtrt.options import CacheOptions, ExportOptions
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def exported_for(
     from sdtrt.export.exporter import export_model
     from sdtrt.models import model_fingerprint
 
-    key = f"{model_fingerprint(components)[:24]}-{precision}-opset{cache.opset}"
+    fingerprint = model_fingerprint(components)[:24]
+    key = f"{fingerprint}-{precision}-opset{cache.opset}-v{FORMAT_VERSION}"
     folder = cache_root(cache.cache_dir) / "onnx" / key
     fix = (
         f"{folder} is sdtrt's export cache: delete it (or all of {folder.parent}) and run "

@@ -13,7 +13,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sdtrt.export.folder import FORMAT, FORMAT_VERSION, MANIFEST, graph_file, is_export, sha256_file
+from sdtrt.export.folder import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    describe_graph,
+    graph_file,
+    is_export,
+)
 from sdtrt.export.networks import VAE_NETWORKS, ModelDims, networks_for
 from sdtrt.export.onnx_export import export_network
 from sdtrt.fileio import atomic_dir, write_json
@@ -56,8 +63,8 @@ def export_model(
             )
             timings[file] = round(time.perf_counter() - start, 2)
             logger.info("exported %s in %.1f s", file, timings[file])
-            graphs[file] = _describe_graph(tmp, file)
-        _write_tokenizer(tmp / "tokenizer", components["tokenizer"])
+            graphs[file] = describe_graph(tmp, file)
+        write_tokenizer(tmp / "tokenizer", components["tokenizer"])
         _write_component_configs(tmp, components)
         _write_scheduler_config(tmp, components["scheduler"])
         _write_model_index(tmp, components)
@@ -112,15 +119,6 @@ def graph_plan(
     return plan
 
 
-def _describe_graph(root: Path, file: str) -> dict[str, Any]:
-    path = root / file
-    files = [path] + ([data] if (data := path.with_name(path.name + ".data")).exists() else [])
-    return {
-        "sha256": {f.name: sha256_file(f) for f in files},
-        "bytes": sum(f.stat().st_size for f in files),
-    }
-
-
 def _write_scheduler_config(root: Path, scheduler: Any) -> None:
     """The scheduler config with its ``_use_default_values`` kept. diffusers' save_pretrained
     writes defaults out as if chosen, and then another scheduler class built from the saved
@@ -133,7 +131,7 @@ def _write_scheduler_config(root: Path, scheduler: Any) -> None:
     )
 
 
-def _write_tokenizer(folder: Path, tokenizer: Any) -> None:
+def write_tokenizer(folder: Path, tokenizer: Any) -> None:
     """The tokenizer in both formats the layout's readers use: transformers 5 writes only
     the fast ``tokenizer.json``; transformers 4's CLIPTokenizer (optimum's, and every SD
     repository's) needs ``vocab.json``, ``merges.txt`` and ``special_tokens_map.json``,

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtrt.errors import GraphIntegrityError, InvalidInputError, ModelNotFoundError
-from sdtrt.export.networks import ModelDims
+from sdtrt.export.networks import GraphIO, ModelDims, Network, load_graph, networks_for
 from sdtrt.options import ModelSource
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "sdtrt.json"
 FORMAT = "sdtrt-onnx"
-FORMAT_VERSION = 1
+# 2: the UNet takes one timestep per row ([2B], was [1]); each graph's I/O in the manifest.
+FORMAT_VERSION = 2
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
 
 
@@ -29,6 +33,44 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def describe_graph(root: Path, file: str) -> dict[str, Any]:
+    """A graph's manifest entry: the sha256 of its file and of every external-data file it
+    names (``model.onnx.data`` from sdtrt, ``model.onnx_data`` from optimum), and its I/O."""
+    import onnx
+
+    path = root / file
+    model = load_graph(path)
+    graph = model.graph
+    locations = {
+        entry.value
+        for tensor in graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    files = [path] + [path.with_name(name) for name in sorted(locations)]
+    for data in files[1:]:
+        if not data.is_file():
+            raise GraphIntegrityError(f"{path} keeps its weights in {data}, which is missing")
+    return {
+        "sha256": {f.name: sha256_file(f) for f in files},
+        "bytes": sum(f.stat().st_size for f in files),
+        "io": GraphIO.of(graph).to_json(),
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def is_onnx_folder(path: str | Path) -> bool:
+    """An sdtrt export, or a folder in the Hugging Face ONNX layout another tool wrote
+    (optimum: ``unet/model.onnx`` beside ``model_index.json``) that sdtrt can adopt."""
+    root = Path(path)
+    return is_export(root) or (
+        not (root / MANIFEST).exists()
+        and (root / "model_index.json").is_file()
+        and (root / "unet" / GRAPH_FILES["fp32"]).is_file()
+    )
 
 
 def is_export(path: str | Path) -> bool:
@@ -57,18 +99,30 @@ class ExportedModel:
             raise ModelNotFoundError(f"exported model folder {root} does not exist")
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
-            raise ModelNotFoundError(
-                f"{root} has no {MANIFEST}: not a folder written by `sdtrt export`"
-            )
+            if not is_onnx_folder(root):
+                raise ModelNotFoundError(
+                    f"{root} has no {MANIFEST} and no model_index.json with unet/model.onnx: "
+                    "neither a folder written by `sdtrt export` nor one in the Hugging Face "
+                    "ONNX layout (optimum-cli export onnx)"
+                )
+            from sdtrt.export.adopt import foreign_manifest
+
+            logger.info("%s has no %s: reading its graphs (sdtrt adopt stores it)", root, MANIFEST)
+            manifest = foreign_manifest(root)
+            model = cls(root, manifest, fix="export it again")
+            model._verified.update(manifest["graphs"])  # hashed just now
+            return model
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise GraphIntegrityError(f"{manifest_path} is not valid JSON: {exc}") from exc
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            source = (manifest.get("source") or {}).get("model") or "MODEL"
             raise GraphIntegrityError(
                 f"{manifest_path} is format {manifest.get('format')!r} version "
                 f"{manifest.get('format_version')!r}; this sdtrt reads {FORMAT} version "
-                f"{FORMAT_VERSION}: export the model again"
+                f"{FORMAT_VERSION} (one timestep per UNet row): export the model again with "
+                f"`sdtrt export --model {source} --out {root}`"
             )
         for part in ("tokenizer", "scheduler"):
             if not (root / part).is_dir():
@@ -82,6 +136,20 @@ class ExportedModel:
     @property
     def precisions(self) -> tuple[str, ...]:
         return tuple(self.manifest["precisions"])
+
+    @property
+    def adopted(self) -> bool:
+        """Written by another tool (optimum): no PyTorch source is recorded."""
+        return self.manifest["source"].get("fingerprint") is None
+
+    def network(self, network: str, precision: str) -> Network:
+        """The contract of the graph ``network`` runs at ``precision``: sdtrt's, adapted to
+        what that graph takes and gives (as read at export or adoption)."""
+        file = self._entry(network, precision)["file"]
+        io = GraphIO.from_json(self.manifest["graphs"][file]["io"])
+        contract = networks_for(self.dims, {network: io})[network]
+        contract.check_io(str(self.root / file))
+        return contract
 
     def graph_path(self, network: str, precision: str) -> Path:
         """The graph file ``network`` uses at ``precision``, checked against the manifest."""
@@ -136,12 +204,21 @@ class ExportedModel:
                     f"changed, truncated or corrupted after export; {self.fix}"
                 )
 
-    def source_components(self) -> dict[str, Any]:
+    def source_components(self, reference: str | ModelSource | None = None) -> dict[str, Any]:
         """The PyTorch components this folder was exported from, loaded again and checked to
-        be the same weights and config: the reference that check and bench compare with."""
+        be the same weights and config: the reference that check and bench compare with.
+        ``reference`` names them where the folder does not (one adopted from optimum); its
+        numbers are then what check compares, there is no fingerprint to hold them to."""
         from sdtrt.models import load_components, model_fingerprint
 
+        if reference is not None:
+            return load_components(reference)
         source = self.manifest["source"]
+        if self.adopted:
+            raise ModelNotFoundError(
+                f"{self.root} was not exported by sdtrt and records no PyTorch model to "
+                "compare with: name it with --reference (a built-in name or diffusers folder)"
+            )
         components = load_components(
             ModelSource(
                 source["model"],

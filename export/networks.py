@@ -8,9 +8,12 @@ runners all read the contract from here and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from sdtrt.errors import GraphIntegrityError, InvalidInputError
 
 # Dynamic axes by name. A derived axis is a multiple of a free one: the UNet's latent
 # height is 2^(downsamplers) x a free size, or its skip concatenations cannot line up.
@@ -46,16 +49,120 @@ class ModelDims:
         )
 
 
+_ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64"}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What one ONNX graph takes and gives, read from the graph: dtype and shape (an int
+    fixed, a str a named dynamic axis) by name. sdtrt's graphs and optimum's differ here
+    (int32 or int64 token ids, a per-row or a scalar timestep, extra outputs); the contract
+    adapts to what the graph says instead of each backend special-casing a producer."""
+
+    inputs: dict[str, tuple[str, tuple[int | str, ...]]]
+    outputs: dict[str, tuple[str, tuple[int | str, ...]]]
+
+    @classmethod
+    def read(cls, path: Path) -> GraphIO:
+        return cls.of(load_graph(path).graph)
+
+    @classmethod
+    def of(cls, graph: Any) -> GraphIO:
+        """From an ``onnx.GraphProto``."""
+
+        def describe(values: Any) -> dict[str, tuple[str, tuple[int | str, ...]]]:
+            out = {}
+            for v in values:
+                t = v.type.tensor_type
+                dtype = _ONNX_DTYPES.get(t.elem_type, f"onnx type {t.elem_type}")
+                out[v.name] = (dtype, tuple(d.dim_param or d.dim_value for d in t.shape.dim))
+            return out
+
+        initializers = {i.name for i in graph.initializer}
+        inputs = [v for v in graph.input if v.name not in initializers]
+        return cls(describe(inputs), describe(graph.output))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            kind: {n: {"dtype": d, "shape": list(s)} for n, (d, s) in values.items()}
+            for kind, values in (("inputs", self.inputs), ("outputs", self.outputs))
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GraphIO:
+        def values(kind: str) -> dict[str, tuple[str, tuple[int | str, ...]]]:
+            return {n: (v["dtype"], tuple(v["shape"])) for n, v in data[kind].items()}
+
+        return cls(values("inputs"), values("outputs"))
+
+
+def load_graph(path: Path) -> Any:
+    """An ONNX model without its external weights (what describing it needs)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends for a damaged file
+        raise GraphIntegrityError(f"{path} is not a readable ONNX graph: {exc}") from exc
+
+
 class Network:
     """A network's contract. ``inputs``/``outputs`` map each name to its axes: an int is a
-    fixed size, an ``Axis`` a dynamic one."""
+    fixed size, an ``Axis`` a dynamic one. Without ``io`` it is the contract sdtrt exports;
+    with the ``io`` of a graph it is that graph's (dtypes, timestep shape) as it runs."""
 
     name: ClassVar[str]
     component: ClassVar[str]  # which of load_components' entries it wraps
     keep_fp32_inputs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, dims: ModelDims) -> None:
+    def __init__(self, dims: ModelDims, io: GraphIO | None = None) -> None:
         self.dims = dims
+        self.io = io
+
+    @property
+    def output_name(self) -> str:
+        """The output the pipeline uses (a graph may give more, as optimum's text encoder
+        gives ``pooler_output``)."""
+        return next(iter(self.outputs))
+
+    def check_io(self, where: str) -> None:
+        """Refuse a graph that lacks an input or the output this contract needs, naming
+        them; dtypes outside int32/int64/float16/float32 are refused too."""
+        if self.io is None:
+            return
+        for kind, needed, have in (
+            ("input", self.inputs, self.io.inputs),
+            ("output", {self.output_name: []}, self.io.outputs),
+        ):
+            missing = [n for n in needed if n not in have]
+            if missing:
+                raise GraphIntegrityError(
+                    f"{where} has no {kind} {', '.join(missing)}: a {self.name} graph takes "
+                    f"{', '.join(self.inputs)} and gives {self.output_name} "
+                    f"(it has {', '.join(have) or 'none'})"
+                )
+        extra = [n for n in self.io.inputs if n not in self.inputs]
+        if extra:
+            raise GraphIntegrityError(
+                f"{where} takes inputs sdtrt does not feed: {', '.join(extra)} (a {self.name} "
+                f"graph takes {', '.join(self.inputs)}; SDXL-style UNets are not supported)"
+            )
+        for name in self.inputs:
+            if self.io.inputs[name][0] not in TORCH_DTYPES:
+                raise GraphIntegrityError(
+                    f"{where}: input {name} is {self.io.inputs[name][0]}; sdtrt feeds "
+                    f"{', '.join(TORCH_DTYPES)}"
+                )
+
+    def feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inputs in the dtypes the graph takes (shapes as the contract says)."""
+        return {name: tensor.to(self.input_dtype(name, "fp32")) for name, tensor in tensors.items()}
 
     @property
     def inputs(self) -> dict[str, list[int | Axis]]:
@@ -66,6 +173,10 @@ class Network:
         raise NotImplementedError
 
     def input_dtype(self, name: str, precision: str) -> torch.dtype:
+        """The dtype of input ``name``: the graph's where it was read, else sdtrt's rule
+        for an export at ``precision``."""
+        if self.io is not None:
+            return TORCH_DTYPES[self.io.inputs[name][0]]
         if precision == "fp16" and name not in self.keep_fp32_inputs:
             return torch.float16
         return torch.float32
@@ -95,8 +206,7 @@ class Network:
         batch = named.get("B", named.get("2B", 0) // 2)
         height = named.get("H", named.get("h", 0) * f)
         width = named.get("W", named.get("w", 0) * f)
-        (output,) = self.outputs
-        return self.shapes(batch, height, width)[output]
+        return self.shapes(batch, height, width)[self.output_name]
 
     def axis_sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
         f = self.dims.vae_scale_factor
@@ -121,11 +231,11 @@ class Network:
         out = {}
         for name in self.inputs:
             if name == "input_ids":
-                out[name] = torch.randint(
-                    0, 400, shapes[name], dtype=torch.int32, generator=generator
+                out[name] = torch.randint(0, 400, shapes[name], generator=generator).to(
+                    self.input_dtype(name, precision)
                 )
             elif name == "timestep":
-                out[name] = torch.tensor([500.0], dtype=torch.float32)
+                out[name] = torch.full(shapes[name], 500.0, dtype=torch.float32)
             else:
                 t = torch.randn(shapes[name], generator=generator)
                 out[name] = t.to(self.input_dtype(name, precision))
@@ -145,7 +255,8 @@ class TextEncoder(Network):
         return {"last_hidden_state": [("B", 1), self.dims.max_tokens, self.dims.text_hidden_size]}
 
     def input_dtype(self, name: str, precision: str) -> torch.dtype:
-        return torch.int32
+        # int32 in sdtrt's graphs (what TensorRT binds natively); optimum's take int64.
+        return super().input_dtype(name, precision) if self.io is not None else torch.int32
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return _TextEncoderWrapper(module)
@@ -162,9 +273,41 @@ class UNet(Network):
         u, c = self.dims.unet_factor, self.dims.latent_channels
         return {
             "sample": [("2B", 1), c, ("h", u), ("w", u)],
-            "timestep": [1],
+            "timestep": self._timestep_axes(),
             "encoder_hidden_states": [("2B", 1), self.dims.max_tokens, self.dims.text_hidden_size],
         }
+
+    def _timestep_axes(self) -> list[int | Axis]:
+        """sdtrt exports one timestep per row (the server batches requests at different
+        steps in one call); optimum's graphs take a scalar, older ones ``[1]``."""
+        if self.io is None or "timestep" not in self.io.inputs:
+            return [("2B", 1)]
+        shape = self.io.inputs["timestep"][1]
+        return [] if shape == () else [1] if shape == (1,) else [("2B", 1)]
+
+    @property
+    def per_row_timesteps(self) -> bool:
+        """Whether one call can run rows at different timesteps."""
+        return self._timestep_axes() == [("2B", 1)]
+
+    def feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``timestep`` (a scalar, or one per row) shaped as this graph takes it."""
+        feeds = super().feeds(**tensors)
+        timestep, rows = feeds["timestep"].reshape(-1), feeds["sample"].shape[0]
+        if self.per_row_timesteps:
+            if timestep.numel() not in (1, rows):
+                raise InvalidInputError(
+                    f"{timestep.numel()} timesteps for {rows} UNet rows: give one, or one per row"
+                )
+            feeds["timestep"] = timestep.expand(rows).contiguous()
+        elif timestep.numel() > 1 and bool((timestep != timestep[0]).any()):
+            raise InvalidInputError(
+                "this UNet graph takes one timestep for all rows; rows at different steps "
+                "need a graph exported by sdtrt (one timestep per row)"
+            )
+        else:
+            feeds["timestep"] = timestep[:1] if self._timestep_axes() == [1] else timestep[0]
+        return feeds
 
     @property
     def outputs(self) -> dict[str, list[int | Axis]]:
@@ -216,8 +359,10 @@ NETWORK_NAMES = tuple(n.name for n in NETWORKS)
 VAE_NETWORKS = ("vae_encoder", "vae_decoder")
 
 
-def networks_for(dims: ModelDims) -> dict[str, Network]:
-    return {cls.name: cls(dims) for cls in NETWORKS}
+def networks_for(dims: ModelDims, io: dict[str, GraphIO] | None = None) -> dict[str, Network]:
+    """The four contracts; ``io`` adapts those named to their graphs."""
+    io = io or {}
+    return {cls.name: cls(dims, io.get(cls.name)) for cls in NETWORKS}
 
 
 class _TextEncoderWrapper(torch.nn.Module):

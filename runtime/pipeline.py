@@ -109,15 +109,16 @@ class Img2ImgPipeline:
         cache: CacheOptions | None = None,
         show_progress: bool = True,
     ) -> Img2ImgPipeline:
-        """Build from what a user names: an exported folder (``sdtrt export``; runs from the
-        graphs alone, ONNX Runtime by default), a local diffusers folder or a built-in model
-        name (torch by default; graph backends export into the cache)."""
+        """Build from what a user names: an exported folder (``sdtrt export``, or optimum's
+        Hugging Face ONNX layout; runs from the graphs alone, ONNX Runtime by default), a
+        local diffusers folder or a built-in model name (torch by default; graph backends
+        export into the cache)."""
         from sdtrt.engine.factory import backend_from_exported
-        from sdtrt.export.folder import ExportedModel, is_export
+        from sdtrt.export.folder import ExportedModel, is_onnx_folder
         from sdtrt.models import load_components, source_record
 
         source = as_source(str(model) if isinstance(model, Path) else model)
-        if not is_export(source.model):
+        if not is_onnx_folder(source.model):
             cache = cache or CacheOptions(source=source_record(source))
             return cls.from_components(
                 load_components(source),

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdtrt.export.folder import ExportedModel, is_export
+from sdtrt.export.folder import ExportedModel, is_export, is_onnx_folder
 from sdtrt.fileio import atomic_path, check_output_dir, check_output_file, image_format
 from sdtrt.options import (
     BackendOptions,
@@ -116,12 +116,20 @@ def open_exported(
     from sdtrt.models import load_components, source_record
 
     source = as_source(model)
-    if is_export(source.model):
+    if is_onnx_folder(source.model):
         return ExportedModel.open(Path(source.model))
     if components is None:
         components = load_components(source)
     cache = CacheOptions(source=source_record(source))
     return exported_for(components, precision=precision, cache=cache)
+
+
+def adopt(folder: str | Path) -> ExportedModel:
+    """``sdtrt adopt``: store the manifest of a Hugging Face ONNX folder another tool wrote
+    (optimum) beside its files; later opens check the graphs against it."""
+    from sdtrt.export.adopt import adopt as adopt_folder
+
+    return adopt_folder(folder)
 
 
 def build(
@@ -146,11 +154,15 @@ def build(
 
 
 def check(
-    model: str | ModelSource, backend: str = "onnxruntime", precision: str | None = None
+    model: str | ModelSource,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
+    reference: str | ModelSource | None = None,
 ) -> dict[str, Any]:
     """``sdtrt check``: the backend's networks and one img2img image against PyTorch. The
     precision defaults as everywhere (``default_precision``), so ``build`` then ``check``
-    look at the same engines."""
+    look at the same engines. ``reference``: the PyTorch model to compare with, where the
+    folder does not record one (an optimum export)."""
     from sdtrt.bench.check import run_check
     from sdtrt.engine.factory import check_available
     from sdtrt.models import load_components
@@ -160,10 +172,10 @@ def check(
     check_available(options)
     precision = precision or default_precision(backend)
     source = as_source(model)
-    if is_export(source.model):
+    if is_onnx_folder(source.model):
         exported = ExportedModel.open(Path(source.model))
         exported.network_precision("unet", precision)  # holds those graphs, or says so
-        components = exported.source_components()
+        components = exported.source_components(reference)
     else:
         components = load_components(source)
         exported = open_exported(source, precision, components)

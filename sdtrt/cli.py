@@ -2,8 +2,9 @@
 
 Start with `sdtrt img2img` (the seed notebook's run on the embedded tiny model), then
 `sdtrt export` a model to ONNX, `sdtrt build` TensorRT engines from it, `sdtrt check` a
-backend against PyTorch and `sdtrt bench` them side by side. `sdtrt COMMAND --help` lists
-each command's options with their defaults."""
+backend against PyTorch and `sdtrt bench` them side by side. Folders optimum exported run
+as they are (`sdtrt adopt` stores their manifest). `sdtrt COMMAND --help` lists each
+command's options with their defaults."""
 
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ from sdtrt.options import (
 
 MODEL_HELP = (
     "tiny | sd15-random | sd21-random | a diffusers folder | an sdtrt export | "
-    "a .safetensors checkpoint (with --config)"
+    "an optimum ONNX export | a .safetensors checkpoint (with --config)"
+)
+REFERENCE_HELP = (
+    "the PyTorch model to compare with (name or diffusers folder) where --model is an ONNX "
+    "folder that records none (optimum's)"
 )
 PRECISION_HELP = (
     f"graph backends: which exported graphs run (default: {TensorRTOptions.precision} for "
@@ -231,6 +236,7 @@ def _add_check(sub: Any) -> None:
         "--backend", default="onnxruntime", choices=GRAPH_BACKENDS, help="what is checked"
     )
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--reference", default=None, help=REFERENCE_HELP)
     p.add_argument(
         "--json", default=None, help="also write the report here (a PSNR of infinity is null)"
     )
@@ -244,7 +250,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file(args.json, "--json")
-    report = check(_source(args), args.backend, args.precision)
+    report = check(_source(args), args.backend, args.precision, args.reference)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -260,6 +266,7 @@ def _add_bench(sub: Any) -> None:
     )
     p.add_argument("--model", default=config.model, help=MODEL_HELP)
     _add_model_source(p)
+    p.add_argument("--reference", default=None, help=REFERENCE_HELP + " (torch, diffusers rows)")
     p.add_argument(
         "--backends",
         default=",".join(config.backends),
@@ -305,6 +312,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         variant=args.variant,
         model_config=args.config,
         allow_pickle=args.allow_pickle,
+        reference=args.reference,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         batches=batches,
         height=args.height,
@@ -423,6 +431,30 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adopt(sub: Any) -> None:
+    p = sub.add_parser(
+        "adopt",
+        help="store sdtrt's manifest in a Hugging Face ONNX folder another tool wrote "
+        "(optimum-cli export onnx), so later runs check its graphs against it",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("folder", help="the folder (model_index.json, unet/model.onnx, ...)")
+    p.set_defaults(handler=_run_adopt)
+
+
+def _run_adopt(args: argparse.Namespace) -> int:
+    from sdtrt.api import adopt
+
+    exported = adopt(args.folder)
+    dims = exported.dims
+    precisions = ", ".join(exported.precisions)
+    print(
+        f"adopted {exported.root}: {precisions} graphs, sizes multiples of "
+        f"{dims.size_multiple} px, manifest in {exported.root / 'sdtrt.json'}"
+    )
+    return 0
+
+
 def _invalid(message: str) -> SdtrtError:
     from sdtrt.errors import InvalidInputError
 
@@ -449,6 +481,7 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_build,
     _add_check,
     _add_bench,
+    _add_adopt,
 ]
 
 

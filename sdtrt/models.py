@@ -297,8 +297,9 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
         raise ModelNotFoundError(f"model path {path} is not a folder")
     if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
         raise ModelNotFoundError(
-            f"{path} holds ONNX graphs but no sdtrt.json manifest: not a folder written by "
-            "`sdtrt export`; export the model again"
+            f"{path} holds ONNX graphs but neither an sdtrt.json manifest (`sdtrt export`) "
+            "nor a model_index.json (the Hugging Face ONNX layout optimum writes): export "
+            "the model again"
         )
     missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
     if missing:

@@ -22,14 +22,28 @@ def images():
     ]
 
 
-def save_diffusers_folder(components, path):
-    """Write components as a diffusers folder (the layout ``load_components`` reads)."""
+def save_diffusers_folder(components, path, variant=None):
+    """Write components as a diffusers folder (the layout ``load_components`` reads) that
+    the transformers releases diffusers users have read too: transformers 5 saves the text
+    encoder's weights without the ``text_model.`` prefix (4.57 then initialises all of them
+    at random and only warns) and the tokenizer only in its fast format."""
+    from pathlib import Path
+
     from diffusers import StableDiffusionImg2ImgPipeline
+    from safetensors.torch import load_file, save_file
+
+    from sdtrt.export.exporter import write_tokenizer
 
     pipe = StableDiffusionImg2ImgPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipe.save_pretrained(path, safe_serialization=True, variant=variant)
+    name = "model.safetensors" if variant is None else f"model.{variant}.safetensors"
+    weights = Path(path, "text_encoder", name)
+    state = load_file(weights)
+    if not any(key.startswith("text_model.") for key in state):
+        save_file({f"text_model.{k}": v for k, v in state.items()}, weights, {"format": "pt"})
+    write_tokenizer(Path(path, "tokenizer"), components["tokenizer"])
 
 
 def diffusers_img2img(components, scheduler_class_name: str):

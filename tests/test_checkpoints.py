@@ -23,13 +23,8 @@ RUN = ["--scheduler", "pndm", "--steps", "4", "--height", "32", "--width", "48",
 
 def _variant_folder(tiny, path, variants):
     """A folder whose weights exist only as the named variants (tiny's fp32 values)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline(
-        **tiny, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
     for variant in variants:
-        pipe.save_pretrained(path, safe_serialization=True, variant=variant)
+        save_diffusers_folder(tiny, path, variant=variant)
     return path
 
 

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from sdtrt.bench.check import compare_networks
 from sdtrt.cli import main
-from sdtrt.errors import InvalidInputError
+from sdtrt.errors import GraphIntegrityError, InvalidInputError
 from sdtrt.export import cache as cache_module
 from sdtrt.export.exporter import graph_plan
 from sdtrt.export.folder import sha256_file
@@ -78,9 +78,12 @@ def test_manifest(exported, tiny):
     }
     assert dims == {
         "sample": ["2B", 4, "h", "w"],
-        "timestep": [1],
+        "timestep": ["2B"],  # one per row (format 2): the server batches rows at any step
         "encoder_hidden_states": ["2B", 77, 32],
     }
+    io = m["graphs"]["unet/model.onnx"]["io"]
+    assert io["inputs"]["timestep"] == {"dtype": "float32", "shape": ["2B"]}
+    assert io["outputs"] == {"out_sample": {"dtype": "float32", "shape": ["2B", 4, "h", "w"]}}
     for folder in ("tokenizer", "scheduler", "text_encoder", "unet", "vae_encoder", "vae_decoder"):
         assert (exported.root / folder).is_dir()
 
@@ -184,13 +187,19 @@ def _other_model(root):
     (root / "sdtrt.json").write_text(json.dumps(manifest))
 
 
+def _no_manifest_no_index(root):
+    # Without sdtrt.json alone it is still the Hugging Face layout, adopted as optimum's are.
+    (root / "sdtrt.json").unlink()
+    (root / "model_index.json").unlink()
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda root: shutil.rmtree(root / "vae_encoder"), "graph file"),
         (_truncate, "does not match its manifest"),
         (_corrupt, "does not match its manifest"),
-        (lambda root: (root / "sdtrt.json").unlink(), "not a folder written by `sdtrt export`"),
+        (_no_manifest_no_index, "neither an sdtrt.json manifest"),
         (_other_version, "export the model again"),
         (_other_model, "exported from another model"),
     ],
@@ -279,3 +288,33 @@ def test_export_refuses_bad_options_before_any_work(tmp_path, capsys, extra, mes
     )
     assert code == 2 and message in captured.err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_unet_graph_takes_a_timestep_per_row(exported):
+    """Rows at different steps in one call (what the server batches) give what separate
+    calls give, up to batched kernels' rounding."""
+    from sdtrt.engine.ort_backend import OrtBackend
+
+    backend = OrtBackend(exported)
+    generator = torch.Generator().manual_seed(3)
+    sample = torch.randn(4, 4, 2, 4, generator=generator)
+    hidden = torch.randn(4, 77, 32, generator=generator)
+    both = backend.unet(sample, torch.tensor([901.0, 901.0, 401.5, 401.5]), hidden)
+    first = backend.unet(sample[:2], torch.tensor(901.0), hidden[:2])
+    second = backend.unet(sample[2:], torch.tensor([401.5]), hidden[2:])
+    assert both.shape == (4, 4, 2, 4)
+    assert float((both - torch.cat([first, second])).abs().max()) <= 1e-5
+    assert float((first - second).abs().max()) > 1e-3  # the timestep did matter
+    with pytest.raises(InvalidInputError, match="3 timesteps for 4 UNet rows"):
+        backend.unet(sample, torch.tensor([1.0, 2.0, 3.0]), hidden)
+
+
+def test_an_export_of_format_1_is_refused_with_the_command_that_redoes_it(exported, tmp_path):
+    from sdtrt.export.folder import MANIFEST, ExportedModel
+
+    old = tmp_path / "old"
+    shutil.copytree(exported.root, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(GraphIntegrityError, match=f"sdtrt export --model tiny --out {old}"):
+        ExportedModel.open(old)

@@ -145,7 +145,9 @@ def test_build_and_check_default_to_the_same_engines(exported_fp16, monkeypatch,
 
     monkeypatch.setattr("sdtrt.engine.factory.check_available", lambda options: None)
     monkeypatch.setattr("sdtrt.bench.check.run_check", fake_check)
-    monkeypatch.setattr("sdtrt.export.folder.ExportedModel.source_components", lambda self: {})
+    monkeypatch.setattr(
+        "sdtrt.export.folder.ExportedModel.source_components", lambda self, reference: {}
+    )
     with pytest.raises(_Reached):
         main(["check", "--model", str(exported_fp16.root), "--backend", "tensorrt"])
     assert seen["precision"] == build_args.precision == default_precision("tensorrt") == "fp16"

@@ -41,7 +41,7 @@ def test_unet_profile_is_2b_and_latent_sized():
         "max": (8, 4, 96, 96),
     }
     assert profile["encoder_hidden_states"]["max"] == (8, 77, 768)
-    assert "timestep" not in profile  # static [1]: no profile entry needed
+    assert profile["timestep"] == {"min": (2,), "opt": (2,), "max": (8,)}  # one per row
 
 
 def test_other_networks_profiles():
@@ -76,7 +76,7 @@ def test_bad_ranges(ranges, message):
 
 def test_request_outside_profile_is_refused_with_the_range():
     profile = {"sample": {"min": [2, 4, 32, 32], "max": [8, 4, 96, 96]}}
-    check_request("unet", profile, {"sample": (4, 4, 64, 64), "timestep": (1,)})
+    check_request("unet", profile, {"sample": (4, 4, 64, 64), "timestep": (4,)})
     with pytest.raises(ShapeOutsideProfileError, match=r"\(2, 4, 32, 32\) to \(8, 4, 96, 96\)"):
         check_request("unet", profile, {"sample": (2, 4, 128, 64)})
     with pytest.raises(ShapeOutsideProfileError, match="the UNet's batch is 2B"):
