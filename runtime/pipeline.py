@@ -19,8 +19,6 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from sdtrt.engine.base import Backend
@@ -35,6 +33,7 @@ from sdtrt.runtime.inputs import (
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
+from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
 logger = logging.getLogger(__name__)
 
@@ -202,36 +201,22 @@ class Img2ImgPipeline:
 
         # 4. Timesteps: skip every index before the start step.
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=self.backend.device)
-        timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
+        timesteps = start_timesteps(scheduler, num_inference_steps, t_start, self.backend.device)
 
         # 5. Encode the image, sample its latent with the caller's generator, add noise.
         with self._timed("vae_encoder", timings):
             latent_parameters = self.backend.encode_image(pixels)
-        latent_dist = DiagonalGaussianDistribution(latent_parameters)
-        encoded = self.scaling_factor * latent_dist.sample(generator)
-        # diffusers repeats the whole image batch (not each image) to fill the prompt batch.
-        encoded = torch.cat([encoded] * (batch_size // encoded.shape[0]))
-        noise = randn_tensor(
-            encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
+        latents = noised_latents(
+            latent_parameters, self.scaling_factor, batch_size, scheduler, timesteps[:1], generator
         )
-        latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(batch_size))
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
         extra = step_kwargs(scheduler, generator)
         with self._timed("denoise", timings):
             for t in tqdm(timesteps, disable=not self.show_progress, desc="denoising"):
-                model_input = torch.cat([latents] * 2) if do_guidance else latents
-                model_input = scheduler.scale_model_input(model_input, t)
+                model_input = unet_input(scheduler, latents, t, do_guidance)
                 noise_pred = self.backend.unet(model_input, t, text_embeddings)
-                if do_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (
-                        noise_pred_text - noise_pred_uncond
-                    )
-                latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+                latents = step(scheduler, noise_pred, t, latents, guidance_scale, extra)
         _check_finite(latents, "unet")
 
         # 7. Decode.
@@ -270,24 +255,7 @@ class Img2ImgPipeline:
         return height, width
 
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
-        tokenizer = self.tokenizer
-        input_ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        # verbose=False: transformers' own "indexing errors" warning; ours below says it.
-        longest = tokenizer(
-            prompts, padding="longest", return_tensors="pt", verbose=False
-        ).input_ids
-        if longest.shape[-1] > input_ids.shape[-1]:
-            logger.warning(
-                "a prompt is longer than the text encoder's %d tokens and was truncated",
-                tokenizer.model_max_length,
-            )
-        embeddings = self.backend.encode_text(input_ids)
+        embeddings = self.backend.encode_text(token_ids(self.tokenizer, prompts))
         return embeddings.repeat_interleave(num_images_per_prompt, dim=0)
 
     @contextmanager

@@ -1,0 +1,85 @@
+"""The pieces of one img2img request that the single-request pipeline and the server's
+step-level batcher share: prompts to token ids, the noised start latents, one denoising
+step's input and its update. Each is diffusers' own arithmetic, in diffusers' order of
+random draws, so both callers stay bit-exact to StableDiffusionImg2ImgPipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.getLogger(__name__)
+
+
+def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """[N, 77] token ids, padded and truncated as diffusers does (with a warning)."""
+    input_ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    # verbose=False: transformers' own "indexing errors" warning; ours below says it.
+    longest = tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False).input_ids
+    if longest.shape[-1] > input_ids.shape[-1]:
+        logger.warning(
+            "a prompt is longer than the text encoder's %d tokens and was truncated",
+            tokenizer.model_max_length,
+        )
+    return input_ids
+
+
+def start_timesteps(scheduler: Any, num_inference_steps: int, t_start: int, device: Any) -> Any:
+    """The timesteps left after skipping ``t_start`` steps (the scheduler is told where it
+    begins, as diffusers' img2img does)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
+
+
+def noised_latents(
+    latent_parameters: torch.Tensor,
+    scaling_factor: float,
+    batch_size: int,
+    scheduler: Any,
+    first_timestep: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Sample the image's latent with the caller's generator, scale it, fill the batch and
+    noise it to the first timestep: diffusers' draws, in diffusers' order."""
+    encoded = scaling_factor * DiagonalGaussianDistribution(latent_parameters).sample(generator)
+    # diffusers repeats the whole image batch (not each image) to fill the prompt batch.
+    encoded = torch.cat([encoded] * (batch_size // encoded.shape[0]))
+    noise = randn_tensor(
+        encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
+    )
+    return scheduler.add_noise(encoded, noise, first_timestep.reshape(1).repeat(batch_size))
+
+
+def unet_input(scheduler: Any, latents: torch.Tensor, t: Any, do_guidance: bool) -> torch.Tensor:
+    """The UNet's rows for one step: [uncond, cond] copies of the latents under guidance."""
+    model_input = torch.cat([latents] * 2) if do_guidance else latents
+    return scheduler.scale_model_input(model_input, t)
+
+
+def step(
+    scheduler: Any,
+    noise_pred: torch.Tensor,
+    t: Any,
+    latents: torch.Tensor,
+    guidance_scale: float,
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    """Classifier-free guidance on the UNet's rows (when there are two per latent), then
+    the scheduler's step: the next latents."""
+    if noise_pred.shape[0] == 2 * latents.shape[0]:
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+    return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
