@@ -19,6 +19,11 @@ class Backend(Protocol):
     device: torch.device
     # Height and width (pixels) must be multiples of this.
     size_multiple: int
+    # Whether one UNet call may run rows at different timesteps (graphs sdtrt exports do;
+    # optimum's take one timestep for all rows).
+    per_row_timesteps: bool
+    # The most UNet rows one call takes (a TensorRT engine's profile); None: no bound.
+    max_unet_rows: int | None
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, 77] token ids -> [B, 77, C] last hidden state."""
@@ -27,7 +32,8 @@ class Backend(Protocol):
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        """[N, 4, h, w] latents, scalar timestep, [N, 77, C] -> [N, 4, h, w] model output."""
+        """[N, 4, h, w] latents, a timestep (scalar) or one per row ([N]), [N, 77, C] ->
+        [N, 4, h, w] model output."""
         ...
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ class OrtBackend:
         self.size_multiple = exported.dims.size_multiple
         self.precision = precision = options.precision
         self._contracts = {n: exported.network(n, precision) for n in NETWORK_NAMES}
+        self.per_row_timesteps = self._contracts["unet"].per_row_timesteps
+        self.max_unet_rows: int | None = None
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
             path = exported.graph_path(network, precision)

@@ -15,6 +15,8 @@ from sdtrt.options import DTYPES, TorchOptions
 
 class TorchBackend:
     name = "torch"
+    per_row_timesteps = True  # diffusers' UNet takes a timestep per row
+    max_unet_rows = None
 
     def __init__(self, components: dict[str, Any], options: TorchOptions = TorchOptions()) -> None:
         check_available(options)

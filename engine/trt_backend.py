@@ -216,6 +216,8 @@ class TensorRTBackend:
             self.fp32_activations = torch.empty(size, dtype=torch.uint8, device="cuda")
             self.fp32_decoder.context.set_device_memory(self.fp32_activations.data_ptr(), size)
         unet = self.networks["unet"]
+        self.per_row_timesteps = unet.contract.per_row_timesteps
+        self.max_unet_rows: int | None = int(unet.profile["sample"]["max"][0])
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if options.cuda_graphs else None
         self._unet_net = unet
 

@@ -182,7 +182,7 @@ class Img2ImgPipeline:
         timings: dict[str, float] = {}
 
         # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW.
-        height, width = self._output_size(image, height, width)
+        height, width = self.output_size(image, height, width)
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
         pixels = self.image_processor.preprocess(image, height=height, width=width)
         if pixels.shape[0] > batch_size or batch_size % pixels.shape[0]:
@@ -230,7 +230,7 @@ class Img2ImgPipeline:
         )
         return Img2ImgOutput(images, len(timesteps), timings)
 
-    def _output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    def output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The size asked for (a multiple of the backend's unit), else diffusers' rule: the
         image's own size, rounded down to that unit, with a note when that resizes it."""
         multiple = self.backend.size_multiple

@@ -38,3 +38,15 @@ class NonFiniteOutputError(SdtrtError, FloatingPointError):
 
 class EngineBuildError(SdtrtError, RuntimeError):
     """TensorRT could not build an engine (out of GPU memory, unsupported graph...)."""
+
+
+class ServerBusyError(SdtrtError, RuntimeError):
+    """The server's queue is full (HTTP 429), or it is draining and takes nothing new (503)."""
+
+
+class DeadlineExceededError(SdtrtError, TimeoutError):
+    """A request was not done within its deadline; its job was dropped (HTTP 504)."""
+
+
+class RequestCancelledError(SdtrtError, RuntimeError):
+    """The client went away; its job was dropped at the next denoising step."""

@@ -358,3 +358,47 @@ class BuildOptions:
 
     def flags(self) -> dict[str, float | int | None]:
         return {"optimization_level": self.optimization_level, "workspace_gb": self.workspace_gb}
+
+
+SERVE_POLICIES = ("step", "request", "single")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``sdtrt serve``: how requests are batched and what the HTTP side accepts."""
+
+    policy: str = "step"
+    """step: one UNet call per iteration for every active job of a size (continuous
+    batching); request: identical requests within the queue delay run as one batch (what
+    Triton and PyTriton do); single: one request at a time. The load benchmark compares."""
+    max_rows: int | None = None
+    """UNet rows per call ([uncond, cond] per guided image); None: the TensorRT engine's
+    profile maximum, else 16."""
+    max_queue: int = 64
+    """Requests waiting beyond this are refused with 429 and Retry-After."""
+    queue_delay: float = 0.05
+    """request policy: seconds the oldest request waits for identical ones."""
+    timeout: float = 300.0
+    """Seconds a request may take in all; past it the answer is 504 and its job is dropped."""
+    host: str = "127.0.0.1"
+    """Loopback unless told otherwise."""
+    port: int = 8000
+    api_key: str | None = None
+    """Required on /v1 and /metrics when set (Authorization: Bearer KEY or X-API-Key)."""
+    max_body_mb: float = 16.0
+    drain_timeout: float = 30.0
+    """On SIGTERM: seconds the requests in flight get to finish before the server exits."""
+
+    def __post_init__(self) -> None:
+        _one_of("policy", self.policy, SERVE_POLICIES)
+        for name in ("max_queue", "port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise InvalidInputError(
+                f"max rows must be >= 2 (one guided image), got {self.max_rows}"
+            )
+        for name in ("queue_delay", "timeout", "max_body_mb", "drain_timeout"):
+            if not getattr(self, name) >= 0:
+                raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")

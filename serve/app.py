@@ -1,0 +1,365 @@
+"""The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img``, ``GET /health``,
+``GET /ready`` and ``GET /metrics`` (Prometheus).
+
+Every bad input is a 4xx with the library's own message; a full queue is 429 with
+Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
+next denoising step. Nothing one request does reaches past its own job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import PIL.Image
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
+from sdtrt.options import ServeOptions
+from sdtrt.serve.batcher import Img2ImgRequest, JobResult, StepBatcher
+
+logger = logging.getLogger(__name__)
+
+_TYPES: dict[str, type] = {
+    "prompt": str,
+    "negative_prompt": str,
+    "strength": float,
+    "start_step": int,
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "scheduler": str,
+    "seed": int,
+    "height": int,
+    "width": int,
+}
+OPTIONS = ("response_format", "timeout")
+"""Per-request options beside the img2img fields: ``response_format`` png (default) or
+json; ``timeout`` seconds (at most the server's)."""
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class Metrics:
+    def __init__(self, batcher: StepBatcher) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "sdtrt_requests", "img2img requests by HTTP status", ["status"], registry=registry
+        )
+        self.latency = Histogram(
+            "sdtrt_request_latency_seconds",
+            "img2img request latency, arrival to answer",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "sdtrt_queue_wait_seconds",
+            "time from arrival to admission into the batch",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+            registry=registry,
+        )
+        self.rows = Histogram(
+            "sdtrt_unet_rows_per_call",
+            "UNet rows ([uncond, cond] per guided image) per batched call",
+            buckets=(1, 2, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
+        queue = Gauge("sdtrt_queue_depth", "requests waiting for admission", registry=registry)
+        queue.set_function(lambda: len(batcher.waiting))
+        active = Gauge("sdtrt_active_jobs", "requests being denoised", registry=registry)
+        active.set_function(lambda: len(batcher.active))
+        batcher.stats.on_unet_call.append(self.rows.observe)
+
+
+def create_app(
+    batcher: StepBatcher, options: ServeOptions = ServeOptions(), warmup: bool = True
+) -> FastAPI:
+    """The app over ``batcher``. ``warmup``: one small request runs before /ready says
+    200 (kernel selection, CUDA graphs); /health answers meanwhile."""
+    state: dict[str, Any] = {"ready": not warmup, "draining": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warmup:  # in the background: /health answers, /ready says 503 until done
+            threading.Thread(target=_warm_up, args=(batcher, state), daemon=True).start()
+        yield
+        batcher.close()
+
+    app = FastAPI(
+        title="sdtrt",
+        summary="Stable Diffusion img2img, batched at every denoising step",
+        lifespan=lifespan,
+    )
+    metrics = Metrics(batcher)
+    app.state.sdtrt = state
+    app.state.batcher = batcher
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    def ready() -> Response:
+        if state["draining"] or batcher.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    def prometheus(request: Request) -> Response:
+        if failure := _unauthorised(request, options):
+            return failure
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/img2img")
+    async def img2img(request: Request) -> Response:
+        arrived = time.monotonic()
+        if failure := _unauthorised(request, options):
+            metrics.requests.labels("401").inc()
+            return failure
+        try:
+            response = await _serve(request, batcher, options)
+        except BadRequest as exc:
+            response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+        metrics.requests.labels(str(response.status_code)).inc()
+        if response.status_code == 200:
+            metrics.latency.observe(time.monotonic() - arrived)
+            metrics.queue_wait.observe(float(response.headers["x-queue-wait-ms"]) / 1e3)
+        return response
+
+    return app
+
+
+async def _serve(request: Request, batcher: StepBatcher, options: ServeOptions) -> Response:
+    values, image = await _parse(request, options)
+    per_request = {k: values.pop(k) for k in OPTIONS if k in values}
+    response_format = per_request.get("response_format", "png")
+    if "application/json" in request.headers.get("accept", ""):
+        response_format = "json"
+    if response_format not in ("png", "json"):
+        raise BadRequest(422, f"response_format must be png or json, got {response_format!r}")
+    timeout = _number(per_request.get("timeout"), float, "timeout")
+    if timeout is not None and not 0 < timeout <= batcher.timeout:
+        raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
+    try:
+        job = batcher.prepare(Img2ImgRequest(image=image, **values), timeout=timeout)
+        future = batcher.submit(job)
+    except InvalidInputError as exc:
+        raise BadRequest(422, str(exc)) from None
+    except ServerBusyError as exc:
+        if batcher.draining:
+            raise BadRequest(503, str(exc)) from None
+        raise BadRequest(429, str(exc), {"Retry-After": "1"}) from None
+    waiting = asyncio.wrap_future(future)
+    while not waiting.done():
+        done, _ = await asyncio.wait({waiting}, timeout=0.05)
+        if not done and await request.is_disconnected():
+            job.cancel()  # dropped at the next iteration
+            logger.info("a client went away: its job is cancelled")
+            return Response(status_code=499)
+    try:
+        result = waiting.result()
+    except DeadlineExceededError as exc:
+        raise BadRequest(504, str(exc)) from None
+    except Exception as exc:  # this job's failure (non-finite output...), nobody else's
+        logger.warning("a request failed: %s", exc)
+        raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
+    return _answer(result, response_format)
+
+
+def _answer(result: JobResult, response_format: str) -> Response:
+    png = io.BytesIO()
+    result.image.save(png, format="PNG")
+    headers = {
+        "X-Seed": str(result.seed),
+        "X-Unet-Calls": str(result.unet_calls),
+        "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
+    }
+    if response_format == "png":
+        return Response(png.getvalue(), media_type="image/png", headers=headers)
+    body = {
+        "image": base64.b64encode(png.getvalue()).decode(),
+        "width": result.image.width,
+        "height": result.image.height,
+        "seed": result.seed,
+        "unet_calls": result.unet_calls,
+        "queue_wait_ms": result.queue_wait_ms,
+        "timings_ms": result.timings_ms,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+async def _parse(
+    request: Request, options: ServeOptions
+) -> tuple[dict[str, Any], PIL.Image.Image | None]:
+    """The img2img fields and the decoded image from a JSON or multipart body."""
+    limit = int(options.max_body_mb * 1024 * 1024)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    raw: dict[str, Any]
+    image_bytes: bytes | None = None
+    if kind == "application/json":
+        try:
+            raw = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise BadRequest(400, "the JSON body must be an object of img2img fields")
+        if raw.get("image") is not None:
+            image_bytes = _base64(raw.pop("image"))
+        raw.pop("image", None)
+    elif kind == "multipart/form-data":
+        form = await _form(request, bytes(body))
+        upload = form.pop("image", None)
+        if upload is not None:
+            image_bytes = upload if isinstance(upload, bytes) else upload.encode()
+        raw = {k: _form_value(k, v) for k, v in form.items()}
+    else:
+        raise BadRequest(415, f"send application/json or multipart/form-data, not {kind}")
+    unknown = sorted(set(raw) - set(_TYPES) - set(OPTIONS))
+    if unknown:
+        allowed = ", ".join(["image", *_TYPES, *OPTIONS])
+        raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
+    # null or an empty form field: the default, as if the field were not sent
+    values = {
+        k: v if k in OPTIONS else _number(v, _TYPES[k], k) for k, v in raw.items() if v is not None
+    }
+    image = _image(image_bytes) if image_bytes is not None else None
+    return values, image
+
+
+async def _form(request: Request, body: bytes) -> dict[str, Any]:
+    """The multipart form, parsed from the body already read (and bounded)."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, receive).form()
+    except Exception as exc:  # python-multipart's parse errors
+        raise BadRequest(400, f"the multipart body cannot be parsed: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        out[key] = await value.read() if isinstance(value, UploadFile) else value
+    return out
+
+
+def _form_value(name: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if name in _TYPES and _TYPES[name] is not str and value == "":
+        return None
+    return value
+
+
+def _number(value: Any, kind: type, name: str) -> Any:
+    """A field in its type; form fields arrive as text. None stays None (default)."""
+    if value is None:
+        return None
+    if kind is str:
+        if not isinstance(value, str):
+            raise BadRequest(422, f"{name} must be a string, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise BadRequest(422, f"{name} must be a number, got {value!r}")
+    try:
+        if kind is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        what = "an integer" if kind is int else "a number"
+        raise BadRequest(422, f"{name} must be {what}, got {value!r}") from None
+
+
+def _base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(400, "image must be a base64 string (or a data: URL)")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(400, f"image is not valid base64: {exc}") from None
+
+
+def _image(data: bytes) -> PIL.Image.Image:
+    """Decode an image, refusing oversized ones from the header, before pixels are read."""
+    from sdtrt.runtime.inputs import Limits
+
+    limit = Limits.from_env().max_pixels
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        if image.width * image.height > limit:
+            raise BadRequest(
+                422,
+                f"the image is {image.width}x{image.height} = {image.width * image.height} "
+                f"pixels, over this server's limit of {limit} (SDTRT_MAX_PIXELS)",
+            )
+        image.load()
+        return image.convert("RGB")
+    except BadRequest:
+        raise
+    except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError):
+        raise BadRequest(400, "image is not an image Pillow reads (PNG, JPEG, WebP...)") from None
+
+
+def _unauthorised(request: Request, options: ServeOptions) -> Response | None:
+    if options.api_key is None:
+        return None
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if secrets.compare_digest(given.encode(), options.api_key.encode()):
+        return None
+    return JSONResponse(
+        {"error": "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
+    """One small request through the whole path; /ready says 200 after it."""
+    request = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # the sample image's size
+    try:
+        batcher.submit(batcher.prepare(request)).result(timeout=600)
+        state["ready"] = True
+        logger.info("warmed up: ready")
+    except Exception:
+        logger.exception("the warm-up request failed: /ready stays 503")

@@ -1,0 +1,437 @@
+"""Step-level (continuous) batching of img2img requests over the backend interface.
+
+Each admitted request is a job with its own scheduler, generator, guidance scale, start step
+and number of steps. Every iteration of the worker makes ONE UNet call for the active jobs
+of one latent size: their rows concatenated, each row at its own timestep; then each job
+applies its guidance and its own ``scheduler.step``. New requests join at the next
+iteration, finished ones leave and are decoded together. Size groups are served in turn.
+
+Two reference policies run through the same machinery, for the load benchmark: ``request``
+(wait up to a queue delay for requests with identical parameters, run them as one batch
+to the end: what Triton and PyTriton do) and ``single`` (one request at a time).
+No HTTP here: ``serve/app.py`` puts this behind FastAPI.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from sdtrt.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    NonFiniteOutputError,
+    RequestCancelledError,
+    ServerBusyError,
+)
+from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
+from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.schedulers import SCHEDULERS, make_scheduler, step_kwargs
+from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest:
+    """One request, its fields named as diffusers' pipeline names them; defaults are the
+    CLI's (``Img2ImgJob``)."""
+
+    prompt: str = SEED_PROMPT
+    image: PIL.Image.Image | None = None
+    """None: the sample picture that ships with sdtrt."""
+    negative_prompt: str = ""
+    strength: float | None = None
+    start_step: int | None = None
+    num_inference_steps: int = Img2ImgJob.steps
+    guidance_scale: float = Img2ImgJob.guidance
+    scheduler: str = "lms"
+    seed: int = Img2ImgJob.seed
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass
+class JobResult:
+    image: PIL.Image.Image
+    array: np.ndarray
+    """The image as floats in [0, 1], [H, W, 3] (what ``output_type="np"`` gives)."""
+    seed: int
+    unet_calls: int
+    queue_wait_ms: float
+    timings_ms: dict[str, float]
+    """Wall time of the batched calls this job took part in, per stage, and in total."""
+
+
+@dataclass(eq=False)
+class Job:
+    request: Img2ImgRequest
+    pixels: torch.Tensor
+    t_start: int
+    deadline: float
+    future: Future[JobResult] = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # Set when admitted:
+    admitted: float = 0.0
+    scheduler: Any = None
+    generator: torch.Generator | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    timesteps: Any = None
+    index: int = 0
+    latents: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    embeddings: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """UNet rows per step: [uncond, cond] under guidance, cond alone at scale 1."""
+        return 2 if self.request.guidance_scale > 1.0 else 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+
+    @property
+    def same_batch_key(self) -> tuple[Any, ...]:
+        """What must match for request-level batching to run jobs as one pipeline batch."""
+        r = self.request
+        return (self.size, r.num_inference_steps, self.t_start, r.scheduler, r.guidance_scale)
+
+    @property
+    def done(self) -> bool:
+        return self.timesteps is not None and self.index >= len(self.timesteps)
+
+    def cancel(self) -> None:
+        """Drop the job at the next iteration (the client went away)."""
+        self.cancelled = True
+
+    def add_time(self, stage: str, ms: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + ms
+
+
+@dataclass
+class BatcherStats:
+    """What /metrics reports; read without the lock (plain counters)."""
+
+    unet_calls: int = 0
+    unet_rows: list[int] = field(default_factory=list)
+    on_unet_call: list[Callable[[int], None]] = field(default_factory=list)
+
+
+class StepBatcher:
+    """Runs jobs on one backend from one worker thread. ``submit`` is thread-safe."""
+
+    def __init__(
+        self, pipeline: Img2ImgPipeline, options: ServeOptions = ServeOptions(), start: bool = True
+    ) -> None:
+        """``start=False``: the worker waits for ``start()`` (tests queue a whole load
+        first, so what is batched with what does not depend on thread timing)."""
+        self.pipeline = pipeline
+        self.backend = pipeline.backend
+        self.policy = options.policy
+        limit = self.backend.max_unet_rows  # a TensorRT profile's bound
+        self.max_rows = options.max_rows or limit or 16
+        if limit is not None and self.max_rows > limit:
+            raise InvalidInputError(
+                f"max rows {self.max_rows} is over the UNet engine's profile ({limit} rows)"
+            )
+        self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
+        self.timeout = options.timeout
+        self.per_row_timesteps = self.backend.per_row_timesteps
+        self.stats = BatcherStats()
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []
+        self.draining = False
+        self._turn = 0
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="sdtrt-batcher", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- the caller's side ------------------------------------------------------------
+
+    def prepare(self, request: Img2ImgRequest, timeout: float | None = None) -> Job:
+        """Check a request whole and preprocess its image (InvalidInputError naming what
+        is allowed), before it takes a place in the queue."""
+        from sdtrt.runtime.inputs import load_image
+
+        check_steps_and_guidance(request.num_inference_steps, request.guidance_scale)
+        t_start = resolve_start_step(
+            request.num_inference_steps, request.strength, request.start_step
+        )
+        check_seed(request.seed)
+        if request.scheduler not in SCHEDULERS:
+            raise InvalidInputError(
+                f"unknown scheduler {request.scheduler!r}: expected one of {', '.join(SCHEDULERS)}"
+            )
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(request, name), str):
+                raise InvalidInputError(f"{name} must be a string")
+        image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
+        pipe = self.pipeline
+        height, width = pipe.output_size(image, request.height, request.width)
+        pipe.limits.check(steps=request.num_inference_steps, batch=1, height=height, width=width)
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        return Job(request, pixels.to(torch.float32), t_start, deadline)
+
+    def submit(self, job: Job) -> Future[JobResult]:
+        with self._lock:
+            if self.draining or self._stopped:
+                raise ServerBusyError("the server is draining: it takes no new requests")
+            if len(self.waiting) >= self.max_queue:
+                raise ServerBusyError(f"the queue is full ({self.max_queue} requests waiting)")
+            self.waiting.append(job)
+            self._lock.notify()
+        return job.future
+
+    def drain(self) -> None:
+        """Take nothing new; what is queued or running finishes."""
+        with self._lock:
+            self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopped and not self.waiting and not self.active:
+                        self._lock.wait()
+                    if self._stopped:
+                        break
+                    new = self._admit()
+                try:
+                    self._iterate(new)
+                except Exception as exc:  # never let one bad iteration kill the worker
+                    logger.exception("batcher iteration failed")
+                    for job in [*new, *self.active]:
+                        self._fail(job, exc)
+        for job in [*self.waiting, *self.active]:
+            self._fail(job, ServerBusyError("the server stopped before the request finished"))
+
+    def _iterate(self, new: list[Job]) -> None:
+        self._drop_expired()
+        if new:
+            self._start(new)
+        group = self._next_group()
+        if group:
+            self._unet_step(group)
+        finished = [job for job in self.active if job.done]
+        if finished:
+            self.active = [job for job in self.active if not job.done]
+            self._finish(finished)
+        if not new and not group and self.waiting:
+            time.sleep(0.002)  # request-level batching waiting out its queue delay
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs to active as the policy allows (under the lock)."""
+        now = time.monotonic()
+        admitted: list[Job] = []
+        if self.policy == "step":
+            rows: dict[Any, int] = {}
+            for job in self.active:
+                rows[job.size] = rows.get(job.size, 0) + job.rows
+            for job in list(self.waiting):
+                if rows.get(job.size, 0) + job.rows <= self.max_rows:
+                    rows[job.size] = rows.get(job.size, 0) + job.rows
+                    admitted.append(job)
+        elif not self.active and self.waiting:
+            head = self.waiting[0]
+            if self.policy == "single":
+                admitted = [head]
+            else:
+                same = [j for j in self.waiting if j.same_batch_key == head.same_batch_key]
+                same = same[: self.max_rows // head.rows]
+                full = len(same) * head.rows + head.rows > self.max_rows
+                if full or now - head.submitted >= self.queue_delay:
+                    admitted = same
+        for job in admitted:
+            self.waiting.remove(job)
+            job.admitted = now
+        return admitted
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for queue in (self.waiting, self.active):
+                for job in [j for j in queue if j.cancelled or now > j.deadline]:
+                    queue.remove(job)
+                    if job.cancelled:
+                        self._fail(job, RequestCancelledError("the client went away"))
+                    else:
+                        self._fail(job, DeadlineExceededError("the request passed its deadline"))
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Text and VAE encoding of newly admitted jobs, batched; then each job's noised
+        latents from its own generator (diffusers' draws, in diffusers' order)."""
+        backend, pipe = self.backend, self.pipeline
+        guided = [job for job in jobs if job.rows == 2]
+        start = time.perf_counter()
+        cond = backend.encode_text(token_ids(pipe.tokenizer, [j.request.prompt for j in jobs]))
+        uncond = None
+        if guided:
+            negatives = [j.request.negative_prompt for j in guided]
+            uncond = backend.encode_text(token_ids(pipe.tokenizer, negatives))
+        self._charge(jobs, "text_encoder", start)
+        for i, job in enumerate(jobs):
+            if job.rows == 2 and uncond is not None:
+                u = uncond[guided.index(job)]
+                job.embeddings = torch.stack([u, cond[i]])
+            else:
+                job.embeddings = cond[i : i + 1]
+        for size_jobs in _by_size(jobs).values():
+            start = time.perf_counter()
+            pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
+            parameters = backend.encode_image(pixels)
+            self._charge(size_jobs, "vae_encoder", start)
+            for i, job in enumerate(size_jobs):
+                self._noise(job, parameters[i : i + 1])
+        self.active.extend(jobs)
+
+    def _noise(self, job: Job, parameters: torch.Tensor) -> None:
+        r = job.request
+        job.scheduler = make_scheduler(r.scheduler, self.pipeline.scheduler.config)
+        job.generator = torch.Generator().manual_seed(r.seed)
+        job.extra = step_kwargs(job.scheduler, job.generator)
+        job.timesteps = start_timesteps(
+            job.scheduler, r.num_inference_steps, job.t_start, self.backend.device
+        )
+        scaling = self.pipeline.scaling_factor
+        job.latents = noised_latents(
+            parameters, scaling, 1, job.scheduler, job.timesteps[:1], job.generator
+        )
+
+    def _next_group(self) -> list[Job]:
+        """The jobs of the next size group in turn (and of one timestep, where the UNet
+        graph takes one for all rows), at most ``max_rows`` rows."""
+        groups: dict[Any, list[Job]] = {}
+        for job in self.active:
+            key: Any = job.size
+            if not self.per_row_timesteps:
+                key = (job.size, float(job.timesteps[job.index]))
+            groups.setdefault(key, []).append(job)
+        if not groups:
+            return []
+        keys = sorted(groups, key=str)
+        self._turn = (self._turn + 1) % len(keys)
+        group, rows = [], 0
+        for job in groups[keys[self._turn]]:
+            if rows + job.rows <= self.max_rows:
+                group.append(job)
+                rows += job.rows
+        return group
+
+    def _unet_step(self, jobs: list[Job]) -> None:
+        try:
+            self._unet_call(jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                self.active.remove(jobs[0])
+                return
+            # Find the job that failed: each alone (one call each), the others go on.
+            logger.warning(
+                "a batched UNet call failed (%s): running its %d jobs alone", exc, len(jobs)
+            )
+            for job in jobs:
+                self._unet_step([job])
+
+    def _unet_call(self, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        inputs, steps, hidden = [], [], []
+        for job in jobs:
+            t = job.timesteps[job.index]
+            inputs.append(unet_input(job.scheduler, job.latents, t, job.rows == 2))
+            steps.append(t.reshape(1).float().expand(job.rows))
+            hidden.append(job.embeddings)
+        noise_pred = self.backend.unet(torch.cat(inputs), torch.cat(steps), torch.cat(hidden))
+        rows = noise_pred.shape[0]
+        self.stats.unet_calls += 1
+        for observe in self.stats.on_unet_call:
+            observe(rows)
+        offset = 0
+        for job in jobs:
+            pred = noise_pred[offset : offset + job.rows]
+            offset += job.rows
+            t = job.timesteps[job.index]
+            job.latents = step(
+                job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
+            )
+            job.index += 1
+        self._charge(jobs, "denoise", start)
+        for job in jobs:
+            if not torch.isfinite(job.latents).all():
+                self.active.remove(job)
+                self._fail(job, NonFiniteOutputError("the UNet produced NaN or infinite latents"))
+
+    def _finish(self, jobs: list[Job]) -> None:
+        pipe = self.pipeline
+        for size_jobs in _by_size(jobs).values():
+            start = time.perf_counter()
+            latents = torch.cat([j.latents for j in size_jobs])
+            decoded = self.backend.decode_latents(latents / pipe.scaling_factor)
+            self._charge(size_jobs, "vae_decoder", start)
+            for i, job in enumerate(size_jobs):
+                one = decoded[i : i + 1]
+                if not torch.isfinite(one).all():
+                    self._fail(job, NonFiniteOutputError("the VAE decoder produced NaN or inf"))
+                    continue
+                array = pipe.image_processor.postprocess(one, output_type="np")[0]
+                image = pipe.image_processor.numpy_to_pil(array[None])[0]
+                total = (time.monotonic() - job.submitted) * 1e3
+                result = JobResult(
+                    image=image,
+                    array=array,
+                    seed=job.request.seed,
+                    unet_calls=len(job.timesteps),
+                    queue_wait_ms=(job.admitted - job.submitted) * 1e3,
+                    timings_ms={**job.timings, "total": total},
+                )
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    def _charge(self, jobs: list[Job], stage: str, start: float) -> None:
+        self.backend.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        for job in jobs:
+            job.add_time(stage, ms)
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+
+def _by_size(jobs: list[Job]) -> dict[tuple[int, int], list[Job]]:
+    groups: dict[tuple[int, int], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.size, []).append(job)
+    return groups

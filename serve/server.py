@@ -1,0 +1,93 @@
+"""Running the app: uvicorn in the foreground for ``sdtrt serve`` (SIGTERM drains: no new
+requests, the ones in flight finish within the drain timeout, exit 0), or in a background
+thread on a free loopback port for the tests and the load benchmark."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from types import FrameType, TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app it drains as soon as a stop signal arrives, so
+    /ready turns 503 and the batcher takes nothing new while what runs finishes."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.sdtrt_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        logger.info("stop signal %d: draining (no new requests; in-flight ones finish)", sig)
+        self.sdtrt_app.state.sdtrt["draining"] = True
+        self.sdtrt_app.state.batcher.drain()
+        super().handle_exit(sig, frame)
+
+
+def serve_forever(
+    app: FastAPI, host: str, port: int, drain_timeout: float, api_key: str | None
+) -> None:
+    if host not in LOOPBACK and api_key is None:
+        logger.warning("listening on %s without --api-key: anyone who reaches it may use it", host)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=int(drain_timeout),
+        log_level="info",
+        access_log=False,
+    )
+    DrainingServer(config, app).run()
+
+
+class BackgroundServer:
+    """The app on 127.0.0.1 at a free port, in a thread (``with`` stops it)."""
+
+    def __init__(self, app: FastAPI, drain_timeout: float = 10.0) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = int(self.socket.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, log_level="warning", timeout_graceful_shutdown=int(drain_timeout)
+        )
+        self.server = DrainingServer(config, app)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start within 30 s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.socket.close()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the server was not ready within {timeout} s")
