@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -431,6 +432,68 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: Any) -> None:
+    from sdtrt.options import SERVE_POLICIES, ServeOptions
+
+    o = ServeOptions
+    p = sub.add_parser(
+        "serve",
+        help="serve img2img over HTTP, batching concurrent requests at every denoising step",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    _add_model_source(p)
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="what runs the networks")
+    _add_backend_options(p)
+    p.add_argument(
+        "--scheduler", default="lms", choices=SCHEDULER_NAMES, help="the default per request"
+    )
+    p.add_argument("--host", default=o.host, help="address to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=o.port, help="TCP port")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="UNet rows per call (2 per guided image; default: the TensorRT profile's "
+        "maximum, else 16)",
+    )
+    p.add_argument("--max-queue", type=int, default=o.max_queue, help="waiting requests; 429 past")
+    p.add_argument("--policy", default=o.policy, choices=SERVE_POLICIES, help="batching policy")
+    p.add_argument(
+        "--queue-delay", type=float, default=o.queue_delay, help="request policy: seconds"
+    )
+    p.add_argument("--timeout", type=float, default=o.timeout, help="seconds per request (504)")
+    p.add_argument("--drain-timeout", type=float, default=o.drain_timeout, help="on SIGTERM")
+    p.add_argument("--max-body-mb", type=float, default=o.max_body_mb, help="413 past it")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
+        "process list; neither: open)",
+    )
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from sdtrt.options import ServeOptions
+    from sdtrt.serve.server import run
+
+    options = ServeOptions(
+        policy=args.policy,
+        max_rows=args.max_rows,
+        max_queue=args.max_queue,
+        queue_delay=args.queue_delay,
+        timeout=args.timeout,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("SDTRT_API_KEY") or None,
+        max_body_mb=args.max_body_mb,
+        drain_timeout=args.drain_timeout,
+    )
+    run(_source(args), _backend(args), args.scheduler, options)
+    return 0
+
+
 def _add_adopt(sub: Any) -> None:
     p = sub.add_parser(
         "adopt",
@@ -482,6 +545,7 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_check,
     _add_bench,
     _add_adopt,
+    _add_serve,
 ]
 
 

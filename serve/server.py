@@ -5,6 +5,7 @@ thread on a free loopback port for the tests and the load benchmark."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -12,6 +13,8 @@ from types import FrameType, TracebackType
 
 import uvicorn
 from fastapi import FastAPI
+
+from sdtrt.options import BackendOptions, ModelSource, ServeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,11 @@ def serve_forever(
         log_level="info",
         access_log=False,
     )
+    # uvicorn re-raises the stop signal after its graceful shutdown, to the handler that was
+    # there before it ran (the default one kills the process: exit -15). A drained stop is
+    # a clean exit: the handler it finds is one that returns.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
     DrainingServer(config, app).run()
 
 
@@ -91,3 +99,20 @@ class BackgroundServer:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the server was not ready within {timeout} s")
+
+
+def run(
+    model: str | ModelSource,
+    backend: BackendOptions | str,
+    scheduler: str = "lms",
+    options: ServeOptions = ServeOptions(),
+) -> None:
+    """``sdtrt serve``: load (and export or build, once) the model, then answer on
+    ``options.host:options.port`` until SIGTERM or Ctrl-C; /ready says 200 after warm-up."""
+    from sdtrt.api import build_pipeline
+    from sdtrt.serve.app import create_app
+    from sdtrt.serve.batcher import StepBatcher
+
+    pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
+    app = create_app(StepBatcher(pipeline, options), options)
+    serve_forever(app, options.host, options.port, options.drain_timeout, options.api_key)

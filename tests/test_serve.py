@@ -1,0 +1,420 @@
+"""`sdtrt serve` on the tiny model: the step batcher against the single-request pipeline
+(exact alone, bounded in a mixed batch), its UNet call count, its limits and failure
+isolation, then the HTTP API against a real server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from sdtrt.errors import DeadlineExceededError, RequestCancelledError
+from sdtrt.options import ServeOptions
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.serve.app import create_app
+from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
+from sdtrt.serve.server import BackgroundServer
+
+# Measured on this tiny model, torch fp32 CPU: a request batched with four others of other
+# strengths, schedulers, seeds, guidance and sizes differs from the same request alone by
+# at most 7.4e-6 (batched kernels round differently); the bound leaves 7x.
+MIXED_BOUND = 5e-5
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+
+
+def _reference(tiny, request, image):
+    """The single-request pipeline on the same arguments: what a request must give."""
+    pipe = Img2ImgPipeline.from_components(
+        tiny, "torch", scheduler=request.scheduler, show_progress=False
+    )
+    return pipe(
+        request.prompt,
+        image,
+        strength=request.strength,
+        start_step=request.start_step,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt,
+        generator=torch.Generator().manual_seed(request.seed),
+        output_type="np",
+        height=request.height,
+        width=request.width,
+    ).images[0]
+
+
+def _run_all(pipe, requests, options=ServeOptions()):
+    """Queue every request, then start the worker: what is batched with what is fixed."""
+    batcher = StepBatcher(pipe, options, start=False)
+    rows: list[int] = []
+    batcher.stats.on_unet_call.append(rows.append)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        return [f.result(timeout=120) for f in futures], rows
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a"])
+def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, scheduler):
+    request = Img2ImgRequest(
+        prompt="a cat", image=image, strength=0.6, num_inference_steps=10, scheduler=scheduler
+    )
+    (result,), rows = _run_all(pipe, [request])
+    assert np.array_equal(result.array, _reference(tiny, request, image))
+    assert result.unet_calls == len(rows) == 6 and set(rows) == {2}
+    assert result.image.size == (48, 32)
+
+
+MIXED = [  # strength, scheduler, guidance, height, width
+    (0.3, "lms", 8.0, 32, 48),
+    (0.9, "euler_a", 1.0, 32, 48),
+    (0.6, "ddim", 5.0, 32, 48),
+    (1.0, "pndm", 7.0, 64, 32),
+    (0.5, "dpmpp_2m", 8.0, 64, 32),
+]
+
+
+def test_a_mixed_load_is_one_unet_call_per_iteration_within_the_bound(tiny, pipe, image):
+    requests = [
+        Img2ImgRequest(
+            prompt=f"prompt {i}",
+            image=image,
+            strength=s,
+            num_inference_steps=10,
+            scheduler=sc,
+            guidance_scale=g,
+            seed=100 + i,
+            height=h,
+            width=w,
+        )
+        for i, (s, sc, g, h, w) in enumerate(MIXED)
+    ]
+    results, rows = _run_all(pipe, requests)
+    steps = [r.unet_calls for r in results]
+    assert steps == [3, 9, 6, 11, 5]  # PNDM (PLMS) runs one UNet call more than its steps
+    # Two size groups served in turn: as many calls as the longest job of each group,
+    # not the sum of the requests' steps.
+    assert len(rows) == 9 + 11 < sum(steps)
+    assert max(rows) == 2 + 1 + 2  # the first group: two guided jobs and one at scale 1
+    for request, result in zip(requests, results, strict=True):
+        want = _reference(tiny, request, image)
+        assert result.array.shape == want.shape
+        assert float(np.abs(result.array - want).max()) <= MIXED_BOUND, request.scheduler
+
+
+def test_max_rows_bounds_every_call_and_the_rest_wait(pipe, image):
+    requests = [
+        Img2ImgRequest(image=image, strength=0.5, num_inference_steps=8, seed=i) for i in range(5)
+    ]
+    results, rows = _run_all(pipe, requests, ServeOptions(max_rows=4))
+    assert max(rows) == 4 and len(results) == 5
+    assert results[4].queue_wait_ms > results[0].queue_wait_ms  # admitted when rows freed
+
+
+def test_request_level_and_one_at_a_time_policies(pipe, image):
+    same = [
+        Img2ImgRequest(image=image, strength=0.5, num_inference_steps=8, seed=i) for i in range(3)
+    ]
+    other = Img2ImgRequest(image=image, strength=0.75, num_inference_steps=8, seed=9)
+    _, rows = _run_all(pipe, [*same, other], ServeOptions(policy="request", queue_delay=0))
+    # the three identical requests as one batch (4 steps of 6 rows), then the other alone
+    assert rows == [6] * 4 + [2] * 6
+    _, rows = _run_all(pipe, [*same, other], ServeOptions(policy="single"))
+    assert rows == [2] * (3 * 4 + 6)
+
+
+class _OneTimestepBackend:
+    """The torch backend as a graph that takes one timestep for all rows (optimum's)."""
+
+    per_row_timesteps = False
+
+    def __init__(self, backend):
+        self._backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def unet(self, sample, timestep, hidden):
+        assert bool((timestep == timestep[0]).all()), "rows at different timesteps"
+        self.calls.append(sample.shape[0])
+        return self._backend.unet(sample, timestep, hidden)
+
+
+def test_a_scalar_timestep_graph_is_batched_by_timestep(tiny, image):
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    pipe.backend = backend = _OneTimestepBackend(pipe.backend)
+    requests = [
+        Img2ImgRequest(image=image, strength=s, num_inference_steps=10, seed=i)
+        for i, s in enumerate([0.5, 0.5, 0.3])
+    ]
+    results, _ = _run_all(pipe, requests)
+    assert [r.unet_calls for r in results] == [5, 5, 3]
+    assert len(backend.calls) == 5 + 3 and max(backend.calls) == 4
+
+
+class _PoisonedBackend(_OneTimestepBackend):
+    """Fails any UNet call that holds the rows of one prompt."""
+
+    per_row_timesteps = True
+
+    def __init__(self, backend, poison):
+        super().__init__(backend)
+        self.poison = poison
+
+    def unet(self, sample, timestep, hidden):
+        if bool((hidden == self.poison).flatten(1).all(1).any()):
+            raise RuntimeError("poisoned rows")
+        return self._backend.unet(sample, timestep, hidden)
+
+
+def test_one_failing_job_fails_only_its_request(tiny, image):
+    from sdtrt.runtime.steps import token_ids
+
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    poison = pipe.backend.encode_text(token_ids(pipe.tokenizer, ["poison"]))[0]
+    pipe.backend = _PoisonedBackend(pipe.backend, poison)
+    requests = [
+        Img2ImgRequest(prompt=p, image=image, strength=0.5, num_inference_steps=6, seed=1)
+        for p in ("fine", "poison", "also fine")
+    ]
+    batcher = StepBatcher(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="poisoned rows"):
+            futures[1].result(timeout=60)
+        for i in (0, 2):
+            got = futures[i].result(timeout=60).array
+            want = _reference(tiny, requests[i], image)
+            assert float(np.abs(got - want).max()) <= MIXED_BOUND
+    finally:
+        batcher.close()
+
+
+def test_a_cancelled_or_late_job_is_dropped_at_the_next_step(pipe, image):
+    batcher = StepBatcher(pipe, start=False)
+    long = Img2ImgRequest(image=image, strength=1.0, num_inference_steps=200)
+    cancelled = batcher.prepare(long)
+    late = batcher.prepare(long, timeout=0.3)
+    kept = batcher.prepare(Img2ImgRequest(image=image, strength=0.5, num_inference_steps=4))
+    futures = [batcher.submit(job) for job in (cancelled, late, kept)]
+    batcher.start()
+    try:
+        time.sleep(0.2)
+        cancelled.cancel()
+        with pytest.raises(RequestCancelledError):
+            futures[0].result(timeout=30)
+        with pytest.raises(DeadlineExceededError):
+            futures[1].result(timeout=30)
+        assert futures[2].result(timeout=30).unet_calls == 2
+        assert cancelled.index < 200 and late.index < 200  # neither ran to the end
+        deadline = time.monotonic() + 10
+        while not batcher.idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.idle
+    finally:
+        batcher.close()
+
+
+# --- HTTP --------------------------------------------------------------------------
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    options = ServeOptions(api_key="secret", max_body_mb=0.5)
+    app = create_app(StepBatcher(pipe, options), options)
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        yield running
+
+
+KEY = {"Authorization": "Bearer secret"}
+SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
+
+
+def test_json_and_multipart_answer_the_pipelines_png(tiny, server, image):
+    body = {"prompt": "a cat", "image": base64.b64encode(_png(image)).decode(), **SMALL}
+    answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert answer.headers["x-unet-calls"] == "2" and answer.headers["x-seed"] == "3"
+    got = np.asarray(PIL.Image.open(io.BytesIO(answer.content)))
+    want = _reference(tiny, Img2ImgRequest(prompt="a cat", **SMALL), image)
+    assert got.shape == (32, 48, 3)
+    assert np.array_equal(got, np.round(want * 255).astype(np.uint8))  # diffusers' to-PIL
+    form = {k: str(v) for k, v in {"prompt": "a cat", **SMALL}.items()}
+    answer = httpx.post(
+        f"{server.url}/v1/img2img",
+        data={**form, "response_format": "json"},
+        files={"image": ("in.png", _png(image), "image/png")},
+        headers=KEY,
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    meta = answer.json()
+    assert (meta["width"], meta["height"], meta["seed"], meta["unet_calls"]) == (48, 32, 3, 2)
+    assert set(meta["timings_ms"]) >= {"text_encoder", "vae_encoder", "denoise", "vae_decoder"}
+    assert meta["queue_wait_ms"] >= 0
+    decoded = PIL.Image.open(io.BytesIO(base64.b64decode(meta["image"])))
+    assert np.array_equal(np.asarray(decoded), got)
+
+
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"image": base64.b64encode(b"hello").decode()}, 400, "not an image"),
+        ({"image": "***"}, 400, "not valid base64"),
+        ({"strength": 1.5}, 422, "strength must be in (0, 1]"),
+        ({"start_step": 50, "num_inference_steps": 50}, 422, "start step must be an integer"),
+        ({"num_inference_steps": 5000}, 422, "over this machine's limit of 1000"),
+        ({"height": 30, "width": 32}, 422, "not a multiple of 8 px"),
+        ({"scheduler": "magic"}, 422, "expected one of lms"),
+        ({"seed": -1}, 422, "seed must be an integer in [0, 2^64 - 1]"),
+        ({"steps": 5}, 422, "unknown field(s) steps; allowed: image, prompt"),
+        ({"guidance_scale": "high"}, 422, "guidance_scale must be a number"),
+        ({"image": "A" * 800_000}, 413, "over this server's limit"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_the_librarys_message(server, body, status, says):
+    if isinstance(body, bytes):
+        answer = httpx.post(
+            f"{server.url}/v1/img2img",
+            content=body,
+            headers={**KEY, "content-type": "application/json"},
+        )
+    else:
+        answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert says in answer.json()["error"]
+
+
+def test_an_oversized_image_is_refused_from_its_header(server, monkeypatch):
+    monkeypatch.setenv("SDTRT_MAX_PIXELS", "1000")
+    body = {"image": base64.b64encode(_png(PIL.Image.new("RGB", (64, 64)))).decode()}
+    answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY)
+    assert answer.status_code == 422 and "over this server's limit of 1000" in answer.text
+
+
+def test_the_api_key_guards_v1_and_metrics_not_the_probes(server):
+    assert httpx.post(f"{server.url}/v1/img2img", json=SMALL).status_code == 401
+    wrong = {"X-API-Key": "guess"}
+    assert httpx.post(f"{server.url}/v1/img2img", json=SMALL, headers=wrong).status_code == 401
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    assert httpx.get(f"{server.url}/health").json() == {"status": "alive"}
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_metrics_count_requests_rows_and_queue(server):
+    httpx.post(f"{server.url}/v1/img2img", json={**SMALL, "strength": 2}, headers=KEY)
+    text = httpx.get(f"{server.url}/metrics", headers=KEY).text
+    for line in (
+        'sdtrt_requests_total{status="422"}',
+        "sdtrt_request_latency_seconds_count",
+        "sdtrt_unet_rows_per_call_count",
+        "sdtrt_queue_depth 0.0",
+        "sdtrt_active_jobs 0.0",
+    ):
+        assert line in text, line
+
+
+def test_a_full_queue_is_429_with_retry_after(pipe):
+    options = ServeOptions(max_queue=0)
+    app = create_app(StepBatcher(pipe, options), options, warmup=False)
+    with BackgroundServer(app) as running:
+        answer = httpx.post(f"{running.url}/v1/img2img", json=SMALL)
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert "queue is full" in answer.json()["error"]
+
+
+def test_a_late_request_is_504_and_a_client_that_leaves_cancels_its_job(server):
+    slow = {"num_inference_steps": 400, "strength": 1.0, "height": 64, "width": 64}
+    answer = httpx.post(
+        f"{server.url}/v1/img2img", json={**slow, "timeout": 0.3}, headers=KEY, timeout=60
+    )
+    assert answer.status_code == 504 and "deadline" in answer.json()["error"]
+    batcher = server.server.sdtrt_app.state.batcher
+    calls = batcher.stats.unet_calls
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/img2img", json=slow, headers=KEY, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while not batcher.idle and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert batcher.idle  # the job went with its client
+    assert batcher.stats.unet_calls - calls < 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SDTRT_API_KEY": "k"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdtrt.cli", "serve", "--port", str(port), "--drain-timeout", "60"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "never ready"
+            time.sleep(0.2)
+        answers = []
+        body = {"num_inference_steps": 40, "strength": 1.0, "height": 32, "width": 32}
+        client = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/img2img", json=body, headers={"X-API-Key": "k"}, timeout=120)
+            )
+        )
+        client.start()
+        time.sleep(0.5)  # in flight
+        process.send_signal(signal.SIGTERM)
+        client.join(timeout=120)
+        assert process.wait(timeout=120) == 0
+        (answer,) = answers
+        assert answer.status_code == 200 and answer.headers["x-unet-calls"] == "40"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log = process.stdout.read() if process.stdout else ""
+    assert "draining" in log
