@@ -494,6 +494,76 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_serve(sub: Any) -> None:
+    from sdtrt.serve.loadgen import LoadConfig
+
+    c = LoadConfig
+    p = sub.add_parser(
+        "bench-serve",
+        help="open-loop Poisson load on sdtrt serve over loopback: one-at-a-time, "
+        "request-level and step-level batching compared",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    _add_model_source(p)
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="what runs the networks")
+    _add_backend_options(p)
+    p.add_argument("--rates", default=",".join(f"{r:g}" for r in c.rates), help="req/s, comma")
+    p.add_argument("--requests", type=int, default=c.requests, help="per policy and rate")
+    p.add_argument("--duration", type=float, default=c.duration, help="seconds of sending, max")
+    p.add_argument("--policies", default=",".join(c.policies), help="comma-separated")
+    p.add_argument("--steps", type=int, default=c.steps, help="scheduler steps per request")
+    p.add_argument("--strength", default="0.3-1.0", help="uniform range LOW-HIGH")
+    p.add_argument("--sizes", default="512x512", help="HxW, comma-separated: drawn per request")
+    p.add_argument("--guidance", type=float, default=c.guidance, help="guidance scale")
+    p.add_argument("--queue-delay", type=float, default=c.queue_delay, help="request policy")
+    p.add_argument("--max-rows", type=int, default=None, help="UNet rows per call")
+    p.add_argument("--json", default=None, help="also write the record here")
+    p.add_argument("--plot", default=None, help="also plot it here (PNG, SVG or PDF)")
+    p.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from sdtrt.bench.report import check_plot_path
+    from sdtrt.fileio import check_output_file, write_json
+    from sdtrt.serve.loadgen import LoadConfig, markdown_table, plot, ratios, run_load_bench
+
+    try:
+        rates = tuple(float(r) for r in args.rates.split(","))
+        low, high = (float(v) for v in args.strength.split("-"))
+        sizes = tuple(
+            (int(h), int(w)) for h, w in (s.lower().split("x") for s in args.sizes.split(","))
+        )
+    except ValueError:
+        raise _invalid(
+            "--rates: numbers, comma-separated; --strength LOW-HIGH; --sizes HxW,HxW"
+        ) from None
+    config = LoadConfig(
+        rates=rates,
+        requests=args.requests,
+        duration=args.duration,
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        steps=args.steps,
+        strength=(low, high),
+        sizes=sizes,
+        guidance=args.guidance,
+        queue_delay=args.queue_delay,
+        max_rows=args.max_rows,
+    )
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_plot_path(args.plot)
+    record = run_load_bench(_source(args), _backend(args), config)
+    print(markdown_table(record))
+    print("\n".join(ratios(record)))
+    if args.json:
+        write_json(args.json, record)
+    if args.plot:
+        plot(record, args.plot)
+    return 0 if all(r["ok"] for r in record["results"]) else 1
+
+
 def _add_adopt(sub: Any) -> None:
     p = sub.add_parser(
         "adopt",
@@ -546,6 +616,7 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_bench,
     _add_adopt,
     _add_serve,
+    _add_bench_serve,
 ]
 
 
