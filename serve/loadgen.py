@@ -98,7 +98,7 @@ def run_load_bench(
     return {
         "config": {
             **asdict(config),
-            "model": str(model),
+            "model": str(getattr(model, "model", model)),
             "backend": getattr(backend, "backend", backend),
         },
         "environment": environment(),

@@ -418,3 +418,37 @@ def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
             process.kill()
         log = process.stdout.read() if process.stdout else ""
     assert "draining" in log
+
+
+def test_bench_serve_compares_the_three_policies_over_loopback(tmp_path, capsys):
+    import json
+
+    from sdtrt.cli import main
+
+    record, picture = tmp_path / "load.json", tmp_path / "load.png"
+    args = ["bench-serve", "--rates", "20", "--requests", "4", "--steps", "4"]
+    args += ["--sizes", "32x48,32x32", "--json", str(record), "--plot", str(picture)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| policy | offered req/s |" in out and "step/single throughput" in out
+    rows = json.loads(record.read_text())["results"]
+    assert [r["policy"] for r in rows] == ["single", "request", "step"]
+    for row in rows:
+        assert row["ok"] == row["requests"] == 4 and row["errors"] == 0
+        assert row["throughput_rps"] > 0 and row["latency_ms"]["p99"] >= row["latency_ms"]["p50"]
+    single = next(r for r in rows if r["policy"] == "single")
+    assert single["rows_per_call"] == 2.0  # one guided request per call
+    assert picture.stat().st_size > 10_000
+
+
+def test_bench_serve_refuses_bad_settings_before_loading(capsys):
+    from sdtrt.cli import main
+
+    for args, says in (
+        (["--policies", "fifo"], "policies must be some of"),
+        (["--rates", "0"], "rates must be positive"),
+        (["--strength", "0.5-1.5"], "strength range"),
+        (["--sizes", "32"], "--sizes HxW"),
+    ):
+        assert main(["bench-serve", *args]) == 2
+        assert says in capsys.readouterr().err
