@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OPTIMUM_VENV ?= .venv-optimum
 OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean train-tiny
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ $(OPTIMUM_STAMP):
 
 demo: $(STAMP)
 	$(VENV)/bin/sdtrt img2img --prompt "A colorful dancer, nat geo photo" --out out/demo.png
+
+# Train the tiny model's weights from scratch (about 20 minutes on 2 cores; not part of
+# demo or test; work in progress, issue 14). Writes sdtrt/assets/tiny/ (`tiny-trained`):
+# the weights, and training.json with the commit.
+train-tiny: $(STAMP)
+	$(PY) -m sdtrt.train.tiny --out sdtrt/assets/tiny
 
 test: $(STAMP) $(OPTIMUM_STAMP)
 	$(VENV)/bin/ruff check .

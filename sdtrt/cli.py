@@ -294,15 +294,13 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--ort-threads", type=int, default=config.ort_threads, help="0: ONNX Runtime chooses"
     )
-    p.add_argument("--json", default=None, help="also write the record here")
-    p.add_argument("--plot", default=None, help="also plot it here (PNG, SVG or PDF)")
+    _add_record_outputs(p)
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from sdtrt.bench.benchmark import run_bench
-    from sdtrt.bench.report import check_plot_path, markdown_table, plot
-    from sdtrt.fileio import check_output_file, write_json
+    from sdtrt.bench.report import markdown_table, plot
 
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
@@ -330,20 +328,41 @@ def _run_bench(args: argparse.Namespace) -> int:
         ort_optimization=args.ort_optimization,
         ort_threads=args.ort_threads,
     )
-    if args.json:
-        check_output_file(args.json, "--json")
-    if args.plot:
-        check_plot_path(args.plot)
+    _check_record_outputs(args)
     record = run_bench(config)
     print(markdown_table(record))
-    if args.json:
-        write_json(args.json, record)
-    if args.plot:
-        plot(record, args.plot)
+    _write_record_outputs(args, record, plot)
     if not any(row["status"] == "ok" for row in record["results"]):
         print("sdtrt: bench: every backend was skipped: nothing was measured", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_record_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="also write the record here")
+    p.add_argument("--plot", default=None, help="also plot it here (PNG, SVG or PDF)")
+
+
+def _check_record_outputs(args: argparse.Namespace) -> None:
+    """Both output paths checked before any model loads or anything is measured."""
+    from sdtrt.bench.report import check_plot_path
+    from sdtrt.fileio import check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_plot_path(args.plot)
+
+
+def _write_record_outputs(
+    args: argparse.Namespace, record: dict[str, Any], plot: Callable[..., None]
+) -> None:
+    from sdtrt.fileio import write_json
+
+    if args.json:
+        write_json(args.json, record)
+    if args.plot:
+        plot(record, args.plot)
 
 
 def _span(values: tuple[int, int]) -> str:
@@ -471,11 +490,20 @@ def _add_serve(sub: Any) -> None:
         help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
         "process list; neither: open)",
     )
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'sdtrt[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    ray.add_argument(
+        "--address", default=None, help="a running Ray cluster (default: start a local one)"
+    )
+    ray.add_argument("--replicas", type=int, default=1, help="replicas, one pipeline each")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale to")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray num_gpus")
     p.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from sdtrt.options import ServeOptions
+    from sdtrt.options import ServeOptions, backend_options
     from sdtrt.serve.server import run
 
     options = ServeOptions(
@@ -490,7 +518,34 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         drain_timeout=args.drain_timeout,
     )
-    run(_source(args), _backend(args), args.scheduler, options)
+    if not args.ray:
+        for flag in ("address", "min_replicas", "max_replicas"):
+            if getattr(args, flag) is not None:
+                raise _invalid(f"--{flag.replace('_', '-')} is for --ray")
+        run(_source(args), _backend(args), args.scheduler, options)
+        return 0
+    try:
+        from sdtrt.serve import ray_app
+    except ImportError:
+        raise _unavailable("--ray needs Ray Serve: pip install 'sdtrt[ray]'") from None
+    backend_kwargs = {
+        k: v
+        for k in ("precision", "device", "dtype", "cuda_graphs")
+        if (v := getattr(args, k)) not in (None, False)
+    }
+    backend_options(args.backend, **backend_kwargs)  # refused here, not on each replica
+    application = ray_app.application(
+        _source(args),
+        args.backend,
+        backend_kwargs,
+        args.scheduler,
+        options,
+        args.replicas,
+        args.min_replicas,
+        args.max_replicas,
+        args.gpus_per_replica,
+    )
+    ray_app.run(application, args.host, args.port, args.address)
     return 0
 
 
@@ -518,14 +573,17 @@ def _add_bench_serve(sub: Any) -> None:
     p.add_argument("--guidance", type=float, default=c.guidance, help="guidance scale")
     p.add_argument("--queue-delay", type=float, default=c.queue_delay, help="request policy")
     p.add_argument("--max-rows", type=int, default=None, help="UNet rows per call")
-    p.add_argument("--json", default=None, help="also write the record here")
-    p.add_argument("--plot", default=None, help="also plot it here (PNG, SVG or PDF)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="drive the server already running there (e.g. sdtrt serve --ray) as it is "
+        "configured, instead of starting one per policy",
+    )
+    _add_record_outputs(p)
     p.set_defaults(handler=_run_bench_serve)
 
 
 def _run_bench_serve(args: argparse.Namespace) -> int:
-    from sdtrt.bench.report import check_plot_path
-    from sdtrt.fileio import check_output_file, write_json
     from sdtrt.serve.loadgen import LoadConfig, markdown_table, plot, ratios, run_load_bench
 
     try:
@@ -550,17 +608,11 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         queue_delay=args.queue_delay,
         max_rows=args.max_rows,
     )
-    if args.json:
-        check_output_file(args.json, "--json")
-    if args.plot:
-        check_plot_path(args.plot)
-    record = run_load_bench(_source(args), _backend(args), config)
+    _check_record_outputs(args)
+    record = run_load_bench(_source(args), _backend(args), config, args.url)
     print(markdown_table(record))
     print("\n".join(ratios(record)))
-    if args.json:
-        write_json(args.json, record)
-    if args.plot:
-        plot(record, args.plot)
+    _write_record_outputs(args, record, plot)
     return 0 if all(r["ok"] for r in record["results"]) else 1
 
 
@@ -586,6 +638,12 @@ def _run_adopt(args: argparse.Namespace) -> int:
         f"{dims.size_multiple} px, manifest in {exported.root / 'sdtrt.json'}"
     )
     return 0
+
+
+def _unavailable(message: str) -> SdtrtError:
+    from sdtrt.errors import BackendUnavailableError
+
+    return BackendUnavailableError(message)
 
 
 def _invalid(message: str) -> SdtrtError:

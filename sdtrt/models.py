@@ -94,10 +94,38 @@ def _build(
     }
 
 
+TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
+
+
+def build_tiny_trained() -> dict[str, Any]:
+    """``build_tiny``'s architecture with the weights ``make train-tiny`` trained on the
+    shapes data (train/shapes.py; sdtrt/assets/tiny)."""
+    from safetensors.torch import load_file
+
+    components = build_tiny()
+    for name in ("text_encoder", "unet", "vae"):
+        path = TINY_WEIGHTS / f"{name}.safetensors"
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"the trained tiny model's weights {path} are missing: `make train-tiny` makes them"
+            )
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        components[name].load_state_dict(state, strict=True)
+    training = json.loads((TINY_WEIGHTS / "training.json").read_text())
+    components["vae"].register_to_config(scaling_factor=training["scaling_factor"])
+    # A fresh config, not register_to_config: that leaves the key among the config's
+    # `_use_default_values`, and every other scheduler class built from it (LMS, Euler...)
+    # then takes its own default, epsilon, and runs a v-prediction model wrongly.
+    prediction = training.get("prediction_type", "epsilon")
+    config = {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction}
+    components["scheduler"] = type(components["scheduler"]).from_config(config)
+    return components
+
+
 def build_tiny() -> dict[str, Any]:
     """SD 1.x architecture at tiny sizes, as diffusers' fast tests build it, but with a VAE
     of four blocks so that latents are H/8 x W/8 as in the real model. The UNet has one
-    downsampler, so sizes must be multiples of 16 px."""
+    downsampler, so sizes must be multiples of 16 px. Random weights from a fixed seed."""
     return _build(
         text=dict(
             hidden_size=32,
@@ -178,6 +206,7 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": build_tiny,
     "sd15-random": build_sd15_random,
     "sd21-random": build_sd21_random,
+    "tiny-trained": build_tiny_trained,
 }
 
 

@@ -23,7 +23,10 @@ _CORPUS = (
     "beautiful detailed high quality realistic digital art style oil watercolor sketch "
     "woman man child person face eyes hair dress flower garden sky cloud water fire "
     "snow rain winter summer spring autumn old new small large bright dark colourful "
-    "dancing dancers photography national geographic cinematic studio lighting"
+    "dancing dancers photography national geographic cinematic studio lighting "
+    # the trained tiny model's captions (train/shapes.py)
+    "circle square triangle background top bottom left right middle "
+    "circle square triangle background top bottom left right middle"
 ).split()
 _NUM_MERGES = 300
 

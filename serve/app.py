@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -117,8 +118,9 @@ def create_app(
     app.state.batcher = batcher
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "alive"}
+    def health() -> dict[str, Any]:
+        # The process id tells replicas apart behind a proxy (Ray Serve).
+        return {"status": "alive", "pid": os.getpid()}
 
     @app.get("/ready")
     def ready() -> Response:
@@ -362,4 +364,5 @@ def _warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
         state["ready"] = True
         logger.info("warmed up: ready")
     except Exception:
+        state["warmup_failed"] = True
         logger.exception("the warm-up request failed: /ready stays 503")

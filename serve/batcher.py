@@ -207,6 +207,11 @@ class StepBatcher:
             self.draining = True
 
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (a health check's question)."""
+        return self._thread.is_alive() and not self._stopped
+
+    @property
     def idle(self) -> bool:
         return not self.waiting and not self.active
 

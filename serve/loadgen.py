@@ -64,10 +64,39 @@ class LoadConfig:
 
 
 def run_load_bench(
-    model: str | ModelSource, backend: BackendOptions | str, config: LoadConfig
+    model: str | ModelSource,
+    backend: BackendOptions | str,
+    config: LoadConfig,
+    url: str | None = None,
 ) -> dict[str, Any]:
-    from sdtrt.api import build_pipeline
+    """Start one in-process server per policy and drive each; or, with ``url``, drive a
+    server already running there (``sdtrt serve``, or Ray Serve's proxy in front of its
+    replicas) as it is configured: one row per rate, labelled ``url``."""
     from sdtrt.bench.environment import environment
+
+    image = _sample_png()
+    record = {
+        "config": {
+            **asdict(config),
+            "model": str(getattr(model, "model", model)),
+            "backend": getattr(backend, "backend", backend),
+            "url": url,
+        },
+        "environment": environment(),
+    }
+    if url is not None:
+        results = []
+        for rate in config.rates:
+            logger.info("bench-serve: %s at %.2f req/s ...", url, rate)
+            results.append(_measure(url, url, config, rate, image, None))
+        return {**record, "results": results}
+    return {**record, "results": _policies(model, backend, config, image)}
+
+
+def _policies(
+    model: str | ModelSource, backend: BackendOptions | str, config: LoadConfig, image: str
+) -> list[dict[str, Any]]:
+    from sdtrt.api import build_pipeline
     from sdtrt.serve.app import create_app
     from sdtrt.serve.batcher import StepBatcher
     from sdtrt.serve.server import BackgroundServer
@@ -75,7 +104,6 @@ def run_load_bench(
     pipeline = build_pipeline(model, backend, show_progress=False)
     for height, width in config.sizes:  # refused here, not as 30 failed requests
         pipeline.output_size(None, height, width)
-    image = _sample_png()
     results = []
     for policy in config.policies:
         options = ServeOptions(
@@ -92,18 +120,21 @@ def run_load_bench(
             for rate in config.rates:
                 rows.clear()
                 logger.info("bench-serve: %s at %.2f req/s ...", policy, rate)
-                answers, elapsed = asyncio.run(_drive(server.url, config, rate, image))
-                results.append(_summarise(policy, rate, answers, elapsed, rows))
-                logger.info("bench-serve: %s", results[-1])
-    return {
-        "config": {
-            **asdict(config),
-            "model": str(getattr(model, "model", model)),
-            "backend": getattr(backend, "backend", backend),
-        },
-        "environment": environment(),
-        "results": results,
-    }
+                results.append(_measure(server.url, policy, config, rate, image, rows))
+    return results
+
+
+def _measure(
+    url: str, label: str, config: LoadConfig, rate: float, image: str, rows: list[int] | None
+) -> dict[str, Any]:
+    import psutil
+
+    psutil.cpu_percent(None)  # the machine's CPU use from here on
+    answers, elapsed = asyncio.run(_drive(url, config, rate, image))
+    busy = psutil.cpu_percent(None)
+    result = {**_summarise(label, rate, answers, elapsed, rows), "cpu_percent": busy}
+    logger.info("bench-serve: %s", result)
+    return result
 
 
 async def _drive(
@@ -150,8 +181,13 @@ async def _drive(
 
 
 def _summarise(
-    policy: str, rate: float, answers: list[dict[str, Any]], elapsed: float, rows: list[int]
+    policy: str,
+    rate: float,
+    answers: list[dict[str, Any]],
+    elapsed: float,
+    rows: list[int] | None,
 ) -> dict[str, Any]:
+    """``rows``: the UNet rows of each call the server made (None: not known from here)."""
     ok = [a for a in answers if a["status"] == 200]
     latencies = sorted(a["latency"] * 1e3 for a in ok)
 
@@ -170,8 +206,8 @@ def _summarise(
         "throughput_rps": len(ok) / elapsed if elapsed else 0.0,
         "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
         "queue_wait_ms_mean": statistics.fmean(waits) if waits else float("nan"),
-        "unet_calls": len(rows),
-        "rows_per_call": statistics.fmean(rows) if rows else 0.0,
+        "unet_calls": len(rows) if rows is not None else None,
+        "rows_per_call": statistics.fmean(rows) if rows else None,
     }
 
 
@@ -186,16 +222,16 @@ def _sample_png() -> str:
 def markdown_table(record: dict[str, Any]) -> str:
     lines = [
         "| policy | offered req/s | ok | errors | throughput req/s | p50 ms | p90 ms | p99 ms "
-        "| mean queue wait ms | UNet calls | rows/call |",
-        "| --- |" + " ---: |" * 10,
+        "| mean queue wait ms | UNet calls | rows/call | CPU % |",
+        "| --- |" + " ---: |" * 11,
     ]
     for r in record["results"]:
         lat = r["latency_ms"]
         lines.append(
             f"| {r['policy']} | {r['offered_rps']:g} | {r['ok']} | {r['errors']} "
             f"| {r['throughput_rps']:.2f} | {lat['p50']:.0f} | {lat['p90']:.0f} "
-            f"| {lat['p99']:.0f} | {r['queue_wait_ms_mean']:.0f} | {r['unet_calls']} "
-            f"| {r['rows_per_call']:.2f} |"
+            f"| {lat['p99']:.0f} | {r['queue_wait_ms_mean']:.0f} | {r['unet_calls'] or '-'} "
+            f"| {r['rows_per_call'] or 0:.2f} | {r['cpu_percent']:.0f} |"
         )
     return "\n".join(lines)
 

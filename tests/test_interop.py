@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
     "ours, theirs",
     [("lms", "LMSDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler")],
 )
-def test_optimum_runs_our_export_and_agrees(exported, tmp_path, ours, theirs):
+def test_optimum_runs_our_export_and_agrees(exported, tiny, tmp_path, ours, theirs):
     rng = np.random.default_rng(0)
     image = tmp_path / "in.png"
     PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
@@ -47,7 +47,8 @@ def test_optimum_runs_our_export_and_agrees(exported, tmp_path, ours, theirs):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     # optimum read the VAE's scaling factor from our config.json, not its 2^(blocks-1) guess
-    assert run.stdout.split()[-1] == "0.18215"
+    scaling = tiny["vae"].config.scaling_factor  # the trained tiny VAE's, not SD's 0.18215
+    assert float(run.stdout.split()[-1]) == pytest.approx(scaling)
     pipe = Img2ImgPipeline.from_pretrained(exported.root, scheduler=ours, show_progress=False)
     got = pipe(
         PROMPT,
@@ -60,7 +61,7 @@ def test_optimum_runs_our_export_and_agrees(exported, tmp_path, ours, theirs):
     assert float(np.abs(theirs_images - got).max()) <= 1e-5
 
 
-def test_export_writes_both_tokenizer_formats_and_configs(exported):
+def test_export_writes_both_tokenizer_formats_and_configs(exported, tiny):
     root = exported.root
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json"):
         assert (root / "tokenizer" / name).is_file(), name
@@ -73,7 +74,7 @@ def test_export_writes_both_tokenizer_formats_and_configs(exported):
     assert exported.tokenizer().get_vocab() == model["vocab"]
     for half in ("vae_encoder", "vae_decoder"):
         config = json.loads((root / half / "config.json").read_text())
-        assert config["scaling_factor"] == pytest.approx(0.18215)
+        assert config["scaling_factor"] == pytest.approx(tiny["vae"].config.scaling_factor)
     assert json.loads((root / "unet/config.json").read_text())["_class_name"] == (
         "UNet2DConditionModel"
     )
@@ -135,12 +136,13 @@ def test_we_run_an_optimum_export_and_agree_with_optimum(optimum_export, tmp_pat
     assert pipe.scheduler.config.timestep_spacing == "leading"
 
 
-def test_an_optimum_folder_is_read_through_its_graphs_io(optimum_export):
+def test_an_optimum_folder_is_read_through_its_graphs_io(optimum_export, tiny):
     from sdtrt.export.folder import ExportedModel
 
     exported = ExportedModel.open(optimum_export / "onnx")
     assert exported.adopted and exported.precisions == ("fp32",)
-    assert exported.dims.size_multiple == 16 and exported.scaling_factor == pytest.approx(0.18215)
+    assert exported.dims.size_multiple == 16
+    assert exported.scaling_factor == pytest.approx(tiny["vae"].config.scaling_factor)
     text, unet = exported.network("text_encoder", "fp32"), exported.network("unet", "fp32")
     assert text.input_dtype("input_ids", "fp32") == torch.int64
     assert text.output_name == "last_hidden_state"  # pooler_output is there, and unused

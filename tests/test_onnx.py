@@ -62,7 +62,7 @@ def test_manifest(exported, tiny):
         "fingerprint": model_fingerprint(tiny),
     }
     assert m["opset"] == 20 and m["size_multiple"] == 16 and m["vae_scale_factor"] == 8
-    assert m["scaling_factor"] == pytest.approx(0.18215)
+    assert m["scaling_factor"] == pytest.approx(tiny["vae"].config.scaling_factor)
     assert "16 px" in m["size_rule"]
     assert set(m["versions"]) == {"torch", "diffusers", "transformers", "onnx"}
     for network in NETWORK_NAMES:

@@ -329,7 +329,7 @@ def test_the_api_key_guards_v1_and_metrics_not_the_probes(server):
     wrong = {"X-API-Key": "guess"}
     assert httpx.post(f"{server.url}/v1/img2img", json=SMALL, headers=wrong).status_code == 401
     assert httpx.get(f"{server.url}/metrics").status_code == 401
-    assert httpx.get(f"{server.url}/health").json() == {"status": "alive"}
+    assert httpx.get(f"{server.url}/health").json() == {"status": "alive", "pid": os.getpid()}
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 

@@ -1,0 +1,143 @@
+"""What img2img does, shown and measured on the trained tiny model: the input's layout and
+colours carried into the output at low strength, the prompt taking over as strength grows
+(the seed notebook's claim), and how well a picture follows its caption.
+
+    python -m sdtrt.bench.strength --grid out/demo.png [--curve out/curve.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+from sdtrt.train.shapes import Scene, colours_of
+
+STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# The demo's pair: the input picture and a prompt that differs in every colour and shape.
+INPUT = Scene("red", "circle", "blue")
+PROMPT = Scene("yellow", "square", "green")
+STEPS = 20
+MODEL = "tiny-trained"
+
+
+def img2img(pipe: Any, image: PIL.Image.Image, prompt: str, strength: float, seed: int, **kw: Any):
+    out = pipe(
+        prompt,
+        image,
+        strength=strength,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kw,
+    )
+    return out.images[0]
+
+
+@dataclass
+class CurvePoint:
+    strength: float
+    distance: float
+    """Mean |output - input| per pixel, 0-255, averaged over seeds."""
+    input_kept: float
+    """Fraction of seeds whose output has the input's shape and background colours."""
+    prompt_won: float
+    """Fraction of seeds whose output has the prompt's colours."""
+
+
+def strength_curve(
+    pipe: Any, seeds: range = range(4), strengths: tuple[float, ...] = STRENGTHS
+) -> list[CurvePoint]:
+    image = INPUT.draw()
+    source = np.asarray(image, np.float32)
+    points = []
+    for strength in strengths:
+        distances, kept, won = [], 0, 0
+        for seed in seeds:
+            out = img2img(pipe, image, PROMPT.caption, strength, seed) * 255
+            distances.append(float(np.abs(out - source).mean()))
+            colours = colours_of(out)
+            kept += colours == (INPUT.colour, INPUT.background)
+            won += colours == (PROMPT.colour, PROMPT.background)
+        n = len(seeds)
+        points.append(CurvePoint(strength, float(np.mean(distances)), kept / n, won / n))
+    return points
+
+
+def grid(pipe: Any, path: str | Path, strengths: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)):
+    """The seed-style picture: the input, then the outputs at growing strength."""
+    from sdtrt.fileio import atomic_path
+
+    image = INPUT.draw()
+    tiles = [image] + [
+        PIL.Image.fromarray(
+            np.round(img2img(pipe, image, PROMPT.caption, s, 0) * 255).astype(np.uint8)
+        )
+        for s in strengths
+    ]
+    scale, pad, label = 3, 6, 30
+    side = image.width * scale
+    canvas = PIL.Image.new("RGB", (len(tiles) * (side + pad) + pad, side + label + pad), "white")
+    pen = PIL.ImageDraw.Draw(canvas)
+    for i, (tile, name) in enumerate(
+        zip(tiles, ["input", *(f"strength {s}" for s in strengths)], strict=True)
+    ):
+        x = pad + i * (side + pad)
+        canvas.paste(tile.resize((side, side), PIL.Image.Resampling.NEAREST), (x, pad))
+        pen.text((x, side + pad + 8), name, fill="black")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return canvas
+
+
+def plot_curve(points: list[CurvePoint], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdtrt.fileio import atomic_path
+
+    fig, left = plt.subplots(figsize=(6, 4))
+    strengths = [p.strength for p in points]
+    left.plot(strengths, [p.distance for p in points], "o-", color="black", label="distance")
+    left.set_xlabel("strength")
+    left.set_ylabel("mean |output - input| (0-255)")
+    right = left.twinx()
+    right.plot(strengths, [p.input_kept for p in points], "s--", label="input colours kept")
+    right.plot(strengths, [p.prompt_won for p in points], "^--", label="prompt colours")
+    right.set_ylabel("fraction of seeds")
+    right.set_ylim(-0.05, 1.05)
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--grid", default="out/demo.png")
+    parser.add_argument("--curve", default=None, help="also measure the curve and plot it here")
+    args = parser.parse_args()
+    pipe = Img2ImgPipeline.from_pretrained(MODEL, show_progress=False)
+    Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+    grid(pipe, args.grid)
+    print(f"wrote {args.grid}: {INPUT.caption!r} -> {PROMPT.caption!r} at growing strength")
+    if args.curve:
+        points = strength_curve(pipe)
+        plot_curve(points, args.curve)
+        for p in points:
+            print(p)
+
+
+if __name__ == "__main__":
+    main()

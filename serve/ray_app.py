@@ -1,0 +1,162 @@
+"""Scale-out: ``sdtrt serve`` as a Ray Serve application. One replica is one pipeline (one
+GPU where there is one) with its own step batcher, behind Ray's HTTP proxy; the FastAPI app
+is the one ``sdtrt serve`` runs (built on each replica, after its pipeline loads), so
+validation, errors and metrics are the same. Ray places replicas by resources, scales them
+on ongoing requests and restarts a replica whose health check fails.
+
+    sdtrt serve --ray --replicas 2 --model tiny
+    serve run sdtrt.serve.ray_app:app_builder model=tiny replicas=2      # Ray's own CLI
+
+Ray is an optional extra (``pip install 'sdtrt[ray]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+
+from sdtrt.options import ModelSource, ServeOptions, backend_options
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(
+    name="sdtrt",
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class SdtrtReplica:
+    """One pipeline and its batcher; Ray routes each HTTP request to a replica."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        backend: dict[str, Any],
+        scheduler: str,
+        options: dict[str, Any],
+    ) -> None:
+        from sdtrt.api import build_pipeline
+        from sdtrt.serve.batcher import StepBatcher
+
+        # Plain dicts across Ray: the options are rebuilt (and checked) on the replica.
+        self.serve_options = ServeOptions(**options)
+        source = ModelSource(**model)
+        typed = backend_options(**backend)
+        pipeline = build_pipeline(source, typed, scheduler, show_progress=False)
+        self.batcher = StepBatcher(pipeline, self.serve_options)
+        logger.info("replica %d: %s loaded", os.getpid(), source.model)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from sdtrt.serve.app import create_app
+
+        # not `self.app`: Ray's ASGI wrapper has a property of that name
+        self.fastapi_app = create_app(self.batcher, self.serve_options)
+        return self.fastapi_app
+
+    def check_health(self) -> None:
+        """Ray calls this every few seconds; an exception makes it restart the replica."""
+        if not self.batcher.alive:
+            raise RuntimeError("the batcher's worker thread has stopped")
+        if self.fastapi_app.state.sdtrt.get("warmup_failed"):
+            raise RuntimeError("the warm-up request failed")
+
+
+def application(
+    model: ModelSource,
+    backend: str,
+    backend_kwargs: dict[str, Any],
+    scheduler: str,
+    options: ServeOptions,
+    replicas: int = 1,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    num_gpus: float = 0.0,
+) -> Any:
+    """The bound application: ``replicas`` fixed, or autoscaled between ``min_replicas``
+    and ``max_replicas`` on ongoing requests (the batcher's queue is the replica's: a
+    target of a few requests per replica keeps step batches full without long waits)."""
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": 1},
+        "max_ongoing_requests": options.max_queue + 16,
+    }
+    if min_replicas is not None or max_replicas is not None:
+        deployment_options["autoscaling_config"] = {
+            "min_replicas": min_replicas or 1,
+            "max_replicas": max_replicas or max(min_replicas or 1, replicas),
+            "target_ongoing_requests": 4,
+        }
+    else:
+        deployment_options["num_replicas"] = replicas
+    deployment: Any = SdtrtReplica  # serve.deployment made it a Deployment
+    return deployment.options(**deployment_options).bind(
+        asdict(model),
+        {"backend": backend, **backend_kwargs},
+        scheduler,
+        asdict(options),
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
+    strings, named as ``sdtrt serve``'s options (model, backend, replicas, min_replicas,
+    max_replicas, num_gpus, policy, max_rows, max_queue, timeout, api_key...)."""
+    args = dict(args)
+    model = ModelSource(args.pop("model", "tiny"))
+    backend = args.pop("backend", "torch")
+    scheduler = args.pop("scheduler", "lms")
+    replicas = int(args.pop("replicas", "1"))
+    low, high = args.pop("min_replicas", None), args.pop("max_replicas", None)  # YAML: ints
+    num_gpus = float(args.pop("num_gpus", "0"))
+    backend_kwargs: dict[str, Any] = {
+        k: args.pop(k) for k in ("precision", "device", "dtype") if k in args
+    }
+    fields = ServeOptions.__dataclass_fields__
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown sdtrt serve argument(s) {unknown}; known: {sorted(fields)}")
+    typed = {k: fields[k].type for k in args}
+    options = ServeOptions(**{k: _typed(v, str(typed[k])) for k, v in args.items()})
+    return application(
+        model,
+        backend,
+        backend_kwargs,
+        scheduler,
+        options,
+        replicas,
+        int(low) if low else None,
+        int(high) if high else None,
+        num_gpus,
+    )
+
+
+def _typed(value: Any, annotation: str) -> Any:
+    if "int" in annotation:
+        return int(value)
+    if "float" in annotation:
+        return float(value)
+    return value
+
+
+def start(host: str, port: int, address: str | None, num_cpus: int | None = None) -> None:
+    """Start (or join, with ``address``) a Ray cluster and Serve's HTTP proxy."""
+    import ray
+
+    # Ray kills a proxy that is not ready within 5 s, three times running: on a busy small
+    # machine (2 cores, replicas importing torch) it never comes up. Patience instead.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    ray.init(address=address, num_cpus=num_cpus, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+
+
+def run(application_: Any, host: str, port: int, address: str | None) -> None:
+    """Serve the application on ``host:port`` through Ray's HTTP proxy until Ctrl-C or
+    SIGTERM."""
+    start(host, port, address)
+    serve.run(application_, name="sdtrt", route_prefix="/", blocking=True)

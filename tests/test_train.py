@@ -1,0 +1,37 @@
+"""The tiny model's training data and loop (train/): pictures and captions made in code,
+the colour statistics used to judge outputs, and a training step that learns."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdtrt.train import shapes
+
+
+def test_drawn_scenes_read_back_as_their_caption_colours():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = shapes.random_scene(rng)
+        assert shapes.colours_of(np.asarray(scene.draw())) == (scene.colour, scene.background)
+        assert scene.caption == f"a {scene.colour} {scene.shape} on a {scene.background} background"
+
+
+def test_the_data_is_deterministic_from_its_seed_and_in_range():
+    a_pixels, a_captions = shapes.batch(np.random.default_rng(5), 8)
+    b_pixels, b_captions = shapes.batch(np.random.default_rng(5), 8)
+    assert np.array_equal(a_pixels, b_pixels) and a_captions == b_captions
+    assert a_pixels.shape == (8, 3, 64, 64) and a_pixels.min() >= -1 and a_pixels.max() <= 1
+
+
+def test_every_caption_word_is_one_token_of_the_tiny_tokenizer(tiny):
+    words = {"a", "on", "background", *shapes.COLOURS, *shapes.SHAPES}
+    for word in words:
+        assert tiny["tokenizer"].tokenize(word) == [f"{word}</w>"], word
+
+
+def test_the_autoencoder_step_learns():
+    from sdtrt.models import build_tiny
+    from sdtrt.train.tiny import train_vae
+
+    losses = train_vae(build_tiny()["vae"], steps=30, batch=8, lr=1e-3, seed=0)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])

@@ -1,0 +1,219 @@
+"""Train the embedded tiny model on the shapes data (``make train-tiny``), on a CPU.
+
+The architecture is the random tiny model's (``sdtrt.models.TINY_CONFIG``: the same diffusers
+and transformers classes as SD 1.x, at tiny sizes). First the KL autoencoder (reconstruction
++ a small KL term), its latent scaling factor measured as SD's was (1 / std of the latents);
+then the UNet and the text encoder together on its latents with the DDPM noise-prediction
+loss, captions dropped 10% of the time so classifier-free guidance works.
+
+    python -m sdtrt.train.tiny --out sdtrt/assets/tiny [--vae-steps N] [--unet-steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtrt.train import shapes
+
+logger = logging.getLogger("sdtrt.train")
+
+PREDICTION = "v_prediction"
+POOL = 12000  # scenes the UNet trains on (8 x 7 colour pairs x 3 shapes, any size and place)
+
+
+def train_vae(vae: Any, steps: int, batch: int, lr: float, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    vae.train()
+    losses = []
+    for step in range(steps):
+        pixels = torch.from_numpy(shapes.batch(rng, batch)[0])
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            logger.info("vae step %d/%d loss %.5f", step, steps, np.mean(losses[-200:]))
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def latent_scale(vae: Any, seed: int, n: int = 512) -> float:
+    """1 / std of the latents of ``n`` pictures: what SD's 0.18215 is for its VAE."""
+    pixels = torch.from_numpy(shapes.batch(np.random.default_rng(seed), n)[0])
+    return float(1.0 / vae.encode(pixels).latent_dist.sample().std())
+
+
+def train_unet(
+    components: dict[str, Any], steps: int, batch: int, lr: float, seed: int
+) -> list[float]:
+    from diffusers import DDPMScheduler
+
+    vae, unet, text = components["vae"], components["unet"], components["text_encoder"]
+    tokenizer = components["tokenizer"]
+    from sdtrt.models import SD15_SCHEDULER_CONFIG
+
+    noise_schedule = DDPMScheduler.from_config(
+        {**SD15_SCHEDULER_CONFIG, "prediction_type": PREDICTION}
+    )
+    rng = np.random.default_rng(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 1)
+    # A pool of scenes, their latent distributions encoded once (the VAE is frozen now).
+    pool = np.random.default_rng(seed + 2)
+    scenes = [shapes.random_scene(pool) for _ in range(POOL)]
+    with torch.no_grad():
+        moments = torch.cat(
+            [
+                vae.encode(
+                    torch.from_numpy(shapes.pixels_of(scenes[i : i + 256]))
+                ).latent_dist.parameters
+                for i in range(0, len(scenes), 256)
+            ]
+        )
+    captions_all = [s.caption for s in scenes]
+    scaling = vae.config.scaling_factor
+    parameters = [*unet.parameters(), *text.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    unet.train()
+    text.train()
+    losses = []
+    for step in range(steps):
+        pick = rng.integers(0, len(scenes), batch)
+        t = torch.randint(
+            0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator
+        )
+        captions = [_caption(captions_all, i, int(ti), rng) for i, ti in zip(pick, t, strict=True)]
+        mean, logvar = moments[torch.from_numpy(pick)].chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30, 20))
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        ids = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = text(ids)[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = noise_schedule.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        # v-prediction (SD 2.x's): well conditioned at high noise, where the caption must
+        # decide the colours (noise prediction left them to the last few steps: measured,
+        # text-to-image drifted to the zero latent's colour).
+        target = noise_schedule.get_velocity(latents, noise, t)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            logger.info("unet step %d/%d loss %.5f", step, steps, np.mean(losses[-200:]))
+    unet.eval()
+    text.eval()
+    return losses
+
+
+def _caption(captions: list[str], i: int, t: int, rng: np.random.Generator) -> str:
+    """Scene ``i``'s caption; dropped 15% of the time (classifier-free guidance needs the
+    unconditional model); at low noise (t < 300) replaced by another scene's 30% of the
+    time: there the picture must win over a caption that contradicts it, or img2img at
+    low strength repaints the input (measured: without this the prompt won even at
+    strength 0.1)."""
+    u = rng.random()
+    if u < 0.15:
+        return ""
+    if t < 300 and u < 0.45:
+        return captions[int(rng.integers(0, len(captions)))]
+    return captions[i]
+
+
+def save(components: dict[str, Any], out: Path, record: dict[str, Any]) -> None:
+    """The three networks' weights (safetensors, fp16 halves the size and is what the
+    loader casts back to fp32) and what made them."""
+    from safetensors.torch import save_file
+
+    from sdtrt.fileio import atomic_path, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("text_encoder", "unet", "vae"):
+        state = {
+            k: v.detach().to(torch.float16).contiguous()
+            for k, v in components[name].state_dict().items()
+        }
+        with atomic_path(out / f"{name}.safetensors") as tmp:
+            save_file(state, str(tmp))
+    write_json(out / "training.json", record)
+
+
+def main() -> None:
+    from sdtrt.models import build_tiny
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent.parent / "sdtrt" / "assets" / "tiny")
+    )
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vae-from", default=None, help="start from this folder's trained VAE (no VAE training)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    components = build_tiny()
+    start = time.perf_counter()
+    if args.vae_from:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.vae_from) / "vae.safetensors"))
+        components["vae"].load_state_dict({k: v.float() for k, v in state.items()})
+        vae_losses = [float("nan")]
+    else:
+        vae_losses = train_vae(components["vae"], args.vae_steps, args.vae_batch, 1e-3, args.seed)
+    vae_seconds = time.perf_counter() - start
+    scaling = latent_scale(components["vae"], args.seed + 7)
+    components["vae"].register_to_config(scaling_factor=scaling)
+    logger.info("vae trained in %.0f s; latent scaling factor %.5f", vae_seconds, scaling)
+    start = time.perf_counter()
+    unet_losses = train_unet(components, args.unet_steps, args.unet_batch, 1e-3, args.seed)
+    unet_seconds = time.perf_counter() - start
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    record = {
+        "commit": commit,
+        "args": vars(args),
+        "scaling_factor": scaling,
+        "prediction_type": PREDICTION,
+        "vae_seconds": round(vae_seconds, 1),
+        "unet_seconds": round(unet_seconds, 1),
+        "vae_loss_last_200": float(np.mean(vae_losses[-200:])),
+        "unet_loss_last_200": float(np.mean(unet_losses[-200:])),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    save(components, Path(args.out), record)
+    logger.info("wrote %s: %s", args.out, json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
