@@ -231,9 +231,13 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"| {r['policy']} | {r['offered_rps']:g} | {r['ok']} | {r['errors']} "
             f"| {r['throughput_rps']:.2f} | {lat['p50']:.0f} | {lat['p90']:.0f} "
             f"| {lat['p99']:.0f} | {r['queue_wait_ms_mean']:.0f} | {r['unet_calls'] or '-'} "
-            f"| {r['rows_per_call'] or 0:.2f} | {r['cpu_percent']:.0f} |"
+            f"| {_number(r['rows_per_call'])} | {r['cpu_percent']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def ratios(record: dict[str, Any]) -> list[str]:
