@@ -31,11 +31,15 @@ SCHEDULERS: dict[str, str] = {
 }
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
+def check_scheduler(name: str) -> None:
     if name not in SCHEDULERS:
         raise InvalidInputError(
             f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULERS)}"
         )
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
+    check_scheduler(name)
     cls = getattr(diffusers, SCHEDULERS[name])
     if fast_schedulers_proven():
         from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS

@@ -37,7 +37,7 @@ from sdtrt.errors import (
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.runtime.schedulers import SCHEDULERS, make_scheduler, step_kwargs
+from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
 logger = logging.getLogger(__name__)
@@ -176,10 +176,7 @@ class StepBatcher:
             request.num_inference_steps, request.strength, request.start_step
         )
         check_seed(request.seed)
-        if request.scheduler not in SCHEDULERS:
-            raise InvalidInputError(
-                f"unknown scheduler {request.scheduler!r}: expected one of {', '.join(SCHEDULERS)}"
-            )
+        check_scheduler(request.scheduler)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
