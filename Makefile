@@ -35,12 +35,18 @@ $(OPTIMUM_STAMP):
 	$(OPTIMUM_VENV)/bin/python -m pip install -q 'optimum-onnx[onnxruntime]==0.1.0' 'transformers<4.58' 'diffusers==0.39.0' scipy
 	touch $(OPTIMUM_STAMP)
 
+# img2img on the embedded tiny model: a red circle on blue, prompted with a yellow square on
+# green (out/img2img.png); then the seed-style picture, the input and its outputs at growing
+# strength (out/demo.png).
 demo: $(STAMP)
-	$(VENV)/bin/sdtrt img2img --prompt "A colorful dancer, nat geo photo" --out out/demo.png
+	$(VENV)/bin/sdtrt img2img --image sdtrt/assets/shapes.png \
+	  --prompt "a yellow square on a green background" --strength 0.6 --steps 20 --guidance 3 \
+	  --out out/img2img.png
+	$(PY) -m sdtrt.bench.strength --grid out/demo.png
 
-# Train the tiny model's weights from scratch (about 20 minutes on 2 cores; not part of
-# demo or test; work in progress, issue 14). Writes sdtrt/assets/tiny/ (`tiny-trained`):
-# the weights, and training.json with the commit.
+# Train the tiny model's weights from scratch (about 30 minutes on 2 cores; not part of
+# demo or test). Writes sdtrt/assets/tiny/ (the default model, `tiny`): the weights, and
+# training.json with the arguments, commit and losses.
 train-tiny: $(STAMP)
 	$(PY) -m sdtrt.train.tiny --out sdtrt/assets/tiny
 

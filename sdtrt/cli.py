@@ -38,7 +38,7 @@ from sdtrt.options import (
 )
 
 MODEL_HELP = (
-    "tiny | sd15-random | sd21-random | a diffusers folder | an sdtrt export | "
+    "tiny | tiny-random | sd15-random | sd21-random | a diffusers folder | an sdtrt export | "
     "an optimum ONNX export | a .safetensors checkpoint (with --config)"
 )
 REFERENCE_HELP = (

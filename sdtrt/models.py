@@ -1,5 +1,5 @@
-"""Model loading: the embedded tiny default, SD 1.5 / SD 2.1 shapes with random weights,
-or a local diffusers folder. Nothing is ever downloaded."""
+"""Model loading: the embedded tiny default (trained by the project), SD 1.5 / SD 2.1 shapes
+with random weights, or a local diffusers folder. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
@@ -98,8 +98,9 @@ TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
 
 
 def build_tiny_trained() -> dict[str, Any]:
-    """``build_tiny``'s architecture with the weights ``make train-tiny`` trained on the
-    shapes data (train/shapes.py; sdtrt/assets/tiny)."""
+    """The embedded default: ``build_tiny``'s architecture with the weights ``make
+    train-tiny`` trained on the shapes data (train/shapes.py), shipped in sdtrt/assets/tiny
+    (fp16 safetensors, cast to fp32 here) with training.json: what made them."""
     from safetensors.torch import load_file
 
     components = build_tiny()
@@ -125,7 +126,8 @@ def build_tiny_trained() -> dict[str, Any]:
 def build_tiny() -> dict[str, Any]:
     """SD 1.x architecture at tiny sizes, as diffusers' fast tests build it, but with a VAE
     of four blocks so that latents are H/8 x W/8 as in the real model. The UNet has one
-    downsampler, so sizes must be multiples of 16 px. Random weights from a fixed seed."""
+    downsampler, so sizes must be multiples of 16 px. Random weights from a fixed seed
+    (``tiny-random``; ``tiny`` is this architecture trained)."""
     return _build(
         text=dict(
             hidden_size=32,
@@ -205,10 +207,10 @@ def build_sd21_random() -> dict[str, Any]:
 
 
 BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
-    "tiny": build_tiny,
+    "tiny": build_tiny_trained,
+    "tiny-random": build_tiny,
     "sd15-random": build_sd15_random,
     "sd21-random": build_sd21_random,
-    "tiny-trained": build_tiny_trained,
 }
 
 

@@ -4,12 +4,18 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from sdtrt.models import build_tiny
+from sdtrt.models import build_tiny, build_tiny_trained
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    """The embedded tiny model; tests must not modify it."""
+    """The embedded tiny model (trained weights); tests must not modify it."""
+    return build_tiny_trained()
+
+
+@pytest.fixture(scope="session")
+def tiny_random():
+    """The tiny architecture with random weights (``tiny-random``)."""
     return build_tiny()
 
 

@@ -82,7 +82,7 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--strength", "0.5", "--start-step", "1"], "not allowed with argument"),
         (["--scheduler", "heun"], "invalid choice: 'heun'"),
         (["--backend", "jax"], "invalid choice: 'jax'"),
-        (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, sd15-random"),
+        (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, tiny-random"),
         (["--batch", "0"], "batch must be >= 1"),
     ],
 )

@@ -76,5 +76,5 @@ def test_incomplete_folder_names_what_is_missing(tiny, tmp_path):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ModelNotFoundError, match="tiny, sd15-random, sd21-random"):
+    with pytest.raises(ModelNotFoundError, match="tiny, tiny-random, sd15-random, sd21-random"):
         load_components("sd3")

@@ -35,3 +35,22 @@ def test_the_autoencoder_step_learns():
 
     losses = train_vae(build_tiny()["vae"], steps=30, batch=8, lr=1e-3, seed=0)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_captions_are_dropped_and_contradicted_less_as_the_noise_grows():
+    from sdtrt.train.tiny import _caption
+
+    captions = [shapes.Scene(c, "circle", "grey").caption for c in shapes.COLOURS]  # distinct
+    rng = np.random.default_rng(0)
+
+    def rates(t: int) -> tuple[float, float]:
+        got = [_caption(captions, 3, t, rng) for _ in range(4000)]
+        dropped = sum(c == "" for c in got) / len(got)
+        wrong = sum(c not in ("", captions[3]) for c in got) / len(got)
+        return dropped, wrong
+
+    dropped, wrong = rates(0)
+    assert abs(dropped - 0.10) < 0.02 and abs(wrong - 0.9 * 0.4 * 7 / 8) < 0.03
+    dropped, wrong = rates(500)
+    assert abs(dropped - 0.10) < 0.02 and abs(wrong - 0.9 * 0.2 * 7 / 8) < 0.03
+    assert rates(999)[1] < 0.005
