@@ -61,10 +61,19 @@ class SdtrtReplica:
 
     def check_health(self) -> None:
         """Ray calls this every few seconds; an exception makes it restart the replica."""
-        if not self.batcher.alive:
-            raise RuntimeError("the batcher's worker thread has stopped")
-        if self.fastapi_app.state.sdtrt.get("warmup_failed"):
-            raise RuntimeError("the warm-up request failed")
+        problem = health_problem(self.batcher, self.fastapi_app.state.sdtrt)
+        if problem:
+            raise RuntimeError(problem)
+
+
+def health_problem(batcher: Any, app_state: dict[str, Any]) -> str | None:
+    """Why a replica is unhealthy (its batcher's worker has stopped, its warm-up failed),
+    or None."""
+    if not batcher.alive:
+        return "the batcher's worker thread has stopped"
+    if app_state.get("warmup_failed"):
+        return "the warm-up request failed"
+    return None
 
 
 def application(
