@@ -1,10 +1,12 @@
 """Train the embedded tiny model on the shapes data (``make train-tiny``), on a CPU.
 
-The architecture is the random tiny model's (``sdtrt.models.TINY_CONFIG``: the same diffusers
-and transformers classes as SD 1.x, at tiny sizes). First the KL autoencoder (reconstruction
-+ a small KL term), its latent scaling factor measured as SD's was (1 / std of the latents);
-then the UNet and the text encoder together on its latents with the DDPM noise-prediction
-loss, captions dropped 10% of the time so classifier-free guidance works.
+The architecture is ``tiny-random``'s (``sdtrt.models.build_tiny``: the same diffusers and
+transformers classes as SD 1.x, at tiny sizes). First the KL autoencoder (reconstruction + a
+small KL term), its latent scaling factor measured as SD's was (1 / std of the latents); then
+the UNet and the text encoder together on its latents with SD 2.x's v-prediction loss
+(min-SNR weighted), captions dropped 10% of the time so classifier-free guidance works and
+contradicted at low noise so that img2img keeps its input (``_caption``). The defaults are
+the run that made the shipped weights: 30 minutes on 2 cores.
 
     python -m sdtrt.train.tiny --out sdtrt/assets/tiny [--vae-steps N] [--unet-steps N]
 """
@@ -92,8 +94,8 @@ def train_unet(
     parameters = [*unet.parameters(), *text.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    # An exponential moving average of the weights is what is saved: with a short run it
-    # samples visibly cleaner than the last step's weights.
+    # An exponential moving average of the weights is what is saved, as diffusion models'
+    # training usually does (not compared here against the last step's weights).
     averaged = [p.detach().clone() for p in parameters]
     snr = noise_schedule.alphas_cumprod / (1 - noise_schedule.alphas_cumprod)
     unet.train()
