@@ -111,6 +111,12 @@ def application(
     )
 
 
+_DEPLOYMENT_ARGS = (
+    "model", "backend", "scheduler", "replicas", "min_replicas", "max_replicas", "num_gpus",
+    "precision", "device", "dtype",
+)  # fmt: skip
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
     strings, named as ``sdtrt serve``'s options (model, backend, replicas, min_replicas,
@@ -128,7 +134,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     fields = ServeOptions.__dataclass_fields__
     unknown = sorted(set(args) - set(fields))
     if unknown:
-        raise ValueError(f"unknown sdtrt serve argument(s) {unknown}; known: {sorted(fields)}")
+        known = sorted([*fields, *_DEPLOYMENT_ARGS])
+        raise ValueError(f"unknown sdtrt serve argument(s) {unknown}; known: {known}")
     typed = {k: fields[k].type for k in args}
     options = ServeOptions(**{k: _typed(v, str(typed[k])) for k, v in args.items()})
     return application(

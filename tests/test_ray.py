@@ -167,3 +167,30 @@ def test_the_health_check_fails_a_replica_whose_batcher_stopped_or_warmup_failed
     finally:
         batcher.close()
     assert health_problem(batcher, {}) == "the batcher's worker thread has stopped"
+
+
+def test_the_serve_config_file_builds_the_application_it_describes():
+    """serve/ray-serve.yaml's args, as `serve run`/`serve deploy` pass them to app_builder:
+    autoscaling bounds, one GPU per replica, the backend and typed serve options (Ray's
+    Application has no public accessors: its bound deployment is read)."""
+    from pathlib import Path
+
+    import yaml
+
+    from sdtrt.serve import ray_app
+
+    config = yaml.safe_load((Path(ray_app.__file__).parent / "ray-serve.yaml").read_text())
+    deployment = ray_app.app_builder(config["applications"][0]["args"])._bound_deployment
+    model, backend, scheduler, options = deployment.init_args
+    assert model["model"] == "/models/sd15-onnx" and scheduler == "lms"
+    assert backend == {"backend": "tensorrt", "precision": "fp16"}
+    assert options["max_queue"] == 64 and options["timeout"] == 300.0
+    assert deployment.ray_actor_options["num_gpus"] == 1.0
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    fixed = ray_app.app_builder({"model": "tiny", "replicas": "3"})._bound_deployment
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    with pytest.raises(
+        ValueError, match=r"unknown sdtrt serve argument\(s\) \['modle'\]; known: .*'model'"
+    ):
+        ray_app.app_builder({"modle": "tiny"})
