@@ -97,12 +97,19 @@ def _build(
 TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
 
 
+def load_fp32_weights(module: torch.nn.Module, path: Path) -> None:
+    """A safetensors file's weights (fp16 as ``make train-tiny`` saves them) into ``module``
+    as fp32, every key matched."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    module.load_state_dict(state, strict=True)
+
+
 def build_tiny_trained() -> dict[str, Any]:
     """The embedded default: ``build_tiny``'s architecture with the weights ``make
     train-tiny`` trained on the shapes data (train/shapes.py), shipped in sdtrt/assets/tiny
     (fp16 safetensors, cast to fp32 here) with training.json: what made them."""
-    from safetensors.torch import load_file
-
     components = build_tiny()
     for name in ("text_encoder", "unet", "vae"):
         path = TINY_WEIGHTS / f"{name}.safetensors"
@@ -110,8 +117,7 @@ def build_tiny_trained() -> dict[str, Any]:
             raise ModelNotFoundError(
                 f"the trained tiny model's weights {path} are missing: `make train-tiny` makes them"
             )
-        state = {k: v.float() for k, v in load_file(str(path)).items()}
-        components[name].load_state_dict(state, strict=True)
+        load_fp32_weights(components[name], path)
     training = json.loads((TINY_WEIGHTS / "training.json").read_text())
     components["vae"].register_to_config(scaling_factor=training["scaling_factor"])
     # A fresh config, not register_to_config: that leaves the key among the config's

@@ -24,9 +24,8 @@ _CORPUS = (
     "woman man child person face eyes hair dress flower garden sky cloud water fire "
     "snow rain winter summer spring autumn old new small large bright dark colourful "
     "dancing dancers photography national geographic cinematic studio lighting "
-    # the trained tiny model's captions (train/shapes.py)
-    "circle square triangle background top bottom left right middle "
-    "circle square triangle background top bottom left right middle"
+    # the trained tiny model's captions (train/shapes.py), twice: each word one token
+    + ("circle square triangle background top bottom left right middle " * 2)
 ).split()
 _NUM_MERGES = 300
 

@@ -111,43 +111,44 @@ def application(
     )
 
 
-_DEPLOYMENT_ARGS = (
-    "model", "backend", "scheduler", "replicas", "min_replicas", "max_replicas", "num_gpus",
-    "precision", "device", "dtype",
-)  # fmt: skip
+# app_builder's arguments besides ServeOptions' fields, with their defaults.
+_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "model": "tiny",
+    "backend": "torch",
+    "scheduler": "lms",
+    "replicas": 1,
+    "min_replicas": None,
+    "max_replicas": None,
+    "num_gpus": 0,
+}
+_BACKEND_ARGS = ("precision", "device", "dtype")
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
-    strings, named as ``sdtrt serve``'s options (model, backend, replicas, min_replicas,
-    max_replicas, num_gpus, policy, max_rows, max_queue, timeout, api_key...)."""
+    strings (or YAML's numbers), named as ``sdtrt serve``'s options (model, backend,
+    replicas, min_replicas, max_replicas, num_gpus, policy, max_rows, max_queue, timeout,
+    api_key...)."""
     args = dict(args)
-    model = ModelSource(args.pop("model", "tiny"))
-    backend = args.pop("backend", "torch")
-    scheduler = args.pop("scheduler", "lms")
-    replicas = int(args.pop("replicas", "1"))
-    low, high = args.pop("min_replicas", None), args.pop("max_replicas", None)  # YAML: ints
-    num_gpus = float(args.pop("num_gpus", "0"))
-    backend_kwargs: dict[str, Any] = {
-        k: args.pop(k) for k in ("precision", "device", "dtype") if k in args
-    }
+    deployment = {k: args.pop(k, default) for k, default in _DEPLOYMENT_DEFAULTS.items()}
+    backend_kwargs = {k: args.pop(k) for k in _BACKEND_ARGS if k in args}
     fields = ServeOptions.__dataclass_fields__
     unknown = sorted(set(args) - set(fields))
     if unknown:
-        known = sorted([*fields, *_DEPLOYMENT_ARGS])
+        known = sorted([*fields, *_DEPLOYMENT_DEFAULTS, *_BACKEND_ARGS])
         raise ValueError(f"unknown sdtrt serve argument(s) {unknown}; known: {known}")
-    typed = {k: fields[k].type for k in args}
-    options = ServeOptions(**{k: _typed(v, str(typed[k])) for k, v in args.items()})
+    options = ServeOptions(**{k: _typed(v, str(fields[k].type)) for k, v in args.items()})
+    low, high = deployment["min_replicas"], deployment["max_replicas"]
     return application(
-        model,
-        backend,
+        ModelSource(deployment["model"]),
+        deployment["backend"],
         backend_kwargs,
-        scheduler,
+        deployment["scheduler"],
         options,
-        replicas,
+        int(deployment["replicas"]),
         int(low) if low else None,
         int(high) if high else None,
-        num_gpus,
+        float(deployment["num_gpus"]),
     )
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import io
+import socket
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -26,6 +29,20 @@ def images():
     return [
         PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(2)
     ]
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    """An image as a PNG file's bytes (an HTTP request's body)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def save_diffusers_folder(components, path, variant=None):

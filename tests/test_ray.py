@@ -10,7 +10,6 @@ import importlib.util
 import io
 import os
 import signal
-import socket
 import time
 
 import httpx
@@ -18,17 +17,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import free_port, png_bytes
 
 from sdtrt.options import ModelSource, ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.train.shapes import Scene
-
-
-def _png(image: PIL.Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
@@ -37,16 +30,10 @@ pytestmark = pytest.mark.skipif(
 INPUT = Scene("red", "circle", "blue").draw()  # 64x64: the tiny model's home size
 BODY = {
     "prompt": "a yellow square on a green background",
-    "image": base64.b64encode(_png(INPUT)).decode(),
+    "image": base64.b64encode(png_bytes(INPUT)).decode(),
     "num_inference_steps": 8,
     "strength": 0.75,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +43,7 @@ def cluster():
 
     from sdtrt.serve import ray_app
 
-    port = _free_port()
+    port = free_port()
     ray_app.start("127.0.0.1", port, address=None, num_cpus=2)
     application = ray_app.application(
         ModelSource("tiny"), "torch", {}, "lms", ServeOptions(), replicas=2

@@ -8,7 +8,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import free_port, png_bytes
 
 from sdtrt.errors import DeadlineExceededError, RequestCancelledError
 from sdtrt.options import ServeOptions
@@ -244,12 +244,6 @@ def test_a_cancelled_or_late_job_is_dropped_at_the_next_step(pipe, image):
 # --- HTTP --------------------------------------------------------------------------
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def server(pipe):
     options = ServeOptions(api_key="secret", max_body_mb=0.5)
@@ -263,8 +257,8 @@ KEY = {"Authorization": "Bearer secret"}
 SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
 
 
-def test_json_and_multipart_answer_the_pipelines_png(tiny, server, image):
-    body = {"prompt": "a cat", "image": base64.b64encode(_png(image)).decode(), **SMALL}
+def test_json_and_multipart_answer_the_pipelinespng_bytes(tiny, server, image):
+    body = {"prompt": "a cat", "image": base64.b64encode(png_bytes(image)).decode(), **SMALL}
     answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     assert answer.headers["x-unet-calls"] == "2" and answer.headers["x-seed"] == "3"
@@ -276,7 +270,7 @@ def test_json_and_multipart_answer_the_pipelines_png(tiny, server, image):
     answer = httpx.post(
         f"{server.url}/v1/img2img",
         data={**form, "response_format": "json"},
-        files={"image": ("in.png", _png(image), "image/png")},
+        files={"image": ("in.png", png_bytes(image), "image/png")},
         headers=KEY,
         timeout=60,
     )
@@ -321,7 +315,7 @@ def test_bad_input_is_a_4xx_with_the_librarys_message(server, body, status, says
 
 def test_an_oversized_image_is_refused_from_its_header(server, monkeypatch):
     monkeypatch.setenv("SDTRT_MAX_PIXELS", "1000")
-    body = {"image": base64.b64encode(_png(PIL.Image.new("RGB", (64, 64)))).decode()}
+    body = {"image": base64.b64encode(png_bytes(PIL.Image.new("RGB", (64, 64)))).decode()}
     answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY)
     assert answer.status_code == 422 and "over this server's limit of 1000" in answer.text
 
@@ -374,14 +368,8 @@ def test_a_late_request_is_504_and_a_client_that_leaves_cancels_its_job(server):
     assert batcher.stats.unet_calls - calls < 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SDTRT_API_KEY": "k"}
     process = subprocess.Popen(

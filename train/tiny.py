@@ -68,10 +68,10 @@ def train_unet(
 ) -> list[float]:
     from diffusers import DDPMScheduler
 
-    vae, unet, text = components["vae"], components["unet"], components["text_encoder"]
-    tokenizer = components["tokenizer"]
     from sdtrt.models import SD15_SCHEDULER_CONFIG
 
+    vae, unet, text = components["vae"], components["unet"], components["text_encoder"]
+    tokenizer = components["tokenizer"]
     noise_schedule = DDPMScheduler.from_config(
         {**SD15_SCHEDULER_CONFIG, "prediction_type": PREDICTION}
     )
@@ -179,14 +179,12 @@ def save(components: dict[str, Any], out: Path, record: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    from sdtrt.models import build_tiny
+    from sdtrt.models import TINY_WEIGHTS, build_tiny, load_fp32_weights
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--out", default=str(Path(__file__).parent.parent / "sdtrt" / "assets" / "tiny")
-    )
+    parser.add_argument("--out", default=str(TINY_WEIGHTS))
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--vae-batch", type=int, default=32)
@@ -201,10 +199,7 @@ def main() -> None:
     components = build_tiny()
     start = time.perf_counter()
     if args.vae_from:
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(args.vae_from) / "vae.safetensors"))
-        components["vae"].load_state_dict({k: v.float() for k, v in state.items()})
+        load_fp32_weights(components["vae"], Path(args.vae_from) / "vae.safetensors")
         vae_losses = [float("nan")]
     else:
         vae_losses = train_vae(components["vae"], args.vae_steps, args.vae_batch, 1e-3, args.seed)
