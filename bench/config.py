@@ -52,6 +52,8 @@ class BenchConfig:
     precision: str | None = None
     """Graph backends: which exported graphs (fp32, fp16); None: each backend's default."""
     cuda_graphs: bool = False
+    step_graphs: bool = False
+    """torch: each whole denoising step as one CUDA graph (runtime/step_table.py)."""
     warmup: int = 2
     repeats: int = 10
     ort_optimization: str = "auto"
@@ -86,6 +88,8 @@ class BenchConfig:
             )
         if self.cuda_graphs and not {"torch", *TRT_FAMILIES} & set(self.backends):
             raise InvalidInputError("--cuda-graphs applies to the torch and TensorRT backends")
+        if self.step_graphs and "torch" not in self.backends:
+            raise InvalidInputError("--step-graphs applies to the torch backend")
         for backend in self.backends:
             if backend != "diffusers":
                 self.options_for(backend)  # refuses a combination that cannot run
@@ -93,7 +97,7 @@ class BenchConfig:
     def options_for(self, backend: str) -> BackendOptions:
         """The typed options each sdtrt backend runs with in this bench."""
         if backend == "torch":
-            return TorchOptions(self.device, self.dtype, self.cuda_graphs)
+            return TorchOptions(self.device, self.dtype, self.cuda_graphs, self.step_graphs)
         if backend == "onnxruntime":
             return OrtOptions(
                 precision=self.precision or default_precision(backend),

@@ -3,6 +3,7 @@ nothing of schedulers, guidance or images, and the loop knows nothing of the bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,6 +25,9 @@ class Backend(Protocol):
     per_row_timesteps: bool
     # The most UNet rows one call takes (a TensorRT engine's profile); None: no bound.
     max_unet_rows: int | None
+    # A UNet call (same arguments as ``unet``) that the pipeline may capture whole
+    # denoising steps around as CUDA graphs; None: steps run eagerly.
+    step_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, 77] token ids -> [B, 77, C] last hidden state."""

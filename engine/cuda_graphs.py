@@ -10,8 +10,11 @@ write.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 Key = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
@@ -37,14 +40,21 @@ class CudaGraphed:
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
         static_inputs = [t.clone() for t in inputs]
-        # Warm run on a side stream: lazy initialisation (cuBLAS handles, TensorRT's first
-        # enqueue) must not happen during capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = self.fn(*static_inputs)
+        graph, static_output = capture(lambda: self.fn(*static_inputs))
         return graph, static_inputs, static_output
+
+
+def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` run once, then captured: the graph and what the captured call returned (its
+    tensors are where each replay writes)."""
+    # Warm run on a side stream: lazy initialisation (cuBLAS handles, TensorRT's first
+    # enqueue) must not happen during capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output

@@ -33,6 +33,7 @@ _NUMPY = {
 
 class OrtBackend:
     name = "onnxruntime"
+    step_unet = None  # whole-step graphs: the torch backend only, so far
 
     def __init__(self, exported: ExportedModel, options: OrtOptions = OrtOptions()) -> None:
         import onnxruntime as ort

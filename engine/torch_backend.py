@@ -27,7 +27,10 @@ class TorchBackend:
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
         self.size_multiple = ModelDims.from_components(components).vae_scale_factor
-        self._graphed_unet = CudaGraphed(self._unet_forward) if options.cuda_graphs else None
+        graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
+        self._graphed_unet = CudaGraphed(self._unet_forward) if graphs else None
+        # What the pipeline captures whole steps around (runtime/step_table.py).
+        self.step_unet = self._unet_eager if options.step_graphs else None
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -43,10 +46,15 @@ class TorchBackend:
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        args = (sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         if self._graphed_unet is not None:
+            args = (sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
             return self._graphed_unet(*args).float()
-        return self._unet_forward(*args).float()
+        return self._unet_eager(sample, timestep, encoder_hidden_states)
+
+    def _unet_eager(
+        self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        return self._unet_forward(sample.to(self.dtype), timestep, hidden.to(self.dtype)).float()
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

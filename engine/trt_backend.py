@@ -173,6 +173,7 @@ def owned(output: torch.Tensor) -> torch.Tensor:
 
 class TensorRTBackend:
     name = "tensorrt"
+    step_unet = None  # whole-step graphs: the torch backend only, so far
 
     def __init__(self, exported: ExportedModel, options: TensorRTOptions = TensorRTOptions()):
         family = options.family

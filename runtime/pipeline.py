@@ -33,6 +33,7 @@ from sdtrt.runtime.inputs import (
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
+from sdtrt.runtime.step_table import StepGraphs, StepTable, tabulate
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Img2ImgPipeline:
         self.scheduler = scheduler
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
+        self.step_graphs: StepGraphs | None = None
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=vae_scale_factor, do_convert_rgb=True
         )
@@ -212,11 +214,15 @@ class Img2ImgPipeline:
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
         extra = step_kwargs(scheduler, generator)
+        table = self._step_table(scheduler, timesteps)
         with self._timed("denoise", timings):
-            for t in tqdm(timesteps, disable=not self.show_progress, desc="denoising"):
-                model_input = unet_input(scheduler, latents, t, do_guidance)
-                noise_pred = self.backend.unet(model_input, t, text_embeddings)
-                latents = step(scheduler, noise_pred, t, latents, guidance_scale, extra)
+            if table is not None and self.step_graphs is not None:  # each step one CUDA graph
+                latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
+            else:
+                for t in tqdm(timesteps, disable=not self.show_progress, desc="denoising"):
+                    model_input = unet_input(scheduler, latents, t, do_guidance)
+                    noise_pred = self.backend.unet(model_input, t, text_embeddings)
+                    latents = step(scheduler, noise_pred, t, latents, guidance_scale, extra)
         _check_finite(latents, "unet")
 
         # 7. Decode.
@@ -253,6 +259,16 @@ class Img2ImgPipeline:
                 multiple,
             )
         return height, width
+
+    def _step_table(self, scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
+        """The schedule as a table where the backend replays whole steps and the scheduler
+        can be tabulated; None: the eager loop."""
+        unet = self.backend.step_unet
+        if unet is None:
+            return None
+        if self.step_graphs is None or self.step_graphs.unet is not unet:
+            self.step_graphs = StepGraphs(unet)
+        return tabulate(scheduler, timesteps)
 
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         embeddings = self.backend.encode_text(token_ids(self.tokenizer, prompts))

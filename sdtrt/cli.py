@@ -61,6 +61,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+STEP_GRAPHS_HELP = (
+    "torch with --device cuda: each whole step (UNet, guidance, scheduler) as one CUDA graph "
+    "(lms, euler, ddim; the UNet alone for the others)"
+)
+
+
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variant",
@@ -139,6 +145,7 @@ def _add_img2img(sub: Any) -> None:
     )
     p.add_argument("--batch", type=int, default=job.batch, help="images per prompt")
     _add_backend_options(p)
+    p.add_argument("--step-graphs", action="store_true", help=STEP_GRAPHS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--out",
@@ -157,6 +164,7 @@ def _backend(args: argparse.Namespace) -> Any:
         device=args.device,
         dtype=args.dtype,
         cuda_graphs=args.cuda_graphs,
+        step_graphs=getattr(args, "step_graphs", False),  # img2img's; the server batches steps
     )
 
 
@@ -283,6 +291,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--dtype", default=config.dtype, choices=PRECISIONS, help="torch and diffusers")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")
+    p.add_argument("--step-graphs", action="store_true", help=STEP_GRAPHS_HELP)
     p.add_argument("--warmup", type=int, default=config.warmup, help="runs before timing")
     p.add_argument("--repeats", type=int, default=config.repeats, help="timed runs")
     p.add_argument(
@@ -323,6 +332,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         precision=args.precision,
         cuda_graphs=args.cuda_graphs,
+        step_graphs=args.step_graphs,
         warmup=args.warmup,
         repeats=args.repeats,
         ort_optimization=args.ort_optimization,

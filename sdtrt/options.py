@@ -49,12 +49,20 @@ class TorchOptions:
     """fp32 or fp16: the modules are cast to it in place (as diffusers' ``.to()`` does)."""
     cuda_graphs: bool = False
     """Replay the UNet as a CUDA graph (needs ``device="cuda"``)."""
+    step_graphs: bool = False
+    """Replay each whole denoising step (UNet, guidance, scheduler update) as one CUDA
+    graph where the scheduler is tabulated (lms, euler, ddim); elsewhere the UNet alone,
+    as ``cuda_graphs`` does (needs ``device="cuda"``)."""
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, tuple(DTYPES))
-        if self.cuda_graphs and self.device != "cuda":
-            raise InvalidInputError("--cuda-graphs needs --device cuda on the torch backend")
+        for flag, given in (
+            ("--cuda-graphs", self.cuda_graphs),
+            ("--step-graphs", self.step_graphs),
+        ):
+            if given and self.device != "cuda":
+                raise InvalidInputError(f"{flag} needs --device cuda on the torch backend")
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ def backend_options(
     device: str | None = None,
     dtype: str | None = None,
     cuda_graphs: bool = False,
+    step_graphs: bool = False,
     ort_optimization: str | None = None,
     ort_threads: int | None = None,
 ) -> BackendOptions:
@@ -156,7 +165,10 @@ def backend_options(
             device=device or TorchOptions.device,
             dtype=dtype or TorchOptions.dtype,
             cuda_graphs=cuda_graphs,
+            step_graphs=step_graphs,
         )
+    if step_graphs:
+        raise refuse("--step-graphs", "whole-step graphs are built on the torch backend only")
     if dtype is not None:
         raise refuse("--dtype", "graph backends take --precision (which exported graphs run)")
     if backend == "onnxruntime":

@@ -63,6 +63,35 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
 
 
 @cuda
+@pytest.mark.parametrize("scheduler", ["lms", "euler", "ddim"])
+def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
+    """Whole steps replayed as CUDA graphs (runtime/step_table.py) against the eager loop:
+    fp32 within 1e-6, fp16 within the fp16 bound; one capture serves two schedules (two
+    strengths) and two guidance scales."""
+    on_gpu = _own(tiny)
+    for dtype, bound in (("fp32", 1e-6), ("fp16", 1e-3)):
+        eager, graphed = (
+            Img2ImgPipeline.from_components(
+                on_gpu,
+                TorchOptions(device="cuda", dtype=dtype, step_graphs=graphs),
+                scheduler=scheduler,
+                show_progress=False,
+            )
+            for graphs in (False, True)
+        )
+        for strength, guidance in ((1.0, 3.0), (0.5, 7.5)):
+            run = dict(strength=strength, num_inference_steps=12, guidance_scale=guidance)
+            a, b = (
+                pipe("a red circle", _image(), generator=torch.Generator().manual_seed(4),
+                     output_type="latent", **run).images
+                for pipe in (eager, graphed)
+            )  # fmt: skip
+            rel = float((a - b).norm() / a.norm())
+            assert rel <= bound, (dtype, strength, rel)
+        assert len(graphed.step_graphs.captured) == 1
+
+
+@cuda
 def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
     """The memoised schedulers step CUDA tensors with CPU-held factors: the same numbers as
     diffusers' pipeline on the GPU (fp32; a bound, not 0.0, for GPU kernels' run-to-run

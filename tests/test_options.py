@@ -101,6 +101,8 @@ def test_option_matrix_is_decided_before_any_work(exported, tmp_path, monkeypatc
         ("tensorrt", {"device": "cpu"}, "TensorRT runs on an NVIDIA GPU only"),
         ("torch", {"precision": "fp16"}, "--precision does not apply to the torch"),
         ("torch", {"cuda_graphs": True}, "--cuda-graphs needs --device cuda"),
+        ("torch", {"step_graphs": True}, "--step-graphs needs --device cuda"),
+        ("tensorrt", {"step_graphs": True}, "--step-graphs does not apply.*torch backend only"),
         ("torch", {"ort_threads": 2}, "--ort-threads does not apply"),
     ],
 )

@@ -1,0 +1,325 @@
+"""One denoising step as a pure function of device tensors: what a CUDA graph can replay.
+
+Eager, each step of the loop runs Python around the UNet: the scheduler's step index, its
+coefficient look-ups, its list of past derivatives. A CUDA graph replays kernels only, at
+the addresses they were captured with. So here a schedule becomes a table (a row of
+scalars per step), the scheduler's history a fixed tensor, and the step index a device
+tensor that the step itself advances: one captured step is right for every step of every
+schedule of its kind, and the host does one replay per step (engine/cuda_graphs.py).
+
+Each step function below is diffusers' own arithmetic for its scheduler, in diffusers'
+order, with the per-step scalars read from the table row instead of computed: the loop
+equals diffusers' on the CPU too (tests/test_step_table.py), where it runs eagerly.
+
+Tabulated: lms, euler (no churn) and ddim (eta 0), with epsilon or v prediction. The
+others (pndm, dpmpp_2m, unipc: deterministic but with more state; euler_a: draws noise
+from the caller's CPU generator every step) get None and run the eager loop, where the
+UNet alone is replayed as a graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+
+from sdtrt.engine.cuda_graphs import capture
+
+Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("epsilon", "v_prediction")
+LMS_ORDER = 4  # the pipeline calls LMS's step with its default order
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """What a captured step depends on besides its tensors (a graph per kind)."""
+
+    scheduler: str
+    """lms, euler or ddim."""
+    prediction: str
+    columns: tuple[str, ...]
+    """The per-step scalars, in the order of the table's columns."""
+    history: int
+    """Past derivatives the step keeps (LMS: its order)."""
+
+
+@dataclass(frozen=True)
+class StepTable:
+    kind: StepKind
+    values: torch.Tensor
+    """[steps, columns] float32: the per-step scalars, diffusers' values bit for bit."""
+    timesteps: torch.Tensor
+    """[steps]: the UNet's timestep at each step, in the scheduler's dtype."""
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
+    """The table of the steps left (``timesteps``, after ``start_timesteps`` set the
+    scheduler's begin index), or None where this scheduler's step is not tabulated."""
+    prediction = scheduler.config.prediction_type
+    if prediction not in PREDICTIONS:
+        return None
+    begin = getattr(scheduler, "begin_index", None) or 0
+    steps = range(len(timesteps))
+    config: Any = scheduler.config
+    if isinstance(scheduler, LMSDiscreteScheduler):
+        sigmas = _host_sigmas(scheduler)
+        rows = [_lms_row(scheduler, sigmas, begin + i, i) for i in steps]
+        name, history = "lms", LMS_ORDER
+    elif isinstance(scheduler, EulerDiscreteScheduler):
+        sigmas = _host_sigmas(scheduler)
+        rows = [_euler_row(sigmas, begin + i) for i in steps]
+        name, history = "euler", 1
+    elif isinstance(scheduler, DDIMScheduler) and not (config.thresholding or config.clip_sample):
+        rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
+        name, history = "ddim", 1
+    else:
+        return None
+    if not rows:
+        return None
+    kind = StepKind(name, prediction, tuple(rows[0]), history)
+    values = torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
+    return StepTable(kind, values.to(timesteps.device, torch.float32), timesteps.clone())
+
+
+def _host_sigmas(scheduler: Any) -> torch.Tensor:
+    return scheduler.sigmas.cpu()
+
+
+def _scalar(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).reshape(())
+
+
+def _sigma_columns(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    # diffusers' operations, in its order: the input scale and the v-prediction factors.
+    return {
+        "sigma": _scalar(sigma),
+        "input_divisor": _scalar((sigma**2 + 1) ** 0.5),
+        "v_out": _scalar(-sigma / (sigma**2 + 1) ** 0.5),
+        "v_skip_divisor": _scalar(sigma**2 + 1),
+    }
+
+
+def _lms_row(
+    scheduler: Any, sigmas: torch.Tensor, index: int, taken: int
+) -> dict[str, torch.Tensor]:
+    """LMS at step ``index``: its coefficients for the newest derivative first, zero where
+    diffusers has no derivative yet (``taken`` steps ran before this one)."""
+    order = min(index + 1, LMS_ORDER)
+    row = _sigma_columns(sigmas[index])
+    for k in range(LMS_ORDER):
+        weight = 0.0
+        if k < order and k <= taken:
+            weight = _lms_coefficient(scheduler, sigmas, order, index, k)
+        row[f"w{k}"] = _scalar(weight)
+    return row
+
+
+def _lms_coefficient(scheduler: Any, sigmas: torch.Tensor, order: int, t: int, k: int) -> float:
+    """diffusers' ``get_lms_coefficient`` (scipy quadrature over the sigmas), on a copy of
+    the scheduler whose sigmas are on the host: on a GPU schedule it would read them back
+    one by one."""
+    on_host = copy.copy(scheduler)
+    on_host.sigmas = sigmas
+    return float(on_host.get_lms_coefficient(order, t, k))
+
+
+def _euler_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+    sigma = sigmas[index]
+    sigma_hat = sigma * (0.0 + 1)  # gamma is 0.0 without churn, as the pipeline calls it
+    return {
+        **_sigma_columns(sigma),
+        "sigma_hat": _scalar(sigma_hat),
+        "dt": _scalar(sigmas[index + 1] - sigma_hat),
+    }
+
+
+def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
+    # diffusers' operations (eta 0), in its order.
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = (
+        scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    return {
+        "input_divisor": _scalar(1.0),
+        "root_alpha": _scalar(alpha_prod_t ** (0.5)),
+        "root_beta": _scalar(beta_prod_t ** (0.5)),
+        "direction": _scalar((1 - alpha_prod_t_prev) ** (0.5)),  # eta 0: no variance term
+        "root_alpha_prev": _scalar(alpha_prod_t_prev ** (0.5)),
+    }
+
+
+@dataclass
+class StepState:
+    """Everything a captured step reads and writes, in fixed device tensors: ``load`` puts
+    a request's values in place before the first replay."""
+
+    table: torch.Tensor
+    """[rows, columns]: a schedule's table in its first rows (any schedule of its kind)."""
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    history: torch.Tensor
+    """[history, *latents.shape]: past derivatives, newest first; zero where none yet."""
+    text_embeddings: torch.Tensor
+    guidance: torch.Tensor
+    """0-d: the guidance scale, so that one graph serves every scale."""
+    index: torch.Tensor
+    """[1] int64: the row of the step to run next; each step adds one."""
+
+    @classmethod
+    def like(
+        cls, table: StepTable, latents: torch.Tensor, text_embeddings: torch.Tensor, rows: int
+    ) -> StepState:
+        device = latents.device
+        return cls(
+            table=torch.zeros(rows, table.values.shape[1], device=device),
+            timesteps=torch.zeros(rows, dtype=table.timesteps.dtype, device=device),
+            latents=torch.zeros_like(latents),
+            history=torch.zeros(table.kind.history, *latents.shape, device=device),
+            text_embeddings=torch.zeros_like(text_embeddings),
+            guidance=torch.zeros((), device=device),
+            index=torch.zeros(1, dtype=torch.int64, device=device),
+        )
+
+    def load(
+        self,
+        table: StepTable,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        guidance_scale: float,
+    ) -> None:
+        self.table[: len(table)].copy_(table.values)
+        self.timesteps[: len(table)].copy_(table.timesteps)
+        self.latents.copy_(latents)
+        self.history.zero_()
+        self.text_embeddings.copy_(text_embeddings)
+        self.guidance.fill_(guidance_scale)
+        self.index.zero_()
+
+
+def table_step(kind: StepKind, state: StepState, unet: Unet, do_guidance: bool) -> None:
+    """One denoising step, in place on ``state``: the UNet on [uncond, cond] rows, guidance,
+    the scheduler's update. No Python value depends on the step: capturable once."""
+    row = state.table.index_select(0, state.index)  # [1, columns]
+    c = {name: row[:, k] for k, name in enumerate(kind.columns)}  # each [1]
+    latents = state.latents
+    model_input = torch.cat([latents] * 2) if do_guidance else latents
+    model_input = model_input / c["input_divisor"]
+    timestep = state.timesteps.index_select(0, state.index)
+    noise_pred = unet(model_input, timestep, state.text_embeddings)
+    if do_guidance:
+        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+        noise_pred = noise_pred_uncond + state.guidance * (noise_pred_text - noise_pred_uncond)
+    state.latents.copy_(_UPDATES[kind.scheduler](kind, c, latents, noise_pred, state.history))
+    state.index.add_(1)
+
+
+def _x0_from_sigma(
+    kind: StepKind,
+    c: dict[str, torch.Tensor],
+    sigma: torch.Tensor,
+    x: torch.Tensor,
+    m: torch.Tensor,
+) -> torch.Tensor:
+    """LMS' and Euler's predicted original sample, as diffusers computes it."""
+    if kind.prediction == "epsilon":
+        return x - sigma * m
+    return m * c["v_out"] + (x / c["v_skip_divisor"])
+
+
+def _lms_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    derivative = (x - _x0_from_sigma(kind, c, c["sigma"], x, m)) / c["sigma"]
+    h.copy_(torch.cat([derivative[None], h[:-1]]))
+    # diffusers sums coefficient x derivative, newest first; a missing derivative has a zero
+    # coefficient and a zero slot here, which adds exactly nothing.
+    total = c["w0"] * h[0]
+    for k in range(1, kind.history):
+        total = total + c[f"w{k}"] * h[k]
+    return x + total
+
+
+def _euler_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    x0 = _x0_from_sigma(kind, c, c["sigma_hat"], x, m)
+    derivative = (x - x0) / c["sigma_hat"]
+    return x + derivative * c["dt"]
+
+
+def _ddim_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    root_alpha, root_beta = c["root_alpha"], c["root_beta"]
+    if kind.prediction == "epsilon":
+        x0 = (x - root_beta * m) / root_alpha
+        epsilon = m
+    else:
+        x0 = root_alpha * x - root_beta * m
+        epsilon = root_alpha * m + root_beta * x
+    return c["root_alpha_prev"] * x0 + c["direction"] * epsilon
+
+
+_UPDATES = {"lms": _lms_update, "euler": _euler_update, "ddim": _ddim_update}
+
+
+def run_table(
+    table: StepTable,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    guidance_scale: float,
+    unet: Unet,
+) -> torch.Tensor:
+    """The tabulated loop, eager (any device): what one replay per step runs, step by step."""
+    do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
+    state = StepState.like(table, latents, text_embeddings, len(table))
+    state.load(table, latents, text_embeddings, guidance_scale)
+    for _ in range(len(table)):
+        table_step(table.kind, state, unet, do_guidance)
+    return state.latents
+
+
+class StepGraphs:
+    """Whole denoising steps replayed as CUDA graphs: one capture per step kind and shapes
+    (any schedule, start step and guidance scale of that kind reuse it), then one replay
+    per step; on a CPU the same steps run eagerly."""
+
+    rows = 1000  # table rows a captured step can index: a schedule of up to 1000 steps
+
+    def __init__(self, unet: Unet) -> None:
+        self.unet = unet
+        self.captured: dict[tuple[Any, ...], tuple[Any, StepState]] = {}
+
+    @torch.inference_mode()
+    def run(
+        self,
+        table: StepTable,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        if latents.device.type != "cuda":
+            return run_table(table, latents, text_embeddings, guidance_scale, self.unet)
+        do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
+        key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
+        entry = self.captured.get(key)
+        if entry is None or len(table) > entry[1].table.shape[0]:
+            state = StepState.like(table, latents, text_embeddings, max(self.rows, len(table)))
+            # The warm run before capture steps real values (then reloaded below).
+            state.load(table, latents, text_embeddings, guidance_scale)
+            graph, _ = capture(lambda: table_step(table.kind, state, self.unet, do_guidance))
+            entry = self.captured[key] = (graph, state)
+        graph, state = entry
+        state.load(table, latents, text_embeddings, guidance_scale)
+        for _ in range(len(table)):
+            graph.replay()
+        return state.latents.clone()

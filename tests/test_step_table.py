@@ -1,0 +1,93 @@
+"""The denoising step as a table (runtime/step_table.py): what a CUDA graph replays. On the
+CPU its loop runs eagerly; it must equal the eager loop bit for bit, read nothing back to
+the host, and depend on the step only through its device tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.schedulers import SCHEDULERS
+from sdtrt.runtime.step_table import StepState, run_table, table_step, tabulate
+from sdtrt.runtime.steps import start_timesteps
+
+TABULATED = ("lms", "euler", "ddim")
+RUN = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
+
+
+def _pipelines(components, scheduler):
+    eager = Img2ImgPipeline.from_components(components, scheduler=scheduler, show_progress=False)
+    tabled = Img2ImgPipeline.from_components(components, scheduler=scheduler, show_progress=False)
+    # What --step-graphs gives on a GPU; on the CPU the same steps run eagerly.
+    tabled.backend.step_unet = tabled.backend.unet
+    return eager, tabled
+
+
+@pytest.mark.parametrize("scheduler", TABULATED)
+@pytest.mark.parametrize("model", ["tiny", "tiny_random"])  # v-prediction, epsilon
+def test_tabulated_loop_equals_the_eager_loop(request, model, scheduler, images):
+    components = request.getfixturevalue(model)
+    eager, tabled = _pipelines(components, scheduler)
+    for strength in (1.0, 0.45):
+        want = eager("a red circle", images[0], strength=strength, **_seeded(RUN, 3))
+        got = tabled("a red circle", images[0], strength=strength, **_seeded(RUN, 3))
+        assert tabled.step_graphs is not None and got.unet_calls == want.unet_calls
+        np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
+
+
+def test_schedulers_not_tabulated_run_the_eager_loop(tiny, images):
+    for scheduler in set(SCHEDULERS) - set(TABULATED):
+        eager, tabled = _pipelines(tiny, scheduler)
+        timesteps = start_timesteps(tabled.scheduler, 10, 2, "cpu")
+        assert tabulate(tabled.scheduler, timesteps) is None, scheduler
+        want = eager("a", images[0], strength=0.6, **_seeded(RUN, 1))
+        got = tabled("a", images[0], strength=0.6, **_seeded(RUN, 1))
+        np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
+
+
+def _seeded(run, seed):
+    return {**run, "generator": torch.Generator().manual_seed(seed)}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any operation that reads a tensor's value back to the host (``.item()``,
+    ``int()``, ``bool()``, data-dependent shapes): on a GPU each one synchronises, and a
+    CUDA graph capture refuses it."""
+
+    FORBIDDEN = ("_local_scalar_dense", "nonzero", "masked_select", "unique")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.FORBIDDEN:
+            raise AssertionError(f"{func} reads a tensor back to the host")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scheduler", TABULATED)
+def test_one_step_function_serves_every_step_without_host_reads(tiny, scheduler):
+    """What a graph replays: the same call, with the same Python arguments, N times. Run so
+    here (under a mode that refuses host reads), it must give the eager loop's latents: the
+    step then depends on its index only through the state's device tensors."""
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    timesteps = start_timesteps(pipe.scheduler, 12, 3, "cpu")
+    table = tabulate(pipe.scheduler, timesteps)
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 8, 8, generator=generator) * 4
+    hidden = pipe.backend.encode_text(torch.randint(0, 100, (2, 77), generator=generator))
+    want = run_table(table, latents, hidden, 4.0, pipe.backend.unet)
+    state = StepState.like(table, latents, hidden, rows=1000)
+    with torch.inference_mode():
+        state.load(table, latents, hidden, 4.0)
+        with _NoHostReads():
+            for _ in range(len(table)):
+                table_step(table.kind, state, pipe.backend.unet, True)
+    assert int(state.index) == len(table) == 9
+    np.testing.assert_array_equal(state.latents.numpy(), want.numpy())
+
+
+def test_the_host_read_guard_catches_one():
+    with pytest.raises(AssertionError, match="host"), _NoHostReads():
+        int(torch.ones(1).sum())
