@@ -11,10 +11,10 @@ Each step function below is diffusers' own arithmetic for its scheduler, in diff
 order, with the per-step scalars read from the table row instead of computed: the loop
 equals diffusers' on the CPU too (tests/test_step_table.py), where it runs eagerly.
 
-Tabulated: lms, euler (no churn) and ddim (eta 0), with epsilon or v prediction. The
-others (pndm, dpmpp_2m, unipc: deterministic but with more state; euler_a: draws noise
-from the caller's CPU generator every step) get None and run the eager loop, where the
-UNet alone is replayed as a graph.
+Tabulated: lms, euler (no churn), ddim (eta 0) and dpmpp_2m, with epsilon or v
+prediction. The others get None and run the eager loop, where the UNet alone is replayed
+as a graph: pndm and unipc (deterministic, but with more state: not done yet) and euler_a
+(it draws noise from the caller's CPU generator every step).
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
 
 from sdtrt.engine.cuda_graphs import capture
 
@@ -79,6 +84,10 @@ def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
     elif isinstance(scheduler, DDIMScheduler) and not (config.thresholding or config.clip_sample):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 1
+    elif isinstance(scheduler, DPMSolverMultistepScheduler) and _is_dpmpp_2m(config):
+        sigmas = _host_sigmas(scheduler)
+        rows = [_dpmpp_2m_row(scheduler, sigmas, begin + i, i) for i in steps]
+        name, history = "dpmpp_2m", 1
     else:
         return None
     if not rows:
@@ -154,6 +163,58 @@ def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
         "root_beta": _scalar(beta_prod_t ** (0.5)),
         "direction": _scalar((1 - alpha_prod_t_prev) ** (0.5)),  # eta 0: no variance term
         "root_alpha_prev": _scalar(alpha_prod_t_prev ** (0.5)),
+    }
+
+
+def _is_dpmpp_2m(config: Any) -> bool:
+    """DPM-Solver++(2M) as Stable Diffusion runs it: deterministic, second order."""
+    return (
+        config.algorithm_type == "dpmsolver++"
+        and config.solver_type == "midpoint"
+        and config.solver_order == 2
+        and not config.thresholding
+        and not config.use_flow_sigmas
+        and config.variance_type is None
+    )
+
+
+def _dpmpp_2m_row(
+    scheduler: Any, sigmas: torch.Tensor, index: int, taken: int
+) -> dict[str, torch.Tensor]:
+    """DPM-Solver++(2M) at step ``index``: the data prediction's alpha and sigma, then the
+    update's factors, second order except on the first step run and (as diffusers decides
+    it) the last, where the factors of the previous prediction are zero."""
+    config = scheduler.config
+    alpha, sigma = scheduler._sigma_to_alpha_sigma_t(sigmas[index])
+    # diffusers' operations, in its order (dpm_solver_first_order_update and
+    # multistep_dpm_solver_second_order_update).
+    alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigmas[index + 1])
+    alpha_s0, sigma_s0 = scheduler._sigma_to_alpha_sigma_t(sigmas[index])
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+    h = lambda_t - lambda_s0
+    first = alpha_t * (torch.exp(-h) - 1.0)
+    row = {
+        "input_divisor": _scalar(1.0),  # DPM-Solver does not scale the UNet's input
+        "alpha": _scalar(alpha),
+        "sigma": _scalar(sigma),
+        "scale": _scalar(sigma_t / sigma_s0),
+    }
+    last = index == len(scheduler.timesteps) - 1 and (
+        config.euler_at_final
+        or (config.lower_order_final and len(scheduler.timesteps) < 15)
+        or config.final_sigmas_type == "zero"
+    )
+    if taken == 0 or last:
+        return {**row, "first": _scalar(first), "second": _scalar(0.0), "inv_r0": _scalar(0.0)}
+    alpha_s1, sigma_s1 = scheduler._sigma_to_alpha_sigma_t(sigmas[index - 1])
+    lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+    r0 = (lambda_s0 - lambda_s1) / h
+    return {
+        **row,
+        "first": _scalar(first),
+        "second": _scalar(0.5 * first),
+        "inv_r0": _scalar(1.0 / r0),
     }
 
 
@@ -269,7 +330,25 @@ def _ddim_update(
     return c["root_alpha_prev"] * x0 + c["direction"] * epsilon
 
 
-_UPDATES = {"lms": _lms_update, "euler": _euler_update, "ddim": _ddim_update}
+def _dpmpp_2m_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    if kind.prediction == "epsilon":
+        x0 = (x - c["sigma"] * m) / c["alpha"]
+    else:
+        x0 = c["alpha"] * x - c["sigma"] * m
+    # A first-order step has zero "second" and "inv_r0": the last term subtracts exactly 0.
+    d1 = c["inv_r0"] * (x0 - h[0])
+    h.copy_(x0[None])
+    return c["scale"] * x - c["first"] * x0 - c["second"] * d1
+
+
+_UPDATES = {
+    "lms": _lms_update,
+    "euler": _euler_update,
+    "ddim": _ddim_update,
+    "dpmpp_2m": _dpmpp_2m_update,
+}
 
 
 def run_table(

@@ -14,7 +14,7 @@ from sdtrt.runtime.schedulers import SCHEDULERS
 from sdtrt.runtime.step_table import StepState, run_table, table_step, tabulate
 from sdtrt.runtime.steps import start_timesteps
 
-TABULATED = ("lms", "euler", "ddim")
+TABULATED = ("lms", "euler", "ddim", "dpmpp_2m")
 RUN = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
 
 
