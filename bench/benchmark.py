@@ -4,6 +4,7 @@ process on the same inputs."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdtrt.bench.config import BenchConfig
+from sdtrt.bench.config import PEERS, BenchConfig
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
 from sdtrt.errors import ModelNotFoundError, SdtrtError
@@ -35,6 +36,7 @@ class Target:
     denoise_ms: Callable[[], float]  # the last run's denoising loop, wall time
     device: torch.device
     dims: ModelDims  # C of encoder_hidden_states, pixels per latent
+    close: Callable[[], None] = lambda: None  # undoes what the target patched
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     rows: dict[str, list[dict[str, Any]]] = {}
     # Graph backends run first: they export from the fp32 CPU weights, which the torch and
     # diffusers targets move to the GPU or to fp16 in place. Rows keep the order asked for.
-    for backend in sorted(config.backends, key=lambda name: name in ("torch", "diffusers")):
+    for backend in sorted(config.backends, key=lambda name: name in ("torch", *PEERS)):
         log(f"bench: {backend} ...")
         reset_peak_memory()
         timer = StageTimer("cpu")
@@ -73,6 +75,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             rows[backend].append(_measure(target, batch, config, timer))
             p50 = rows[backend][-1]["end_to_end_ms"]["p50"]
             log(f"bench: {backend} batch {batch}: p50 {p50:.1f} ms")
+        target.close()
         del target
     return {
         "environment": environment(),
@@ -83,8 +86,11 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
 
 def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer) -> dict[str, Any]:
     device = target.device
+    first_run_ms = None
     for i in range(config.warmup):
-        target.run(batch, i)
+        with stopwatch(lambda: synchronize(device)) as watch:
+            target.run(batch, i)
+        first_run_ms = first_run_ms or watch.ms
     samples: list[float] = []
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     unet_calls = 0
@@ -115,6 +121,8 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
         "stages_ms": {k: statistics.median(v) for k, v in stages.items()},
         "end_to_end_ms": e2e,
         "images_per_s": batch / (e2e["p50"] / 1e3),
+        # The first warm-up run: what a compiler or a graph capture adds is this minus p50.
+        "first_run_ms": first_run_ms,
         "unet_batching": unet_batching,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": (
@@ -182,13 +190,14 @@ def _make_target(
     image: Any,
     timer: StageTimer,
 ) -> Target:
-    if backend in ("torch", "diffusers") and config.device == "cuda":
+    if backend in ("torch", *PEERS) and config.device == "cuda":
         if not torch.cuda.is_available():
             from sdtrt.errors import BackendUnavailableError
 
             raise BackendUnavailableError("no CUDA device on this machine")
-    if backend == "diffusers":
-        return _diffusers_target(config, _pytorch(components, config, backend), image, timer)
+    if backend in PEERS:
+        components = _pytorch(components, config, backend)
+        return _diffusers_target(config, components, image, timer, backend)
     from sdtrt.models import source_record
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
@@ -233,8 +242,18 @@ def _pytorch(components: dict[str, Any] | None, config: BenchConfig, backend: st
     return components
 
 
+# diffusers' documented torch.compile of the UNet (docs: optimization/fp16, "torch.compile"),
+# with reduce-overhead's CUDA graphs instead of max-autotune: on the H100, max-autotune of
+# the SD 1.5 UNet did not finish within 5 minutes.
+DIFFUSERS_COMPILE: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
+
+
 def _diffusers_target(
-    config: BenchConfig, components: dict[str, Any], image: Any, timer: StageTimer
+    config: BenchConfig,
+    components: dict[str, Any],
+    image: Any,
+    timer: StageTimer,
+    backend: str,
 ) -> Target:
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -255,6 +274,10 @@ def _diffusers_target(
     if config.dtype != "fp32":  # diffusers warns on every dtype cast, so only when needed
         pipe = pipe.to(dtype=getattr(torch, DTYPES[config.dtype]))
     pipe.set_progress_bar_config(disable=True)
+    if backend == "diffusers-compile":
+        # A copy: channels-last and the compiled module must not change the other rows' UNet.
+        unet_copy = copy.deepcopy(pipe.unet).to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(unet_copy, **DIFFUSERS_COMPILE)
     dtype = pipe.unet.dtype
     marks: dict[str, float] = {}
     encode = timer.wrap("vae_encoder", pipe.vae.encode)
@@ -269,11 +292,28 @@ def _diffusers_target(
         marks["loop_end"] = time.perf_counter()
         return kwargs
 
+    # Timed methods over the modules' own, put back by ``close``: the modules are shared.
+    patched = [
+        (module, name, vars(module).get(name))
+        for module, name in (
+            (pipe.text_encoder, "forward"),
+            (pipe.unet, "forward"),
+            (pipe.vae, "encode"),
+            (pipe.vae, "decode"),
+        )
+    ]
     pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
     unet_forward = pipe.unet.forward
     pipe.unet.forward = timer.wrap("unet", unet_forward)
     pipe.vae.encode = encode_and_mark
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
+
+    def close() -> None:
+        for module, name, own in patched:
+            if own is None:
+                delattr(module, name)
+            else:  # an attribute of the instance before (a compiled module's forward)
+                setattr(module, name, own)
 
     def run(batch: int, seed: int) -> int:
         pipe(
@@ -289,10 +329,11 @@ def _diffusers_target(
         return unet_forward(sample.to(dtype), t, encoder_hidden_states=hidden.to(dtype))
 
     return Target(
-        "diffusers",
+        backend,
         run,
         unet,
         lambda: (marks["loop_end"] - marks["loop_start"]) * 1e3,
         torch.device(config.device),
         ModelDims.from_components(components),
+        close,
     )

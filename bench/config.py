@@ -17,7 +17,10 @@ from sdtrt.options import (
     default_precision,
 )
 
-BENCH_BACKENDS = (*BACKENDS, "diffusers")
+# diffusers' own pipeline, plain and with its UNet under torch.compile (the peer a user
+# would pick: diffusers' documented speed-up).
+PEERS = ("diffusers", "diffusers-compile")
+BENCH_BACKENDS = (*BACKENDS, *PEERS)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class BenchConfig:
         if self.step_graphs and "torch" not in self.backends:
             raise InvalidInputError("--step-graphs applies to the torch backend")
         for backend in self.backends:
-            if backend != "diffusers":
+            if backend not in PEERS:
                 self.options_for(backend)  # refuses a combination that cannot run
 
     def options_for(self, backend: str) -> BackendOptions:

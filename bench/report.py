@@ -13,8 +13,9 @@ def markdown_table(record: dict[str, Any]) -> str:
     reference = {r["batch"]: r["end_to_end_ms"]["p50"] for r in ok if r["backend"] == "diffusers"}
     lines = [
         "| backend | batch | UNet calls | p50 ms | p90 ms | img/s | vs diffusers | text enc ms "
-        "| VAE enc ms | UNet/call ms | loop overhead/step ms | VAE dec ms | 1x2B vs 2xB |",
-        "| --- |" + " ---: |" * 12,
+        "| VAE enc ms | UNet/call ms | loop overhead/step ms | VAE dec ms | 1x2B vs 2xB "
+        "| first run ms |",
+        "| --- |" + " ---: |" * 13,
     ]
     for r in ok:
         e2e, s = r["end_to_end_ms"], r["stages_ms"]
@@ -24,12 +25,17 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"| {r['backend']} | {r['batch']} | {r['unet_calls']} | {e2e['p50']:.1f} "
             f"| {e2e['p90']:.1f} | {r['images_per_s']:.3f} | {versus} | "
             + " | ".join(f"{s[k]:.2f}" for k in STAGES)
-            + f" | {r['unet_batching']['speedup']:.2f}x |"
+            + f" | {r['unet_batching']['speedup']:.2f}x | {_ms(r.get('first_run_ms'))} |"
         )
     for r in record["results"]:
         if r["status"] == "skipped":
             lines.append(f"| {r['backend']} | skipped: {r['reason']} |")
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    """A time, or "-" where none was taken (no warm-up run; records before it was kept)."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}

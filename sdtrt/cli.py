@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sdtrt.bench.config import BenchConfig
+from sdtrt.bench.config import BENCH_BACKENDS, BenchConfig
 from sdtrt.errors import EngineBuildError, SdtrtError
 from sdtrt.options import (
     BACKENDS,
@@ -279,7 +279,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--backends",
         default=",".join(config.backends),
-        help="comma-separated: torch, onnxruntime, tensorrt, tensorrt-rtx, diffusers",
+        help="comma-separated, among: " + ", ".join(BENCH_BACKENDS),
     )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--height", type=int, default=config.height, help="pixels")

@@ -101,3 +101,42 @@ def test_graph_backends_export_the_fp32_weights_before_torch_moves_them(monkeypa
     ]  # fmt: skip
     with pytest.raises(InvalidInputError, match="more than once"):
         BenchConfig(backends=("torch", "torch"))
+
+
+def test_diffusers_compile_row_compiles_a_copy_of_the_unet(monkeypatch, tiny_random):
+    """The peer row: diffusers' pipeline with its UNet under torch.compile (here dynamo's
+    eager backend: inductor takes 2 minutes on this CPU). It compiles a channels-last copy,
+    so the shared UNet the other rows run is untouched, and the timers are taken off."""
+    import copy
+
+    import torch
+
+    from sdtrt.bench import benchmark
+
+    components = copy.deepcopy(tiny_random)
+    compiled = []
+    real_compile = torch.compile
+
+    def spy_compile(module, **options):
+        compiled.append((module, options))
+        return real_compile(module, **options)
+
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: components)
+    monkeypatch.setattr(benchmark, "DIFFUSERS_COMPILE", {"backend": "eager", "fullgraph": True})
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    config = BenchConfig(
+        backends=("diffusers", "diffusers-compile"), height=32, width=32, steps=4, warmup=1,
+        repeats=1,
+    )  # fmt: skip
+    record = run_bench(config, log=lambda line: None)
+    plain, peer = record["results"]
+    assert (plain["status"], peer["status"]) == ("ok", "ok")
+    assert peer["backend"] == "diffusers-compile" and peer["unet_calls"] == plain["unet_calls"] == 3
+    assert peer["first_run_ms"] > 0 and peer["stages_ms"]["unet_per_call"] > 0
+    [(module, options)] = compiled
+    assert module is not components["unet"] and options["fullgraph"]
+    assert next(module.parameters()).is_contiguous(memory_format=torch.channels_last)
+    shared = components["unet"]
+    assert "forward" not in vars(shared) and "encode" not in vars(components["vae"])
+    assert all(p.is_contiguous() for p in shared.parameters())
+    assert "| diffusers-compile | 1 | 3 |" in markdown_table(record)
