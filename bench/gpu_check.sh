@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (about 5 minutes on an H200): install the carried wheels,
-# run the GPU tests that can run there, and benchmark the PyTorch CUDA path (plain and with
-# CUDA graphs) against diffusers on SD-1.5 shapes.
+# One script for a lent GPU machine (5 minutes on an H200 before the step and compile rows):
+# install the carried wheels,
+# run the GPU tests that can run there, and benchmark the PyTorch CUDA path (plain, with
+# CUDA graphs of the UNet, with whole-step graphs) against diffusers (plain and with
+# torch.compile) on SD-1.5 shapes. Not yet run with the step-graph and compile rows.
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -45,4 +47,8 @@ bench() {  # name, extra bench args
 }
 bench plain --backends torch,diffusers || fail "bench plain"
 bench graphs --backends torch,diffusers --cuda-graphs || fail "bench graphs"
+# Whole steps as CUDA graphs (issue 15), and diffusers' torch.compile peer (inductor compiles
+# in the first warm-up run: first_run_ms - p50 is its compile time).
+bench steps --backends torch --step-graphs || fail "bench steps"
+bench compiled --backends diffusers-compile || fail "bench compiled"
 exit $status
