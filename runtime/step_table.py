@@ -44,12 +44,13 @@ class StepKind:
     """What a captured step depends on besides its tensors (a graph per kind)."""
 
     scheduler: str
-    """lms, euler or ddim."""
+    """lms, euler, ddim or dpmpp_2m."""
     prediction: str
     columns: tuple[str, ...]
     """The per-step scalars, in the order of the table's columns."""
     history: int
-    """Past derivatives the step keeps (LMS: its order)."""
+    """Past results the step keeps (LMS: its order's derivatives; DPM++ 2M: the last data
+    prediction)."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ class StepState:
     timesteps: torch.Tensor
     latents: torch.Tensor
     history: torch.Tensor
-    """[history, *latents.shape]: past derivatives, newest first; zero where none yet."""
+    """[history, *latents.shape]: past results, newest first; zero where none yet."""
     text_embeddings: torch.Tensor
     guidance: torch.Tensor
     """0-d: the guidance scale, so that one graph serves every scale."""
