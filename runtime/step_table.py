@@ -11,10 +11,11 @@ Each step function below is diffusers' own arithmetic for its scheduler, in diff
 order, with the per-step scalars read from the table row instead of computed: the loop
 equals diffusers' on the CPU too (tests/test_step_table.py), where it runs eagerly.
 
-Tabulated: lms, euler (no churn), ddim (eta 0) and dpmpp_2m, with epsilon or v
-prediction. The others get None and run the eager loop, where the UNet alone is replayed
-as a graph: pndm and unipc (deterministic, but with more state: not done yet) and euler_a
-(it draws noise from the caller's CPU generator every step).
+Tabulated: lms, euler (no churn), ddim (eta 0), dpmpp_2m and pndm (PLMS, as Stable
+Diffusion configures it), with epsilon or v prediction. The others get None and run the
+eager loop, where the UNet alone is replayed as a graph: unipc (deterministic, but its
+predictor-corrector state is not done yet) and euler_a (it draws noise from the caller's
+CPU generator every step).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
 )
 
 from sdtrt.engine.cuda_graphs import capture
@@ -37,6 +39,7 @@ from sdtrt.engine.cuda_graphs import capture
 Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("epsilon", "v_prediction")
 LMS_ORDER = 4  # the pipeline calls LMS's step with its default order
+PNDM_HISTORY = 5  # PLMS' last four model outputs, then the sample its second step restarts from
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,13 @@ class StepKind:
     """What a captured step depends on besides its tensors (a graph per kind)."""
 
     scheduler: str
-    """lms, euler, ddim or dpmpp_2m."""
+    """lms, euler, ddim, dpmpp_2m or pndm."""
     prediction: str
     columns: tuple[str, ...]
     """The per-step scalars, in the order of the table's columns."""
     history: int
     """Past results the step keeps (LMS: its order's derivatives; DPM++ 2M: the last data
-    prediction)."""
+    prediction; PNDM: four model outputs and a sample)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
     elif isinstance(scheduler, DDIMScheduler) and not (config.thresholding or config.clip_sample):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 1
+    elif isinstance(scheduler, PNDMScheduler) and config.skip_prk_steps:
+        rows = [_pndm_row(scheduler, int(t), i) for i, t in enumerate(timesteps.cpu())]
+        name, history = "pndm", PNDM_HISTORY
     elif isinstance(scheduler, DPMSolverMultistepScheduler) and _is_dpmpp_2m(config):
         sigmas = _host_sigmas(scheduler)
         rows = [_dpmpp_2m_row(scheduler, sigmas, begin + i, i) for i in steps]
@@ -164,6 +170,34 @@ def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
         "root_beta": _scalar(beta_prod_t ** (0.5)),
         "direction": _scalar((1 - alpha_prod_t_prev) ** (0.5)),  # eta 0: no variance term
         "root_alpha_prev": _scalar(alpha_prod_t_prev ** (0.5)),
+    }
+
+
+def _pndm_row(scheduler: Any, t: int, counter: int) -> dict[str, torch.Tensor]:
+    """PLMS (PNDM without Runge-Kutta steps, Stable Diffusion's) at its ``counter``-th
+    step: which of its five combinations of past outputs applies (``case``, diffusers'
+    branches in order) and formula (9)'s factors at the timesteps it uses."""
+    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # The second step re-does the first interval from the first step's sample.
+    t, prev_t = (t + ratio, t) if counter == 1 else (t, t - ratio)
+    # diffusers' operations (_get_prev_sample), in its order.
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = (
+        scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    return {
+        "input_divisor": _scalar(1.0),  # PNDM does not scale the UNet's input
+        "case": _scalar(min(counter, 4)),
+        "root_alpha": _scalar(alpha_prod_t**0.5),
+        "root_beta": _scalar(beta_prod_t**0.5),
+        "sample_coeff": _scalar((alpha_prod_t_prev / alpha_prod_t) ** (0.5)),
+        "alpha_step": _scalar(alpha_prod_t_prev - alpha_prod_t),
+        "denominator": _scalar(
+            alpha_prod_t * beta_prod_t_prev ** (0.5)
+            + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5)
+        ),
     }
 
 
@@ -344,11 +378,46 @@ def _dpmpp_2m_update(
     return c["scale"] * x - c["first"] * x0 - c["second"] * d1
 
 
+def _pndm_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' ``step_plms``: its branches are the ``case`` of the row, each computed
+    and the right one selected (``torch.where`` is exact), so that no Python ``if``
+    depends on the step."""
+    case = c["case"].reshape(-1, *([1] * x.ndim))  # broadcast over [history, *latents]
+    first, second = case[0] == 0, case[0] == 1
+    ets = torch.where(case == 1, h[:4], torch.cat([m[None], h[:3]]))  # no append at step 2
+    e1, e2, e3, e4 = ets
+    combined = torch.where(
+        first,
+        m,
+        torch.where(
+            second,
+            (m + e1) / 2,
+            torch.where(
+                case[0] == 2,
+                (3 * e1 - e2) / 2,
+                torch.where(
+                    case[0] == 3,
+                    (23 * e1 - 16 * e2 + 5 * e3) / 12,
+                    (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4),
+                ),
+            ),
+        ),
+    )
+    sample = torch.where(second, h[4], x)
+    h.copy_(torch.cat([ets, torch.where(first, x, h[4])[None]]))
+    if kind.prediction == "v_prediction":
+        combined = c["root_alpha"] * combined + c["root_beta"] * sample
+    return c["sample_coeff"] * sample - c["alpha_step"] * combined / c["denominator"]
+
+
 _UPDATES = {
     "lms": _lms_update,
     "euler": _euler_update,
     "ddim": _ddim_update,
     "dpmpp_2m": _dpmpp_2m_update,
+    "pndm": _pndm_update,
 }
 
 

@@ -63,7 +63,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 STEP_GRAPHS_HELP = (
     "torch with --device cuda: each whole step (UNet, guidance, scheduler) as one CUDA graph "
-    "(lms, euler, ddim, dpmpp_2m; the UNet alone for the others)"
+    "(all schedulers but unipc and euler_a: for those the UNet alone)"
 )
 
 
