@@ -124,7 +124,8 @@ def build_tiny_trained() -> dict[str, Any]:
     # `_use_default_values`, and every other scheduler class built from it (LMS, Euler...)
     # then takes its own default, epsilon, and runs a v-prediction model wrongly.
     prediction = training.get("prediction_type", "epsilon")
-    config = {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction}
+    schedule = training.get("noise_schedule", {})  # the betas it was trained with
+    config = {**SD15_SCHEDULER_CONFIG, **schedule, "prediction_type": prediction}
     components["scheduler"] = type(components["scheduler"]).from_config(config)
     return components
 

@@ -4,9 +4,10 @@ The architecture is ``tiny-random``'s (``sdtrt.models.build_tiny``: the same dif
 transformers classes as SD 1.x, at tiny sizes). First the KL autoencoder (reconstruction + a
 small KL term), its latent scaling factor measured as SD's was (1 / std of the latents); then
 the UNet and the text encoder together on its latents with SD 2.x's v-prediction loss
-(min-SNR weighted), captions dropped 10% of the time so classifier-free guidance works and
-contradicted at low noise so that img2img keeps its input (``_caption``). The defaults are
-the run that made the shipped weights: 30 minutes on 2 cores.
+(min-SNR weighted) under DDPM's linear noise schedule, captions dropped 10% of the time so
+classifier-free guidance works and contradicted at low noise so that img2img keeps its
+input (``_caption``). The defaults are the run that made the shipped weights: 30 minutes
+on 2 cores.
 
     python -m sdtrt.train.tiny --out sdtrt/assets/tiny [--vae-steps N] [--unet-steps N]
 """
@@ -29,6 +30,11 @@ from sdtrt.train import shapes
 logger = logging.getLogger("sdtrt.train")
 
 PREDICTION = "v_prediction"
+# DDPM's linear schedule, not SD's scaled-linear: at t = 999 SD's keeps sqrt(alpha_bar) = 0.07
+# of the picture (sigma 14.6), and on 8x8 latents the background colour, an average over 64
+# positions, then still shows through the noise (SNR ~0.3): measured, a seed-1 model kept the
+# input's background at strength 1.0. Linear leaves 0.006 (sigma 157).
+NOISE_SCHEDULE = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 POOL = 12000  # scenes the UNet trains on (8 x 7 colour pairs x 3 shapes, any size and place)
 EMA_DECAY = 0.999
 CONTRADICT = 0.4  # the chance of a wrong caption at t = 0, falling to 0 at t = 1000
@@ -60,7 +66,10 @@ def train_vae(vae: Any, steps: int, batch: int, lr: float, seed: int) -> list[fl
 def latent_scale(vae: Any, seed: int, n: int = 512) -> float:
     """1 / std of the latents of ``n`` pictures: what SD's 0.18215 is for its VAE."""
     pixels = torch.from_numpy(shapes.batch(np.random.default_rng(seed), n)[0])
-    return float(1.0 / vae.encode(pixels).latent_dist.sample().std())
+    # Its own generator: the factor then does not depend on what drew from torch's global
+    # one before (a trained or a loaded autoencoder, --vae-from).
+    generator = torch.Generator().manual_seed(seed)
+    return float(1.0 / vae.encode(pixels).latent_dist.sample(generator).std())
 
 
 def train_unet(
@@ -73,7 +82,7 @@ def train_unet(
     vae, unet, text = components["vae"], components["unet"], components["text_encoder"]
     tokenizer = components["tokenizer"]
     noise_schedule = DDPMScheduler.from_config(
-        {**SD15_SCHEDULER_CONFIG, "prediction_type": PREDICTION}
+        {**SD15_SCHEDULER_CONFIG, **NOISE_SCHEDULE, "prediction_type": PREDICTION}
     )
     rng = np.random.default_rng(seed + 1)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -200,13 +209,19 @@ def main() -> None:
     start = time.perf_counter()
     if args.vae_from:
         load_fp32_weights(components["vae"], Path(args.vae_from) / "vae.safetensors")
-        vae_losses = [float("nan")]
+        # What made that autoencoder, carried into this record.
+        made = json.loads((Path(args.vae_from) / "training.json").read_text())
+        vae_record = {k: made[k] for k in ("vae_seconds", "vae_loss_last_200")}
+        vae_record["vae_commit"] = made.get("vae_commit", made["commit"])
     else:
         vae_losses = train_vae(components["vae"], args.vae_steps, args.vae_batch, 1e-3, args.seed)
-    vae_seconds = time.perf_counter() - start
+        vae_record = {
+            "vae_seconds": round(time.perf_counter() - start, 1),
+            "vae_loss_last_200": float(np.mean(vae_losses[-200:])),
+        }
     scaling = latent_scale(components["vae"], args.seed + 7)
     components["vae"].register_to_config(scaling_factor=scaling)
-    logger.info("vae trained in %.0f s; latent scaling factor %.5f", vae_seconds, scaling)
+    logger.info("vae: %s; latent scaling factor %.5f", vae_record, scaling)
     start = time.perf_counter()
     unet_losses = train_unet(components, args.unet_steps, args.unet_batch, 1e-3, args.seed)
     unet_seconds = time.perf_counter() - start
@@ -218,9 +233,9 @@ def main() -> None:
         "args": vars(args),
         "scaling_factor": scaling,
         "prediction_type": PREDICTION,
-        "vae_seconds": round(vae_seconds, 1),
+        "noise_schedule": NOISE_SCHEDULE,
+        **vae_record,
         "unet_seconds": round(unet_seconds, 1),
-        "vae_loss_last_200": float(np.mean(vae_losses[-200:])),
         "unet_loss_last_200": float(np.mean(unet_losses[-200:])),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
