@@ -214,7 +214,7 @@ class Img2ImgPipeline:
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
         extra = step_kwargs(scheduler, generator)
-        table = self._step_table(scheduler, timesteps)
+        table = self._step_table(scheduler, timesteps, latents, generator)
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
@@ -260,7 +260,13 @@ class Img2ImgPipeline:
             )
         return height, width
 
-    def _step_table(self, scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
+    def _step_table(
+        self,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> StepTable | None:
         """The schedule as a table where the backend replays whole steps and the scheduler
         can be tabulated; None: the eager loop."""
         unet = self.backend.step_unet
@@ -268,7 +274,7 @@ class Img2ImgPipeline:
             return None
         if self.step_graphs is None or self.step_graphs.unet is not unet:
             self.step_graphs = StepGraphs(unet)
-        return tabulate(scheduler, timesteps)
+        return tabulate(scheduler, timesteps, latents, generator)
 
     def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
         embeddings = self.backend.encode_text(token_ids(self.tokenizer, prompts))

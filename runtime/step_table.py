@@ -11,11 +11,11 @@ Each step function below is diffusers' own arithmetic for its scheduler, in diff
 order, with the per-step scalars read from the table row instead of computed: the loop
 equals diffusers' on the CPU too (tests/test_step_table.py), where it runs eagerly.
 
-Tabulated: lms, euler (no churn), ddim (eta 0), dpmpp_2m and pndm (PLMS, as Stable
-Diffusion configures it), with epsilon or v prediction. The others get None and run the
-eager loop, where the UNet alone is replayed as a graph: unipc (deterministic, but its
-predictor-corrector state is not done yet) and euler_a (it draws noise from the caller's
-CPU generator every step).
+Tabulated: lms, euler (no churn), ddim (eta 0), dpmpp_2m, pndm (PLMS, as Stable
+Diffusion configures it) and euler_a (its noise drawn for every step before the loop, from
+the caller's generator in diffusers' order), with epsilon or v prediction. unipc gets None
+(its predictor-corrector state is not done yet) and runs the eager loop, where the UNet
+alone is replayed as a graph.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
+from diffusers.utils.torch_utils import randn_tensor
 
 from sdtrt.engine.cuda_graphs import capture
 
@@ -47,13 +49,16 @@ class StepKind:
     """What a captured step depends on besides its tensors (a graph per kind)."""
 
     scheduler: str
-    """lms, euler, ddim, dpmpp_2m or pndm."""
+    """lms, euler, euler_a, ddim, dpmpp_2m or pndm."""
     prediction: str
     columns: tuple[str, ...]
     """The per-step scalars, in the order of the table's columns."""
     history: int
     """Past results the step keeps (LMS: its order's derivatives; DPM++ 2M: the last data
     prediction; PNDM: four model outputs and a sample)."""
+    noise: bool = False
+    """Whether each step adds fresh noise (euler_a): drawn for all steps before the loop,
+    from the caller's generator in diffusers' order, and read by step like the scalars."""
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,23 @@ class StepTable:
     """[steps, columns] float32: the per-step scalars, diffusers' values bit for bit."""
     timesteps: torch.Tensor
     """[steps]: the UNet's timestep at each step, in the scheduler's dtype."""
+    noise: torch.Tensor | None = None
+    """[steps, *latents.shape]: each step's fresh noise, for kinds that add it."""
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
 
-def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
+def tabulate(
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    latents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepTable | None:
     """The table of the steps left (``timesteps``, after ``start_timesteps`` set the
-    scheduler's begin index), or None where this scheduler's step is not tabulated."""
+    scheduler's begin index), or None where this scheduler's step is not tabulated. An
+    ancestral scheduler's noise is drawn here, like ``latents``, from ``generator``: call
+    it where diffusers' loop would start drawing (after the start latents are noised)."""
     prediction = scheduler.config.prediction_type
     if prediction not in PREDICTIONS:
         return None
@@ -88,6 +102,10 @@ def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
     elif isinstance(scheduler, DDIMScheduler) and not (config.thresholding or config.clip_sample):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 1
+    elif isinstance(scheduler, EulerAncestralDiscreteScheduler) and latents is not None:
+        sigmas = _host_sigmas(scheduler)
+        rows = [_euler_ancestral_row(sigmas, begin + i) for i in steps]
+        name, history = "euler_a", 0
     elif isinstance(scheduler, PNDMScheduler) and config.skip_prk_steps:
         rows = [_pndm_row(scheduler, int(t), i) for i, t in enumerate(timesteps.cpu())]
         name, history = "pndm", PNDM_HISTORY
@@ -99,9 +117,21 @@ def tabulate(scheduler: Any, timesteps: torch.Tensor) -> StepTable | None:
         return None
     if not rows:
         return None
-    kind = StepKind(name, prediction, tuple(rows[0]), history)
+    kind = StepKind(name, prediction, tuple(rows[0]), history, noise=name == "euler_a")
     values = torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
-    return StepTable(kind, values.to(timesteps.device, torch.float32), timesteps.clone())
+    noise = None
+    if kind.noise and latents is not None:
+        # diffusers' draws: one per step, the model output's shape, dtype and device.
+        noise = torch.stack(
+            [
+                randn_tensor(
+                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+                )
+                for _ in rows
+            ]
+        )
+    values = values.to(timesteps.device, torch.float32)
+    return StepTable(kind, values, timesteps.clone(), noise)
 
 
 def _host_sigmas(scheduler: Any) -> torch.Tensor:
@@ -153,6 +183,19 @@ def _euler_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         **_sigma_columns(sigma),
         "sigma_hat": _scalar(sigma_hat),
         "dt": _scalar(sigmas[index + 1] - sigma_hat),
+    }
+
+
+def _euler_ancestral_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+    # diffusers' operations, in its order.
+    sigma_from = sigma = sigmas[index]
+    sigma_to = sigmas[index + 1]
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return {
+        **_sigma_columns(sigma),
+        "sigma_up": _scalar(sigma_up),
+        "dt": _scalar(sigma_down - sigma),
     }
 
 
@@ -269,6 +312,8 @@ class StepState:
     """0-d: the guidance scale, so that one graph serves every scale."""
     index: torch.Tensor
     """[1] int64: the row of the step to run next; each step adds one."""
+    noise: torch.Tensor
+    """[rows, *latents.shape]: each step's fresh noise (no rows for kinds without)."""
 
     @classmethod
     def like(
@@ -283,6 +328,7 @@ class StepState:
             text_embeddings=torch.zeros_like(text_embeddings),
             guidance=torch.zeros((), device=device),
             index=torch.zeros(1, dtype=torch.int64, device=device),
+            noise=torch.zeros(rows if table.kind.noise else 0, *latents.shape, device=device),
         )
 
     def load(
@@ -299,6 +345,8 @@ class StepState:
         self.text_embeddings.copy_(text_embeddings)
         self.guidance.fill_(guidance_scale)
         self.index.zero_()
+        if table.noise is not None:
+            self.noise[: len(table)].copy_(table.noise)
 
 
 def table_step(kind: StepKind, state: StepState, unet: Unet, do_guidance: bool) -> None:
@@ -306,6 +354,8 @@ def table_step(kind: StepKind, state: StepState, unet: Unet, do_guidance: bool) 
     the scheduler's update. No Python value depends on the step: capturable once."""
     row = state.table.index_select(0, state.index)  # [1, columns]
     c = {name: row[:, k] for k, name in enumerate(kind.columns)}  # each [1]
+    if kind.noise:
+        c["noise"] = state.noise.index_select(0, state.index)[0]
     latents = state.latents
     model_input = torch.cat([latents] * 2) if do_guidance else latents
     model_input = model_input / c["input_divisor"]
@@ -350,6 +400,13 @@ def _euler_update(
     x0 = _x0_from_sigma(kind, c, c["sigma_hat"], x, m)
     derivative = (x - x0) / c["sigma_hat"]
     return x + derivative * c["dt"]
+
+
+def _euler_ancestral_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    derivative = (x - _x0_from_sigma(kind, c, c["sigma"], x, m)) / c["sigma"]
+    return (x + derivative * c["dt"]) + c["noise"] * c["sigma_up"]
 
 
 def _ddim_update(
@@ -415,6 +472,7 @@ def _pndm_update(
 _UPDATES = {
     "lms": _lms_update,
     "euler": _euler_update,
+    "euler_a": _euler_ancestral_update,
     "ddim": _ddim_update,
     "dpmpp_2m": _dpmpp_2m_update,
     "pndm": _pndm_update,
@@ -462,7 +520,9 @@ class StepGraphs:
         key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
         entry = self.captured.get(key)
         if entry is None or len(table) > entry[1].table.shape[0]:
-            state = StepState.like(table, latents, text_embeddings, max(self.rows, len(table)))
+            # Noise rows cost a latent each: an ancestral kind's are sized to its schedule.
+            rows = len(table) if table.kind.noise else max(self.rows, len(table))
+            state = StepState.like(table, latents, text_embeddings, rows)
             # The warm run before capture steps real values (then reloaded below).
             state.load(table, latents, text_embeddings, guidance_scale)
             graph, _ = capture(lambda: table_step(table.kind, state, self.unet, do_guidance))

@@ -14,7 +14,7 @@ from sdtrt.runtime.schedulers import SCHEDULERS
 from sdtrt.runtime.step_table import StepState, run_table, table_step, tabulate
 from sdtrt.runtime.steps import start_timesteps
 
-TABULATED = ("lms", "euler", "ddim", "dpmpp_2m", "pndm")
+TABULATED = ("lms", "euler", "ddim", "dpmpp_2m", "pndm", "euler_a")
 RUN = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
 
 
@@ -73,9 +73,9 @@ def test_one_step_function_serves_every_step_without_host_reads(tiny, scheduler)
     step then depends on its index only through the state's device tensors."""
     pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
     timesteps = start_timesteps(pipe.scheduler, 12, 3, "cpu")
-    table = tabulate(pipe.scheduler, timesteps)
     generator = torch.Generator().manual_seed(5)
     latents = torch.randn(1, 4, 8, 8, generator=generator) * 4
+    table = tabulate(pipe.scheduler, timesteps, latents, generator)
     hidden = pipe.backend.encode_text(torch.randint(0, 100, (2, 77), generator=generator))
     want = run_table(table, latents, hidden, 4.0, pipe.backend.unet)
     state = StepState.like(table, latents, hidden, rows=1000)
