@@ -11,11 +11,12 @@ Each step function below is diffusers' own arithmetic for its scheduler, in diff
 order, with the per-step scalars read from the table row instead of computed: the loop
 equals diffusers' on the CPU too (tests/test_step_table.py), where it runs eagerly.
 
-Tabulated: lms, euler (no churn), ddim (eta 0), dpmpp_2m, pndm (PLMS, as Stable
-Diffusion configures it) and euler_a (its noise drawn for every step before the loop, from
-the caller's generator in diffusers' order), with epsilon or v prediction. unipc gets None
-(its predictor-corrector state is not done yet) and runs the eager loop, where the UNet
-alone is replayed as a graph.
+Tabulated, with epsilon or v prediction, as Stable Diffusion configures them: lms, euler
+(no churn), ddim (eta 0), dpmpp_2m, pndm (PLMS), unipc (order 2, its corrector and
+predictor both in the step) and euler_a (its noise drawn for every step before the loop,
+from the caller's generator in diffusers' order). Other settings (thresholding, solver
+order 3, Runge-Kutta PNDM...) get None and run the eager loop, where the UNet alone is
+replayed as a graph.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdtrt.engine.cuda_graphs import capture
+from sdtrt.runtime.fast_schedulers import CachedUniPCMultistepScheduler
 
 Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("epsilon", "v_prediction")
 LMS_ORDER = 4  # the pipeline calls LMS's step with its default order
+UNIPC_HISTORY = 3  # the last two data predictions, then the sample before the last predictor
 PNDM_HISTORY = 5  # PLMS' last four model outputs, then the sample its second step restarts from
 
 
@@ -49,13 +52,14 @@ class StepKind:
     """What a captured step depends on besides its tensors (a graph per kind)."""
 
     scheduler: str
-    """lms, euler, euler_a, ddim, dpmpp_2m or pndm."""
+    """lms, euler, euler_a, ddim, dpmpp_2m, pndm or unipc."""
     prediction: str
     columns: tuple[str, ...]
     """The per-step scalars, in the order of the table's columns."""
     history: int
     """Past results the step keeps (LMS: its order's derivatives; DPM++ 2M: the last data
-    prediction; PNDM: four model outputs and a sample)."""
+    prediction; PNDM: four model outputs and a sample; UniPC: two data predictions and a
+    sample)."""
     noise: bool = False
     """Whether each step adds fresh noise (euler_a): drawn for all steps before the loop,
     from the caller's generator in diffusers' order, and read by step like the scalars."""
@@ -109,6 +113,9 @@ def tabulate(
     elif isinstance(scheduler, PNDMScheduler) and config.skip_prk_steps:
         rows = [_pndm_row(scheduler, int(t), i) for i, t in enumerate(timesteps.cpu())]
         name, history = "pndm", PNDM_HISTORY
+    elif isinstance(scheduler, CachedUniPCMultistepScheduler) and _is_unipc_2(config):
+        rows = _unipc_rows(scheduler, begin, len(timesteps))
+        name, history = "unipc", UNIPC_HISTORY
     elif isinstance(scheduler, DPMSolverMultistepScheduler) and _is_dpmpp_2m(config):
         sigmas = _host_sigmas(scheduler)
         rows = [_dpmpp_2m_row(scheduler, sigmas, begin + i, i) for i in steps]
@@ -242,6 +249,68 @@ def _pndm_row(scheduler: Any, t: int, counter: int) -> dict[str, torch.Tensor]:
             + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5)
         ),
     }
+
+
+def _is_unipc_2(config: Any) -> bool:
+    """UniPC as Stable Diffusion runs it: order 2, bh2, data prediction, corrector on."""
+    return (
+        config.solver_order == 2
+        and config.predict_x0
+        and config.solver_type in ("bh1", "bh2")
+        and not config.thresholding
+        and not config.disable_corrector
+        and config.solver_p is None
+        and not config.use_flow_sigmas
+    )
+
+
+def _unipc_rows(scheduler: Any, begin: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """UniPC's corrector (from the second step run) and predictor at each step, with the
+    orders diffusers' step picks; the factors come from sdtrt's memoised UniPC (diffusers'
+    own operations, proven exact), on a copy whose sigmas are on the host."""
+    on_host = copy.copy(scheduler)
+    on_host.sigmas = _host_sigmas(scheduler)
+    config, total = scheduler.config, len(scheduler.timesteps)
+    rows, previous_order = [], 0
+    for taken in range(steps):
+        index = begin + taken
+        on_host._step_index = index
+        alpha, sigma = on_host._sigma_to_alpha_sigma_t(on_host.sigmas[index])
+        order = min(config.solver_order, total - index) if config.lower_order_final else 2
+        order = min(order, min(taken, config.solver_order) + 1)
+        row = {"input_divisor": _scalar(1.0), "alpha": _scalar(alpha), "sigma": _scalar(sigma)}
+        row |= _uni_columns("c_", on_host, True, previous_order)
+        row |= _uni_columns("p_", on_host, False, order)
+        rows.append(row)
+        previous_order = order
+    return rows
+
+
+def _uni_columns(prefix: str, scheduler: Any, corrector: bool, order: int) -> dict[str, Any]:
+    """One UniPC update's factors. A missing second-order term gets a zero weight and a
+    unit ratio (its difference is then finite, and weighs exactly nothing); a corrector
+    that does not run (``order`` 0: the first step) gets zeros and ``use`` 0."""
+    zero, one = _scalar(0.0), _scalar(1.0)
+    names: tuple[str, ...] = ("scale", "first", "last", "rho0", "rk")
+    if corrector:
+        names += ("use", "rho_last")
+    if order == 0:
+        return {prefix + n: zero if n != "rk" else one for n in names}
+    cpu = torch.device("cpu")
+    c = scheduler._compute_uni_coefficients(corrector, order, cpu, torch.float32)
+    rho0 = zero
+    if order == 2:
+        rho0 = _scalar(c["rhos"][0])
+    values = {
+        "use": one,
+        "scale": _scalar(c["scale"]),
+        "first": _scalar(c["first"]),
+        "last": _scalar(c["last"]),
+        "rho0": rho0,
+        "rho_last": _scalar(c["rho_last"]) if corrector else zero,
+        "rk": _scalar(c["rks"][0]) if c["rks"] else one,
+    }
+    return {prefix + n: values[n] for n in names}
 
 
 def _is_dpmpp_2m(config: Any) -> bool:
@@ -469,6 +538,28 @@ def _pndm_update(
     return c["sample_coeff"] * sample - c["alpha_step"] * combined / c["denominator"]
 
 
+def _unipc_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' UniPC step (``multistep_uni_c_bh_update`` then ``multistep_uni_p_bh_update``,
+    as sdtrt's memoised UniPC computes them): the corrector always computed, its result
+    used where the row says (``torch.where`` is exact)."""
+    if kind.prediction == "epsilon":
+        x0 = (x - c["sigma"] * m) / c["alpha"]
+    else:
+        x0 = c["alpha"] * x - c["sigma"] * m
+    m0, m1, last_sample = h[0], h[1], h[2]
+    d1 = (m1 - m0) / c["c_rk"]
+    corrected = (c["c_scale"] * last_sample - c["c_first"] * m0) - c["c_last"] * (
+        c["c_rho0"] * d1 + c["c_rho_last"] * (x0 - m0)
+    )
+    sample = torch.where(c["c_use"].reshape(-1, *([1] * (x.ndim - 1))) == 1, corrected, x)
+    d1 = (m0 - x0) / c["p_rk"]
+    predicted = (c["p_scale"] * sample - c["p_first"] * x0) - c["p_last"] * (c["p_rho0"] * d1)
+    h.copy_(torch.stack([x0, m0, sample]))  # last: m0 and last_sample are views of h
+    return predicted
+
+
 _UPDATES = {
     "lms": _lms_update,
     "euler": _euler_update,
@@ -476,6 +567,7 @@ _UPDATES = {
     "ddim": _ddim_update,
     "dpmpp_2m": _dpmpp_2m_update,
     "pndm": _pndm_update,
+    "unipc": _unipc_update,
 }
 
 

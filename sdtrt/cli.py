@@ -63,7 +63,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 STEP_GRAPHS_HELP = (
     "torch with --device cuda: each whole step (UNet, guidance, scheduler) as one CUDA graph "
-    "(all schedulers but unipc: for it the UNet alone)"
+    "(every scheduler; unusual scheduler settings: the UNet alone)"
 )
 
 

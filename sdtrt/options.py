@@ -51,8 +51,8 @@ class TorchOptions:
     """Replay the UNet as a CUDA graph (needs ``device="cuda"``)."""
     step_graphs: bool = False
     """Replay each whole denoising step (UNet, guidance, scheduler update) as one CUDA
-    graph where the scheduler is tabulated (all but unipc); with unipc the UNet alone, as
-    ``cuda_graphs`` does (needs ``device="cuda"``)."""
+    graph (every scheduler as Stable Diffusion configures it; other settings replay the
+    UNet alone, as ``cuda_graphs`` does). Needs ``device="cuda"``."""
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
