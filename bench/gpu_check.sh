@@ -29,7 +29,7 @@ fi
 # (python3 -P: the checkout's own sdtrt/ folder must not shadow the copy).
 rm -rf .sdtrt-src && mkdir -p .sdtrt-src/sdtrt
 cp -r sdtrt/* .sdtrt-src/sdtrt/
-for part in export engine runtime bench; do cp -r "$part" ".sdtrt-src/sdtrt/$part"; done
+for part in export engine runtime bench serve train; do cp -r "$part" ".sdtrt-src/sdtrt/$part"; done
 export PYTHONPATH=/tmp/site:$PWD/.sdtrt-src
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
