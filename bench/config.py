@@ -56,7 +56,7 @@ class BenchConfig:
     """Graph backends: which exported graphs (fp32, fp16); None: each backend's default."""
     cuda_graphs: bool = False
     step_graphs: bool = False
-    """torch: each whole denoising step as one CUDA graph (runtime/step_table.py)."""
+    """torch: each whole denoising step as one CUDA graph (runtime/step_graph.py)."""
     warmup: int = 2
     repeats: int = 10
     ort_optimization: str = "auto"

@@ -29,7 +29,7 @@ class TorchBackend:
         self.size_multiple = ModelDims.from_components(components).vae_scale_factor
         graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
         self._graphed_unet = CudaGraphed(self._unet_forward) if graphs else None
-        # What the pipeline captures whole steps around (runtime/step_table.py).
+        # What the pipeline captures whole steps around (runtime/step_graph.py).
         self.step_unet = self._unet_eager if options.step_graphs else None
 
     @torch.inference_mode()

@@ -33,7 +33,8 @@ from sdtrt.runtime.inputs import (
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
-from sdtrt.runtime.step_table import StepGraphs, StepTable, tabulate
+from sdtrt.runtime.step_graph import StepGraphs
+from sdtrt.runtime.step_table import StepTable, tabulate
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
 logger = logging.getLogger(__name__)

@@ -65,7 +65,7 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
 @cuda
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
-    """Whole steps replayed as CUDA graphs (runtime/step_table.py) against the eager loop:
+    """Whole steps replayed as CUDA graphs (runtime/step_graph.py) against the eager loop:
     fp32 within 1e-6, fp16 within the fp16 bound; one capture serves two schedules (two
     strengths) and two guidance scales."""
     on_gpu = _own(tiny)

@@ -1,6 +1,7 @@
-"""The denoising step as a table (runtime/step_table.py): what a CUDA graph replays. On the
-CPU its loop runs eagerly; it must equal the eager loop bit for bit, read nothing back to
-the host, and depend on the step only through its device tensors."""
+"""The denoising step as a table (runtime/step_table.py) and a function of device tensors
+(runtime/step_graph.py): what a CUDA graph replays. On the CPU its loop runs eagerly; it
+must equal the eager loop bit for bit, read nothing back to the host, and depend on the
+step only through its device tensors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.runtime.step_table import StepState, run_table, table_step, tabulate
+from sdtrt.runtime.step_graph import StepState, run_table, table_step
+from sdtrt.runtime.step_table import tabulate
 from sdtrt.runtime.steps import start_timesteps
 
 TABULATED = ("lms", "euler", "ddim", "dpmpp_2m", "pndm", "euler_a", "unipc")
