@@ -26,16 +26,18 @@ from typing import Any
 
 import torch
 from diffusers import (
-    DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
-    PNDMScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdtrt.runtime.fast_schedulers import CachedUniPCMultistepScheduler
+from sdtrt.runtime.fast_schedulers import (
+    CachedDDIMScheduler,
+    CachedPNDMScheduler,
+    CachedUniPCMultistepScheduler,
+)
 
 PREDICTIONS = ("epsilon", "v_prediction")
 LMS_ORDER = 4  # the pipeline calls LMS's step with its default order
@@ -92,21 +94,23 @@ def tabulate(
     steps = range(len(timesteps))
     config: Any = scheduler.config
     if isinstance(scheduler, LMSDiscreteScheduler):
-        sigmas = _host_sigmas(scheduler)
-        rows = [_lms_row(scheduler, sigmas, begin + i, i) for i in steps]
+        on_host = _on_host(scheduler)
+        rows = [_lms_row(on_host, begin + i, i) for i in steps]
         name, history = "lms", LMS_ORDER
     elif isinstance(scheduler, EulerDiscreteScheduler):
         sigmas = _host_sigmas(scheduler)
         rows = [_euler_row(sigmas, begin + i) for i in steps]
         name, history = "euler", 0
-    elif isinstance(scheduler, DDIMScheduler) and not (config.thresholding or config.clip_sample):
+    elif isinstance(scheduler, CachedDDIMScheduler) and not (
+        config.thresholding or config.clip_sample
+    ):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 0
     elif isinstance(scheduler, EulerAncestralDiscreteScheduler) and latents is not None:
         sigmas = _host_sigmas(scheduler)
         rows = [_euler_ancestral_row(sigmas, begin + i) for i in steps]
         name, history = "euler_a", 0
-    elif isinstance(scheduler, PNDMScheduler) and config.skip_prk_steps:
+    elif isinstance(scheduler, CachedPNDMScheduler) and config.skip_prk_steps:
         rows = [_pndm_row(scheduler, int(t), i) for i, t in enumerate(timesteps.cpu())]
         name, history = "pndm", PNDM_HISTORY
     elif isinstance(scheduler, CachedUniPCMultistepScheduler) and _is_unipc_2(config):
@@ -141,6 +145,14 @@ def _host_sigmas(scheduler: Any) -> torch.Tensor:
     return scheduler.sigmas.cpu()
 
 
+def _on_host(scheduler: Any) -> Any:
+    """A shallow copy of ``scheduler`` whose sigmas are on the host: its methods then
+    compute the per-step scalars without reading a GPU schedule back value by value."""
+    on_host = copy.copy(scheduler)
+    on_host.sigmas = _host_sigmas(scheduler)
+    return on_host
+
+
 def _scalar(value: Any) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32).reshape(())
 
@@ -155,28 +167,18 @@ def _sigma_columns(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _lms_row(
-    scheduler: Any, sigmas: torch.Tensor, index: int, taken: int
-) -> dict[str, torch.Tensor]:
-    """LMS at step ``index``: its coefficients for the newest derivative first, zero where
-    diffusers has no derivative yet (``taken`` steps ran before this one)."""
+def _lms_row(on_host: Any, index: int, taken: int) -> dict[str, torch.Tensor]:
+    """LMS at step ``index``: diffusers' coefficients (``get_lms_coefficient``, scipy
+    quadrature over the host sigmas) for the newest derivative first, zero where diffusers
+    has no derivative yet (``taken`` steps ran before this one)."""
     order = min(index + 1, LMS_ORDER)
-    row = _sigma_columns(sigmas[index])
+    row = _sigma_columns(on_host.sigmas[index])
     for k in range(LMS_ORDER):
         weight = 0.0
         if k < order and k <= taken:
-            weight = _lms_coefficient(scheduler, sigmas, order, index, k)
+            weight = float(on_host.get_lms_coefficient(order, index, k))
         row[f"w{k}"] = _scalar(weight)
     return row
-
-
-def _lms_coefficient(scheduler: Any, sigmas: torch.Tensor, order: int, t: int, k: int) -> float:
-    """diffusers' ``get_lms_coefficient`` (scipy quadrature over the sigmas), on a copy of
-    the scheduler whose sigmas are on the host: on a GPU schedule it would read them back
-    one by one."""
-    on_host = copy.copy(scheduler)
-    on_host.sigmas = sigmas
-    return float(on_host.get_lms_coefficient(order, t, k))
 
 
 def _euler_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
@@ -203,19 +205,14 @@ def _euler_ancestral_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Te
 
 
 def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
-    # diffusers' operations (eta 0), in its order.
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha_prod_t = scheduler.alphas_cumprod[t]
-    alpha_prod_t_prev = (
-        scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    )
-    beta_prod_t = 1 - alpha_prod_t
+    # The memoised DDIM's factors (eta 0): diffusers' operations, proven exact.
+    root_beta, root_alpha, direction, root_alpha_prev = scheduler._step_factors(t, 0.0)
     return {
         "input_divisor": _scalar(1.0),
-        "root_alpha": _scalar(alpha_prod_t ** (0.5)),
-        "root_beta": _scalar(beta_prod_t ** (0.5)),
-        "direction": _scalar((1 - alpha_prod_t_prev) ** (0.5)),  # eta 0: no variance term
-        "root_alpha_prev": _scalar(alpha_prod_t_prev ** (0.5)),
+        "root_alpha": _scalar(root_alpha),
+        "root_beta": _scalar(root_beta),
+        "direction": _scalar(direction),
+        "root_alpha_prev": _scalar(root_alpha_prev),
     }
 
 
@@ -226,24 +223,19 @@ def _pndm_row(scheduler: Any, t: int, counter: int) -> dict[str, torch.Tensor]:
     ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     # The second step re-does the first interval from the first step's sample.
     t, prev_t = (t + ratio, t) if counter == 1 else (t, t - ratio)
-    # diffusers' operations (_get_prev_sample), in its order.
+    # Formula (9)'s factors from the memoised PNDM (diffusers' operations, proven exact);
+    # v prediction's conversion, which _get_prev_sample does first, needs alpha_prod_t's
+    # roots too.
+    sample_coeff, alpha_step, denominator = scheduler._prev_sample_coefficients(t, prev_t)
     alpha_prod_t = scheduler.alphas_cumprod[t]
-    alpha_prod_t_prev = (
-        scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    )
-    beta_prod_t = 1 - alpha_prod_t
-    beta_prod_t_prev = 1 - alpha_prod_t_prev
     return {
         "input_divisor": _scalar(1.0),  # PNDM does not scale the UNet's input
         "case": _scalar(min(counter, 4)),
         "root_alpha": _scalar(alpha_prod_t**0.5),
-        "root_beta": _scalar(beta_prod_t**0.5),
-        "sample_coeff": _scalar((alpha_prod_t_prev / alpha_prod_t) ** (0.5)),
-        "alpha_step": _scalar(alpha_prod_t_prev - alpha_prod_t),
-        "denominator": _scalar(
-            alpha_prod_t * beta_prod_t_prev ** (0.5)
-            + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5)
-        ),
+        "root_beta": _scalar((1 - alpha_prod_t) ** 0.5),
+        "sample_coeff": _scalar(sample_coeff),
+        "alpha_step": _scalar(alpha_step),
+        "denominator": _scalar(denominator),
     }
 
 
@@ -264,8 +256,7 @@ def _unipc_rows(scheduler: Any, begin: int, steps: int) -> list[dict[str, torch.
     """UniPC's corrector (from the second step run) and predictor at each step, with the
     orders diffusers' step picks; the factors come from sdtrt's memoised UniPC (diffusers'
     own operations, proven exact), on a copy whose sigmas are on the host."""
-    on_host = copy.copy(scheduler)
-    on_host.sigmas = _host_sigmas(scheduler)
+    on_host = _on_host(scheduler)
     config, total = scheduler.config, len(scheduler.timesteps)
     rows, previous_order = [], 0
     for taken in range(steps):
