@@ -56,7 +56,11 @@ class BenchConfig:
     """Graph backends: which exported graphs (fp32, fp16); None: each backend's default."""
     cuda_graphs: bool = False
     step_graphs: bool = False
-    """torch: each whole denoising step as one CUDA graph (runtime/step_graph.py)."""
+    """torch and TensorRT: each whole denoising step as one CUDA graph (runtime/step_graph.py)."""
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile_unet: bool = False
+    """torch: the UNet tuned as TorchOptions says (one switch each, measured alone)."""
     warmup: int = 2
     repeats: int = 10
     ort_optimization: str = "auto"
@@ -89,10 +93,19 @@ class BenchConfig:
                 "--precision picks exported graphs: it applies to onnxruntime and tensorrt, "
                 "and neither is benchmarked"
             )
-        if self.cuda_graphs and not {"torch", *TRT_FAMILIES} & set(self.backends):
-            raise InvalidInputError("--cuda-graphs applies to the torch and TensorRT backends")
-        if self.step_graphs and "torch" not in self.backends:
-            raise InvalidInputError("--step-graphs applies to the torch backend")
+        for flag, given in (
+            ("--cuda-graphs", self.cuda_graphs),
+            ("--step-graphs", self.step_graphs),
+        ):
+            if given and not {"torch", *TRT_FAMILIES} & set(self.backends):
+                raise InvalidInputError(f"{flag} applies to the torch and TensorRT backends")
+        for flag, given in (
+            ("--channels-last", self.channels_last),
+            ("--fuse-qkv", self.fuse_qkv),
+            ("--compile", self.compile_unet),
+        ):
+            if given and "torch" not in self.backends:
+                raise InvalidInputError(f"{flag} applies to the torch backend")
         for backend in self.backends:
             if backend not in PEERS:
                 self.options_for(backend)  # refuses a combination that cannot run
@@ -100,7 +113,15 @@ class BenchConfig:
     def options_for(self, backend: str) -> BackendOptions:
         """The typed options each sdtrt backend runs with in this bench."""
         if backend == "torch":
-            return TorchOptions(self.device, self.dtype, self.cuda_graphs, self.step_graphs)
+            return TorchOptions(
+                device=self.device,
+                dtype=self.dtype,
+                cuda_graphs=self.cuda_graphs,
+                step_graphs=self.step_graphs,
+                channels_last=self.channels_last,
+                fuse_qkv=self.fuse_qkv,
+                compile_unet=self.compile_unet,
+            )
         if backend == "onnxruntime":
             return OrtOptions(
                 precision=self.precision or default_precision(backend),
@@ -111,4 +132,5 @@ class BenchConfig:
             family=backend,
             precision=self.precision or default_precision(backend),
             cuda_graphs=self.cuda_graphs,
+            step_graphs=self.step_graphs,
         )

@@ -12,6 +12,11 @@ from sdtrt.engine.factory import check_available
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, TorchOptions
 
+# What ``compile_unet`` compiles with: inductor, in its default mode (no CUDA graphs of its
+# own, no autotuning: max-autotune did not finish SD-1.5's UNet in 5 minutes on an H100).
+# Tests swap in a backend that compiles in seconds on a CPU.
+COMPILE_BACKEND = "inductor"
+
 
 class TorchBackend:
     name = "torch"
@@ -24,6 +29,7 @@ class TorchBackend:
         self.dtype = dtype = getattr(torch, DTYPES[options.dtype])
         self.text_encoder = _moved(components["text_encoder"], self.device, dtype)
         self.unet_model = _moved(components["unet"], self.device, dtype)
+        self._unet_call = self._tuned(self.unet_model, options)
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
         self.size_multiple = ModelDims.from_components(components).vae_scale_factor
@@ -40,7 +46,18 @@ class TorchBackend:
     def _unet_forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet_model(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+        return self._unet_call(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    @staticmethod
+    def _tuned(unet: Any, options: TorchOptions) -> Any:
+        """The UNet module as ``options`` asks it to run: in place, as diffusers' calls are."""
+        if options.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if options.fuse_qkv:
+            unet.fuse_qkv_projections()
+        if options.compile_unet:
+            return torch.compile(unet, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False)
+        return unet
 
     @torch.inference_mode()
     def unet(

@@ -173,7 +173,6 @@ def owned(output: torch.Tensor) -> torch.Tensor:
 
 class TensorRTBackend:
     name = "tensorrt"
-    step_unet = None  # whole-step graphs: the torch backend only, so far
 
     def __init__(self, exported: ExportedModel, options: TensorRTOptions = TensorRTOptions()):
         family = options.family
@@ -219,8 +218,11 @@ class TensorRTBackend:
         unet = self.networks["unet"]
         self.per_row_timesteps = unet.contract.per_row_timesteps
         self.max_unet_rows: int | None = int(unet.profile["sample"]["max"][0])
-        self._graphed_unet = CudaGraphed(self._unet_enqueue) if options.cuda_graphs else None
+        graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
+        self._graphed_unet = CudaGraphed(self._unet_enqueue) if graphs else None
         self._unet_net = unet
+        # What the pipeline captures whole steps around (runtime/step_graph.py).
+        self.step_unet = self._step_unet if options.step_graphs else None
 
     def save_runtime_caches(self) -> None:
         """TensorRT-RTX: keep the kernels compiled for new shapes for the next process."""
@@ -241,18 +243,32 @@ class TensorRTBackend:
         net.enqueue()
         return out
 
-    def unet(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> torch.Tensor:
+    def _fed(
+        self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet's inputs on the GPU, in the engine's dtypes and timestep shape."""
         feeds = self._unet_net.contract.feeds(
             sample=sample.to(self.device),
             timestep=timestep.to(self.device),
-            encoder_hidden_states=encoder_hidden_states.to(self.device),
+            encoder_hidden_states=hidden.to(self.device),
         )
-        args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+        return feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]
+
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        args = self._fed(sample, timestep, encoder_hidden_states)
         if self._graphed_unet is not None:
             return self._graphed_unet(*args).float()  # the graph's output is a clone already
         return owned(self._unet_enqueue(*args))
+
+    def _step_unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet as a captured step calls it: casts, the copy into the engine's buffers,
+        the enqueue and the copy out all go on the stream, and so into the step's graph
+        (one timestep for every row: a step's rows are at one step)."""
+        return owned(self._unet_enqueue(*self._fed(sample, timestep, hidden)))
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return owned(self.networks["vae_encoder"](sample=image.to(self.device)))

@@ -12,6 +12,7 @@ eagerly (tests/test_step_table.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -249,13 +250,15 @@ def run_table(
 class StepGraphs:
     """Whole denoising steps replayed as CUDA graphs: one capture per step kind and shapes
     (any schedule, start step and guidance scale of that kind reuse it), then one replay
-    per step; on a CPU the same steps run eagerly."""
+    per step; on a CPU the same steps run eagerly. The least recently used capture is
+    dropped beyond ``max_captures`` (each holds the UNet's activations for its shapes)."""
 
     rows = 1000  # table rows a captured step can index: a schedule of up to 1000 steps
+    max_captures = 8
 
     def __init__(self, unet: Unet) -> None:
         self.unet = unet
-        self.captured: dict[tuple[Any, ...], tuple[Any, StepState]] = {}
+        self.captured: OrderedDict[tuple[Any, ...], tuple[Any, StepState]] = OrderedDict()
 
     @torch.inference_mode()
     def run(
@@ -267,6 +270,18 @@ class StepGraphs:
     ) -> torch.Tensor:
         if latents.device.type != "cuda":
             return run_table(table, latents, text_embeddings, guidance_scale, self.unet)
+        return self.replay(table, latents, text_embeddings, guidance_scale)
+
+    @torch.inference_mode()
+    def replay(
+        self,
+        table: StepTable,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The loop as one replay per step of a step captured for this kind and shapes
+        (captured first where there is none)."""
         do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
         key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
         entry = self.captured.get(key)
@@ -278,6 +293,9 @@ class StepGraphs:
             state.load(table, latents, text_embeddings, guidance_scale)
             graph, _ = capture(lambda: table_step(table.kind, state, self.unet, do_guidance))
             entry = self.captured[key] = (graph, state)
+            while len(self.captured) > self.max_captures:
+                self.captured.popitem(last=False)
+        self.captured.move_to_end(key)
         graph, state = entry
         state.load(table, latents, text_embeddings, guidance_scale)
         for _ in range(len(table)):

@@ -62,8 +62,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 STEP_GRAPHS_HELP = (
-    "torch with --device cuda: each whole step (UNet, guidance, scheduler) as one CUDA graph "
-    "(every scheduler; unusual scheduler settings: the UNet alone)"
+    "torch (with --device cuda) and the TensorRT backends: each whole step (UNet, guidance, "
+    "scheduler) as one CUDA graph (every scheduler; unusual scheduler settings: the UNet alone)"
 )
 
 
@@ -111,6 +111,21 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch (with --device cuda) and the TensorRT backends: the UNet as a CUDA graph",
     )
+    _add_unet_tuning(p)
+
+
+# The torch backend's ways to a faster UNet, one switch each (TorchOptions says what each does).
+UNET_TUNING = {
+    "channels_last": "torch: the UNet's weights channels-last (NHWC convolutions)",
+    "fuse_qkv": "torch: diffusers' fused query/key/value projections in the UNet",
+    "compile_unet": "torch: torch.compile the UNet (inductor; compiles on each new shape)",
+}
+
+
+def _add_unet_tuning(p: argparse.ArgumentParser) -> None:
+    for field, help_text in UNET_TUNING.items():
+        flag = "--compile" if field == "compile_unet" else "--" + field.replace("_", "-")
+        p.add_argument(flag, dest=field, action="store_true", help=help_text)
 
 
 def _add_img2img(sub: Any) -> None:
@@ -165,6 +180,7 @@ def _backend(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         cuda_graphs=args.cuda_graphs,
         step_graphs=getattr(args, "step_graphs", False),  # img2img's; the server batches steps
+        **{field: getattr(args, field) for field in UNET_TUNING},
     )
 
 
@@ -292,6 +308,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")
     p.add_argument("--step-graphs", action="store_true", help=STEP_GRAPHS_HELP)
+    _add_unet_tuning(p)
     p.add_argument("--warmup", type=int, default=config.warmup, help="runs before timing")
     p.add_argument("--repeats", type=int, default=config.repeats, help="timed runs")
     p.add_argument(
@@ -333,6 +350,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
         cuda_graphs=args.cuda_graphs,
         step_graphs=args.step_graphs,
+        **{field: getattr(args, field) for field in UNET_TUNING},
         warmup=args.warmup,
         repeats=args.repeats,
         ort_optimization=args.ort_optimization,
@@ -540,7 +558,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise _unavailable("--ray needs Ray Serve: pip install 'sdtrt[ray]'") from None
     backend_kwargs = {
         k: v
-        for k in ("precision", "device", "dtype", "cuda_graphs")
+        for k in ("precision", "device", "dtype", "cuda_graphs", *UNET_TUNING)
         if (v := getattr(args, k)) not in (None, False)
     }
     backend_options(args.backend, **backend_kwargs)  # refused here, not on each replica

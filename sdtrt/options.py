@@ -53,6 +53,15 @@ class TorchOptions:
     """Replay each whole denoising step (UNet, guidance, scheduler update) as one CUDA
     graph (every scheduler as Stable Diffusion configures it; other settings replay the
     UNet alone, as ``cuda_graphs`` does). Needs ``device="cuda"``."""
+    # Ways to a faster UNet (issue 15), each its own switch so that each is measured alone.
+    # They change the UNet module in place, as diffusers' own calls do.
+    channels_last: bool = False
+    """The UNet's weights in channels-last memory format (NHWC convolutions)."""
+    fuse_qkv: bool = False
+    """diffusers' ``fuse_qkv_projections()``: one matmul for query, key and value."""
+    compile_unet: bool = False
+    """``torch.compile`` the UNet (inductor, no CUDA graphs of its own: sdtrt captures the
+    compiled UNet in its graphs). It compiles on the first call of each shape."""
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
@@ -102,6 +111,9 @@ class TensorRTOptions:
     """Which graphs the engines come from (engines are strongly typed): fp16 or fp32."""
     cuda_graphs: bool = False
     """Replay the UNet's enqueue as a CUDA graph."""
+    step_graphs: bool = False
+    """Replay each whole denoising step (the UNet's enqueue, guidance, the scheduler's
+    update) as one CUDA graph; steps that cannot be tabulated replay the UNet alone."""
     engine_dir: str | None = None
     """Where the engines are; None: the exported folder's ``tensorrt/``."""
     build_missing: bool = False
@@ -143,6 +155,9 @@ def backend_options(
     dtype: str | None = None,
     cuda_graphs: bool = False,
     step_graphs: bool = False,
+    channels_last: bool = False,
+    fuse_qkv: bool = False,
+    compile_unet: bool = False,
     ort_optimization: str | None = None,
     ort_threads: int | None = None,
 ) -> BackendOptions:
@@ -166,14 +181,23 @@ def backend_options(
             dtype=dtype or TorchOptions.dtype,
             cuda_graphs=cuda_graphs,
             step_graphs=step_graphs,
+            channels_last=channels_last,
+            fuse_qkv=fuse_qkv,
+            compile_unet=compile_unet,
         )
-    if step_graphs:
-        raise refuse("--step-graphs", "whole-step graphs are built on the torch backend only")
+    for flag, given in (
+        ("--channels-last", channels_last),
+        ("--fuse-qkv", fuse_qkv),
+        ("--compile", compile_unet),
+    ):
+        if given:
+            raise refuse(flag, "it changes the PyTorch UNet module (the torch backend's)")
     if dtype is not None:
         raise refuse("--dtype", "graph backends take --precision (which exported graphs run)")
     if backend == "onnxruntime":
-        if cuda_graphs:
-            raise refuse("--cuda-graphs", "CUDA graphs are for the torch and tensorrt backends")
+        for flag, given in (("--cuda-graphs", cuda_graphs), ("--step-graphs", step_graphs)):
+            if given:
+                raise refuse(flag, "CUDA graphs are for the torch and tensorrt backends")
         return OrtOptions(
             precision=precision or OrtOptions.precision,
             device=device,
@@ -183,7 +207,10 @@ def backend_options(
     if device == "cpu":
         raise refuse("--device cpu", "TensorRT runs on an NVIDIA GPU only")
     return TensorRTOptions(
-        family=backend, precision=precision or TensorRTOptions.precision, cuda_graphs=cuda_graphs
+        family=backend,
+        precision=precision or TensorRTOptions.precision,
+        cuda_graphs=cuda_graphs,
+        step_graphs=step_graphs,
     )
 
 

@@ -58,8 +58,10 @@ def test_bad_config_is_refused():
         BenchConfig(backends=("jax",))
     with pytest.raises(InvalidInputError, match="batch sizes must be >= 1"):
         BenchConfig(batches=(0,))
-    with pytest.raises(InvalidInputError, match="--step-graphs applies to the torch backend"):
+    with pytest.raises(InvalidInputError, match="--step-graphs applies to the torch and Tens"):
         BenchConfig(backends=("onnxruntime",), step_graphs=True)
+    with pytest.raises(InvalidInputError, match="--compile applies to the torch backend"):
+        BenchConfig(backends=("onnxruntime", "diffusers"), compile_unet=True)
 
 
 def test_run_bench_skips_cuda_without_a_gpu():

@@ -92,6 +92,45 @@ def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
 
 
 @cuda
+def test_step_graphs_keep_the_most_recent_captures(tiny, monkeypatch):
+    """Beyond ``max_captures`` the least recently used capture goes; a shape seen again is
+    captured again, with the same result."""
+    from sdtrt.runtime.step_graph import StepGraphs
+
+    monkeypatch.setattr(StepGraphs, "max_captures", 1)
+    pipe = Img2ImgPipeline.from_components(
+        _own(tiny), TorchOptions(device="cuda", step_graphs=True), show_progress=False
+    )
+    run = dict(strength=0.6, num_inference_steps=6, output_type="latent")
+    first, other, again = (
+        pipe("a", _image(), generator=torch.Generator().manual_seed(5), height=h, **run).images
+        for h in (32, 48, 32)
+    )
+    assert len(pipe.step_graphs.captured) == 1
+    assert other.shape[-2] == 6 and again.shape[-2] == 4
+    torch.testing.assert_close(first, again, rtol=1e-6, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("switch", ["channels_last", "fuse_qkv", "compile_unet"])
+def test_unet_switches_inside_step_graphs(tiny, switch):
+    """Each UNet switch (inductor's compiled UNet included) captured inside whole-step
+    graphs: fp16, within the fp16 bound of the plain eager loop."""
+    on_gpu = _own(tiny)
+    plain = Img2ImgPipeline.from_components(
+        on_gpu, TorchOptions(device="cuda", dtype="fp16"), show_progress=False
+    )
+    want = plain("a", _image(), generator=torch.Generator().manual_seed(3), output_type="latent",
+                 strength=0.8, num_inference_steps=8).images  # fmt: skip
+    options = TorchOptions(device="cuda", dtype="fp16", step_graphs=True, **{switch: True})
+    tuned = Img2ImgPipeline.from_components(on_gpu, options, show_progress=False)
+    got = tuned("a", _image(), generator=torch.Generator().manual_seed(3), output_type="latent",
+                strength=0.8, num_inference_steps=8).images  # fmt: skip
+    assert float((got - want).norm() / want.norm()) <= 1e-3
+    torch._dynamo.reset()
+
+
+@cuda
 def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
     """The memoised schedulers step CUDA tensors with CPU-held factors: the same numbers as
     diffusers' pipeline on the GPU (fp32; a bound, not 0.0, for GPU kernels' run-to-run
@@ -155,6 +194,30 @@ def test_tensorrt_img2img_psnr_and_cuda_graphs(engines, tiny):
     want = cpu("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
     assert compare_images(got, want, "fp16").passed
     np.testing.assert_array_equal(got, replayed)
+
+
+@tensorrt
+@pytest.mark.parametrize("scheduler", ["lms", "pndm", "euler_a"])
+def test_tensorrt_step_graphs_equal_its_eager_loop(engines, scheduler):
+    """The engine's enqueue captured inside whole-step graphs: the loop's result as the
+    eager TensorRT loop's (one engine, so only the scheduler math's order could differ)."""
+    exported, engine_dir, _ = engines
+    eager, graphed = (
+        Img2ImgPipeline.from_pretrained(
+            exported.root,
+            TensorRTOptions(engine_dir=str(engine_dir), step_graphs=graphs),
+            scheduler=scheduler,
+            show_progress=False,
+        )
+        for graphs in (False, True)
+    )
+    a, b = (
+        pipe("a", _image(), generator=torch.Generator().manual_seed(4), output_type="latent",
+             strength=0.9, num_inference_steps=8).images
+        for pipe in (eager, graphed)
+    )  # fmt: skip
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    assert len(graphed.step_graphs.captured) == 1
 
 
 @tensorrt

@@ -102,7 +102,10 @@ def test_option_matrix_is_decided_before_any_work(exported, tmp_path, monkeypatc
         ("torch", {"precision": "fp16"}, "--precision does not apply to the torch"),
         ("torch", {"cuda_graphs": True}, "--cuda-graphs needs --device cuda"),
         ("torch", {"step_graphs": True}, "--step-graphs needs --device cuda"),
-        ("tensorrt", {"step_graphs": True}, "--step-graphs does not apply.*torch backend only"),
+        ("onnxruntime", {"step_graphs": True}, "--step-graphs does not apply to the onnxrun"),
+        ("tensorrt", {"compile_unet": True}, "--compile does not apply to the tensorrt"),
+        ("onnxruntime", {"channels_last": True}, "--channels-last does not apply"),
+        ("tensorrt-rtx", {"fuse_qkv": True}, "--fuse-qkv does not apply.*PyTorch UNet"),
         ("torch", {"ort_threads": 2}, "--ort-threads does not apply"),
     ],
 )
@@ -116,6 +119,10 @@ def test_typed_options_per_backend():
     assert backend_options("onnxruntime") == OrtOptions(precision="fp32")
     assert backend_options("tensorrt", cuda_graphs=True) == TensorRTOptions(
         precision="fp16", cuda_graphs=True
+    )
+    assert backend_options("tensorrt", step_graphs=True) == TensorRTOptions(step_graphs=True)
+    assert backend_options("torch", channels_last=True, compile_unet=True) == TorchOptions(
+        channels_last=True, compile_unet=True
     )
 
 

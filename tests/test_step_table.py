@@ -98,3 +98,58 @@ def test_one_step_function_serves_every_step_without_host_reads(tiny, scheduler)
 def test_the_host_read_guard_catches_one():
     with pytest.raises(AssertionError, match="host"), _NoHostReads():
         int(torch.ones(1).sum())
+
+
+class _Replayed:
+    """A CUDA graph's stand-in on the CPU: a replay calls the captured step again on the same
+    state tensors (a real replay runs the same kernels on the same memory; what Python
+    computed at capture is frozen there, which the test above rules out)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
+def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
+    """StepGraphs' bookkeeping, captures faked: one capture serves schedules of any length
+    and guidance scale of its kind and shapes; an ancestral kind, whose noise rows are
+    sized to its schedule, is captured again for a longer one; beyond ``max_captures``
+    the least recently used goes."""
+    from sdtrt.runtime import step_graph
+
+    captured = []
+
+    def fake_capture(step):
+        step()  # the warm run: capture() runs the step once first, too
+        captured.append(step)
+        return _Replayed(step), None
+
+    monkeypatch.setattr(step_graph, "capture", fake_capture)
+    monkeypatch.setattr(step_graph.StepGraphs, "max_captures", 2)
+    generator = torch.Generator().manual_seed(8)
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler_a", show_progress=False)
+    hidden = pipe.backend.encode_text(torch.randint(0, 100, (2, 77), generator=generator))
+    graphs = step_graph.StepGraphs(pipe.backend.unet)
+
+    def check(scheduler, steps, start, size, guidance, captures):
+        latents = torch.randn(1, 4, *size, generator=generator)
+        timesteps = start_timesteps(scheduler, steps, start, "cpu")
+        table = tabulate(scheduler, timesteps, latents, torch.Generator().manual_seed(1))
+        want = run_table(table, latents, hidden, guidance, pipe.backend.unet)
+        got = graphs.replay(table, latents, hidden, guidance)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        assert len(captured) == captures
+
+    ancestral = pipe.scheduler
+    check(ancestral, 10, 2, (8, 8), 3.0, 1)
+    check(ancestral, 10, 6, (8, 8), 7.5, 1)  # shorter: the same capture
+    check(ancestral, 14, 2, (8, 8), 7.5, 2)  # longer than its noise rows: captured again
+    lms = Img2ImgPipeline.from_components(tiny, scheduler="lms", show_progress=False).scheduler
+    check(lms, 20, 0, (8, 8), 5.0, 3)
+    check(lms, 40, 5, (8, 8), 5.0, 3)  # a deterministic kind indexes up to 1000 rows
+    check(lms, 10, 0, (4, 6), 5.0, 4)  # other shapes: a third key, the oldest goes
+    assert len(graphs.captured) == 2
+    check(lms, 10, 0, (8, 8), 5.0, 4)  # lms 8x8 was used more recently than euler_a 8x8
+    check(ancestral, 10, 2, (8, 8), 3.0, 5)  # euler_a's was dropped: captured again
