@@ -113,6 +113,16 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
         stages["unet_per_call"].append(unet_ms / calls)
         stages["loop_overhead_per_step"].append((target.denoise_ms() - unet_ms) / calls)
     e2e = percentiles(samples)
+    profile = None
+    if config.profile is not None:  # untimed: the stage clocks would add their own syncs
+        from pathlib import Path
+
+        from sdtrt.bench.trace import profiled
+
+        timer.enabled = False
+        path = Path(config.profile) / f"{target.name}-b{batch}.trace.json"
+        profile = profiled(lambda: target.run(batch, 2000), device, path)
+        timer.enabled = True
     return {
         "backend": target.name,
         "status": "ok",
@@ -124,6 +134,7 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
         # The first warm-up run: what a compiler or a graph capture adds is this minus p50.
         "first_run_ms": first_run_ms,
         "unet_batching": unet_batching,
+        "profile": profile,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None

@@ -61,6 +61,9 @@ class BenchConfig:
     fuse_qkv: bool = False
     compile_unet: bool = False
     """torch: the UNet tuned as TorchOptions says (one switch each, measured alone)."""
+    profile: str | None = None
+    """A folder: one more run per row under torch.profiler, its trace written there and its
+    GPU busy and idle time summed up (bench/trace.py)."""
     warmup: int = 2
     repeats: int = 10
     ort_optimization: str = "auto"

@@ -30,12 +30,43 @@ def markdown_table(record: dict[str, Any]) -> str:
     for r in record["results"]:
         if r["status"] == "skipped":
             lines.append(f"| {r['backend']} | skipped: {r['reason']} |")
+    profiled = [r for r in ok if r.get("profile")]
+    if profiled:
+        lines += ["", *_profile_table(profiled)]
     return "\n".join(lines)
 
 
-def _ms(value: float | None) -> str:
-    """A time, or "-" where none was taken (no warm-up run; records before it was kept)."""
-    return "-" if value is None else f"{value:.0f}"
+def _profile_table(rows: list[dict[str, Any]]) -> list[str]:
+    """bench --profile: where each row's loop time went on the GPU (bench/trace.py)."""
+    lines = [
+        "| backend | batch | window | window ms | GPU busy ms | GPU idle ms | busy "
+        "| kernels/step | kernel launches/step | graph launches/step | trace |",
+        "| --- | ---: | --- |" + " ---: |" * 7 + " --- |",
+    ]
+    for r in rows:
+        p = r["profile"]
+        fraction = p["gpu_busy_fraction"]
+        cells = [
+            _ms(p["window_ms"], 2),
+            _ms(p["gpu_busy_ms"], 2),
+            _ms(p["gpu_idle_ms"], 2),
+            "-" if fraction is None else f"{fraction:.1%}",
+            *(_ms(p[k], 1) for k in PER_STEP),
+        ]
+        lines.append(
+            f"| {r['backend']} | {r['batch']} | {p['window']} | "
+            + " | ".join(cells)
+            + f" | {p['trace']} |"
+        )
+    return lines
+
+
+PER_STEP = ("kernels_per_step", "kernel_launches_per_step", "graph_launches_per_step")
+
+
+def _ms(value: float | None, digits: int = 0) -> str:
+    """A time (or count), or "-" where none was taken (no warm-up run, no GPU trace)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}

@@ -309,6 +309,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")
     p.add_argument("--step-graphs", action="store_true", help=STEP_GRAPHS_HELP)
     _add_unet_tuning(p)
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="one more run per row under torch.profiler: traces in DIR, GPU busy vs idle",
+    )
     p.add_argument("--warmup", type=int, default=config.warmup, help="runs before timing")
     p.add_argument("--repeats", type=int, default=config.repeats, help="timed runs")
     p.add_argument(
@@ -351,6 +357,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
         step_graphs=args.step_graphs,
         **{field: getattr(args, field) for field in UNET_TUNING},
+        profile=args.profile,
         warmup=args.warmup,
         repeats=args.repeats,
         ort_optimization=args.ort_optimization,
