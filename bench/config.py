@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.options import (
@@ -90,6 +91,8 @@ class BenchConfig:
         Limits.from_env().check(
             steps=self.steps, batch=max(self.batches), height=self.height, width=self.width
         )
+        if self.profile is not None and Path(self.profile).is_file():
+            raise InvalidInputError(f"--profile {self.profile} is a file: name a folder for traces")
         graph = [b for b in self.backends if b in GRAPH_BACKENDS]
         if self.precision is not None and not graph:
             raise InvalidInputError(

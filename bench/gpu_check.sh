@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (5 minutes on an H200 before the step and compile rows):
-# install the carried wheels,
-# run the GPU tests that can run there, and benchmark the PyTorch CUDA path (plain, with
-# CUDA graphs of the UNet, with whole-step graphs) against diffusers (plain and with
-# torch.compile) on SD-1.5 shapes. Not yet run with the step-graph and compile rows.
+# One script for a lent GPU machine: install the carried wheels, run the GPU tests that can
+# run there, and benchmark the PyTorch CUDA path (plain, with CUDA graphs of the UNet, with
+# whole-step graphs, with each UNet switch) against diffusers (plain and with
+# torch.compile) on SD-1.5 shapes, then profile the loop. `bash bench/gpu_check.sh` runs
+# every stage; `bash bench/gpu_check.sh steps tuning` only those (a device call lasts 10
+# minutes at most: tests, plain and graphs took 5 minutes on an H200; the other stages
+# have not run yet).
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -34,9 +36,11 @@ export PYTHONPATH=/tmp/site:$PWD/.sdtrt-src
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-echo "== GPU tests (TensorRT ones skip without TensorRT) =="
-python3 -P -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.txt" \
-  || fail "GPU tests"
+stage_tests() {
+  echo "== GPU tests (TensorRT ones skip without TensorRT) =="
+  python3 -P -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 \
+    | tee "$OUT/gpu_tests.txt"
+}
 
 bench() {  # name, extra bench args
   local name=$1; shift
@@ -45,10 +49,37 @@ bench() {  # name, extra bench args
     --height 512 --width 512 --steps 50 --strength 0.8 --batch 1,4 --warmup 2 --repeats 5 \
     --json "$OUT/bench_$name.json" "$@" | tee "$OUT/bench_$name.md"
 }
-bench plain --backends torch,diffusers || fail "bench plain"
-bench graphs --backends torch,diffusers --cuda-graphs || fail "bench graphs"
-# Whole steps as CUDA graphs (issue 15), and diffusers' torch.compile peer (inductor compiles
-# in the first warm-up run: first_run_ms - p50 is its compile time).
-bench steps --backends torch --step-graphs || fail "bench steps"
-bench compiled --backends diffusers-compile || fail "bench compiled"
+stage_plain() { bench plain --backends torch,diffusers; }
+stage_graphs() { bench graphs --backends torch,diffusers --cuda-graphs; }
+# Whole steps as CUDA graphs (issue 15).
+stage_steps() { bench steps --backends torch --step-graphs; }
+# The UNet switches, each alone on top of whole-step graphs (issue 15: keep what measures
+# faster). --compile's inductor compile is in first_run_ms - p50.
+stage_tuning() {
+  local status=0
+  for switch in channels-last fuse-qkv compile; do
+    bench "steps_$switch" --backends torch --step-graphs "--$switch" || status=1
+  done
+  return $status
+}
+# diffusers' torch.compile peer (inductor compiles in the first warm-up run).
+stage_compiled() { bench compiled --backends diffusers-compile; }
+# Where the loop's time goes: GPU busy vs idle per step, UNet graphs against step graphs
+# (traces in $OUT/traces, for Perfetto).
+stage_profile() {
+  bench profile_graphs --backends torch,diffusers --cuda-graphs --batch 1 --repeats 2 \
+    --profile "$OUT/traces" \
+    && bench profile_steps --backends torch --step-graphs --batch 1 --repeats 2 \
+      --profile "$OUT/traces" \
+    && gzip -f "$OUT"/traces/*.json
+}
+
+STAGES="tests plain graphs steps tuning compiled profile"
+[ $# -gt 0 ] || set -- $STAGES
+for stage in "$@"; do
+  case " $STAGES " in
+    *" $stage "*) "stage_$stage" || fail "$stage" ;;
+    *) echo "unknown stage $stage (stages: $STAGES)"; exit 2 ;;
+  esac
+done
 exit $status

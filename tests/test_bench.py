@@ -62,6 +62,8 @@ def test_bad_config_is_refused():
         BenchConfig(backends=("onnxruntime",), step_graphs=True)
     with pytest.raises(InvalidInputError, match="--compile applies to the torch backend"):
         BenchConfig(backends=("onnxruntime", "diffusers"), compile_unet=True)
+    with pytest.raises(InvalidInputError, match="is a file: name a folder"):
+        BenchConfig(profile=__file__)
 
 
 def test_run_bench_skips_cuda_without_a_gpu():
