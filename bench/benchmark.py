@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from sdtrt.bench.config import PEERS, BenchConfig
+from sdtrt.bench.config import PEERS, BenchConfig, split_row
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
 from sdtrt.errors import ModelNotFoundError, SdtrtError
 from sdtrt.export.networks import ModelDims
-from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions
+from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions, TorchOptions
 from sdtrt.runtime.clock import stopwatch
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     rows: dict[str, list[dict[str, Any]]] = {}
     # Graph backends run first: they export from the fp32 CPU weights, which the torch and
     # diffusers targets move to the GPU or to fp16 in place. Rows keep the order asked for.
-    for backend in sorted(config.backends, key=lambda name: name in ("torch", *PEERS)):
+    pytorch_rows = ("torch", *PEERS)
+    for backend in sorted(config.backends, key=lambda row: split_row(row)[0] in pytorch_rows):
         log(f"bench: {backend} ...")
         reset_peak_memory()
         timer = StageTimer("cpu")
@@ -201,7 +202,8 @@ def _make_target(
     image: Any,
     timer: StageTimer,
 ) -> Target:
-    if backend in ("torch", *PEERS) and config.device == "cuda":
+    base = split_row(backend)[0]
+    if base in ("torch", *PEERS) and config.device == "cuda":
         if not torch.cuda.is_available():
             from sdtrt.errors import BackendUnavailableError
 
@@ -213,13 +215,17 @@ def _make_target(
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
     options = config.options_for(backend)
-    if exported is not None and backend != "torch":
+    if exported is not None and base != "torch":
         pipe = Img2ImgPipeline.from_pretrained(
             exported.root, options, config.scheduler, show_progress=False
         )
         dims = exported.dims
     else:
         components = _pytorch(components, config, backend)
+        if isinstance(options, TorchOptions) and (options.channels_last or options.fuse_qkv):
+            # These change the UNet module in place: this row's own copy, so that the other
+            # rows (and diffusers') run the UNet as it was given.
+            components = {**components, "unet": copy.deepcopy(components["unet"])}
         dims = ModelDims.from_components(components)
         pipe = Img2ImgPipeline.from_components(
             components,

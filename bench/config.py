@@ -22,6 +22,20 @@ from sdtrt.options import (
 # would pick: diffusers' documented speed-up).
 PEERS = ("diffusers", "diffusers-compile")
 BENCH_BACKENDS = (*BACKENDS, *PEERS)
+# A row may add switches to its backend, so that variants run side by side in one bench
+# (one model load, one process, ratios between them): "torch+step-graphs+compile" is the
+# torch backend with --step-graphs and --compile on, whatever the other rows run.
+_GRAPH_SWITCHES = ("cuda-graphs", "step-graphs")
+ROW_SWITCHES = {
+    "torch": (*_GRAPH_SWITCHES, "channels-last", "fuse-qkv", "compile"),
+    **{family: _GRAPH_SWITCHES for family in TRT_FAMILIES},
+}
+
+
+def split_row(row: str) -> tuple[str, frozenset[str]]:
+    """A row's backend and its own switches ("torch+compile" -> torch, {compile})."""
+    backend, *switches = row.split("+")
+    return backend, frozenset(switches)
 
 
 @dataclass(frozen=True)
@@ -73,11 +87,17 @@ class BenchConfig:
     """ONNX Runtime intra-op threads; 0 lets it choose."""
 
     def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BENCH_BACKENDS]
+        unknown = [b for b in self.backends if split_row(b)[0] not in BENCH_BACKENDS]
         if unknown or not self.backends:
             raise InvalidInputError(
                 f"backends must be among {', '.join(BENCH_BACKENDS)}, got {', '.join(unknown)}"
             )
+        for row in self.backends:
+            backend, switches = split_row(row)
+            allowed = ROW_SWITCHES.get(backend, ())
+            if not switches <= set(allowed):
+                takes = "+" + ", +".join(allowed) if allowed else "no switches"
+                raise InvalidInputError(f"bench row {row}: a {backend} row takes {takes}")
         if len(set(self.backends)) != len(self.backends):
             raise InvalidInputError(f"a backend is named more than once: {self.backends}")
         if not self.batches or min(self.batches) < 1:
@@ -93,7 +113,8 @@ class BenchConfig:
         )
         if self.profile is not None and Path(self.profile).is_file():
             raise InvalidInputError(f"--profile {self.profile} is a file: name a folder for traces")
-        graph = [b for b in self.backends if b in GRAPH_BACKENDS]
+        backends = {split_row(b)[0] for b in self.backends}
+        graph = backends & set(GRAPH_BACKENDS)
         if self.precision is not None and not graph:
             raise InvalidInputError(
                 "--precision picks exported graphs: it applies to onnxruntime and tensorrt, "
@@ -103,30 +124,34 @@ class BenchConfig:
             ("--cuda-graphs", self.cuda_graphs),
             ("--step-graphs", self.step_graphs),
         ):
-            if given and not {"torch", *TRT_FAMILIES} & set(self.backends):
+            if given and not {"torch", *TRT_FAMILIES} & backends:
                 raise InvalidInputError(f"{flag} applies to the torch and TensorRT backends")
         for flag, given in (
             ("--channels-last", self.channels_last),
             ("--fuse-qkv", self.fuse_qkv),
             ("--compile", self.compile_unet),
         ):
-            if given and "torch" not in self.backends:
+            if given and "torch" not in backends:
                 raise InvalidInputError(f"{flag} applies to the torch backend")
-        for backend in self.backends:
-            if backend not in PEERS:
-                self.options_for(backend)  # refuses a combination that cannot run
+        for row in self.backends:
+            if row not in PEERS:
+                self.options_for(row)  # refuses a combination that cannot run
 
-    def options_for(self, backend: str) -> BackendOptions:
-        """The typed options each sdtrt backend runs with in this bench."""
+    def options_for(self, row: str) -> BackendOptions:
+        """The typed options each sdtrt row runs with in this bench: the flags given for
+        all rows, and the row's own switches."""
+        backend, switches = split_row(row)
+        cuda_graphs = self.cuda_graphs or "cuda-graphs" in switches
+        step_graphs = self.step_graphs or "step-graphs" in switches
         if backend == "torch":
             return TorchOptions(
                 device=self.device,
                 dtype=self.dtype,
-                cuda_graphs=self.cuda_graphs,
-                step_graphs=self.step_graphs,
-                channels_last=self.channels_last,
-                fuse_qkv=self.fuse_qkv,
-                compile_unet=self.compile_unet,
+                cuda_graphs=cuda_graphs,
+                step_graphs=step_graphs,
+                channels_last=self.channels_last or "channels-last" in switches,
+                fuse_qkv=self.fuse_qkv or "fuse-qkv" in switches,
+                compile_unet=self.compile_unet or "compile" in switches,
             )
         if backend == "onnxruntime":
             return OrtOptions(
@@ -137,6 +162,6 @@ class BenchConfig:
         return TensorRTOptions(
             family=backend,
             precision=self.precision or default_precision(backend),
-            cuda_graphs=self.cuda_graphs,
-            step_graphs=self.step_graphs,
+            cuda_graphs=cuda_graphs,
+            step_graphs=step_graphs,
         )

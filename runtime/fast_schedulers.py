@@ -157,6 +157,18 @@ class CachedDPMSolverMultistepScheduler(
         first = alpha_t * (torch.exp(-h) - 1.0)
         return sigma_t / sigma_s0, 1.0 / r0, first, 0.5 * first
 
+    def _first_order_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dpm_solver_first_order_update``'s factors (dpmsolver++): x_t = scale * x -
+        first * x0. Not used by ``step`` (diffusers' own runs); the step tables read it."""
+        # diffusers' operations, in its order.
+        sigma_t, sigma_s = self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma_t)
+        alpha_s, sigma_s = self._sigma_to_alpha_sigma_t(sigma_s)
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+        h = lambda_t - lambda_s
+        return sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0)
+
 
 class CachedUniPCMultistepScheduler(
     _PerScheduleCache, _MemoisedAlphaSigma, UniPCMultistepScheduler

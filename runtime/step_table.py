@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-)
+from diffusers import LMSDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdtrt.runtime.fast_schedulers import (
     CachedDDIMScheduler,
+    CachedDPMSolverMultistepScheduler,
+    CachedEulerAncestralDiscreteScheduler,
+    CachedEulerDiscreteScheduler,
     CachedPNDMScheduler,
     CachedUniPCMultistepScheduler,
 )
@@ -97,18 +95,18 @@ def tabulate(
         on_host = _on_host(scheduler)
         rows = [_lms_row(on_host, begin + i, i) for i in steps]
         name, history = "lms", LMS_ORDER
-    elif isinstance(scheduler, EulerDiscreteScheduler):
-        sigmas = _host_sigmas(scheduler)
-        rows = [_euler_row(sigmas, begin + i) for i in steps]
+    elif isinstance(scheduler, CachedEulerDiscreteScheduler):
+        on_host = _on_host(scheduler)
+        rows = [_euler_row(on_host, begin + i) for i in steps]
         name, history = "euler", 0
     elif isinstance(scheduler, CachedDDIMScheduler) and not (
         config.thresholding or config.clip_sample
     ):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 0
-    elif isinstance(scheduler, EulerAncestralDiscreteScheduler) and latents is not None:
-        sigmas = _host_sigmas(scheduler)
-        rows = [_euler_ancestral_row(sigmas, begin + i) for i in steps]
+    elif isinstance(scheduler, CachedEulerAncestralDiscreteScheduler) and latents is not None:
+        on_host = _on_host(scheduler)
+        rows = [_euler_ancestral_row(on_host, begin + i) for i in steps]
         name, history = "euler_a", 0
     elif isinstance(scheduler, CachedPNDMScheduler) and config.skip_prk_steps:
         rows = [_pndm_row(scheduler, int(t), i) for i, t in enumerate(timesteps.cpu())]
@@ -116,9 +114,9 @@ def tabulate(
     elif isinstance(scheduler, CachedUniPCMultistepScheduler) and _is_unipc_2(config):
         rows = _unipc_rows(scheduler, begin, len(timesteps))
         name, history = "unipc", UNIPC_HISTORY
-    elif isinstance(scheduler, DPMSolverMultistepScheduler) and _is_dpmpp_2m(config):
-        sigmas = _host_sigmas(scheduler)
-        rows = [_dpmpp_2m_row(scheduler, sigmas, begin + i, i) for i in steps]
+    elif isinstance(scheduler, CachedDPMSolverMultistepScheduler) and _is_dpmpp_2m(config):
+        on_host = _on_host(scheduler)
+        rows = [_dpmpp_2m_row(on_host, begin + i, i) for i in steps]
         name, history = "dpmpp_2m", 1
     else:
         return None
@@ -181,27 +179,20 @@ def _lms_row(on_host: Any, index: int, taken: int) -> dict[str, torch.Tensor]:
     return row
 
 
-def _euler_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-    sigma = sigmas[index]
-    sigma_hat = sigma * (0.0 + 1)  # gamma is 0.0 without churn, as the pipeline calls it
+def _euler_row(on_host: Any, index: int) -> dict[str, torch.Tensor]:
+    on_host._step_index = index
+    sigma_hat, dt = on_host._step_factors()  # the memoised Euler's (diffusers' operations)
     return {
-        **_sigma_columns(sigma),
+        **_sigma_columns(on_host.sigmas[index]),
         "sigma_hat": _scalar(sigma_hat),
-        "dt": _scalar(sigmas[index + 1] - sigma_hat),
+        "dt": _scalar(dt),
     }
 
 
-def _euler_ancestral_row(sigmas: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-    # diffusers' operations, in its order.
-    sigma_from = sigma = sigmas[index]
-    sigma_to = sigmas[index + 1]
-    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    return {
-        **_sigma_columns(sigma),
-        "sigma_up": _scalar(sigma_up),
-        "dt": _scalar(sigma_down - sigma),
-    }
+def _euler_ancestral_row(on_host: Any, index: int) -> dict[str, torch.Tensor]:
+    on_host._step_index = index
+    sigma, sigma_up, dt = on_host._step_factors()  # the memoised Euler A's
+    return {**_sigma_columns(sigma), "sigma_up": _scalar(sigma_up), "dt": _scalar(dt)}
 
 
 def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
@@ -312,41 +303,28 @@ def _is_dpmpp_2m(config: Any) -> bool:
     )
 
 
-def _dpmpp_2m_row(
-    scheduler: Any, sigmas: torch.Tensor, index: int, taken: int
-) -> dict[str, torch.Tensor]:
+def _dpmpp_2m_row(on_host: Any, index: int, taken: int) -> dict[str, torch.Tensor]:
     """DPM-Solver++(2M) at step ``index``: the data prediction's alpha and sigma, then the
-    update's factors, second order except on the first step run and (as diffusers decides
-    it) the last, where the factors of the previous prediction are zero."""
-    config = scheduler.config
-    alpha, sigma = scheduler._sigma_to_alpha_sigma_t(sigmas[index])
-    # diffusers' operations, in its order (dpm_solver_first_order_update and
-    # multistep_dpm_solver_second_order_update).
-    alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigmas[index + 1])
-    alpha_s0, sigma_s0 = scheduler._sigma_to_alpha_sigma_t(sigmas[index])
-    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
-    h = lambda_t - lambda_s0
-    first = alpha_t * (torch.exp(-h) - 1.0)
+    update's factors from the memoised DPM-Solver (diffusers' operations), second order
+    except on the first step run and (as diffusers decides it) the last, where the
+    factors of the previous prediction are zero."""
+    config = on_host.config
+    on_host._step_index = index
+    alpha, sigma = on_host._sigma_to_alpha_sigma_t(on_host.sigmas[index])
+    scale, first = on_host._first_order_coefficients()
     row = {
         "input_divisor": _scalar(1.0),  # DPM-Solver does not scale the UNet's input
         "alpha": _scalar(alpha),
         "sigma": _scalar(sigma),
-        "scale": _scalar(sigma_t / sigma_s0),
+        "scale": _scalar(scale),
+        "first": _scalar(first),
     }
-    last = index == len(scheduler.timesteps) - 1 and (
+    last = index == len(on_host.timesteps) - 1 and (
         config.euler_at_final
-        or (config.lower_order_final and len(scheduler.timesteps) < 15)
+        or (config.lower_order_final and len(on_host.timesteps) < 15)
         or config.final_sigmas_type == "zero"
     )
     if taken == 0 or last:
-        return {**row, "first": _scalar(first), "second": _scalar(0.0), "inv_r0": _scalar(0.0)}
-    alpha_s1, sigma_s1 = scheduler._sigma_to_alpha_sigma_t(sigmas[index - 1])
-    lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-    r0 = (lambda_s0 - lambda_s1) / h
-    return {
-        **row,
-        "first": _scalar(first),
-        "second": _scalar(0.5 * first),
-        "inv_r0": _scalar(1.0 / r0),
-    }
+        return {**row, "second": _scalar(0.0), "inv_r0": _scalar(0.0)}
+    _, inv_r0, _, second = on_host._second_order_coefficients()
+    return {**row, "second": _scalar(second), "inv_r0": _scalar(inv_r0)}

@@ -295,7 +295,8 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--backends",
         default=",".join(config.backends),
-        help="comma-separated, among: " + ", ".join(BENCH_BACKENDS),
+        help="comma-separated rows, among: " + ", ".join(BENCH_BACKENDS) + "; a torch or "
+        "TensorRT row may add switches of its own (torch+step-graphs+compile)",
     )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--height", type=int, default=config.height, help="pixels")

@@ -12,6 +12,7 @@ from sdtrt.bench.benchmark import BenchConfig, run_bench
 from sdtrt.bench.report import markdown_table
 from sdtrt.cli import main
 from sdtrt.errors import InvalidInputError
+from sdtrt.options import TorchOptions
 
 STAGES = {"text_encoder", "vae_encoder", "unet_per_call", "loop_overhead_per_step", "vae_decoder"}
 
@@ -64,6 +65,39 @@ def test_bad_config_is_refused():
         BenchConfig(backends=("onnxruntime", "diffusers"), compile_unet=True)
     with pytest.raises(InvalidInputError, match="is a file: name a folder"):
         BenchConfig(profile=__file__)
+    with pytest.raises(InvalidInputError, match=r"torch\+bogus: a torch row takes \+cuda-graphs"):
+        BenchConfig(backends=("torch", "torch+bogus"))
+    with pytest.raises(InvalidInputError, match="a diffusers row takes no switches"):
+        BenchConfig(backends=("diffusers+compile",))
+    with pytest.raises(InvalidInputError, match="--step-graphs needs --device cuda"):
+        BenchConfig(backends=("torch+step-graphs",))
+
+
+def test_rows_with_switches_run_side_by_side(monkeypatch, tiny):
+    """torch rows with switches of their own, beside plain torch and diffusers in one run:
+    each row its options; the switches that change the UNet in place do it on a copy."""
+    import copy
+
+    import torch
+
+    from sdtrt.engine import torch_backend
+
+    components = copy.deepcopy(tiny)
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: components)
+    monkeypatch.setattr(torch_backend, "COMPILE_BACKEND", "aot_eager")  # inductor: minutes here
+    rows = ("torch", "torch+channels-last", "torch+fuse-qkv+compile", "diffusers")
+    config = BenchConfig(backends=rows, height=32, width=32, steps=4, warmup=1, repeats=1)
+    assert config.options_for("torch+fuse-qkv+compile") == TorchOptions(
+        fuse_qkv=True, compile_unet=True
+    )
+    record = run_bench(config, log=lambda line: None)
+    torch._dynamo.reset()
+    assert [r["backend"] for r in record["results"]] == list(rows)
+    assert all(r["status"] == "ok" and r["unet_calls"] == 3 for r in record["results"])
+    shared = components["unet"]
+    assert all(p.is_contiguous() for p in shared.parameters())
+    assert not any(hasattr(m, "to_qkv") for m in shared.modules())
+    assert "| torch+fuse-qkv+compile | 1 | 3 |" in markdown_table(record)
 
 
 def test_run_bench_skips_cuda_without_a_gpu():
