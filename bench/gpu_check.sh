@@ -3,9 +3,9 @@
 # run there, and benchmark the PyTorch CUDA path (plain, with CUDA graphs of the UNet, with
 # whole-step graphs, with each UNet switch) against diffusers (plain and with
 # torch.compile) on SD-1.5 shapes, then profile the loop. `bash bench/gpu_check.sh` runs
-# every stage; `bash bench/gpu_check.sh steps tuning` only those (a device call lasts 10
-# minutes at most: tests, plain and graphs took 5 minutes on an H200; the other stages
-# have not run yet).
+# every stage; `bash bench/gpu_check.sh table switches` only those (a device call lasts
+# 10 minutes at most; earlier stages like these took 5 minutes on an H200, these have not
+# run yet: run `tests table` first, then `switches compiled profile`).
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -49,32 +49,27 @@ bench() {  # name, extra bench args
     --height 512 --width 512 --steps 50 --strength 0.8 --batch 1,4 --warmup 2 --repeats 5 \
     --json "$OUT/bench_$name.json" "$@" | tee "$OUT/bench_$name.md"
 }
-stage_plain() { bench plain --backends torch,diffusers; }
-stage_graphs() { bench graphs --backends torch,diffusers --cuda-graphs; }
-# Whole steps as CUDA graphs (issue 15).
-stage_steps() { bench steps --backends torch --step-graphs; }
-# The UNet switches, each alone on top of whole-step graphs (issue 15: keep what measures
-# faster). --compile's inductor compile is in first_run_ms - p50.
-stage_tuning() {
-  local status=0
-  for switch in channels-last fuse-qkv compile; do
-    bench "steps_$switch" --backends torch --step-graphs "--$switch" || status=1
-  done
-  return $status
+# Issue 15's table, each stage one run (rows side by side, ratios against diffusers):
+# plain, the UNet as a CUDA graph, whole steps as CUDA graphs.
+stage_table() { bench table --backends torch,torch+cuda-graphs,torch+step-graphs,diffusers; }
+# The UNet switches, each alone over step graphs: keep what measures faster.
+stage_switches() {
+  bench switches --batch 1 \
+    --backends torch+step-graphs,torch+step-graphs+channels-last,torch+step-graphs+fuse-qkv,diffusers
 }
-# diffusers' torch.compile peer (inductor compiles in the first warm-up run).
-stage_compiled() { bench compiled --backends diffusers-compile; }
-# Where the loop's time goes: GPU busy vs idle per step, UNet graphs against step graphs
-# (traces in $OUT/traces, for Perfetto).
+# Inductor against diffusers' torch.compile peer (each compiles per shape in its first
+# runs: first_run_ms - p50 is the compile).
+stage_compiled() {
+  bench compiled --backends torch+step-graphs+compile,diffusers,diffusers-compile
+}
+# Where the loop's time goes: GPU busy vs idle per step (traces in $OUT/traces, Perfetto).
 stage_profile() {
-  bench profile_graphs --backends torch,diffusers --cuda-graphs --batch 1 --repeats 2 \
-    --profile "$OUT/traces" \
-    && bench profile_steps --backends torch --step-graphs --batch 1 --repeats 2 \
-      --profile "$OUT/traces" \
+  bench profile --batch 1 --repeats 2 --profile "$OUT/traces" \
+    --backends torch+cuda-graphs,torch+step-graphs,diffusers \
     && gzip -f "$OUT"/traces/*.json
 }
 
-STAGES="tests plain graphs steps tuning compiled profile"
+STAGES="tests table switches compiled profile"
 [ $# -gt 0 ] || set -- $STAGES
 for stage in "$@"; do
   case " $STAGES " in
