@@ -260,6 +260,11 @@ class StepGraphs:
         self.unet = unet
         self.captured: OrderedDict[tuple[Any, ...], tuple[Any, StepState]] = OrderedDict()
 
+    @staticmethod
+    def capturable(latents: torch.Tensor) -> bool:
+        """Whether steps on these latents are captured (CUDA) or run eagerly."""
+        return latents.device.type == "cuda"
+
     @torch.inference_mode()
     def run(
         self,
@@ -268,20 +273,8 @@ class StepGraphs:
         text_embeddings: torch.Tensor,
         guidance_scale: float,
     ) -> torch.Tensor:
-        if latents.device.type != "cuda":
+        if not self.capturable(latents):
             return run_table(table, latents, text_embeddings, guidance_scale, self.unet)
-        return self.replay(table, latents, text_embeddings, guidance_scale)
-
-    @torch.inference_mode()
-    def replay(
-        self,
-        table: StepTable,
-        latents: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """The loop as one replay per step of a step captured for this kind and shapes
-        (captured first where there is none)."""
         do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
         key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
         entry = self.captured.get(key)
