@@ -50,6 +50,7 @@ class TrtNetwork:
         sidecar: dict[str, Any],
         log: Any,
         contract: Network,
+        captured: bool = False,
     ) -> None:
         self.name = sidecar["network"]
         self.contract = contract
@@ -72,6 +73,12 @@ class TrtNetwork:
             cache_path = path.with_name(f"{path.stem}.sm{cc}.runtime-cache")
             self.runtime_cache = RuntimeCacheFile(cache_path, config.create_runtime_cache())
             config.set_runtime_cache(self.runtime_cache.cache)
+            if captured:
+                # A graph replays the kernels its capture saw: compile the shape-specialised
+                # ones at the warm run before it (blocking), not in the background while the
+                # capture records the generic fallbacks (TensorRT-RTX's default, LAZY).
+                eager = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+                config.dynamic_shapes_kernel_specialization_strategy = eager
             self.context = self.engine.create_execution_context(config)
         else:
             self.context = self.engine.create_execution_context(strategy)
@@ -125,7 +132,15 @@ class TrtNetwork:
         return out
 
     def enqueue(self) -> None:
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        stream = torch.cuda.current_stream().cuda_stream
+        capturable = getattr(self.context, "is_stream_capturable", None)  # TensorRT-RTX's
+        if capturable and torch.cuda.is_current_stream_capturing() and not capturable(stream):
+            raise EngineMismatchError(
+                f"the {self.name} engine cannot be captured in a CUDA graph (TensorRT-RTX "
+                "engines need REQUIRE_USER_ALLOCATION, which sdtrt's builds set: rebuild it); "
+                "run without --cuda-graphs/--step-graphs"
+            )
+        if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT failed to enqueue {self.name}")
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -190,13 +205,16 @@ class TensorRTBackend:
         runtime = trt.Runtime(self.trt_logger)
         gpu = gpu_identity()
 
+        graphs = options.cuda_graphs or options.step_graphs
+
         def load(network: str, precision: str) -> TrtNetwork:
             # Found from the sidecar, before deserialising: a mismatch names its field, an
             # RTX engine whose targets miss this GPU names both.
             key = engine_key(exported, network, precision, BuildOptions(), family)
             path, sidecar = find_engine(engine_dir, key, gpu)
             contract = exported.network(network, precision)
-            return TrtNetwork(trt, runtime, path, sidecar, self.trt_logger, contract)
+            captured = graphs and network == "unet"
+            return TrtNetwork(trt, runtime, path, sidecar, self.trt_logger, contract, captured)
 
         self.networks = {network: load(network, precision) for network in NETWORK_NAMES}
         self.fp32_decoder = None
@@ -218,7 +236,7 @@ class TensorRTBackend:
         unet = self.networks["unet"]
         self.per_row_timesteps = unet.contract.per_row_timesteps
         self.max_unet_rows: int | None = int(unet.profile["sample"]["max"][0])
-        graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
+        # Steps that are not tabulated replay the UNet alone.
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if graphs else None
         self._unet_net = unet
         # What the pipeline captures whole steps around (runtime/step_graph.py).

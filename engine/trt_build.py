@@ -83,8 +83,15 @@ def engine_key(
         compute_capability=cc,
         family=family,
         profile=profile_to_json(network_profile(contract, options.ranges)),
-        build_flags=options.flags(),
+        build_flags={**options.flags(), **family_flags(family)},
     )
+
+
+def family_flags(family: str) -> dict[str, bool]:
+    """Builder flags a family's engines always get. TensorRT-RTX: REQUIRE_USER_ALLOCATION,
+    without which its engines cannot be captured in a CUDA graph (TensorRT-RTX 1.2 notes);
+    sdtrt gives every context its memory anyway."""
+    return {"require_user_allocation": True} if builds_without_gpu(family) else {}
 
 
 def default_engine_dir(exported: ExportedModel) -> Path:
@@ -142,10 +149,15 @@ def _build(
         from polygraphy.backend.tensorrt_rtx.config import CreateConfigRTX
 
         targets = [] if "+" in key.compute_capability else key.compute_capability.split(",")
+        from polygraphy.backend.trt import PostprocessConfig
+
         config: Any = CreateConfigRTX(
             compute_capabilities=[tuple(int(p) for p in t.split(".")) for t in targets] or None,
             **common,
         )
+        if key.build_flags.get("require_user_allocation"):
+            flag = trt.BuilderFlag.REQUIRE_USER_ALLOCATION
+            config = PostprocessConfig(config, lambda builder, network, cfg: cfg.set_flag(flag))
     else:
         from polygraphy.backend.trt import CreateConfig
 

@@ -4,6 +4,7 @@ reason where there is no CUDA GPU (or no TensorRT). Run them with `pytest -m gpu
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -297,3 +298,10 @@ def test_tensorrt_rtx_img2img_matches_torch(exported_fp16, tiny, tmp_path):
     want = cpu("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
     assert compare_images(got, want, "fp16").passed
     assert list(engines.glob("*.runtime-cache"))
+    # Whole steps captured around the engine's enqueue (built capturable, its kernels
+    # specialised eagerly before the capture): the eager loop's image.
+    stepped = Img2ImgPipeline.from_pretrained(
+        exported_fp16.root, replace(options, step_graphs=True), show_progress=False
+    )
+    replayed = stepped("a", _image(), generator=torch.Generator().manual_seed(4), **RUN).images
+    assert float(np.abs(replayed - got).max()) <= 1 / 255

@@ -51,11 +51,33 @@ def test_builds_the_eight_engines_on_cpu_and_reuses_them(
             assert sidecar["family"] == "tensorrt-rtx"
             assert sidecar["compute_capability"] == "8.0,8.6,8.9,12.0+"
             assert sidecar["gpu_name"] == "" and sidecar["plan_bytes"] > 100_000
+            assert sidecar["build_flags"]["require_user_allocation"] is True  # capturable
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
         assert _build(exported_fp16.root, engines, "--precision", "fp16") == 0
     assert caplog.text.count("reusing engine") == 4 and "building" not in caplog.text
     assert _plans(engines) == plans
+
+
+def test_engines_are_built_capturable(exported_fp16, tmp_path, monkeypatch):
+    """The builder config that makes each engine has REQUIRE_USER_ALLOCATION set (CUDA graph
+    capture of a TensorRT-RTX engine needs it), read back from the config at build time."""
+    import polygraphy.backend.trt as polygraphy_trt
+    import tensorrt_rtx as trt
+
+    seen = []
+    real = polygraphy_trt.PostprocessConfig
+
+    def spy(config, func):
+        def applied(builder, network, cfg):
+            func(builder, network, cfg)
+            seen.append(cfg.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION))
+
+        return real(config, applied)
+
+    monkeypatch.setattr(polygraphy_trt, "PostprocessConfig", spy)
+    assert _build(exported_fp16.root, tmp_path / "engines", "--targets", "8.9") == 0
+    assert seen == [True] * len(NETWORK_NAMES)
 
 
 def test_another_target_is_another_engine(exported_fp16, tmp_path):
