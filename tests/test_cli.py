@@ -36,6 +36,22 @@ def test_writes_png_of_requested_size(tmp_path, png, capsys):
     assert not list(out.parent.glob(".*tmp"))  # the temp file was renamed, not left
 
 
+def test_unet_switches_reach_the_torch_backend(tmp_path, png, capsys, monkeypatch):
+    from sdtrt.engine.torch_backend import TorchBackend
+
+    given = []
+    tuned = TorchBackend._tuned
+    monkeypatch.setattr(
+        TorchBackend, "_tuned", staticmethod(lambda unet, o: given.append(o) or tuned(unet, o))
+    )
+    out = tmp_path / "s.png"
+    args = ["img2img", "--image", str(png), "--out", str(out), *FAST]
+    code, _ = run([*args, "--channels-last", "--fuse-qkv"], capsys)
+    assert code == 0 and out.exists()
+    [options] = given
+    assert options.channels_last and options.fuse_qkv and not options.compile_unet
+
+
 def test_batch_writes_one_file_per_image(tmp_path, png, capsys):
     out = tmp_path / "b.png"
     args = ["img2img", "--image", str(png), "--out", str(out), "--batch", "2", *FAST]
@@ -84,6 +100,9 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--backend", "jax"], "invalid choice: 'jax'"),
         (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, tiny-random"),
         (["--batch", "0"], "batch must be >= 1"),
+        (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
+        (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
+        (["--step-graphs"], "--step-graphs needs --device cuda"),
     ],
 )
 def test_bad_arguments(tmp_path, png, capsys, extra, message):
