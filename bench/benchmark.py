@@ -72,11 +72,18 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             continue
         timer.device = target.device
         rows[backend] = []
-        for batch in config.batches:
-            rows[backend].append(_measure(target, batch, config, timer))
-            p50 = rows[backend][-1]["end_to_end_ms"]["p50"]
-            log(f"bench: {backend} batch {batch}: p50 {p50:.1f} ms")
-        target.close()
+        try:
+            for batch in config.batches:
+                rows[backend].append(_measure(target, batch, config, timer))
+                p50 = rows[backend][-1]["end_to_end_ms"]["p50"]
+                log(f"bench: {backend} batch {batch}: p50 {p50:.1f} ms")
+        except Exception as exc:  # one row's failure (no compiler, out of memory) is its own
+            logger.exception("bench: %s failed", backend)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"bench: {backend} failed: {reason}")
+            rows[backend].append({"backend": backend, "status": "failed", "reason": reason})
+        finally:
+            target.close()
         del target
     return {
         "environment": environment(),

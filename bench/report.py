@@ -28,8 +28,8 @@ def markdown_table(record: dict[str, Any]) -> str:
             + f" | {r['unet_batching']['speedup']:.2f}x | {_ms(r.get('first_run_ms'))} |"
         )
     for r in record["results"]:
-        if r["status"] == "skipped":
-            lines.append(f"| {r['backend']} | skipped: {r['reason']} |")
+        if r["status"] != "ok":  # skipped (could not start) or failed (while measured)
+            lines.append(f"| {r['backend']} | {r['status']}: {r['reason']} |")
     profiled = [r for r in ok if r.get("profile")]
     if profiled:
         lines += ["", *_profile_table(profiled)]

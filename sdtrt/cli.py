@@ -371,6 +371,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not any(row["status"] == "ok" for row in record["results"]):
         print("sdtrt: bench: every backend was skipped: nothing was measured", file=sys.stderr)
         return 1
+    failed = [row["backend"] for row in record["results"] if row["status"] == "failed"]
+    if failed:
+        print(f"sdtrt: bench: failed while measured: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

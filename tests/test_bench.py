@@ -178,3 +178,24 @@ def test_diffusers_compile_row_compiles_a_copy_of_the_unet(monkeypatch, tiny_ran
     assert "forward" not in vars(shared) and "encode" not in vars(components["vae"])
     assert all(p.is_contiguous() for p in shared.parameters())
     assert "| diffusers-compile | 1 | 3 |" in markdown_table(record)
+
+
+def test_a_row_that_fails_is_reported_and_the_others_still_run(monkeypatch, tiny, tmp_path, capsys):
+    """A row that raises while measured (a compiler missing, memory...) is a "failed" row
+    with its reason; the rows after it run; the command exits 1 and names it."""
+    from sdtrt.engine.torch_backend import TorchBackend
+
+    def broken(self, *args):
+        raise RuntimeError("inductor: no working C compiler found\nmore detail")
+
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: tiny)
+    monkeypatch.setattr(TorchBackend, "unet", broken)
+    args = ["bench", "--backends", "torch,diffusers", "--height", "32", "--width", "32",
+            "--steps", "4", "--warmup", "0", "--repeats", "1",
+            "--json", str(tmp_path / "b.json")]  # fmt: skip
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "| torch | failed: RuntimeError: inductor: no working C compiler found |" in out
+    assert "| diffusers | 1 | 3 |" in out and "failed while measured: torch" in err
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert [r["status"] for r in record["results"]] == ["failed", "ok"]
