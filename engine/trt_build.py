@@ -147,10 +147,9 @@ def _build(
     save: dict[str, Any] = {}
     if timing_cache is None:
         from polygraphy.backend.tensorrt_rtx.config import CreateConfigRTX
-
-        targets = [] if "+" in key.compute_capability else key.compute_capability.split(",")
         from polygraphy.backend.trt import PostprocessConfig
 
+        targets = [] if "+" in key.compute_capability else key.compute_capability.split(",")
         config: Any = CreateConfigRTX(
             compute_capabilities=[tuple(int(p) for p in t.split(".")) for t in targets] or None,
             **common,

@@ -55,15 +55,17 @@ def test_bench_profile_writes_a_trace_per_row(tiny, tmp_path, monkeypatch):
     """On the CPU: a real trace per row, the loop's range found in it, no GPU figures."""
     monkeypatch.setattr("sdtrt.models.load_components", lambda source: tiny)
     config = BenchConfig(
-        backends=("torch",), batches=(1, 2), height=32, width=32, steps=4, warmup=0, repeats=1,
-        profile=str(tmp_path / "traces"),
+        backends=("torch", "diffusers"), batches=(1, 2), height=32, width=32, steps=4,
+        warmup=0, repeats=1, profile=str(tmp_path / "traces"),
     )  # fmt: skip
     record = run_bench(config, log=lambda line: None)
-    for row, batch in zip(record["results"], (1, 2), strict=True):
+    rows = [(b, n) for b in ("torch", "diffusers") for n in (1, 2)]
+    for row, (backend, batch) in zip(record["results"], rows, strict=True):
         p = row["profile"]
-        assert p["window"] == "denoising loop" and p["steps"] == row["unet_calls"] == 3
+        window = "denoising loop" if backend == "torch" else "whole run"  # diffusers': no range
+        assert p["window"] == window and p["steps"] == row["unet_calls"] == 3
         assert 0 < p["window_ms"] and p["gpu_busy_ms"] is None
-        trace = json.loads((tmp_path / "traces" / f"torch-b{batch}.trace.json").read_text())
+        trace = json.loads((tmp_path / "traces" / f"{backend}-b{batch}.trace.json").read_text())
         assert any(e.get("name") == "aten::convolution" for e in trace["traceEvents"])
     assert not list((tmp_path / "traces").glob(".*partial"))
     table = markdown_table(record)
