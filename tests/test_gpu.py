@@ -151,6 +151,27 @@ def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
         assert float(np.abs(got.images - want.images).max()) <= 1e-5, name
 
 
+@cuda
+def test_stage_timer_times_gpu_calls_with_events():
+    """The bench's stage clock on a GPU: no wait per call, the events' times added once
+    settled, and their sum within the synchronised wall time of the calls."""
+    import time
+
+    from sdtrt.bench.timing import StageTimer
+
+    timer = StageTimer("cuda")
+    a = torch.randn(2048, 2048, device="cuda")
+    matmul = timer.wrap("mm", lambda: a @ a)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        matmul()
+    assert timer.totals["mm"] == 0 and timer.calls["mm"] == 20  # nothing read yet
+    timer.settle()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    assert 0 < timer.totals["mm"] <= wall_ms
+
+
 def _ranges():
     return BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
 
