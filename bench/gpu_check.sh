@@ -3,9 +3,11 @@
 # run there, and benchmark the PyTorch CUDA path (plain, with CUDA graphs of the UNet, with
 # whole-step graphs, with each UNet switch) against diffusers (plain and with
 # torch.compile) on SD-1.5 shapes, then profile the loop. `bash bench/gpu_check.sh` runs
-# every stage; `bash bench/gpu_check.sh table switches` only those (a device call lasts
-# 10 minutes at most; earlier stages like these took 5 minutes on an H200, these have not
-# run yet: run `tests table` first, then `switches compiled profile`).
+# every stage; `bash bench/gpu_check.sh table switches` only those. A device call lasts 10
+# minutes at most and none of these stages has run yet; estimates from the earlier stages
+# (5 minutes on an H200 for tests and two bench runs): `tests table` first, then
+# `switches profile`, then `compiled` (inductor compiles SD-1.5's UNet once per shape,
+# four shapes at batches 1 and 4, each likely a minute or more).
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
