@@ -172,6 +172,26 @@ def test_stage_timer_times_gpu_calls_with_events():
     assert 0 < timer.totals["mm"] <= wall_ms
 
 
+@cuda
+def test_profile_shows_one_graph_launch_per_step(tiny, tmp_path, monkeypatch):
+    """bench --profile on a real GPU trace: the eager loop launches its kernels one by one,
+    the step-graph loop launches one graph per step and keeps the GPU busier."""
+    from sdtrt.bench.benchmark import BenchConfig, run_bench
+
+    components = _own(tiny)
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: components)
+    config = BenchConfig(
+        backends=("torch", "torch+step-graphs"), device="cuda", height=32, width=32, steps=10,
+        warmup=1, repeats=1, profile=str(tmp_path),
+    )  # fmt: skip
+    plain, stepped = (r["profile"] for r in run_bench(config, log=lambda line: None)["results"])
+    assert plain["steps"] == stepped["steps"] == 8
+    assert plain["gpu_busy_ms"] > 0 and plain["kernel_launches_per_step"] > 20
+    assert plain["graph_launches_per_step"] == 0
+    assert stepped["graph_launches_per_step"] == 1 and stepped["kernel_launches_per_step"] <= 2
+    assert stepped["gpu_busy_fraction"] > plain["gpu_busy_fraction"]
+
+
 def _ranges():
     return BuildRanges(batch=(1, 2), height=(32, 64), width=(32, 64), opt_height=32, opt_width=48)
 
