@@ -9,6 +9,7 @@ import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.factory import check_available
+from sdtrt.errors import InvalidInputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, TorchOptions
 
@@ -54,7 +55,10 @@ class TorchBackend:
         if options.channels_last:
             unet.to(memory_format=torch.channels_last)
         if options.fuse_qkv:
-            unet.fuse_qkv_projections()
+            try:
+                unet.fuse_qkv_projections()
+            except ValueError as exc:  # diffusers refuses UNets with added KV projections
+                raise InvalidInputError(f"--fuse-qkv does not apply to this UNet: {exc}") from None
         if options.compile_unet:
             return torch.compile(unet, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False)
         return unet

@@ -62,3 +62,16 @@ def test_compiled_unet(tiny, images, plain, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1  # 8 steps, one compiled graph
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)  # fp32 rounding
     torch._dynamo.reset()
+
+
+def test_fused_qkv_refused_clearly_where_diffusers_cannot(tiny, monkeypatch):
+    from sdtrt.errors import InvalidInputError
+
+    components = _own_copy(tiny)
+
+    def refuse():
+        raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV")
+
+    monkeypatch.setattr(components["unet"], "fuse_qkv_projections", refuse)
+    with pytest.raises(InvalidInputError, match="--fuse-qkv does not apply to this UNet: `fuse"):
+        torch_backend.TorchBackend(components, TorchOptions(fuse_qkv=True))
