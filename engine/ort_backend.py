@@ -33,7 +33,7 @@ _NUMPY = {
 
 class OrtBackend:
     name = "onnxruntime"
-    step_unet = None  # whole-step graphs: the torch backend only, so far
+    step_unet = None  # whole-step graphs: the torch and TensorRT backends (CUDA graphs)
 
     def __init__(self, exported: ExportedModel, options: OrtOptions = OrtOptions()) -> None:
         import onnxruntime as ort
