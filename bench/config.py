@@ -10,6 +10,7 @@ from sdtrt.options import (
     BACKENDS,
     GRAPH_BACKENDS,
     TRT_FAMILIES,
+    UNET_SWITCHES,
     BackendOptions,
     ModelSource,
     OrtOptions,
@@ -27,7 +28,7 @@ BENCH_BACKENDS = (*BACKENDS, *PEERS)
 # torch backend with --step-graphs and --compile on, whatever the other rows run.
 _GRAPH_SWITCHES = ("cuda-graphs", "step-graphs")
 ROW_SWITCHES = {
-    "torch": (*_GRAPH_SWITCHES, "channels-last", "fuse-qkv", "compile"),
+    "torch": (*_GRAPH_SWITCHES, *(flag.removeprefix("--") for flag in UNET_SWITCHES.values())),
     **{family: _GRAPH_SWITCHES for family in TRT_FAMILIES},
 }
 
@@ -126,12 +127,8 @@ class BenchConfig:
         ):
             if given and not {"torch", *TRT_FAMILIES} & backends:
                 raise InvalidInputError(f"{flag} applies to the torch and TensorRT backends")
-        for flag, given in (
-            ("--channels-last", self.channels_last),
-            ("--fuse-qkv", self.fuse_qkv),
-            ("--compile", self.compile_unet),
-        ):
-            if given and "torch" not in backends:
+        for field, flag in UNET_SWITCHES.items():
+            if getattr(self, field) and "torch" not in backends:
                 raise InvalidInputError(f"{flag} applies to the torch backend")
         for row in self.backends:
             if row not in PEERS:
@@ -149,9 +146,10 @@ class BenchConfig:
                 dtype=self.dtype,
                 cuda_graphs=cuda_graphs,
                 step_graphs=step_graphs,
-                channels_last=self.channels_last or "channels-last" in switches,
-                fuse_qkv=self.fuse_qkv or "fuse-qkv" in switches,
-                compile_unet=self.compile_unet or "compile" in switches,
+                **{
+                    field: getattr(self, field) or flag.removeprefix("--") in switches
+                    for field, flag in UNET_SWITCHES.items()
+                },
             )
         if backend == "onnxruntime":
             return OrtOptions(

@@ -27,6 +27,7 @@ from sdtrt.options import (
     SCHEDULER_NAMES,
     SEED_PROMPT,
     TRT_FAMILIES,
+    UNET_SWITCHES,
     BuildOptions,
     BuildRanges,
     ExportOptions,
@@ -115,7 +116,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
 
 
 # The torch backend's ways to a faster UNet, one switch each (TorchOptions says what each does).
-UNET_TUNING = {
+UNET_TUNING_HELP = {
     "channels_last": "torch: the UNet's weights channels-last (NHWC convolutions)",
     "fuse_qkv": "torch: diffusers' fused query/key/value projections in the UNet",
     "compile_unet": "torch: torch.compile the UNet (inductor; compiles on each new shape)",
@@ -123,9 +124,8 @@ UNET_TUNING = {
 
 
 def _add_unet_tuning(p: argparse.ArgumentParser) -> None:
-    for field, help_text in UNET_TUNING.items():
-        flag = "--compile" if field == "compile_unet" else "--" + field.replace("_", "-")
-        p.add_argument(flag, dest=field, action="store_true", help=help_text)
+    for field, flag in UNET_SWITCHES.items():
+        p.add_argument(flag, dest=field, action="store_true", help=UNET_TUNING_HELP[field])
 
 
 def _add_img2img(sub: Any) -> None:
@@ -180,7 +180,7 @@ def _backend(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         cuda_graphs=args.cuda_graphs,
         step_graphs=getattr(args, "step_graphs", False),  # img2img's; the server batches steps
-        **{field: getattr(args, field) for field in UNET_TUNING},
+        **{field: getattr(args, field) for field in UNET_SWITCHES},
     )
 
 
@@ -357,7 +357,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
         cuda_graphs=args.cuda_graphs,
         step_graphs=args.step_graphs,
-        **{field: getattr(args, field) for field in UNET_TUNING},
+        **{field: getattr(args, field) for field in UNET_SWITCHES},
         profile=args.profile,
         warmup=args.warmup,
         repeats=args.repeats,
@@ -570,7 +570,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise _unavailable("--ray needs Ray Serve: pip install 'sdtrt[ray]'") from None
     backend_kwargs = {
         k: v
-        for k in ("precision", "device", "dtype", "cuda_graphs", *UNET_TUNING)
+        for k in ("precision", "device", "dtype", "cuda_graphs", *UNET_SWITCHES)
         if (v := getattr(args, k)) not in (None, False)
     }
     backend_options(args.backend, **backend_kwargs)  # refused here, not on each replica

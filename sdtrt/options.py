@@ -29,6 +29,13 @@ PRECISIONS = ("fp32", "fp16")
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
 ORT_OPTIMIZATION_LEVELS = ("auto", "disable", "basic", "extended", "layout", "all")
+# The torch backend's UNet switches (TorchOptions' fields) and their command-line flags; a
+# bench row names one by its flag without the dashes (torch+compile).
+UNET_SWITCHES = {
+    "channels_last": "--channels-last",
+    "fuse_qkv": "--fuse-qkv",
+    "compile_unet": "--compile",
+}
 # Opset 20 is the lowest at which torch 2.13's exporter gave a valid SD UNet (17 did not).
 DEFAULT_OPSET = 20
 
@@ -173,6 +180,7 @@ def backend_options(
             raise refuse("--ort-optimization", "it sets ONNX Runtime sessions")
         if ort_threads is not None:
             raise refuse("--ort-threads", "it sets ONNX Runtime sessions")
+    switches = {"channels_last": channels_last, "fuse_qkv": fuse_qkv, "compile_unet": compile_unet}
     if backend == "torch":
         if precision is not None:
             raise refuse("--precision", "it picks exported graphs; the torch backend takes --dtype")
@@ -181,17 +189,11 @@ def backend_options(
             dtype=dtype or TorchOptions.dtype,
             cuda_graphs=cuda_graphs,
             step_graphs=step_graphs,
-            channels_last=channels_last,
-            fuse_qkv=fuse_qkv,
-            compile_unet=compile_unet,
+            **switches,
         )
-    for flag, given in (
-        ("--channels-last", channels_last),
-        ("--fuse-qkv", fuse_qkv),
-        ("--compile", compile_unet),
-    ):
+    for field, given in switches.items():
         if given:
-            raise refuse(flag, "it changes the PyTorch UNet module (the torch backend's)")
+            raise refuse(UNET_SWITCHES[field], "it changes the PyTorch UNet module (the torch one)")
     if dtype is not None:
         raise refuse("--dtype", "graph backends take --precision (which exported graphs run)")
     if backend == "onnxruntime":
