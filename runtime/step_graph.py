@@ -110,6 +110,16 @@ def _x0_from_sigma(
     return m * c["v_out"] + (x / c["v_skip_divisor"])
 
 
+def _x0_from_alpha_sigma(
+    kind: StepKind, alpha: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """DDIM's, DPM-Solver's and UniPC's predicted original sample, as diffusers computes it
+    (DDIM's alpha and sigma are its roots of alpha_prod_t and beta_prod_t)."""
+    if kind.prediction == "epsilon":
+        return (x - sigma * m) / alpha
+    return alpha * x - sigma * m
+
+
 def _lms_update(
     kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
 ) -> torch.Tensor:
@@ -142,22 +152,15 @@ def _ddim_update(
     kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
 ) -> torch.Tensor:
     root_alpha, root_beta = c["root_alpha"], c["root_beta"]
-    if kind.prediction == "epsilon":
-        x0 = (x - root_beta * m) / root_alpha
-        epsilon = m
-    else:
-        x0 = root_alpha * x - root_beta * m
-        epsilon = root_alpha * m + root_beta * x
+    x0 = _x0_from_alpha_sigma(kind, root_alpha, root_beta, x, m)
+    epsilon = m if kind.prediction == "epsilon" else root_alpha * m + root_beta * x
     return c["root_alpha_prev"] * x0 + c["direction"] * epsilon
 
 
 def _dpmpp_2m_update(
     kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
 ) -> torch.Tensor:
-    if kind.prediction == "epsilon":
-        x0 = (x - c["sigma"] * m) / c["alpha"]
-    else:
-        x0 = c["alpha"] * x - c["sigma"] * m
+    x0 = _x0_from_alpha_sigma(kind, c["alpha"], c["sigma"], x, m)
     # A first-order step has zero "second" and "inv_r0": the last term subtracts exactly 0.
     d1 = c["inv_r0"] * (x0 - h[0])
     h.copy_(x0[None])
@@ -204,10 +207,7 @@ def _unipc_update(
     """diffusers' UniPC step (``multistep_uni_c_bh_update`` then ``multistep_uni_p_bh_update``,
     as sdtrt's memoised UniPC computes them): the corrector always computed, its result
     used where the row says (``torch.where`` is exact)."""
-    if kind.prediction == "epsilon":
-        x0 = (x - c["sigma"] * m) / c["alpha"]
-    else:
-        x0 = c["alpha"] * x - c["sigma"] * m
+    x0 = _x0_from_alpha_sigma(kind, c["alpha"], c["sigma"], x, m)
     m0, m1, last_sample = h[0], h[1], h[2]
     d1 = (m1 - m0) / c["c_rk"]
     corrected = (c["c_scale"] * last_sample - c["c_first"] * m0) - c["c_last"] * (

@@ -139,15 +139,11 @@ def tabulate(
     return StepTable(kind, values, timesteps.clone(), noise)
 
 
-def _host_sigmas(scheduler: Any) -> torch.Tensor:
-    return scheduler.sigmas.cpu()
-
-
 def _on_host(scheduler: Any) -> Any:
     """A shallow copy of ``scheduler`` whose sigmas are on the host: its methods then
     compute the per-step scalars without reading a GPU schedule back value by value."""
     on_host = copy.copy(scheduler)
-    on_host.sigmas = _host_sigmas(scheduler)
+    on_host.sigmas = scheduler.sigmas.cpu()
     return on_host
 
 
