@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,8 +125,6 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
     e2e = percentiles(samples)
     profile = None
     if config.profile is not None:  # untimed: the stage clocks would add their own syncs
-        from pathlib import Path
-
         from sdtrt.bench.trace import profiled
 
         timer.enabled = False

@@ -64,6 +64,8 @@ class TrtNetwork:
         self.runtime_cache: RuntimeCacheFile | None = None
         self._shapes_seen: set[tuple[tuple[int, ...], ...]] = set()
         self.cache_dirty = False
+        # TensorRT-RTX can say whether its enqueue may be captured; asked only where one is.
+        self.asks_capturable = captured and family == "tensorrt-rtx"
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         if family == "tensorrt-rtx":
             # The kernels TensorRT-RTX compiles on first run, kept per engine and GPU.
@@ -133,8 +135,12 @@ class TrtNetwork:
 
     def enqueue(self) -> None:
         stream = torch.cuda.current_stream().cuda_stream
-        capturable = getattr(self.context, "is_stream_capturable", None)  # TensorRT-RTX's
-        if capturable and torch.cuda.is_current_stream_capturing() and not capturable(stream):
+        rtx_context: Any = self.context  # is_stream_capturable: TensorRT-RTX's API
+        if (
+            self.asks_capturable
+            and torch.cuda.is_current_stream_capturing()
+            and not rtx_context.is_stream_capturable(stream)
+        ):
             raise EngineMismatchError(
                 f"the {self.name} engine cannot be captured in a CUDA graph (TensorRT-RTX "
                 "engines need REQUIRE_USER_ALLOCATION, which sdtrt's builds set: rebuild it); "
