@@ -75,9 +75,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         rows[backend] = []
         try:
             for batch in config.batches:
-                rows[backend].append(_measure(target, batch, config, timer))
-                p50 = rows[backend][-1]["end_to_end_ms"]["p50"]
-                log(f"bench: {backend} batch {batch}: p50 {p50:.1f} ms")
+                row = _measure(target, batch, config, timer)
+                rows[backend].append(row)
+                log(_progress(backend, row))
         except Exception as exc:  # one row's failure (no compiler, out of memory) is its own
             logger.exception("bench: %s failed", backend)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -91,6 +91,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         "config": asdict(config),
         "results": [row for backend in config.backends for row in rows[backend]],
     }
+
+
+def _progress(backend: str, row: dict[str, Any]) -> str:
+    """One log line per measured row, with the figures a run cut short still leaves behind."""
+    stages, first = row["stages_ms"], row["first_run_ms"]
+    return (
+        f"bench: {backend} batch {row['batch']}: p50 {row['end_to_end_ms']['p50']:.1f} ms, "
+        f"UNet {stages['unet_per_call']:.2f} ms/call, "
+        f"host {stages['loop_overhead_per_step']:.3f} ms/step"
+        + ("" if first is None else f", first run {first:.0f} ms")
+    )
 
 
 def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer) -> dict[str, Any]:

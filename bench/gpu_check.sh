@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One script for a lent GPU machine: install the carried wheels, run the GPU tests that can
 # run there, and benchmark the PyTorch CUDA path (plain, with CUDA graphs of the UNet, with
-# whole-step graphs, with each UNet switch) against diffusers (plain and with
-# torch.compile) on SD-1.5 shapes, then profile the loop. `bash bench/gpu_check.sh` runs
-# every stage; `bash bench/gpu_check.sh table switches` only those. A device call lasts 10
-# minutes at most and none of these stages has run yet; estimates from the earlier stages
-# (5 minutes on an H200 for tests and two bench runs): `tests table` first, then
-# `switches profile`, then `compiled` (inductor compiles SD-1.5's UNet once per shape,
-# four shapes at batches 1 and 4, each likely a minute or more).
+# whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
+# and with torch.compile) on SD-1.5 shapes, then profile the loop.
+#   bash bench/gpu_check.sh                        every stage: tests table profile compiled
+#   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
+# A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
+# (inductor compiles SD-1.5's UNet once per shape, a minute or more each) cannot starve the
+# rest. A bench cut off leaves its per-row log lines (p50, UNet ms/call, host ms/step) in
+# bench_NAME.md. With PACK=FILE.tgz set, everything under $OUT but the traces is packed
+# into FILE after each stage (the device tool brings back 8 files at most).
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -16,7 +18,7 @@
 # then run `bash bench/gpu_check.sh` there with `.whl` carried. The device image has
 # PyTorch+CUDA, onnx, onnxruntime (CPU) and transformers, but not TensorRT, whose wheels
 # are far too large to carry: the TensorRT tests skip there and say so.
-# Each step runs even if an earlier one failed; the exit status is 1 if any failed.
+# Each stage runs even if an earlier one failed; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -49,20 +51,14 @@ bench() {  # name, extra bench args
   echo "== $name: sd15-random 512x512, 50 steps, strength 0.8, fp16 =="
   python3 -P -m sdtrt.cli bench --model sd15-random --device cuda --dtype fp16 \
     --height 512 --width 512 --steps 50 --strength 0.8 --batch 1,4 --warmup 2 --repeats 5 \
-    --json "$OUT/bench_$name.json" "$@" | tee "$OUT/bench_$name.md"
+    --json "$OUT/bench_$name.json" "$@" 2>&1 | tee "$OUT/bench_$name.md"
 }
-# Issue 15's table, each stage one run (rows side by side, ratios against diffusers):
-# plain, the UNet as a CUDA graph, whole steps as CUDA graphs.
-stage_table() { bench table --backends torch,torch+cuda-graphs,torch+step-graphs,diffusers; }
-# The UNet switches, each alone over step graphs: keep what measures faster.
-stage_switches() {
-  bench switches --batch 1 \
-    --backends torch+step-graphs,torch+step-graphs+channels-last,torch+step-graphs+fuse-qkv,diffusers
-}
-# Inductor against diffusers' torch.compile peer (each compiles per shape in its first
-# runs: first_run_ms - p50 is the compile).
-stage_compiled() {
-  bench compiled --backends torch+step-graphs+compile,diffusers,diffusers-compile
+# Issue 15's table, one run (rows side by side, ratios against diffusers): plain, the UNet
+# as a CUDA graph, whole steps as CUDA graphs, and each UNet switch alone over step graphs
+# (keep what measures faster).
+stage_table() {
+  bench table --backends torch,torch+cuda-graphs,torch+step-graphs,\
+torch+step-graphs+channels-last,torch+step-graphs+fuse-qkv,diffusers
 }
 # Where the loop's time goes: GPU busy vs idle per step (traces in $OUT/traces, Perfetto).
 stage_profile() {
@@ -70,13 +66,26 @@ stage_profile() {
     --backends torch+cuda-graphs,torch+step-graphs,diffusers \
     && gzip -f "$OUT"/traces/*.json
 }
+# Inductor under the step graphs against diffusers' torch.compile peer, beside plain
+# diffusers. Each compiles per shape in its first run (first_run_ms - p50 is the compile),
+# a minute or more for SD-1.5's UNet: batch 1 only by default (add `--batch 1,4` for four
+# compiles).
+stage_compiled() {
+  bench compiled --batch 1 --backends diffusers,torch+step-graphs+compile,diffusers-compile
+}
 
-STAGES="tests table switches compiled profile"
+STAGES="tests table profile compiled"
 [ $# -gt 0 ] || set -- $STAGES
-for stage in "$@"; do
+for arg in "$@"; do
+  stage=${arg%%:*}
+  limit=$([ "$stage" = "$arg" ] && echo 0 || echo "${arg#*:}")  # 0: no limit
   case " $STAGES " in
-    *" $stage "*) "stage_$stage" || fail "$stage" ;;
+    *" $stage "*) ;;
     *) echo "unknown stage $stage (stages: $STAGES)"; exit 2 ;;
   esac
+  export -f "stage_$stage" bench
+  export OUT
+  timeout -k 10 "$limit" bash -o pipefail -c "stage_$stage" || fail "$stage (exit $?)"
+  [ -z "${PACK:-}" ] || tar czf "$PACK" -C "$OUT" --exclude=traces .
 done
 exit $status
