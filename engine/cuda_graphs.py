@@ -9,28 +9,55 @@ write.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-Key = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+class Captures(Generic[T]):
+    """Captured graphs by key, at most ``limit`` of them: each holds its own GPU memory (the
+    activations of its shapes), so beyond the limit the least recently used one goes, as a
+    server seeing many shapes would otherwise keep them all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[Hashable, T] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self, key: Hashable, capture: Callable[[], T], fits: Callable[[T], bool] = lambda _: True
+    ) -> T:
+        """The entry for ``key``, captured first where there is none or it does not ``fit``."""
+        entry = self._entries.get(key)
+        if entry is None or not fits(entry):
+            entry = self._entries[key] = capture()
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return entry
 
 
 class CudaGraphed:
+    """``fn`` on tensors, replayed as a CUDA graph per input shapes and dtypes (at most
+    ``max_captures`` kept)."""
+
+    max_captures = 8
+
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
-        self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.graphs: Captures[tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]]
+        self.graphs = Captures(self.max_captures)
 
     @torch.inference_mode()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(inputs)
-        graph, static_inputs, static_output = entry
+        graph, static_inputs, static_output = self.graphs.get(key, lambda: self._capture(inputs))
         for static, tensor in zip(static_inputs, inputs, strict=True):
             static.copy_(tensor, non_blocking=True)
         graph.replay()

@@ -12,14 +12,13 @@ eagerly (tests/test_step_table.py).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sdtrt.engine.cuda_graphs import capture
+from sdtrt.engine.cuda_graphs import Captures, capture
 from sdtrt.runtime.step_table import StepKind, StepTable
 
 Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -258,7 +257,7 @@ class StepGraphs:
 
     def __init__(self, unet: Unet) -> None:
         self.unet = unet
-        self.captured: OrderedDict[tuple[Any, ...], tuple[Any, StepState]] = OrderedDict()
+        self.captured: Captures[tuple[Any, StepState]] = Captures(self.max_captures)
 
     @staticmethod
     def capturable(latents: torch.Tensor) -> bool:
@@ -276,20 +275,20 @@ class StepGraphs:
         if not self.capturable(latents):
             return run_table(table, latents, text_embeddings, guidance_scale, self.unet)
         do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
-        key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
-        entry = self.captured.get(key)
-        if entry is None or len(table) > entry[1].table.shape[0]:
+
+        def captured_step() -> tuple[Any, StepState]:
             # Noise rows cost a latent each: an ancestral kind's are sized to its schedule.
             rows = len(table) if table.kind.noise else max(self.rows, len(table))
             state = StepState.like(table, latents, text_embeddings, rows)
             # The warm run before capture steps real values (then reloaded below).
             state.load(table, latents, text_embeddings, guidance_scale)
             graph, _ = capture(lambda: table_step(table.kind, state, self.unet, do_guidance))
-            entry = self.captured[key] = (graph, state)
-            while len(self.captured) > self.max_captures:
-                self.captured.popitem(last=False)
-        self.captured.move_to_end(key)
-        graph, state = entry
+            return graph, state
+
+        key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
+        graph, state = self.captured.get(
+            key, captured_step, fits=lambda entry: len(table) <= entry[1].table.shape[0]
+        )
         state.load(table, latents, text_embeddings, guidance_scale)
         for _ in range(len(table)):
             graph.replay()
