@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,45 @@ from sdtrt.runtime.clock import stopwatch
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ArgLayout:
+    """A tensor argument as a compiled function's guards see it."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    inference: bool
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> ArgLayout:
+        return cls(tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.is_inference())
+
+    def new(self, device: torch.device, fill: float | None = None) -> torch.Tensor:
+        """A tensor of this layout: random normal, or filled with ``fill``."""
+        with torch.inference_mode(self.inference):
+            out = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
+            return out.normal_() if fill is None else out.fill_(fill)
+
+
+def _recording(
+    fn: Callable[..., Any], seen: list[ArgLayout], options: dict[str, Any] | None = None
+) -> Callable[..., Any]:
+    """``fn``, remembering the layouts of the first three tensors it was passed (a UNet's
+    sample, timestep and hidden states, as sdtrt and diffusers call it) and, in
+    ``options``, its other keyword arguments: host work alone, so a call inside a CUDA
+    graph capture records nothing into the graph."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        seen[:] = [ArgLayout.of(t) for t in tensors[:3]]
+        if options is not None:
+            options.clear()
+            options.update((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))
+        return fn(*args, **kwargs)
+
+    return call
+
+
 @dataclass
 class Target:
     """One thing to time: a callable img2img run plus the hooks that feed the timer."""
@@ -38,6 +77,12 @@ class Target:
     device: torch.device
     dims: ModelDims  # C of encoder_hidden_states, pixels per latent
     close: Callable[[], None] = lambda: None  # undoes what the target patched
+    compiled: bool = False
+    """Its UNet compiles per shape: the bench calls it only as the run did (``run_args``),
+    since another shape, layout or timestep dtype would compile again (a minute for
+    SD-1.5's UNet on a GPU) and turn torch's default compile dynamic for the rows after."""
+    run_args: list[ArgLayout] = field(default_factory=list)
+    """A compiled row's: the layout of the (sample, timestep, hidden) its run last passed."""
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -161,8 +206,9 @@ def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer)
     }
 
 
-def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str, float]:
-    """One UNet call on 2B against two calls on B: what batching cond and uncond buys."""
+def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str, Any]:
+    """One UNet call on 2B against two calls on B: what batching cond and uncond buys (a
+    compiled row: the 2B call alone)."""
     device, hidden = target.device, target.dims.text_hidden_size
     f = target.dims.vae_scale_factor
     h, w = config.height // f, config.width // f
@@ -183,13 +229,19 @@ def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str,
             runs.append(watch.ms)
         return statistics.median(runs[1:])  # the first is a warm-up
 
-    both, half = inputs(2 * batch), inputs(batch)
-    one_call = timed(lambda: target.unet(*both))
-    two_calls = timed(lambda: (target.unet(*half), target.unet(*half)))
+    two_calls: float | None = None
+    if target.compiled:  # the run's own call, and no other
+        sample, timestep, states = target.run_args
+        args = (sample.new(device), timestep.new(device, fill=500), states.new(device))
+        one_call = timed(lambda: target.unet(*args))
+    else:
+        both, half = inputs(2 * batch), inputs(batch)
+        one_call = timed(lambda: target.unet(*both))
+        two_calls = timed(lambda: (target.unet(*half), target.unet(*half)))
     return {
         "one_2b_call_ms": one_call,
         "two_b_calls_ms": two_calls,
-        "speedup": two_calls / one_call,
+        "speedup": None if two_calls is None else two_calls / one_call,
     }
 
 
@@ -265,7 +317,11 @@ def _make_target(
         last["denoise"] = out.timings_ms["denoise"]
         return out.unet_calls
 
-    return Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
+    target = Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
+    if isinstance(options, TorchOptions) and options.compile_unet:
+        target.compiled = True
+        engine._unet_call = _recording(engine._unet_call, target.run_args)
+    return target
 
 
 def _pytorch(components: dict[str, Any] | None, config: BenchConfig, backend: str) -> Any:
@@ -342,7 +398,9 @@ def _diffusers_target(
     ]
     pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
     unet_forward = pipe.unet.forward
-    pipe.unet.forward = timer.wrap("unet", unet_forward)
+    run_args: list[ArgLayout] = []
+    run_options: dict[str, Any] = {}  # diffusers' other arguments (return_dict=False...)
+    pipe.unet.forward = _recording(timer.wrap("unet", unet_forward), run_args, run_options)
     pipe.vae.encode = encode_and_mark
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
 
@@ -364,7 +422,8 @@ def _diffusers_target(
 
     @torch.no_grad()
     def unet(sample: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> Any:
-        return unet_forward(sample.to(dtype), t, encoder_hidden_states=hidden.to(dtype))
+        options = {**run_options, "encoder_hidden_states": hidden.to(dtype)}
+        return unet_forward(sample.to(dtype), t, **options)
 
     return Target(
         backend,
@@ -374,4 +433,6 @@ def _diffusers_target(
         torch.device(config.device),
         ModelDims.from_components(components),
         close,
+        compiled=backend == "diffusers-compile",
+        run_args=run_args,
     )

@@ -25,7 +25,7 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"| {r['backend']} | {r['batch']} | {r['unet_calls']} | {e2e['p50']:.1f} "
             f"| {e2e['p90']:.1f} | {r['images_per_s']:.3f} | {versus} | "
             + " | ".join(f"{s[k]:.2f}" for k in STAGES)
-            + f" | {r['unet_batching']['speedup']:.2f}x | {_ms(r.get('first_run_ms'))} |"
+            + f" | {_ratio(r['unet_batching']['speedup'])} | {_ms(r.get('first_run_ms'))} |"
         )
     for r in record["results"]:
         if r["status"] != "ok":  # skipped (could not start) or failed (while measured)
@@ -67,6 +67,11 @@ PER_STEP = ("kernels_per_step", "kernel_launches_per_step", "graph_launches_per_
 def _ms(value: float | None, digits: int = 0) -> str:
     """A time (or count), or "-" where none was taken (no warm-up run, no GPU trace)."""
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    """A speed-up, or "-" where it was not measured (a UNet that compiles per shape)."""
+    return "-" if value is None else f"{value:.2f}x"
 
 
 PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}

@@ -90,10 +90,19 @@ def test_rows_with_switches_run_side_by_side(monkeypatch, tiny):
     assert config.options_for("torch+fuse-qkv+compile") == TorchOptions(
         fuse_qkv=True, compile_unet=True
     )
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     record = run_bench(config, log=lambda line: None)
     torch._dynamo.reset()
     assert [r["backend"] for r in record["results"]] == list(rows)
     assert all(r["status"] == "ok" and r["unet_calls"] == 3 for r in record["results"])
+    # The compiled row's UNet is called by the bench only as its run called it: one graph
+    # (a B-row call, or another timestep shape or layout, would have compiled another).
+    assert counters["stats"]["unique_graphs"] == 1
+    compiled = record["results"][2]["unet_batching"]
+    assert compiled["two_b_calls_ms"] is None and compiled["one_2b_call_ms"] > 0
     shared = components["unet"]
     assert all(p.is_contiguous() for p in shared.parameters())
     assert not any(hasattr(m, "to_qkv") for m in shared.modules())
@@ -166,10 +175,18 @@ def test_diffusers_compile_row_compiles_a_copy_of_the_unet(monkeypatch, tiny_ran
         backends=("diffusers", "diffusers-compile"), height=32, width=32, steps=4, warmup=1,
         repeats=1,
     )  # fmt: skip
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     record = run_bench(config, log=lambda line: None)
     plain, peer = record["results"]
     assert (plain["status"], peer["status"]) == ("ok", "ok")
     assert peer["backend"] == "diffusers-compile" and peer["unet_calls"] == plain["unet_calls"] == 3
+    # Called at the run's shapes only: one graph, no half-batch call compiling again.
+    assert counters["stats"]["unique_graphs"] == 1
+    assert peer["unet_batching"]["two_b_calls_ms"] is None
+    assert plain["unet_batching"]["speedup"] > 0
     assert peer["first_run_ms"] > 0 and peer["stages_ms"]["unet_per_call"] > 0
     [(module, options)] = compiled
     assert module is not components["unet"] and options["fullgraph"]
@@ -177,7 +194,10 @@ def test_diffusers_compile_row_compiles_a_copy_of_the_unet(monkeypatch, tiny_ran
     shared = components["unet"]
     assert "forward" not in vars(shared) and "encode" not in vars(components["vae"])
     assert all(p.is_contiguous() for p in shared.parameters())
-    assert "| diffusers-compile | 1 | 3 |" in markdown_table(record)
+    table = markdown_table(record)
+    assert "| diffusers-compile | 1 | 3 |" in table
+    assert table.splitlines()[-1].split("|")[-3].strip() == "-"  # 1x2B vs 2xB: not measured
+    torch._dynamo.reset()
 
 
 def test_a_row_that_fails_is_reported_and_the_others_still_run(monkeypatch, tiny, tmp_path, capsys):
