@@ -19,6 +19,7 @@ import torch
 from sdtrt.bench.config import PEERS, BenchConfig, split_row
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
+from sdtrt.engine.torch_backend import IN_PLACE_SWITCHES
 from sdtrt.errors import ModelNotFoundError, SdtrtError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions, TorchOptions
@@ -292,7 +293,9 @@ def _make_target(
         dims = exported.dims
     else:
         components = _pytorch(components, config, backend)
-        if isinstance(options, TorchOptions) and (options.channels_last or options.fuse_qkv):
+        if isinstance(options, TorchOptions) and any(
+            getattr(options, switch) for switch in IN_PLACE_SWITCHES
+        ):
             # These change the UNet module in place: this row's own copy, so that the other
             # rows (and diffusers') run the UNet as it was given.
             components = {**components, "unet": copy.deepcopy(components["unet"])}

@@ -17,6 +17,9 @@ from sdtrt.options import DTYPES, TorchOptions
 # own, no autotuning: max-autotune did not finish SD-1.5's UNet in 5 minutes on an H100).
 # Tests swap in a backend that compiles in seconds on a CPU.
 COMPILE_BACKEND = "inductor"
+# The switches that change the UNet module itself, in place as diffusers' own calls do
+# (--compile wraps it instead): whoever shares the module and wants it unchanged copies it.
+IN_PLACE_SWITCHES = ("channels_last", "fuse_qkv")
 
 
 class TorchBackend:
