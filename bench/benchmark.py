@@ -86,7 +86,14 @@ class Target:
     """A compiled row's: the layout of the (sample, timestep, hidden) its run last passed."""
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every row of ``config``, measured: the record (``complete``). ``progress`` gets the
+    record so far after each row, ``complete`` False until the last (the CLI writes it, so
+    that a run cut short keeps the rows it finished)."""
     from sdtrt.bench.environment import environment
     from sdtrt.export.folder import is_onnx_folder
     from sdtrt.models import load_components
@@ -104,6 +111,12 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         components = load_components(config.source)
     image = _sample_image(config.height, config.width)
     rows: dict[str, list[dict[str, Any]]] = {}
+    record: dict[str, Any] = {"environment": environment(), "config": asdict(config)}
+
+    def so_far() -> dict[str, Any]:
+        done = [row for backend in config.backends for row in rows.get(backend, [])]
+        return {**record, "complete": False, "results": done}
+
     # Graph backends run first: they export from the fp32 CPU weights, which the torch and
     # diffusers targets move to the GPU or to fp16 in place. Rows keep the order asked for.
     pytorch_rows = ("torch", *PEERS)
@@ -116,6 +129,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         except SdtrtError as exc:
             log(f"bench: {backend} skipped: {exc}")
             rows[backend] = [{"backend": backend, "status": "skipped", "reason": str(exc)}]
+            if progress is not None:
+                progress(so_far())
             continue
         timer.device = target.device
         rows[backend] = []
@@ -132,11 +147,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         finally:
             target.close()
         del target
-    return {
-        "environment": environment(),
-        "config": asdict(config),
-        "results": [row for backend in config.backends for row in rows[backend]],
-    }
+        if progress is not None:
+            progress(so_far())
+    return {**so_far(), "complete": True}
 
 
 def _progress(backend: str, row: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ command's options with their defaults."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -365,7 +366,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         ort_threads=args.ort_threads,
     )
     _check_record_outputs(args)
-    record = run_bench(config)
+    progress = None
+    if args.json:  # each row as it is measured: a run cut short keeps what it finished
+        from sdtrt.fileio import write_json
+
+        progress = functools.partial(write_json, args.json)
+    record = run_bench(config, progress=progress)
     print(markdown_table(record))
     _write_record_outputs(args, record, plot)
     if not any(row["status"] == "ok" for row in record["results"]):

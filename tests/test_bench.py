@@ -5,6 +5,7 @@ reported as skipped. No speed is asserted here: speed is the benchmark's job."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,32 @@ def test_a_row_that_fails_is_reported_and_the_others_still_run(monkeypatch, tiny
     assert "| diffusers | 1 | 3 |" in out and "failed while measured: torch" in err
     record = json.loads((tmp_path / "b.json").read_text())
     assert [r["status"] for r in record["results"]] == ["failed", "ok"]
+    assert record["complete"] is True
+
+
+def test_a_run_cut_short_keeps_the_rows_it_finished(monkeypatch, tiny, tmp_path):
+    """--json is written after each row (complete: false until the last), so that a run
+    stopped at a time limit (the device's) still leaves its finished rows, whole."""
+    from sdtrt.fileio import write_json
+
+    written = []
+
+    def write_and_stop(path, record):
+        write_json(path, record)
+        written.append(json.loads(Path(path).read_text()))
+        if len(written) == 2:  # stopped here, as a time limit would
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: tiny)
+    monkeypatch.setattr("sdtrt.fileio.write_json", write_and_stop)
+    args = ["bench", "--backends", "torch,diffusers,torch+channels-last", "--height", "32",
+            "--width", "32", "--steps", "4", "--warmup", "0", "--repeats", "1",
+            "--json", str(tmp_path / "b.json")]  # fmt: skip
+    assert main(args) == 130  # interrupted
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record == written[-1] and record["complete"] is False
+    assert [(r["backend"], r["status"]) for r in record["results"]] == [
+        ("torch", "ok"),
+        ("diffusers", "ok"),
+    ]
+    assert [len(w["results"]) for w in written] == [1, 2]
