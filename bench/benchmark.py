@@ -336,7 +336,7 @@ def _make_target(
     target = Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
     if isinstance(options, TorchOptions) and options.compile_unet:
         target.compiled = True
-        engine._unet_call = _recording(engine._unet_call, target.run_args)
+        engine.unet_call = _recording(engine.unet_call, target.run_args)
     return target
 
 

@@ -33,7 +33,9 @@ class TorchBackend:
         self.dtype = dtype = getattr(torch, DTYPES[options.dtype])
         self.text_encoder = _moved(components["text_encoder"], self.device, dtype)
         self.unet_model = _moved(components["unet"], self.device, dtype)
-        self._unet_call = self._tuned(self.unet_model, options)
+        self.unet_call = self._tuned(self.unet_model, options)
+        """The UNet module as the options tune it (compiled where asked): every UNet call,
+        eager, graphed or inside a step graph, goes through it (the bench wraps it)."""
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
         self.size_multiple = ModelDims.from_components(components).vae_scale_factor
@@ -50,7 +52,7 @@ class TorchBackend:
     def _unet_forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        return self._unet_call(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+        return self.unet_call(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
 
     @staticmethod
     def _tuned(unet: Any, options: TorchOptions) -> Any:

@@ -58,7 +58,7 @@ def test_compiled_unet(tiny, images, plain, monkeypatch):
 
     counters.clear()
     backend, got = _latents(_own_copy(tiny), images, TorchOptions(compile_unet=True))
-    assert isinstance(backend._unet_call, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(backend.unet_call, torch._dynamo.eval_frame.OptimizedModule)
     assert counters["stats"]["unique_graphs"] == 1  # 8 steps, one compiled graph
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)  # fp32 rounding
     torch._dynamo.reset()
