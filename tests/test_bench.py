@@ -249,3 +249,26 @@ def test_a_run_cut_short_keeps_the_rows_it_finished(monkeypatch, tiny, tmp_path)
         ("diffusers", "ok"),
     ]
     assert [len(w["results"]) for w in written] == [1, 2]
+
+
+def test_the_gpu_scripts_rows_are_valid_rows():
+    """bench/gpu_check.sh runs on a lent GPU, in minutes counted: its stages and rows are
+    checked here first (a misspelt row would cost a device call)."""
+    import re
+    import subprocess
+
+    from sdtrt.bench.config import PEERS
+
+    script = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", "")
+    stages = re.search(r'^STAGES="([^"]+)"', text, re.MULTILINE)
+    assert stages is not None
+    assert sorted(stages.group(1).split()) == sorted(re.findall(r"^stage_(\w+)\(\)", text, re.M))
+    lists = re.findall(r"--backends\s+([\w+,-]+)", text)
+    assert len(lists) == 3
+    for rows in lists:
+        config = BenchConfig(backends=tuple(rows.split(",")), device="cuda", dtype="fp16")
+        for row in config.backends:
+            if row not in PEERS:
+                config.options_for(row)  # typed options: raises for a row that cannot run
