@@ -81,8 +81,9 @@ class Target:
     close: Callable[[], None] = lambda: None  # undoes what the target patched
     compiled: bool = False
     """Its UNet compiles per shape: the bench calls it only as the run did (``run_args``),
-    since another shape, layout or timestep dtype would compile again (a minute for
-    SD-1.5's UNet on a GPU) and turn torch's default compile dynamic for the rows after."""
+    since another shape, layout or timestep dtype would compile again (inductor took
+    31-40 s per new shape for the tiny UNet on the development CPU) and turn torch's
+    default compile dynamic for the rows after."""
     run_args: list[ArgLayout] = field(default_factory=list)
     """A compiled row's: the layout of the (sample, timestep, hidden) its run last passed."""
 
