@@ -70,12 +70,14 @@ stage_profile() {
     --backends torch+cuda-graphs,torch+step-graphs,diffusers \
     && gzip -f "$OUT"/traces/*.json
 }
-# Inductor under the step graphs against diffusers' torch.compile peer, beside plain
-# diffusers. Each compiles per shape in its first run (first_run_ms - p50 is the compile),
-# a minute or more for SD-1.5's UNet: batch 1 only by default (add `--batch 1,4` for four
-# compiles).
+# Inductor under the step graphs against diffusers' torch.compile peer (which compiles a
+# channels-last UNet), beside plain diffusers; then sdtrt's compile on a channels-last UNet
+# too, last, so that a cut-off loses it alone. Each compiles per shape in its first run
+# (first_run_ms - p50 is the compile): batch 1 only by default (`--batch 1,4` compiles
+# each twice).
 stage_compiled() {
-  bench compiled --batch 1 --backends diffusers,torch+step-graphs+compile,diffusers-compile
+  bench compiled --batch 1 --backends \
+    diffusers,torch+step-graphs+compile,diffusers-compile,torch+step-graphs+channels-last+compile
 }
 
 STAGES="tests table profile compiled"
