@@ -89,6 +89,39 @@ def tabulate(
     if prediction not in PREDICTIONS:
         return None
     begin = getattr(scheduler, "begin_index", None) or 0
+    ancestral = latents is not None
+
+    def rows() -> tuple[StepKind, torch.Tensor] | None:
+        return _rows(scheduler, timesteps, prediction, begin, ancestral)
+
+    # sdtrt's memoised schedulers keep values per schedule (fast_schedulers.py): a request
+    # with the steps and strength of an earlier one reuses its rows (UniPC's took 17 ms
+    # of host work per request on the development CPU).
+    memoised = getattr(scheduler, "_memoised", None)
+    key = ("step table", begin, len(timesteps), ancestral)
+    tabled = memoised(key, rows) if memoised is not None else rows()
+    if tabled is None:
+        return None
+    kind, values = tabled
+    noise = None
+    if kind.noise and latents is not None:
+        # diffusers' draws: one per step, the model output's shape, dtype and device.
+        noise = torch.stack(
+            [
+                randn_tensor(
+                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+                )
+                for _ in range(len(values))
+            ]
+        )
+    values = values.to(timesteps.device, torch.float32)
+    return StepTable(kind, values, timesteps.clone(), noise)
+
+
+def _rows(
+    scheduler: Any, timesteps: torch.Tensor, prediction: str, begin: int, ancestral: bool
+) -> tuple[StepKind, torch.Tensor] | None:
+    """The kind and the [steps, columns] float32 values of the steps left, on the host."""
     steps = range(len(timesteps))
     config: Any = scheduler.config
     if isinstance(scheduler, LMSDiscreteScheduler):
@@ -104,7 +137,7 @@ def tabulate(
     ):
         rows = [_ddim_row(scheduler, int(t)) for t in timesteps.cpu()]
         name, history = "ddim", 0
-    elif isinstance(scheduler, CachedEulerAncestralDiscreteScheduler) and latents is not None:
+    elif isinstance(scheduler, CachedEulerAncestralDiscreteScheduler) and ancestral:
         on_host = _on_host(scheduler)
         rows = [_euler_ancestral_row(on_host, begin + i) for i in steps]
         name, history = "euler_a", 0
@@ -123,20 +156,7 @@ def tabulate(
     if not rows:
         return None
     kind = StepKind(name, prediction, tuple(rows[0]), history, noise=name == "euler_a")
-    values = torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
-    noise = None
-    if kind.noise and latents is not None:
-        # diffusers' draws: one per step, the model output's shape, dtype and device.
-        noise = torch.stack(
-            [
-                randn_tensor(
-                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-                )
-                for _ in rows
-            ]
-        )
-    values = values.to(timesteps.device, torch.float32)
-    return StepTable(kind, values, timesteps.clone(), noise)
+    return kind, torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
 
 
 def _on_host(scheduler: Any) -> Any:
