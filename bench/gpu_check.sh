@@ -6,10 +6,11 @@
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
-# (inductor compiles SD-1.5's UNet once per shape, a minute or more each) cannot starve the
-# rest. A bench cut off leaves the rows it finished in bench_NAME.json ("complete": false)
-# and its per-row log lines (p50, UNet ms/call, host ms/step) in bench_NAME.md. With PACK=FILE.tgz set, everything under $OUT but the traces is packed
-# into FILE after each stage (the device tool brings back 8 files at most).
+# (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
+# the rest. A bench cut off leaves the rows it finished in bench_NAME.json ("complete":
+# false) and its per-row log lines (p50, UNet ms/call, host ms/step) in bench_NAME.md.
+# With PACK=FILE.tgz set, everything under $OUT but the traces is packed into FILE after
+# each stage (the device tool brings back 8 files at most).
 #
 # Prepare here (on the development machine), once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \

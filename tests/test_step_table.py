@@ -159,7 +159,7 @@ def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
 @pytest.mark.parametrize("scheduler", ["unipc", "euler_a"])
 def test_a_schedule_seen_before_reuses_its_rows(tiny, scheduler, monkeypatch):
     """The rows of a schedule are computed once per scheduler (host work: UniPC's took
-    17 ms a request on the development CPU) and reused for the same steps and start; any
+    13 ms a request on the development CPU) and reused for the same steps and start; any
     other schedule, or start, computes its own. Euler A's noise is drawn anew each time."""
     from sdtrt.runtime import step_table
 
