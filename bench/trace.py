@@ -13,7 +13,6 @@ launch per step and idle time near zero.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from sdtrt.bench.timing import synchronize
+from sdtrt.fileio import atomic_path
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -40,10 +40,8 @@ def profiled(run: Callable[[], int], device: torch.device, path: Path) -> dict[s
     with profile(activities=activities) as prof:
         unet_calls = run()
         synchronize(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    prof.export_chrome_trace(str(partial))
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        prof.export_chrome_trace(str(partial))
     summary = summarize(json.loads(path.read_text())["traceEvents"], unet_calls)
     return {**summary, "trace": str(path)}
 
