@@ -140,34 +140,28 @@ class CachedDPMSolverMultistepScheduler(
         return scale * sample - first * d0 - second * d1
 
     def _second_order_coefficients(self) -> tuple[torch.Tensor, ...]:
-        # diffusers' operations, in its order.
-        sigma_t, sigma_s0, sigma_s1 = (
-            self.sigmas[self.step_index + 1],
-            self.sigmas[self.step_index],
-            self.sigmas[self.step_index - 1],
-        )
-        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma_t)
-        alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(sigma_s0)
-        alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(sigma_s1)
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
-        lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        first = alpha_t * (torch.exp(-h) - 1.0)
-        return sigma_t / sigma_s0, 1.0 / r0, first, 0.5 * first
+        scale, first, h, lambda_s0 = self._first_order_terms()
+        lambda_s1 = self._alpha_sigma_lambda(self.step_index - 1)[2]
+        r0 = (lambda_s0 - lambda_s1) / h
+        return scale, 1.0 / r0, first, 0.5 * first
 
     def _first_order_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``dpm_solver_first_order_update``'s factors (dpmsolver++): x_t = scale * x -
         first * x0. Not used by ``step`` (diffusers' own runs); the step tables read it."""
-        # diffusers' operations, in its order.
-        sigma_t, sigma_s = self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
-        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma_t)
-        alpha_s, sigma_s = self._sigma_to_alpha_sigma_t(sigma_s)
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+        scale, first, _, _ = self._first_order_terms()
+        return scale, first
+
+    def _first_order_terms(self) -> tuple[torch.Tensor, ...]:
+        """From step ``s`` to ``t``: scale, first, h and lambda_s, with diffusers' operations
+        in its order (the second-order update shares them)."""
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index + 1)
+        _, sigma_s, lambda_s = self._alpha_sigma_lambda(self.step_index)
         h = lambda_t - lambda_s
-        return sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0)
+        return sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0), h, lambda_s
+
+    def _alpha_sigma_lambda(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
 class CachedUniPCMultistepScheduler(
