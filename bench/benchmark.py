@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +52,18 @@ class ArgLayout:
 def _recording(
     fn: Callable[..., Any], seen: list[ArgLayout], options: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
-    """``fn``, remembering the layouts of the first three tensors it was passed (a UNet's
-    sample, timestep and hidden states, as sdtrt and diffusers call it) and, in
-    ``options``, its other keyword arguments: host work alone, so a call inside a CUDA
-    graph capture records nothing into the graph."""
+    """``fn``, remembering the layouts of the first three tensors of its first call since
+    ``seen`` was emptied (a UNet's sample, timestep and hidden states, as sdtrt and diffusers
+    call it) and, in ``options``, its other keyword arguments. Host work alone (a call
+    inside a CUDA graph capture records nothing into the graph), and once: the calls after
+    pay one check, not the 6 us a recording takes."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        seen[:] = [ArgLayout.of(t) for t in tensors[:3]]
-        if options is not None:
-            options.clear()
-            options.update((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))
+        if not seen:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            seen[:] = [ArgLayout.of(t) for t in tensors[:3]]
+            if options is not None:
+                options.update((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))
         return fn(*args, **kwargs)
 
     return call
@@ -79,13 +80,12 @@ class Target:
     device: torch.device
     dims: ModelDims  # C of encoder_hidden_states, pixels per latent
     close: Callable[[], None] = lambda: None  # undoes what the target patched
-    compiled: bool = False
-    """Its UNet compiles per shape: the bench calls it only as the run did (``run_args``),
-    since another shape, layout or timestep dtype would compile again (inductor took
-    31-40 s per new shape for the tiny UNet on the development CPU) and turn torch's
+    run_args: list[ArgLayout] | None = None
+    """Set where the UNet compiles per shape: the layouts of the (sample, timestep, hidden)
+    the run passed it, recorded at each batch's first call. The bench calls such a UNet
+    only so, since another shape, layout or timestep dtype would compile again (inductor
+    took 31-40 s per new shape for the tiny UNet on the development CPU) and turn torch's
     default compile dynamic for the rows after."""
-    run_args: list[ArgLayout] = field(default_factory=list)
-    """A compiled row's: the layout of the (sample, timestep, hidden) its run last passed."""
 
 
 def run_bench(
@@ -167,6 +167,8 @@ def _progress(backend: str, row: dict[str, Any]) -> str:
 
 def _measure(target: Target, batch: int, config: BenchConfig, timer: StageTimer) -> dict[str, Any]:
     device = target.device
+    if target.run_args is not None:
+        target.run_args.clear()  # recorded anew at this batch's first UNet call
     first_run_ms = None
     for i in range(config.warmup):
         with stopwatch(lambda: synchronize(device)) as watch:
@@ -252,7 +254,7 @@ def _unet_batching(target: Target, batch: int, config: BenchConfig) -> dict[str,
         return statistics.median(runs[1:])  # the first is a warm-up
 
     two_calls: float | None = None
-    if target.compiled:  # the run's own call, and no other
+    if target.run_args is not None:  # compiled: the run's own call, and no other
         sample, timestep, states = target.run_args
         args = (sample.new(device), timestep.new(device, fill=500), states.new(device))
         one_call = timed(lambda: target.unet(*args))
@@ -343,7 +345,7 @@ def _make_target(
 
     target = Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
     if isinstance(options, TorchOptions) and options.compile_unet:
-        target.compiled = True
+        target.run_args = []
         engine.unet_call = _recording(engine.unet_call, target.run_args)
     return target
 
@@ -422,9 +424,12 @@ def _diffusers_target(
     ]
     pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
     unet_forward = pipe.unet.forward
-    run_args: list[ArgLayout] = []
+    pipe.unet.forward = timer.wrap("unet", unet_forward)
+    run_args: list[ArgLayout] | None = None
     run_options: dict[str, Any] = {}  # diffusers' other arguments (return_dict=False...)
-    pipe.unet.forward = _recording(timer.wrap("unet", unet_forward), run_args, run_options)
+    if backend == "diffusers-compile":
+        run_args = []
+        pipe.unet.forward = _recording(pipe.unet.forward, run_args, run_options)
     pipe.vae.encode = encode_and_mark
     pipe.vae.decode = timer.wrap("vae_decoder", pipe.vae.decode)
 
@@ -457,6 +462,5 @@ def _diffusers_target(
         torch.device(config.device),
         ModelDims.from_components(components),
         close,
-        compiled=backend == "diffusers-compile",
         run_args=run_args,
     )
