@@ -281,17 +281,18 @@ class TensorRTBackend:
     def unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        args = self._fed(sample, timestep, encoder_hidden_states)
         if self._graphed_unet is not None:
+            args = self._fed(sample, timestep, encoder_hidden_states)
             return self._graphed_unet(*args).float()  # the graph's output is a clone already
-        return owned(self._unet_enqueue(*args))
+        return self._step_unet(sample, timestep, encoder_hidden_states)
 
     def _step_unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        """The UNet as a captured step calls it: casts, the copy into the engine's buffers,
-        the enqueue and the copy out all go on the stream, and so into the step's graph
-        (one timestep for every row: a step's rows are at one step)."""
+        """The UNet enqueued as it comes, as eager calls and captured steps make it: casts,
+        the copy into the engine's buffers, the enqueue and the copy out all go on the
+        stream, and so into a step's graph (one timestep for every row: a step's rows are
+        at one step)."""
         return owned(self._unet_enqueue(*self._fed(sample, timestep, hidden)))
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
