@@ -8,6 +8,8 @@ results stay bit-identical to diffusers (the exactness tests hold them to it).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,24 +38,38 @@ else:
     _Scheduler = object
 
 
+# Memos are shared by every scheduler of one class and config: the server makes a scheduler
+# per request, and each would otherwise start cold (LMS integrates its coefficients with
+# scipy again: about 3 ms a step on a 2-core CPU). At most this many schedules are kept.
+MAX_SHARED_SCHEDULES = 64
+_shared_memos: OrderedDict[tuple[Any, ...], dict[Any, Any]] = OrderedDict()
+_shared_lock = threading.Lock()
+
+
 class _PerScheduleCache(_Scheduler):
     """One memo per timestep schedule, chosen in ``set_timesteps``: values computed for a
-    schedule are reused by every later run with the same schedule. No ``__init__``:
-    diffusers' ``from_config`` reads the scheduler's own signature."""
+    schedule are reused by every later run with the same schedule, on this scheduler and on
+    any other of the same class and config. No ``__init__``: diffusers' ``from_config``
+    reads the scheduler's own signature."""
 
-    _schedule_caches: dict[bytes, dict[Any, Any]]
     _cache: dict[Any, Any]
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
         super().set_timesteps(*args, **kwargs)
-        if not hasattr(self, "_schedule_caches"):
-            self._schedule_caches = {}
         schedule = getattr(self, "sigmas", None)
         if schedule is None:  # DDIM: its schedule is the timesteps and their count
             schedule = self.timesteps
         steps = self.num_inference_steps
-        key = schedule.cpu().numpy().tobytes() + f"{steps}{schedule.device}".encode()
-        self._cache = self._schedule_caches.setdefault(key, {})
+        config = tuple(sorted((name, repr(value)) for name, value in self.config.items()))
+        key = (type(self), config, schedule.cpu().numpy().tobytes(), steps, str(schedule.device))
+        with _shared_lock:
+            memo = _shared_memos.get(key)
+            if memo is None:
+                memo = _shared_memos[key] = {}
+                if len(_shared_memos) > MAX_SHARED_SCHEDULES:
+                    _shared_memos.popitem(last=False)
+            _shared_memos.move_to_end(key)
+        self._cache = memo
 
     def _memoised(self, key: Any, compute: Any) -> Any:
         value = self._cache.get(key)
@@ -89,25 +105,23 @@ class CachedLMSDiscreteScheduler(_PerScheduleCache, _MemoisedInputScale, LMSDisc
         return self._memoised((order, t, current_order), lambda: compute(order, t, current_order))
 
 
-class _MemoisedAlphaSigma(_Scheduler):
+class _MemoisedAlphaSigma(_PerScheduleCache):
     """``_sigma_to_alpha_sigma_t`` is called 4-7 times a step by the multistep solvers, each
     time a handful of 0-d tensor ops; its result depends on the sigma's value alone."""
 
     def _sigma_to_alpha_sigma_t(self, sigma: torch.Tensor) -> Any:
         parent = super()._sigma_to_alpha_sigma_t
-        if not isinstance(sigma, torch.Tensor) or sigma.device.type != "cpu" or sigma.ndim:
-            return parent(sigma)  # reading a GPU value would synchronise: compute instead
-        cache: dict[tuple[float, torch.dtype], Any] = self.__dict__.setdefault("_alpha_sigma", {})
-        key = (float(sigma), sigma.dtype)
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = parent(sigma)
-        return hit
+        if (
+            not isinstance(sigma, torch.Tensor)
+            or sigma.device.type != "cpu"  # reading a GPU value would synchronise
+            or sigma.ndim
+            or not hasattr(self, "_cache")  # before set_timesteps: no schedule yet
+        ):
+            return parent(sigma)
+        return self._memoised(("alpha_sigma", float(sigma), sigma.dtype), lambda: parent(sigma))
 
 
-class CachedDPMSolverMultistepScheduler(
-    _PerScheduleCache, _MemoisedAlphaSigma, DPMSolverMultistepScheduler
-):
+class CachedDPMSolverMultistepScheduler(_MemoisedAlphaSigma, DPMSolverMultistepScheduler):
     """DPM-Solver++(2M)'s second-order update: its 0-d coefficients (lambdas, h, r0 and the
     products that scale sample, D0 and D1) depend only on the schedule and the step index.
     Memoised per schedule for the midpoint dpmsolver++ solver (DPM++ 2M); every other
@@ -164,9 +178,7 @@ class CachedDPMSolverMultistepScheduler(
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
-class CachedUniPCMultistepScheduler(
-    _PerScheduleCache, _MemoisedAlphaSigma, UniPCMultistepScheduler
-):
+class CachedUniPCMultistepScheduler(_MemoisedAlphaSigma, UniPCMultistepScheduler):
     """UniPC's predictor and corrector each compute, every step, a dozen 0-d tensors (log
     alphas and sigmas, h, the ratios r_k, B(h), a small linear solve for the rho weights)
     that depend only on the schedule, the step index and the order. They are computed here

@@ -94,3 +94,34 @@ def test_third_order_unipc_equals_diffusers(tiny, images):
         "a", images[0], generator=torch.Generator().manual_seed(7), **kwargs
     ).images
     assert float(np.abs(got.images - want).max()) == 0.0
+
+
+def test_schedulers_of_one_config_share_their_memo(tiny, images, monkeypatch):
+    """The server makes a scheduler per request: a new one starts with the memo of an
+    earlier one of the same class, config and schedule (LMS integrates no coefficient
+    again) and stays exact; another config keeps a memo of its own."""
+    from scipy import integrate
+
+    kwargs = dict(strength=0.75, num_inference_steps=8, guidance_scale=8.0, output_type="np")
+
+    def run(components):
+        pipe = Img2ImgPipeline.from_components(components, show_progress=False)
+        out = pipe("a", images[0], generator=torch.Generator().manual_seed(3), **kwargs)
+        return pipe.scheduler, out.images
+
+    first, _ = run(tiny)
+    quad = integrate.quad
+    integrals = []
+    monkeypatch.setattr(integrate, "quad", lambda *a, **k: integrals.append(1) or quad(*a, **k))
+    second, got = run(tiny)
+    assert second is not first and second._cache is first._cache and not integrals
+    want = diffusers_img2img(tiny, "LMSDiscreteScheduler")(
+        "a", images[0], generator=torch.Generator().manual_seed(3), **kwargs
+    ).images
+    assert float(np.abs(got - want).max()) == 0.0
+    other = dict(tiny)
+    other["scheduler"] = type(tiny["scheduler"]).from_config(
+        tiny["scheduler"].config, beta_end=0.0121
+    )
+    third, _ = run(other)
+    assert third._cache is not first._cache and integrals
