@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.clock import stopwatch
+from sdtrt.runtime.clock import elapsed_ms, mark
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -26,7 +26,7 @@ class StageTimer:
     the GPU around it: the host keeps queueing ahead as it does untimed, so that a row whose
     UNet is a call of its own pays no more synchronisation than a row whose UNet runs inside
     a step graph. ``settle`` (after a run's final synchronisation) adds the events' times.
-    On the CPU, calls are synchronous: wall time.
+    On the CPU, calls are synchronous: wall time (``sdtrt.runtime.clock.mark``).
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -43,11 +43,11 @@ class StageTimer:
         self._pending.clear()
 
     def settle(self) -> None:
-        """Wait for the GPU once and add the recorded calls' times to their stages."""
+        """Wait for the device once and add the recorded calls' times to their stages."""
         if self._pending:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             for stage, start, end in self._pending:
-                self.totals[stage] += start.elapsed_time(end)
+                self.totals[stage] += elapsed_ms(start, end)
             self._pending.clear()
 
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,17 +56,9 @@ class StageTimer:
             if not self.enabled:
                 return fn(*args, **kwargs)
             self.calls[stage] += 1
-            if self.device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-                self._pending.append((stage, start, end))
-                return out
-            with stopwatch(lambda: None) as watch:
-                out = fn(*args, **kwargs)
-            self.totals[stage] += watch.ms
+            start = mark(self.device)
+            out = fn(*args, **kwargs)
+            self._pending.append((stage, start, mark(self.device)))
             return out
 
         return timed

@@ -1,12 +1,16 @@
-"""The one clock of sdtrt's timings: wall time between two device synchronisations, so that
+"""sdtrt's clocks. ``stopwatch``: wall time between two device synchronisations, so that
 queued GPU work is inside the interval it belongs to (gpt-fast's rule: sync before every
-clock read)."""
+clock read). ``mark``: a point in the device's queue, for timing work without waiting for
+it (CUDA events): read the marks after one synchronisation."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import torch
 
 
 class Stopwatch:
@@ -23,3 +27,27 @@ def stopwatch(synchronize: Callable[[], None]) -> Iterator[Stopwatch]:
     yield watch
     synchronize()
     watch.ms = (time.perf_counter() - start) * 1e3
+
+
+def mark(device: torch.device) -> Any:
+    """A point in ``device``'s queue: a CUDA event recorded on the current stream; elsewhere
+    (calls are synchronous) the wall time now. ``elapsed_ms`` reads two of them."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def elapsed_ms(start: Any, end: Any) -> float:
+    """Milliseconds between two marks; on a GPU, once the device has passed ``end`` (after a
+    synchronisation, or ``wait(end)``)."""
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    return float(start.elapsed_time(end))
+
+
+def wait(point: Any) -> None:
+    """Block until the device has passed the mark (on the CPU it already has)."""
+    if not isinstance(point, float):
+        point.synchronize()

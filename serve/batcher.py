@@ -5,6 +5,9 @@ and number of steps. Every iteration of the worker makes ONE UNet call for the a
 of one latent size: their rows concatenated, each row at its own timestep; then each job
 applies its guidance and its own ``scheduler.step``. New requests join at the next
 iteration, finished ones leave and are decoded together. Size groups are served in turn.
+The worker does not wait for the device between steps: it queues at most ``RUN_AHEAD``
+steps ahead of the GPU, and reads results (images, finiteness, stage times) only when jobs
+finish.
 
 Two reference policies run through the same machinery, for the load benchmark: ``request``
 (wait up to a queue delay for requests with identical parameters, run them as one batch
@@ -35,12 +38,18 @@ from sdtrt.errors import (
     ServerBusyError,
 )
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
+from sdtrt.runtime.clock import elapsed_ms, mark, wait
 from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
 logger = logging.getLogger(__name__)
+
+# Steps the worker may have queued on the device beyond the one running: enough for the
+# host's work on the next step (inputs, launches, scheduler updates) to overlap the GPU's
+# work on this one, few enough that a cancelled or late job stops within a step or two.
+RUN_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,8 @@ class Job:
     index: int = 0
     latents: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     embeddings: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    timings: dict[str, float] = field(default_factory=dict)
+    spans: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """(stage, start mark, end mark) of each batched call the job took part in."""
 
     @property
     def rows(self) -> int:
@@ -117,8 +127,13 @@ class Job:
         """Drop the job at the next iteration (the client went away)."""
         self.cancelled = True
 
-    def add_time(self, stage: str, ms: float) -> None:
-        self.timings[stage] = self.timings.get(stage, 0.0) + ms
+    def timings(self) -> dict[str, float]:
+        """Milliseconds per stage, summed over the job's calls; read once the device has
+        passed their marks."""
+        totals: dict[str, float] = {}
+        for stage, start, end in self.spans:
+            totals[stage] = totals.get(stage, 0.0) + elapsed_ms(start, end)
+        return totals
 
 
 @dataclass
@@ -150,6 +165,8 @@ class StepBatcher:
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
         self.timeout = options.timeout
         self.per_row_timesteps = self.backend.per_row_timesteps
+        self.device = self.backend.device
+        self._queued: deque[Any] = deque()  # the end marks of the steps queued on the device
         self.stats = BatcherStats()
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []
@@ -296,7 +313,7 @@ class StepBatcher:
         latents from its own generator (diffusers' draws, in diffusers' order)."""
         backend, pipe = self.backend, self.pipeline
         guided = [job for job in jobs if job.rows == 2]
-        start = time.perf_counter()
+        start = mark(self.device)
         cond = backend.encode_text(token_ids(pipe.tokenizer, [j.request.prompt for j in jobs]))
         uncond = None
         if guided:
@@ -310,7 +327,7 @@ class StepBatcher:
             else:
                 job.embeddings = cond[i : i + 1]
         for size_jobs in _by_size(jobs).values():
-            start = time.perf_counter()
+            start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
             parameters = backend.encode_image(pixels)
             self._charge(size_jobs, "vae_encoder", start)
@@ -367,7 +384,9 @@ class StepBatcher:
                 self._unet_step([job])
 
     def _unet_call(self, jobs: list[Job]) -> None:
-        start = time.perf_counter()
+        while len(self._queued) >= RUN_AHEAD:
+            wait(self._queued.popleft())
+        start = mark(self.device)
         inputs, steps, hidden = [], [], []
         for job in jobs:
             t = job.timesteps[job.index]
@@ -388,24 +407,24 @@ class StepBatcher:
                 job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
             )
             job.index += 1
-        self._charge(jobs, "denoise", start)
-        for job in jobs:
-            if not torch.isfinite(job.latents).all():
-                self.active.remove(job)
-                self._fail(job, NonFiniteOutputError("the UNet produced NaN or infinite latents"))
+        self._queued.append(self._charge(jobs, "denoise", start))
 
     def _finish(self, jobs: list[Job]) -> None:
         pipe = self.pipeline
         for size_jobs in _by_size(jobs).values():
-            start = time.perf_counter()
+            start = mark(self.device)
             latents = torch.cat([j.latents for j in size_jobs])
             decoded = self.backend.decode_latents(latents / pipe.scaling_factor)
             self._charge(size_jobs, "vae_decoder", start)
+            self.backend.synchronize()  # the device's work for these jobs is done: read it
+            # NaN or inf latents decode to NaN: one read of the images finds both; the
+            # latents are looked at only to name the network that failed.
+            finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
             for i, job in enumerate(size_jobs):
-                one = decoded[i : i + 1]
-                if not torch.isfinite(one).all():
-                    self._fail(job, NonFiniteOutputError("the VAE decoder produced NaN or inf"))
+                if not finite[i]:
+                    self._fail(job, _non_finite(job.latents))
                     continue
+                one = decoded[i : i + 1]
                 array = pipe.image_processor.postprocess(one, output_type="np")[0]
                 image = pipe.image_processor.numpy_to_pil(array[None])[0]
                 total = (time.monotonic() - job.submitted) * 1e3
@@ -415,21 +434,29 @@ class StepBatcher:
                     seed=job.request.seed,
                     unet_calls=len(job.timesteps),
                     queue_wait_ms=(job.admitted - job.submitted) * 1e3,
-                    timings_ms={**job.timings, "total": total},
+                    timings_ms={**job.timings(), "total": total},
                 )
                 if not job.future.done():
                     job.future.set_result(result)
 
-    def _charge(self, jobs: list[Job], stage: str, start: float) -> None:
-        self.backend.synchronize()
-        ms = (time.perf_counter() - start) * 1e3
+    def _charge(self, jobs: list[Job], stage: str, start: Any) -> Any:
+        """Charge the device's work queued since ``start`` to ``stage`` of each job, without
+        waiting for it; the end mark."""
+        end = mark(self.device)
         for job in jobs:
-            job.add_time(stage, ms)
+            job.spans.append((stage, start, end))
+        return end
 
     @staticmethod
     def _fail(job: Job, exc: BaseException) -> None:
         if not job.future.done():
             job.future.set_exception(exc)
+
+
+def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:
+    if not torch.isfinite(latents).all():
+        return NonFiniteOutputError("the UNet produced NaN or infinite latents")
+    return NonFiniteOutputError("the VAE decoder produced NaN or infinite values")
 
 
 def _by_size(jobs: list[Job]) -> dict[tuple[int, int], list[Job]]:

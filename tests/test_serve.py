@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import free_port, png_bytes
 
-from sdtrt.errors import DeadlineExceededError, RequestCancelledError
+from sdtrt.errors import DeadlineExceededError, NonFiniteOutputError, RequestCancelledError
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
@@ -214,6 +214,105 @@ def test_one_failing_job_fails_only_its_request(tiny, image):
             assert float(np.abs(got - want).max()) <= MIXED_BOUND
     finally:
         batcher.close()
+
+
+class _NonFiniteBackend(_OneTimestepBackend):
+    """NaN from the UNet for the rows of one prompt, or from every VAE decode."""
+
+    per_row_timesteps = True
+
+    def __init__(self, backend, poison=None):
+        super().__init__(backend)
+        self.poison = poison
+
+    def unet(self, sample, timestep, hidden):
+        out = self._backend.unet(sample, timestep, hidden)
+        if self.poison is not None:
+            out[(hidden == self.poison).flatten(1).all(1)] = float("nan")
+        return out
+
+    def decode_latents(self, latents):
+        out = self._backend.decode_latents(latents)
+        return out if self.poison is not None else out * float("nan")
+
+
+def test_non_finite_latents_or_images_fail_only_their_request(tiny, image):
+    """Finiteness is read once, when jobs finish (not at every step): a job whose latents
+    went NaN fails then, naming the UNet; the jobs batched with it are unharmed."""
+    from sdtrt.runtime.steps import token_ids
+
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    poison = pipe.backend.encode_text(token_ids(pipe.tokenizer, ["poison"]))[0]
+    pipe.backend = _NonFiniteBackend(pipe.backend, poison)
+    requests = [
+        Img2ImgRequest(prompt=p, image=image, strength=0.5, num_inference_steps=6, seed=1)
+        for p in ("fine", "poison", "also fine")
+    ]
+    batcher = StepBatcher(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        with pytest.raises(NonFiniteOutputError, match="the UNet produced NaN"):
+            futures[1].result(timeout=60)
+        for i in (0, 2):
+            got = futures[i].result(timeout=60).array
+            assert float(np.abs(got - _reference(tiny, requests[i], image)).max()) <= MIXED_BOUND
+    finally:
+        batcher.close()
+    pipe.backend = _NonFiniteBackend(pipe.backend._backend)  # finite latents, NaN images
+    with pytest.raises(NonFiniteOutputError, match="the VAE decoder produced NaN"):
+        _run_all(pipe, [requests[0]])
+
+
+class _ValueReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values into Python (each one waits for the GPU there)."""
+
+    READS = frozenset(
+        ["__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "nonzero"]
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a"])
+def test_a_step_reads_no_tensor_value(tiny, image, scheduler):
+    """The worker never waits for the device inside a step (it may run RUN_AHEAD steps
+    ahead of the GPU): no finiteness check, clock or timestep read in the UNet call and
+    the schedulers' updates. On this CPU a read costs nothing; here every read is counted,
+    so the test takes schedulers that read none (DPM++ and UniPC read host-side sigmas,
+    which on a GPU wait for nothing; DDIM, PNDM and Euler read device timesteps in
+    diffusers' own code)."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    counts = []
+
+    class Counted(StepBatcher):
+        def _unet_call(self, jobs):
+            with _ValueReads() as mode:
+                super()._unet_call(jobs)
+            counts.append(len(mode.reads))
+
+    requests = [
+        Img2ImgRequest(image=image, strength=s, num_inference_steps=10, scheduler=scheduler)
+        for s in (0.5, 0.8)
+    ]
+    _reference(tiny, requests[1], image)  # the schedule's memo is shared: warm it
+    batcher = Counted(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert [r.unet_calls for r in results] == [5, 8]
+    assert counts == [0] * 8
+    assert all(r.timings_ms["denoise"] > 0 for r in results)
 
 
 def test_a_cancelled_or_late_job_is_dropped_at_the_next_step(pipe, image):
