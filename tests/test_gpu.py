@@ -173,6 +173,42 @@ def test_stage_timer_times_gpu_calls_with_events():
 
 
 @cuda
+def test_serve_steps_do_not_wait_for_the_gpu(tiny):
+    """The server's worker on CUDA: no step makes a synchronising call (PyTorch's sync
+    debug mode raises on one), and a request served alone equals the pipeline on CUDA."""
+    import PIL.Image
+
+    from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
+
+    pipe = Img2ImgPipeline.from_components(
+        _own(tiny), TorchOptions(device="cuda"), show_progress=False
+    )
+    pixels = (_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    request = Img2ImgRequest(prompt="a", image=PIL.Image.fromarray(pixels), strength=0.75,
+                             num_inference_steps=8, seed=4)  # fmt: skip
+    want = pipe("a", request.image, strength=0.75, num_inference_steps=8, output_type="np",
+                generator=torch.Generator().manual_seed(4)).images[0]  # fmt: skip
+    steps = []
+
+    class Strict(StepBatcher):
+        def _unet_call(self, jobs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                super()._unet_call(jobs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            steps.append(len(jobs))
+
+    batcher = Strict(pipe)
+    try:
+        result = batcher.submit(batcher.prepare(request)).result(timeout=120)
+    finally:
+        batcher.close()
+    assert steps == [1] * 6 and result.unet_calls == 6
+    np.testing.assert_allclose(result.array, want, atol=1e-6)
+
+
+@cuda
 def test_profile_shows_one_graph_launch_per_step(tiny, tmp_path, monkeypatch):
     """bench --profile on a real GPU trace: the eager loop launches its kernels one by one,
     the step-graph loop launches one graph per step and keeps the GPU busier."""
