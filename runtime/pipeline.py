@@ -221,10 +221,12 @@ class Img2ImgPipeline:
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
             else:
-                for t in tqdm(timesteps, disable=not self.show_progress, desc="denoising"):
-                    model_input = unet_input(scheduler, latents, t, do_guidance)
+                on_host = timesteps.cpu()  # the scheduler's (start_timesteps says why)
+                bar = tqdm(on_host, disable=not self.show_progress, desc="denoising")
+                for t, t_host in zip(timesteps, bar, strict=True):
+                    model_input = unet_input(scheduler, latents, t_host, do_guidance)
                     noise_pred = self.backend.unet(model_input, t, text_embeddings)
-                    latents = step(scheduler, noise_pred, t, latents, guidance_scale, extra)
+                    latents = step(scheduler, noise_pred, t_host, latents, guidance_scale, extra)
         _check_finite(latents, "unet")
 
         # 7. Decode.

@@ -35,8 +35,10 @@ def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
 
 
 def start_timesteps(scheduler: Any, num_inference_steps: int, t_start: int, device: Any) -> Any:
-    """The timesteps left after skipping ``t_start`` steps (the scheduler is told where it
-    begins, as diffusers' img2img does)."""
+    """The timesteps left after skipping ``t_start`` steps, on ``device`` (the scheduler is
+    told where it begins, as diffusers' img2img does). The UNet takes these; the scheduler
+    takes each from a host copy (``.cpu()``, once): DDIM and PNDM read a timestep's value,
+    which from a GPU tensor would wait for the device at every step."""
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):

@@ -98,6 +98,8 @@ class Job:
     generator: torch.Generator | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     timesteps: Any = None
+    host_timesteps: Any = None
+    """The scheduler's copy (``start_timesteps`` says why)."""
     index: int = 0
     latents: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     embeddings: torch.Tensor = field(default_factory=lambda: torch.empty(0))
@@ -343,6 +345,7 @@ class StepBatcher:
         job.timesteps = start_timesteps(
             job.scheduler, r.num_inference_steps, job.t_start, self.backend.device
         )
+        job.host_timesteps = job.timesteps.cpu()
         scaling = self.pipeline.scaling_factor
         job.latents = noised_latents(
             parameters, scaling, 1, job.scheduler, job.timesteps[:1], job.generator
@@ -355,7 +358,7 @@ class StepBatcher:
         for job in self.active:
             key: Any = job.size
             if not self.per_row_timesteps:
-                key = (job.size, float(job.timesteps[job.index]))
+                key = (job.size, float(job.host_timesteps[job.index]))
             groups.setdefault(key, []).append(job)
         if not groups:
             return []
@@ -389,9 +392,9 @@ class StepBatcher:
         start = mark(self.device)
         inputs, steps, hidden = [], [], []
         for job in jobs:
-            t = job.timesteps[job.index]
+            t = job.host_timesteps[job.index]
             inputs.append(unet_input(job.scheduler, job.latents, t, job.rows == 2))
-            steps.append(t.reshape(1).float().expand(job.rows))
+            steps.append(job.timesteps[job.index].reshape(1).float().expand(job.rows))
             hidden.append(job.embeddings)
         noise_pred = self.backend.unet(torch.cat(inputs), torch.cat(steps), torch.cat(hidden))
         rows = noise_pred.shape[0]
@@ -402,7 +405,7 @@ class StepBatcher:
         for job in jobs:
             pred = noise_pred[offset : offset + job.rows]
             offset += job.rows
-            t = job.timesteps[job.index]
+            t = job.host_timesteps[job.index]
             job.latents = step(
                 job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
             )

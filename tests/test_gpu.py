@@ -173,19 +173,21 @@ def test_stage_timer_times_gpu_calls_with_events():
 
 
 @cuda
-def test_serve_steps_do_not_wait_for_the_gpu(tiny):
+@pytest.mark.parametrize("scheduler", ["lms", "ddim", "pndm"])
+def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
     """The server's worker on CUDA: no step makes a synchronising call (PyTorch's sync
-    debug mode raises on one), and a request served alone equals the pipeline on CUDA."""
+    debug mode raises on one; DDIM and PNDM read timesteps from the host copy), and a
+    request served alone equals the pipeline on CUDA."""
     import PIL.Image
 
     from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
 
     pipe = Img2ImgPipeline.from_components(
-        _own(tiny), TorchOptions(device="cuda"), show_progress=False
+        _own(tiny), TorchOptions(device="cuda"), scheduler=scheduler, show_progress=False
     )
     pixels = (_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     request = Img2ImgRequest(prompt="a", image=PIL.Image.fromarray(pixels), strength=0.75,
-                             num_inference_steps=8, seed=4)  # fmt: skip
+                             num_inference_steps=8, seed=4, scheduler=scheduler)  # fmt: skip
     want = pipe("a", request.image, strength=0.75, num_inference_steps=8, output_type="np",
                 generator=torch.Generator().manual_seed(4)).images[0]  # fmt: skip
     steps = []
@@ -204,7 +206,8 @@ def test_serve_steps_do_not_wait_for_the_gpu(tiny):
         result = batcher.submit(batcher.prepare(request)).result(timeout=120)
     finally:
         batcher.close()
-    assert steps == [1] * 6 and result.unet_calls == 6
+    calls = 7 if scheduler == "pndm" else 6  # PNDM (PLMS) makes one UNet call more
+    assert steps == [1] * calls and result.unet_calls == calls
     np.testing.assert_allclose(result.array, want, atol=1e-6)
 
 
