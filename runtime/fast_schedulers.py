@@ -500,12 +500,7 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
             return super().step(model_output, timestep, sample, generator, return_dict)
         sigma, sigma_up, dt = self._factors(timestep)
         pred_original_sample, prev_sample = self._euler_update(model_output, sample, sigma, dt)
-        noise = randn_tensor(
-            model_output.shape,
-            dtype=model_output.dtype,
-            device=model_output.device,
-            generator=generator,
-        )
+        noise = _noise_like(model_output, generator)
         return self._step_output(
             prev_sample + noise * sigma_up, pred_original_sample, model_output.dtype, return_dict
         )
@@ -517,6 +512,24 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         return sigma, sigma_up, sigma_down - sigma
+
+
+def _noise_like(model_output: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """diffusers' draw (``randn_tensor``), without waiting for the GPU: a CPU generator's
+    noise is drawn on the CPU, as diffusers draws it, and copied from pinned memory
+    (``randn_tensor``'s ``.to()`` from pageable memory waits for every queued kernel)."""
+    device = model_output.device
+    if device.type != "cuda" or generator is None or generator.device.type != "cpu":
+        return randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=device, generator=generator
+        )
+    noise = randn_tensor(
+        model_output.shape,
+        dtype=model_output.dtype,
+        device=torch.device("cpu"),
+        generator=generator,
+    )
+    return noise.pin_memory().to(device, non_blocking=True)
 
 
 class CachedPNDMScheduler(_PerScheduleCache, PNDMScheduler):

@@ -173,11 +173,12 @@ def test_stage_timer_times_gpu_calls_with_events():
 
 
 @cuda
-@pytest.mark.parametrize("scheduler", ["lms", "ddim", "pndm"])
+@pytest.mark.parametrize("scheduler", ["lms", "ddim", "pndm", "euler_a"])
 def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
     """The server's worker on CUDA: no step makes a synchronising call (PyTorch's sync
-    debug mode raises on one; DDIM and PNDM read timesteps from the host copy), and a
-    request served alone equals the pipeline on CUDA."""
+    debug mode raises on one; DDIM and PNDM read timesteps from the host copy, Euler A's
+    noise comes from pinned memory), and a request served alone equals the pipeline on
+    CUDA."""
     import PIL.Image
 
     from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
