@@ -65,6 +65,36 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
 
 
 @cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_the_eager_loop_does_not_wait_for_the_gpu(tiny, cuda_graphs):
+    """The loop the bench's torch rows time: with memos warm and the UNet captured, no UNet
+    call, input scaling or scheduler step makes a synchronising call (sync debug mode)."""
+    pipe = Img2ImgPipeline.from_components(
+        _own(tiny), TorchOptions(device="cuda", cuda_graphs=cuda_graphs), show_progress=False
+    )
+
+    def run():
+        return pipe("a", _image(), generator=torch.Generator().manual_seed(8), **RUN).images
+
+    want = run()  # the warm run: memos, captures
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return call
+
+    pipe.backend.unet = strict(pipe.backend.unet)
+    pipe.scheduler.step = strict(pipe.scheduler.step)
+    pipe.scheduler.scale_model_input = strict(pipe.scheduler.scale_model_input)
+    np.testing.assert_allclose(run(), want, atol=1e-6)
+
+
+@cuda
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
     """Whole steps replayed as CUDA graphs (runtime/step_graph.py) against the eager loop:
