@@ -514,12 +514,14 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
         return sigma, sigma_up, sigma_down - sigma
 
 
-def _noise_like(model_output: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise_like(model_output: torch.Tensor, generator: Any) -> torch.Tensor:
     """diffusers' draw (``randn_tensor``), without waiting for the GPU: a CPU generator's
     noise is drawn on the CPU, as diffusers draws it, and copied from pinned memory
-    (``randn_tensor``'s ``.to()`` from pageable memory waits for every queued kernel)."""
+    (``randn_tensor``'s ``.to()`` from pageable memory waits for every queued kernel).
+    Anything else (no generator, a GPU one, diffusers' list of them) goes to diffusers."""
     device = model_output.device
-    if device.type != "cuda" or generator is None or generator.device.type != "cpu":
+    on_cpu = isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+    if device.type != "cuda" or not on_cpu:
         return randn_tensor(
             model_output.shape, dtype=model_output.dtype, device=device, generator=generator
         )
