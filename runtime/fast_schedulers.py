@@ -8,8 +8,7 @@ results stay bit-identical to diffusers (the exactness tests hold them to it).
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,12 +37,13 @@ else:
     _Scheduler = object
 
 
-# Memos are shared by every scheduler of one class and config: the server makes a scheduler
-# per request, and each would otherwise start cold (LMS integrates its coefficients with
-# scipy again: about 3 ms a step on a 2-core CPU). At most this many schedules are kept.
-MAX_SHARED_SCHEDULES = 64
-_shared_memos: OrderedDict[tuple[Any, ...], dict[Any, Any]] = OrderedDict()
-_shared_lock = threading.Lock()
+@functools.lru_cache(maxsize=64)
+def _shared_memo(key: tuple[Any, ...]) -> dict[Any, Any]:
+    """The memo of one class, config and schedule, shared by every scheduler with them (the
+    64 most recently used): the server makes a scheduler per request, and each would
+    otherwise start cold (LMS integrates its coefficients with scipy again: about 3 ms a
+    step on a 2-core CPU)."""
+    return {}
 
 
 class _PerScheduleCache(_Scheduler):
@@ -62,14 +62,7 @@ class _PerScheduleCache(_Scheduler):
         steps = self.num_inference_steps
         config = tuple(sorted((name, repr(value)) for name, value in self.config.items()))
         key = (type(self), config, schedule.cpu().numpy().tobytes(), steps, str(schedule.device))
-        with _shared_lock:
-            memo = _shared_memos.get(key)
-            if memo is None:
-                memo = _shared_memos[key] = {}
-                if len(_shared_memos) > MAX_SHARED_SCHEDULES:
-                    _shared_memos.popitem(last=False)
-            _shared_memos.move_to_end(key)
-        self._cache = memo
+        self._cache = _shared_memo(key)
 
     def _memoised(self, key: Any, compute: Any) -> Any:
         value = self._cache.get(key)

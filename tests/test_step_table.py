@@ -161,11 +161,9 @@ def test_a_schedule_seen_before_reuses_its_rows(tiny, scheduler, monkeypatch):
     """The rows of a schedule are computed once (host work: UniPC's took 13 ms a request
     on the development CPU) and reused for the same steps and start; any other schedule,
     or start, computes its own. Euler A's noise is drawn anew each time."""
-    from collections import OrderedDict
-
     from sdtrt.runtime import fast_schedulers, step_table
 
-    monkeypatch.setattr(fast_schedulers, "_shared_memos", OrderedDict())  # earlier tests'
+    fast_schedulers._shared_memo.cache_clear()  # earlier tests' memos
     computed = []
     real_rows = step_table._rows
     monkeypatch.setattr(
