@@ -26,7 +26,8 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteSchedulerOutput,
 )
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
+
+from sdtrt.runtime.steps import draw_noise
 
 if TYPE_CHECKING:
     # The mixins below are used on top of diffusers' scheduler classes and use their
@@ -493,7 +494,7 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
             return super().step(model_output, timestep, sample, generator, return_dict)
         sigma, sigma_up, dt = self._factors(timestep)
         pred_original_sample, prev_sample = self._euler_update(model_output, sample, sigma, dt)
-        noise = _noise_like(model_output, generator)
+        noise = draw_noise(model_output.shape, model_output.dtype, model_output.device, generator)
         return self._step_output(
             prev_sample + noise * sigma_up, pred_original_sample, model_output.dtype, return_dict
         )
@@ -505,26 +506,6 @@ class CachedEulerAncestralDiscreteScheduler(_MemoisedEulerStep, EulerAncestralDi
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         return sigma, sigma_up, sigma_down - sigma
-
-
-def _noise_like(model_output: torch.Tensor, generator: Any) -> torch.Tensor:
-    """diffusers' draw (``randn_tensor``), without waiting for the GPU: a CPU generator's
-    noise is drawn on the CPU, as diffusers draws it, and copied from pinned memory
-    (``randn_tensor``'s ``.to()`` from pageable memory waits for every queued kernel).
-    Anything else (no generator, a GPU one, diffusers' list of them) goes to diffusers."""
-    device = model_output.device
-    on_cpu = isinstance(generator, torch.Generator) and generator.device.type == "cpu"
-    if device.type != "cuda" or not on_cpu:
-        return randn_tensor(
-            model_output.shape, dtype=model_output.dtype, device=device, generator=generator
-        )
-    noise = randn_tensor(
-        model_output.shape,
-        dtype=model_output.dtype,
-        device=torch.device("cpu"),
-        generator=generator,
-    )
-    return noise.pin_memory().to(device, non_blocking=True)
 
 
 class CachedPNDMScheduler(_PerScheduleCache, PNDMScheduler):

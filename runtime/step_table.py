@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from diffusers import LMSDiscreteScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 from sdtrt.runtime.fast_schedulers import (
     CachedDDIMScheduler,
@@ -36,6 +35,7 @@ from sdtrt.runtime.fast_schedulers import (
     CachedPNDMScheduler,
     CachedUniPCMultistepScheduler,
 )
+from sdtrt.runtime.steps import draw_noise
 
 PREDICTIONS = ("epsilon", "v_prediction")
 LMS_ORDER = 4  # the pipeline calls LMS's step with its default order
@@ -106,13 +106,9 @@ def tabulate(
     noise = None
     if kind.noise and latents is not None:
         # diffusers' draws: one per step, the model output's shape, dtype and device.
+        draws = range(len(values))
         noise = torch.stack(
-            [
-                randn_tensor(
-                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-                )
-                for _ in range(len(values))
-            ]
+            [draw_noise(latents.shape, latents.dtype, latents.device, generator) for _ in draws]
         )
     values = values.to(timesteps.device, torch.float32)
     return StepTable(kind, values, timesteps.clone(), noise)

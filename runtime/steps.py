@@ -46,6 +46,20 @@ def start_timesteps(scheduler: Any, num_inference_steps: int, t_start: int, devi
     return timesteps
 
 
+def draw_noise(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: Any
+) -> torch.Tensor:
+    """diffusers' draw (``randn_tensor``: a CPU generator draws on the CPU), put on a GPU
+    without waiting for it: copied from pinned memory, where ``randn_tensor``'s ``.to()``
+    from pageable memory waits for every queued kernel. Anything else (no generator, a GPU
+    one, a list of them) is ``randn_tensor``'s own."""
+    on_cpu = isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+    if device.type != "cuda" or not on_cpu:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+    return noise.pin_memory().to(device, non_blocking=True)
+
+
 def noised_latents(
     latent_parameters: torch.Tensor,
     scaling_factor: float,
@@ -59,9 +73,7 @@ def noised_latents(
     encoded = scaling_factor * DiagonalGaussianDistribution(latent_parameters).sample(generator)
     # diffusers repeats the whole image batch (not each image) to fill the prompt batch.
     encoded = torch.cat([encoded] * (batch_size // encoded.shape[0]))
-    noise = randn_tensor(
-        encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype
-    )
+    noise = draw_noise(encoded.shape, encoded.dtype, encoded.device, generator)
     return scheduler.add_noise(encoded, noise, first_timestep.reshape(1).repeat(batch_size))
 
 
