@@ -64,6 +64,19 @@ def test_torch_cuda_graph_replay_equals_plain_run(tiny):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _no_sync(fn):
+    """``fn`` under PyTorch's sync debug mode: a synchronising call in it raises."""
+
+    def call(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return call
+
+
 @cuda
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_the_eager_loop_does_not_wait_for_the_gpu(tiny, cuda_graphs):
@@ -77,20 +90,9 @@ def test_the_eager_loop_does_not_wait_for_the_gpu(tiny, cuda_graphs):
         return pipe("a", _image(), generator=torch.Generator().manual_seed(8), **RUN).images
 
     want = run()  # the warm run: memos, captures
-
-    def strict(fn):
-        def call(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        return call
-
-    pipe.backend.unet = strict(pipe.backend.unet)
-    pipe.scheduler.step = strict(pipe.scheduler.step)
-    pipe.scheduler.scale_model_input = strict(pipe.scheduler.scale_model_input)
+    pipe.backend.unet = _no_sync(pipe.backend.unet)
+    pipe.scheduler.step = _no_sync(pipe.scheduler.step)
+    pipe.scheduler.scale_model_input = _no_sync(pipe.scheduler.scale_model_input)
     np.testing.assert_allclose(run(), want, atol=1e-6)
 
 
@@ -221,23 +223,17 @@ def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
                              num_inference_steps=8, seed=4, scheduler=scheduler)  # fmt: skip
     want = pipe("a", request.image, strength=0.75, num_inference_steps=8, output_type="np",
                 generator=torch.Generator().manual_seed(4)).images[0]  # fmt: skip
-    steps = []
-
-    class Strict(StepBatcher):
-        def _unet_call(self, jobs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                super()._unet_call(jobs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            steps.append(len(jobs))
-
-    batcher = Strict(pipe)
+    batcher = StepBatcher(pipe, start=False)
+    batcher._unet_call = _no_sync(batcher._unet_call)  # one step of the worker
+    rows: list[int] = []
+    batcher.stats.on_unet_call.append(rows.append)
+    future = batcher.submit(batcher.prepare(request))
+    batcher.start()
     try:
-        result = batcher.submit(batcher.prepare(request)).result(timeout=120)
+        result = future.result(timeout=120)
     finally:
         batcher.close()
-    assert steps == [1] * 6 and result.unet_calls == 6
+    assert rows == [2] * 6 and result.unet_calls == 6
     np.testing.assert_allclose(result.array, want, atol=1e-6)
 
 
