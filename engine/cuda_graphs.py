@@ -2,16 +2,20 @@
 
 The Python and launch overhead of a UNet call (hundreds of kernels) disappears on replay.
 Inputs are copied into the captured static tensors; the output is cloned out, because the
-next replay overwrites it. Capture and replay run in inference mode, as the pipeline does,
-whoever calls: the static tensors are inference tensors, which only inference mode may
-write.
+next replay overwrites it. The captures of one ``CudaGraphed`` (one per shape) share one
+memory pool, as vLLM's per-batch-size graphs do: replays run one at a time on one stream
+and each graph's output stays allocated, so a graph's activations may take the memory of
+another's; private pools would hold every shape's activations at once (a server with
+``--max-rows 16`` captures up to 16 row counts per image size). Capture and replay run
+in inference mode, as the pipeline does, whoever calls: the static tensors are inference
+tensors, which only inference mode may write.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -53,6 +57,8 @@ class CudaGraphed:
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
+        self.pool: Any = None
+        """The memory pool of every capture (made on the first one)."""
         self.graphs: Captures[tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]]
         self.graphs = Captures(self.max_captures)
 
@@ -69,13 +75,17 @@ class CudaGraphed:
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
         static_inputs = [t.clone() for t in inputs]
-        graph, static_output = capture(lambda: self.fn(*static_inputs))
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph, static_output = capture(lambda: self.fn(*static_inputs), self.pool)
         return graph, static_inputs, static_output
 
 
-def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(fn: Callable[[], T], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """``fn`` run once, then captured: the graph and what the captured call returned (its
-    tensors are where each replay writes)."""
+    tensors are where each replay writes). ``pool``: a memory pool shared with other
+    captures (``torch.cuda.graph_pool_handle()``), safe where they replay one at a time
+    on one stream and what each returns stays allocated; None: a pool of its own."""
     # Warm run on a side stream: lazy initialisation (cuBLAS handles, TensorRT's first
     # enqueue) must not happen during capture.
     side = torch.cuda.Stream()
@@ -84,6 +94,6 @@ def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = fn()
     return graph, output

@@ -249,8 +249,9 @@ def run_table(
 class StepGraphs:
     """Whole denoising steps replayed as CUDA graphs: one capture per step kind and shapes
     (any schedule, start step and guidance scale of that kind reuse it), then one replay
-    per step; on a CPU the same steps run eagerly. The least recently used capture is
-    dropped beyond ``max_captures`` (each holds the UNet's activations for its shapes)."""
+    per step; on a CPU the same steps run eagerly. The captures share one memory pool
+    (each writes its results into its own ``StepState``; engine/cuda_graphs.py says why
+    that is safe); the least recently used one is dropped beyond ``max_captures``."""
 
     rows = 1000  # table rows a captured step can index: a schedule of up to 1000 steps
     max_captures = 8
@@ -258,6 +259,7 @@ class StepGraphs:
     def __init__(self, unet: Unet) -> None:
         self.unet = unet
         self.captured: Captures[tuple[Any, StepState]] = Captures(self.max_captures)
+        self.pool: Any = None
 
     @staticmethod
     def capturable(latents: torch.Tensor) -> bool:
@@ -282,7 +284,10 @@ class StepGraphs:
             state = StepState.like(table, latents, text_embeddings, rows)
             # The warm run before capture steps real values (then reloaded below).
             state.load(table, latents, text_embeddings, guidance_scale)
-            graph, _ = capture(lambda: table_step(table.kind, state, self.unet, do_guidance))
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            step = lambda: table_step(table.kind, state, self.unet, do_guidance)  # noqa: E731
+            graph, _ = capture(step, self.pool)
             return graph, state
 
         key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
