@@ -35,6 +35,7 @@ from sdtrt.options import (
     Img2ImgJob,
     ModelSource,
     OrtOptions,
+    ServeOptions,
     TensorRTOptions,
     TorchOptions,
 )
@@ -498,7 +499,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: Any) -> None:
-    from sdtrt.options import SERVE_POLICIES, ServeOptions
+    from sdtrt.options import SERVE_POLICIES
 
     o = ServeOptions
     p = sub.add_parser(
@@ -523,6 +524,7 @@ def _add_serve(sub: Any) -> None:
         "maximum, else 16)",
     )
     p.add_argument("--max-queue", type=int, default=o.max_queue, help="waiting requests; 429 past")
+    _add_intra_op_threads(p)
     p.add_argument("--policy", default=o.policy, choices=SERVE_POLICIES, help="batching policy")
     p.add_argument(
         "--queue-delay", type=float, default=o.queue_delay, help="request policy: seconds"
@@ -548,14 +550,35 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(handler=_run_serve)
 
 
+def _add_intra_op_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--intra-op-threads",
+        default=str(ServeOptions.intra_op_threads),
+        help="CPU device: PyTorch threads per operator in the batching worker, or 'auto' "
+        "(PyTorch's own: one per core); more pays for big models on many cores",
+    )
+
+
+def _intra_op_threads(args: argparse.Namespace) -> int | None:
+    if args.intra_op_threads == "auto":
+        return None
+    try:
+        return int(args.intra_op_threads)
+    except ValueError:
+        raise _invalid(
+            f"--intra-op-threads: an integer >= 1 or auto, got {args.intra_op_threads!r}"
+        ) from None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
-    from sdtrt.options import ServeOptions, backend_options
+    from sdtrt.options import backend_options
     from sdtrt.serve.server import run
 
     options = ServeOptions(
         policy=args.policy,
         max_rows=args.max_rows,
         max_queue=args.max_queue,
+        intra_op_threads=_intra_op_threads(args),
         queue_delay=args.queue_delay,
         timeout=args.timeout,
         host=args.host,
@@ -619,6 +642,7 @@ def _add_bench_serve(sub: Any) -> None:
     p.add_argument("--guidance", type=float, default=c.guidance, help="guidance scale")
     p.add_argument("--queue-delay", type=float, default=c.queue_delay, help="request policy")
     p.add_argument("--max-rows", type=int, default=None, help="UNet rows per call")
+    _add_intra_op_threads(p)
     p.add_argument(
         "--url",
         default=None,
@@ -653,6 +677,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         queue_delay=args.queue_delay,
         max_rows=args.max_rows,
+        intra_op_threads=_intra_op_threads(args),
     )
     _check_record_outputs(args)
     record = run_load_bench(_source(args), _backend(args), config, args.url)

@@ -165,6 +165,7 @@ class StepBatcher:
                 f"max rows {self.max_rows} is over the UNet engine's profile ({limit} rows)"
             )
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
+        self.intra_op_threads = options.intra_op_threads
         self.timeout = options.timeout
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
@@ -241,6 +242,15 @@ class StepBatcher:
     # -- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)  # this thread's (and new ones')
+        try:
+            self._loop()
+        finally:
+            torch.set_num_threads(threads)  # threads made after this one get the old count
+
+    def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:

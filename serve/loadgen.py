@@ -46,6 +46,7 @@ class LoadConfig:
     queue_delay: float = 0.05
     """request policy: how long the oldest request waits for identical ones."""
     max_rows: int | None = None
+    intra_op_threads: int | None = ServeOptions.intra_op_threads
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +112,7 @@ def _policies(
             max_rows=config.max_rows,
             queue_delay=config.queue_delay,
             max_queue=10 * config.requests,
+            intra_op_threads=config.intra_op_threads,
         )
         batcher = StepBatcher(pipeline, options)
         rows: list[int] = []

@@ -5,6 +5,7 @@ isolation, then the HTTP API against a real server on loopback."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -20,7 +21,12 @@ import pytest
 import torch
 from conftest import free_port, png_bytes
 
-from sdtrt.errors import DeadlineExceededError, NonFiniteOutputError, RequestCancelledError
+from sdtrt.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    NonFiniteOutputError,
+    RequestCancelledError,
+)
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
@@ -46,24 +52,37 @@ def image():
     return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
 
 
+@contextlib.contextmanager
+def _intra_op_threads(count):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _reference(tiny, request, image):
-    """The single-request pipeline on the same arguments: what a request must give."""
+    """The single-request pipeline on the same arguments: what a request must give. It runs
+    with the worker's intra-op thread count (PyTorch's CPU kernels split their sums by
+    thread count: 1 and 2 threads differ by about 1e-6)."""
     pipe = Img2ImgPipeline.from_components(
         tiny, "torch", scheduler=request.scheduler, show_progress=False
     )
-    return pipe(
-        request.prompt,
-        image,
-        strength=request.strength,
-        start_step=request.start_step,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt,
-        generator=torch.Generator().manual_seed(request.seed),
-        output_type="np",
-        height=request.height,
-        width=request.width,
-    ).images[0]
+    with _intra_op_threads(ServeOptions.intra_op_threads):
+        return pipe(
+            request.prompt,
+            image,
+            strength=request.strength,
+            start_step=request.start_step,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            negative_prompt=request.negative_prompt,
+            generator=torch.Generator().manual_seed(request.seed),
+            output_type="np",
+            height=request.height,
+            width=request.width,
+        ).images[0]
 
 
 def _run_all(pipe, requests, options=ServeOptions()):
@@ -88,6 +107,40 @@ def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, s
     assert np.array_equal(result.array, _reference(tiny, request, image))
     assert result.unet_calls == len(rows) == 6 and set(rows) == {2}
     assert result.image.size == (48, 32)
+
+
+def _new_thread_threads():
+    """PyTorch's intra-op threads in a thread made now."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_the_worker_runs_with_its_intra_op_threads(pipe, image, threads):
+    """On the CPU the worker sets its own PyTorch thread count (None: leaves PyTorch's),
+    and gives the process its old one back when it stops; the caller's is untouched."""
+    ours, default = torch.get_num_threads(), _new_thread_threads()
+    batcher = StepBatcher(pipe, ServeOptions(intra_op_threads=threads), start=False)
+    seen = []
+    batcher.stats.on_unet_call.append(lambda rows: seen.append(torch.get_num_threads()))
+    request = Img2ImgRequest(image=image, strength=0.5, num_inference_steps=4)
+    future = batcher.submit(batcher.prepare(request))
+    batcher.start()
+    try:
+        assert future.result(timeout=120).unet_calls == 2
+    finally:
+        batcher.close()
+    assert seen == [threads or default] * 2
+    assert torch.get_num_threads() == ours and _new_thread_threads() == default
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
+def test_intra_op_threads_must_be_a_positive_integer(threads):
+    with pytest.raises(InvalidInputError, match="intra-op threads must be an integer >= 1"):
+        ServeOptions(intra_op_threads=threads)
 
 
 MIXED = [  # strength, scheduler, guidance, height, width
