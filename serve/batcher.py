@@ -7,7 +7,8 @@ applies its guidance and its own ``scheduler.step``. New requests join at the ne
 iteration, finished ones leave and are decoded together. Size groups are served in turn.
 The worker does not wait for the device between steps: it queues at most ``RUN_AHEAD``
 steps ahead of the GPU, and reads results (images, finiteness, stage times) only when jobs
-finish.
+finish. On a CPU it runs PyTorch with its own intra-op thread count (1 by default:
+``ServeOptions.intra_op_threads`` says why).
 
 Two reference policies run through the same machinery, for the load benchmark: ``request``
 (wait up to a queue delay for requests with identical parameters, run them as one batch
