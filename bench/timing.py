@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.clock import elapsed_ms, mark
+from sdtrt.runtime.clock import mark, span_totals
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -46,8 +46,8 @@ class StageTimer:
         """Wait for the device once and add the recorded calls' times to their stages."""
         if self._pending:
             synchronize(self.device)
-            for stage, start, end in self._pending:
-                self.totals[stage] += elapsed_ms(start, end)
+            for stage, ms in span_totals(self._pending).items():
+                self.totals[stage] += ms
             self._pending.clear()
 
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:

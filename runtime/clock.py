@@ -6,7 +6,7 @@ it (CUDA events): read the marks after one synchronisation."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,3 +51,12 @@ def wait(point: Any) -> None:
     """Block until the device has passed the mark (on the CPU it already has)."""
     if not isinstance(point, float):
         point.synchronize()
+
+
+def span_totals(spans: Iterable[tuple[str, Any, Any]]) -> dict[str, float]:
+    """Milliseconds per stage, summed over (stage, start mark, end mark) spans; read once
+    the device has passed their end marks."""
+    totals: dict[str, float] = {}
+    for stage, start, end in spans:
+        totals[stage] = totals.get(stage, 0.0) + elapsed_ms(start, end)
+    return totals

@@ -39,7 +39,7 @@ from sdtrt.errors import (
     ServerBusyError,
 )
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
-from sdtrt.runtime.clock import elapsed_ms, mark, wait
+from sdtrt.runtime.clock import mark, span_totals, wait
 from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
@@ -133,10 +133,7 @@ class Job:
     def timings(self) -> dict[str, float]:
         """Milliseconds per stage, summed over the job's calls; read once the device has
         passed their marks."""
-        totals: dict[str, float] = {}
-        for stage, start, end in self.spans:
-            totals[stage] = totals.get(stage, 0.0) + elapsed_ms(start, end)
-        return totals
+        return span_totals(self.spans)
 
 
 @dataclass
