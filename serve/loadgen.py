@@ -62,6 +62,12 @@ class LoadConfig:
         low, high = self.strength
         if not 0 < low <= high <= 1:
             raise InvalidInputError(f"strength range must be within (0, 1], got {low}-{high}")
+        # The servers' own settings, checked now rather than after the model loads.
+        ServeOptions(
+            max_rows=self.max_rows,
+            queue_delay=self.queue_delay,
+            intra_op_threads=self.intra_op_threads,
+        )
 
 
 def run_load_bench(

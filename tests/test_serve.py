@@ -137,6 +137,16 @@ def test_the_worker_runs_with_its_intra_op_threads(pipe, image, threads):
     assert torch.get_num_threads() == ours and _new_thread_threads() == default
 
 
+@pytest.mark.parametrize("given, threads", [([], 1), (["3"], 3), (["auto"], None)])
+def test_the_cli_reads_intra_op_threads(given, threads):
+    from sdtrt.cli import _intra_op_threads, build_parser
+
+    for command in ("serve", "bench-serve"):
+        flag = ["--intra-op-threads", *given] if given else []
+        args = build_parser().parse_args([command, *flag])
+        assert _intra_op_threads(args) == threads
+
+
 @pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
 def test_intra_op_threads_must_be_a_positive_integer(threads):
     with pytest.raises(InvalidInputError, match="intra-op threads must be an integer >= 1"):
@@ -569,6 +579,9 @@ def test_bench_serve_refuses_bad_settings_before_loading(capsys):
         (["--rates", "0"], "rates must be positive"),
         (["--strength", "0.5-1.5"], "strength range"),
         (["--sizes", "32"], "--sizes HxW"),
+        (["--max-rows", "1"], "max rows must be >= 2"),
+        (["--intra-op-threads", "0"], "intra-op threads must be an integer >= 1, got 0"),
+        (["--intra-op-threads", "two"], "--intra-op-threads: an integer >= 1 or auto"),
     ):
         assert main(["bench-serve", *args]) == 2
         assert says in capsys.readouterr().err
