@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.step_graph import StepState, run_table, table_step
-from sdtrt.runtime.step_table import tabulate
+from sdtrt.runtime.step_table import StepTable, tabulate
 from sdtrt.runtime.steps import start_timesteps
 
 TABULATED = ("lms", "euler", "ddim", "dpmpp_2m", "pndm", "euler_a", "unipc")
@@ -93,6 +93,41 @@ def test_one_step_function_serves_every_step_without_host_reads(tiny, scheduler)
                 table_step(table.kind, state, pipe.backend.unet, True)
     assert int(state.index) == len(table) == len(timesteps)
     np.testing.assert_array_equal(state.latents.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("scheduler", TABULATED)
+def test_the_step_keeps_every_tensor_on_the_latents_device(tiny, scheduler):
+    """On a GPU every tensor the captured step touches must live there: a CPU tensor in it
+    fails (or copies, and waits) on CUDA but not in a CPU test. PyTorch's meta device stands
+    in for the GPU: no data, and an operation mixing it with a CPU tensor raises."""
+    import copy
+
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    table = tabulate(
+        pipe.scheduler, start_timesteps(pipe.scheduler, 12, 3, "cpu"), latents, generator
+    )
+    on_meta = StepTable(
+        table.kind,
+        table.values.to("meta"),
+        table.timesteps.to("meta"),
+        None if table.noise is None else table.noise.to("meta"),
+    )
+    backend = pipe.backend
+    backend.unet_call = copy.deepcopy(tiny["unet"]).to("meta")
+    hidden = torch.empty(2, 77, backend.unet_call.config.cross_attention_dim, device="meta")
+    state = StepState.like(on_meta, latents.to("meta"), hidden, rows=1000)
+    with torch.inference_mode():
+        state.load(on_meta, latents.to("meta"), hidden, 4.0)
+        for _ in range(len(on_meta)):  # the UNet call step graphs capture (step_unet)
+            table_step(on_meta.kind, state, backend._unet_eager, True)
+    assert state.latents.device.type == "meta" and state.latents.shape == latents.shape
+
+
+def test_the_meta_device_refuses_a_cpu_tensor():
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        torch.ones(2, device="meta") + torch.ones(2)
 
 
 def test_the_host_read_guard_catches_one():
