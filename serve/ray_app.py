@@ -137,7 +137,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     if unknown:
         known = sorted([*fields, *_DEPLOYMENT_DEFAULTS, *_BACKEND_ARGS])
         raise ValueError(f"unknown sdtrt serve argument(s) {unknown}; known: {known}")
-    options = ServeOptions(**{k: _typed(v, str(fields[k].type)) for k, v in args.items()})
+    options = ServeOptions(**{k: _typed(k, v, str(fields[k].type)) for k, v in args.items()})
     low, high = deployment["min_replicas"], deployment["max_replicas"]
     return application(
         ModelSource(deployment["model"]),
@@ -152,11 +152,18 @@ def app_builder(args: dict[str, Any]) -> Any:
     )
 
 
-def _typed(value: Any, annotation: str) -> Any:
-    if "int" in annotation:
-        return int(value)
-    if "float" in annotation:
-        return float(value)
+def _typed(name: str, value: Any, annotation: str) -> Any:
+    """A config value as its ServeOptions field takes it: YAML's null (or "auto", "none")
+    for a field that may be None, else a number where the field is one."""
+    if "None" in annotation and (value is None or str(value).lower() in ("auto", "none")):
+        return None
+    try:
+        if "int" in annotation:
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {annotation}, got {value!r}") from None
     return value
 
 

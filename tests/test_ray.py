@@ -177,6 +177,11 @@ def test_the_serve_config_file_builds_the_application_it_describes():
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
     fixed = ray_app.app_builder({"model": "tiny", "replicas": "3"})._bound_deployment
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    for given, threads in (("auto", None), (None, None), ("4", 4), (2, 2)):
+        built = ray_app.app_builder({"model": "tiny", "intra_op_threads": given})
+        assert built._bound_deployment.init_args[3]["intra_op_threads"] == threads
+    with pytest.raises(ValueError, match=r"max_rows must be int \| None, got 'many'"):
+        ray_app.app_builder({"model": "tiny", "max_rows": "many"})
     with pytest.raises(
         ValueError, match=r"unknown sdtrt serve argument\(s\) \['modle'\]; known: .*'model'"
     ):
