@@ -240,9 +240,10 @@ class StepBatcher:
     # -- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.device.type != "cpu" or self.intra_op_threads is None:
+            return self._loop()
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and self.intra_op_threads is not None:
-            torch.set_num_threads(self.intra_op_threads)  # this thread's (and new ones')
+        torch.set_num_threads(self.intra_op_threads)  # this thread's (and new ones')
         try:
             self._loop()
         finally:

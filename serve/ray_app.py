@@ -153,9 +153,13 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 
 def _typed(name: str, value: Any, annotation: str) -> Any:
-    """A config value as its ServeOptions field takes it: YAML's null (or "auto", "none")
-    for a field that may be None, else a number where the field is one."""
-    if "None" in annotation and (value is None or str(value).lower() in ("auto", "none")):
+    """A config value as its ServeOptions field takes it: YAML's null for a field that may
+    be None (a number field also takes "auto" or "none"), else a number where the field is
+    one."""
+    if "None" in annotation and value is None:
+        return None
+    numeric = "int" in annotation or "float" in annotation
+    if numeric and "None" in annotation and str(value).lower() in ("auto", "none"):
         return None
     try:
         if "int" in annotation:

@@ -182,6 +182,8 @@ def test_the_serve_config_file_builds_the_application_it_describes():
         assert built._bound_deployment.init_args[3]["intra_op_threads"] == threads
     with pytest.raises(ValueError, match=r"max_rows must be int \| None, got 'many'"):
         ray_app.app_builder({"model": "tiny", "max_rows": "many"})
+    keyed = ray_app.app_builder({"model": "tiny", "api_key": "none"})  # a key, however named
+    assert keyed._bound_deployment.init_args[3]["api_key"] == "none"
     with pytest.raises(
         ValueError, match=r"unknown sdtrt serve argument\(s\) \['modle'\]; known: .*'model'"
     ):
