@@ -47,6 +47,18 @@ class Captures(Generic[T]):
         return entry
 
 
+class MemoryPool:
+    """One CUDA graph memory pool for several captures, made at the first of them."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
 class CudaGraphed:
     """``fn`` on tensors, replayed as a CUDA graph per input shapes and dtypes (at most
     ``max_captures`` kept)."""
@@ -57,8 +69,7 @@ class CudaGraphed:
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
-        self.pool: Any = None
-        """The memory pool of every capture (made on the first one)."""
+        self.pool = MemoryPool()
         self.graphs: Captures[tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]]
         self.graphs = Captures(self.max_captures)
 
@@ -75,17 +86,15 @@ class CudaGraphed:
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
         static_inputs = [t.clone() for t in inputs]
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph, static_output = capture(lambda: self.fn(*static_inputs), self.pool)
         return graph, static_inputs, static_output
 
 
-def capture(fn: Callable[[], T], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(fn: Callable[[], T], pool: MemoryPool | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """``fn`` run once, then captured: the graph and what the captured call returned (its
     tensors are where each replay writes). ``pool``: a memory pool shared with other
-    captures (``torch.cuda.graph_pool_handle()``), safe where they replay one at a time
-    on one stream and what each returns stays allocated; None: a pool of its own."""
+    captures, safe where they replay one at a time on one stream and what each returns
+    stays allocated; None: a pool of its own."""
     # Warm run on a side stream: lazy initialisation (cuBLAS handles, TensorRT's first
     # enqueue) must not happen during capture.
     side = torch.cuda.Stream()
@@ -94,6 +103,6 @@ def capture(fn: Callable[[], T], pool: Any = None) -> tuple[torch.cuda.CUDAGraph
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool.handle() if pool is not None else None):
         output = fn()
     return graph, output

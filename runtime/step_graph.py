@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sdtrt.engine.cuda_graphs import Captures, capture
+from sdtrt.engine.cuda_graphs import Captures, MemoryPool, capture
 from sdtrt.runtime.step_table import StepKind, StepTable
 
 Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,7 +259,7 @@ class StepGraphs:
     def __init__(self, unet: Unet) -> None:
         self.unet = unet
         self.captured: Captures[tuple[Any, StepState]] = Captures(self.max_captures)
-        self.pool: Any = None
+        self.pool = MemoryPool()
 
     @staticmethod
     def capturable(latents: torch.Tensor) -> bool:
@@ -284,8 +284,6 @@ class StepGraphs:
             state = StepState.like(table, latents, text_embeddings, rows)
             # The warm run before capture steps real values (then reloaded below).
             state.load(table, latents, text_embeddings, guidance_scale)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
             step = lambda: table_step(table.kind, state, self.unet, do_guidance)  # noqa: E731
             graph, _ = capture(step, self.pool)
             return graph, state

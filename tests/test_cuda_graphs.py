@@ -22,11 +22,12 @@ class _Graph:
 
 
 def test_graphs_per_shape_and_dtype_least_recently_used_dropped(monkeypatch):
-    captures = []
+    captures, pools = [], set()
 
-    def fake_capture(fn):
+    def fake_capture(fn, pool):
         output = fn()
         captures.append(output.shape)
+        pools.add(id(pool))
         return _Graph(fn, output), output
 
     monkeypatch.setattr(cuda_graphs, "capture", fake_capture)
@@ -51,3 +52,4 @@ def test_graphs_per_shape_and_dtype_least_recently_used_dropped(monkeypatch):
     assert len(graphed.graphs) == 2  # (2, 3) float32 went: the least recently used
     assert call((4, 3)) == 3  # still kept
     assert call((2, 3)) == 4  # captured again
+    assert len(pools) == 1  # every capture in the one memory pool

@@ -154,11 +154,12 @@ def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
     the least recently used goes."""
     from sdtrt.runtime import step_graph
 
-    captured = []
+    captured, pools = [], set()
 
-    def fake_capture(step):
+    def fake_capture(step, pool):
         step()  # the warm run: capture() runs the step once first, too
         captured.append(step)
+        pools.add(id(pool))
         return _Replayed(step), None
 
     monkeypatch.setattr(step_graph, "capture", fake_capture)
@@ -189,6 +190,7 @@ def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
     assert len(graphs.captured) == 2
     check(lms, 10, 0, (8, 8), 5.0, 4)  # lms 8x8 was used more recently than euler_a 8x8
     check(ancestral, 10, 2, (8, 8), 3.0, 5)  # euler_a's was dropped: captured again
+    assert len(pools) == 1  # every capture, of every kind and shape, in one memory pool
 
 
 @pytest.mark.parametrize("scheduler", ["unipc", "euler_a"])
