@@ -327,7 +327,14 @@ def _as_prompt_list(prompt: Any, what: str) -> list[str]:
 
 def _check_finite(tensor: torch.Tensor, network: str) -> None:
     if not torch.isfinite(tensor).all():
-        raise NonFiniteOutputError(
-            f"{network} produced NaN or infinite values; with fp16 this is usually the VAE "
-            "overflowing: export or build the VAE in fp32"
-        )
+        raise non_finite_error(network)
+
+
+def non_finite_error(network: str) -> NonFiniteOutputError:
+    """What a request whose ``network`` ("unet" or "vae_decoder") gave NaN or inf fails with."""
+    if network == "unet":
+        return NonFiniteOutputError("the UNet produced NaN or infinite values")
+    return NonFiniteOutputError(
+        "the VAE decoder produced NaN or infinite values; with fp16 this is usually the VAE "
+        "overflowing: export or build the VAE in fp32"
+    )

@@ -41,7 +41,7 @@ from sdtrt.errors import (
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.clock import mark, span_totals, wait
 from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
-from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
@@ -466,9 +466,7 @@ class StepBatcher:
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:
-    if not torch.isfinite(latents).all():
-        return NonFiniteOutputError("the UNet produced NaN or infinite latents")
-    return NonFiniteOutputError("the VAE decoder produced NaN or infinite values")
+    return non_finite_error("unet" if not torch.isfinite(latents).all() else "vae_decoder")
 
 
 def _by_size(jobs: list[Job]) -> dict[tuple[int, int], list[Job]]:
