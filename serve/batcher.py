@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,17 +241,8 @@ class StepBatcher:
     # -- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.device.type != "cpu" or self.intra_op_threads is None:
-            return self._loop()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.intra_op_threads)  # this thread's (and new ones')
-        try:
-            self._loop()
-        finally:
-            torch.set_num_threads(threads)  # threads made after this one get the old count
-
-    def _loop(self) -> None:
-        with torch.inference_mode():
+        threads = self.intra_op_threads if self.device.type == "cpu" else None
+        with intra_op_threads(threads), torch.inference_mode():
             while True:
                 with self._lock:
                     while not self._stopped and not self.waiting and not self.active:
@@ -463,6 +455,21 @@ class StepBatcher:
     def _fail(job: Job, exc: BaseException) -> None:
         if not job.future.done():
             job.future.set_exception(exc)
+
+
+@contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """PyTorch's intra-op thread count in this thread (None: left as it is), and for threads
+    made meanwhile; the old count comes back after."""
+    if count is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:

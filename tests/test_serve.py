@@ -5,7 +5,6 @@ isolation, then the HTTP API against a real server on loopback."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import signal
@@ -30,7 +29,7 @@ from sdtrt.errors import (
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
-from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
+from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher, intra_op_threads
 from sdtrt.serve.server import BackgroundServer
 
 # Measured on the tiny model, torch fp32 CPU: a request batched with four others of other
@@ -52,16 +51,6 @@ def image():
     return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
 
 
-@contextlib.contextmanager
-def _intra_op_threads(count):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _reference(tiny, request, image):
     """The single-request pipeline on the same arguments: what a request must give. It runs
     with the worker's intra-op thread count (PyTorch's CPU kernels split their sums by
@@ -69,7 +58,7 @@ def _reference(tiny, request, image):
     pipe = Img2ImgPipeline.from_components(
         tiny, "torch", scheduler=request.scheduler, show_progress=False
     )
-    with _intra_op_threads(ServeOptions.intra_op_threads):
+    with intra_op_threads(ServeOptions.intra_op_threads):
         return pipe(
             request.prompt,
             image,
