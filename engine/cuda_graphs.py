@@ -90,11 +90,11 @@ class CudaGraphed:
         return graph, static_inputs, static_output
 
 
-def capture(fn: Callable[[], T], pool: MemoryPool | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(fn: Callable[[], T], pool: MemoryPool) -> tuple[torch.cuda.CUDAGraph, T]:
     """``fn`` run once, then captured: the graph and what the captured call returned (its
-    tensors are where each replay writes). ``pool``: a memory pool shared with other
+    tensors are where each replay writes). ``pool``: the memory pool it shares with other
     captures, safe where they replay one at a time on one stream and what each returns
-    stays allocated; None: a pool of its own."""
+    stays allocated."""
     # Warm run on a side stream: lazy initialisation (cuBLAS handles, TensorRT's first
     # enqueue) must not happen during capture.
     side = torch.cuda.Stream()
@@ -103,6 +103,6 @@ def capture(fn: Callable[[], T], pool: MemoryPool | None = None) -> tuple[torch.
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool.handle() if pool is not None else None):
+    with torch.cuda.graph(graph, pool=pool.handle()):
         output = fn()
     return graph, output

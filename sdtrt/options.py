@@ -40,6 +40,11 @@ UNET_SWITCHES = {
 DEFAULT_OPSET = 20
 
 
+def _integer(what: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
 def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
@@ -438,18 +443,10 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         _one_of("policy", self.policy, SERVE_POLICIES)
-        if self.intra_op_threads is not None and (
-            isinstance(self.intra_op_threads, bool)
-            or not isinstance(self.intra_op_threads, int)
-            or self.intra_op_threads < 1
-        ):
-            raise InvalidInputError(
-                f"intra-op threads must be an integer >= 1, got {self.intra_op_threads!r}"
-            )
-        for name in ("max_queue", "port"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.intra_op_threads is not None:
+            _integer("intra-op threads", self.intra_op_threads, 1)
+        _integer("max_queue", self.max_queue, 0)
+        _integer("port", self.port, 0)
         if self.max_rows is not None and self.max_rows < 2:
             raise InvalidInputError(
                 f"max rows must be >= 2 (one guided image), got {self.max_rows}"
