@@ -19,8 +19,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import PIL.Image
 from fastapi import FastAPI, Request
@@ -36,9 +37,10 @@ from prometheus_client import (
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
-from sdtrt.serve.batcher import Img2ImgRequest, JobResult, StepBatcher
+from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _TYPES: dict[str, type] = {
     "prompt": str,
@@ -100,6 +102,11 @@ def create_app(
     """The app over ``batcher``. ``warmup``: one small request runs before /ready says
     200 (kernel selection, CUDA graphs); /health answers meanwhile."""
     state: dict[str, Any] = {"ready": not warmup, "draining": False}
+    # Decoding and preprocessing a request's image take milliseconds (a 1024x1024 PNG:
+    # ~30 ms), run off the event loop so that /health and the other requests are not held
+    # up behind them. One thread: preprocessing runs PyTorch ops, and every thread that
+    # runs them keeps its own OpenMP pool (several pools oversubscribe the cores).
+    intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-intake")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -107,6 +114,7 @@ def create_app(
             threading.Thread(target=_warm_up, args=(batcher, state), daemon=True).start()
         yield
         batcher.close()
+        intake.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="sdtrt",
@@ -143,7 +151,7 @@ def create_app(
             metrics.requests.labels("401").inc()
             return failure
         try:
-            response = await _serve(request, batcher, options)
+            response = await _serve(request, batcher, options, intake)
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
         metrics.requests.labels(str(response.status_code)).inc()
@@ -155,8 +163,15 @@ def create_app(
     return app
 
 
-async def _serve(request: Request, batcher: StepBatcher, options: ServeOptions) -> Response:
-    values, image = await _parse(request, options)
+async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in ``executor`` (None: the event loop's default thread pool)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, work, *args)
+
+
+async def _serve(
+    request: Request, batcher: StepBatcher, options: ServeOptions, intake: Executor
+) -> Response:
+    values, image_bytes = await _parse(request, options)
     per_request = {k: values.pop(k) for k in OPTIONS if k in values}
     response_format = per_request.get("response_format", "png")
     if "application/json" in request.headers.get("accept", ""):
@@ -167,7 +182,7 @@ async def _serve(request: Request, batcher: StepBatcher, options: ServeOptions) 
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
-        job = batcher.prepare(Img2ImgRequest(image=image, **values), timeout=timeout)
+        job = await _off_loop(intake, _prepare, batcher, values, image_bytes, timeout)
         future = batcher.submit(job)
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
@@ -189,7 +204,16 @@ async def _serve(request: Request, batcher: StepBatcher, options: ServeOptions) 
     except Exception as exc:  # this job's failure (non-finite output...), nobody else's
         logger.warning("a request failed: %s", exc)
         raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
-    return _answer(result, response_format)
+    # Encoding the PNG takes longer still (512x512: ~30 ms, 2048x2048: ~0.6 s). Pillow
+    # alone, which lets go of the GIL: the default pool's threads encode side by side.
+    return await _off_loop(None, _answer, result, response_format)
+
+
+def _prepare(
+    batcher: StepBatcher, values: dict[str, Any], image_bytes: bytes | None, timeout: float | None
+) -> Job:
+    image = _image(image_bytes) if image_bytes is not None else None
+    return batcher.prepare(Img2ImgRequest(image=image, **values), timeout=timeout)
 
 
 def _answer(result: JobResult, response_format: str) -> Response:
@@ -214,10 +238,8 @@ def _answer(result: JobResult, response_format: str) -> Response:
     return JSONResponse(body, headers=headers)
 
 
-async def _parse(
-    request: Request, options: ServeOptions
-) -> tuple[dict[str, Any], PIL.Image.Image | None]:
-    """The img2img fields and the decoded image from a JSON or multipart body."""
+async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:
+    """The img2img fields and the image's bytes from a JSON or multipart body."""
     limit = int(options.max_body_mb * 1024 * 1024)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -256,8 +278,7 @@ async def _parse(
     values = {
         k: v if k in OPTIONS else _number(v, _TYPES[k], k) for k, v in raw.items() if v is not None
     }
-    image = _image(image_bytes) if image_bytes is not None else None
-    return values, image
+    return values, image_bytes
 
 
 async def _form(request: Request, body: bytes) -> dict[str, Any]:

@@ -480,6 +480,39 @@ def test_a_full_queue_is_429_with_retry_after(pipe):
         assert "queue is full" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("step", ["_image", "_answer"])
+def test_health_answers_while_a_requests_image_is_decoded_or_encoded(server, image, step):
+    """Decoding, preprocessing and PNG encoding run off the event loop: held in the middle
+    of one of them, a request does not hold up /health (on the loop, it would wait)."""
+    from sdtrt.serve import app as serve_app
+
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(serve_app, step)
+
+    def held(*args):
+        entered.set()
+        assert release.wait(timeout=30)
+        return original(*args)
+
+    body = {"image": base64.b64encode(png_bytes(image)).decode(), **SMALL}
+    answers = []
+    client = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
+        )
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serve_app, step, held)
+        client.start()
+        try:
+            assert entered.wait(timeout=30)
+            assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        finally:
+            release.set()
+            client.join(timeout=60)
+    assert answers[0].status_code == 200 and answers[0].headers["x-unet-calls"] == "2"
+
+
 def test_a_late_request_is_504_and_a_client_that_leaves_cancels_its_job(server):
     slow = {"num_inference_steps": 400, "strength": 1.0, "height": 64, "width": 64}
     answer = httpx.post(
