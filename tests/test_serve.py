@@ -5,6 +5,7 @@ isolation, then the HTTP API against a real server on loopback."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import signal
@@ -27,6 +28,7 @@ from sdtrt.errors import (
     RequestCancelledError,
 )
 from sdtrt.options import ServeOptions
+from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher, intra_op_threads
@@ -408,8 +410,32 @@ def test_json_and_multipart_answer_the_pipelinespng_bytes(tiny, server, image):
     assert (meta["width"], meta["height"], meta["seed"], meta["unet_calls"]) == (48, 32, 3, 2)
     assert set(meta["timings_ms"]) >= {"text_encoder", "vae_encoder", "denoise", "vae_decoder"}
     assert meta["queue_wait_ms"] >= 0
+    documented = _documented(server)["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(meta) == set(documented["properties"])
     decoded = PIL.Image.open(io.BytesIO(base64.b64decode(meta["image"])))
     assert np.array_equal(np.asarray(decoded), got)
+
+
+def _documented(server):
+    """What /docs shows of POST /v1/img2img (the app's OpenAPI document)."""
+    return httpx.get(f"{server.url}/openapi.json").json()["paths"]["/v1/img2img"]["post"]
+
+
+def test_the_documented_defaults_are_the_servers(server, image):
+    """/docs lists every field the server takes, and a request that sends each documented
+    default gets the image a request without them gets."""
+    body = _documented(server)["requestBody"]["content"]["application/json"]
+    fields = body["schema"]["properties"]
+    taken = {field.name for field in dataclasses.fields(Img2ImgRequest)}
+    assert set(fields) == taken | {"response_format", "timeout"}
+    defaults = {name: f["default"] for name, f in fields.items() if "default" in f}
+    assert defaults["num_inference_steps"] == 50 and defaults["scheduler"] == "lms"
+    picture = base64.b64encode(png_bytes(image)).decode()
+    bare = httpx.post(f"{server.url}/v1/img2img", json={"image": picture}, headers=KEY, timeout=60)
+    body = {"image": picture, **defaults, "strength": DEFAULT_STRENGTH}
+    spelled = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
+    assert bare.status_code == spelled.status_code == 200
+    assert bare.content == spelled.content and bare.headers["x-unet-calls"] == "40"
 
 
 @pytest.mark.parametrize(
