@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
+import PIL.ImageOps
 
 from sdtrt.errors import InvalidInputError
 
@@ -129,9 +130,15 @@ def load_image(path: str | Path) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
         raise InvalidInputError(
             f"cannot read {path} as an image ({exc}); expected a PNG, JPEG or other "
             "format Pillow reads"
         ) from exc
+
+
+def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A decoded file as diffusers' ``load_image`` gives it: turned by its EXIF orientation
+    (cameras and phones store a photo as taken, with a tag saying how to turn it), in RGB."""
+    return PIL.ImageOps.exif_transpose(image).convert("RGB")

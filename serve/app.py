@@ -432,7 +432,7 @@ def _base64(value: Any) -> bytes:
 
 def _image(data: bytes) -> PIL.Image.Image:
     """Decode an image, refusing oversized ones from the header, before pixels are read."""
-    from sdtrt.runtime.inputs import Limits
+    from sdtrt.runtime.inputs import Limits, upright_rgb
 
     limit = Limits.from_env().max_pixels
     try:
@@ -444,7 +444,7 @@ def _image(data: bytes) -> PIL.Image.Image:
                 f"pixels, over this server's limit of {limit} (SDTRT_MAX_PIXELS)",
             )
         image.load()
-        return image.convert("RGB")
+        return upright_rgb(image)
     except BadRequest:
         raise
     except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError):

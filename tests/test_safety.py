@@ -213,6 +213,30 @@ def test_limits_follow_the_environment(monkeypatch):
         Limits.from_env()
 
 
+@pytest.mark.parametrize("orientation, turned", [(1, False), (3, False), (6, True), (8, True)])
+def test_a_photo_is_turned_by_its_exif_orientation_as_diffusers_turns_it(
+    tmp_path, orientation, turned
+):
+    """Phones store a photo as taken, with an EXIF tag saying how to turn it: the CLI's
+    file and the server's upload come out as diffusers' load_image gives them."""
+    import numpy as np
+    from diffusers.utils import load_image as diffusers_load_image
+
+    from sdtrt.runtime.inputs import load_image
+    from sdtrt.serve.app import _image
+
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:8, :16] = (255, 0, 0)  # a red corner: where it ends up tells the turn
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "photo.jpg"
+    PIL.Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    want = np.asarray(diffusers_load_image(str(path)))
+    assert want.shape == ((48, 32, 3) if turned else (32, 48, 3))
+    assert np.array_equal(np.asarray(load_image(path)), want)
+    assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
+
+
 def test_a_huge_input_image_is_refused_before_the_model(tmp_path, capsys, no_work, monkeypatch):
     monkeypatch.setenv("SDTRT_MAX_PIXELS", str(32 * 32))
     image = tmp_path / "big.png"
