@@ -373,18 +373,25 @@ class StepBatcher:
         return group
 
     def _unet_step(self, jobs: list[Job]) -> None:
+        """One UNet call and scheduler update for ``jobs``. Where it fails, the job that
+        failed fails alone: the jobs it had not yet updated run again one by one."""
+        before = [job.index for job in jobs]
         try:
             self._unet_call(jobs)
         except Exception as exc:
-            if len(jobs) == 1:
-                self._fail(jobs[0], exc)
-                self.active.remove(jobs[0])
+            # A job updated before the failure has taken this step: again, it would take
+            # its next one, or one past its last.
+            rest = [job for job, index in zip(jobs, before, strict=True) if job.index == index]
+            if len(rest) == 1:
+                self._fail(rest[0], exc)
+                self.active.remove(rest[0])
                 return
-            # Find the job that failed: each alone (one call each), the others go on.
             logger.warning(
-                "a batched UNet call failed (%s): running its %d jobs alone", exc, len(jobs)
+                "a batched UNet step failed (%s): its %d jobs not yet updated run alone",
+                exc,
+                len(rest),
             )
-            for job in jobs:
+            for job in rest:
                 self._unet_step([job])
 
     def _unet_call(self, jobs: list[Job]) -> None:

@@ -286,6 +286,39 @@ def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
         batcher.close()
 
 
+def test_a_job_whose_scheduler_step_fails_fails_alone(tiny, pipe, image, monkeypatch):
+    """The failure comes after the batched UNet call, in one job's scheduler update: the
+    jobs already updated in that step are not updated twice (their results stay the
+    pipeline's), the one that failed fails alone."""
+    from sdtrt.serve import batcher as batcher_module
+
+    real_step = batcher_module.step
+
+    def step(scheduler, pred, t, latents, guidance_scale, extra):
+        if guidance_scale == 7.25:
+            raise RuntimeError("the scheduler failed")
+        return real_step(scheduler, pred, t, latents, guidance_scale, extra)
+
+    monkeypatch.setattr(batcher_module, "step", step)
+    requests = [  # the first one's one step is the step where the second one fails
+        Img2ImgRequest(image=image, strength=0.5, num_inference_steps=n, seed=1, guidance_scale=g)
+        for n, g in ((2, 8.0), (6, 7.25), (6, 6.0))
+    ]
+    (first, last), _ = _run_all(pipe, requests[::2])
+    batcher = StepBatcher(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="the scheduler failed"):
+            futures[1].result(timeout=60)
+        for i, alone in ((0, first), (2, last)):
+            got = futures[i].result(timeout=60)
+            assert got.unet_calls == alone.unet_calls == (1, 3)[i // 2]
+            assert float(np.abs(got.array - alone.array).max()) <= MIXED_BOUND
+    finally:
+        batcher.close()
+
+
 def test_non_finite_images_name_the_vae_decoder(pipe, image):
     plain = pipe.backend
     pipe.backend = _PoisonedBackend(plain)  # finite latents, NaN images
