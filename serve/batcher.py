@@ -262,16 +262,30 @@ class StepBatcher:
     def _iterate(self, new: list[Job]) -> None:
         self._drop_expired()
         if new:
-            self._start(new)
+            self._each_alone_on_failure(self._start, new)
         group = self._next_group()
         if group:
             self._unet_step(group)
         finished = [job for job in self.active if job.done]
         if finished:
             self.active = [job for job in self.active if not job.done]
-            self._finish(finished)
+            self._each_alone_on_failure(self._finish, finished)
         if not new and not group and self.waiting:
             time.sleep(0.002)  # request-level batching waiting out its queue delay
+
+    def _each_alone_on_failure(self, work: Callable[[list[Job]], None], jobs: list[Job]) -> None:
+        """``work(jobs)`` batched (encoding new jobs, decoding finished ones); where it fails
+        (a bad input, memory run out at that batch), again job by job, so that only a job
+        that fails alone fails. Both kinds of work may run again on a job."""
+        try:
+            work(jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                return
+            logger.warning("a batch of %d jobs failed (%s): running them alone", len(jobs), exc)
+            for job in jobs:
+                self._each_alone_on_failure(work, [job])
 
     def _admit(self) -> list[Job]:
         """Move waiting jobs to active as the policy allows (under the lock)."""

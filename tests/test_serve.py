@@ -286,6 +286,51 @@ def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
         batcher.close()
 
 
+class _OneImageVaeBackend(_OneTimestepBackend):
+    """The VAE runs out of memory on more than one image at a time, and refuses a black
+    image whatever the batch."""
+
+    per_row_timesteps = True
+
+    def encode_image(self, pixels):
+        if bool((pixels == -1).flatten(1).all(1).any()):
+            raise RuntimeError("a poisoned image")
+        if pixels.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self._backend.encode_image(pixels)
+
+    def decode_latents(self, latents):
+        if latents.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self._backend.decode_latents(latents)
+
+
+def test_a_failed_batched_encode_or_decode_is_run_job_by_job(tiny, image):
+    """New jobs are encoded together and finished ones decoded together: where that fails,
+    each job runs alone, and only the one that fails alone fails (before, every job in
+    flight failed with it)."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    pipe.backend = _OneImageVaeBackend(pipe.backend)
+    black = PIL.Image.new("RGB", image.size)
+    requests = [
+        Img2ImgRequest(image=picture, strength=0.5, num_inference_steps=6, seed=seed)
+        for seed, picture in ((1, image), (2, black), (3, image))
+    ]
+    batcher = StepBatcher(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="a poisoned image"):
+            futures[1].result(timeout=60)
+        for i in (0, 2):
+            got = futures[i].result(timeout=60)
+            assert got.unet_calls == 3
+            want = _reference(tiny, requests[i], image)
+            assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
+    finally:
+        batcher.close()
+
+
 def test_a_job_whose_scheduler_step_fails_fails_alone(tiny, pipe, image, monkeypatch):
     """The failure comes after the batched UNet call, in one job's scheduler update: the
     jobs already updated in that step are not updated twice (their results stay the
