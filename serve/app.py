@@ -175,6 +175,9 @@ def create_app(
             response = await _serve(request, batcher, options, intake)
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+        except Exception as exc:  # unforeseen: still this request's 500 alone, and counted
+            logger.exception("a request failed")
+            response = JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
         metrics.requests.labels(str(response.status_code)).inc()
         if response.status_code == 200:
             metrics.latency.observe(time.monotonic() - arrived)

@@ -575,6 +575,23 @@ def test_metrics_count_requests_rows_and_queue(server):
         assert line in text, line
 
 
+def test_an_unforeseen_error_is_a_counted_json_500(server, monkeypatch):
+    batcher = server.server.sdtrt_app.state.batcher
+
+    def prepare(request, timeout=None):
+        raise ValueError("something nobody checked")
+
+    monkeypatch.setattr(batcher, "prepare", prepare)
+    answer = httpx.post(f"{server.url}/v1/img2img", json=SMALL, headers=KEY, timeout=30)
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "ValueError: something nobody checked"}
+    assert (
+        'sdtrt_requests_total{status="500"}' in httpx.get(f"{server.url}/metrics", headers=KEY).text
+    )
+    monkeypatch.undo()
+    assert httpx.post(f"{server.url}/v1/img2img", json=SMALL, headers=KEY, timeout=60).is_success
+
+
 def test_a_full_queue_is_429_with_retry_after(pipe):
     options = ServeOptions(max_queue=0)
     app = create_app(StepBatcher(pipe, options), options, warmup=False)
