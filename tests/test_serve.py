@@ -255,6 +255,20 @@ class _PoisonedBackend(_OneTimestepBackend):
         return out if self.poison is not None else out * float("nan")
 
 
+def _the_middle_one_fails(pipe, requests, error, says):
+    """Three requests queued, then run: the second fails with ``error``; the others'
+    results."""
+    batcher = StepBatcher(pipe, start=False)
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        with pytest.raises(error, match=says):
+            futures[1].result(timeout=60)
+        return [futures[i].result(timeout=60) for i in (0, 2)]
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize(
     "nan, error, says",
     [(False, RuntimeError, "poisoned rows"), (True, NonFiniteOutputError, "the UNet produced NaN")],
@@ -272,18 +286,9 @@ def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
         Img2ImgRequest(prompt=p, image=image, strength=0.5, num_inference_steps=6, seed=1)
         for p in ("fine", "poison", "also fine")
     ]
-    batcher = StepBatcher(pipe, start=False)
-    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
-    batcher.start()
-    try:
-        with pytest.raises(error, match=says):
-            futures[1].result(timeout=60)
-        for i in (0, 2):
-            got = futures[i].result(timeout=60).array
-            want = _reference(tiny, requests[i], image)
-            assert float(np.abs(got - want).max()) <= MIXED_BOUND
-    finally:
-        batcher.close()
+    for i, got in zip((0, 2), _the_middle_one_fails(pipe, requests, error, says), strict=True):
+        want = _reference(tiny, requests[i], image)
+        assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
 
 
 class _OneImageVaeBackend(_OneTimestepBackend):
@@ -316,19 +321,11 @@ def test_a_failed_batched_encode_or_decode_is_run_job_by_job(tiny, image):
         Img2ImgRequest(image=picture, strength=0.5, num_inference_steps=6, seed=seed)
         for seed, picture in ((1, image), (2, black), (3, image))
     ]
-    batcher = StepBatcher(pipe, start=False)
-    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
-    batcher.start()
-    try:
-        with pytest.raises(RuntimeError, match="a poisoned image"):
-            futures[1].result(timeout=60)
-        for i in (0, 2):
-            got = futures[i].result(timeout=60)
-            assert got.unet_calls == 3
-            want = _reference(tiny, requests[i], image)
-            assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
-    finally:
-        batcher.close()
+    results = _the_middle_one_fails(pipe, requests, RuntimeError, "a poisoned image")
+    for i, got in zip((0, 2), results, strict=True):
+        assert got.unet_calls == 3
+        want = _reference(tiny, requests[i], image)
+        assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
 
 
 def test_a_job_whose_scheduler_step_fails_fails_alone(tiny, pipe, image, monkeypatch):
@@ -350,18 +347,10 @@ def test_a_job_whose_scheduler_step_fails_fails_alone(tiny, pipe, image, monkeyp
         for n, g in ((2, 8.0), (6, 7.25), (6, 6.0))
     ]
     (first, last), _ = _run_all(pipe, requests[::2])
-    batcher = StepBatcher(pipe, start=False)
-    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
-    batcher.start()
-    try:
-        with pytest.raises(RuntimeError, match="the scheduler failed"):
-            futures[1].result(timeout=60)
-        for i, alone in ((0, first), (2, last)):
-            got = futures[i].result(timeout=60)
-            assert got.unet_calls == alone.unet_calls == (1, 3)[i // 2]
-            assert float(np.abs(got.array - alone.array).max()) <= MIXED_BOUND
-    finally:
-        batcher.close()
+    results = _the_middle_one_fails(pipe, requests, RuntimeError, "the scheduler failed")
+    for got, alone, calls in zip(results, (first, last), (1, 3), strict=True):
+        assert got.unet_calls == alone.unet_calls == calls
+        assert float(np.abs(got.array - alone.array).max()) <= MIXED_BOUND
 
 
 def test_non_finite_images_name_the_vae_decoder(pipe, image):
