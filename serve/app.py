@@ -1,5 +1,6 @@
-"""The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img``, ``GET /health``,
-``GET /ready`` and ``GET /metrics`` (Prometheus).
+"""The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img`` (its fields and
+their description at /docs: serve/fields.py), ``GET /health``, ``GET /ready`` and
+``GET /metrics`` (Prometheus).
 
 Every bad input is a 4xx with the library's own message; a full queue is 429 with
 Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
@@ -12,7 +13,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -38,46 +38,11 @@ from prometheus_client import (
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
-from sdtrt.runtime.inputs import DEFAULT_STRENGTH
-from sdtrt.runtime.schedulers import SCHEDULERS
 from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
+from sdtrt.serve.fields import OPTIONS, TYPES, openapi
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# The img2img fields: each one's type (form fields arrive as text) and what /docs says of
-# it. Their defaults are Img2ImgRequest's.
-FIELDS: dict[str, tuple[type, str]] = {
-    "prompt": (str, "What the image should show."),
-    "negative_prompt": (str, "What it should not show: guidance's unconditional row."),
-    "strength": (
-        float,
-        f"In (0, 1]: how much of the schedule runs on the noised image; default "
-        f"{DEFAULT_STRENGTH}. Or give start_step (the same knob).",
-    ),
-    "start_step": (int, "The first step's index, in [0, num_inference_steps)."),
-    "num_inference_steps": (int, "Steps of the whole schedule (the server bounds it)."),
-    "guidance_scale": (float, "Classifier-free guidance; 1 or less runs the prompt alone."),
-    "scheduler": (str, f"One of {', '.join(SCHEDULERS)}."),
-    "seed": (int, "In [0, 2^64 - 1]; the same seed gives the same image."),
-    "height": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
-    "width": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
-}
-_TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
-OPTIONS: dict[str, dict[str, Any]] = {
-    "response_format": {
-        "type": "string",
-        "enum": ["png", "json"],
-        "default": "png",
-        "description": "png: the image itself; json: the image in base64 with its metadata "
-        "(also chosen by Accept: application/json).",
-    },
-    "timeout": {
-        "type": "number",
-        "description": "Seconds before the request is dropped (504); at most the server's.",
-    },
-}
-"""Per-request options beside the img2img fields, as /docs describes them."""
 
 
 class BadRequest(Exception):
@@ -165,7 +130,7 @@ def create_app(
             return failure
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/img2img", response_class=Response, openapi_extra=_openapi())
+    @app.post("/v1/img2img", response_class=Response, openapi_extra=openapi())
     async def img2img(request: Request) -> Response:
         arrived = time.monotonic()
         if failure := _unauthorised(request, options):
@@ -185,75 +150,6 @@ def create_app(
         return response
 
     return app
-
-
-def _openapi() -> dict[str, Any]:
-    """What /docs shows of ``POST /v1/img2img``. The body is read by hand (JSON or
-    multipart, refused with this API's own messages), so FastAPI cannot see its fields."""
-    json_type = {str: "string", int: "integer", float: "number"}
-    defaults = {f.name: f.default for f in dataclasses.fields(Img2ImgRequest)}
-    fields: dict[str, Any] = {}
-    for name, (kind, description) in FIELDS.items():
-        fields[name] = {"type": json_type[kind], "description": description}
-        if defaults[name] is not None:
-            fields[name]["default"] = defaults[name]
-    image = "The input image (PNG, JPEG, WebP...); default: sdtrt's sample picture."
-    as_json = {"type": "string", "description": f"{image} Base64, or a data: URL."}
-    as_file = {"type": "string", "format": "binary", "description": image}
-    body = {
-        kind: {"schema": {"type": "object", "properties": {"image": picture, **fields, **OPTIONS}}}
-        for kind, picture in (("application/json", as_json), ("multipart/form-data", as_file))
-    }
-    number = {"type": "number"}
-    metadata = {
-        "image": {"type": "string", "description": "The PNG, base64."},
-        "width": {"type": "integer"},
-        "height": {"type": "integer"},
-        "seed": {"type": "integer"},
-        "unet_calls": {"type": "integer", "description": "Batched UNet calls it took part in."},
-        "queue_wait_ms": {**number, "description": "Arrival to admission into the batch."},
-        "timings_ms": {
-            "type": "object",
-            "additionalProperties": number,
-            "description": "Per stage (text_encoder, vae_encoder, denoise, vae_decoder), "
-            "the batched calls it took part in, and total.",
-        },
-    }
-    answer = {
-        "description": "The image: a PNG, or JSON with response_format=json.",
-        "headers": {
-            name: {"schema": {"type": kind}}
-            for name, kind in (
-                ("X-Seed", "integer"),
-                ("X-Unet-Calls", "integer"),
-                ("X-Queue-Wait-Ms", "number"),
-            )
-        },
-        "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"type": "object", "properties": metadata}},
-        },
-    }
-    error = {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}
-    failures = {
-        "400": "The body is not JSON, the image not base64 or not an image.",
-        "401": "A missing or wrong API key (Authorization: Bearer KEY, or X-API-Key).",
-        "413": "The body is over the server's limit.",
-        "415": "Neither application/json nor multipart/form-data.",
-        "422": "A field out of bounds or unknown: the message says what is allowed.",
-        "429": "The queue is full: retry after Retry-After seconds.",
-        "500": "This request failed (non-finite output...); other requests are unaffected.",
-        "503": "The server is draining: it takes no new requests.",
-        "504": "The request was past its deadline.",
-    }
-    responses = {
-        "200": answer,
-        **{
-            status: {"description": what, "content": {"application/json": error}}
-            for status, what in failures.items()
-        },
-    }
-    return {"requestBody": {"content": body}, "responses": responses}
 
 
 async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
@@ -363,13 +259,13 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
         raw = {k: _form_value(k, v) for k, v in form.items()}
     else:
         raise BadRequest(415, f"send application/json or multipart/form-data, not {kind}")
-    unknown = sorted(set(raw) - set(_TYPES) - set(OPTIONS))
+    unknown = sorted(set(raw) - set(TYPES) - set(OPTIONS))
     if unknown:
-        allowed = ", ".join(["image", *_TYPES, *OPTIONS])
+        allowed = ", ".join(["image", *TYPES, *OPTIONS])
         raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
     # null or an empty form field: the default, as if the field were not sent
     values = {
-        k: v if k in OPTIONS else _number(v, _TYPES[k], k) for k, v in raw.items() if v is not None
+        k: v if k in OPTIONS else _number(v, TYPES[k], k) for k, v in raw.items() if v is not None
     }
     return values, image_bytes
 
@@ -395,7 +291,7 @@ async def _form(request: Request, body: bytes) -> dict[str, Any]:
 def _form_value(name: str, value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    if name in _TYPES and _TYPES[name] is not str and value == "":
+    if name in TYPES and TYPES[name] is not str and value == "":
         return None
     return value
 
