@@ -275,16 +275,19 @@ class StepBatcher:
 
     def _each_alone_on_failure(self, work: Callable[[list[Job]], None], jobs: list[Job]) -> None:
         """``work(jobs)`` batched (encoding new jobs, decoding finished ones); where it fails
-        (a bad input, memory run out at that batch), again job by job, so that only a job
-        that fails alone fails. Both kinds of work may run again on a job."""
+        (a bad input, memory run out at that batch), again job by job for the jobs not yet
+        answered, so that only a job that fails alone fails."""
         try:
             work(jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 self._fail(jobs[0], exc)
                 return
-            logger.warning("a batch of %d jobs failed (%s): running them alone", len(jobs), exc)
-            for job in jobs:
+            rest = [job for job in jobs if not job.future.done()]
+            logger.warning(
+                "a batch of %d jobs failed (%s): running %d alone", len(jobs), exc, len(rest)
+            )
+            for job in rest:
                 self._each_alone_on_failure(work, [job])
 
     def _admit(self) -> list[Job]:
