@@ -69,6 +69,13 @@ class Metrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
             registry=registry,
         )
+        self.stages = Histogram(
+            "sdtrt_stage_seconds",
+            "a request's time in each stage: the batched calls it took part in",
+            ["stage"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=registry,
+        )
         self.rows = Histogram(
             "sdtrt_unet_rows_per_call",
             "UNet rows ([uncond, cond] per guided image) per batched call",
@@ -80,6 +87,14 @@ class Metrics:
         active = Gauge("sdtrt_active_jobs", "requests being denoised", registry=registry)
         active.set_function(lambda: len(batcher.active))
         batcher.stats.on_unet_call.append(self.rows.observe)
+
+    def answered(self, result: JobResult, seconds: float) -> None:
+        """A request answered 200 after ``seconds``."""
+        self.latency.observe(seconds)
+        self.queue_wait.observe(result.queue_wait_ms / 1e3)
+        for stage, ms in result.timings_ms.items():
+            if stage != "total":  # the request's latency, above
+                self.stages.labels(stage).observe(ms / 1e3)
 
 
 def create_app(
@@ -137,16 +152,18 @@ def create_app(
             metrics.requests.labels("401").inc()
             return failure
         try:
-            response = await _serve(request, batcher, options, intake)
+            result, response_format = await _serve(request, batcher, options, intake)
+            # Encoding the PNG takes longer still (512x512: ~30 ms, 2048x2048: ~0.6 s):
+            # Pillow alone, which lets go of the GIL, so the default pool's threads encode
+            # side by side.
+            response = await _off_loop(None, _answer, result, response_format)
+            metrics.answered(result, time.monotonic() - arrived)
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
         except Exception as exc:  # unforeseen: still this request's 500 alone, and counted
             logger.exception("a request failed")
             response = JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
         metrics.requests.labels(str(response.status_code)).inc()
-        if response.status_code == 200:
-            metrics.latency.observe(time.monotonic() - arrived)
-            metrics.queue_wait.observe(float(response.headers["x-queue-wait-ms"]) / 1e3)
         return response
 
     return app
@@ -159,7 +176,8 @@ async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: An
 
 async def _serve(
     request: Request, batcher: StepBatcher, options: ServeOptions, intake: Executor
-) -> Response:
+) -> tuple[JobResult, str]:
+    """The request's result and the format to answer in; BadRequest where there is none."""
     values, image_bytes = await _parse(request, options)
     per_request = {k: values.pop(k) for k in OPTIONS if k in values}
     response_format = per_request.get("response_format", "png")
@@ -185,7 +203,7 @@ async def _serve(
         if not done and await request.is_disconnected():
             job.cancel()  # dropped at the next iteration
             logger.info("a client went away: its job is cancelled")
-            return Response(status_code=499)
+            raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
     try:
         result = waiting.result()
     except DeadlineExceededError as exc:
@@ -193,9 +211,7 @@ async def _serve(
     except Exception as exc:  # this job's failure (non-finite output...), nobody else's
         logger.warning("a request failed: %s", exc)
         raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
-    # Encoding the PNG takes longer still (512x512: ~30 ms, 2048x2048: ~0.6 s). Pillow
-    # alone, which lets go of the GIL: the default pool's threads encode side by side.
-    return await _off_loop(None, _answer, result, response_format)
+    return result, response_format
 
 
 def _prepare(

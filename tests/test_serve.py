@@ -553,15 +553,28 @@ def test_the_api_key_guards_v1_and_metrics_not_the_probes(server):
 
 def test_metrics_count_requests_rows_and_queue(server):
     httpx.post(f"{server.url}/v1/img2img", json={**SMALL, "strength": 2}, headers=KEY)
+    httpx.post(f"{server.url}/v1/img2img", json=SMALL, headers=KEY, timeout=60)
     text = httpx.get(f"{server.url}/metrics", headers=KEY).text
     for line in (
         'sdtrt_requests_total{status="422"}',
-        "sdtrt_request_latency_seconds_count",
         "sdtrt_unet_rows_per_call_count",
         "sdtrt_queue_depth 0.0",
         "sdtrt_active_jobs 0.0",
     ):
         assert line in text, line
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    answered = float(values['sdtrt_requests_total{status="200"}'])
+    assert answered >= 1
+    # every answered request is observed once in each histogram, stage by stage
+    for name in (
+        "sdtrt_request_latency_seconds_count",
+        "sdtrt_queue_wait_seconds_count",
+        *(
+            f'sdtrt_stage_seconds_count{{stage="{stage}"}}'
+            for stage in ("text_encoder", "vae_encoder", "denoise", "vae_decoder")
+        ),
+    ):
+        assert float(values[name]) == answered, name
 
 
 def test_an_unforeseen_error_is_a_counted_json_500(server, monkeypatch):
