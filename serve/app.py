@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -151,8 +152,9 @@ def create_app(
         if failure := _unauthorised(request, options):
             metrics.requests.labels("401").inc()
             return failure
+        request_id = _request_id(request)
         try:
-            result, response_format = await _serve(request, batcher, options, intake)
+            result, response_format = await _serve(request, request_id, batcher, options, intake)
             # Encoding the PNG takes longer still (512x512: ~30 ms, 2048x2048: ~0.6 s):
             # Pillow alone, which lets go of the GIL, so the default pool's threads encode
             # side by side.
@@ -161,8 +163,9 @@ def create_app(
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
         except Exception as exc:  # unforeseen: still this request's 500 alone, and counted
-            logger.exception("a request failed")
+            logger.exception("request %s failed", request_id)
             response = JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+        response.headers["X-Request-ID"] = request_id
         metrics.requests.labels(str(response.status_code)).inc()
         return response
 
@@ -174,8 +177,21 @@ async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: An
     return await asyncio.get_running_loop().run_in_executor(executor, work, *args)
 
 
+def _request_id(request: Request) -> str:
+    """The caller's X-Request-ID (a proxy's, to follow one request through the logs) where
+    it is a short printable token, else a new one; every answer carries it back."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
 async def _serve(
-    request: Request, batcher: StepBatcher, options: ServeOptions, intake: Executor
+    request: Request,
+    request_id: str,
+    batcher: StepBatcher,
+    options: ServeOptions,
+    intake: Executor,
 ) -> tuple[JobResult, str]:
     """The request's result and the format to answer in; BadRequest where there is none."""
     values, image_bytes = await _parse(request, options)
@@ -202,14 +218,14 @@ async def _serve(
         done, _ = await asyncio.wait({waiting}, timeout=0.05)
         if not done and await request.is_disconnected():
             job.cancel()  # dropped at the next iteration
-            logger.info("a client went away: its job is cancelled")
+            logger.info("request %s: the client went away; its job is cancelled", request_id)
             raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
     try:
         result = waiting.result()
     except DeadlineExceededError as exc:
         raise BadRequest(504, str(exc)) from None
     except Exception as exc:  # this job's failure (non-finite output...), nobody else's
-        logger.warning("a request failed: %s", exc)
+        logger.warning("request %s failed: %s", request_id, exc)
         raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
     return result, response_format
 

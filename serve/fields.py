@@ -86,6 +86,7 @@ def openapi() -> dict[str, Any]:
                 ("X-Seed", "integer"),
                 ("X-Unet-Calls", "integer"),
                 ("X-Queue-Wait-Ms", "number"),
+                ("X-Request-ID", "string"),  # on every answer: the caller's, else a new one
             )
         },
         "content": {

@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -575,6 +576,20 @@ def test_metrics_count_requests_rows_and_queue(server):
         ),
     ):
         assert float(values[name]) == answered, name
+
+
+def test_every_answer_carries_its_request_id(server):
+    url = f"{server.url}/v1/img2img"
+    given = {**KEY, "X-Request-ID": "trace-7f3a"}
+    assert httpx.post(url, json=SMALL, headers=given, timeout=60).headers["x-request-id"] == (
+        "trace-7f3a"
+    )
+    made = [
+        httpx.post(url, json={"strength": 2}, headers=headers).headers["x-request-id"]
+        for headers in (KEY, KEY, {**KEY, "X-Request-ID": "x" * 200})
+    ]
+    assert all(re.fullmatch("[0-9a-f]{32}", made_id) for made_id in made)
+    assert len(set(made)) == 3
 
 
 def test_an_unforeseen_error_is_a_counted_json_500(server, monkeypatch):
