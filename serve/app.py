@@ -99,10 +99,15 @@ class Metrics:
 
 
 def create_app(
-    batcher: StepBatcher, options: ServeOptions = ServeOptions(), warmup: bool = True
+    batcher: StepBatcher,
+    options: ServeOptions = ServeOptions(),
+    warmup: bool = True,
+    answer_request_id: bool = True,
 ) -> FastAPI:
     """The app over ``batcher``. ``warmup``: one small request runs before /ready says
-    200 (kernel selection, CUDA graphs); /health answers meanwhile."""
+    200 (kernel selection, CUDA graphs); /health answers meanwhile.
+    ``answer_request_id``: set X-Request-ID on img2img answers (False where a proxy in
+    front does, as Ray Serve's does)."""
     state: dict[str, Any] = {"ready": not warmup, "draining": False}
     # Decoding and preprocessing a request's image take milliseconds (a 1024x1024 PNG:
     # ~30 ms), run off the event loop so that /health and the other requests are not held
@@ -165,7 +170,8 @@ def create_app(
         except Exception as exc:  # unforeseen: still this request's 500 alone, and counted
             logger.exception("request %s failed", request_id)
             response = JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
-        response.headers["X-Request-ID"] = request_id
+        if answer_request_id:
+            response.headers["X-Request-ID"] = request_id
         metrics.requests.labels(str(response.status_code)).inc()
         return response
 

@@ -55,8 +55,10 @@ class SdtrtReplica:
     def __serve_build_asgi_app__(self) -> Any:
         from sdtrt.serve.app import create_app
 
-        # not `self.app`: Ray's ASGI wrapper has a property of that name
-        self.fastapi_app = create_app(self.batcher, self.serve_options)
+        # not `self.app`: Ray's ASGI wrapper has a property of that name. Ray's proxy gives
+        # every request an X-Request-ID (the caller's, else its own: the app logs it) and
+        # sets it on the answer itself.
+        self.fastapi_app = create_app(self.batcher, self.serve_options, answer_request_id=False)
         return self.fastapi_app
 
     def check_health(self) -> None:

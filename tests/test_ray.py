@@ -95,6 +95,8 @@ def test_two_replicas_answer_concurrent_requests_as_the_pipeline(cluster, tiny):
                 seeds,
             )
         )
+    ids = [answer.headers.get_list("x-request-id") for answer in answers]
+    assert all(len(one) == 1 for one in ids) and len({one[0] for one in ids}) == 6, ids
     for seed, answer in zip(seeds, answers, strict=True):
         assert answer.status_code == 200, answer.text
         want = pipe(
