@@ -40,7 +40,7 @@ from prometheus_client import (
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
 from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
-from sdtrt.serve.fields import OPTIONS, TYPES, openapi
+from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,8 +205,9 @@ async def _serve(
     response_format = per_request.get("response_format", "png")
     if "application/json" in request.headers.get("accept", ""):
         response_format = "json"
-    if response_format not in ("png", "json"):
-        raise BadRequest(422, f"response_format must be png or json, got {response_format!r}")
+    if response_format not in OPTIONS["response_format"]["enum"]:
+        allowed = ", ".join(OPTIONS["response_format"]["enum"])
+        raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
     timeout = _number(per_request.get("timeout"), float, "timeout")
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
@@ -244,17 +245,19 @@ def _prepare(
 
 
 def _answer(result: JobResult, response_format: str) -> Response:
-    png = io.BytesIO()
-    result.image.save(png, format="PNG")
+    image_format = "png" if response_format == "json" else response_format
+    encoded = io.BytesIO()
+    name, settings = IMAGE_FORMATS[image_format]
+    result.image.save(encoded, format=name, **settings)
     headers = {
         "X-Seed": str(result.seed),
         "X-Unet-Calls": str(result.unet_calls),
         "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
     }
-    if response_format == "png":
-        return Response(png.getvalue(), media_type="image/png", headers=headers)
+    if response_format != "json":
+        return Response(encoded.getvalue(), media_type=f"image/{image_format}", headers=headers)
     body = {
-        "image": base64.b64encode(png.getvalue()).decode(),
+        "image": base64.b64encode(encoded.getvalue()).decode(),
         "width": result.image.width,
         "height": result.image.height,
         "seed": result.seed,
