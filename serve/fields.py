@@ -31,11 +31,12 @@ FIELDS: dict[str, tuple[type, str]] = {
     "width": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
-# The image formats an answer comes in: Pillow's name and its settings. JPEG and WebP are
-# lossy (4.5x and 10x smaller than PNG for a photo-like 512x512) at a quality that keeps SD's
-# detail; PNG is lossless.
+# The image formats an answer comes in: Pillow's name and its settings. PNG is lossless, at
+# zlib's fastest level: for a photo-like 512x512, 15 ms and 390 KiB against Pillow's default
+# level 6's 69 ms and 334 KiB (a server's latency over 17% more bytes). JPEG and WebP are
+# lossy at a quality that keeps SD's detail: 0.7 ms, 74 KiB and 22 ms, 33 KiB.
 IMAGE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    "png": ("PNG", {}),
+    "png": ("PNG", {"compress_level": 1}),
     "jpeg": ("JPEG", {"quality": 95}),
     "webp": ("WEBP", {"quality": 90}),
 }
