@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.export.folder import ExportedModel, is_export, is_onnx_folder
-from sdtrt.fileio import atomic_path, check_output_dir, check_output_file, image_format
+from sdtrt.fileio import (
+    ENCODER_SETTINGS,
+    atomic_path,
+    check_output_dir,
+    check_output_file,
+    image_format,
+)
 from sdtrt.options import (
     BackendOptions,
     BuildOptions,
@@ -81,7 +87,8 @@ def img2img(
     paths = job.output_paths()
     for picture, path in zip(result.images, paths, strict=True):
         with atomic_path(path) as tmp:
-            picture.save(tmp, format=image_format(path))
+            kind = image_format(path)
+            picture.save(tmp, format=kind, **ENCODER_SETTINGS[kind])
     return result, paths
 
 

@@ -18,6 +18,14 @@ from sdtrt.errors import InvalidInputError
 
 # What PIL writes by extension; an output name must say which.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# How sdtrt writes the lossy ones, files and server answers alike: at a quality that keeps
+# SD's detail (Pillow's default JPEG quality, 75, blurs it; a photo-like 512x512 takes
+# 74 KiB at 95 and 33 KiB as WebP at 90, against 334 KiB as PNG).
+ENCODER_SETTINGS: dict[str, dict[str, Any]] = {
+    "PNG": {},
+    "JPEG": {"quality": 95},
+    "WEBP": {"quality": 90},
+}
 
 
 def _nearest_existing(path: Path) -> Path:

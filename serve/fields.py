@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sdtrt.fileio import ENCODER_SETTINGS
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.schedulers import SCHEDULERS
 from sdtrt.serve.batcher import Img2ImgRequest
@@ -31,14 +32,14 @@ FIELDS: dict[str, tuple[type, str]] = {
     "width": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
-# The image formats an answer comes in: Pillow's name and its settings. PNG is lossless, at
-# zlib's fastest level: for a photo-like 512x512, 15 ms and 390 KiB against Pillow's default
-# level 6's 69 ms and 334 KiB (a server's latency over 17% more bytes). JPEG and WebP are
-# lossy at a quality that keeps SD's detail: 0.7 ms, 74 KiB and 22 ms, 33 KiB.
+# The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for
+# files). PNG answers at zlib's fastest level: for a photo-like 512x512, 15 ms and 390 KiB
+# against Pillow's default level 6's 69 ms and 334 KiB (a server's latency over 17% more
+# bytes); JPEG takes 0.7 ms, WebP 22 ms.
 IMAGE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    "png": ("PNG", {"compress_level": 1}),
-    "jpeg": ("JPEG", {"quality": 95}),
-    "webp": ("WEBP", {"quality": 90}),
+    "png": ("PNG", {**ENCODER_SETTINGS["PNG"], "compress_level": 1}),
+    "jpeg": ("JPEG", ENCODER_SETTINGS["JPEG"]),
+    "webp": ("WEBP", ENCODER_SETTINGS["WEBP"]),
 }
 OPTIONS: dict[str, dict[str, Any]] = {
     "response_format": {

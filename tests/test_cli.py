@@ -36,6 +36,23 @@ def test_writes_png_of_requested_size(tmp_path, png, capsys):
     assert not list(out.parent.glob(".*tmp"))  # the temp file was renamed, not left
 
 
+def test_jpeg_and_webp_files_are_written_at_sdtrts_quality(tmp_path, png, capsys):
+    """The lossy formats at quality 95 (JPEG) and 90 (WebP), as the server answers them, not
+    Pillow's default JPEG quality of 75: the file is the PNG's pixels encoded so."""
+    import io
+
+    written = {}
+    for suffix in (".png", ".jpg", ".webp"):
+        out = tmp_path / f"result{suffix}"
+        assert run(["img2img", "--image", str(png), "--out", str(out), *FAST], capsys)[0] == 0
+        written[suffix] = out.read_bytes()
+    pixels = PIL.Image.open(io.BytesIO(written[".png"]))
+    for suffix, kind, quality in ((".jpg", "JPEG", 95), (".webp", "WEBP", 90)):
+        want = io.BytesIO()
+        pixels.save(want, format=kind, quality=quality)
+        assert written[suffix] == want.getvalue(), kind
+
+
 def test_unet_switches_reach_the_torch_backend(tmp_path, png, capsys, monkeypatch):
     from sdtrt.engine.torch_backend import TorchBackend
 
