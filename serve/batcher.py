@@ -273,22 +273,31 @@ class StepBatcher:
         if not new and not group and self.waiting:
             time.sleep(0.002)  # request-level batching waiting out its queue delay
 
-    def _each_alone_on_failure(self, work: Callable[[list[Job]], None], jobs: list[Job]) -> None:
-        """``work(jobs)`` batched (encoding new jobs, decoding finished ones); where it fails
-        (a bad input, memory run out at that batch), again job by job for the jobs not yet
-        answered, so that only a job that fails alone fails."""
+    def _each_alone_on_failure(
+        self,
+        work: Callable[[list[Job]], None],
+        jobs: list[Job],
+        pending: Callable[[Job], bool] = lambda job: not job.future.done(),
+    ) -> None:
+        """``work(jobs)`` batched (encoding new jobs, a UNet step, decoding finished ones);
+        where it fails (a bad input, memory run out at that batch), again job by job for the
+        jobs it left ``pending``, so that only a job that fails alone fails. A job done with
+        the work before the failure is not run again: a UNet step again would take its next
+        step, or one past its last."""
         try:
             work(jobs)
         except Exception as exc:
-            if len(jobs) == 1:
-                self._fail(jobs[0], exc)
+            rest = [job for job in jobs if pending(job)]
+            if len(rest) == 1:
+                self._fail(rest[0], exc)
+                if rest[0] in self.active:
+                    self.active.remove(rest[0])
                 return
-            rest = [job for job in jobs if not job.future.done()]
             logger.warning(
                 "a batch of %d jobs failed (%s): running %d alone", len(jobs), exc, len(rest)
             )
             for job in rest:
-                self._each_alone_on_failure(work, [job])
+                self._each_alone_on_failure(work, [job], pending)
 
     def _admit(self) -> list[Job]:
         """Move waiting jobs to active as the policy allows (under the lock)."""
@@ -390,26 +399,12 @@ class StepBatcher:
         return group
 
     def _unet_step(self, jobs: list[Job]) -> None:
-        """One UNet call and scheduler update for ``jobs``. Where it fails, the job that
-        failed fails alone: the jobs it had not yet updated run again one by one."""
-        before = [job.index for job in jobs]
-        try:
-            self._unet_call(jobs)
-        except Exception as exc:
-            # A job updated before the failure has taken this step: again, it would take
-            # its next one, or one past its last.
-            rest = [job for job, index in zip(jobs, before, strict=True) if job.index == index]
-            if len(rest) == 1:
-                self._fail(rest[0], exc)
-                self.active.remove(rest[0])
-                return
-            logger.warning(
-                "a batched UNet step failed (%s): its %d jobs not yet updated run alone",
-                exc,
-                len(rest),
-            )
-            for job in rest:
-                self._unet_step([job])
+        """One UNet call and scheduler update for ``jobs``; a job the update reached has
+        taken its step."""
+        before = {id(job): job.index for job in jobs}
+        self._each_alone_on_failure(
+            self._unet_call, jobs, pending=lambda job: job.index == before[id(job)]
+        )
 
     def _unet_call(self, jobs: list[Job]) -> None:
         while len(self._queued) >= RUN_AHEAD:
