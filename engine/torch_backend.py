@@ -3,9 +3,11 @@ them. It is the accuracy reference every other backend is compared with."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.factory import check_available
@@ -17,9 +19,16 @@ from sdtrt.options import DTYPES, TorchOptions
 # own, no autotuning: max-autotune did not finish SD-1.5's UNet in 5 minutes on an H100).
 # Tests swap in a backend that compiles in seconds on a CPU.
 COMPILE_BACKEND = "inductor"
+# The UNet is compiled for each input shape (dynamic=False: kernels specialised to it), and
+# dynamo compiles one function for 8 shapes at most (its recompile_limit): with fullgraph
+# the 9th raised FailOnRecompileLimitHit, and a server forms up to --max-rows row counts
+# per image size. Up to this many UNet shapes per process are compiled; others run eager.
+COMPILED_SHAPES = 64
 # The switches that change the UNet module itself, in place as diffusers' own calls do
 # (--compile wraps it instead): whoever shares the module and wants it unchanged copies it.
 IN_PLACE_SWITCHES = ("channels_last", "fuse_qkv")
+
+logger = logging.getLogger(__name__)
 
 
 class TorchBackend:
@@ -36,6 +45,7 @@ class TorchBackend:
         self.unet_call = self._tuned(self.unet_model, options)
         """The UNet module as the options tune it (compiled where asked): every UNet call,
         eager, graphed or inside a step graph, goes through it (the bench wraps it)."""
+        self._warned_eager = False
         self.vae = _moved(components["vae"], self.device, dtype)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
         self.size_multiple = ModelDims.from_components(components).vae_scale_factor
@@ -52,7 +62,19 @@ class TorchBackend:
     def _unet_forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet_call(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+        try:
+            out = self.unet_call(sample, timestep, encoder_hidden_states=hidden, return_dict=False)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if not self._warned_eager:
+                self._warned_eager = True
+                logger.warning(
+                    "the UNet is compiled for %d input shapes, the most per process: this "
+                    "shape (%s) and later new ones run eager",
+                    COMPILED_SHAPES,
+                    "x".join(map(str, sample.shape)),
+                )
+            out = self.unet_model(sample, timestep, encoder_hidden_states=hidden, return_dict=False)
+        return out[0]
 
     @staticmethod
     def _tuned(unet: Any, options: TorchOptions) -> Any:
@@ -65,6 +87,9 @@ class TorchBackend:
             except ValueError as exc:  # diffusers refuses UNets with added KV projections
                 raise InvalidInputError(f"--fuse-qkv does not apply to this UNet: {exc}") from None
         if options.compile_unet:
+            # Raised for the process (a limit, not a setting of our own compiled function).
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
             return torch.compile(unet, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False)
         return unet
 

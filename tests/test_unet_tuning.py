@@ -75,3 +75,31 @@ def test_fused_qkv_refused_clearly_where_diffusers_cannot(tiny, monkeypatch):
     monkeypatch.setattr(components["unet"], "fuse_qkv_projections", refuse)
     with pytest.raises(InvalidInputError, match="--fuse-qkv does not apply to this UNet: `fuse"):
         torch_backend.TorchBackend(components, TorchOptions(fuse_qkv=True))
+
+
+def test_compiled_unet_takes_more_shapes_than_dynamo_allows_one_function(tiny, monkeypatch, caplog):
+    """A server forms many UNet shapes (row counts x image sizes). dynamo compiles a function
+    for 8 at most, and with fullgraph the 9th raised FailOnRecompileLimitHit: the backend
+    raises that limit to COMPILED_SHAPES, and runs any shape past it eager. Both limits are
+    made small here (2 and 3), so that five shapes cross them in seconds."""
+    monkeypatch.setattr(torch_backend, "COMPILE_BACKEND", "eager")  # dynamo's tracing alone
+    monkeypatch.setattr(torch_backend, "COMPILED_SHAPES", 3)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    components = _own_copy(tiny)
+    plain = copy.deepcopy(components["unet"])
+    backend = torch_backend.TorchBackend(components, TorchOptions(compile_unet=True))
+    assert torch._dynamo.config.recompile_limit == 3
+    width = plain.config.cross_attention_dim
+    with caplog.at_level("WARNING", logger=torch_backend.__name__), torch.inference_mode():
+        for rows in range(1, 6):
+            sample = torch.randn(rows, 4, 4, 6, generator=torch.Generator().manual_seed(rows))
+            hidden = torch.randn(rows, 77, width, generator=torch.Generator().manual_seed(9))
+            steps = torch.full((rows,), 500.0)
+            got = backend.unet(sample, steps, hidden)
+            want = plain(sample, steps, encoder_hidden_states=hidden).sample
+            assert got.shape == (rows, 4, 4, 6)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    eager = [r for r in caplog.records if "run eager" in r.getMessage()]
+    assert len(eager) == 1 and "4x4x4x6" in eager[0].getMessage()  # the 4th shape, said once
+    torch._dynamo.reset()
