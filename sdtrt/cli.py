@@ -38,6 +38,7 @@ from sdtrt.options import (
     ServeOptions,
     TensorRTOptions,
     TorchOptions,
+    parse_sizes,
 )
 
 MODEL_HELP = (
@@ -534,6 +535,14 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--drain-timeout", type=float, default=o.drain_timeout, help="on SIGTERM")
     p.add_argument("--max-body-mb", type=float, default=o.max_body_mb, help="413 past it")
     p.add_argument(
+        "--warmup-sizes",
+        default=None,
+        help="HxW,HxW: before /ready, run every UNet row count and VAE batch the server can "
+        "form at these sizes, so that CUDA graph captures and per-shape compiles (--compile, "
+        "TensorRT-RTX) happen before the first requests, not during them (default: one "
+        "small request)",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
@@ -587,6 +596,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("SDTRT_API_KEY") or None,
         max_body_mb=args.max_body_mb,
         drain_timeout=args.drain_timeout,
+        warmup_sizes=parse_sizes(args.warmup_sizes or "", "--warmup-sizes"),
     )
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):
@@ -660,13 +670,9 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     try:
         rates = tuple(float(r) for r in args.rates.split(","))
         low, high = (float(v) for v in args.strength.split("-"))
-        sizes = tuple(
-            (int(h), int(w)) for h, w in (s.lower().split("x") for s in args.sizes.split(","))
-        )
     except ValueError:
-        raise _invalid(
-            "--rates: numbers, comma-separated; --strength LOW-HIGH; --sizes HxW,HxW"
-        ) from None
+        raise _invalid("--rates: numbers, comma-separated; --strength LOW-HIGH") from None
+    sizes = parse_sizes(args.sizes, "--sizes")
     config = LoadConfig(
         rates=rates,
         requests=args.requests,

@@ -45,6 +45,17 @@ def _integer(what: str, value: object, minimum: int) -> None:
         raise InvalidInputError(f"{what} must be an integer >= {minimum}, got {value!r}")
 
 
+def parse_sizes(text: str, what: str = "sizes") -> tuple[tuple[int, int], ...]:
+    """ "512x512,768x512" -> ((512, 512), (768, 512)): height x width, comma-separated."""
+    try:
+        sizes = tuple(
+            (int(h), int(w)) for h, w in (s.lower().split("x") for s in text.split(",") if s)
+        )
+    except ValueError:
+        raise InvalidInputError(f"{what}: HxW,HxW (e.g. 512x768), got {text!r}") from None
+    return sizes
+
+
 def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
@@ -440,9 +451,27 @@ class ServeOptions:
     max_body_mb: float = 16.0
     drain_timeout: float = 30.0
     """On SIGTERM: seconds the requests in flight get to finish before the server exits."""
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    """(height, width) image sizes at which every shape the server can form runs once
+    before /ready says 200: the UNet at each row count up to ``max_rows``, the VAE at each
+    number of images up to it, the text encoder at each number of prompts up to it times
+    the number of sizes (jobs admitted together are encoded together). Where a shape costs
+    on first sight (a CUDA graph captured, ``--compile`` compiling, TensorRT-RTX compiling
+    kernels), the first requests then do not pay for it; the largest batches also prove
+    the memory holds them. Also takes "HxW,HxW". Empty: one small request warms up, at the
+    sample picture's size."""
 
     def __post_init__(self) -> None:
         _one_of("policy", self.policy, SERVE_POLICIES)
+        sizes = self.warmup_sizes
+        if isinstance(sizes, str):
+            sizes = parse_sizes(sizes, "warm-up sizes")
+        object.__setattr__(self, "warmup_sizes", tuple(tuple(size) for size in sizes))
+        for size in self.warmup_sizes:
+            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+                raise InvalidInputError(
+                    f"warm-up sizes are (height, width) pairs of positive integers, got {size!r}"
+                )
         if self.intra_op_threads is not None:
             _integer("intra-op threads", self.intra_op_threads, 1)
         _integer("max_queue", self.max_queue, 0)

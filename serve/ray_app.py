@@ -74,7 +74,7 @@ def health_problem(batcher: Any, app_state: dict[str, Any]) -> str | None:
     if not batcher.alive:
         return "the batcher's worker thread has stopped"
     if app_state.get("warmup_failed"):
-        return "the warm-up request failed"
+        return "the warm-up failed"
     return None
 
 
@@ -157,7 +157,9 @@ def app_builder(args: dict[str, Any]) -> Any:
 def _typed(name: str, value: Any, annotation: str) -> Any:
     """A config value as its ServeOptions field takes it: YAML's null for a field that may
     be None (a number field also takes "auto" or "none"), else a number where the field is
-    one."""
+    one. Warm-up sizes stay as given ("HxW,HxW" or pairs): ServeOptions reads both."""
+    if annotation.startswith("tuple"):
+        return value
     if "None" in annotation and value is None:
         return None
     numeric = "int" in annotation or "float" in annotation

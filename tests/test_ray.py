@@ -152,7 +152,7 @@ def test_the_health_check_fails_a_replica_whose_batcher_stopped_or_warmup_failed
     batcher = StepBatcher(Img2ImgPipeline.from_components(tiny, "torch"), ServeOptions())
     try:
         assert health_problem(batcher, {}) is None
-        assert health_problem(batcher, {"warmup_failed": True}) == "the warm-up request failed"
+        assert health_problem(batcher, {"warmup_failed": True}) == "the warm-up failed"
     finally:
         batcher.close()
     assert health_problem(batcher, {}) == "the batcher's worker thread has stopped"
@@ -174,6 +174,7 @@ def test_the_serve_config_file_builds_the_application_it_describes():
     assert model["model"] == "/models/sd15-onnx" and scheduler == "lms"
     assert backend == {"backend": "tensorrt", "precision": "fp16"}
     assert options["max_queue"] == 64 and options["timeout"] == 300.0
+    assert options["warmup_sizes"] == ((512, 512),)
     assert deployment.ray_actor_options["num_gpus"] == 1.0
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
@@ -184,6 +185,9 @@ def test_the_serve_config_file_builds_the_application_it_describes():
         assert built._bound_deployment.init_args[3]["intra_op_threads"] == threads
     with pytest.raises(ValueError, match=r"max_rows must be int \| None, got 'many'"):
         ray_app.app_builder({"model": "tiny", "max_rows": "many"})
+    for given in ("512x512,768x512", [[512, 512], [768, 512]]):  # a string, or YAML's lists
+        built = ray_app.app_builder({"model": "tiny", "warmup_sizes": given})
+        assert built._bound_deployment.init_args[3]["warmup_sizes"] == ((512, 512), (768, 512))
     keyed = ray_app.app_builder({"model": "tiny", "api_key": "none"})  # a key, however named
     assert keyed._bound_deployment.init_args[3]["api_key"] == "none"
     with pytest.raises(

@@ -440,6 +440,126 @@ def test_a_cancelled_or_late_job_is_dropped_at_the_next_step(pipe, image):
         batcher.close()
 
 
+class _ShapeSpy:
+    """Every shape (with dtype, strides and device) each network of ``backend`` runs."""
+
+    NETWORKS = ("encode_text", "encode_image", "unet", "decode_latents")
+
+    def __init__(self, backend):
+        self.seen = {name: set() for name in self.NETWORKS}
+        for name in self.NETWORKS:
+            setattr(backend, name, self._recording(name, getattr(backend, name)))
+
+    def _recording(self, name, call):
+        def recorded(*tensors):
+            key = tuple((tuple(t.shape), t.dtype, t.stride(), t.device.type) for t in tensors)
+            self.seen[name].add(key)
+            return call(*tensors)
+
+        return recorded
+
+    def take(self):
+        seen = {name: set(shapes) for name, shapes in self.seen.items()}
+        for shapes in self.seen.values():
+            shapes.clear()
+        return seen
+
+
+# Sizes, guidance and strengths that make the worker form UNet calls of 1 to 4 rows and
+# decode 1 or 2 images at once, at two sizes (max_rows 4).
+WARM_LOAD = [
+    ((32, 48), 5.0, 0.5),
+    ((32, 48), 1.0, 0.7),
+    ((32, 48), 1.0, 0.3),
+    ((32, 32), 5.0, 0.6),
+    ((32, 32), 1.0, 0.4),
+    ((32, 48), 5.0, 0.9),
+    ((32, 32), 1.0, 0.6),
+]
+
+
+def test_the_warm_up_runs_every_shape_a_load_then_forms(tiny, image):
+    """With warm-up sizes the worker first runs each network at every batch it can form
+    there, with the arguments' own dtypes, strides and devices (what CUDA graph captures
+    and torch.compile key on); a mixed load afterwards forms no shape the warm-up did not,
+    and its images are those of a server without the warm-up, bit for bit."""
+    requests = [
+        Img2ImgRequest(
+            image=image, height=h, width=w, guidance_scale=g, strength=s, num_inference_steps=6
+        )
+        for (h, w), g, s in WARM_LOAD
+    ]
+    cold, _ = _run_all(
+        Img2ImgPipeline.from_components(tiny, "torch"), requests, ServeOptions(max_rows=4)
+    )
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    spy = _ShapeSpy(pipe.backend)
+    batcher = StepBatcher(pipe, ServeOptions(max_rows=4, warmup_sizes="32x48,32x32"), start=False)
+    warmed = {}
+    warm_up = batcher._run_warmup_shapes
+
+    def recorded():
+        shapes = warm_up()
+        warmed.update(spy.take())
+        return shapes
+
+    batcher._run_warmup_shapes = recorded
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]  # batched as `cold`
+    spy.take()  # what `prepare` ran: nothing
+    batcher.start()
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.warmup_error is None
+    assert {key[0][0][0] for key in warmed["unet"]} == {1, 2, 3, 4}
+    assert {key[0][0][2:] for key in warmed["unet"]} == {(4, 6), (4, 4)}  # latent sizes
+    assert len(warmed["unet"]) == len(warmed["encode_image"]) == 8
+    assert len(warmed["decode_latents"]) == 8
+    assert len(warmed["encode_text"]) == 8  # 1-4 jobs of each size, admitted together
+    load = spy.take()
+    assert len({key[0][0][0] for key in load["unet"]}) >= 3  # a load of several row counts
+    for name, shapes in load.items():
+        assert shapes <= warmed[name], (name, shapes - warmed[name])
+    for result, alone in zip(results, cold, strict=True):
+        assert np.array_equal(result.array, alone.array)
+
+
+def test_warm_up_sizes_are_checked_when_the_server_starts(pipe):
+    assert ServeOptions(warmup_sizes="32x48,16X16").warmup_sizes == ((32, 48), (16, 16))
+    assert ServeOptions(warmup_sizes=[[32, 48]]).warmup_sizes == ((32, 48),)
+    with pytest.raises(InvalidInputError, match="warm-up sizes: HxW,HxW"):
+        ServeOptions(warmup_sizes="32")
+    with pytest.raises(InvalidInputError, match="height 36 is not a multiple of 8 px"):
+        StepBatcher(pipe, ServeOptions(warmup_sizes=((36, 48),)), start=False)
+
+
+def test_a_failed_warm_up_keeps_ready_503(tiny):
+    """A network failing at a warm-up shape (memory run out at the largest batch, say):
+    /ready says 503 for good and the server says why; /health still answers."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    unet = pipe.backend.unet
+
+    def unet_to_three_rows(sample, *rest):
+        if sample.shape[0] > 3:
+            raise RuntimeError("out of memory at 4 rows")
+        return unet(sample, *rest)
+
+    pipe.backend.unet = unet_to_three_rows
+    options = ServeOptions(max_rows=4, warmup_sizes=((32, 32),))
+    batcher = StepBatcher(pipe, options)
+    app = create_app(batcher, options)
+    with BackgroundServer(app) as running:
+        assert batcher.warmed.wait(timeout=120)
+        assert str(batcher.warmup_error) == "out of memory at 4 rows"
+        deadline = time.monotonic() + 30
+        while not app.state.sdtrt.get("warmup_failed") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(f"{running.url}/ready").status_code == 503
+        assert httpx.get(f"{running.url}/health").status_code == 200
+    batcher.close()
+
+
 # --- HTTP --------------------------------------------------------------------------
 
 
@@ -758,10 +878,14 @@ def test_bench_serve_refuses_bad_settings_before_loading(capsys):
         (["--policies", "fifo"], "policies must be some of"),
         (["--rates", "0"], "rates must be positive"),
         (["--strength", "0.5-1.5"], "strength range"),
-        (["--sizes", "32"], "--sizes HxW"),
+        (["--sizes", "32"], "--sizes: HxW"),
         (["--max-rows", "1"], "max rows must be >= 2"),
         (["--intra-op-threads", "0"], "intra-op threads must be an integer >= 1, got 0"),
         (["--intra-op-threads", "two"], "--intra-op-threads: an integer >= 1 or auto"),
     ):
         assert main(["bench-serve", *args]) == 2
         assert says in capsys.readouterr().err
+    # sdtrt serve's warm-up sizes: their form here, their unit once the model is loaded
+    # (test_warm_up_sizes_are_checked_when_the_server_starts).
+    assert main(["serve", "--warmup-sizes", "512"]) == 2
+    assert "--warmup-sizes: HxW,HxW (e.g. 512x768), got '512'" in capsys.readouterr().err
