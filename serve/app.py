@@ -411,8 +411,7 @@ def _warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
     """The warm-up sizes' shapes (the worker runs them first), then one small request
     through the whole path; /ready says 200 after both."""
     request = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # the sample image's size
-    batcher.warmed.wait()
-    if batcher.warmup_error is not None:  # the worker has logged how
+    if batcher.warmed.exception() is not None:  # waits for it; the worker has logged how
         state["warmup_failed"] = True
         logger.error("warming up the shapes failed: /ready stays 503")
         return

@@ -42,12 +42,7 @@ from sdtrt.errors import (
 )
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.clock import mark, span_totals, wait
-from sdtrt.runtime.inputs import (
-    check_seed,
-    check_size,
-    check_steps_and_guidance,
-    resolve_start_step,
-)
+from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -175,12 +170,14 @@ class StepBatcher:
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
         self.warmup_sizes = options.warmup_sizes
-        for height, width in self.warmup_sizes:  # refused at start, not once serving
-            check_size(height, width, self.backend.size_multiple)
-            pipeline.limits.check(steps=1, batch=1, height=height, width=width)
-        self.warmed = threading.Event()
-        """Set once the worker has run the warm-up sizes' shapes (or failed to)."""
-        self.warmup_error: Exception | None = None
+        # A blank picture per warm-up size, prepared as a request is (refused here, at
+        # start, when the model cannot take the size).
+        self._warmup_jobs = [
+            self.prepare(Img2ImgRequest(image=PIL.Image.new("RGB", (w, h)), height=h, width=w))
+            for h, w in self.warmup_sizes
+        ]
+        self.warmed: Future[int] = Future()
+        """The number of shapes the worker has run at the warm-up sizes, or why it failed."""
         self._queued: deque[Any] = deque()  # the end marks of the steps queued on the device
         self.stats = BatcherStats()
         self.waiting: deque[Job] = deque()
@@ -274,48 +271,35 @@ class StepBatcher:
             self._fail(job, ServerBusyError("the server stopped before the request finished"))
 
     def _warm_shapes(self) -> None:
-        """Every shape the worker can form at the warm-up sizes, run once (what
-        ``ServeOptions.warmup_sizes`` says why): the text encoder, VAE encoder and decoder
-        at 1 to ``max_rows`` images (one row each at guidance 1), the UNet at 1 to
-        ``max_rows`` rows, with the dtypes, devices and layouts the worker's own calls have."""
+        """Every shape the worker can form at the warm-up sizes, run once
+        (``ServeOptions.warmup_sizes`` says which and why), with the dtypes, devices and
+        layouts of the worker's own calls: its own ``prepare`` and ``_noise`` make them."""
+        start = time.perf_counter()
         try:
-            if self.warmup_sizes:
-                start = time.perf_counter()
-                shapes = self._run_warmup_shapes()
-                logger.info(
-                    "warmed up %d shapes at %s in %.1f s",
-                    shapes,
-                    ", ".join(f"{h}x{w}" for h, w in self.warmup_sizes),
-                    time.perf_counter() - start,
-                )
+            shapes = self._run_warmup_shapes() if self._warmup_jobs else 0
         except Exception as exc:
-            self.warmup_error = exc
             logger.exception("warming up the shapes failed")
-        finally:
-            self.warmed.set()
+            self.warmed.set_exception(exc)
+            return
+        if shapes:
+            sizes = ", ".join(f"{h}x{w}" for h, w in self.warmup_sizes)
+            seconds = time.perf_counter() - start
+            logger.info("warmed up %d shapes at %s in %.1f s", shapes, sizes, seconds)
+        self.warmed.set_result(shapes)
 
     def _run_warmup_shapes(self) -> int:
         backend, most = self.backend, self.max_rows
         # Prompts are encoded together for all jobs admitted at once: up to max_rows jobs
         # of each size.
-        prompts = most * len(self.warmup_sizes)
-        ids = token_ids(self.pipeline.tokenizer, [""] * prompts)
+        ids = token_ids(self.pipeline.tokenizer, [""] * most * len(self._warmup_jobs))
         shapes = self._warm_counts(backend.encode_text, ids)
         hidden = backend.encode_text(ids[:1]).repeat(most, 1, 1)
         timesteps = torch.full((most,), 999.0, device=self.device)
-        for height, width in self.warmup_sizes:
-            # A blank picture as ``prepare`` makes one (the image processor's layout).
-            blank = PIL.Image.new("RGB", (width, height))
-            one = self.pipeline.image_processor.preprocess(blank, height=height, width=width)
-            pixels = torch.cat([one.to(torch.float32)] * most).to(self.device)
+        for job in self._warmup_jobs:
+            pixels = torch.cat([job.pixels] * most).to(self.device)
             shapes += self._warm_counts(backend.encode_image, pixels)
-            # Latents as ``_noise`` makes them (their layout follows the VAE's output).
-            scheduler = make_scheduler("lms", self.pipeline.scheduler.config)
-            first = start_timesteps(scheduler, 1, 0, self.device)
-            parameters = backend.encode_image(pixels[:1])
-            scaling = self.pipeline.scaling_factor
-            one = noised_latents(parameters, scaling, 1, scheduler, first, torch.Generator())
-            latents = torch.cat([one] * most)
+            self._noise(job, backend.encode_image(pixels[:1]))
+            latents = torch.cat([job.latents] * most)
             shapes += self._warm_counts(backend.unet, latents, timesteps, hidden)
             shapes += self._warm_counts(backend.decode_latents, latents)
         backend.synchronize()
