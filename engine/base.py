@@ -25,6 +25,9 @@ class Backend(Protocol):
     per_row_timesteps: bool
     # The most UNet rows one call takes (a TensorRT engine's profile); None: no bound.
     max_unet_rows: int | None
+    # The most prompts or images one text encoder or VAE call takes (the smallest of those
+    # engines' profiles); None: no bound.
+    max_image_rows: int | None
     # A UNet call (same arguments as ``unet``) that the pipeline may capture whole
     # denoising steps around as CUDA graphs; None: steps run eagerly.
     step_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None

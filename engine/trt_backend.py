@@ -27,7 +27,7 @@ from sdtrt.engine.trt_build import (
 )
 from sdtrt.engine.trt_cache import find_engine, has_engine
 from sdtrt.engine.trt_family import RuntimeCacheFile, trt_module
-from sdtrt.engine.trt_profile import check_request
+from sdtrt.engine.trt_profile import check_request, max_rows
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, Network
@@ -241,7 +241,11 @@ class TensorRTBackend:
             self.fp32_decoder.context.set_device_memory(self.fp32_activations.data_ptr(), size)
         unet = self.networks["unet"]
         self.per_row_timesteps = unet.contract.per_row_timesteps
-        self.max_unet_rows: int | None = int(unet.profile["sample"]["max"][0])
+        self.max_unet_rows: int | None = max_rows(unet.profile)
+        image_networks = [n for name, n in self.networks.items() if name != "unet"]
+        if self.fp32_decoder is not None:
+            image_networks.append(self.fp32_decoder)
+        self.max_image_rows: int | None = min(max_rows(n.profile) for n in image_networks)
         # Steps that are not tabulated replay the UNet alone.
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if graphs else None
         self._unet_net = unet

@@ -27,6 +27,12 @@ def profile_to_json(profile: dict[str, dict[str, Shape]]) -> dict[str, Any]:
     return {n: {k: list(v) for k, v in s.items()} for n, s in profile.items()}
 
 
+def max_rows(profile: dict[str, Any]) -> int:
+    """The most rows (the first axis: prompts, images, or the UNet's 2B) one call on an
+    engine with this profile takes."""
+    return min(int(shapes["max"][0]) for shapes in profile.values())
+
+
 def check_request(network: str, profile: dict[str, Any], shapes: dict[str, Shape]) -> None:
     """Refuse a request outside the profile before TensorRT sees it."""
     for name, shape in shapes.items():

@@ -164,6 +164,10 @@ class StepBatcher:
             raise InvalidInputError(
                 f"max rows {self.max_rows} is over the UNet engine's profile ({limit} rows)"
             )
+        # Prompts and images per text encoder or VAE call: new jobs are encoded, and finished
+        # ones decoded, in chunks of this many (a TensorRT profile can take fewer images than
+        # UNet rows: unguided jobs take one row each, and sizes share one text batch).
+        self.max_images = self.backend.max_image_rows
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
         self.intra_op_threads = options.intra_op_threads
         self.timeout = options.timeout
@@ -292,16 +296,16 @@ class StepBatcher:
         # Prompts are encoded together for all jobs admitted at once: up to max_rows jobs
         # of each size.
         ids = token_ids(self.pipeline.tokenizer, [""] * most * len(self._warmup_jobs))
-        shapes = self._warm_counts(backend.encode_text, ids)
+        shapes = self._warm_counts(backend.encode_text, ids[: self.max_images])
         hidden = backend.encode_text(ids[:1]).repeat(most, 1, 1)
         timesteps = torch.full((most,), 999.0, device=self.device)
         for job in self._warmup_jobs:
             pixels = torch.cat([job.pixels] * most).to(self.device)
-            shapes += self._warm_counts(backend.encode_image, pixels)
+            shapes += self._warm_counts(backend.encode_image, pixels[: self.max_images])
             self._noise(job, backend.encode_image(pixels[:1]))
             latents = torch.cat([job.latents] * most)
             shapes += self._warm_counts(backend.unet, latents, timesteps, hidden)
-            shapes += self._warm_counts(backend.decode_latents, latents)
+            shapes += self._warm_counts(backend.decode_latents, latents[: self.max_images])
         backend.synchronize()
         return shapes
 
@@ -402,11 +406,12 @@ class StepBatcher:
         backend, pipe = self.backend, self.pipeline
         guided = [job for job in jobs if job.rows == 2]
         start = mark(self.device)
-        cond = backend.encode_text(token_ids(pipe.tokenizer, [j.request.prompt for j in jobs]))
+        prompts = token_ids(pipe.tokenizer, [j.request.prompt for j in jobs])
+        cond = self._in_chunks(backend.encode_text, prompts)
         uncond = None
         if guided:
             negatives = [j.request.negative_prompt for j in guided]
-            uncond = backend.encode_text(token_ids(pipe.tokenizer, negatives))
+            uncond = self._in_chunks(backend.encode_text, token_ids(pipe.tokenizer, negatives))
         self._charge(jobs, "text_encoder", start)
         for i, job in enumerate(jobs):
             if job.rows == 2 and uncond is not None:
@@ -417,11 +422,20 @@ class StepBatcher:
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
-            parameters = backend.encode_image(pixels)
+            parameters = self._in_chunks(backend.encode_image, pixels)
             self._charge(size_jobs, "vae_encoder", start)
             for i, job in enumerate(size_jobs):
                 self._noise(job, parameters[i : i + 1])
         self.active.extend(jobs)
+
+    def _in_chunks(
+        self, call: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+    ) -> torch.Tensor:
+        """``call`` on at most ``max_images`` rows of ``batch`` at a time, answers joined."""
+        size = self.max_images or len(batch)
+        if len(batch) <= size:
+            return call(batch)
+        return torch.cat([call(batch[i : i + size]) for i in range(0, len(batch), size)])
 
     def _noise(self, job: Job, parameters: torch.Tensor) -> None:
         r = job.request
@@ -496,7 +510,7 @@ class StepBatcher:
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             latents = torch.cat([j.latents for j in size_jobs])
-            decoded = self.backend.decode_latents(latents / pipe.scaling_factor)
+            decoded = self._in_chunks(self.backend.decode_latents, latents / pipe.scaling_factor)
             self._charge(size_jobs, "vae_decoder", start)
             self.backend.synchronize()  # the device's work for these jobs is done: read it
             # NaN or inf latents decode to NaN: one read of the images finds both; the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import logging
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from sdtrt.errors import (
     InvalidInputError,
     NonFiniteOutputError,
     RequestCancelledError,
+    ShapeOutsideProfileError,
 )
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
@@ -309,6 +311,61 @@ class _OneImageVaeBackend(_OneTimestepBackend):
         if latents.shape[0] > 1:
             raise RuntimeError("CUDA out of memory (simulated)")
         return self._backend.decode_latents(latents)
+
+
+class _TwoImageProfileBackend(_OneTimestepBackend):
+    """A TensorRT-like backend whose text encoder and VAE engines take two prompts or
+    images a call (their profiles refuse more), while its UNet takes more rows."""
+
+    per_row_timesteps = True
+    max_image_rows = 2
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.image_calls: list[tuple[str, int]] = []
+
+    def _bounded(self, name, batch):
+        self.image_calls.append((name, batch.shape[0]))
+        if batch.shape[0] > self.max_image_rows:
+            raise ShapeOutsideProfileError(f"{name}: {batch.shape[0]} rows, the profile takes 2")
+        return getattr(self._backend, name)(batch)
+
+    def encode_text(self, ids):
+        return self._bounded("encode_text", ids)
+
+    def encode_image(self, pixels):
+        return self._bounded("encode_image", pixels)
+
+    def decode_latents(self, latents):
+        return self._bounded("decode_latents", latents)
+
+
+def test_text_and_vae_batches_are_chunked_to_the_engines_profile(tiny, image, caplog):
+    """Five jobs admitted together (unguided ones take one UNet row each) are encoded and
+    decoded two at a time, never in a batch the text or VAE engine's profile refuses (which
+    the worker would retry job by job); their images are the pipeline's."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    pipe.backend = backend = _TwoImageProfileBackend(pipe.backend)
+    requests = [
+        Img2ImgRequest(image=image, strength=0.5, num_inference_steps=4, seed=s, guidance_scale=g)
+        for s, g in enumerate([1.0, 1.0, 1.0, 7.5, 1.0])
+    ]
+    with caplog.at_level(logging.WARNING, logger="sdtrt.serve.batcher"):
+        results, rows = _run_all(pipe, requests, ServeOptions(max_rows=6))
+    assert rows == [6, 6]
+    assert not [r for r in caplog.records if "running" in r.getMessage()]
+    calls = {
+        name: [n for c, n in backend.image_calls if c == name] for name, _ in backend.image_calls
+    }
+    # 5 prompts then 1 negative prompt; 5 images in, 5 latents out
+    assert calls == {
+        "encode_text": [2, 2, 1, 1],
+        "encode_image": [2, 2, 1],
+        "decode_latents": [2, 2, 1],
+    }
+    for request, got in zip(requests, results, strict=True):
+        want = _reference(tiny, request, image)
+        assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
 
 
 def test_a_failed_batched_encode_or_decode_is_run_job_by_job(tiny, image):

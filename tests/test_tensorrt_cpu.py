@@ -14,7 +14,12 @@ import torch
 from sdtrt.cli import main
 from sdtrt.engine.trt_build import tensorrt_version
 from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine, mismatches
-from sdtrt.engine.trt_profile import check_request, network_profile
+from sdtrt.engine.trt_profile import (
+    check_request,
+    max_rows,
+    network_profile,
+    profile_to_json,
+)
 from sdtrt.errors import EngineMismatchError, InvalidInputError, ShapeOutsideProfileError
 from sdtrt.export.networks import ModelDims, networks_for
 from sdtrt.options import BuildRanges
@@ -53,6 +58,15 @@ def test_other_networks_profiles():
     }
     assert network_profile(NETS["vae_encoder"], ranges)["sample"]["max"] == (2, 3, 512, 768)
     assert network_profile(NETS["vae_decoder"], ranges)["latent_sample"]["min"] == (1, 4, 32, 48)
+
+
+def test_rows_per_call_come_from_the_profiles():
+    """A server chunks its text and VAE batches by the images bound and its UNet batches by
+    the 2B one: the profiles of one build, read as the engine's sidecar stores them."""
+    ranges = BuildRanges(batch=(1, 3), opt_batch=2)
+    stored = {n: profile_to_json(network_profile(NETS[n], ranges)) for n in NETS}
+    assert max_rows(stored["unet"]) == 6
+    assert [max_rows(stored[n]) for n in ("text_encoder", "vae_encoder", "vae_decoder")] == [3] * 3
 
 
 def test_static_profile_is_one_shape():
