@@ -402,6 +402,9 @@ def test_request_outside_profile_is_refused(engines):
     pipe = _trt_pipeline(exported, engine_dir)
     with pytest.raises(ShapeOutsideProfileError, match="outside the engine's profile"):
         pipe("a", torch.rand(1, 3, 128, 128), num_inference_steps=2)
+    # The rows one call takes, as a server reads them: 2B for the UNet, B for the others.
+    batch = _ranges().batch[1]
+    assert (pipe.backend.max_unet_rows, pipe.backend.max_image_rows) == (2 * batch, batch)
 
 
 @tensorrt
