@@ -4,6 +4,7 @@
 # whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
 # and with torch.compile) on SD-1.5 shapes, then profile the loop.
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
+#                                                  compiled4
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
 # (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
@@ -81,7 +82,12 @@ stage_compiled() {
     diffusers,torch+step-graphs+compile,diffusers-compile,torch+step-graphs+channels-last+compile
 }
 
-STAGES="tests table profile compiled"
+# The same peers at batch 4 (issue 15's second batch size), for a call of its own.
+stage_compiled4() {
+  bench compiled4 --batch 4 --backends diffusers,torch+step-graphs+compile,diffusers-compile
+}
+
+STAGES="tests table profile compiled compiled4"
 [ $# -gt 0 ] || set -- $STAGES
 for arg in "$@"; do
   stage=${arg%%:*}
