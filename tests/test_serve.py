@@ -184,6 +184,24 @@ def test_a_mixed_load_is_one_unet_call_per_iteration_within_the_bound(tiny, pipe
         assert float(np.abs(result.array - want).max()) <= MIXED_BOUND, request.scheduler
 
 
+def test_the_mixed_load_on_onnxruntime_equals_the_torch_servers(tiny, exported, image):
+    """``sdtrt serve --backend onnxruntime``: the exported graphs take a timestep per row and
+    any row count, so the same load batches the same way; each image is the torch server's
+    within fp32 graph noise."""
+    requests = [
+        Img2ImgRequest(image=image, strength=s, num_inference_steps=10, scheduler=sc,
+                       guidance_scale=g, seed=100 + i, height=h, width=w)
+        for i, (s, sc, g, h, w) in enumerate(MIXED)
+    ]  # fmt: skip
+    graph = Img2ImgPipeline.from_pretrained(exported.root, backend="onnxruntime")
+    got, rows = _run_all(graph, requests)
+    want, torch_rows = _run_all(Img2ImgPipeline.from_components(tiny, "torch"), requests)
+    assert rows == torch_rows and max(rows) == 5
+    for request, a, b in zip(requests, got, want, strict=True):
+        assert a.unet_calls == b.unet_calls
+        assert float(np.abs(a.array - b.array).max()) <= MIXED_BOUND, request.scheduler
+
+
 def test_max_rows_bounds_every_call_and_the_rest_wait(pipe, image):
     requests = [
         Img2ImgRequest(image=image, strength=0.5, num_inference_steps=8, seed=i) for i in range(5)
