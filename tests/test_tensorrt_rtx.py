@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 
 from sdtrt.cli import main
 from sdtrt.engine.trt_family import RuntimeCacheFile, check_targets, family_version, runs_on
+from sdtrt.engine.trt_profile import max_rows
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.networks import NETWORK_NAMES
 
@@ -52,6 +53,8 @@ def test_builds_the_eight_engines_on_cpu_and_reuses_them(
             assert sidecar["compute_capability"] == "8.0,8.6,8.9,12.0+"
             assert sidecar["gpu_name"] == "" and sidecar["plan_bytes"] > 100_000
             assert sidecar["build_flags"]["require_user_allocation"] is True  # capturable
+            # What a server reads from the sidecar: rows per call (--batch 1-2 was built).
+            assert max_rows(sidecar["profile"]) == (4 if network == "unet" else 2)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
         assert _build(exported_fp16.root, engines, "--precision", "fp16") == 0
