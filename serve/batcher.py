@@ -293,8 +293,8 @@ class StepBatcher:
 
     def _run_warmup_shapes(self) -> int:
         backend, most = self.backend, self.max_rows
-        # Prompts are encoded together for all jobs admitted at once: up to max_rows jobs
-        # of each size.
+        # Prompts are encoded together for all jobs admitted at once (up to max_rows jobs
+        # of each size), images per size: in chunks of at most max_images.
         ids = token_ids(self.pipeline.tokenizer, [""] * most * len(self._warmup_jobs))
         shapes = self._warm_counts(backend.encode_text, ids[: self.max_images])
         hidden = backend.encode_text(ids[:1]).repeat(most, 1, 1)
@@ -312,8 +312,8 @@ class StepBatcher:
     @staticmethod
     def _warm_counts(call: Callable[..., Any], *batched: torch.Tensor) -> int:
         """``call`` on the first n rows of ``batched``, for each n up to their length, up
-        to the first n an engine's profile refuses (the worker runs such batches job by
-        job); how many ran."""
+        to the first n an engine's profile refuses (a size outside it: the worker's jobs at
+        that size fail alone); how many ran."""
         rows = len(batched[0])
         for n in range(1, rows + 1):
             try:
