@@ -16,11 +16,18 @@ Shape = tuple[int, ...]
 
 def network_profile(network: Network, ranges: BuildRanges) -> dict[str, dict[str, Shape]]:
     """min/opt/max shape of each dynamic input. The UNet's batch axis is 2B (cond and
-    uncond), latent sizes are pixels / 8: ``network.shapes`` knows both."""
+    uncond), latent sizes are pixels / 8: ``network.shapes`` knows both. The 2B axis goes
+    down to B at its min: a call without guidance (``guidance_scale <= 1``, as diffusers
+    skips it) has one row per image, so the fewest images make B rows, not 2B."""
     ranges.check(network.dims.size_multiple)
     shapes = {k: network.shapes(*v) for k, v in ranges.extremes().items()}
     dynamic = [n for n, axes in network.inputs.items() if any(isinstance(a, tuple) for a in axes)]
-    return {name: {k: shapes[k][name] for k in ("min", "opt", "max")} for name in dynamic}
+    profile = {name: {k: shapes[k][name] for k in ("min", "opt", "max")} for name in dynamic}
+    if not ranges.static:
+        for name in dynamic:
+            if network.inputs[name][0] == ("2B", 1):
+                profile[name]["min"] = (ranges.batch[0], *profile[name]["min"][1:])
+    return profile
 
 
 def profile_to_json(profile: dict[str, dict[str, Shape]]) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def check_request(network: str, profile: dict[str, Any], shapes: dict[str, Shape
         ):
             hint = ""
             if network == "unet" and len(shape) == len(low) and shape[0] < low[0]:
-                hint = " (the UNet's batch is 2B: cond and uncond for each image)"
+                hint = " (the UNet's batch is 2B: cond and uncond for each image; B unguided)"
             raise ShapeOutsideProfileError(
                 f"{network}: input {name} of shape {tuple(shape)} is outside the engine's "
                 f"profile, which allows {low} to {high}{hint}; rebuild with wider ranges "

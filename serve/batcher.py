@@ -311,16 +311,18 @@ class StepBatcher:
 
     @staticmethod
     def _warm_counts(call: Callable[..., Any], *batched: torch.Tensor) -> int:
-        """``call`` on the first n rows of ``batched``, for each n up to their length, up
-        to the first n an engine's profile refuses (a size outside it: the worker's jobs at
-        that size fail alone); how many ran."""
-        rows = len(batched[0])
-        for n in range(1, rows + 1):
+        """``call`` on the first n rows of ``batched``, for each n up to their length but
+        those an engine's profile refuses (a static engine takes one row count; a size
+        outside the profile, none: the worker's jobs at that size fail alone); how many
+        ran."""
+        ran = 0
+        for n in range(1, len(batched[0]) + 1):
             try:
                 call(*(tensor[:n] for tensor in batched))
+                ran += 1
             except ShapeOutsideProfileError:
-                return n - 1
-        return rows
+                continue
+        return ran
 
     def _iterate(self, new: list[Job]) -> None:
         self._drop_expired()

@@ -359,6 +359,19 @@ def test_tensorrt_img2img_psnr_and_cuda_graphs(engines, tiny):
 
 
 @tensorrt
+def test_tensorrt_runs_an_unguided_request_one_row_per_image(engines, tiny):
+    """guidance_scale 1: the UNet gets B rows, which the profile's 2B axis takes from B."""
+    exported, engine_dir, _ = engines
+    run = dict(RUN, guidance_scale=1.0)
+    got = _trt_pipeline(exported, engine_dir)(
+        "a", _image(), generator=torch.Generator().manual_seed(4), **run
+    ).images
+    cpu = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    want = cpu("a", _image(), generator=torch.Generator().manual_seed(4), **run).images
+    assert compare_images(got, want, "fp16").passed
+
+
+@tensorrt
 @pytest.mark.parametrize("scheduler", ["lms", "pndm", "euler_a"])
 def test_tensorrt_step_graphs_equal_its_eager_loop(engines, scheduler):
     """The engine's enqueue captured inside whole-step graphs: the loop's result as the

@@ -386,6 +386,30 @@ def test_text_and_vae_batches_are_chunked_to_the_engines_profile(tiny, image, ca
         assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
 
 
+class _StaticRowsBackend(_TwoImageProfileBackend):
+    """Its UNet engine refuses one row (a static engine, or one built before the profile's
+    2B axis went down to B)."""
+
+    def unet(self, sample, timestep, hidden):
+        if sample.shape[0] == 1:
+            raise ShapeOutsideProfileError("unet: 1 row, the profile takes 2 to 4")
+        return self._backend.unet(sample, timestep, hidden)
+
+
+def test_the_warm_up_runs_every_shape_the_engines_take(tiny):
+    """Row counts an engine refuses are skipped, not the end of the warm-up; text and VAE
+    batches stop at the engines' image bound (what the worker forms)."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    pipe.backend = backend = _StaticRowsBackend(pipe.backend)
+    batcher = StepBatcher(pipe, ServeOptions(max_rows=4, warmup_sizes="32x48"))
+    try:
+        # text 1-2, VAE encoder 1-2, UNet 2-4 rows, VAE decoder 1-2
+        assert batcher.warmed.result(timeout=120) == 2 + 2 + 3 + 2
+    finally:
+        batcher.close()
+    assert max(n for _, n in backend.image_calls) == 2
+
+
 def test_a_failed_batched_encode_or_decode_is_run_job_by_job(tiny, image):
     """New jobs are encoded together and finished ones decoded together: where that fails,
     each job runs alone, and only the one that fails alone fails (before, every job in

@@ -39,14 +39,19 @@ KEY = EngineKey(
 
 
 def test_unet_profile_is_2b_and_latent_sized():
+    """Rows: 2B at opt and max (cond and uncond per image), B at min (one image without
+    guidance makes one row)."""
     profile = network_profile(NETS["unet"], BuildRanges())
     assert profile["sample"] == {
-        "min": (2, 4, 32, 32),
+        "min": (1, 4, 32, 32),
         "opt": (2, 4, 64, 64),
         "max": (8, 4, 96, 96),
     }
+    assert profile["encoder_hidden_states"]["min"] == (1, 77, 768)
     assert profile["encoder_hidden_states"]["max"] == (8, 77, 768)
-    assert profile["timestep"] == {"min": (2,), "opt": (2,), "max": (8,)}  # one per row
+    assert profile["timestep"] == {"min": (1,), "opt": (2,), "max": (8,)}  # one per row
+    wider = network_profile(NETS["unet"], BuildRanges(batch=(2, 4), opt_batch=2))
+    assert wider["sample"]["min"][0] == 2 and wider["sample"]["max"][0] == 8
 
 
 def test_other_networks_profiles():

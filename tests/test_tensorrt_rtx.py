@@ -55,6 +55,8 @@ def test_builds_the_eight_engines_on_cpu_and_reuses_them(
             assert sidecar["build_flags"]["require_user_allocation"] is True  # capturable
             # What a server reads from the sidecar: rows per call (--batch 1-2 was built).
             assert max_rows(sidecar["profile"]) == (4 if network == "unet" else 2)
+            if network == "unet":  # from one row (one image, unguided) up
+                assert sidecar["profile"]["sample"]["min"][0] == 1
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
         assert _build(exported_fp16.root, engines, "--precision", "fp16") == 0
