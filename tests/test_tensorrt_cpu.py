@@ -50,6 +50,7 @@ def test_unet_profile_is_2b_and_latent_sized():
     assert profile["encoder_hidden_states"]["min"] == (1, 77, 768)
     assert profile["encoder_hidden_states"]["max"] == (8, 77, 768)
     assert profile["timestep"] == {"min": (1,), "opt": (2,), "max": (8,)}  # one per row
+    check_request("unet", profile_to_json(profile), {"sample": (1, 4, 32, 32), "timestep": (1,)})
     wider = network_profile(NETS["unet"], BuildRanges(batch=(2, 4), opt_batch=2))
     assert wider["sample"]["min"][0] == 2 and wider["sample"]["max"][0] == 8
 
