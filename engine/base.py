@@ -28,6 +28,9 @@ class Backend(Protocol):
     # The most prompts or images one text encoder or VAE call takes (the smallest of those
     # engines' profiles); None: no bound.
     max_image_rows: int | None
+    # ((lowest, highest) height, (lowest, highest) width) in pixels that the networks take
+    # (TensorRT engines' profiles); None: any multiple of size_multiple.
+    pixel_range: tuple[tuple[int, int], tuple[int, int]] | None
     # A UNet call (same arguments as ``unet``) that the pipeline may capture whole
     # denoising steps around as CUDA graphs; None: steps run eagerly.
     step_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None

@@ -50,6 +50,7 @@ class OrtBackend:
         self.per_row_timesteps = self._contracts["unet"].per_row_timesteps
         self.max_unet_rows: int | None = None
         self.max_image_rows: int | None = None
+        self.pixel_range: tuple[tuple[int, int], tuple[int, int]] | None = None
         self.sessions: dict[str, Any] = {}
         for network in NETWORK_NAMES:
             path = exported.graph_path(network, precision)

@@ -36,6 +36,7 @@ class TorchBackend:
     per_row_timesteps = True  # diffusers' UNet takes a timestep per row
     max_unet_rows = None
     max_image_rows = None
+    pixel_range = None
 
     def __init__(self, components: dict[str, Any], options: TorchOptions = TorchOptions()) -> None:
         check_available(options)

@@ -27,7 +27,7 @@ from sdtrt.engine.trt_build import (
 )
 from sdtrt.engine.trt_cache import find_engine, has_engine
 from sdtrt.engine.trt_family import RuntimeCacheFile, trt_module
-from sdtrt.engine.trt_profile import check_request, max_rows
+from sdtrt.engine.trt_profile import check_request, max_rows, pixel_range
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, Network
@@ -242,10 +242,12 @@ class TensorRTBackend:
         unet = self.networks["unet"]
         self.per_row_timesteps = unet.contract.per_row_timesteps
         self.max_unet_rows: int | None = max_rows(unet.profile)
-        image_networks = [n for name, n in self.networks.items() if name != "unet"]
+        engines = [*self.networks.values()]
         if self.fp32_decoder is not None:
-            image_networks.append(self.fp32_decoder)
-        self.max_image_rows: int | None = min(max_rows(n.profile) for n in image_networks)
+            engines.append(self.fp32_decoder)
+        self.max_image_rows: int | None = min(max_rows(n.profile) for n in engines if n is not unet)
+        # Sizes outside the profiles are refused before a request takes any work.
+        self.pixel_range = pixel_range([(n.contract, n.profile) for n in engines])
         # Steps that are not tabulated replay the UNet alone.
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if graphs else None
         self._unet_net = unet

@@ -40,6 +40,46 @@ def max_rows(profile: dict[str, Any]) -> int:
     return min(int(shapes["max"][0]) for shapes in profile.values())
 
 
+PixelRange = tuple[tuple[int, int], tuple[int, int]]
+"""(lowest, highest) height and (lowest, highest) width in pixels."""
+
+
+def pixel_range(engines: list[tuple[Network, dict[str, Any]]]) -> PixelRange | None:
+    """The heights and widths that every one of these engines (contract, stored profile)
+    takes; None where none has a spatial axis. Each engine is found on its own, so their
+    profiles may come from different builds: the range is what they share."""
+    f = engines[0][0].dims.vae_scale_factor if engines else 1
+    scale = {"H": ("H", 1), "W": ("W", 1), "h": ("H", f), "w": ("W", f)}
+    bounds: dict[str, list[tuple[int, int]]] = {"H": [], "W": []}
+    for network, profile in engines:
+        for name, axes in network.inputs.items():
+            for i, axis in enumerate(axes):
+                if name in profile and isinstance(axis, tuple) and axis[0] in scale:
+                    side, factor = scale[axis[0]]
+                    low, high = profile[name]["min"][i], profile[name]["max"][i]
+                    bounds[side].append((int(low) * factor, int(high) * factor))
+    if not bounds["H"] or not bounds["W"]:
+        return None
+    h, w = bounds["H"], bounds["W"]
+    return (max(lo for lo, _ in h), min(hi for _, hi in h)), (
+        max(lo for lo, _ in w),
+        min(hi for _, hi in w),
+    )
+
+
+def check_pixels(height: int, width: int, allowed: PixelRange | None) -> None:
+    """Refuse an image size the engines' profiles do not take, before any work."""
+    if allowed is None:
+        return
+    (h_low, h_high), (w_low, w_high) = allowed
+    if not (h_low <= height <= h_high and w_low <= width <= w_high):
+        raise ShapeOutsideProfileError(
+            f"{height}x{width} px (height x width) is outside the engines' profiles, which take "
+            f"heights {h_low}-{h_high} and widths {w_low}-{w_high} px; rebuild with wider "
+            "ranges (sdtrt build --height/--width)"
+        )
+
+
 def check_request(network: str, profile: dict[str, Any], shapes: dict[str, Shape]) -> None:
     """Refuse a request outside the profile before TensorRT sees it."""
     for name, shape in shapes.items():

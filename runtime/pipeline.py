@@ -23,6 +23,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from sdtrt.engine.base import Backend
+from sdtrt.engine.trt_profile import check_pixels
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, default_options
@@ -242,22 +243,23 @@ class Img2ImgPipeline:
 
     def output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The size asked for (a multiple of the backend's unit), else diffusers' rule: the
-        image's own size, rounded down to that unit, with a note when that resizes it."""
+        image's own size, rounded down to that unit, with a note when that resizes it. A
+        size the backend's engines do not take is refused here, before any work."""
         multiple = self.backend.size_multiple
-        if height is not None and width is not None:
-            check_size(height, width, multiple)
-            return height, width
-        own_h, own_w = _image_size(image)
-        if height is None:
-            height = max(multiple, own_h // multiple * multiple)
-        if width is None:
-            width = max(multiple, own_w // multiple * multiple)
+        own = None
+        if height is None or width is None:
+            own = _image_size(image)
+            if height is None:
+                height = max(multiple, own[0] // multiple * multiple)
+            if width is None:
+                width = max(multiple, own[1] // multiple * multiple)
         check_size(height, width, multiple)
-        if (height, width) != (own_h, own_w):
+        check_pixels(height, width, self.backend.pixel_range)
+        if own is not None and (height, width) != own:
             logger.info(
                 "the %dx%d input image is resized to %dx%d (sizes are multiples of %d px here)",
-                own_w,
-                own_h,
+                own[1],
+                own[0],
                 width,
                 height,
                 multiple,

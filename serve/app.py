@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -37,7 +38,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
+from sdtrt.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ServerBusyError,
+    ShapeOutsideProfileError,
+)
 from sdtrt.options import ServeOptions
 from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
@@ -214,7 +220,7 @@ async def _serve(
     try:
         job = await _off_loop(intake, _prepare, batcher, values, image_bytes, timeout)
         future = batcher.submit(job)
-    except InvalidInputError as exc:
+    except (InvalidInputError, ShapeOutsideProfileError) as exc:
         raise BadRequest(422, str(exc)) from None
     except ServerBusyError as exc:
         if batcher.draining:
@@ -411,6 +417,9 @@ def _warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
     """The warm-up sizes' shapes (the worker runs them first), then one small request
     through the whole path; /ready says 200 after both."""
     request = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # the sample image's size
+    if batcher.backend.pixel_range is not None:  # engines' profiles: their smallest size
+        (height, _), (width, _) = batcher.backend.pixel_range
+        request = dataclasses.replace(request, height=height, width=width)
     if batcher.warmed.exception() is not None:  # waits for it; the worker has logged how
         state["warmup_failed"] = True
         logger.error("warming up the shapes failed: /ready stays 503")

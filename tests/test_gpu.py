@@ -413,8 +413,9 @@ def test_request_outside_profile_is_refused(engines):
 
     exported, engine_dir, _ = engines
     pipe = _trt_pipeline(exported, engine_dir)
-    with pytest.raises(ShapeOutsideProfileError, match="outside the engine's profile"):
+    with pytest.raises(ShapeOutsideProfileError, match="heights 32-64 and widths 32-64 px"):
         pipe("a", torch.rand(1, 3, 128, 128), num_inference_steps=2)
+    assert pipe.backend.pixel_range == ((32, 64), (32, 64))
     # The rows one call takes, as a server reads them: 2B for the UNet, B for the others.
     batch = _ranges().batch[1]
     assert (pipe.backend.max_unet_rows, pipe.backend.max_image_rows) == (2 * batch, batch)

@@ -410,6 +410,37 @@ def test_the_warm_up_runs_every_shape_the_engines_take(tiny):
     assert max(n for _, n in backend.image_calls) == 2
 
 
+class _ProfiledSizesBackend(_OneTimestepBackend):
+    """Engines built for heights of 32 px and widths of 32-48 px."""
+
+    per_row_timesteps = True
+    pixel_range = ((32, 32), (32, 48))
+
+
+def test_a_size_the_engines_do_not_take_is_refused_before_any_work(tiny, image):
+    """Checked where the size is known (the request, the warm-up sizes, the pipeline's
+    call), with the sizes allowed; over HTTP a 422. The server warms up at the engines'
+    smallest size (the sample picture's 512x512 is outside these profiles)."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    pipe.backend = backend = _ProfiledSizesBackend(pipe.backend)
+    says = "64x32 px .* heights 32-32 and widths 32-48 px"
+    with pytest.raises(ShapeOutsideProfileError, match=says):
+        pipe("a", image, height=64, width=32, num_inference_steps=4)
+    with pytest.raises(ShapeOutsideProfileError, match="64x64 px"):
+        StepBatcher(pipe, ServeOptions(warmup_sizes="64x64"), start=False)
+    assert backend.calls == []  # no UNet call on either
+    options = ServeOptions(max_rows=4)
+    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
+        running.wait_ready()
+        assert backend.calls == [2, 2]  # the warm-up request: 2 steps at 32x32
+        url, fields = f"{running.url}/v1/img2img", {**SMALL, "height": 64, "width": 32}
+        refused = httpx.post(url, json=fields, timeout=60)
+        assert refused.status_code == 422 and re.search(says, refused.json()["error"])
+        fitting = httpx.post(url, json={**fields, "height": 32}, timeout=60)
+        assert fitting.status_code == 200
+        assert PIL.Image.open(io.BytesIO(fitting.content)).size == (32, 32)
+
+
 def test_a_failed_batched_encode_or_decode_is_run_job_by_job(tiny, image):
     """New jobs are encoded together and finished ones decoded together: where that fails,
     each job runs alone, and only the one that fails alone fails (before, every job in

@@ -15,9 +15,11 @@ from sdtrt.cli import main
 from sdtrt.engine.trt_build import tensorrt_version
 from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine, mismatches
 from sdtrt.engine.trt_profile import (
+    check_pixels,
     check_request,
     max_rows,
     network_profile,
+    pixel_range,
     profile_to_json,
 )
 from sdtrt.errors import EngineMismatchError, InvalidInputError, ShapeOutsideProfileError
@@ -73,6 +75,26 @@ def test_rows_per_call_come_from_the_profiles():
     stored = {n: profile_to_json(network_profile(NETS[n], ranges)) for n in NETS}
     assert max_rows(stored["unet"]) == 6
     assert [max_rows(stored[n]) for n in ("text_encoder", "vae_encoder", "vae_decoder")] == [3] * 3
+
+
+def test_the_sizes_engines_take_are_what_their_profiles_share():
+    """Pixels from each network's axes (latents x 8); engines from two builds: the sizes
+    both take. The text encoder has no spatial axis."""
+    wide = BuildRanges(height=(256, 768), width=(384, 1024), opt_width=512)
+    narrow = BuildRanges(height=(512, 1024), width=(256, 768), opt_height=512)
+
+    def stored(name, ranges):
+        return NETS[name], profile_to_json(network_profile(NETS[name], ranges))
+
+    one_build = [stored(n, wide) for n in NETS]
+    assert pixel_range(one_build) == ((256, 768), (384, 1024))
+    two_builds = [stored("unet", wide), stored("vae_encoder", narrow), stored("vae_decoder", wide)]
+    assert pixel_range(two_builds) == ((512, 768), (384, 768))
+    assert pixel_range([stored("text_encoder", wide)]) is None
+    check_pixels(512, 768, pixel_range(two_builds))
+    with pytest.raises(ShapeOutsideProfileError, match="heights 512-768 and widths 384-768 px"):
+        check_pixels(256, 512, pixel_range(two_builds))
+    check_pixels(64, 4096, None)  # no engine: no bound here
 
 
 def test_static_profile_is_one_shape():
