@@ -60,11 +60,11 @@ def pixel_range(engines: list[tuple[Network, dict[str, Any]]]) -> PixelRange | N
                     bounds[side].append((int(low) * factor, int(high) * factor))
     if not bounds["H"] or not bounds["W"]:
         return None
-    h, w = bounds["H"], bounds["W"]
-    return (max(lo for lo, _ in h), min(hi for _, hi in h)), (
-        max(lo for lo, _ in w),
-        min(hi for _, hi in w),
-    )
+
+    def shared(spans: list[tuple[int, int]]) -> tuple[int, int]:
+        return max(low for low, _ in spans), min(high for _, high in spans)
+
+    return shared(bounds["H"]), shared(bounds["W"])
 
 
 def check_pixels(height: int, width: int, allowed: PixelRange | None) -> None:
