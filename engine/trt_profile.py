@@ -72,6 +72,11 @@ def check_pixels(height: int, width: int, allowed: PixelRange | None) -> None:
     if allowed is None:
         return
     (h_low, h_high), (w_low, w_high) = allowed
+    if h_low > h_high or w_low > w_high:
+        raise ShapeOutsideProfileError(
+            "the loaded engines take no size in common (their profiles come from builds with "
+            "different --height/--width ranges); rebuild them with one range (sdtrt build)"
+        )
     if not (h_low <= height <= h_high and w_low <= width <= w_high):
         raise ShapeOutsideProfileError(
             f"{height}x{width} px (height x width) is outside the engines' profiles, which take "

@@ -95,6 +95,12 @@ def test_the_sizes_engines_take_are_what_their_profiles_share():
     with pytest.raises(ShapeOutsideProfileError, match="heights 512-768 and widths 384-768 px"):
         check_pixels(256, 512, pixel_range(two_builds))
     check_pixels(64, 4096, None)  # no engine: no bound here
+    apart = [
+        stored("unet", wide),
+        stored("vae_encoder", BuildRanges(height=(1024, 1024), opt_height=1024)),
+    ]
+    with pytest.raises(ShapeOutsideProfileError, match="take no size in common"):
+        check_pixels(512, 512, pixel_range(apart))
 
 
 def test_static_profile_is_one_shape():
