@@ -24,8 +24,9 @@ class GraphIntegrityError(SdtrtError, RuntimeError):
     """An exported ONNX folder is missing a graph, corrupt, or does not match its manifest."""
 
 
-class ShapeOutsideProfileError(SdtrtError, ValueError):
-    """A request's shape lies outside what an engine or graph was built for."""
+class ShapeOutsideProfileError(InvalidInputError):
+    """A request's shape lies outside what an engine or graph was built for: input that
+    this engine does not take (a server answers 422, as for any invalid input)."""
 
 
 class EngineMismatchError(SdtrtError, RuntimeError):

@@ -38,12 +38,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sdtrt.errors import (
-    DeadlineExceededError,
-    InvalidInputError,
-    ServerBusyError,
-    ShapeOutsideProfileError,
-)
+from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
 from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
@@ -220,7 +215,7 @@ async def _serve(
     try:
         job = await _off_loop(intake, _prepare, batcher, values, image_bytes, timeout)
         future = batcher.submit(job)
-    except (InvalidInputError, ShapeOutsideProfileError) as exc:
+    except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
     except ServerBusyError as exc:
         if batcher.draining:
