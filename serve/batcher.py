@@ -173,12 +173,11 @@ class StepBatcher:
         self.timeout = options.timeout
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
-        self.warmup_sizes = options.warmup_sizes
         # A blank picture per warm-up size, prepared as a request is (refused here, at
         # start, when the model cannot take the size).
         self._warmup_jobs = [
             self.prepare(Img2ImgRequest(image=PIL.Image.new("RGB", (w, h)), height=h, width=w))
-            for h, w in self.warmup_sizes
+            for h, w in options.warmup_sizes
         ]
         self.warmed: Future[int] = Future()
         """The number of shapes the worker has run at the warm-up sizes, or why it failed."""
@@ -286,7 +285,7 @@ class StepBatcher:
             self.warmed.set_exception(exc)
             return
         if shapes:
-            sizes = ", ".join(f"{h}x{w}" for h, w in self.warmup_sizes)
+            sizes = ", ".join(f"{h}x{w}" for h, w in (job.size for job in self._warmup_jobs))
             seconds = time.perf_counter() - start
             logger.info("warmed up %d shapes at %s in %.1f s", shapes, sizes, seconds)
         self.warmed.set_result(shapes)
@@ -312,9 +311,8 @@ class StepBatcher:
     @staticmethod
     def _warm_counts(call: Callable[..., Any], *batched: torch.Tensor) -> int:
         """``call`` on the first n rows of ``batched``, for each n up to their length but
-        those an engine's profile refuses (a static engine takes one row count; a size
-        outside the profile, none: the worker's jobs at that size fail alone); how many
-        ran."""
+        those an engine's profile refuses (a static engine takes one row count); how many
+        ran. Sizes outside the profiles never get here: ``prepare`` refused them at start."""
         ran = 0
         for n in range(1, len(batched[0]) + 1):
             try:
