@@ -34,6 +34,7 @@ def one_side(warm: bool) -> dict[str, float]:
 
     from sdtrt.options import ServeOptions, TorchOptions
     from sdtrt.runtime.pipeline import Img2ImgPipeline
+    from sdtrt.serve.app import warm_up
     from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
 
     start = time.perf_counter()
@@ -42,9 +43,10 @@ def one_side(warm: bool) -> dict[str, float]:
     loaded = time.perf_counter()
     sizes = ((SIZE, SIZE),) if warm else ()
     batcher = StepBatcher(pipe, ServeOptions(max_rows=4, warmup_sizes=sizes))
-    batcher.warmed.result()
-    small = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # serve/app.py's warm-up
-    batcher.submit(batcher.prepare(small)).result()
+    state: dict[str, bool] = {}
+    warm_up(batcher, state)  # what `sdtrt serve` runs before /ready says 200
+    if not state.get("ready"):
+        raise RuntimeError("the warm-up failed (its log says why)")
     figures = {"load_s": loaded - start, "ready_s": time.perf_counter() - loaded}
     for burst in ("first", "second"):
         begun = time.perf_counter()

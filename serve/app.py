@@ -119,7 +119,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if warmup:  # in the background: /health answers, /ready says 503 until done
-            threading.Thread(target=_warm_up, args=(batcher, state), daemon=True).start()
+            threading.Thread(target=warm_up, args=(batcher, state), daemon=True).start()
         yield
         batcher.close()
         intake.shutdown(wait=False, cancel_futures=True)
@@ -408,7 +408,7 @@ def _unauthorised(request: Request, options: ServeOptions) -> Response | None:
     )
 
 
-def _warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
+def warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
     """The warm-up sizes' shapes (the worker runs them first), then one small request
     through the whole path; /ready says 200 after both."""
     request = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # the sample image's size
