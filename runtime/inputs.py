@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
@@ -140,5 +141,12 @@ def load_image(path: str | Path) -> PIL.Image.Image:
 
 def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """A decoded file as diffusers' ``load_image`` gives it: turned by its EXIF orientation
-    (cameras and phones store a photo as taken, with a tag saying how to turn it), in RGB."""
-    return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    (cameras and phones store a photo as taken, with a tag saying how to turn it), in RGB.
+
+    One difference: 16-bit grayscale (PNG, TIFF; Pillow's ``I;16`` modes) is scaled to 8
+    bits first. Pillow's RGB conversion clips those values at 255, so diffusers turns such a
+    picture white but for its darkest 1/256; 16-bit colour files Pillow already scales."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = PIL.Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8), "L")
+    return image.convert("RGB")

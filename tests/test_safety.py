@@ -237,6 +237,24 @@ def test_a_photo_is_turned_by_its_exif_orientation_as_diffusers_turns_it(
     assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+def test_a_16_bit_grayscale_picture_reads_as_its_8_bit_self(tmp_path, suffix):
+    """Pillow opens 16-bit grayscale as ``I;16`` and its RGB conversion clips at 255 (all but
+    the darkest 1/256 would turn white): the CLI's file and the server's upload scale it."""
+    import numpy as np
+
+    from sdtrt.runtime.inputs import load_image
+    from sdtrt.serve.app import _image
+
+    grey = np.arange(48 * 32).reshape(32, 48) % 256  # every 8-bit level
+    path = tmp_path / f"deep{suffix}"
+    PIL.Image.fromarray((grey * 257).astype(np.uint16)).save(path)  # 8 -> 16 bits exactly
+    assert PIL.Image.open(path).mode == "I;16"
+    want = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    assert np.array_equal(np.asarray(load_image(path)), want)
+    assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
+
+
 def test_a_huge_input_image_is_refused_before_the_model(tmp_path, capsys, no_work, monkeypatch):
     monkeypatch.setenv("SDTRT_MAX_PIXELS", str(32 * 32))
     image = tmp_path / "big.png"
