@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -146,7 +147,81 @@ def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     One difference: 16-bit grayscale (PNG, TIFF; Pillow's ``I;16`` modes) is scaled to 8
     bits first. Pillow's RGB conversion clips those values at 255, so diffusers turns such a
     picture white but for its darkest 1/256; 16-bit colour files Pillow already scales."""
-    image = PIL.ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16"):
-        image = PIL.Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return eight_bit(PIL.ImageOps.exif_transpose(image)).convert("RGB")
+
+
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit grayscale (Pillow's ``I;16`` modes) as 8-bit grayscale; others as they are."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return PIL.Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8), "L")
+
+
+IMAGE_KINDS = (
+    "a PIL image, a float numpy array [H, W, 3] or [B, H, W, 3] in [0, 1], a float torch "
+    "tensor [3, H, W] or [B, 3, H, W] in [0, 1] (or diffusers' older [-1, 1]), or a list "
+    "of one of these kinds"
+)
+
+
+def image_input(image: Any) -> Any:
+    """The pipeline's ``image`` argument checked against what diffusers' image processor
+    takes (``IMAGE_KINDS``), so that a wrong one fails with that list rather than deep in a
+    network or with a silently wrong picture (uint8 arrays read as [0, 255] floats); PIL
+    images in 16-bit grayscale come back scaled to 8 bits, as files are read."""
+    import torch  # here: the command line checks its options with this module, torch unloaded
+
+    items = image if isinstance(image, list) else [image]
+    if not items:
+        raise InvalidInputError(f"image is an empty list; expected {IMAGE_KINDS}")
+    kinds = {type(item) for item in items}
+    first = items[0]
+    if isinstance(first, PIL.Image.Image):
+        if not all(isinstance(item, PIL.Image.Image) for item in items):
+            raise InvalidInputError(f"image mixes kinds in one list; expected {IMAGE_KINDS}")
+        for item in items:
+            if item.width < 1 or item.height < 1:
+                raise InvalidInputError(f"image is {item.width}x{item.height} pixels: empty")
+        converted = [eight_bit(item) for item in items]
+        return converted if isinstance(image, list) else converted[0]
+    if len(kinds) > 1 or not isinstance(first, np.ndarray | torch.Tensor):
+        names = ", ".join(sorted("None" if kind is type(None) else kind.__name__ for kind in kinds))
+        raise InvalidInputError(f"image is {names}; expected {IMAGE_KINDS}")
+    for item in items:
+        _check_pixel_array(item, items[0].shape)
+    return image
+
+
+def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
+    """One numpy array or torch tensor of pixels: its layout, a float dtype, values in
+    range (NaN is not)."""
+    import torch
+
+    if isinstance(item, np.ndarray):
+        what, layout, span, low = "numpy array", "[H, W, 3] or [B, H, W, 3]", "[0, 1]", 0.0
+        channels, floating = item.shape[-1:], np.issubdtype(item.dtype, np.floating)
+    else:
+        what, layout, span, low = "torch tensor", "[3, H, W] or [B, 3, H, W]", "[0, 1]", -1.0
+        span += " (or [-1, 1])"
+        channels, floating = item.shape[-3:-2], item.is_floating_point()
+    if item.ndim not in (3, 4) or tuple(channels) != (3,) or 0 in item.shape:
+        latents = what == "torch tensor" and tuple(channels) == (4,)
+        hint = " (latents are not taken as image: sdtrt encodes pixels)" if latents else ""
+        raise InvalidInputError(
+            f"image is a {what} of shape {list(item.shape)}; expected {layout}{hint}"
+        )
+    if tuple(item.shape) != tuple(shape):
+        raise InvalidInputError(
+            f"image lists {what}s of shapes {list(shape)} and {list(item.shape)}: give one shape"
+        )
+    if not floating:
+        raise InvalidInputError(
+            f"image is a {what} of {item.dtype}; expected floats in {span} "
+            "(8-bit pixels: divide by 255, or pass a PIL image)"
+        )
+    values = torch.as_tensor(item)
+    smallest, largest = float(values.min()), float(values.max())
+    if not (low <= smallest and largest <= 1.0):  # NaN fails both
+        raise InvalidInputError(
+            f"image values span [{smallest:g}, {largest:g}]; a {what} takes {span}"
+        )

@@ -32,6 +32,7 @@ from sdtrt.runtime.inputs import (
     Limits,
     check_size,
     check_steps_and_guidance,
+    image_input,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
@@ -41,13 +42,14 @@ from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
 
 
 @dataclass
 class Img2ImgOutput:
     images: Any
-    """PIL images, a float numpy array [B, H, W, 3] in [0, 1], or latents [B, 4, h, w]."""
+    """PIL images, a float numpy array [B, H, W, 3] in [0, 1], a float tensor [B, 3, H, W]
+    in [0, 1] (output type "pt"), or latents [B, 4, h, w]."""
     unet_calls: int
     """UNet calls the loop made (one per timestep run, each on the whole 2B batch)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -187,6 +189,7 @@ class Img2ImgPipeline:
         timings: dict[str, float] = {}
 
         # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW.
+        image = image_input(image)
         height, width = self.output_size(image, height, width)
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
         pixels = self.image_processor.preprocess(image, height=height, width=width)
@@ -239,6 +242,8 @@ class Img2ImgPipeline:
         images = self.image_processor.postprocess(
             decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
         )
+        if output_type == "pt":
+            images = _ordinary(images)
         return Img2ImgOutput(images, len(timesteps), timings)
 
     def output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
@@ -295,12 +300,12 @@ class Img2ImgPipeline:
         timings[stage] = watch.ms
 
 
-def _ordinary(latents: torch.Tensor) -> torch.Tensor:
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
     """Tensors made in inference mode cannot be changed in place outside it: the caller gets
     an ordinary one, as from diffusers' no_grad pipeline (pil and np outputs are not
     tensors)."""
     with torch.inference_mode(False):
-        return latents.clone()
+        return tensor.clone()
 
 
 def _image_size(image: Any) -> tuple[int, int]:

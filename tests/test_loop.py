@@ -97,7 +97,7 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(start_step=-1), "start step must be an integer in [0, 10)"),
         (dict(strength=0.5, start_step=2), "not both"),
         (dict(guidance_scale=float("nan")), "finite number"),
-        (dict(output_type="pt"), "output type must be one of"),
+        (dict(output_type="jpg"), "output type must be one of pil, np, pt, latent"),
         (dict(height=36, width=48), "height 36 is not a multiple of 8"),
     ],
 )
@@ -105,6 +105,77 @@ def test_bad_arguments_are_refused(tiny, images, kwargs, message):
     pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         pipe("a", images[0], **{"num_inference_steps": 10, **kwargs})
+
+
+_PIXELS = np.random.default_rng(1).random((32, 48, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (None, "image is None; expected a PIL image, a float numpy array"),
+        ("photo.png", "image is str; expected a PIL image"),
+        ([], "image is an empty list"),
+        ([PIL.Image.new("RGB", (48, 32)), _PIXELS], "image mixes kinds in one list"),
+        (PIL.Image.new("RGB", (0, 0)), "image is 0x0 pixels"),
+        (_PIXELS[..., :2], "numpy array of shape [32, 48, 2]; expected [H, W, 3] or [B, H, W, 3]"),
+        (_PIXELS[..., 0], "numpy array of shape [32, 48]"),
+        ([_PIXELS, _PIXELS[:16]], "shapes [32, 48, 3] and [16, 48, 3]: give one shape"),
+        ((_PIXELS * 255).astype(np.uint8), "numpy array of uint8; expected floats in [0, 1]"),
+        (_PIXELS * 255, "image values span [0.0244859, 254.947]; a numpy array takes [0, 1]"),
+        (_PIXELS - 0.5, "a numpy array takes [0, 1]"),
+        (np.full((32, 48, 3), np.nan), "image values span [nan, nan]"),
+        (torch.zeros(1, 4, 32, 48), "latents are not taken as image"),
+        (torch.zeros(3, 32, 48, dtype=torch.uint8), "tensor of torch.uint8; expected floats"),
+        (torch.full((3, 32, 48), -2.0), "a torch tensor takes [0, 1] (or [-1, 1])"),
+    ],
+)
+def test_bad_images_are_refused_saying_what_is_taken(tiny, image, message):
+    """A wrong ``image`` fails before any network runs, with what diffusers' image
+    processor takes, rather than deep in the VAE or as a silently wrong picture (a uint8
+    array or one in [0, 255] reads as floats far outside [0, 1])."""
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    pipe.backend = CountingBackend(pipe.backend)
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        pipe("a", image, num_inference_steps=4)
+    assert pipe.backend.calls == []
+
+
+def test_every_image_kind_gives_the_same_picture(tiny):
+    """A PIL image, its float array (with or without the batch axis, alone or in a list)
+    and its tensor in [0, 1] or [-1, 1]: the same latents; a 16-bit grayscale PIL image
+    those of its 8-bit self (Pillow's RGB conversion would clip it white)."""
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    pixels = np.random.default_rng(2).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    floats = pixels.astype(np.float32) / 255
+    tensor = torch.from_numpy(floats).permute(2, 0, 1)
+    grey = pixels[..., 0]
+
+    def run(image):
+        return pipe(
+            "a", image, num_inference_steps=4, output_type="latent",
+            generator=torch.Generator().manual_seed(3),
+        ).images  # fmt: skip
+
+    want = run(PIL.Image.fromarray(pixels))
+    for same in (floats, floats[None], [floats], tensor, tensor[None] * 2 - 1, [tensor]):
+        torch.testing.assert_close(run(same), want, rtol=0, atol=1e-5)
+    deep = PIL.Image.fromarray(grey.astype(np.uint16) * 257)
+    assert deep.mode == "I;16"
+    torch.testing.assert_close(run(deep), run(PIL.Image.fromarray(grey)), rtol=0, atol=0)
+
+
+def test_pt_output_is_the_np_output_as_an_ordinary_tensor(tiny, images):
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    run = dict(num_inference_steps=4, height=32, width=48)
+    as_np = pipe(
+        "a", images[0], generator=torch.Generator().manual_seed(1), output_type="np", **run
+    )
+    as_pt = pipe(
+        "a", images[0], generator=torch.Generator().manual_seed(1), output_type="pt", **run
+    )
+    assert as_pt.images.shape == (1, 3, 32, 48) and not as_pt.images.is_inference()
+    np.testing.assert_array_equal(as_pt.images.permute(0, 2, 3, 1).numpy(), as_np.images)
 
 
 def test_rgba_grey_and_any_size_are_accepted(tiny):
