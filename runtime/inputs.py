@@ -192,6 +192,25 @@ def image_input(image: Any) -> Any:
     return image
 
 
+def check_generator(generator: Any, batch_size: int) -> None:
+    """None, a ``torch.Generator``, or diffusers' list of one per image of the batch (image
+    i draws from generator i)."""
+    import torch
+
+    items = generator if isinstance(generator, list) else [generator]
+    if generator is None or all(isinstance(item, torch.Generator) for item in items):
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise InvalidInputError(
+                f"{len(generator)} generators for a batch of {batch_size} images (prompts x "
+                "images per prompt): give one generator, or one per image"
+            )
+        return
+    raise InvalidInputError(
+        f"generator is {type(generator).__name__}; expected a torch.Generator, a list of "
+        "one per image, or None"
+    )
+
+
 def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
     """One numpy array or torch tensor of pixels: its layout, a float dtype, values in
     range (NaN is not)."""

@@ -30,6 +30,7 @@ from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, 
 from sdtrt.runtime.clock import stopwatch
 from sdtrt.runtime.inputs import (
     Limits,
+    check_generator,
     check_size,
     check_steps_and_guidance,
     image_input,
@@ -155,7 +156,7 @@ class Img2ImgPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 8.0,
         negative_prompt: str | list[str] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         height: int | None = None,
@@ -185,6 +186,7 @@ class Img2ImgPipeline:
                     "give one, or one per prompt"
                 )
         batch_size = len(prompts) * num_images_per_prompt
+        check_generator(generator, batch_size)
         do_guidance = guidance_scale > 1.0
         timings: dict[str, float] = {}
 
@@ -276,7 +278,7 @@ class Img2ImgPipeline:
         scheduler: Any,
         timesteps: torch.Tensor,
         latents: torch.Tensor,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
     ) -> StepTable | None:
         """The schedule as a table where the backend replays whole steps and the scheduler
         can be tabulated; None: the eager loop."""

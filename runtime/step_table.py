@@ -79,7 +79,7 @@ def tabulate(
     scheduler: Any,
     timesteps: torch.Tensor,
     latents: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> StepTable | None:
     """The table of the steps left (``timesteps``, after ``start_timesteps`` set the
     scheduler's begin index), or None where this scheduler's step is not tabulated. An

@@ -66,13 +66,19 @@ def noised_latents(
     batch_size: int,
     scheduler: Any,
     first_timestep: torch.Tensor,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
     """Sample the image's latent with the caller's generator, scale it, fill the batch and
-    noise it to the first timestep: diffusers' draws, in diffusers' order."""
-    encoded = scaling_factor * DiagonalGaussianDistribution(latent_parameters).sample(generator)
-    # diffusers repeats the whole image batch (not each image) to fill the prompt batch.
-    encoded = torch.cat([encoded] * (batch_size // encoded.shape[0]))
+    noise it to the first timestep: diffusers' draws, in diffusers' order. diffusers
+    repeats the whole image batch (not each image) to fill the prompt batch: after the
+    sample, or, with one generator per image, before it (each image's own draw)."""
+    repeats = batch_size // latent_parameters.shape[0]
+    if isinstance(generator, list):
+        latent_parameters = torch.cat([latent_parameters] * repeats)
+        repeats = 1
+    latent = DiagonalGaussianDistribution(latent_parameters)
+    encoded = scaling_factor * latent.sample(generator)  # type: ignore[arg-type]  # lists too
+    encoded = torch.cat([encoded] * repeats)
     noise = draw_noise(encoded.shape, encoded.dtype, encoded.device, generator)
     return scheduler.add_noise(encoded, noise, first_timestep.reshape(1).repeat(batch_size))
 

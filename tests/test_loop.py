@@ -99,6 +99,8 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(guidance_scale=float("nan")), "finite number"),
         (dict(output_type="jpg"), "output type must be one of pil, np, pt, latent"),
         (dict(height=36, width=48), "height 36 is not a multiple of 8"),
+        (dict(generator=[torch.Generator()] * 2), "2 generators for a batch of 1 images"),
+        (dict(generator=7), "generator is int; expected a torch.Generator, a list of one"),
     ],
 )
 def test_bad_arguments_are_refused(tiny, images, kwargs, message):
