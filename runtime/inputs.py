@@ -175,18 +175,17 @@ def image_input(image: Any) -> Any:
     if not items:
         raise InvalidInputError(f"image is an empty list; expected {IMAGE_KINDS}")
     kinds = {type(item) for item in items}
-    first = items[0]
-    if isinstance(first, PIL.Image.Image):
-        if not all(isinstance(item, PIL.Image.Image) for item in items):
-            raise InvalidInputError(f"image mixes kinds in one list; expected {IMAGE_KINDS}")
+    if len(kinds) > 1:
+        raise InvalidInputError(f"image mixes kinds in one list; expected {IMAGE_KINDS}")
+    if isinstance(items[0], PIL.Image.Image):
         for item in items:
             if item.width < 1 or item.height < 1:
                 raise InvalidInputError(f"image is {item.width}x{item.height} pixels: empty")
         converted = [eight_bit(item) for item in items]
         return converted if isinstance(image, list) else converted[0]
-    if len(kinds) > 1 or not isinstance(first, np.ndarray | torch.Tensor):
-        names = ", ".join(sorted("None" if kind is type(None) else kind.__name__ for kind in kinds))
-        raise InvalidInputError(f"image is {names}; expected {IMAGE_KINDS}")
+    if not isinstance(items[0], np.ndarray | torch.Tensor):
+        name = "None" if image is None else type(items[0]).__name__
+        raise InvalidInputError(f"image is {name}; expected {IMAGE_KINDS}")
     for item in items:
         _check_pixel_array(item, items[0].shape)
     return image
@@ -220,8 +219,8 @@ def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
         what, layout, span, low = "numpy array", "[H, W, 3] or [B, H, W, 3]", "[0, 1]", 0.0
         channels, floating = item.shape[-1:], np.issubdtype(item.dtype, np.floating)
     else:
-        what, layout, span, low = "torch tensor", "[3, H, W] or [B, 3, H, W]", "[0, 1]", -1.0
-        span += " (or [-1, 1])"
+        what, layout, low = "torch tensor", "[3, H, W] or [B, 3, H, W]", -1.0
+        span = "[0, 1] (or [-1, 1])"
         channels, floating = item.shape[-3:-2], item.is_floating_point()
     if item.ndim not in (3, 4) or tuple(channels) != (3,) or 0 in item.shape:
         latents = what == "torch tensor" and tuple(channels) == (4,)
