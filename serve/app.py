@@ -325,8 +325,11 @@ async def _form(request: Request, body: bytes) -> dict[str, Any]:
     except Exception as exc:  # python-multipart's parse errors
         raise BadRequest(400, f"the multipart body cannot be parsed: {exc}") from None
     out: dict[str, Any] = {}
-    for key, value in form.multi_items():
-        out[key] = await value.read() if isinstance(value, UploadFile) else value
+    try:
+        for key, value in form.multi_items():
+            out[key] = await value.read() if isinstance(value, UploadFile) else value
+    finally:
+        await form.close()  # each upload's spooled temporary file
     return out
 
 

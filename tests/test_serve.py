@@ -753,6 +753,30 @@ def test_an_answer_as_jpeg_or_webp_is_the_png_answer_within_their_loss(server, i
     assert "one of png, jpeg, webp, json" in refused.json()["error"]
 
 
+def test_a_multipart_upload_is_read_and_its_temporary_file_closed(image):
+    """Starlette spools each uploaded file to a temporary file: the form is closed once its
+    bytes are read, rather than left for the garbage collector (a ResourceWarning each)."""
+    import asyncio
+    import gc
+    import warnings
+
+    from starlette.requests import Request
+
+    from sdtrt.serve.app import _form
+
+    request = httpx.Request(
+        "POST", "http://x/", data={"prompt": "a cat"}, files={"image": ("in.png", png_bytes(image))}
+    )
+    body, kind = request.read(), request.headers["content-type"]
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-type", kind.encode())]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        form = asyncio.run(_form(Request(scope), body))
+        gc.collect()
+    assert form == {"prompt": "a cat", "image": png_bytes(image)}
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
 def _documented(server):
     """What /docs shows of POST /v1/img2img (the app's OpenAPI document)."""
     return httpx.get(f"{server.url}/openapi.json").json()["paths"]["/v1/img2img"]["post"]
