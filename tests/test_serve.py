@@ -999,7 +999,8 @@ def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-        log = process.stdout.read() if process.stdout else ""
+        with process:  # closes its pipe
+            log = process.stdout.read() if process.stdout else ""
     assert "draining" in log
 
 
