@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,20 +60,30 @@ class Limits:
                 )
 
 
+def is_integer(value: Any) -> bool:
+    """An integer, Python's or numpy's (``np.int64`` from a sweep); not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def is_real(value: Any) -> bool:
+    """A real number, Python's or numpy's (``np.float32``); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def check_seed(seed: int) -> int:
     """A seed torch's generator takes as it is: an integer in [0, 2^64 - 1]. Outside that
     range it is refused rather than silently reduced, so that a seed always names one image."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"seed must be an integer in [0, 2^64 - 1], got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def check_steps_and_guidance(num_inference_steps: int, guidance_scale: float) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+    if not is_integer(num_inference_steps):
         raise InvalidInputError(f"steps must be an integer >= 1, got {num_inference_steps!r}")
     if num_inference_steps < 1:
         raise InvalidInputError(f"steps must be >= 1, got {num_inference_steps}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+    if not is_real(guidance_scale) or not math.isfinite(guidance_scale):
         raise InvalidInputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
 
 
@@ -85,18 +96,14 @@ def resolve_start_step(
     if strength is not None and start_step is not None:
         raise InvalidInputError("give strength or start step, not both (they are the same knob)")
     if start_step is not None:
-        if (
-            isinstance(start_step, bool)
-            or not isinstance(start_step, int)
-            or not 0 <= start_step < n
-        ):
+        if not is_integer(start_step) or not 0 <= start_step < n:
             raise InvalidInputError(
                 f"start step must be an integer in [0, {n}) for {n} steps, got {start_step!r}"
             )
-        return start_step
+        return int(start_step)
     if strength is None:
         strength = DEFAULT_STRENGTH
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+    if not is_real(strength):
         raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
     if not 0.0 < strength <= 1.0:
         raise InvalidInputError(f"strength must be in (0, 1], got {strength!r}")
@@ -112,7 +119,7 @@ def resolve_start_step(
 def check_size(height: int, width: int, multiple: int) -> None:
     """Height and width must be positive multiples of ``multiple`` pixels."""
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_integer(value) or value <= 0:
             raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
         if value % multiple:
             lower = max(multiple, value // multiple * multiple)

@@ -34,6 +34,7 @@ from sdtrt.runtime.inputs import (
     check_size,
     check_steps_and_guidance,
     image_input,
+    is_integer,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
@@ -166,14 +167,16 @@ class Img2ImgPipeline:
         prompts = _as_prompt_list(prompt, "prompt")
         check_steps_and_guidance(num_inference_steps, guidance_scale)
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
+        num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidInputError(
                 f"images per prompt must be an integer >= 1, got {num_images_per_prompt!r}"
             )
+        num_images_per_prompt = int(num_images_per_prompt)
         if negative_prompt is None:
             negative_prompts = [""] * len(prompts)
         else:
@@ -261,6 +264,7 @@ class Img2ImgPipeline:
             if width is None:
                 width = max(multiple, own[1] // multiple * multiple)
         check_size(height, width, multiple)
+        height, width = int(height), int(width)  # numpy's integers too
         check_pixels(height, width, self.backend.pixel_range)
         if own is not None and (height, width) != own:
             logger.info(

@@ -101,6 +101,9 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(height=36, width=48), "height 36 is not a multiple of 8"),
         (dict(generator=[torch.Generator()] * 2), "2 generators for a batch of 1 images"),
         (dict(generator=7), "generator is int; expected a torch.Generator, a list of one"),
+        (dict(num_images_per_prompt=True), "images per prompt must be an integer >= 1"),
+        (dict(num_inference_steps=6.0), "steps must be an integer >= 1, got 6.0"),
+        (dict(strength=np.True_), "strength must be a number in (0, 1]"),
     ],
 )
 def test_bad_arguments_are_refused(tiny, images, kwargs, message):
@@ -178,6 +181,37 @@ def test_pt_output_is_the_np_output_as_an_ordinary_tensor(tiny, images):
     )
     assert as_pt.images.shape == (1, 3, 32, 48) and not as_pt.images.is_inference()
     np.testing.assert_array_equal(as_pt.images.permute(0, 2, 3, 1).numpy(), as_np.images)
+
+
+def test_numpy_numbers_are_taken_as_python_ones(tiny, images):
+    """Numbers from a numpy sweep (np.linspace, np.arange) are numbers: the same image as
+    Python's (they were refused: "strength must be a number in (0, 1], got 0.5")."""
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    plain = dict(strength=0.5, num_inference_steps=6, guidance_scale=7.0, height=32, width=48)
+    from_numpy = dict(
+        strength=np.float32(0.5),
+        num_inference_steps=np.int64(6),
+        guidance_scale=np.float64(7.0),
+        height=np.int32(32),
+        width=np.int64(48),
+    )
+    outs = [
+        pipe(
+            "a",
+            images[0],
+            generator=torch.Generator().manual_seed(2),
+            output_type="np",
+            num_images_per_prompt=per,
+            **run,
+        )  # fmt: skip
+        for per, run in ((2, plain), (np.int8(2), from_numpy))
+    ]
+    assert outs[0].unet_calls == outs[1].unet_calls == 3
+    np.testing.assert_array_equal(outs[1].images, outs[0].images)
+    one = dict(generator=torch.Generator().manual_seed(2), output_type="np", **plain)
+    want = pipe("a", images[0], **one).images
+    one.update(generator=torch.Generator().manual_seed(2), strength=None, start_step=np.int64(3))
+    np.testing.assert_array_equal(pipe("a", images[0], **one).images, want)
 
 
 def test_rgba_grey_and_any_size_are_accepted(tiny):
