@@ -45,6 +45,8 @@ from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
+Texts = list[str] | torch.Tensor
+"""Prompts as strings, or as their embeddings [prompts, tokens, width]."""
 
 
 @dataclass
@@ -67,10 +69,13 @@ class Img2ImgPipeline:
         scheduler: Any,
         vae_scale_factor: int,
         scaling_factor: float,
+        text_shape: tuple[int, int],
         show_progress: bool = True,
         limits: Limits | None = None,
     ) -> None:
         self.backend = backend
+        self.text_shape = text_shape
+        """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
         self.limits = limits or Limits.from_env()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -104,6 +109,7 @@ class Img2ImgPipeline:
             scheduler=make_scheduler(scheduler, components["scheduler"].config),
             vae_scale_factor=dims.vae_scale_factor,
             scaling_factor=components["vae"].config.scaling_factor,
+            text_shape=(dims.max_tokens, dims.text_hidden_size),
             show_progress=show_progress,
         )
 
@@ -142,6 +148,7 @@ class Img2ImgPipeline:
             scheduler=make_scheduler(scheduler, exported.scheduler_config()),
             vae_scale_factor=exported.vae_scale_factor,
             scaling_factor=exported.scaling_factor,
+            text_shape=(exported.dims.max_tokens, exported.dims.text_hidden_size),
             show_progress=show_progress,
         )
 
@@ -150,8 +157,8 @@ class Img2ImgPipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        prompt: str | list[str],
-        image: Any,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
         strength: float | None = None,
         start_step: int | None = None,
         num_inference_steps: int = 50,
@@ -162,9 +169,13 @@ class Img2ImgPipeline:
         output_type: str = "pil",
         height: int | None = None,
         width: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> Img2ImgOutput:
         # 1. Check inputs.
-        prompts = _as_prompt_list(prompt, "prompt")
+        prompts, negative_prompts = self._texts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
         check_steps_and_guidance(num_inference_steps, guidance_scale)
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
@@ -177,17 +188,6 @@ class Img2ImgPipeline:
                 f"images per prompt must be an integer >= 1, got {num_images_per_prompt!r}"
             )
         num_images_per_prompt = int(num_images_per_prompt)
-        if negative_prompt is None:
-            negative_prompts = [""] * len(prompts)
-        else:
-            negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
-            if len(negative_prompts) == 1:
-                negative_prompts = negative_prompts * len(prompts)
-            if len(negative_prompts) != len(prompts):
-                raise InvalidInputError(
-                    f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: "
-                    "give one, or one per prompt"
-                )
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
         do_guidance = guidance_scale > 1.0
@@ -293,8 +293,68 @@ class Img2ImgPipeline:
             self.step_graphs = StepGraphs(unet)
         return tabulate(scheduler, timesteps, latents, generator)
 
-    def _encode(self, prompts: list[str], num_images_per_prompt: int) -> torch.Tensor:
-        embeddings = self.backend.encode_text(token_ids(self.tokenizer, prompts))
+    def _texts(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        prompt_embeds: Any,
+        negative_prompt_embeds: Any,
+    ) -> tuple[Texts, Texts]:
+        """The prompts and negative prompts, as strings or as embeddings (diffusers' rules:
+        ``prompt`` or ``prompt_embeds``; at most one of the negative pair; negative prompts
+        one per prompt, or one string for all; none: empty strings)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise InvalidInputError("give prompt or prompt_embeds, one of the two")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise InvalidInputError("give negative_prompt or negative_prompt_embeds, not both")
+        prompts: Texts
+        if prompt_embeds is None:
+            prompts = _as_prompt_list(prompt, "prompt")
+        else:
+            prompts = self._embeddings(prompt_embeds, "prompt_embeds")
+        if negative_prompt_embeds is not None:
+            negatives = self._embeddings(negative_prompt_embeds, "negative_prompt_embeds")
+            if len(negatives) != len(prompts):
+                raise InvalidInputError(
+                    f"negative_prompt_embeds holds {len(negatives)} prompts, the prompts are "
+                    f"{len(prompts)}: give one per prompt"
+                )
+            return prompts, negatives
+        if negative_prompt is None:
+            return prompts, [""] * len(prompts)
+        negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
+        if len(negative_prompts) == 1:
+            negative_prompts = negative_prompts * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise InvalidInputError(
+                f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: "
+                "give one, or one per prompt"
+            )
+        return prompts, negative_prompts
+
+    def _embeddings(self, embeds: Any, name: str) -> torch.Tensor:
+        """Prompt embeddings given in place of prompts: the text encoder's output shape
+        (every backend's UNet takes that sequence length), finite, as float32 on the device."""
+        want = f"[prompts, {self.text_shape[0]}, {self.text_shape[1]}]"
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+            what = type(embeds).__name__
+            if isinstance(embeds, torch.Tensor):
+                what = f"a tensor of {embeds.dtype}"
+            raise InvalidInputError(f"{name} must be a float tensor {want}, got {what}")
+        if embeds.ndim != 3 or not len(embeds) or tuple(embeds.shape[1:]) != self.text_shape:
+            raise InvalidInputError(
+                f"{name} has shape {list(embeds.shape)}; expected {want}, the text encoder's "
+                "output for this model"
+            )
+        if not torch.isfinite(embeds).all():
+            raise InvalidInputError(f"{name} holds NaN or infinite values")
+        return embeds.to(self.backend.device, torch.float32)
+
+    def _encode(self, texts: Texts, num_images_per_prompt: int) -> torch.Tensor:
+        if isinstance(texts, torch.Tensor):
+            embeddings = texts  # given: no text encoder call
+        else:
+            embeddings = self.backend.encode_text(token_ids(self.tokenizer, texts))
         return embeddings.repeat_interleave(num_images_per_prompt, dim=0)
 
     @contextmanager

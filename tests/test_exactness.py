@@ -65,6 +65,34 @@ def test_one_generator_per_image_equals_diffusers(tiny, images, scheduler, tabul
     assert float(np.abs(got[0] - got[1]).max()) > 0.05  # one prompt and image, two draws
 
 
+def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):
+    """``prompt_embeds`` and ``negative_prompt_embeds`` (what prompt-weighting tools such as
+    compel hand over) in place of prompts: diffusers' image for the same embeddings, and the
+    prompts' own image where they are the text encoder's output for them."""
+    from sdtrt.runtime.steps import token_ids
+
+    ours = Img2ImgPipeline.from_components(tiny, scheduler="euler_a", show_progress=False)
+    reference = diffusers_img2img(tiny, SCHEDULERS["euler_a"])
+    width = tiny["text_encoder"].config.hidden_size
+    embeds = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(0))
+    negative = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(strength=0.7, num_inference_steps=6, guidance_scale=6.0, output_type="np")
+    kwargs["num_images_per_prompt"] = 2
+    got = ours(None, images, generator=torch.Generator().manual_seed(4),
+               prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs)  # fmt: skip
+    want = reference(image=images, generator=torch.Generator().manual_seed(4),
+                     prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs)  # fmt: skip
+    assert got.images.shape == want.images.shape == (4, 32, 48, 3)
+    assert float(np.abs(got.images - want.images).max()) == 0.0
+
+    encoded = ours.backend.encode_text(token_ids(ours.tokenizer, ["a red circle", "a cat"]))
+    by_text = ours(["a red circle", "a cat"], images, negative_prompt="blurry",
+                   generator=torch.Generator().manual_seed(4), **kwargs)  # fmt: skip
+    by_embeds = ours(image=images, prompt_embeds=encoded, negative_prompt="blurry",
+                     generator=torch.Generator().manual_seed(4), **kwargs)  # fmt: skip
+    np.testing.assert_array_equal(by_embeds.images, by_text.images)
+
+
 def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
     ours = Img2ImgPipeline.from_components(tiny, show_progress=False)
     batches = []

@@ -104,12 +104,49 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(num_images_per_prompt=True), "images per prompt must be an integer >= 1"),
         (dict(num_inference_steps=6.0), "steps must be an integer >= 1, got 6.0"),
         (dict(strength=np.True_), "strength must be a number in (0, 1]"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 32)), "give prompt or prompt_embeds, one of"),
+        (
+            dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 77, 32)),
+            "give negative_prompt or negative_prompt_embeds, not both",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(tiny, images, kwargs, message):
     pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         pipe("a", images[0], **{"num_inference_steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda w: {}, "give prompt or prompt_embeds, one of the two"),
+        (
+            lambda w: {"prompt_embeds": [[0.0]]},
+            "prompt_embeds must be a float tensor [prompts, 77, ",
+        ),
+        (lambda w: {"prompt_embeds": torch.zeros(1, 77, w, dtype=torch.long)}, "torch.int64"),
+        (lambda w: {"prompt_embeds": torch.zeros(1, 76, w)}, "has shape [1, 76, "),
+        (lambda w: {"prompt_embeds": torch.zeros(1, 77, w + 1)}, "the text encoder's output"),
+        (lambda w: {"prompt_embeds": torch.zeros(0, 77, w)}, "has shape [0, 77, "),
+        (lambda w: {"prompt_embeds": torch.full((1, 77, w), float("nan"))}, "NaN or infinite"),
+        (
+            lambda w: {
+                "prompt_embeds": torch.zeros(1, 77, w),
+                "negative_prompt_embeds": torch.zeros(2, 77, w),
+            },
+            "negative_prompt_embeds holds 2 prompts, the prompts are 1",
+        ),
+    ],
+)
+def test_bad_prompt_embeddings_are_refused(tiny, images, make, message):
+    """Embeddings in place of prompts must be the text encoder's output for this model
+    ([prompts, 77, its width]: every backend's UNet takes that), before any network runs."""
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    pipe.backend = CountingBackend(pipe.backend)
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        pipe(image=images[0], num_inference_steps=4, **make(pipe.text_shape[1]))
+    assert pipe.backend.calls == []
 
 
 _PIXELS = np.random.default_rng(1).random((32, 48, 3), dtype=np.float32)

@@ -50,6 +50,24 @@ def test_img2img_on_onnxruntime_equals_torch(exported, tiny, images, scheduler):
     assert got.unet_calls == want.unet_calls == 7
 
 
+def test_prompt_embeddings_run_on_an_export_as_their_prompts(exported, images):
+    """An export knows its text encoder's output shape from its manifest: embeddings of
+    that shape run on ONNX Runtime as the prompts they encode; others are refused."""
+    from sdtrt.errors import InvalidInputError
+    from sdtrt.runtime.steps import token_ids
+
+    graph = Img2ImgPipeline.from_pretrained(exported.root, show_progress=False)
+    assert graph.text_shape == (77, exported.dims.text_hidden_size)
+    embeds = graph.backend.encode_text(token_ids(graph.tokenizer, ["a dancer"]))
+    run = dict(strength=0.7, num_inference_steps=6, output_type="np")
+    by_text = graph("a dancer", images[0], generator=torch.Generator().manual_seed(3), **run)
+    by_embeds = graph(image=images[0], prompt_embeds=embeds,
+                      generator=torch.Generator().manual_seed(3), **run)  # fmt: skip
+    np.testing.assert_array_equal(by_embeds.images, by_text.images)
+    with pytest.raises(InvalidInputError, match="expected \\[prompts, 77, "):
+        graph(image=images[0], prompt_embeds=embeds[:, :, :-1], **run)
+
+
 def test_manifest(exported, tiny):
     from sdtrt.models import model_fingerprint
 
