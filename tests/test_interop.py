@@ -168,7 +168,8 @@ def test_cli_runs_checks_and_benches_an_optimum_folder(optimum_export, tmp_path,
     out = tmp_path / "out.png"
     run = ["img2img", "--model", folder, "--backend", "onnxruntime", "--steps", "4"]
     assert main([*run, "--height", "32", "--width", "48", "--out", str(out), "--no-progress"]) == 0
-    assert PIL.Image.open(out).size == (48, 32)
+    with PIL.Image.open(out) as written:
+        assert written.size == (48, 32)
     # check needs the PyTorch model: optimum's folder records none
     capsys.readouterr()
     assert main(["check", "--model", folder]) == 2

@@ -249,7 +249,8 @@ def test_a_16_bit_grayscale_picture_reads_as_its_8_bit_self(tmp_path, suffix):
     grey = np.arange(48 * 32).reshape(32, 48) % 256  # every 8-bit level
     path = tmp_path / f"deep{suffix}"
     PIL.Image.fromarray((grey * 257).astype(np.uint16)).save(path)  # 8 -> 16 bits exactly
-    assert PIL.Image.open(path).mode == "I;16"
+    with PIL.Image.open(path) as deep:
+        assert deep.mode == "I;16"
     want = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
     assert np.array_equal(np.asarray(load_image(path)), want)
     assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
