@@ -35,6 +35,7 @@ from sdtrt.runtime.inputs import (
     check_steps_and_guidance,
     image_input,
     is_integer,
+    is_real,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
@@ -171,6 +172,7 @@ class Img2ImgPipeline:
         width: int | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        eta: float = 0.0,
     ) -> Img2ImgOutput:
         # 1. Check inputs.
         prompts, negative_prompts = self._texts(
@@ -179,6 +181,8 @@ class Img2ImgPipeline:
         check_steps_and_guidance(num_inference_steps, guidance_scale)
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
+        if not is_real(eta) or not 0 <= eta <= 1:
+            raise InvalidInputError(f"eta must be a number in [0, 1] (DDIM's noise), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
@@ -224,8 +228,10 @@ class Img2ImgPipeline:
         )
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
-        extra = step_kwargs(scheduler, generator)
-        table = self._step_table(scheduler, timesteps, latents, generator)
+        extra = step_kwargs(scheduler, generator, float(eta))
+        table = None
+        if not extra.get("eta"):  # DDIM with eta > 0 draws noise each step: not tabulated
+            table = self._step_table(scheduler, timesteps, latents, generator)
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)

@@ -93,6 +93,28 @@ def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):
     np.testing.assert_array_equal(by_embeds.images, by_text.images)
 
 
+@pytest.mark.parametrize("tabulated", [False, True], ids=["eager", "step-graphs-asked"])
+def test_ddim_eta_equals_diffusers(tiny, images, tabulated):
+    """diffusers' ``eta``: DDIM draws fresh noise each step from the generator, scaled by
+    eta. Not tabulated (the table is DDIM's eta 0): asked for step graphs, the eager loop."""
+    ours = Img2ImgPipeline.from_components(tiny, scheduler="ddim", show_progress=False)
+    if tabulated:
+        ours.backend.step_unet = ours.backend.unet  # what --step-graphs gives on a GPU
+    reference = diffusers_img2img(tiny, SCHEDULERS["ddim"])
+    kwargs = dict(strength=0.8, num_inference_steps=8, guidance_scale=8.0, output_type="np")
+
+    def run(pipe, eta):
+        return pipe(["a red circle", "a cat"], images, eta=eta,
+                    generator=torch.Generator().manual_seed(9), **kwargs).images  # fmt: skip
+
+    got = run(ours, 0.6)
+    assert ours.step_graphs is None  # no table made
+    assert float(np.abs(got - run(reference, 0.6)).max()) == 0.0
+    still = run(ours, 0.0)
+    assert (ours.step_graphs is not None) == tabulated  # eta 0: tabulated where asked
+    assert float(np.abs(got - still).max()) > 0.01  # eta changed the image
+
+
 def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
     ours = Img2ImgPipeline.from_components(tiny, show_progress=False)
     batches = []
