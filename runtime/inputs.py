@@ -203,18 +203,20 @@ def check_generator(generator: Any, batch_size: int) -> None:
     i draws from generator i)."""
     import torch
 
-    items = generator if isinstance(generator, list) else [generator]
-    if generator is None or all(isinstance(item, torch.Generator) for item in items):
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise InvalidInputError(
-                f"{len(generator)} generators for a batch of {batch_size} images (prompts x "
-                "images per prompt): give one generator, or one per image"
-            )
+    if generator is None or isinstance(generator, torch.Generator):
         return
-    raise InvalidInputError(
-        f"generator is {type(generator).__name__}; expected a torch.Generator, a list of "
-        "one per image, or None"
-    )
+    if not isinstance(generator, list) or not all(
+        isinstance(item, torch.Generator) for item in generator
+    ):
+        raise InvalidInputError(
+            f"generator is {type(generator).__name__}; expected a torch.Generator, a list of "
+            "one per image, or None"
+        )
+    if len(generator) != batch_size:
+        raise InvalidInputError(
+            f"{len(generator)} generators for a batch of {batch_size} images (prompts x images "
+            "per prompt): give one generator, or one per image"
+        )
 
 
 def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
