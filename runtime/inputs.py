@@ -222,8 +222,6 @@ def check_generator(generator: Any, batch_size: int) -> None:
 def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
     """One numpy array or torch tensor of pixels: its layout, a float dtype, values in
     range (NaN is not)."""
-    import torch
-
     if isinstance(item, np.ndarray):
         what, layout, span, low = "numpy array", "[H, W, 3] or [B, H, W, 3]", "[0, 1]", 0.0
         channels, floating = item.shape[-1:], np.issubdtype(item.dtype, np.floating)
@@ -246,8 +244,7 @@ def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
             f"image is a {what} of {item.dtype}; expected floats in {span} "
             "(8-bit pixels: divide by 255, or pass a PIL image)"
         )
-    values = torch.as_tensor(item)
-    smallest, largest = float(values.min()), float(values.max())
+    smallest, largest = float(item.min()), float(item.max())  # NaN where there is one
     if not (low <= smallest and largest <= 1.0):  # NaN fails both
         raise InvalidInputError(
             f"image values span [{smallest:g}, {largest:g}]; a {what} takes {span}"
