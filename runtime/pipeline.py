@@ -68,14 +68,13 @@ class Img2ImgPipeline:
         backend: Backend,
         tokenizer: Any,
         scheduler: Any,
-        vae_scale_factor: int,
+        dims: ModelDims,
         scaling_factor: float,
-        text_shape: tuple[int, int],
         show_progress: bool = True,
         limits: Limits | None = None,
     ) -> None:
         self.backend = backend
-        self.text_shape = text_shape
+        self.text_shape = (dims.max_tokens, dims.text_hidden_size)
         """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
         self.limits = limits or Limits.from_env()
         self.tokenizer = tokenizer
@@ -84,7 +83,7 @@ class Img2ImgPipeline:
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
         self.image_processor = VaeImageProcessor(
-            vae_scale_factor=vae_scale_factor, do_convert_rgb=True
+            vae_scale_factor=dims.vae_scale_factor, do_convert_rgb=True
         )
 
     @classmethod
@@ -103,14 +102,12 @@ class Img2ImgPipeline:
         ``pipeline.to()`` does."""
         from sdtrt.engine.factory import backend_from_components
 
-        dims = ModelDims.from_components(components)
         return cls(
             backend=backend_from_components(components, _options(backend), cache),
             tokenizer=components["tokenizer"],
             scheduler=make_scheduler(scheduler, components["scheduler"].config),
-            vae_scale_factor=dims.vae_scale_factor,
+            dims=ModelDims.from_components(components),
             scaling_factor=components["vae"].config.scaling_factor,
-            text_shape=(dims.max_tokens, dims.text_hidden_size),
             show_progress=show_progress,
         )
 
@@ -147,9 +144,8 @@ class Img2ImgPipeline:
             backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),
             scheduler=make_scheduler(scheduler, exported.scheduler_config()),
-            vae_scale_factor=exported.vae_scale_factor,
+            dims=exported.dims,
             scaling_factor=exported.scaling_factor,
-            text_shape=(exported.dims.max_tokens, exported.dims.text_hidden_size),
             show_progress=show_progress,
         )
 
