@@ -19,7 +19,13 @@ from sdtrt.export.folder import (
     ExportedModel,
     describe_graph,
 )
-from sdtrt.export.networks import NETWORK_NAMES, GraphIO, ModelDims, networks_for
+from sdtrt.export.networks import (
+    NETWORK_NAMES,
+    GraphIO,
+    ModelDims,
+    check_unet_config,
+    networks_for,
+)
 from sdtrt.fileio import write_json
 
 _PRECISION = {"float32": "fp32", "float16": "fp16"}
@@ -61,6 +67,12 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
             f"{root}: cannot read the model's sizes ({exc!r} missing or not a number in the "
             "graphs' I/O or unet/vae_decoder config.json)"
         ) from exc
+    check_unet_config(
+        unet_config,
+        int(vae_config.get("latent_channels", dims.latent_channels)),
+        dims.text_hidden_size,
+        str(root),
+    )
     for name, network in networks_for(dims, io).items():
         network.check_io(str(root / name / "model.onnx"))
     precisions = {

@@ -7,13 +7,14 @@ runners all read the contract from here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from sdtrt.errors import GraphIntegrityError, InvalidInputError
+from sdtrt.errors import GraphIntegrityError, InvalidInputError, UnsupportedModelError
 
 # Dynamic axes by name. A derived axis is a multiple of a free one: the UNet's latent
 # height is 2^(downsamplers) x a free size, or its skip concatenations cannot line up.
@@ -46,6 +47,59 @@ class ModelDims:
             latent_channels=vae.latent_channels,
             vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
             unet_factor=2 ** (len(unet.down_block_types) - 1),
+        )
+
+
+# UNets of other Stable Diffusion pipelines take more input channels than the latents:
+# what they add, by their channel count.
+_WIDER_UNETS = {
+    5: "a depth-to-image UNet (latents and a depth map)",
+    7: "an upscaler's UNet (latents and the low-resolution image)",
+    8: "an InstructPix2Pix UNet (latents and the input image's latents)",
+    9: "an inpainting UNet (latents, mask and masked image)",
+}
+
+
+def check_unet_config(
+    unet: Mapping[str, Any], latent_channels: int, text_width: int, where: str
+) -> None:
+    """Refuse a UNet that takes more than sdtrt's img2img feeds it (latents of the VAE's
+    channels, one timestep, the text encoder's hidden states), naming what it takes:
+    the UNets of inpainting, SDXL, upscaler and LCM models. ``unet`` is its config."""
+    problems = []
+    channels = unet.get("in_channels")
+    if channels != latent_channels:
+        kind = _WIDER_UNETS.get(channels) if isinstance(channels, int) else None
+        problems.append(
+            f"its UNet takes {channels} input channels where the VAE's latents have "
+            f"{latent_channels}" + (f", as {kind} does" if kind else "")
+        )
+    if unet.get("out_channels") != latent_channels:
+        problems.append(f"its UNet gives {unet.get('out_channels')} output channels")
+    attends = unet.get("cross_attention_dim")
+    if set(attends if isinstance(attends, list | tuple) else [attends]) != {text_width}:
+        problems.append(
+            f"its UNet attends to text states {attends} wide, the text encoder gives {text_width}"
+        )
+    if unet.get("addition_embed_type") is not None:
+        problems.append(
+            f"its UNet takes added conditions ({unet['addition_embed_type']!r}: SDXL's "
+            "pooled text and size embeddings)"
+        )
+    if unet.get("class_embed_type") is not None or unet.get("num_class_embeds") is not None:
+        problems.append("its UNet takes class labels (an upscaler's noise level)")
+    if unet.get("time_cond_proj_dim") is not None:
+        problems.append(
+            "its UNet takes a guidance-scale embedding (an LCM-distilled UNet), where sdtrt "
+            "runs classifier-free guidance on [uncond, cond] rows"
+        )
+    if unet.get("encoder_hid_dim_type") is not None:
+        problems.append(f"its UNet projects the text states ({unet['encoder_hid_dim_type']!r})")
+    if problems:
+        raise UnsupportedModelError(
+            f"{where} is not a model sdtrt runs: {'; '.join(problems)}. sdtrt runs Stable "
+            "Diffusion 1.x and 2.x text-to-image models (4-channel latents, a UNet "
+            "conditioned on CLIP text states alone)"
         )
 
 

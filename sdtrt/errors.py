@@ -16,6 +16,11 @@ class ModelNotFoundError(SdtrtError, FileNotFoundError):
     """A model name is unknown, or a model folder is missing or incomplete."""
 
 
+class UnsupportedModelError(InvalidInputError):
+    """The model is a kind sdtrt does not run: its UNet needs inputs img2img does not make
+    (an inpainting, SDXL, upscaler or LCM model)."""
+
+
 class BackendUnavailableError(SdtrtError, RuntimeError):
     """The requested backend or device cannot run on this machine (missing library or GPU)."""
 

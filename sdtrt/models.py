@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
+from sdtrt.export.networks import check_unet_config
 from sdtrt.options import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,22 @@ def quiet_loaders() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
+def check_folder_architecture(path: Path) -> None:
+    """Refuse a folder whose UNet needs inputs img2img does not make (inpainting, SDXL...),
+    from its config files, before any weights are read. A config that cannot be read is
+    left to the loader, which names it."""
+    names = ("model_index", "unet/config", "vae/config", "text_encoder/config")
+    try:
+        index, unet, vae, text = (json.loads((path / f"{n}.json").read_text()) for n in names)
+        latent_channels, text_width = vae.get("latent_channels", 4), text["hidden_size"]
+        kind = index.get("_class_name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    where = f"{path} ({kind})" if kind else str(path)
+    if isinstance(unet, dict):
+        check_unet_config(unet, latent_channels, text_width, where)
+
+
 def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} is not a folder")
@@ -347,6 +364,7 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
             f"{path} is not a complete diffusers folder: missing {', '.join(missing)} "
             f"(expected {', '.join(FOLDER_PARTS)})"
         )
+    check_folder_architecture(path)
     variant = choose_variant(path, variant)
     if variant is not None:
         logger.info("loading the %s weights of %s", variant, path)

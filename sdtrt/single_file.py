@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
+from sdtrt.export.networks import check_unet_config
 from sdtrt.models import quiet_loaders
 from sdtrt.options import ModelSource
 
@@ -57,6 +58,12 @@ def load_single_file(path: Path, source: ModelSource) -> dict[str, Any]:
             f"could not load {path} as a Stable Diffusion checkpoint with the config "
             f"{config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
+    check_unet_config(
+        pipe.unet.config,
+        pipe.vae.config.latent_channels,
+        pipe.text_encoder.config.hidden_size,
+        f"{path} (with the config {config})",
+    )
     return {
         "tokenizer": pipe.tokenizer,
         "text_encoder": pipe.text_encoder.eval(),

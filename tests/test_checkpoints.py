@@ -117,3 +117,77 @@ def test_single_file_exports_and_checks(shapes, tmp_path, capsys):
     assert manifest["source"]["fingerprint"] == model_fingerprint(load_components(source))
     code = main(["check", "--model", str(out)])
     assert code == 0, capsys.readouterr().out
+
+
+# UNets of other Stable Diffusion pipelines at tiny sizes: their config changes, and what
+# the refusal says they take.
+OTHER_KINDS = {
+    "inpainting": ({"in_channels": 9}, "9 input channels where the VAE's latents have 4"),
+    "sdxl": (
+        {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,
+            "cross_attention_dim": 64,
+        },
+        "text states 64 wide, the text encoder gives 32; its UNet takes added conditions",
+    ),
+    "lcm": ({"time_cond_proj_dim": 16}, "a guidance-scale embedding (an LCM-distilled UNet)"),
+    "upscaler": ({"in_channels": 7, "num_class_embeds": 1000}, "class labels"),
+}
+
+
+def _other_kind(tiny, changes):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in tiny["unet"].config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    return {**tiny, "unet": UNet2DConditionModel(**{**config, **changes}).eval()}
+
+
+def test_the_unet_config_check_passes_sd_and_names_what_others_take(tiny):
+    from sdtrt.errors import UnsupportedModelError
+    from sdtrt.export.networks import check_unet_config
+
+    config = dict(tiny["unet"].config)
+    check_unet_config(config, 4, 32, "tiny")  # every key a diffusers UNet config has
+    check_unet_config({**config, "cross_attention_dim": [32, 32]}, 4, 32, "per-block widths")
+    for changes, named in OTHER_KINDS.values():
+        with pytest.raises(UnsupportedModelError, match="is not a model sdtrt runs") as info:
+            check_unet_config({**config, **changes}, 4, 32, "x")
+        assert named in str(info.value)
+
+
+@pytest.mark.parametrize("kind", OTHER_KINDS)
+def test_other_kinds_of_folder_are_refused_before_any_weights_load(
+    tiny, tmp_path, capsys, monkeypatch, kind
+):
+    changes, named = OTHER_KINDS[kind]
+    save_diffusers_folder(_other_kind(tiny, changes), tmp_path / kind)
+    from diffusers import UNet2DConditionModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    out = tmp_path / "o.png"
+    code = main(["img2img", "--model", str(tmp_path / kind), "--out", str(out), *RUN])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{tmp_path / kind} (StableDiffusionImg2ImgPipeline) is not a model sdtrt runs" in err
+    assert named in err
+    assert not out.exists()
+
+
+def test_an_inpainting_checkpoint_file_is_refused(tiny, tmp_path, capsys):
+    changes, named = OTHER_KINDS["inpainting"]
+    inpainting = _other_kind(tiny, changes)
+    save_diffusers_folder(inpainting, tmp_path / "config")
+    single = tmp_path / "inpainting.safetensors"
+    save_file(to_ldm_checkpoint(inpainting), str(single))
+    args = ["--model", str(single), "--config", str(tmp_path / "config")]
+    assert main(["export", *args, "--out", str(tmp_path / "onnx"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "inpainting.safetensors (with the config" in err and named in err
+    assert not (tmp_path / "onnx").exists()

@@ -204,14 +204,21 @@ def test_adopt_stores_the_manifest_and_then_guards_the_graphs(optimum_export, tm
     assert "does not match its manifest" in capsys.readouterr().err
 
 
+def _inpainting_config(folder):
+    """The UNet config an optimum export of an inpainting model carries."""
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "in_channels": 9}))
+
+
 @pytest.mark.parametrize(
     "damage, named",
     [
         (lambda f: (f / "vae_decoder" / "config.json").unlink(), "vae_decoder/config.json"),
         (lambda f: shutil.rmtree(f / "text_encoder"), "text_encoder/model.onnx"),
         (lambda f: (f / "unet" / "model.onnx").write_bytes(b"not a graph"), "unet/model.onnx"),
+        (_inpainting_config, "is not a model sdtrt runs: its UNet takes 9 input channels"),
     ],
-    ids=["no-vae-config", "no-text-encoder", "corrupt-unet"],
+    ids=["no-vae-config", "no-text-encoder", "corrupt-unet", "inpainting-unet"],
 )
 def test_an_incomplete_or_corrupt_optimum_folder_exits_2_naming_it(
     optimum_export, tmp_path, capsys, damage, named
