@@ -12,8 +12,12 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from sdtrt.bench.config import BENCH_BACKENDS, BenchConfig
@@ -756,13 +760,39 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [
 ]
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``docker stop``, a job scheduler's time limit). A
+    BaseException, as KeyboardInterrupt is, so that nothing catches it on the way out."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a command as Ctrl-C does, through its cleanup: a half-written export,
+    engine or cache entry is removed rather than left beside its destination (the default
+    action kills the process where it stands). In the main thread only; the handler that
+    was there before is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our INFO lines, but only the warnings of the exporters' chatty loggers.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sdtrt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.handler(args))
+        with terminate_as_interrupt():
+            return int(args.handler(args))
     except EngineBuildError as exc:  # not the user's input: the graph or TensorRT failed
         print(f"sdtrt: error: {exc}", file=sys.stderr)
         return 1
@@ -772,6 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtrt: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sdtrt: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ of ours (or empty)."""
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import math
 import os
 import shutil
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
 
 # What PIL writes by extension; an output name must say which.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -94,11 +98,35 @@ def check_output_dir(
     return path
 
 
+def _note_leftovers(path: Path, suffix: str) -> None:
+    """Say where a writer of ``path`` that was killed outright (SIGKILL, the OOM killer, a
+    power cut: no cleanup ran) left its temporary file or folder, with its size: an SD
+    export's is gigabytes. Not deleted: another process may be writing it now."""
+    leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"))
+    if not leftovers:
+        return
+    size = sum(
+        f.stat().st_size
+        for p in leftovers
+        for f in ([p] if p.is_file() else p.rglob("*"))
+        if f.is_file()
+    )
+    logger.warning(
+        "%s: left by an interrupted write of %s (%.1f MB); delete %s unless another sdtrt "
+        "process is writing it now",
+        ", ".join(p.name for p in leftovers),
+        path,
+        size / 1e6,
+        "it" if len(leftovers) == 1 else "them",
+    )
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _note_leftovers(path, ".tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -117,6 +145,7 @@ def atomic_dir(path: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[Pa
     replaced only if it is empty or ``is_ours`` says so (checked before and after)."""
     path = check_output_dir(path, is_ours, "output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _note_leftovers(path, ".partial")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp

@@ -109,6 +109,46 @@ def test_export_replaces_only_empty_folders_and_exports(tiny, tmp_path, fast_exp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "theirs"]  # no leftovers
 
 
+def test_sigterm_ends_an_export_through_its_cleanup(tmp_path, capsys, monkeypatch):
+    """`kill`, `docker stop`: the half-written export is removed, not left beside its
+    destination (the default action kills the process where it stands)."""
+    import signal
+
+    def killed_while_writing(network, module, path, **kwargs):
+        _fake_network_export(network, module, path, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def not_main(signum, frame):  # a SIGTERM main lets through fails here, not pytest
+        raise AssertionError("SIGTERM reached the handler main found")
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", killed_while_writing)
+    before = signal.signal(signal.SIGTERM, not_main)
+    try:
+        code, err = _run(["export", "--model", "tiny", "--out", str(tmp_path / "onnx")], capsys)
+        assert signal.getsignal(signal.SIGTERM) is not_main  # put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 128 + signal.SIGTERM and "terminated (SIGTERM)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_writer_are_named_not_deleted(tiny, tmp_path, fast_export, caplog):
+    from sdtrt.export.exporter import export_model
+
+    leftover = tmp_path / ".onnx.k1ll3d.partial"
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "model.onnx").write_bytes(bytes(2_500_000))
+    (tmp_path / ".onnx-other.x.partial").mkdir()  # another destination's: not named
+    options = ExportOptions(precisions=("fp32",))
+    export_model(tiny, tmp_path / "onnx", source="tiny", options=options, show_progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f".onnx.k1ll3d.partial: left by an interrupted write of {tmp_path / 'onnx'} "
+        "(2.5 MB); delete it unless another sdtrt process is writing it now"
+    ]
+    assert (leftover / "unet" / "model.onnx").is_file()
+
+
 def test_corrupt_cache_entry_names_the_cache_and_how_to_clear_it(tiny, tmp_path, fast_export):
     from sdtrt.errors import GraphIntegrityError
     from sdtrt.export.cache import exported_for
