@@ -87,6 +87,12 @@ def check_steps_and_guidance(num_inference_steps: int, guidance_scale: float) ->
         raise InvalidInputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
 
 
+def check_eta(eta: float) -> None:
+    """DDIM's ``eta``: the share of its per-step noise, in [0, 1] (0: deterministic)."""
+    if not is_real(eta) or not 0 <= eta <= 1:
+        raise InvalidInputError(f"eta must be a number in [0, 1] (DDIM's noise), got {eta!r}")
+
+
 def resolve_start_step(
     num_inference_steps: int, strength: float | None, start_step: int | None
 ) -> int:

@@ -30,12 +30,12 @@ from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, 
 from sdtrt.runtime.clock import stopwatch
 from sdtrt.runtime.inputs import (
     Limits,
+    check_eta,
     check_generator,
     check_size,
     check_steps_and_guidance,
     image_input,
     is_integer,
-    is_real,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
@@ -177,8 +177,7 @@ class Img2ImgPipeline:
         check_steps_and_guidance(num_inference_steps, guidance_scale)
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
-        if not is_real(eta) or not 0 <= eta <= 1:
-            raise InvalidInputError(f"eta must be a number in [0, 1] (DDIM's noise), got {eta!r}")
+        check_eta(eta)
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"

@@ -79,6 +79,7 @@ def img2img(
         num_inference_steps=job.steps,
         guidance_scale=job.guidance,
         negative_prompt=job.negative_prompt,
+        eta=job.eta,
         generator=torch.Generator().manual_seed(job.seed),
         num_images_per_prompt=job.batch,
         height=job.height,

@@ -244,6 +244,8 @@ class Img2ImgJob:
     start_step: int | None = None
     steps: int = 50
     guidance: float = 8.0
+    eta: float = 0.0
+    """DDIM's per-step noise, in [0, 1]; other schedulers ignore it."""
     seed: int = 32
     height: int | None = None
     """None: the input image's height, rounded down to the model's size unit."""
@@ -263,6 +265,7 @@ class Img2ImgJob:
         size limits need the image: ``api.img2img`` checks them once it is read)."""
         from sdtrt.fileio import check_output_file, image_format
         from sdtrt.runtime.inputs import (
+            check_eta,
             check_seed,
             check_size,
             check_steps_and_guidance,
@@ -270,6 +273,7 @@ class Img2ImgJob:
         )
 
         check_steps_and_guidance(self.steps, self.guidance)
+        check_eta(self.eta)
         resolve_start_step(self.steps, self.strength, self.start_step)
         check_seed(self.seed)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:

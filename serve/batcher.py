@@ -42,7 +42,12 @@ from sdtrt.errors import (
 )
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.clock import mark, span_totals, wait
-from sdtrt.runtime.inputs import check_seed, check_steps_and_guidance, resolve_start_step
+from sdtrt.runtime.inputs import (
+    check_eta,
+    check_seed,
+    check_steps_and_guidance,
+    resolve_start_step,
+)
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import check_scheduler, make_scheduler, step_kwargs
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -69,6 +74,7 @@ class Img2ImgRequest:
     num_inference_steps: int = Img2ImgJob.steps
     guidance_scale: float = Img2ImgJob.guidance
     scheduler: str = "lms"
+    eta: float = Img2ImgJob.eta
     seed: int = Img2ImgJob.seed
     height: int | None = None
     width: int | None = None
@@ -209,6 +215,7 @@ class StepBatcher:
         )
         check_seed(request.seed)
         check_scheduler(request.scheduler)
+        check_eta(request.eta)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
@@ -441,7 +448,7 @@ class StepBatcher:
         r = job.request
         job.scheduler = make_scheduler(r.scheduler, self.pipeline.scheduler.config)
         job.generator = torch.Generator().manual_seed(r.seed)
-        job.extra = step_kwargs(job.scheduler, job.generator)
+        job.extra = step_kwargs(job.scheduler, job.generator, float(r.eta))
         job.timesteps = start_timesteps(
             job.scheduler, r.num_inference_steps, job.t_start, self.backend.device
         )

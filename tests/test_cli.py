@@ -76,6 +76,29 @@ def test_batch_writes_one_file_per_image(tmp_path, png, capsys):
     assert sorted(p.name for p in tmp_path.glob("b-*.png")) == ["b-0.png", "b-1.png"]
 
 
+def test_eta_reaches_ddims_steps(tmp_path, png, capsys):
+    """--eta is the Python call's eta: the same image for the same seed, another at eta 0."""
+    import numpy as np
+    import torch
+
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    def cli(eta):
+        out = tmp_path / f"eta-{eta}.png"
+        args = ["img2img", "--image", str(png), "--scheduler", "ddim", "--steps", "6"]
+        assert run([*args, "--eta", eta, "--out", str(out), *FAST[2:]], capsys)[0] == 0
+        return np.asarray(PIL.Image.open(out))
+
+    pipe = Img2ImgPipeline.from_pretrained("tiny", scheduler="ddim", show_progress=False)
+    with PIL.Image.open(png) as image:
+        seed = torch.Generator().manual_seed(32)
+        want = pipe("A colorful dancer, nat geo photo", image, strength=0.8, height=32, width=48,
+                    num_inference_steps=6, eta=0.7, generator=seed)  # fmt: skip
+    got = cli("0.7")
+    assert np.array_equal(got, np.asarray(want.images[0]))
+    assert np.abs(got.astype(int) - cli("0")).max() > 2
+
+
 def _bad_files(tmp_path, png):
     text = tmp_path / "text.png"
     text.write_text("not an image")
@@ -117,6 +140,7 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--backend", "jax"], "invalid choice: 'jax'"),
         (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, tiny-random"),
         (["--batch", "0"], "batch must be >= 1"),
+        (["--eta", "1.5"], "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
         (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
         (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
         (["--step-graphs"], "--step-graphs needs --device cuda"),

@@ -72,6 +72,7 @@ def _reference(tiny, request, image):
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             negative_prompt=request.negative_prompt,
+            eta=request.eta,
             generator=torch.Generator().manual_seed(request.seed),
             output_type="np",
             height=request.height,
@@ -92,10 +93,15 @@ def _run_all(pipe, requests, options=ServeOptions()):
         batcher.close()
 
 
-@pytest.mark.parametrize("scheduler", ["lms", "euler_a"])
-def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, scheduler):
+@pytest.mark.parametrize("scheduler, eta", [("lms", 0.0), ("euler_a", 0.0), ("ddim", 0.7)])
+def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, scheduler, eta):
     request = Img2ImgRequest(
-        prompt="a cat", image=image, strength=0.6, num_inference_steps=10, scheduler=scheduler
+        prompt="a cat",
+        image=image,
+        strength=0.6,
+        num_inference_steps=10,
+        scheduler=scheduler,
+        eta=eta,
     )
     (result,), rows = _run_all(pipe, [request])
     assert np.array_equal(result.array, _reference(tiny, request, image))
@@ -811,6 +817,7 @@ def test_the_documented_defaults_are_the_servers(server, image):
         ({"height": 30, "width": 32}, 422, "not a multiple of 8 px"),
         ({"scheduler": "magic"}, 422, "expected one of lms"),
         ({"seed": -1}, 422, "seed must be an integer in [0, 2^64 - 1]"),
+        ({"eta": 2}, 422, "eta must be a number in [0, 1]"),
         ({"steps": 5}, 422, "unknown field(s) steps; allowed: image, prompt"),
         ({"guidance_scale": "high"}, 422, "guidance_scale must be a number"),
         ({"image": "A" * 800_000}, 413, "over this server's limit"),
