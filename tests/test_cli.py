@@ -153,3 +153,16 @@ def test_bad_arguments(tmp_path, png, capsys, extra, message):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow(tmp_path, png, capsys, caplog):
+    out = tmp_path / "fp16.png"
+    args = ["img2img", "--image", str(png), "--out", str(out), *FAST]
+    assert run([*args, "--dtype", "fp16"], capsys)[0] == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "fp16 on the CPU runs many times slower than fp32 (PyTorch's CPU kernels are fp32's): "
+        "use it to check fp16 numbers, fp32 for speed"
+    ]
+    caplog.clear()
+    assert run(args, capsys)[0] == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
