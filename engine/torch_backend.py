@@ -13,6 +13,7 @@ from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.factory import check_available
 from sdtrt.errors import InvalidInputError
 from sdtrt.export.networks import ModelDims
+from sdtrt.models import quiet_loaders
 from sdtrt.options import DTYPES, TorchOptions
 
 # What ``compile_unet`` compiles with: inductor, in its default mode (no CUDA graphs of its
@@ -134,5 +135,6 @@ def _moved(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     too (copy them first to keep both)."""
     parameter = next(module.parameters())
     if parameter.device != device or parameter.dtype != dtype:
-        module = module.to(device=device, dtype=dtype)
+        with quiet_loaders():  # "modules that should be kept in float32: []": none are
+            module = module.to(device=device, dtype=dtype)
     return module
