@@ -21,7 +21,17 @@ from sdtrt.options import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 
-FOLDER_PARTS = ("model_index.json", "tokenizer", "text_encoder", "unet", "vae", "scheduler")
+FOLDER_PARTS = (
+    "model_index.json",
+    "tokenizer",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+)
+# A CLIP tokenizer in either of its formats (transformers' loader makes up an unusable
+# one from an empty folder rather than failing).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 # The scheduler config real SD 1.5 ships (a PNDM config, normalised on load by diffusers).
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -359,6 +369,10 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
             "the model again"
         )
     missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
+    if (path / "tokenizer").is_dir() and not any(
+        all((path / "tokenizer" / f).is_file() for f in files) for files in TOKENIZER_FILES
+    ):
+        missing.append("tokenizer/tokenizer.json (or vocab.json and merges.txt)")
     if missing:
         raise ModelNotFoundError(
             f"{path} is not a complete diffusers folder: missing {', '.join(missing)} "
@@ -369,33 +383,51 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
     if variant is not None:
         logger.info("loading the %s weights of %s", variant, path)
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"))
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(scheduler_file.read_text())
+        name = scheduler_config.get("_class_name", "PNDMScheduler")
+        scheduler_cls = getattr(diffusers, name, None)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelNotFoundError(f"{scheduler_file} is not a readable JSON config: {exc}") from exc
+    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
+        raise ModelNotFoundError(
+            f"{scheduler_file} names the scheduler class {name!r}, which diffusers "
+            f"{diffusers.__version__} does not have (sdtrt builds the --scheduler it is asked "
+            "for from this config, but reads it through the class it names)"
+        )
     # fp32 whatever the files hold: the torch backend is the fp32 reference, and it casts
     # to fp16 itself when asked (--dtype fp16).
     weights: dict[str, Any] = {"local_files_only": True, "variant": variant}
-    try:
-        with quiet_loaders():
-            return {
-                "tokenizer": CLIPTokenizer.from_pretrained(
-                    path / "tokenizer", local_files_only=True
-                ),
-                "text_encoder": CLIPTextModel.from_pretrained(
-                    path / "text_encoder", dtype=torch.float32, **weights
-                ).eval(),
-                "unet": UNet2DConditionModel.from_pretrained(
-                    path, subfolder="unet", torch_dtype=torch.float32, **weights
-                ).eval(),
-                "vae": AutoencoderKL.from_pretrained(
-                    path, subfolder="vae", torch_dtype=torch.float32, **weights
-                ).eval(),
-                "scheduler": scheduler_cls.from_config(scheduler_config),
-            }
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"could not load the diffusers folder {path}: {exc}") from exc
+    loaders: dict[str, Callable[[], Any]] = {
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(
+            path / "tokenizer", local_files_only=True
+        ),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            path / "text_encoder", dtype=torch.float32, **weights
+        ).eval(),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", torch_dtype=torch.float32, **weights
+        ).eval(),
+        "vae": lambda: AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=torch.float32, **weights
+        ).eval(),
+        "scheduler": lambda: scheduler_cls.from_config(scheduler_config),
+    }
+    components = {}
+    for name, load in loaders.items():
+        try:
+            with quiet_loaders():
+                components[name] = load()
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise ModelNotFoundError(
+                f"could not load {name}/ of the diffusers folder {path}: {exc}"
+            ) from exc
+    return components
 
 
 def model_fingerprint(components: dict[str, Any]) -> str:

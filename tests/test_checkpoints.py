@@ -98,11 +98,44 @@ def test_single_file_refusals(shapes, tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_missing_component_is_named(shapes, tmp_path, capsys):
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda f: shutil.rmtree(f / "unet"), "missing unet/config.json"),
+        (lambda f: (f / "text_encoder" / "config.json").unlink(), "missing text_encoder/config"),
+        (
+            lambda f: [p.unlink() for p in (f / "tokenizer").iterdir()],
+            "missing tokenizer/tokenizer.json (or vocab.json and merges.txt)",
+        ),
+        (
+            lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", _class_name="Foo"),
+            "names the scheduler class 'Foo', which diffusers",
+        ),
+        (
+            lambda f: (f / "scheduler" / "scheduler_config.json").write_text("{not json"),
+            "scheduler_config.json is not a readable JSON config",
+        ),
+        (
+            lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
+            "could not load text_encoder/ of the diffusers folder",
+        ),
+    ],
+    ids=["no-unet", "no-text-config", "no-tokenizer", "unknown-scheduler", "bad-json", "cut"],
+)
+def test_a_broken_folder_is_named_without_a_traceback(shapes, tmp_path, capsys, damage, named):
     broken = shutil.copytree(shapes["folder"].model, tmp_path / "broken")
-    shutil.rmtree(broken / "unet")
+    damage(broken)
     code = main(["img2img", "--model", str(broken), "--out", str(tmp_path / "o.png")])
-    assert code == 2 and "missing unet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err, err
 
 
 def test_single_file_exports_and_checks(shapes, tmp_path, capsys):
