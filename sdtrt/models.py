@@ -343,6 +343,21 @@ def quiet_loaders() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
+def check_folder_parts(path: Path, what: str = "diffusers folder") -> None:
+    """Every config and tokenizer file the loaders read is there (the loaders make up
+    defaults for some that are not: a text encoder of another size, an unusable tokenizer)."""
+    missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
+    if (path / "tokenizer").is_dir() and not any(
+        all((path / "tokenizer" / f).is_file() for f in files) for files in TOKENIZER_FILES
+    ):
+        missing.append("tokenizer/tokenizer.json (or vocab.json and merges.txt)")
+    if missing:
+        raise ModelNotFoundError(
+            f"{path} is not a complete {what}: missing {', '.join(missing)} "
+            f"(expected {', '.join(FOLDER_PARTS)})"
+        )
+
+
 def check_folder_architecture(path: Path) -> None:
     """Refuse a folder whose UNet needs inputs img2img does not make (inpainting, SDXL...),
     from its config files, before any weights are read. A config that cannot be read is
@@ -368,16 +383,7 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
             "nor a model_index.json (the Hugging Face ONNX layout optimum writes): export "
             "the model again"
         )
-    missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
-    if (path / "tokenizer").is_dir() and not any(
-        all((path / "tokenizer" / f).is_file() for f in files) for files in TOKENIZER_FILES
-    ):
-        missing.append("tokenizer/tokenizer.json (or vocab.json and merges.txt)")
-    if missing:
-        raise ModelNotFoundError(
-            f"{path} is not a complete diffusers folder: missing {', '.join(missing)} "
-            f"(expected {', '.join(FOLDER_PARTS)})"
-        )
+    check_folder_parts(path)
     check_folder_architecture(path)
     variant = choose_variant(path, variant)
     if variant is not None:

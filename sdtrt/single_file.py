@@ -10,7 +10,7 @@ import torch
 
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import check_unet_config
-from sdtrt.models import quiet_loaders
+from sdtrt.models import check_folder_parts, quiet_loaders
 from sdtrt.options import ModelSource
 
 SAFE = (".safetensors",)
@@ -40,11 +40,16 @@ def load_single_file(path: Path, source: ModelSource) -> dict[str, Any]:
     config = Path(source.config)
     if not config.exists():
         raise ModelNotFoundError(f"--config {config} does not exist")
+    if config.is_dir():
+        check_folder_parts(config, "diffusers folder for --config")
     where = {"config": str(config)} if config.is_dir() else {"original_config": str(config)}
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from safetensors import SafetensorError
+
+    failures = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
     try:
         with quiet_loaders():
-            from diffusers import StableDiffusionPipeline
-
             pipe: Any = StableDiffusionPipeline.from_single_file(
                 str(path),
                 local_files_only=True,
@@ -53,7 +58,7 @@ def load_single_file(path: Path, source: ModelSource) -> dict[str, Any]:
                 requires_safety_checker=False,
                 **where,
             )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (*failures, SingleFileComponentError) as exc:
         raise ModelNotFoundError(
             f"could not load {path} as a Stable Diffusion checkpoint with the config "
             f"{config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -91,6 +91,21 @@ def test_single_file_refusals(shapes, tmp_path, capsys):
     ckpt = tmp_path / "tiny.ckpt"
     shutil.copy(single, ckpt)
     cases.append((["--model", str(ckpt), "--config", shapes["folder"].model], "is a pickle"))
+    import torch
+
+    other = tmp_path / "other.safetensors"  # a safetensors file, but not of a model
+    save_file({"a": torch.zeros(2)}, str(other))
+    cases.append(
+        (["--model", str(other), "--config", shapes["folder"].model], "Weights for this component")
+    )
+    no_tokenizer = shutil.copytree(shapes["folder"].model, tmp_path / "no-tokenizer")
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    cases.append(
+        (
+            ["--model", single, "--config", str(no_tokenizer)],
+            "not a complete diffusers folder for --config: missing tokenizer",
+        )
+    )
     for args, message in cases:
         code = main(["img2img", *args, "--out", str(tmp_path / "o.png")])
         err = capsys.readouterr().err
