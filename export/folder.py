@@ -21,6 +21,14 @@ FORMAT = "sdtrt-onnx"
 # 2: the UNet takes one timestep per row ([2B], was [1]); each graph's I/O in the manifest.
 FORMAT_VERSION = 2
 GRAPH_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+# What the code reads of a manifest, and its JSON kind.
+_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "source": dict,
+    "precisions": dict,
+    "graphs": dict,
+    "dims": dict,
+    "scaling_factor": (int, float),
+}
 
 
 def graph_file(network: str, precision: str) -> str:
@@ -66,11 +74,9 @@ def is_onnx_folder(path: str | Path) -> bool:
     """An sdtrt export, or a folder in the Hugging Face ONNX layout another tool wrote
     (optimum: ``unet/model.onnx`` beside ``model_index.json``) that sdtrt can adopt."""
     root = Path(path)
-    return is_export(root) or (
-        not (root / MANIFEST).exists()
-        and (root / "model_index.json").is_file()
-        and (root / "unet" / GRAPH_FILES["fp32"]).is_file()
-    )
+    if (root / MANIFEST).is_file():  # ours, or damaged: ExportedModel.open says which
+        return True
+    return (root / "model_index.json").is_file() and (root / "unet" / GRAPH_FILES["fp32"]).is_file()
 
 
 def is_export(path: str | Path) -> bool:
@@ -115,7 +121,9 @@ class ExportedModel:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise GraphIntegrityError(f"{manifest_path} is not valid JSON: {exc}") from exc
+            raise GraphIntegrityError(f"{manifest_path} is not valid JSON: {exc}; {fix}") from exc
+        if not isinstance(manifest, dict):
+            raise GraphIntegrityError(f"{manifest_path} is not a JSON object: {fix}")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             source = (manifest.get("source") or {}).get("model") or "MODEL"
             raise GraphIntegrityError(
@@ -124,9 +132,22 @@ class ExportedModel:
                 f"{FORMAT_VERSION} (one timestep per UNet row): export the model again with "
                 f"`sdtrt export --model {source} --out {root}`"
             )
-        for part in ("tokenizer", "scheduler"):
-            if not (root / part).is_dir():
-                raise GraphIntegrityError(f"{root} is missing its {part}/ folder")
+        damaged = [k for k, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(k), kind)]
+        if not damaged:
+            try:
+                ModelDims(**manifest["dims"])
+            except TypeError:
+                damaged.append("dims")
+        if damaged:
+            raise GraphIntegrityError(
+                f"{manifest_path} is damaged: {', '.join(damaged)} missing or malformed; {fix}"
+            )
+        from sdtrt.models import has_tokenizer
+
+        if not has_tokenizer(root / "tokenizer"):
+            raise GraphIntegrityError(f"{root} is missing its tokenizer/ files")
+        if not (root / "scheduler" / "scheduler_config.json").is_file():
+            raise GraphIntegrityError(f"{root} is missing scheduler/scheduler_config.json")
         return cls(root, manifest, fix)
 
     @property

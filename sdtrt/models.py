@@ -343,13 +343,16 @@ def quiet_loaders() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """``folder`` holds a CLIP tokenizer's files, in one format or the other."""
+    return any(all((folder / f).is_file() for f in files) for files in TOKENIZER_FILES)
+
+
 def check_folder_parts(path: Path, what: str = "diffusers folder") -> None:
     """Every config and tokenizer file the loaders read is there (the loaders make up
     defaults for some that are not: a text encoder of another size, an unusable tokenizer)."""
     missing = [p for p in FOLDER_PARTS if not (path / p).exists()]
-    if (path / "tokenizer").is_dir() and not any(
-        all((path / "tokenizer" / f).is_file() for f in files) for files in TOKENIZER_FILES
-    ):
+    if (path / "tokenizer").is_dir() and not has_tokenizer(path / "tokenizer"):
         missing.append("tokenizer/tokenizer.json (or vocab.json and merges.txt)")
     if missing:
         raise ModelNotFoundError(

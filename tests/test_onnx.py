@@ -211,17 +211,43 @@ def _no_manifest_no_index(root):
     (root / "model_index.json").unlink()
 
 
+def _no_dims(root):
+    manifest = json.loads((root / "sdtrt.json").read_text())
+    del manifest["dims"]["latent_channels"]
+    (root / "sdtrt.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda root: shutil.rmtree(root / "vae_encoder"), "graph file"),
+        (lambda root: (root / "sdtrt.json").write_text("{cut"), "sdtrt.json is not valid JSON"),
+        (lambda root: (root / "sdtrt.json").write_text("[]"), "sdtrt.json is not a JSON object"),
+        (_no_dims, "sdtrt.json is damaged: dims missing or malformed"),
+        (lambda root: shutil.rmtree(root / "tokenizer"), "is missing its tokenizer/ files"),
+        (
+            lambda root: (root / "scheduler" / "scheduler_config.json").unlink(),
+            "is missing scheduler/scheduler_config.json",
+        ),
         (_truncate, "does not match its manifest"),
         (_corrupt, "does not match its manifest"),
         (_no_manifest_no_index, "neither an sdtrt.json manifest"),
         (_other_version, "export the model again"),
         (_other_model, "exported from another model"),
     ],
-    ids=["missing-network", "truncated", "corrupt", "no-manifest", "version", "other-model"],
+    ids=[
+        "missing-network",
+        "manifest-not-json",
+        "manifest-not-object",
+        "manifest-without-dims",
+        "no-tokenizer",
+        "no-scheduler-config",
+        "truncated",
+        "corrupt",
+        "no-manifest",
+        "version",
+        "other-model",
+    ],
 )
 def test_bad_folders_exit_2(exported, tmp_path, capsys, damage, message):
     root = _copy(exported, tmp_path)
