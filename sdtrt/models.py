@@ -381,6 +381,19 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} is not a folder")
     if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
+        from sdtrt.export.folder import is_onnx_folder
+
+        if is_onnx_folder(path):
+            try:
+                source = json.loads((path / "sdtrt.json").read_text())["source"]["model"]
+                came_from = f" ({source}, as its sdtrt.json says)"
+            except (OSError, ValueError, KeyError, TypeError):
+                came_from = ""
+            raise ModelNotFoundError(
+                f"{path} is an ONNX export, not PyTorch weights: it runs as it is with "
+                "--backend onnxruntime, tensorrt or tensorrt-rtx; to export it or run it on "
+                f"torch, name the model it came from{came_from}"
+            )
         raise ModelNotFoundError(
             f"{path} holds ONNX graphs but neither an sdtrt.json manifest (`sdtrt export`) "
             "nor a model_index.json (the Hugging Face ONNX layout optimum writes): export "

@@ -362,3 +362,12 @@ def test_an_export_of_format_1_is_refused_with_the_command_that_redoes_it(export
     (old / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(GraphIntegrityError, match=f"sdtrt export --model tiny --out {old}"):
         ExportedModel.open(old)
+
+
+def test_exporting_an_export_names_the_model_it_came_from(exported, tmp_path, capsys):
+    out = tmp_path / "again"
+    assert main(["export", "--model", str(exported.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{exported.root} is an ONNX export, not PyTorch weights" in err
+    assert "name the model it came from (tiny, as its sdtrt.json says)" in err
+    assert not out.exists()
