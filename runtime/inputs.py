@@ -137,6 +137,10 @@ def check_size(height: int, width: int, multiple: int) -> None:
 
 def load_image(path: str | Path) -> PIL.Image.Image:
     """Open an image file fully (so truncated files fail here) and convert it to RGB."""
+    if str(path).startswith(("http://", "https://")):
+        raise InvalidInputError(
+            f"{path}: sdtrt reads local image files and downloads nothing; fetch it first"
+        )
     path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"image file {path} does not exist")

@@ -274,6 +274,10 @@ class Img2ImgJob:
 
         check_steps_and_guidance(self.steps, self.guidance)
         check_eta(self.eta)
+        if self.image is not None and not str(self.image).strip():
+            raise InvalidInputError(
+                "--image is empty: give an image file, or leave --image out for the sample"
+            )
         resolve_start_step(self.steps, self.strength, self.start_step)
         check_seed(self.seed)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:

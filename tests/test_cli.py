@@ -110,10 +110,14 @@ def _bad_files(tmp_path, png):
         "directory": (tmp_path, "is a directory"),
         "unreadable": (text, "cannot read"),
         "truncated": (truncated, "cannot read"),
+        "url": ("https://example.com/in.png", "reads local image files and downloads nothing"),
+        "empty": ("", "--image is empty"),  # an unset "$IMAGE": not the sample picture
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "unreadable", "truncated"])
+@pytest.mark.parametrize(
+    "case", ["missing", "directory", "unreadable", "truncated", "url", "empty"]
+)
 def test_bad_image_files(tmp_path, png, capsys, case):
     path, message = _bad_files(tmp_path, png)[case]
     out = tmp_path / "out.png"
