@@ -248,9 +248,15 @@ def load_components(model: str | ModelSource) -> dict[str, Any]:
 
         return load_single_file(path, source)
     if not path.exists():
+        hub = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", source.model):
+            hub = (
+                f". sdtrt downloads nothing: to use {source.model} from the Hugging Face Hub, "
+                f"fetch it first (hf download {source.model} --local-dir DIR) and pass DIR"
+            )
         raise ModelNotFoundError(
             f"unknown model {source.model!r}: expected one of {', '.join(BUILTIN_MODELS)}, "
-            "a local diffusers folder or a checkpoint file"
+            f"a local diffusers folder or a checkpoint file{hub}"
         )
     if source.config:
         raise InvalidInputError("--config is for a single checkpoint file, not a folder")

@@ -305,6 +305,10 @@ class ModelSource:
     allow_pickle: bool = False
     """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
 
+    def __post_init__(self) -> None:
+        if not str(self.model).strip():  # an unset "$MODEL": not the current folder
+            raise InvalidInputError("the model is empty: give a model name, folder or file")
+
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)
         extra += [f"config {self.config}"] * bool(self.config)

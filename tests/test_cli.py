@@ -144,6 +144,11 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--backend", "jax"], "invalid choice: 'jax'"),
         (["--model", "sd99"], "unknown model 'sd99': expected one of tiny, tiny-random"),
         (["--batch", "0"], "batch must be >= 1"),
+        (["--model", ""], "the model is empty"),  # an unset "$MODEL": not the current folder
+        (
+            ["--model", "runwayml/stable-diffusion-v1-5"],  # a Hub id: nothing is downloaded
+            "fetch it first (hf download runwayml/stable-diffusion-v1-5 --local-dir DIR)",
+        ),
         (["--eta", "1.5"], "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
         (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
         (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
