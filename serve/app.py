@@ -366,6 +366,8 @@ def _number(value: Any, kind: type, name: str) -> Any:
 def _base64(value: Any) -> bytes:
     if not isinstance(value, str):
         raise BadRequest(400, "image must be a base64 string (or a data: URL)")
+    if value.startswith(("http://", "https://")):
+        raise BadRequest(400, "image is a URL: this server fetches nothing; send the image's bytes")
     if value.startswith("data:") and "," in value:
         value = value.split(",", 1)[1]
     try:

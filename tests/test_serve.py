@@ -811,6 +811,7 @@ def test_the_documented_defaults_are_the_servers(server, image):
         (b"{not json", 400, "not valid JSON"),
         ({"image": base64.b64encode(b"hello").decode()}, 400, "not an image"),
         ({"image": "***"}, 400, "not valid base64"),
+        ({"image": "https://example.com/a.png"}, 400, "image is a URL: this server fetches"),
         ({"strength": 1.5}, 422, "strength must be in (0, 1]"),
         ({"start_step": 50, "num_inference_steps": 50}, 422, "start step must be an integer"),
         ({"num_inference_steps": 5000}, 422, "over this machine's limit of 1000"),
