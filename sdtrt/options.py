@@ -486,12 +486,17 @@ class ServeOptions:
                 )
         if self.intra_op_threads is not None:
             _integer("intra-op threads", self.intra_op_threads, 1)
-        _integer("max_queue", self.max_queue, 0)
+        _integer("max_queue", self.max_queue, 1)  # 0: nothing, the warm-up included, could run
         _integer("port", self.port, 0)
+        if self.port > 65535:
+            raise InvalidInputError(f"port must be in [0, 65535], got {self.port}")
         if self.max_rows is not None and self.max_rows < 2:
             raise InvalidInputError(
                 f"max rows must be >= 2 (one guided image), got {self.max_rows}"
             )
-        for name in ("queue_delay", "timeout", "max_body_mb", "drain_timeout"):
+        for name in ("queue_delay", "drain_timeout"):
             if not getattr(self, name) >= 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("timeout", "max_body_mb"):  # 0: every request refused
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)!r}")

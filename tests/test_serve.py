@@ -911,12 +911,37 @@ def test_an_unforeseen_error_is_a_counted_json_500(server, monkeypatch):
 
 
 def test_a_full_queue_is_429_with_retry_after(pipe):
-    options = ServeOptions(max_queue=0)
-    app = create_app(StepBatcher(pipe, options), options, warmup=False)
+    options = ServeOptions(max_queue=1)
+    batcher = StepBatcher(pipe, options, start=False)  # what waits stays waiting
+    batcher.submit(batcher.prepare(Img2ImgRequest(**SMALL)))
+    app = create_app(batcher, options, warmup=False)
     with BackgroundServer(app) as running:
         answer = httpx.post(f"{running.url}/v1/img2img", json=SMALL)
         assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
-        assert "queue is full" in answer.json()["error"]
+        assert "queue is full (1 requests waiting)" in answer.json()["error"]
+    batcher.close()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--max-queue", "0"], "max_queue must be an integer >= 1, got 0"),
+        (["--port", "65536"], "port must be in [0, 65535], got 65536"),
+        (["--timeout", "0"], "timeout must be > 0, got 0.0"),
+        (["--max-body-mb", "0"], "max_body_mb must be > 0, got 0.0"),
+    ],
+)
+def test_serve_settings_that_could_serve_nothing_are_refused_before_loading(
+    capsys, monkeypatch, args, says
+):
+    from sdtrt.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sdtrt.serve.server.run", no_loading)
+    assert main(["serve", *args]) == 2
+    assert says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("step", ["_image", "_answer"])
