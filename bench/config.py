@@ -105,8 +105,14 @@ class BenchConfig:
             raise InvalidInputError(f"batch sizes must be >= 1, got {self.batches}")
         if self.repeats < 1 or self.warmup < 0:
             raise InvalidInputError("repeats must be >= 1 and warm-up >= 0")
-        from sdtrt.runtime.inputs import Limits, check_size, resolve_start_step
+        from sdtrt.runtime.inputs import (
+            Limits,
+            check_size,
+            check_steps_and_guidance,
+            resolve_start_step,
+        )
 
+        check_steps_and_guidance(self.steps, 8.0)  # the seed's guidance, which bench runs
         resolve_start_step(self.steps, self.strength, None)
         check_size(self.height, self.width, 8)
         Limits.from_env().check(

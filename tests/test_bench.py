@@ -60,6 +60,8 @@ def test_bad_config_is_refused():
         BenchConfig(backends=("jax",))
     with pytest.raises(InvalidInputError, match="batch sizes must be >= 1"):
         BenchConfig(batches=(0,))
+    with pytest.raises(InvalidInputError, match="steps must be >= 1, got 0"):
+        BenchConfig(steps=0)  # was a ZeroDivisionError
     with pytest.raises(InvalidInputError, match="--step-graphs applies to the torch and Tens"):
         BenchConfig(backends=("onnxruntime",), step_graphs=True)
     with pytest.raises(InvalidInputError, match="--compile applies to the torch backend"):
