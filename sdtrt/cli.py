@@ -463,9 +463,13 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--batch", default=_span(ranges.batch), help="images: N or MIN-MAX")
     p.add_argument("--height", default=_span(ranges.height), help="pixels: N or MIN-MAX")
     p.add_argument("--width", default=_span(ranges.width), help="pixels: N or MIN-MAX")
-    p.add_argument("--opt-batch", type=int, default=ranges.opt_batch, help="tuned for")
-    p.add_argument("--opt-height", type=int, default=ranges.opt_height, help="tuned for")
-    p.add_argument("--opt-width", type=int, default=ranges.opt_width, help="tuned for")
+    for name, default in (("batch", 1), ("height", 512), ("width", 512)):
+        p.add_argument(
+            f"--opt-{name}",
+            type=int,
+            default=None,
+            help=f"tuned for (default: {default}, or the nearest end of the range)",
+        )
     p.add_argument("--static", action="store_true", help="min = opt = max: lowest latency")
     p.add_argument(
         "--optimization-level",

@@ -361,17 +361,32 @@ class BuildRanges:
     batch: tuple[int, int] = (1, 4)
     height: tuple[int, int] = (256, 768)
     width: tuple[int, int] = (256, 768)
-    opt_batch: int = 1
-    opt_height: int = 512
-    opt_width: int = 512
+    opt_batch: int | None = None
+    opt_height: int | None = None
+    opt_width: int | None = None
+    """The shape TensorRT tunes for; None: batch 1 and 512 px, or the nearest end of the
+    range when it lies outside it (``height=(256, 256)`` is tuned at 256)."""
     static: bool = False
     """min = opt = max at the opt values: the lowest latency, one shape only."""
 
+    def opt(self) -> tuple[int, int, int]:
+        """(batch, height, width) TensorRT tunes for."""
+
+        def pick(given: int | None, default: int, span: tuple[int, int]) -> int:
+            return min(max(default, span[0]), span[1]) if given is None else given
+
+        return (
+            pick(self.opt_batch, 1, self.batch),
+            pick(self.opt_height, 512, self.height),
+            pick(self.opt_width, 512, self.width),
+        )
+
     def check(self, size_multiple: int) -> None:
-        for what, (low, high), opt in (
-            ("batch", self.batch, self.opt_batch),
-            ("height", self.height, self.opt_height),
-            ("width", self.width, self.opt_width),
+        for what, (low, high), opt in zip(
+            ("batch", "height", "width"),
+            (self.batch, self.height, self.width),
+            self.opt(),
+            strict=True,
         ):
             if not 1 <= low <= high:
                 raise InvalidInputError(f"{what} range {low}-{high} must satisfy 1 <= min <= max")
@@ -387,7 +402,7 @@ class BuildRanges:
 
     def extremes(self) -> dict[str, tuple[int, int, int]]:
         """(batch, height, width) at min, opt and max."""
-        opt = (self.opt_batch, self.opt_height, self.opt_width)
+        opt = self.opt()
         if self.static:
             return {"min": opt, "opt": opt, "max": opt}
         return {

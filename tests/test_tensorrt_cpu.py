@@ -109,6 +109,18 @@ def test_static_profile_is_one_shape():
     assert profile["sample"]["opt"] == (4, 4, 64, 64)
 
 
+def test_the_tuned_shape_defaults_into_the_range():
+    """Batch 1 and 512 px, or the range's nearest end: `--static --height 256` is a 256 px
+    engine (it was 512 px), `--batch 2-4` tunes at 2 (it asked for --opt-batch)."""
+    static = network_profile(NETS["unet"], BuildRanges(height=(256, 256), static=True))
+    assert static["sample"]["min"] == static["sample"]["max"] == (2, 4, 32, 64)
+    wider = BuildRanges(batch=(2, 4), height=(576, 768), width=(128, 256))
+    assert wider.opt() == (2, 576, 256)
+    assert network_profile(NETS["unet"], wider)["sample"]["opt"] == (4, 4, 72, 32)
+    assert BuildRanges().opt() == (1, 512, 512)
+    assert BuildRanges(opt_height=768).opt() == (1, 768, 512)
+
+
 @pytest.mark.parametrize(
     "ranges, message",
     [
