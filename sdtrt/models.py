@@ -383,51 +383,64 @@ def check_folder_architecture(path: Path) -> None:
         check_unet_config(unet, latent_channels, text_width, where)
 
 
-def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
-    if not path.is_dir():
-        raise ModelNotFoundError(f"model path {path} is not a folder")
-    if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
-        from sdtrt.export.folder import is_onnx_folder
+def _graphs_not_weights(path: Path) -> ModelNotFoundError:
+    """What to say of a folder of ONNX graphs given where PyTorch weights are needed."""
+    from sdtrt.export.folder import is_onnx_folder
 
-        if is_onnx_folder(path):
-            try:
-                source = json.loads((path / "sdtrt.json").read_text())["source"]["model"]
-                came_from = f" ({source}, as its sdtrt.json says)"
-            except (OSError, ValueError, KeyError, TypeError):
-                came_from = ""
-            raise ModelNotFoundError(
-                f"{path} is an ONNX export, not PyTorch weights: it runs as it is with "
-                "--backend onnxruntime, tensorrt or tensorrt-rtx; to export it or run it on "
-                f"torch, name the model it came from{came_from}"
-            )
-        raise ModelNotFoundError(
+    if not is_onnx_folder(path):
+        return ModelNotFoundError(
             f"{path} holds ONNX graphs but neither an sdtrt.json manifest (`sdtrt export`) "
             "nor a model_index.json (the Hugging Face ONNX layout optimum writes): export "
             "the model again"
         )
+    try:
+        source = json.loads((path / "sdtrt.json").read_text())["source"]["model"]
+        came_from = f" ({source}, as its sdtrt.json says)"
+    except (OSError, ValueError, KeyError, TypeError):
+        came_from = ""
+    return ModelNotFoundError(
+        f"{path} is an ONNX export, not PyTorch weights: it runs as it is with --backend "
+        "onnxruntime, tensorrt or tensorrt-rtx; to export it or run it on torch, name the "
+        f"model it came from{came_from}"
+    )
+
+
+def _scheduler_config(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The scheduler class a folder's config names, and the config."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    file = folder / "scheduler_config.json"
+    try:
+        config = json.loads(file.read_text())
+        name = config.get("_class_name", "PNDMScheduler")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelNotFoundError(f"{file} is not a readable JSON config: {exc}") from exc
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelNotFoundError(
+            f"{file} names the scheduler class {name!r}, which diffusers "
+            f"{diffusers.__version__} does not have (sdtrt builds the --scheduler it is asked "
+            "for from this config, but reads it through the class it names)"
+        )
+    return cls, config
+
+
+def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model path {path} is not a folder")
+    if (path / "vae_decoder").is_dir() or (path / "unet" / "model.onnx").is_file():
+        raise _graphs_not_weights(path)
     check_folder_parts(path)
     check_folder_architecture(path)
     variant = choose_variant(path, variant)
     if variant is not None:
         logger.info("loading the %s weights of %s", variant, path)
-    import diffusers
-    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(scheduler_file.read_text())
-        name = scheduler_config.get("_class_name", "PNDMScheduler")
-        scheduler_cls = getattr(diffusers, name, None)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelNotFoundError(f"{scheduler_file} is not a readable JSON config: {exc}") from exc
-    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
-        raise ModelNotFoundError(
-            f"{scheduler_file} names the scheduler class {name!r}, which diffusers "
-            f"{diffusers.__version__} does not have (sdtrt builds the --scheduler it is asked "
-            "for from this config, but reads it through the class it names)"
-        )
+    scheduler_cls, scheduler_config = _scheduler_config(path / "scheduler")
     # fp32 whatever the files hold: the torch backend is the fp32 reference, and it casts
     # to fp16 itself when asked (--dtype fp16).
     weights: dict[str, Any] = {"local_files_only": True, "variant": variant}

@@ -47,7 +47,15 @@ def load_single_file(path: Path, source: ModelSource) -> dict[str, Any]:
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from safetensors import SafetensorError
 
-    failures = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+    # SingleFileComponentError: the file lacks a component's weights (not a checkpoint).
+    failures = (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+        SingleFileComponentError,
+    )
     try:
         with quiet_loaders():
             pipe: Any = StableDiffusionPipeline.from_single_file(
@@ -58,7 +66,7 @@ def load_single_file(path: Path, source: ModelSource) -> dict[str, Any]:
                 requires_safety_checker=False,
                 **where,
             )
-    except (*failures, SingleFileComponentError) as exc:
+    except failures as exc:
         raise ModelNotFoundError(
             f"could not load {path} as a Stable Diffusion checkpoint with the config "
             f"{config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
