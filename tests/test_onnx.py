@@ -371,3 +371,34 @@ def test_exporting_an_export_names_the_model_it_came_from(exported, tmp_path, ca
     assert f"{exported.root} is an ONNX export, not PyTorch weights" in err
     assert "name the model it came from (tiny, as its sdtrt.json says)" in err
     assert not out.exists()
+
+
+def test_sd2_options_export_and_pass_the_check(tmp_path, monkeypatch, capsys):
+    """SD 2.x's options at tiny sizes (the UNet's linear projections, upcast attention and
+    per-block head counts, the text encoder's GELU, v-prediction): a folder of them exports
+    and its ONNX Runtime networks and image pass `sdtrt check` against PyTorch."""
+    from conftest import save_diffusers_folder
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdtrt.models import SD21_SCHEDULER_CONFIG, build_tiny, load_components
+
+    components = build_tiny()
+    unet = {k: v for k, v in components["unet"].config.items() if not k.startswith("_")}
+    unet.update(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4))
+    text = components["text_encoder"].config
+    text.hidden_act = "gelu"
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(**unet).eval()
+    components["text_encoder"] = CLIPTextModel(text).eval()
+    components["scheduler"] = PNDMScheduler.from_config(SD21_SCHEDULER_CONFIG)
+    save_diffusers_folder(components, tmp_path / "sd2-tiny")
+    monkeypatch.setenv("SDTRT_CACHE", str(tmp_path / "cache"))
+    args = ["check", "--model", str(tmp_path / "sd2-tiny"), "--backend", "onnxruntime"]
+    code, captured = _cli([*args, "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, captured.out + captured.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["networks"]) == 8 and report["image"]["max_levels"] <= 1
+    loaded = load_components(str(tmp_path / "sd2-tiny"))
+    assert loaded["unet"].config.use_linear_projection and loaded["unet"].config.upcast_attention
+    assert loaded["scheduler"].config.prediction_type == "v_prediction"
