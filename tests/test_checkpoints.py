@@ -38,8 +38,14 @@ def shapes(tiny, tmp_path_factory):
         (folder / extra / "config.json").write_text("{}")
     single = root / "tiny.safetensors"
     save_file(to_ldm_checkpoint(tiny), str(single))
+    sharded = shutil.copytree(folder, root / "sharded")  # as big models ship: NAME-0000K-of-N
+    for name in ("text_encoder", "unet"):
+        shutil.rmtree(sharded / name)
+        tiny[name].save_pretrained(sharded / name, max_shard_size="200KB")
+    assert len(list((sharded / "unet").glob("*-of-*.safetensors"))) > 1
     return {
         "folder": ModelSource(str(folder)),
+        "sharded": ModelSource(str(sharded)),
         "fp16-variant": ModelSource(str(_variant_folder(tiny, root / "fp16", ["fp16"]))),
         "single-file": ModelSource(str(single), config=str(folder)),
     }
