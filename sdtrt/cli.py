@@ -716,15 +716,19 @@ def _add_adopt(sub: Any) -> None:
 
 
 def _run_adopt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from sdtrt.api import adopt
 
+    had_manifest = (Path(args.folder) / "sdtrt.json").is_file()
     exported = adopt(args.folder)
     dims = exported.dims
     precisions = ", ".join(exported.precisions)
-    print(
-        f"adopted {exported.root}: {precisions} graphs, sizes multiples of "
-        f"{dims.size_multiple} px, manifest in {exported.root / 'sdtrt.json'}"
-    )
+    what = f"{precisions} graphs, sizes multiples of {dims.size_multiple} px"
+    if had_manifest:
+        print(f"{exported.root} has its manifest already ({what}): opened, nothing written")
+    else:
+        print(f"adopted {exported.root}: {what}, manifest in {exported.root / 'sdtrt.json'}")
     return 0
 
 

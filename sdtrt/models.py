@@ -248,8 +248,9 @@ def load_components(model: str | ModelSource) -> dict[str, Any]:
 
         return load_single_file(path, source)
     if not path.exists():
-        hub = ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", source.model):
+        hub = ""  # owner/name, where no folder owner/ is here: a Hub id
+        owner = source.model.split("/")[0]
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", source.model) and not Path(owner).exists():
             hub = (
                 f". sdtrt downloads nothing: to use {source.model} from the Hugging Face Hub, "
                 f"fetch it first (hf download {source.model} --local-dir DIR) and pass DIR"

@@ -179,3 +179,14 @@ def test_fp16_on_the_cpu_warns_that_it_is_slow(tmp_path, png, capfd, caplog):
     caplog.clear()
     assert run(args, capsys)[0] == 0
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_missing_folder_under_a_local_one_is_not_taken_for_a_hub_id(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["img2img", "--model", "models/sd15", "--out", "o.png", *FAST], capsys)
+    assert code == 2 and "unknown model 'models/sd15'" in err and "Hub" not in err
+    code, err = run(["img2img", "--model", "someone/sd15", "--out", "o.png", *FAST], capsys)
+    assert code == 2 and "hf download someone/sd15" in err

@@ -191,8 +191,14 @@ def test_adopt_stores_the_manifest_and_then_guards_the_graphs(optimum_export, tm
 
     folder = tmp_path / "onnx"
     shutil.copytree(optimum_export / "onnx", folder)
+    capsys.readouterr()
     assert main(["adopt", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"adopted {folder}: fp32 graphs")
     assert is_export(folder) and (folder / MANIFEST).is_file()
+    written = (folder / MANIFEST).stat().st_mtime_ns
+    assert main(["adopt", str(folder)]) == 0  # again: nothing to do, and it says so
+    assert "has its manifest already (fp32 graphs" in capsys.readouterr().out
+    assert (folder / MANIFEST).stat().st_mtime_ns == written
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["opset"] == 18 and manifest["source"]["fingerprint"] is None
     assert manifest["graphs"]["unet/model.onnx"]["io"]["inputs"]["timestep"]["shape"] == []
