@@ -26,6 +26,7 @@ from sdtrt.options import (
     BACKENDS,
     DEVICES,
     GRAPH_BACKENDS,
+    OPT_DEFAULTS,
     ORT_OPTIMIZATION_LEVELS,
     PRECISIONS,
     RTX_TARGETS,
@@ -463,7 +464,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--batch", default=_span(ranges.batch), help="images: N or MIN-MAX")
     p.add_argument("--height", default=_span(ranges.height), help="pixels: N or MIN-MAX")
     p.add_argument("--width", default=_span(ranges.width), help="pixels: N or MIN-MAX")
-    for name, default in (("batch", 1), ("height", 512), ("width", 512)):
+    for name, default in OPT_DEFAULTS.items():
         p.add_argument(
             f"--opt-{name}",
             type=int,
@@ -719,8 +720,9 @@ def _run_adopt(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sdtrt.api import adopt
+    from sdtrt.export.folder import MANIFEST
 
-    had_manifest = (Path(args.folder) / "sdtrt.json").is_file()
+    had_manifest = (Path(args.folder) / MANIFEST).is_file()
     exported = adopt(args.folder)
     dims = exported.dims
     precisions = ", ".join(exported.precisions)
@@ -728,7 +730,7 @@ def _run_adopt(args: argparse.Namespace) -> int:
     if had_manifest:
         print(f"{exported.root} has its manifest already ({what}): opened, nothing written")
     else:
-        print(f"adopted {exported.root}: {what}, manifest in {exported.root / 'sdtrt.json'}")
+        print(f"adopted {exported.root}: {what}, manifest in {exported.root / MANIFEST}")
     return 0
 
 

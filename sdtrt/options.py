@@ -354,6 +354,11 @@ class ExportOptions:
             raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {self.opset}")
 
 
+# The shape TensorRT tunes for when none is given: (batch, height, width), each moved to
+# the nearest end of its range when it lies outside.
+OPT_DEFAULTS = {"batch": 1, "height": 512, "width": 512}
+
+
 @dataclass(frozen=True)
 class BuildRanges:
     """What engines must accept, in the user's units: images per request and pixels."""
@@ -376,9 +381,9 @@ class BuildRanges:
             return min(max(default, span[0]), span[1]) if given is None else given
 
         return (
-            pick(self.opt_batch, 1, self.batch),
-            pick(self.opt_height, 512, self.height),
-            pick(self.opt_width, 512, self.width),
+            pick(self.opt_batch, OPT_DEFAULTS["batch"], self.batch),
+            pick(self.opt_height, OPT_DEFAULTS["height"], self.height),
+            pick(self.opt_width, OPT_DEFAULTS["width"], self.width),
         )
 
     def check(self, size_multiple: int) -> None:
