@@ -69,6 +69,17 @@ def save_diffusers_folder(components, path, variant=None):
     write_tokenizer(Path(path, "tokenizer"), components["tokenizer"])
 
 
+def unet_variant(components, **changes):
+    """``components`` with a UNet of their UNet's config but ``changes`` (random weights,
+    seed 0): other kinds of UNet, other options, at the same tiny sizes."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in components["unet"].config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    return {**components, "unet": UNet2DConditionModel(**{**config, **changes}).eval()}
+
+
 def diffusers_img2img(components, scheduler_class_name: str):
     """diffusers' own pipeline on the same components: the reference every test uses."""
     import diffusers

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import save_diffusers_folder
+from conftest import save_diffusers_folder, unet_variant
 from ldm_layout import to_ldm_checkpoint
 from safetensors.torch import save_file
 
@@ -191,15 +191,6 @@ OTHER_KINDS = {
 }
 
 
-def _other_kind(tiny, changes):
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in tiny["unet"].config.items() if not k.startswith("_")}
-    torch.manual_seed(0)
-    return {**tiny, "unet": UNet2DConditionModel(**{**config, **changes}).eval()}
-
-
 def test_the_unet_config_check_passes_sd_and_names_what_others_take(tiny):
     from sdtrt.errors import UnsupportedModelError
     from sdtrt.export.networks import check_unet_config
@@ -218,7 +209,7 @@ def test_other_kinds_of_folder_are_refused_before_any_weights_load(
     tiny, tmp_path, capsys, monkeypatch, kind
 ):
     changes, named = OTHER_KINDS[kind]
-    save_diffusers_folder(_other_kind(tiny, changes), tmp_path / kind)
+    save_diffusers_folder(unet_variant(tiny, **changes), tmp_path / kind)
     from diffusers import UNet2DConditionModel
 
     def no_loading(*args, **kwargs):
@@ -236,7 +227,7 @@ def test_other_kinds_of_folder_are_refused_before_any_weights_load(
 
 def test_an_inpainting_checkpoint_file_is_refused(tiny, tmp_path, capsys):
     changes, named = OTHER_KINDS["inpainting"]
-    inpainting = _other_kind(tiny, changes)
+    inpainting = unet_variant(tiny, **changes)
     save_diffusers_folder(inpainting, tmp_path / "config")
     single = tmp_path / "inpainting.safetensors"
     save_file(to_ldm_checkpoint(inpainting), str(single))

@@ -377,19 +377,17 @@ def test_sd2_options_export_and_pass_the_check(tmp_path, monkeypatch, capsys):
     """SD 2.x's options at tiny sizes (the UNet's linear projections, upcast attention and
     per-block head counts, the text encoder's GELU, v-prediction): a folder of them exports
     and its ONNX Runtime networks and image pass `sdtrt check` against PyTorch."""
-    from conftest import save_diffusers_folder
-    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from conftest import save_diffusers_folder, unet_variant
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextModel
 
     from sdtrt.models import SD21_SCHEDULER_CONFIG, build_tiny, load_components
 
-    components = build_tiny()
-    unet = {k: v for k, v in components["unet"].config.items() if not k.startswith("_")}
-    unet.update(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4))
+    components = unet_variant(
+        build_tiny(), use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4)
+    )
     text = components["text_encoder"].config
     text.hidden_act = "gelu"
-    torch.manual_seed(0)
-    components["unet"] = UNet2DConditionModel(**unet).eval()
     components["text_encoder"] = CLIPTextModel(text).eval()
     components["scheduler"] = PNDMScheduler.from_config(SD21_SCHEDULER_CONFIG)
     save_diffusers_folder(components, tmp_path / "sd2-tiny")
