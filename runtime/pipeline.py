@@ -407,7 +407,12 @@ def _check_finite(tensor: torch.Tensor, network: str) -> None:
 def non_finite_error(network: str) -> NonFiniteOutputError:
     """What a request whose ``network`` ("unet" or "vae_decoder") gave NaN or inf fails with."""
     if network == "unet":
-        return NonFiniteOutputError("the UNet produced NaN or infinite values")
+        # Checked once, on the loop's last latents: the UNet's output or a scheduler's update
+        # (some solver settings diverge on some models in diffusers too) made them.
+        return NonFiniteOutputError(
+            "the denoising loop produced NaN or infinite latents (the UNet's output or the "
+            "scheduler's update); in fp16, try fp32 or another scheduler"
+        )
     return NonFiniteOutputError(
         "the VAE decoder produced NaN or infinite values; with fp16 this is usually the VAE "
         "overflowing: export or build the VAE in fp32"

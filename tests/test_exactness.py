@@ -197,3 +197,22 @@ def test_schedulers_of_one_config_share_their_memo(tiny, images, monkeypatch):
     )
     third, _ = run(other)
     assert third._cache is not first._cache and integrals
+
+
+def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):
+    """UniPC's bh1 solver diverges on the tiny model, in diffusers too (its image is all NaN,
+    saved as black): sdtrt raises NonFiniteOutputError naming the loop, not only the UNet."""
+    from sdtrt.errors import NonFiniteOutputError
+
+    components = dict(tiny)
+    config = {**tiny["scheduler"].config, "solver_type": "bh1"}
+    components["scheduler"] = type(tiny["scheduler"]).from_config(config)
+    kwargs = dict(strength=0.8, num_inference_steps=8, output_type="np")
+    reference = diffusers_img2img(components, SCHEDULERS["unipc"])
+    want = reference(
+        "a red circle", images[0], generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    assert np.isnan(want.images).all()
+    ours = Img2ImgPipeline.from_components(components, scheduler="unipc", show_progress=False)
+    with pytest.raises(NonFiniteOutputError, match="denoising loop .* scheduler's update"):
+        ours("a red circle", images[0], generator=torch.Generator().manual_seed(3), **kwargs)

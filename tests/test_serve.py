@@ -298,12 +298,15 @@ def _the_middle_one_fails(pipe, requests, error, says):
 
 @pytest.mark.parametrize(
     "nan, error, says",
-    [(False, RuntimeError, "poisoned rows"), (True, NonFiniteOutputError, "the UNet produced NaN")],
+    [
+        (False, RuntimeError, "poisoned rows"),
+        (True, NonFiniteOutputError, "the denoising loop produced NaN"),
+    ],
 )
 def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
     """A job whose UNet call raises fails alone (the batched call is retried job by job);
     one whose latents went NaN fails when it finishes (finiteness is read once then, not at
-    every step), naming the UNet. The jobs batched with it are unharmed."""
+    every step), naming the loop. The jobs batched with it are unharmed."""
     from sdtrt.runtime.steps import token_ids
 
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
