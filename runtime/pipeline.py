@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import PIL.Image
 import torch
@@ -120,15 +120,19 @@ class Img2ImgPipeline:
         *,
         cache: CacheOptions | None = None,
         show_progress: bool = True,
+        **diffusers_kwargs: Any,
     ) -> Img2ImgPipeline:
         """Build from what a user names: an exported folder (``sdtrt export``, or optimum's
         Hugging Face ONNX layout; runs from the graphs alone, ONNX Runtime by default), a
         local diffusers folder or a built-in model name (torch by default; graph backends
-        export into the cache)."""
+        export into the cache). diffusers' own keywords (``torch_dtype``, ``variant``...)
+        are refused with the sdtrt way to say the same."""
         from sdtrt.engine.factory import backend_from_exported
         from sdtrt.export.folder import ExportedModel, is_onnx_folder
         from sdtrt.models import load_components, source_record
 
+        if diffusers_kwargs:
+            raise InvalidInputError(_diffusers_keywords(diffusers_kwargs))
         source = as_source(str(model) if isinstance(model, Path) else model)
         if not is_onnx_folder(source.model):
             cache = cache or CacheOptions(source=source_record(source))
@@ -147,6 +151,16 @@ class Img2ImgPipeline:
             dims=exported.dims,
             scaling_factor=exported.scaling_factor,
             show_progress=show_progress,
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """diffusers' ``pipe.to("cuda")``: here the device and dtype are chosen once, when
+        the pipeline is built (engines and graphs are made for them)."""
+        raise InvalidInputError(
+            "the device and dtype are backend options, chosen when the pipeline is built: "
+            "Img2ImgPipeline.from_pretrained(model, TorchOptions(device='cuda', dtype='fp16'))"
+            " (from sdtrt import TorchOptions); the graph backends take OrtOptions or "
+            "TensorRTOptions"
         )
 
     # inference_mode rather than diffusers' no_grad: each tensor op then skips autograd's
@@ -397,6 +411,31 @@ def _as_prompt_list(prompt: Any, what: str) -> list[str]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+
+
+# diffusers' from_pretrained keywords and how sdtrt says the same.
+_DIFFUSERS_KEYWORDS = {
+    "torch_dtype": "give backend=TorchOptions(dtype='fp16') (the graph backends: "
+    "OrtOptions or TensorRTOptions(precision='fp16'))",
+    "device_map": "give backend=TorchOptions(device='cuda')",
+    "variant": "give model=ModelSource(folder, variant='fp16')",
+    "local_files_only": "leave it out: sdtrt reads local folders only and downloads nothing",
+    "use_safetensors": "leave it out: safetensors weights are read, a .ckpt only with "
+    "ModelSource(file, allow_pickle=True)",
+    "safety_checker": "leave it out: sdtrt runs no safety checker",
+}
+
+
+def _diffusers_keywords(given: dict[str, Any]) -> str:
+    advice = [
+        f"{name}: {_DIFFUSERS_KEYWORDS[name]}" for name in given if name in _DIFFUSERS_KEYWORDS
+    ]
+    others = sorted(set(given) - set(_DIFFUSERS_KEYWORDS))
+    advice += [f"{', '.join(others)}: not sdtrt keywords"] * bool(others)
+    return (
+        "from_pretrained takes model, backend, scheduler, cache and show_progress (from sdtrt "
+        "import ModelSource, TorchOptions, OrtOptions, TensorRTOptions); " + "; ".join(advice)
+    )
 
 
 def _check_finite(tensor: torch.Tensor, network: str) -> None:

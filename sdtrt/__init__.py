@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SAMPLE_IMAGE", "Img2ImgPipeline", "build_pipeline", "load_components", "__version__"]
+__all__ = [
+    "SAMPLE_IMAGE",
+    "Img2ImgPipeline",
+    "ModelSource",
+    "OrtOptions",
+    "TensorRTOptions",
+    "TorchOptions",
+    "build_pipeline",
+    "load_components",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from sdtrt.api import build_pipeline
@@ -13,7 +23,14 @@ if TYPE_CHECKING:
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 
-from sdtrt.options import SAMPLE_IMAGE  # noqa: E402 (light: no torch)
+# Light (no torch): what the Python API is called with.
+from sdtrt.options import (  # noqa: E402
+    SAMPLE_IMAGE,
+    ModelSource,
+    OrtOptions,
+    TensorRTOptions,
+    TorchOptions,
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -151,6 +151,33 @@ def test_bad_prompt_embeddings_are_refused(tiny, images, make, message):
     assert pipe.backend.calls == []
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(torch_dtype=torch.float16), "torch_dtype: give backend=TorchOptions(dtype='fp16')"),
+        (dict(variant="fp16"), "variant: give model=ModelSource(folder, variant='fp16')"),
+        (dict(device_map="cuda"), "device_map: give backend=TorchOptions(device='cuda')"),
+        (dict(revision="main", token="x"), "revision, token: not sdtrt keywords"),
+    ],
+)
+def test_diffusers_keywords_say_the_sdtrt_way(kwargs, message, monkeypatch):
+    """diffusers' from_pretrained keywords and ``pipe.to()`` are refused before any load,
+    saying where sdtrt takes the same thing (typed backend options, ModelSource)."""
+    import sdtrt.models
+
+    monkeypatch.setattr(sdtrt.models, "load_components", None)  # a load would fail the test
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        Img2ImgPipeline.from_pretrained("tiny", **kwargs)
+
+
+def test_pipe_to_names_the_backend_options(tiny):
+    import sdtrt
+
+    pipe = sdtrt.Img2ImgPipeline.from_components(tiny, sdtrt.TorchOptions(), show_progress=False)
+    with pytest.raises(InvalidInputError, match=re.escape("TorchOptions(device='cuda'")):
+        pipe.to("cuda")
+
+
 _PIXELS = np.random.default_rng(1).random((32, 48, 3), dtype=np.float32)
 
 
