@@ -9,12 +9,14 @@ and the same generator the images equal diffusers' own.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import PIL.Image
 import torch
@@ -43,6 +45,8 @@ from sdtrt.runtime.step_graph import StepGraphs
 from sdtrt.runtime.step_table import StepTable, tabulate
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
 
+T = TypeVar("T")
+P = ParamSpec("P")
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
@@ -59,6 +63,17 @@ class Img2ImgOutput:
     """UNet calls the loop made (one per timestep run, each on the whole 2B batch)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: text_encoder, vae_encoder, denoise, vae_decoder."""
+
+
+def _one_call_at_a_time(
+    method: Callable[Concatenate[Img2ImgPipeline, P], T],
+) -> Callable[Concatenate[Img2ImgPipeline, P], T]:
+    @functools.wraps(method)
+    def serialised(self: Img2ImgPipeline, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self._one_call:
+            return method(self, *args, **kwargs)
+
+    return serialised
 
 
 class Img2ImgPipeline:
@@ -82,6 +97,11 @@ class Img2ImgPipeline:
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
+        # One call at a time: the scheduler keeps the loop's state (its step index, the
+        # multistep solvers' history) and the backends their buffers (CUDA graphs' static
+        # inputs, TensorRT's execution context). Threads that share a pipeline (a web
+        # framework's worker pool) wait for each other; sdtrt serve batches them instead.
+        self._one_call = threading.Lock()
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=dims.vae_scale_factor, do_convert_rgb=True
         )
@@ -165,6 +185,7 @@ class Img2ImgPipeline:
 
     # inference_mode rather than diffusers' no_grad: each tensor op then skips autograd's
     # version counting, which halves the Python cost of a scheduler step; same numbers.
+    @_one_call_at_a_time
     @torch.inference_mode()
     def __call__(
         self,

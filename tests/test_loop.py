@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 
@@ -168,6 +169,25 @@ def test_diffusers_keywords_say_the_sdtrt_way(kwargs, message, monkeypatch):
     monkeypatch.setattr(sdtrt.models, "load_components", None)  # a load would fail the test
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         Img2ImgPipeline.from_pretrained("tiny", **kwargs)
+
+
+@pytest.mark.parametrize("scheduler", ["lms", "dpmpp_2m"])
+def test_threads_sharing_a_pipeline_get_their_own_images(tiny, images, scheduler):
+    """A pipeline shared by threads (a web framework's worker pool): each call gets the
+    image it would get alone. Unguarded, the scheduler's state was shared: IndexError, or
+    another request's step."""
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+
+    def run(i):
+        generator = torch.Generator().manual_seed(i)
+        return pipe(f"a red circle {i}", images[0], num_inference_steps=12, generator=generator)
+
+    alone = [run(i).images[0] for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = [f.result().images[0] for f in [pool.submit(run, i) for i in range(3)]]
+    for i in range(3):
+        assert np.array_equal(np.asarray(together[i]), np.asarray(alone[i])), i
+    assert not np.array_equal(np.asarray(alone[0]), np.asarray(alone[1]))
 
 
 def test_pipe_to_names_the_backend_options(tiny):
