@@ -15,6 +15,7 @@ from sdtrt.serve.batcher import Img2ImgRequest
 
 # The img2img fields: each one's type and what /docs says of it; their defaults are
 # Img2ImgRequest's.
+_UNIT = " (8 px on the torch backend, 64 px for SD graphs and engines)"
 FIELDS: dict[str, tuple[type, str]] = {
     "prompt": (str, "What the image should show."),
     "negative_prompt": (str, "What it should not show: guidance's unconditional row."),
@@ -29,8 +30,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     "scheduler": (str, f"One of {', '.join(SCHEDULERS)}."),
     "eta": (float, "DDIM's per-step noise, in [0, 1]; other schedulers ignore it."),
     "seed": (int, "In [0, 2^64 - 1]; the same seed gives the same image."),
-    "height": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
-    "width": (int, "A multiple of the model's unit (8 px for SD); default: the image's."),
+    "height": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),
+    "width": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
 # The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for
