@@ -427,6 +427,16 @@ def _scheduler_config(folder: Path) -> tuple[Any, dict[str, Any]]:
     return cls, config
 
 
+def _safetensors(folder: Path) -> bool | None:
+    """False where a component's weights are only ``.bin`` files (older repositories):
+    diffusers then reads them (``torch.load`` with ``weights_only``) without first logging
+    "An error occurred while trying to fetch" the ``.safetensors`` it looked for; None
+    (diffusers' default: safetensors first) otherwise."""
+    if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors*")):
+        return False
+    return None
+
+
 def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelNotFoundError(f"model path {path} is not a folder")
@@ -453,10 +463,18 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
             path / "text_encoder", dtype=torch.float32, **weights
         ).eval(),
         "unet": lambda: UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", torch_dtype=torch.float32, **weights
+            path,
+            subfolder="unet",
+            torch_dtype=torch.float32,
+            use_safetensors=_safetensors(path / "unet"),
+            **weights,
         ).eval(),
         "vae": lambda: AutoencoderKL.from_pretrained(
-            path, subfolder="vae", torch_dtype=torch.float32, **weights
+            path,
+            subfolder="vae",
+            torch_dtype=torch.float32,
+            use_safetensors=_safetensors(path / "vae"),
+            **weights,
         ).eval(),
         "scheduler": lambda: scheduler_cls.from_config(scheduler_config),
     }

@@ -43,9 +43,15 @@ def shapes(tiny, tmp_path_factory):
         shutil.rmtree(sharded / name)
         tiny[name].save_pretrained(sharded / name, max_shard_size="200KB")
     assert len(list((sharded / "unet").glob("*-of-*.safetensors"))) > 1
+    pickled = shutil.copytree(folder, root / "pickled")  # older repositories: .bin weights
+    for name in ("unet", "vae"):
+        shutil.rmtree(pickled / name)
+        tiny[name].save_pretrained(pickled / name, safe_serialization=False)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
     return {
         "folder": ModelSource(str(folder)),
         "sharded": ModelSource(str(sharded)),
+        "pickled": ModelSource(str(pickled)),
         "fp16-variant": ModelSource(str(_variant_folder(tiny, root / "fp16", ["fp16"]))),
         "single-file": ModelSource(str(single), config=str(folder)),
     }
@@ -71,6 +77,23 @@ def test_every_shape_gives_the_same_image_and_fingerprint(shapes, tmp_path, caps
         assert np.array_equal(got, reference), name
         prints.add(model_fingerprint(load_components(source)))
     assert len(prints) == 1  # the same weights, whatever shape they came in
+
+
+def test_bin_weights_load_without_a_logged_error(shapes):
+    """diffusers, asked for safetensors first, logs "An error occurred while trying to fetch"
+    before it reads a folder's .bin weights; sdtrt asks for what the folder holds."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")  # its own handler; it does not propagate
+    diffusers_logger.addHandler(handler)
+    try:
+        load_components(shapes["pickled"])
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 def test_variant_folders(tiny, shapes, tmp_path, capsys):
