@@ -372,11 +372,18 @@ def check_folder_architecture(path: Path) -> None:
     """Refuse a folder whose UNet needs inputs img2img does not make (inpainting, SDXL...),
     from its config files, before any weights are read. A config that cannot be read is
     left to the loader, which names it."""
-    names = ("model_index", "unet/config", "vae/config", "text_encoder/config")
+    index_file = path / "model_index.json"
+    try:  # not read by the loaders, but diffusers refuses a folder without it: so do we
+        kind = json.loads(index_file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelNotFoundError(
+            f"{index_file} is not a readable JSON object ({exc}): a partial copy? fetch the "
+            "folder again"
+        ) from exc
+    names = ("unet/config", "vae/config", "text_encoder/config")
     try:
-        index, unet, vae, text = (json.loads((path / f"{n}.json").read_text()) for n in names)
+        unet, vae, text = (json.loads((path / f"{n}.json").read_text()) for n in names)
         latent_channels, text_width = vae.get("latent_channels", 4), text["hidden_size"]
-        kind = index.get("_class_name")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     where = f"{path} ({kind})" if kind else str(path)

@@ -171,8 +171,22 @@ def _truncate(path):
             lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
             "could not load text_encoder/ of the diffusers folder",
         ),
+        (
+            lambda f: (f / "model_index.json").write_text('{"_class_name": "StableDiff'),
+            "model_index.json is not a readable JSON object",
+        ),
+        (lambda f: (f / "model_index.json").write_text("[]"), "is not a readable JSON object"),
     ],
-    ids=["no-unet", "no-text-config", "no-tokenizer", "unknown-scheduler", "bad-json", "cut"],
+    ids=[
+        "no-unet",
+        "no-text-config",
+        "no-tokenizer",
+        "unknown-scheduler",
+        "bad-json",
+        "cut",
+        "cut-index",
+        "index-a-list",
+    ],
 )
 def test_a_broken_folder_is_named_without_a_traceback(shapes, tmp_path, capsys, damage, named):
     broken = shutil.copytree(shapes["folder"].model, tmp_path / "broken")
