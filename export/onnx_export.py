@@ -19,6 +19,11 @@ from sdtrt.export.networks import Axis, Network
 
 # protobuf cannot serialise a message over 2 GiB: bigger graphs keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# The batch axes' bound while tracing; the graph carries none (tested: 128 rows run).
+# diffusers' Upsample2D branches on batch >= 64 (a .contiguous() against a CUDA kernel's
+# limit, nothing in the graph): under a bound of 1024 torch.export failed on that guard and
+# the exporter traced the UNet and the VAE decoder a second time with this bound.
+BATCH_DIM_MAX = 63
 _DIM_IDENTIFIERS = {"B": "batch", "2B": "batch2", "H": "height", "W": "width", "h": "lh", "w": "lw"}
 
 
@@ -113,7 +118,7 @@ def _dynamic_shapes(network: Network) -> dict[str, dict[int, object] | None]:
         if name not in dims:
             identifier = _DIM_IDENTIFIERS[name]
             if multiple == 1:
-                dims[name] = Dim(identifier, min=1, max=1024)
+                dims[name] = Dim(identifier, min=1, max=BATCH_DIM_MAX)
             else:
                 # min 2: torch.export specialises a free size of 1.
                 dims[name] = multiple * Dim(f"{identifier}_units", min=2, max=4096)

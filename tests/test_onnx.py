@@ -353,6 +353,31 @@ def test_the_unet_graph_takes_a_timestep_per_row(exported):
         backend.unet(sample, torch.tensor([1.0, 2.0, 3.0]), hidden)
 
 
+def test_the_graphs_take_more_rows_than_the_tracing_bound(exported, tiny):
+    """The batch axes are bounded while tracing (BATCH_DIM_MAX, below diffusers' Upsample2D
+    branch at 64) but the graphs carry no bound: a UNet call of 66 rows and a decode of 66
+    latents run and equal PyTorch's."""
+    from sdtrt.engine.ort_backend import OrtBackend
+    from sdtrt.export.onnx_export import BATCH_DIM_MAX
+
+    rows = 66
+    assert rows > BATCH_DIM_MAX
+    backend = OrtBackend(exported)
+    generator = torch.Generator().manual_seed(5)
+    sample = torch.randn(rows, 4, 2, 4, generator=generator)
+    hidden = torch.randn(rows, 77, 32, generator=generator)
+    timesteps = torch.linspace(1.0, 901.0, rows)
+    got = backend.unet(sample, timesteps, hidden)
+    decoded = backend.decode_latents(sample)
+    with torch.no_grad():
+        want = tiny["unet"](sample, timesteps, encoder_hidden_states=hidden).sample
+        want_decoded = tiny["vae"].decode(sample).sample
+    assert got.shape == want.shape == (rows, 4, 2, 4)
+    assert float((got - want).abs().max()) <= 1e-4
+    assert decoded.shape == want_decoded.shape == (rows, 3, 16, 32)
+    assert float((decoded - want_decoded).abs().max()) <= 1e-4
+
+
 def test_an_export_of_format_1_is_refused_with_the_command_that_redoes_it(exported, tmp_path):
     from sdtrt.export.folder import MANIFEST, ExportedModel
 
