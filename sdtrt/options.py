@@ -8,6 +8,7 @@ the right one and refuses, with one line, an option that does not apply to the b
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -308,6 +309,11 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not str(self.model).strip():  # an unset "$MODEL": not the current folder
             raise InvalidInputError("the model is empty: give a model name, folder or file")
+        # "~/models/sd15" where no shell expanded it (Python, a YAML file): the home folder
+        for name in ("model", "config"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                object.__setattr__(self, name, os.path.expanduser(value))
 
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)

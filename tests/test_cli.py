@@ -36,6 +36,25 @@ def test_writes_png_of_requested_size(tmp_path, png, capsys):
     assert not list(out.parent.glob(".*tmp"))  # the temp file was renamed, not left
 
 
+def test_a_tilde_no_shell_expanded_is_the_home_folder(tmp_path, png, capsys, monkeypatch):
+    """ "~/..." quoted (or from a YAML file, a unit file): the home folder, as a shell would
+    have it, not a folder named "~" made in the current one."""
+    from sdtrt.options import ModelSource
+
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    png.rename(home / "in.png")
+    code, err = run(["img2img", "--image", "~/in.png", "--out", "~/o/result.png", *FAST], capsys)
+    assert code == 0, err
+    assert (home / "o" / "result.png").is_file()
+    assert list(elsewhere.iterdir()) == []
+    source = ModelSource("~/models/sd15", config="~/models/sd15-config")
+    assert (source.model, source.config) == (f"{home}/models/sd15", f"{home}/models/sd15-config")
+    assert ModelSource("tiny").model == "tiny"
+
+
 def test_jpeg_and_webp_files_are_written_at_sdtrts_quality(tmp_path, png, capsys):
     """The lossy formats at quality 95 (JPEG) and 90 (WebP), as the server answers them, not
     Pillow's default JPEG quality of 75: the file is the PNG's pixels encoded so."""
