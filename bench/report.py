@@ -125,6 +125,7 @@ def plot(record: dict[str, Any], path: str | Path) -> None:
     for backend in backends:
         points = sorted((r["batch"], r["images_per_s"]) for r in ok if r["backend"] == backend)
         right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+    right.set_xticks(sorted({r["batch"] for r in ok}))  # whole batch sizes, not 1.2, 1.4...
     right.set_xlabel("batch (images per call)")
     right.set_ylabel("images per second")
     right.set_title("throughput")
