@@ -38,6 +38,18 @@ def check_scheduler(name: str) -> None:
         )
 
 
+def check_steps_for(scheduler: str | type, config: Any, steps: int) -> None:
+    """diffusers' DDIM refuses more steps than the model was trained with (a ValueError in
+    ``set_timesteps``, after the prompts were encoded): refused here, before any network.
+    ``scheduler``: sdtrt's name for it, or its class."""
+    cls = getattr(diffusers, SCHEDULERS[scheduler]) if isinstance(scheduler, str) else scheduler
+    train = config.get("num_train_timesteps", 1000)
+    if issubclass(cls, diffusers.DDIMScheduler) and steps > train:
+        raise InvalidInputError(
+            f"ddim takes at most {train} steps (the model's training timesteps), got {steps}"
+        )
+
+
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     check_scheduler(name)
     cls = getattr(diffusers, SCHEDULERS[name])

@@ -426,6 +426,29 @@ class _ProfiledSizesBackend(_OneTimestepBackend):
     pixel_range = ((32, 32), (32, 48))
 
 
+def test_ddim_past_the_training_timesteps_is_refused_before_any_work(tiny, image, monkeypatch):
+    """With SDTRT_MAX_STEPS raised, DDIM at more steps than the model's 1000 training
+    timesteps failed inside diffusers' set_timesteps (a ValueError after the prompts were
+    encoded; a 500 from the server): now refused by the pipeline and the server's intake.
+    LMS takes them, as in diffusers."""
+    monkeypatch.setenv("SDTRT_MAX_STEPS", "2000")
+    says = "ddim takes at most 1000 steps (the model's training timesteps), got 1001"
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", "ddim", show_progress=False)
+
+    def no_work(*args):
+        raise AssertionError("a network ran")
+
+    for network in ("encode_text", "encode_image", "unet", "decode_latents"):
+        monkeypatch.setattr(pipe.backend, network, no_work)
+    with pytest.raises(InvalidInputError, match=re.escape(says)):
+        pipe("a", image, num_inference_steps=1001, strength=0.001)
+    batcher = StepBatcher(pipe, ServeOptions(), start=False)
+    with pytest.raises(InvalidInputError, match=re.escape(says)):
+        batcher.prepare(Img2ImgRequest(image=image, scheduler="ddim", num_inference_steps=1001))
+    lms = Img2ImgRequest(image=image, scheduler="lms", num_inference_steps=1001, strength=0.001)
+    assert batcher.prepare(lms).t_start == 1000
+
+
 def test_a_size_the_engines_do_not_take_is_refused_before_any_work(tiny, image):
     """Checked where the size is known (the request, the warm-up sizes, the pipeline's
     call), with the sizes allowed; over HTTP a 422. The server warms up at the engines'
