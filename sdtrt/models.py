@@ -370,8 +370,9 @@ def check_folder_parts(path: Path, what: str = "diffusers folder") -> None:
 
 def check_folder_architecture(path: Path) -> None:
     """Refuse a folder whose UNet needs inputs img2img does not make (inpainting, SDXL...),
-    from its config files, before any weights are read. A config that cannot be read is
-    left to the loader, which names it."""
+    from its config files, before any weights are read. An unreadable model_index.json is
+    refused here (no loader reads it); another config that cannot be read is left to its
+    loader, which names it."""
     index_file = path / "model_index.json"
     try:  # not read by the loaders, but diffusers refuses a folder without it: so do we
         kind = json.loads(index_file.read_text()).get("_class_name")
