@@ -435,14 +435,17 @@ def _scheduler_config(folder: Path) -> tuple[Any, dict[str, Any]]:
     return cls, config
 
 
-def _safetensors(folder: Path) -> bool | None:
-    """False where a component's weights are only ``.bin`` files (older repositories):
-    diffusers then reads them (``torch.load`` with ``weights_only``) without first logging
-    "An error occurred while trying to fetch" the ``.safetensors`` it looked for; None
-    (diffusers' default: safetensors first) otherwise."""
-    if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors*")):
-        return False
-    return None
+def _safetensors(folder: Path, variant: str | None) -> bool | None:
+    """False where a component's weights of ``variant`` are only ``.bin`` files (older
+    repositories): diffusers then reads them (``torch.load`` with ``weights_only``) without
+    first logging "An error occurred while trying to fetch" the ``.safetensors`` it looked
+    for; None (diffusers' default: safetensors first) otherwise."""
+    kinds = set()
+    for file in folder.iterdir() if folder.is_dir() else ():
+        match = _WEIGHTS.match(file.name)
+        if match and (match["v1"] or match["v2"]) == variant:
+            kinds.add("safetensors" if ".safetensors" in file.name else "bin")
+    return False if kinds == {"bin"} else None
 
 
 def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, Any]:
@@ -474,14 +477,14 @@ def load_diffusers_folder(path: Path, variant: str | None = None) -> dict[str, A
             path,
             subfolder="unet",
             torch_dtype=torch.float32,
-            use_safetensors=_safetensors(path / "unet"),
+            use_safetensors=_safetensors(path / "unet", variant),
             **weights,
         ).eval(),
         "vae": lambda: AutoencoderKL.from_pretrained(
             path,
             subfolder="vae",
             torch_dtype=torch.float32,
-            use_safetensors=_safetensors(path / "vae"),
+            use_safetensors=_safetensors(path / "vae", variant),
             **weights,
         ).eval(),
         "scheduler": lambda: scheduler_cls.from_config(scheduler_config),

@@ -79,10 +79,17 @@ def test_every_shape_gives_the_same_image_and_fingerprint(shapes, tmp_path, caps
     assert len(prints) == 1  # the same weights, whatever shape they came in
 
 
-def test_bin_weights_load_without_a_logged_error(shapes):
+def test_bin_weights_load_without_a_logged_error(tiny, shapes, tmp_path):
     """diffusers, asked for safetensors first, logs "An error occurred while trying to fetch"
-    before it reads a folder's .bin weights; sdtrt asks for what the folder holds."""
+    before it reads a folder's .bin weights; sdtrt asks for what the folder holds: .bin
+    default weights, or a .bin variant beside safetensors default weights."""
     import logging
+
+    mixed = shutil.copytree(shapes["folder"].model, tmp_path / "mixed")
+    for name in ("unet", "vae"):
+        tiny[name].save_pretrained(mixed / name, safe_serialization=False, variant="fp16")
+    tiny["text_encoder"].save_pretrained(mixed / "text_encoder", variant="fp16")
+    assert (mixed / "unet" / "diffusion_pytorch_model.fp16.bin").is_file()
 
     records = []
     handler = logging.Handler()
@@ -91,6 +98,7 @@ def test_bin_weights_load_without_a_logged_error(shapes):
     diffusers_logger.addHandler(handler)
     try:
         load_components(shapes["pickled"])
+        load_components(ModelSource(str(mixed), variant="fp16"))
     finally:
         diffusers_logger.removeHandler(handler)
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
