@@ -372,15 +372,12 @@ def _diffusers_target(
     timer: StageTimer,
     backend: str,
 ) -> Target:
-    import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from sdtrt.runtime.schedulers import SCHEDULERS
+    from sdtrt.runtime.schedulers import diffusers_scheduler
 
     # diffusers' own scheduler class: what a user of diffusers gets.
-    scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(
-        components["scheduler"].config
-    )
+    scheduler = diffusers_scheduler(config.scheduler, components["scheduler"].config)
     pipe: Any = StableDiffusionImg2ImgPipeline(
         **{**components, "scheduler": scheduler},
         safety_checker=None,

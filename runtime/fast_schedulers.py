@@ -548,4 +548,6 @@ FAST_SCHEDULERS = {
     "euler_a": CachedEulerAncestralDiscreteScheduler,
     "dpmpp_2m": CachedDPMSolverMultistepScheduler,
     "unipc": CachedUniPCMultistepScheduler,
+    "lms_karras": CachedLMSDiscreteScheduler,
+    "dpmpp_2m_karras": CachedDPMSolverMultistepScheduler,
 }

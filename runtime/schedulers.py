@@ -28,6 +28,14 @@ SCHEDULERS: dict[str, str] = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lms_karras": "LMSDiscreteScheduler",
+    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+}
+# Names that are a class with settings over the model's config: A1111's "LMS Karras" and
+# "DPM++ 2M Karras", as diffusers' scheduler docs build them.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "lms_karras": {"use_karras_sigmas": True},
+    "dpmpp_2m_karras": {"use_karras_sigmas": True},
 }
 
 
@@ -57,9 +65,16 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
         from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
         cls = FAST_SCHEDULERS[name]
-    scheduler = cls.from_config(dict(config))
+    scheduler = cls.from_config(dict(config), **SETTINGS.get(name, {}))
     normalise_scheduler_config(scheduler)
     return scheduler
+
+
+def diffusers_scheduler(name: str, config: Any) -> SchedulerMixin:
+    """diffusers' own class for ``name``, built as a diffusers user builds it (the
+    reference the bench and the exactness tests compare with)."""
+    check_scheduler(name)
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SETTINGS.get(name, {}))
 
 
 def fast_schedulers_proven(version: str | None = None) -> bool:

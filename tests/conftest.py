@@ -80,12 +80,19 @@ def unet_variant(components, **changes):
     return {**components, "unet": UNet2DConditionModel(**{**config, **changes}).eval()}
 
 
-def diffusers_img2img(components, scheduler_class_name: str):
-    """diffusers' own pipeline on the same components: the reference every test uses."""
+def diffusers_img2img(components, scheduler: str):
+    """diffusers' own pipeline on the same components: the reference every test uses.
+    ``scheduler``: sdtrt's name (its class and settings) or a diffusers class name."""
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    scheduler = getattr(diffusers, scheduler_class_name).from_config(components["scheduler"].config)
+    from sdtrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler
+
+    config = components["scheduler"].config
+    if scheduler in SCHEDULERS:
+        scheduler = diffusers_scheduler(scheduler, config)
+    else:
+        scheduler = getattr(diffusers, scheduler).from_config(config)
     pipe = StableDiffusionImg2ImgPipeline(
         **{**components, "scheduler": scheduler},
         safety_checker=None,

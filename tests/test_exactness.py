@@ -21,7 +21,7 @@ CASES = [
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_equals_diffusers(tiny, images, scheduler):
     ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
-    reference = diffusers_img2img(tiny, SCHEDULERS[scheduler])
+    reference = diffusers_img2img(tiny, scheduler)
     for strength in (0.3, 0.8, 1.0):
         for batch, negative in (c.values for c in CASES):
             prompts = ["A colorful dancer, nat geo photo", "a cat"][:batch]
@@ -57,7 +57,7 @@ def test_a_scheduler_swapped_in_the_diffusers_way_gives_diffusers_image(
     if tabulated:
         ours.backend.step_unet = ours.backend.unet
     ours.scheduler = getattr(diffusers, name).from_config(ours.scheduler.config)
-    reference = diffusers_img2img(tiny, SCHEDULERS["lms"])
+    reference = diffusers_img2img(tiny, "lms")
     reference.scheduler = getattr(diffusers, name).from_config(reference.scheduler.config)
     kwargs = dict(strength=0.8, num_inference_steps=6, guidance_scale=8.0, output_type="np")
     got = ours("a red circle", images[0], generator=torch.Generator().manual_seed(4), **kwargs)
@@ -78,7 +78,7 @@ def test_one_generator_per_image_equals_diffusers(tiny, images, scheduler, tabul
     ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
     if tabulated:
         ours.backend.step_unet = ours.backend.unet  # what --step-graphs gives on a GPU
-    reference = diffusers_img2img(tiny, SCHEDULERS[scheduler])
+    reference = diffusers_img2img(tiny, scheduler)
     kwargs = dict(strength=0.8, num_inference_steps=6, guidance_scale=8.0, output_type="np")
     kwargs["num_images_per_prompt"] = 2
     generators = lambda: [torch.Generator().manual_seed(seed) for seed in (5, 6, 7, 8)]  # noqa: E731
@@ -98,7 +98,7 @@ def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):
     from sdtrt.runtime.steps import token_ids
 
     ours = Img2ImgPipeline.from_components(tiny, scheduler="euler_a", show_progress=False)
-    reference = diffusers_img2img(tiny, SCHEDULERS["euler_a"])
+    reference = diffusers_img2img(tiny, "euler_a")
     width = tiny["text_encoder"].config.hidden_size
     embeds = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(0))
     negative = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(1))
@@ -126,7 +126,7 @@ def test_ddim_eta_equals_diffusers(tiny, images, tabulated):
     ours = Img2ImgPipeline.from_components(tiny, scheduler="ddim", show_progress=False)
     if tabulated:
         ours.backend.step_unet = ours.backend.unet  # what --step-graphs gives on a GPU
-    reference = diffusers_img2img(tiny, SCHEDULERS["ddim"])
+    reference = diffusers_img2img(tiny, "ddim")
     kwargs = dict(strength=0.8, num_inference_steps=8, guidance_scale=8.0, output_type="np")
 
     def run(pipe, eta):
@@ -170,7 +170,7 @@ def test_v_prediction_equals_diffusers(tiny, images):
         ours = Img2ImgPipeline.from_components(components, scheduler=name, show_progress=False)
         assert ours.scheduler.config.prediction_type == "v_prediction"
         got = ours("a", images[0], generator=torch.Generator().manual_seed(5), **kwargs)
-        want = diffusers_img2img(components, SCHEDULERS[name])(
+        want = diffusers_img2img(components, name)(
             "a", images[0], generator=torch.Generator().manual_seed(5), **kwargs
         ).images
         assert float(np.abs(got.images - want).max()) == 0.0
@@ -234,7 +234,7 @@ def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):
     config = {**tiny["scheduler"].config, "solver_type": "bh1"}
     components["scheduler"] = type(tiny["scheduler"]).from_config(config)
     kwargs = dict(strength=0.8, num_inference_steps=8, output_type="np")
-    reference = diffusers_img2img(components, SCHEDULERS["unipc"])
+    reference = diffusers_img2img(components, "unipc")
     want = reference(
         "a red circle", images[0], generator=torch.Generator().manual_seed(3), **kwargs
     )
@@ -242,3 +242,26 @@ def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):
     ours = Img2ImgPipeline.from_components(components, scheduler="unipc", show_progress=False)
     with pytest.raises(NonFiniteOutputError, match="denoising loop .* scheduler's update"):
         ours("a red circle", images[0], generator=torch.Generator().manual_seed(3), **kwargs)
+
+
+def test_karras_names_are_their_class_with_karras_sigmas(tiny, images):
+    """lms_karras and dpmpp_2m_karras (A1111's "LMS Karras", "DPM++ 2M Karras") are LMS and
+    DPM-Solver++ with Karras sigmas over the model's config: another schedule, another
+    image (their equality with diffusers' is test_equals_diffusers'). The command line's
+    light name list is this one."""
+    from sdtrt.options import SCHEDULER_NAMES
+
+    assert SCHEDULER_NAMES == tuple(SCHEDULERS)
+    kwargs = dict(strength=0.8, num_inference_steps=8, guidance_scale=8.0, output_type="np")
+    for name, plain in (("lms_karras", "lms"), ("dpmpp_2m_karras", "dpmpp_2m")):
+        pipes = [
+            Img2ImgPipeline.from_components(tiny, scheduler=n, show_progress=False)
+            for n in (name, plain)
+        ]
+        assert type(pipes[0].scheduler) is type(pipes[1].scheduler)
+        assert pipes[0].scheduler.config.use_karras_sigmas
+        assert not pipes[1].scheduler.config.use_karras_sigmas
+        got = [
+            p("a", images[0], generator=torch.Generator().manual_seed(2), **kwargs) for p in pipes
+        ]
+        assert float(np.abs(got[0].images - got[1].images).max()) > 0.01, name

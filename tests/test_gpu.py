@@ -225,11 +225,11 @@ def test_every_scheduler_on_cuda_equals_diffusers_on_cuda(tiny):
     freedom)."""
     on_gpu = _own(tiny)
     run = dict(strength=0.8, num_inference_steps=8, guidance_scale=7.5, output_type="np")
-    for name, class_name in SCHEDULERS.items():
+    for name in SCHEDULERS:
         ours = Img2ImgPipeline.from_components(
             on_gpu, TorchOptions(device="cuda"), scheduler=name, show_progress=False
         )
-        reference = diffusers_img2img(on_gpu, class_name).to("cuda")
+        reference = diffusers_img2img(on_gpu, name).to("cuda")
         got = ours("a dancer", _image(), generator=torch.Generator().manual_seed(6), **run)
         want = reference("a dancer", _image(), generator=torch.Generator().manual_seed(6), **run)
         assert float(np.abs(got.images - want.images).max()) <= 1e-5, name
