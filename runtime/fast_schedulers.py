@@ -550,4 +550,5 @@ FAST_SCHEDULERS = {
     "unipc": CachedUniPCMultistepScheduler,
     "lms_karras": CachedLMSDiscreteScheduler,
     "dpmpp_2m_karras": CachedDPMSolverMultistepScheduler,
+    "dpmpp_2m_sde_karras": CachedDPMSolverMultistepScheduler,
 }

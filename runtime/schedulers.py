@@ -30,12 +30,14 @@ SCHEDULERS: dict[str, str] = {
     "unipc": "UniPCMultistepScheduler",
     "lms_karras": "LMSDiscreteScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
 }
-# Names that are a class with settings over the model's config: A1111's "LMS Karras" and
-# "DPM++ 2M Karras", as diffusers' scheduler docs build them.
+# Names that are a class with settings over the model's config: A1111's "LMS Karras",
+# "DPM++ 2M Karras" and "DPM++ 2M SDE Karras", as diffusers' scheduler docs build them.
 SETTINGS: dict[str, dict[str, Any]] = {
     "lms_karras": {"use_karras_sigmas": True},
     "dpmpp_2m_karras": {"use_karras_sigmas": True},
+    "dpmpp_2m_sde_karras": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
 }
 
 

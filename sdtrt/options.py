@@ -19,7 +19,7 @@ SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
 SCHEDULER_NAMES = (
     "lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms_karras",
-    "dpmpp_2m_karras",
+    "dpmpp_2m_karras", "dpmpp_2m_sde_karras",
 )  # fmt: skip
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")

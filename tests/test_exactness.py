@@ -245,22 +245,29 @@ def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):
 
 
 def test_karras_names_are_their_class_with_karras_sigmas(tiny, images):
-    """lms_karras and dpmpp_2m_karras (A1111's "LMS Karras", "DPM++ 2M Karras") are LMS and
-    DPM-Solver++ with Karras sigmas over the model's config: another schedule, another
+    """lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras (A1111's "LMS Karras", "DPM++ 2M
+    Karras", "DPM++ 2M SDE Karras") are LMS and DPM-Solver++ with Karras sigmas over the
+    model's config (the last with its stochastic SDE solver): another schedule, another
     image (their equality with diffusers' is test_equals_diffusers'). The command line's
     light name list is this one."""
     from sdtrt.options import SCHEDULER_NAMES
 
     assert SCHEDULER_NAMES == tuple(SCHEDULERS)
     kwargs = dict(strength=0.8, num_inference_steps=8, guidance_scale=8.0, output_type="np")
-    for name, plain in (("lms_karras", "lms"), ("dpmpp_2m_karras", "dpmpp_2m")):
+    karras = {"use_karras_sigmas": True}
+    cases = [
+        ("lms_karras", "lms", karras),
+        ("dpmpp_2m_karras", "dpmpp_2m", karras),
+        ("dpmpp_2m_sde_karras", "dpmpp_2m", {**karras, "algorithm_type": "sde-dpmsolver++"}),
+    ]
+    for name, plain, settings in cases:
         pipes = [
             Img2ImgPipeline.from_components(tiny, scheduler=n, show_progress=False)
             for n in (name, plain)
         ]
         assert type(pipes[0].scheduler) is type(pipes[1].scheduler)
-        assert pipes[0].scheduler.config.use_karras_sigmas
-        assert not pipes[1].scheduler.config.use_karras_sigmas
+        for key, value in settings.items():
+            assert pipes[0].scheduler.config[key] == value != pipes[1].scheduler.config[key]
         got = [
             p("a", images[0], generator=torch.Generator().manual_seed(2), **kwargs) for p in pipes
         ]

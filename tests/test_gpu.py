@@ -96,8 +96,12 @@ def test_the_eager_loop_does_not_wait_for_the_gpu(tiny, cuda_graphs):
     np.testing.assert_allclose(run(), want, atol=1e-6)
 
 
+# Every scheduler whose steps are tabulated (the SDE solver's are not: UNet-only graphs).
+STEP_GRAPHED = [name for name in SCHEDULERS if name != "dpmpp_2m_sde_karras"]
+
+
 @cuda
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", STEP_GRAPHED)
 def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
     """Whole steps replayed as CUDA graphs (runtime/step_graph.py) against the eager loop:
     fp32 within 1e-6, fp16 within the fp16 bound; one capture serves two schedules (two

@@ -45,16 +45,19 @@ def test_tabulated_loop_equals_the_eager_loop(request, model, scheduler, images)
         np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
 
 
-def test_a_step_not_tabulated_runs_the_eager_loop(tiny, images):
-    """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2) has no
-    table: the pipeline runs the eager loop, with the same result."""
-    eager, tabled = _pipelines(tiny, "dpmpp_2m")
-    for pipe in (eager, tabled):
-        config = {**pipe.scheduler.config, "solver_order": 3}
-        config.pop("_use_default_values", None)  # else from_config takes the default order back
-        pipe.scheduler = type(pipe.scheduler).from_config(config)
+@pytest.mark.parametrize("case", ["order-3", "sde"])
+def test_a_step_not_tabulated_runs_the_eager_loop(tiny, images, case):
+    """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2) and the
+    SDE solver (dpmpp_2m_sde_karras, which draws noise each step) have no table: the
+    pipeline runs the eager loop, with the same result."""
+    eager, tabled = _pipelines(tiny, "dpmpp_2m" if case == "order-3" else "dpmpp_2m_sde_karras")
+    if case == "order-3":
+        for pipe in (eager, tabled):
+            config = {**pipe.scheduler.config, "solver_order": 3}
+            config.pop("_use_default_values", None)  # else from_config takes order 2 back
+            pipe.scheduler = type(pipe.scheduler).from_config(config)
     timesteps = start_timesteps(tabled.scheduler, 10, 2, "cpu")
-    assert tabulate(tabled.scheduler, timesteps) is None
+    assert tabulate(tabled.scheduler, timesteps, torch.zeros(1, 4, 4, 6)) is None
     want = eager("a", images[0], strength=0.6, **_seeded(RUN, 1))
     got = tabled("a", images[0], strength=0.6, **_seeded(RUN, 1))
     assert tabled.step_graphs is not None  # asked for, and not used
