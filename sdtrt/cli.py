@@ -72,7 +72,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 STEP_GRAPHS_HELP = (
     "torch (with --device cuda) and the TensorRT backends: each whole step (UNet, guidance, "
-    "scheduler) as one CUDA graph (every scheduler; unusual scheduler settings: the UNet alone)"
+    "scheduler) as one CUDA graph (every scheduler but dpmpp_2m_sde_karras; it and unusual "
+    "scheduler settings: the UNet alone)"
 )
 
 

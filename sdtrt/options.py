@@ -78,8 +78,9 @@ class TorchOptions:
     """Replay the UNet as a CUDA graph (needs ``device="cuda"``)."""
     step_graphs: bool = False
     """Replay each whole denoising step (UNet, guidance, scheduler update) as one CUDA
-    graph (every scheduler as Stable Diffusion configures it; other settings replay the
-    UNet alone, as ``cuda_graphs`` does). Needs ``device="cuda"``."""
+    graph (every scheduler as Stable Diffusion configures it but dpmpp_2m_sde_karras;
+    it and other settings replay the UNet alone, as ``cuda_graphs`` does). Needs
+    ``device="cuda"``."""
     # Ways to a faster UNet (issue 15), each its own switch so that each is measured alone.
     # They change the UNet module in place, as diffusers' own calls do.
     channels_last: bool = False
