@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 # runtime/fast_schedulers.py overrides private diffusers methods. Its classes are used only
 # on the diffusers releases whose exactness tests (tests/test_exactness.py: 0.0 difference
-# from diffusers' own pipeline, all seven schedulers) were run; elsewhere diffusers' own
+# from diffusers' own pipeline, every named scheduler) were run; elsewhere diffusers' own
 # classes run, with a log line. Add a release here after running those tests on it.
 PROVEN_DIFFUSERS = ("0.42.1",)
 
