@@ -540,15 +540,14 @@ class CachedPNDMScheduler(_PerScheduleCache, PNDMScheduler):
         return sample_coeff, alpha_prod_t_prev - alpha_prod_t, denominator
 
 
+# diffusers' class name -> its memoised subclass: every name in schedulers.SCHEDULERS runs
+# one of these.
 FAST_SCHEDULERS = {
-    "ddim": CachedDDIMScheduler,
-    "lms": CachedLMSDiscreteScheduler,
-    "pndm": CachedPNDMScheduler,
-    "euler": CachedEulerDiscreteScheduler,
-    "euler_a": CachedEulerAncestralDiscreteScheduler,
-    "dpmpp_2m": CachedDPMSolverMultistepScheduler,
-    "unipc": CachedUniPCMultistepScheduler,
-    "lms_karras": CachedLMSDiscreteScheduler,
-    "dpmpp_2m_karras": CachedDPMSolverMultistepScheduler,
-    "dpmpp_2m_sde_karras": CachedDPMSolverMultistepScheduler,
+    "DDIMScheduler": CachedDDIMScheduler,
+    "LMSDiscreteScheduler": CachedLMSDiscreteScheduler,
+    "PNDMScheduler": CachedPNDMScheduler,
+    "EulerDiscreteScheduler": CachedEulerDiscreteScheduler,
+    "EulerAncestralDiscreteScheduler": CachedEulerAncestralDiscreteScheduler,
+    "DPMSolverMultistepScheduler": CachedDPMSolverMultistepScheduler,
+    "UniPCMultistepScheduler": CachedUniPCMultistepScheduler,
 }

@@ -66,7 +66,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     if fast_schedulers_proven():
         from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
-        cls = FAST_SCHEDULERS[name]
+        cls = FAST_SCHEDULERS[SCHEDULERS[name]]
     scheduler = cls.from_config(dict(config), **SETTINGS.get(name, {}))
     normalise_scheduler_config(scheduler)
     return scheduler

@@ -227,7 +227,11 @@ def test_fast_schedulers_only_on_proven_diffusers(monkeypatch, caplog):
 
     config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     monkeypatch.setattr(schedulers, "PROVEN_DIFFUSERS", (diffusers.__version__,))
-    assert type(schedulers.make_scheduler("lms", config)) is FAST_SCHEDULERS["lms"]
+    for name, class_name in schedulers.SCHEDULERS.items():  # each name's memoised class
+        fast = type(schedulers.make_scheduler(name, config))
+        assert fast is FAST_SCHEDULERS[class_name] and issubclass(
+            fast, getattr(diffusers, class_name)
+        )
     monkeypatch.setattr(schedulers, "PROVEN_DIFFUSERS", ("0.0.0",))
     monkeypatch.setattr(schedulers, "_warned", [])
     with caplog.at_level(logging.INFO, logger="sdtrt.runtime.schedulers"):
