@@ -43,6 +43,7 @@ from sdtrt.options import (
     ServeOptions,
     TensorRTOptions,
     TorchOptions,
+    expand_home,
     parse_sizes,
 )
 
@@ -798,24 +799,18 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# The options that name files or folders; "~/..." in them is the home folder where no
-# shell expanded it (quoted, a systemd unit, a script's variable): not a folder named "~".
+# The options that name files or folders (options.expand_home says why).
 _PATH_OPTIONS = (
     "model", "config", "reference", "image", "out", "json", "plot", "profile", "engine_dir",
     "folder",
 )  # fmt: skip
 
 
-def _expand_home(args: argparse.Namespace) -> None:
-    for name in _PATH_OPTIONS:
-        value = getattr(args, name, None)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(args, name, os.path.expanduser(value))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _expand_home(args)
+    for name in _PATH_OPTIONS:
+        if hasattr(args, name):
+            setattr(args, name, expand_home(getattr(args, name)))
     # Our INFO lines, but only the warnings of the exporters' chatty loggers.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sdtrt").setLevel(logging.DEBUG if args.verbose else logging.INFO)

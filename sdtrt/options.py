@@ -294,6 +294,12 @@ class Img2ImgJob:
         image_format(self.out)
 
 
+def expand_home(path: str | None) -> str | None:
+    """ "~/..." where no shell expanded it (quoted, a script's variable, a YAML or unit
+    file): the home folder, not a folder named "~". Other values as they are."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's PyTorch weights come from: a built-in name, a diffusers folder, or a
@@ -313,11 +319,8 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not str(self.model).strip():  # an unset "$MODEL": not the current folder
             raise InvalidInputError("the model is empty: give a model name, folder or file")
-        # "~/models/sd15" where no shell expanded it (Python, a YAML file): the home folder
-        for name in ("model", "config"):
-            value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("~"):
-                object.__setattr__(self, name, os.path.expanduser(value))
+        object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
+        object.__setattr__(self, "config", expand_home(self.config))
 
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)
