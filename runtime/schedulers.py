@@ -48,11 +48,16 @@ def check_scheduler(name: str) -> None:
         )
 
 
-def check_steps_for(scheduler: str | type, config: Any, steps: int) -> None:
+def scheduler_class(name: str) -> type[Any]:
+    """diffusers' own class for sdtrt's scheduler ``name``."""
+    check_scheduler(name)
+    cls: type[Any] = getattr(diffusers, SCHEDULERS[name])
+    return cls
+
+
+def check_steps_for(cls: type, config: Any, steps: int) -> None:
     """diffusers' DDIM refuses more steps than the model was trained with (a ValueError in
-    ``set_timesteps``, after the prompts were encoded): refused here, before any network.
-    ``scheduler``: sdtrt's name for it, or its class."""
-    cls = getattr(diffusers, SCHEDULERS[scheduler]) if isinstance(scheduler, str) else scheduler
+    ``set_timesteps``, after the prompts were encoded): refused here, before any network."""
     train = config.get("num_train_timesteps", 1000)
     if issubclass(cls, diffusers.DDIMScheduler) and steps > train:
         raise InvalidInputError(
@@ -61,8 +66,7 @@ def check_steps_for(scheduler: str | type, config: Any, steps: int) -> None:
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
-    check_scheduler(name)
-    cls = getattr(diffusers, SCHEDULERS[name])
+    cls = scheduler_class(name)
     if fast_schedulers_proven():
         from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
@@ -75,8 +79,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
 def diffusers_scheduler(name: str, config: Any) -> SchedulerMixin:
     """diffusers' own class for ``name``, built as a diffusers user builds it (the
     reference the bench and the exactness tests compare with)."""
-    check_scheduler(name)
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SETTINGS.get(name, {}))
+    return scheduler_class(name).from_config(config, **SETTINGS.get(name, {}))
 
 
 def fast_schedulers_proven(version: str | None = None) -> bool:

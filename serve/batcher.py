@@ -53,6 +53,7 @@ from sdtrt.runtime.schedulers import (
     check_scheduler,
     check_steps_for,
     make_scheduler,
+    scheduler_class,
     step_kwargs,
 )
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -228,7 +229,9 @@ class StepBatcher:
         pipe = self.pipeline
         height, width = pipe.output_size(image, request.height, request.width)
         pipe.limits.check(steps=request.num_inference_steps, batch=1, height=height, width=width)
-        check_steps_for(request.scheduler, pipe.scheduler.config, request.num_inference_steps)
+        check_steps_for(
+            scheduler_class(request.scheduler), pipe.scheduler.config, request.num_inference_steps
+        )
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         return Job(request, pixels.to(torch.float32), t_start, deadline)
