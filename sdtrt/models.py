@@ -278,23 +278,24 @@ def source_record(model: str | ModelSource) -> ModelSource:
 # NAME[.VARIANT]-00001-of-00002.EXT, or their index NAME.EXT.index[.VARIANT].json.
 _WEIGHTS = re.compile(
     r"^(?:model|pytorch_model|diffusion_pytorch_model)"
-    r"(?:\.(?P<v1>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    r"(?:\.(?P<v1>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?P<kind>safetensors|bin)"
     r"(?:\.index(?:\.(?P<v2>[A-Za-z0-9_]+))?\.json)?$"
 )
 _WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 
 
+def _weight_files(folder: Path) -> Iterator[tuple[str | None, str]]:
+    """(variant, "safetensors" or "bin") of each weight file in ``folder`` (variant None:
+    the default files)."""
+    for file in folder.iterdir() if folder.is_dir() else ():
+        match = _WEIGHTS.match(file.name)
+        if match:
+            yield match["v1"] or match["v2"], match["kind"]
+
+
 def folder_variants(path: Path) -> dict[str, set[str | None]]:
     """Per component, the weight variants its folder holds (None: the default files)."""
-    found: dict[str, set[str | None]] = {}
-    for component in _WEIGHT_COMPONENTS:
-        variants: set[str | None] = set()
-        for file in (path / component).iterdir() if (path / component).is_dir() else ():
-            match = _WEIGHTS.match(file.name)
-            if match:
-                variants.add(match["v1"] or match["v2"])
-        found[component] = variants
-    return found
+    return {c: {variant for variant, _ in _weight_files(path / c)} for c in _WEIGHT_COMPONENTS}
 
 
 def choose_variant(path: Path, variant: str | None) -> str | None:
@@ -440,11 +441,7 @@ def _safetensors(folder: Path, variant: str | None) -> bool | None:
     repositories): diffusers then reads them (``torch.load`` with ``weights_only``) without
     first logging "An error occurred while trying to fetch" the ``.safetensors`` it looked
     for; None (diffusers' default: safetensors first) otherwise."""
-    kinds = set()
-    for file in folder.iterdir() if folder.is_dir() else ():
-        match = _WEIGHTS.match(file.name)
-        if match and (match["v1"] or match["v2"]) == variant:
-            kinds.add("safetensors" if ".safetensors" in file.name else "bin")
+    kinds = {kind for found, kind in _weight_files(folder) if found == variant}
     return False if kinds == {"bin"} else None
 
 
