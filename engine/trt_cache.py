@@ -7,19 +7,17 @@ found from the sidecar, before the engine is deserialised. Pure Python: tested o
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import sha256_file
-from sdtrt.fileio import atomic_path, write_json
+from sdtrt.fileio import atomic_path, exclusive_lock, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -129,25 +127,13 @@ def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-@contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on ``path``: two builds of the same engine run one after the other."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) -> Path:
     """The engine for ``key``: reused when its sidecar matches every field, else built with
     ``build`` under a lock and written atomically (engine first, then the sidecar that
     vouches for it)."""
     plan = engine_dir / f"{key.stem()}.plan"
     sidecar = plan.with_suffix(".json")
-    with build_lock(plan.with_suffix(".lock")):
+    with exclusive_lock(plan.with_suffix(".lock"), f"building {plan.name}"):
         found = _read_sidecar(sidecar) if plan.is_file() else None
         if found is not None and not mismatches(found, key, tuple(key.to_json())):
             if sha256_file(plan) == found.get("plan_sha256"):

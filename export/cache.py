@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.export.folder import FORMAT_VERSION, ExportedModel, is_export
-from sdtrt.options import CacheOptions, ExportOptions
+from sdtrt.fileio import exclusive_lock
+from sdtrt.options import CacheOptions, ExportOptions, as_source
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,24 @@ def exported_for(
         f"{folder} is sdtrt's export cache: delete it (or all of {folder.parent}) and run "
         "again to export afresh"
     )
-    if is_export(folder):
-        logger.info("reusing the export in %s", folder)
-    else:
-        if folder.exists():  # an entry of ours that never completed: only ours, by its key
-            logger.warning("removing the incomplete cache entry %s", folder)
-            shutil.rmtree(folder)
-        logger.info(
-            "exporting %s (%s, opset %d) into %s", cache.source, precision, cache.opset, folder
-        )
-        options = ExportOptions(precisions=(precision,), opset=cache.opset)
-        export_model(components, folder, source=cache.source, options=options)
+    # Processes sharing the cache (Ray Serve replicas starting together, parallel jobs)
+    # export a model once: the others wait for the lock, then reuse the folder. Without it
+    # each exported the whole model again and the last one replaced the folder the others
+    # were reading.
+    with exclusive_lock(folder.with_name(f"{key}.lock"), f"exporting into {folder}"):
+        if is_export(folder):
+            logger.info("reusing the export in %s", folder)
+        else:
+            if folder.exists():  # an entry that never completed: only ours, by its key
+                logger.warning("removing the incomplete cache entry %s", folder)
+                shutil.rmtree(folder)
+            logger.info(
+                "exporting %s (%s, opset %d) into %s",
+                as_source(cache.source).describe(),
+                precision,
+                cache.opset,
+                folder,
+            )
+            options = ExportOptions(precisions=(precision,), opset=cache.opset)
+            export_model(components, folder, source=cache.source, options=options)
     return ExportedModel.open(folder, fix=fix)

@@ -4,6 +4,7 @@ of ours (or empty)."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import logging
@@ -157,6 +158,26 @@ def atomic_dir(path: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, holder: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made if missing): of several processes
+    or threads doing the same work into a shared cache, one does it and the others wait,
+    then find it done. The wait is logged, naming ``holder`` (what the lock's holder is
+    doing). The kernel drops the lock when its holder exits, however it exits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:  # "a": the lock file is never truncated or replaced
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another sdtrt process, %s (lock %s)", holder, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -163,6 +163,47 @@ def test_corrupt_cache_entry_names_the_cache_and_how_to_clear_it(tiny, tmp_path,
     assert str(exported.root) in str(info.value)
 
 
+def test_processes_sharing_the_cache_export_a_model_once(tiny, tmp_path, monkeypatch, caplog):
+    """Two exporters of one model into one cache (Ray Serve replicas starting together):
+    one exports, the other waits for it and reuses its folder. flock holds between two
+    threads' own file handles as between processes."""
+    import threading
+
+    from sdtrt.export.cache import exported_for
+    from sdtrt.options import CacheOptions
+
+    exporting, calls = threading.Event(), []
+
+    def slow_export(network, *args, **kwargs):
+        calls.append(network.name)
+        exporting.set()
+        time.sleep(0.2)  # long enough for the second exporter to arrive meanwhile
+        _fake_network_export(network, *args, **kwargs)
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", slow_export)
+    cache = CacheOptions(cache_dir=str(tmp_path))
+    found = {}
+
+    def export(who):
+        found[who] = exported_for(tiny, precision="fp32", cache=cache).root
+
+    caplog.set_level("INFO", logger="sdtrt")
+    first = threading.Thread(target=export, args=("first",))
+    first.start()
+    assert exporting.wait(30)
+    export("second")  # arrives while the first is exporting
+    first.join(30)
+    assert found["first"] == found["second"]
+    assert sorted(calls) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("waiting for another sdtrt process, exporting into") for m in messages)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # no "leftovers"
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        found["first"].name,
+        f"{found['first'].name}.lock",
+    ]
+
+
 # Outputs checked before the work ---------------------------------------------------------
 
 
