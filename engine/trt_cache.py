@@ -17,7 +17,7 @@ from typing import Any
 
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import sha256_file
-from sdtrt.fileio import atomic_path, exclusive_lock, write_json
+from sdtrt.fileio import atomic_path, check_writable, exclusive_lock, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -127,21 +127,34 @@ def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def _matches(plan: Path, sidecar: Path, key: EngineKey, *, say_why: bool = False) -> bool:
+    """Whether ``plan`` is the engine for ``key``: its sidecar matches every field and
+    vouches for its bytes. ``say_why``: log why a present engine is not reused."""
+    found = _read_sidecar(sidecar) if plan.is_file() else None
+    if found is not None and not mismatches(found, key, tuple(key.to_json())):
+        if sha256_file(plan) == found.get("plan_sha256"):
+            return True
+        if say_why:
+            logger.warning("engine %s does not match its sidecar: building it again", plan.name)
+    elif say_why and sidecar.is_file() and found is None:
+        logger.warning("sidecar %s is unreadable: building the engine again", sidecar.name)
+    return False
+
+
 def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) -> Path:
     """The engine for ``key``: reused when its sidecar matches every field, else built with
     ``build`` under a lock and written atomically (engine first, then the sidecar that
     vouches for it)."""
     plan = engine_dir / f"{key.stem()}.plan"
     sidecar = plan.with_suffix(".json")
+    if _matches(plan, sidecar, key):  # reuse writes nothing: the folder may be read-only
+        logger.info("reusing engine %s", plan.name)
+        return plan
+    check_writable(plan, "the engine")  # a typed error before the lock's own write
     with exclusive_lock(plan.with_suffix(".lock"), f"building {plan.name}"):
-        found = _read_sidecar(sidecar) if plan.is_file() else None
-        if found is not None and not mismatches(found, key, tuple(key.to_json())):
-            if sha256_file(plan) == found.get("plan_sha256"):
-                logger.info("reusing engine %s", plan.name)
-                return plan
-            logger.warning("engine %s does not match its sidecar: building it again", plan.name)
-        elif sidecar.is_file() and found is None:
-            logger.warning("sidecar %s is unreadable: building the engine again", sidecar.name)
+        if _matches(plan, sidecar, key, say_why=True):  # built while this process waited
+            logger.info("reusing engine %s", plan.name)
+            return plan
         logger.info("building engine %s", plan.name)
         data = build()
         with atomic_path(plan) as tmp:

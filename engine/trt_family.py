@@ -121,6 +121,7 @@ class RuntimeCacheFile:
 
     def __init__(self, path: Path, cache: Any) -> None:
         self.path, self.cache = path, cache
+        self.unwritable = False
         if path.is_file():
             try:
                 blob = path.read_bytes()
@@ -133,8 +134,19 @@ class RuntimeCacheFile:
                 cache.reset()
 
     def save(self) -> None:
+        """Write the cache; where the folder cannot be written (engines shipped read-only)
+        a warning, once, and the kernels are compiled again by the next process."""
         data = self.cache.serialize()
-        if data is None:
+        if data is None or self.unwritable:
             return
-        with atomic_path(self.path) as tmp:
-            tmp.write_bytes(bytes(data))
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(bytes(data))
+        except OSError as exc:
+            self.unwritable = True
+            logger.warning(
+                "runtime cache %s cannot be written (%s): the next process compiles these "
+                "kernels again",
+                self.path,
+                exc.strerror or exc,
+            )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.export.folder import FORMAT_VERSION, ExportedModel, is_export
-from sdtrt.fileio import exclusive_lock
+from sdtrt.fileio import check_writable, exclusive_lock
 from sdtrt.options import CacheOptions, ExportOptions, as_source
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,20 @@ def exported_for(
         f"{folder} is sdtrt's export cache: delete it (or all of {folder.parent}) and run "
         "again to export afresh"
     )
+    if is_export(folder):  # reuse writes nothing: a cache may be read-only (baked in an image)
+        logger.info("reusing the export in %s", folder)
+        return ExportedModel.open(folder, fix=fix)
+    check_writable(
+        folder,
+        "the export cache entry",
+        " ($SDTRT_CACHE names the cache folder; default ~/.cache/sdtrt)",
+    )
     # Processes sharing the cache (Ray Serve replicas starting together, parallel jobs)
     # export a model once: the others wait for the lock, then reuse the folder. Without it
     # each exported the whole model again and the last one replaced the folder the others
     # were reading.
     with exclusive_lock(folder.with_name(f"{key}.lock"), f"exporting into {folder}"):
-        if is_export(folder):
+        if is_export(folder):  # exported while this process waited
             logger.info("reusing the export in %s", folder)
         else:
             if folder.exists():  # an entry that never completed: only ours, by its key

@@ -40,7 +40,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def _check_writable_parent(path: Path, what: str) -> None:
+def check_writable(path: Path, what: str, hint: str = "") -> None:
     """``path``'s folder exists or can be made, and a file can be created there. Probed by
     creating (and removing) a file: permission bits do not tell for root or read-only
     mounts."""
@@ -51,7 +51,7 @@ def _check_writable_parent(path: Path, what: str) -> None:
         fd, probe = tempfile.mkstemp(prefix=".sdtrt-probe.", dir=existing)
     except OSError as exc:
         raise InvalidInputError(
-            f"{what} {path} cannot be written: {existing} is not writable ({exc.strerror})"
+            f"{what} {path} cannot be written: {existing} is not writable ({exc.strerror}){hint}"
         ) from None
     os.close(fd)
     os.unlink(probe)
@@ -62,7 +62,7 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"{what} {path} is a folder: give a file name")
-    _check_writable_parent(path, what)
+    check_writable(path, what)
     return path
 
 
@@ -95,7 +95,7 @@ def check_output_dir(
             f"{what} {path} already exists and holds files sdtrt did not write: it is "
             f"replaced only when empty or one of sdtrt's own; choose another folder{hint}"
         )
-    _check_writable_parent(path, what)
+    check_writable(path, what)
     return path
 
 

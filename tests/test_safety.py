@@ -204,6 +204,32 @@ def test_processes_sharing_the_cache_export_a_model_once(tiny, tmp_path, monkeyp
     ]
 
 
+def test_reusing_a_cached_export_writes_nothing(tiny, tmp_path, fast_export):
+    """An export cache baked into a read-only image or volume is reused: a reuse writes
+    no lock file, nothing at all."""
+    from sdtrt.export.cache import exported_for
+    from sdtrt.options import CacheOptions
+
+    cache = CacheOptions(cache_dir=str(tmp_path))
+    exported = exported_for(tiny, precision="fp32", cache=cache)
+    exported.root.with_name(f"{exported.root.name}.lock").unlink()
+    before = {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert exported_for(tiny, precision="fp32", cache=cache).root == exported.root
+    assert {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_an_unwritable_cache_is_a_clear_error(tiny, fast_export):
+    from sdtrt.errors import InvalidInputError
+    from sdtrt.export.cache import exported_for
+    from sdtrt.options import CacheOptions
+
+    cache = CacheOptions(cache_dir=str(UNWRITABLE))
+    with pytest.raises(
+        InvalidInputError, match=r"cannot be written: /proc is not writable.*SDTRT_CACHE"
+    ):
+        exported_for(tiny, precision="fp32", cache=cache)
+
+
 # Outputs checked before the work ---------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +196,22 @@ def test_cached_engine_builds_once_then_reuses(tmp_path):
     # A changed graph is another key: another engine, built.
     changed = cached_engine(tmp_path, replace(KEY, graph_sha256="b" * 64), lambda: b"new")
     assert changed != first and changed.read_bytes() == b"new"
+
+
+def test_reusing_an_engine_writes_nothing(tmp_path):
+    """Engines shipped in a read-only folder (a container image, a Triton-style model
+    repository) are reused: no lock file or anything else is written for a reuse."""
+    built = cached_engine(tmp_path, KEY, lambda: b"engine-bytes")
+    built.with_suffix(".lock").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert cached_engine(tmp_path, KEY, lambda: b"other") == built
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_an_engine_folder_that_cannot_be_written_is_a_clear_error():
+    unwritable = Path("/proc/sdtrt-cannot-write-here")  # not even root creates files here
+    with pytest.raises(InvalidInputError, match="the engine .* cannot be written: /proc"):
+        cached_engine(unwritable, KEY, lambda: b"engine")
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -9,6 +9,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -226,6 +227,21 @@ def test_runtime_cache_file(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         damaged = RuntimeCacheFile(path, _FakeCache(b"ok"))
     assert damaged.cache.resets == 1 and "unreadable: starting a fresh one" in caplog.text
+
+
+def test_runtime_cache_in_a_read_only_folder_is_a_warning(caplog):
+    """Engines shipped read-only (a container image, a mounted model repository): the
+    kernels compiled at run time cannot be kept, which must not fail the request that
+    compiled them; said once per cache."""
+    path = Path("/proc/sdtrt-cannot-write-here/unet.runtime-cache")  # not even root writes
+    cache = RuntimeCacheFile(path, _FakeCache(b"ok"))
+    with caplog.at_level(logging.WARNING):
+        cache.save()
+        cache.save()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"runtime cache {path} cannot be written"
+    ]
+    assert not path.parent.exists()
 
 
 def test_one_polygraphy_family_per_process():
