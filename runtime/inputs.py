@@ -51,12 +51,18 @@ class Limits:
         for what, value, limit, variable in (
             ("steps", steps, self.max_steps, "SDTRT_MAX_STEPS"),
             ("images per request", batch, self.max_batch, "SDTRT_MAX_BATCH"),
-            (f"{height}x{width} pixels", height * width, self.max_pixels, "SDTRT_MAX_PIXELS"),
+            (f"{width}x{height} pixels", height * width, self.max_pixels, "SDTRT_MAX_PIXELS"),
         ):
             if value > limit:
+                # An image's size is the output's unless height and width are given: a
+                # phone photo (4000x3000) is over the limit as it comes.
+                smaller = (
+                    "ask for a smaller height and width (without them the output takes the "
+                    "input image's size), or "
+                ) * (variable == "SDTRT_MAX_PIXELS")
                 raise InvalidInputError(
                     f"{what} ({value}) is over this machine's limit of {limit}; "
-                    f"set {variable} to raise it"
+                    f"{smaller}set {variable} to raise it"
                 )
 
 
