@@ -9,6 +9,7 @@ command's options with their defaults."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import os
@@ -823,6 +824,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SdtrtError as exc:
         print(f"sdtrt: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk (an SD export takes gigabytes) is the machine's state, not a bug:
+        # one line, as for bad input. Every writer cleans up its temporary files.
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        print(
+            f"sdtrt: error: {exc.strerror}{where}; nothing half-written was kept: free some "
+            "space, or write elsewhere, and run again",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("sdtrt: interrupted", file=sys.stderr)
         return 130

@@ -230,6 +230,29 @@ def test_an_unwritable_cache_is_a_clear_error(tiny, fast_export):
         exported_for(tiny, precision="fp32", cache=cache)
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A disk that fills during an export (SD's takes gigabytes): one line, exit 1, and no
+    half-written folder or temporary one."""
+    import errno
+
+    calls = []
+
+    def fill_the_disk(network, module, path, **kwargs):
+        calls.append(network.name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        _fake_network_export(network, module, path, **kwargs)
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fill_the_disk)
+    code, err = _run(["export", "--model", "tiny", "--out", str(tmp_path / "onnx")], capsys)
+    assert code == 1 and len(calls) == 2
+    assert err.strip().splitlines()[-1] == (
+        "sdtrt: error: No space left on device; nothing half-written was kept: free some "
+        "space, or write elsewhere, and run again"
+    )
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 # Outputs checked before the work ---------------------------------------------------------
 
 
