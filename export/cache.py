@@ -16,10 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$SDTRT_CACHE``, else ``~/.cache/sdtrt``."""
+    """``cache_dir``, else ``$SDTRT_CACHE``, else ``$XDG_CACHE_HOME/sdtrt``, else
+    ``~/.cache/sdtrt``: where Hugging Face's and torch's caches go, sdtrt's goes too."""
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("SDTRT_CACHE", "~/.cache/sdtrt")).expanduser()
+    if os.environ.get("SDTRT_CACHE"):
+        return Path(os.environ["SDTRT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sdtrt"
 
 
 def exported_for(
@@ -42,7 +45,7 @@ def exported_for(
     check_writable(
         folder,
         "the export cache entry",
-        " ($SDTRT_CACHE names the cache folder; default ~/.cache/sdtrt)",
+        " ($SDTRT_CACHE names the cache folder; default $XDG_CACHE_HOME/sdtrt or ~/.cache/sdtrt)",
     )
     # Processes sharing the cache (Ray Serve replicas starting together, parallel jobs)
     # export a model once: the others wait for the lock, then reuse the folder. Without it

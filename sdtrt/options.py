@@ -338,7 +338,7 @@ class CacheOptions:
 
     opset: int = DEFAULT_OPSET
     cache_dir: str | None = None
-    """None: ``$SDTRT_CACHE``, else ``~/.cache/sdtrt``."""
+    """None: ``$SDTRT_CACHE``, else ``$XDG_CACHE_HOME/sdtrt``, else ``~/.cache/sdtrt``."""
     source: str | ModelSource = "in-memory"
     """The model's name, folder or file, recorded in the export's manifest."""
 

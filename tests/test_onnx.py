@@ -154,6 +154,18 @@ def test_vae_precision_plan_points_at_fp32_graphs():
     assert plan["fp32"]["vae_encoder"]["file"] == "vae_encoder/model.onnx"
 
 
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SDTRT_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_module.cache_root() == tmp_path / "home" / ".cache" / "sdtrt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # as HF and torch read it
+    assert cache_module.cache_root() == tmp_path / "xdg" / "sdtrt"
+    monkeypatch.setenv("SDTRT_CACHE", "~/sd")
+    assert cache_module.cache_root() == tmp_path / "home" / "sd"
+    assert cache_module.cache_root(tmp_path / "given") == tmp_path / "given"
+
+
 def test_cache_is_reused(exported, tiny, onnx_cache, monkeypatch):
     def no_export(*args, **kwargs):
         raise AssertionError("exported again instead of reusing the cache")
