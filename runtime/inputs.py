@@ -208,7 +208,13 @@ def image_input(image: Any) -> Any:
         return converted if isinstance(image, list) else converted[0]
     if not isinstance(items[0], np.ndarray | torch.Tensor):
         name = "None" if image is None else type(items[0]).__name__
-        raise InvalidInputError(f"image is {name}; expected {IMAGE_KINDS}")
+        hint = ""
+        if isinstance(items[0], str | os.PathLike):  # the CLI's --image habit
+            hint = (
+                "; a file name is opened by the caller: image=diffusers.utils.load_image(path) "
+                "(turned by its EXIF orientation, in RGB)"
+            )
+        raise InvalidInputError(f"image is {name}; expected {IMAGE_KINDS}{hint}")
     for item in items:
         _check_pixel_array(item, items[0].shape)
     return image

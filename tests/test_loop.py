@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -206,6 +207,7 @@ _PIXELS = np.random.default_rng(1).random((32, 48, 3), dtype=np.float32)
     [
         (None, "image is None; expected a PIL image, a float numpy array"),
         ("photo.png", "image is str; expected a PIL image"),
+        (Path("p.png"), "kinds; a file name is opened by the caller: image=diffusers.utils"),
         ([], "image is an empty list"),
         ([PIL.Image.new("RGB", (48, 32)), _PIXELS], "image mixes kinds in one list"),
         (PIL.Image.new("RGB", (0, 0)), "image is 0x0 pixels"),
