@@ -17,7 +17,13 @@ from typing import Any
 
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import sha256_file
-from sdtrt.fileio import atomic_path, check_writable, exclusive_lock, write_json
+from sdtrt.fileio import (
+    atomic_path,
+    check_writable,
+    exclusive_lock,
+    remove_leftovers,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +161,8 @@ def cached_engine(engine_dir: Path, key: EngineKey, build: Callable[[], bytes]) 
         if _matches(plan, sidecar, key, say_why=True):  # built while this process waited
             logger.info("reusing engine %s", plan.name)
             return plan
+        for path in (plan, sidecar):  # a build killed (OOM) while writing left them
+            remove_leftovers(path, ".tmp")
         logger.info("building engine %s", plan.name)
         data = build()
         with atomic_path(plan) as tmp:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.export.folder import FORMAT_VERSION, ExportedModel, is_export
-from sdtrt.fileio import check_writable, exclusive_lock
+from sdtrt.fileio import check_writable, exclusive_lock, remove_leftovers
 from sdtrt.options import CacheOptions, ExportOptions, as_source
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def exported_for(
             if folder.exists():  # an entry that never completed: only ours, by its key
                 logger.warning("removing the incomplete cache entry %s", folder)
                 shutil.rmtree(folder)
+            remove_leftovers(folder, ".partial")  # an export killed (OOM) left gigabytes
             logger.info(
                 "exporting %s (%s, opset %d) into %s",
                 as_source(cache.source).describe(),

@@ -99,27 +99,52 @@ def check_output_dir(
     return path
 
 
-def _note_leftovers(path: Path, suffix: str) -> None:
-    """Say where a writer of ``path`` that was killed outright (SIGKILL, the OOM killer, a
-    power cut: no cleanup ran) left its temporary file or folder, with its size: an SD
-    export's is gigabytes. Not deleted: another process may be writing it now."""
+def _leftovers(path: Path, suffix: str) -> tuple[list[Path], float]:
+    """The temporary files or folders (``suffix``) that writers of ``path`` killed outright
+    (SIGKILL, the OOM killer, a power cut: no cleanup ran) left beside it, and their size
+    in MB: an SD export's is gigabytes."""
     leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"))
-    if not leftovers:
-        return
     size = sum(
         f.stat().st_size
         for p in leftovers
         for f in ([p] if p.is_file() else p.rglob("*"))
         if f.is_file()
     )
+    return leftovers, size / 1e6
+
+
+def _note_leftovers(path: Path, suffix: str) -> None:
+    """Say where killed writers of ``path`` left their temporary files. Not deleted: another
+    process may be writing one now."""
+    leftovers, size = _leftovers(path, suffix)
+    if not leftovers:
+        return
     logger.warning(
         "%s: left by an interrupted write of %s (%.1f MB); delete %s unless another sdtrt "
         "process is writing it now",
         ", ".join(p.name for p in leftovers),
         path,
-        size / 1e6,
+        size,
         "it" if len(leftovers) == 1 else "them",
     )
+
+
+def remove_leftovers(path: Path, suffix: str) -> None:
+    """Delete what killed writers of ``path`` left. Only under the lock that every writer
+    of ``path`` holds (the caches'): then no live process is writing any of it."""
+    leftovers, size = _leftovers(path, suffix)
+    for leftover in leftovers:
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    if leftovers:
+        logger.warning(
+            "removed %s (%.1f MB), left by a write of %s that was killed",
+            ", ".join(p.name for p in leftovers),
+            size,
+            path,
+        )
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,31 @@ def test_reusing_a_cached_export_writes_nothing(tiny, tmp_path, fast_export):
     before = {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert exported_for(tiny, precision="fp32", cache=cache).root == exported.root
     assert {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_what_a_killed_export_left_in_the_cache_is_removed(tiny, tmp_path, fast_export, caplog):
+    """An export killed outright (the OOM killer) leaves its temporary folder, gigabytes
+    for SD. In the cache every exporter of an entry holds its lock, so the next one knows
+    the leftover is nobody's and removes it; beside a folder the user named it is only
+    reported (test_leftovers_of_a_killed_writer_are_named_not_deleted)."""
+    from sdtrt.export.cache import exported_for
+    from sdtrt.options import CacheOptions
+
+    cache = CacheOptions(cache_dir=str(tmp_path))
+    entry = exported_for(tiny, precision="fp32", cache=cache).root
+    shutil.rmtree(entry)
+    leftover = entry.with_name(f".{entry.name}.k1ll3d.partial")
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "model.onnx").write_bytes(bytes(2_500_000))
+    with caplog.at_level("WARNING"):
+        assert exported_for(tiny, precision="fp32", cache=cache).root == entry
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed {leftover.name} (2.5 MB), left by a write of {entry} that was killed"
+    ]
+    assert sorted(p.name for p in tmp_path.joinpath("onnx").iterdir()) == [
+        entry.name,
+        f"{entry.name}.lock",
+    ]
 
 
 def test_an_unwritable_cache_is_a_clear_error(tiny, fast_export):

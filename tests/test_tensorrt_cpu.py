@@ -214,6 +214,17 @@ def test_an_engine_folder_that_cannot_be_written_is_a_clear_error():
         cached_engine(unwritable, KEY, lambda: b"engine")
 
 
+def test_a_build_killed_while_writing_leaves_nothing_for_long(tmp_path):
+    """A plan's temporary file (1.75 GB for SD 1.5's UNet) left by a process killed while
+    writing it: the next build of that engine, holding the lock, removes it."""
+    leftover = tmp_path / f".{KEY.stem()}.plan.k1ll3d.tmp"
+    leftover.write_bytes(b"half an engine")
+    other = tmp_path / ".another.plan.k1ll3d.tmp"  # another engine's: its builder's to clear
+    other.write_bytes(b"x")
+    cached_engine(tmp_path, KEY, lambda: b"engine")
+    assert not leftover.exists() and other.exists()
+
+
 def test_failed_build_leaves_nothing(tmp_path):
     def boom() -> bytes:
         raise RuntimeError("out of memory")
