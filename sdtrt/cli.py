@@ -45,6 +45,7 @@ from sdtrt.options import (
     TensorRTOptions,
     TorchOptions,
     expand_home,
+    one_gpu_hint,
     parse_sizes,
 )
 
@@ -103,12 +104,21 @@ def _source(args: argparse.Namespace) -> ModelSource:
     return ModelSource(args.model, args.variant, args.config, args.allow_pickle)
 
 
+def _device(text: str) -> str:
+    """--device's type: cpu or cuda (argparse checks the choice); ``cuda:N``, torch's name
+    for one GPU of several, is answered with how sdtrt picks that GPU."""
+    if text.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"{text}: {one_gpu_hint(text)}")
+    return text
+
+
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument(
         "--device",
         default=None,
         choices=DEVICES,
+        type=_device,
         help=f"torch: where it runs (default: {TorchOptions.device}); onnxruntime: its "
         "provider (default: cuda where onnxruntime-gpu is installed)",
     )
@@ -318,7 +328,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=config.steps, help="scheduler steps")
     p.add_argument("--strength", type=float, default=config.strength, help="in (0, 1]")
     p.add_argument("--scheduler", default=config.scheduler, choices=SCHEDULER_NAMES, help="")
-    p.add_argument("--device", default=config.device, choices=DEVICES, help="torch and diffusers")
+    p.add_argument(
+        "--device", default=config.device, choices=DEVICES, type=_device, help="torch and diffusers"
+    )
     p.add_argument("--dtype", default=config.dtype, choices=PRECISIONS, help="torch and diffusers")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")

@@ -65,6 +65,22 @@ def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
         raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def one_gpu_hint(device: str) -> str:
+    """What to do instead of ``cuda:N``, torch's name for one GPU of several."""
+    n = device.partition(":")[2]
+    return (
+        f"sdtrt runs on one GPU, the first visible one: for GPU {n} give device cuda "
+        f"with CUDA_VISIBLE_DEVICES={n} (Ray Serve sets it for each replica)"
+    )
+
+
+def check_device(value: object) -> None:
+    """cpu or cuda; for ``cuda:N`` how to choose that GPU."""
+    if isinstance(value, str) and value.startswith("cuda:"):
+        raise InvalidInputError(f"device {value!r}: {one_gpu_hint(value)}")
+    _one_of("device", value, DEVICES)
+
+
 @dataclass(frozen=True)
 class TorchOptions:
     """The PyTorch backend: diffusers' modules, the accuracy reference."""
@@ -92,7 +108,7 @@ class TorchOptions:
     compiled UNet in its graphs). It compiles on the first call of each shape."""
 
     def __post_init__(self) -> None:
-        _one_of("device", self.device, DEVICES)
+        check_device(self.device)
         _one_of("dtype", self.dtype, tuple(DTYPES))
         for flag, given in (
             ("--cuda-graphs", self.cuda_graphs),
@@ -122,7 +138,7 @@ class OrtOptions:
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)
         if self.device is not None:
-            _one_of("device", self.device, DEVICES)
+            check_device(self.device)
         _one_of("ONNX Runtime optimisation", self.optimization, ORT_OPTIMIZATION_LEVELS)
         if self.threads < 0:
             raise InvalidInputError(f"ONNX Runtime threads must be >= 0, got {self.threads}")

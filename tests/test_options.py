@@ -114,6 +114,21 @@ def test_options_that_do_not_apply_are_named(backend, given, message):
         backend_options(backend, **given)
 
 
+def test_one_gpu_of_several_is_picked_with_cuda_visible_devices(capsys):
+    """torch's "cuda:1" (diffusers' pipe.to("cuda:1") habit) is answered with how sdtrt
+    picks a GPU, on the command line and in Python, before any work."""
+    from sdtrt.cli import main
+
+    hint = "for GPU 1 give device cuda with CUDA_VISIBLE_DEVICES=1"
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(ValueError, match=f"device 'cuda:1': sdtrt runs on one GPU.*{hint}"):
+            backend_options(backend, device="cuda:1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["img2img", "--device", "cuda:1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --device: cuda:1: sdtrt runs" in err and hint in err
+
+
 def test_typed_options_per_backend():
     assert backend_options("torch", dtype="fp16") == TorchOptions(dtype="fp16")
     assert backend_options("onnxruntime") == OrtOptions(precision="fp32")
