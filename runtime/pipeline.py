@@ -40,7 +40,7 @@ from sdtrt.runtime.inputs import (
     is_integer,
     resolve_start_step,
 )
-from sdtrt.runtime.schedulers import check_steps_for, make_scheduler, step_kwargs
+from sdtrt.runtime.schedulers import check_scheduler_fits, make_scheduler, step_kwargs
 from sdtrt.runtime.step_graph import StepGraphs
 from sdtrt.runtime.step_table import StepTable, tabulate
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -231,7 +231,7 @@ class Img2ImgPipeline:
         image = image_input(image)
         height, width = self.output_size(image, height, width)
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
-        check_steps_for(type(self.scheduler), self.scheduler.config, num_inference_steps)
+        check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
         pixels = self.image_processor.preprocess(image, height=height, width=width)
         if pixels.shape[0] > batch_size or batch_size % pixels.shape[0]:
             raise InvalidInputError(

@@ -55,14 +55,40 @@ def scheduler_class(name: str) -> type[Any]:
     return cls
 
 
-def check_steps_for(cls: type, config: Any, steps: int) -> None:
-    """diffusers' DDIM refuses more steps than the model was trained with (a ValueError in
-    ``set_timesteps``, after the prompts were encoded): refused here, before any network."""
+# diffusers' schedulers that cannot step a model predicting the clean sample (its
+# config's prediction_type "sample"): they raise at the first step, after the prompts and
+# the image were encoded. The others take all three kinds.
+_PREDICTIONS = {
+    diffusers.PNDMScheduler: ("epsilon", "v_prediction"),
+    diffusers.EulerAncestralDiscreteScheduler: ("epsilon", "v_prediction"),
+}
+
+
+def check_scheduler_fits(cls: type, config: Any, steps: int) -> None:
+    """What diffusers' scheduler ``cls`` would refuse only once the loop has begun, refused
+    before any network: DDIM past the model's training timesteps (a ValueError in
+    ``set_timesteps``), a prediction type the scheduler cannot step."""
     train = config.get("num_train_timesteps", 1000)
     if issubclass(cls, diffusers.DDIMScheduler) and steps > train:
         raise InvalidInputError(
             f"ddim takes at most {train} steps (the model's training timesteps), got {steps}"
         )
+    prediction = config.get("prediction_type", "epsilon")
+    if not _steps(cls, prediction):
+        usable = [name for name in SCHEDULERS if _steps(scheduler_class(name), prediction)]
+        raise InvalidInputError(
+            f"{_diffusers_name(cls)} cannot step this model, which predicts {prediction!r}: "
+            f"choose another scheduler ({', '.join(usable)})"
+        )
+
+
+def _diffusers_name(cls: type) -> str:
+    """diffusers' name for a scheduler class, ours (runtime/fast_schedulers.py) included."""
+    return next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+
+
+def _steps(cls: type, prediction: str) -> bool:
+    return all(prediction in takes for base, takes in _PREDICTIONS.items() if issubclass(cls, base))
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:

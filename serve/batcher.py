@@ -51,7 +51,7 @@ from sdtrt.runtime.inputs import (
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import (
     check_scheduler,
-    check_steps_for,
+    check_scheduler_fits,
     make_scheduler,
     scheduler_class,
     step_kwargs,
@@ -229,7 +229,7 @@ class StepBatcher:
         pipe = self.pipeline
         height, width = pipe.output_size(image, request.height, request.width)
         pipe.limits.check(steps=request.num_inference_steps, batch=1, height=height, width=width)
-        check_steps_for(
+        check_scheduler_fits(
             scheduler_class(request.scheduler), pipe.scheduler.config, request.num_inference_steps
         )
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)

@@ -449,6 +449,49 @@ def test_ddim_past_the_training_timesteps_is_refused_before_any_work(tiny, image
     assert batcher.prepare(lms).t_start == 1000
 
 
+def test_a_scheduler_that_cannot_step_the_models_prediction_is_refused_first(
+    tiny, image, monkeypatch
+):
+    """A model predicting the clean sample (prediction_type "sample"): diffusers' PNDM and
+    Euler ancestral raise at their first step, after the prompts and the image were
+    encoded (a 500 from the server). Refused before any network, naming the schedulers
+    that do take it; which ones fail is asked of diffusers itself, step by step."""
+    from sdtrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler
+
+    config = {**tiny["scheduler"].config, "prediction_type": "sample"}
+    failing = []
+    for name in SCHEDULERS:
+        scheduler = diffusers_scheduler(name, config)
+        scheduler.set_timesteps(3)
+        latents = torch.zeros(1, 4, 4, 4)
+        try:
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(latents, t)
+                latents = scheduler.step(torch.zeros_like(model_input), t, latents).prev_sample
+        except (ValueError, NotImplementedError):
+            failing.append(name)
+    assert failing == ["pndm", "euler_a"]
+
+    sample_model = {**tiny, "scheduler": type(tiny["scheduler"]).from_config(config)}
+    pipe = Img2ImgPipeline.from_components(sample_model, "torch", "pndm", show_progress=False)
+    for network in ("encode_text", "encode_image", "unet", "decode_latents"):
+        monkeypatch.setattr(pipe.backend, network, _no_work)
+    says = "PNDMScheduler cannot step this model, which predicts 'sample': choose another "
+    with pytest.raises(InvalidInputError, match=re.escape(says)) as info:
+        pipe("a", image, num_inference_steps=4)
+    assert str(info.value).endswith(
+        "(lms, ddim, euler, dpmpp_2m, unipc, lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras)"
+    )
+    batcher = StepBatcher(pipe, ServeOptions(), start=False)
+    with pytest.raises(InvalidInputError, match="EulerAncestralDiscreteScheduler cannot step"):
+        batcher.prepare(Img2ImgRequest(image=image, scheduler="euler_a", num_inference_steps=4))
+    assert batcher.prepare(Img2ImgRequest(image=image, scheduler="euler", num_inference_steps=4))
+
+
+def _no_work(*args):
+    raise AssertionError("a network ran")
+
+
 def test_a_size_the_engines_do_not_take_is_refused_before_any_work(tiny, image):
     """Checked where the size is known (the request, the warm-up sizes, the pipeline's
     call), with the sizes allowed; over HTTP a 422. The server warms up at the engines'
