@@ -4,6 +4,7 @@ thread on a free loopback port for the tests and the load benchmark."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -14,6 +15,7 @@ from types import FrameType, TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from sdtrt.errors import InvalidInputError
 from sdtrt.options import BackendOptions, ModelSource, ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -36,15 +38,32 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """The server's address, taken before the model loads: a port in use is said at once,
+    not after a load (or an export) of minutes. Bound, not yet listening: until uvicorn
+    listens, after the load, a client is refused rather than left waiting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another server is there): choose another --port"
+        raise InvalidInputError(f"cannot listen on {host} port {port}: {why}") from None
+    return sock
+
+
 def serve_forever(
-    app: FastAPI, host: str, port: int, drain_timeout: float, api_key: str | None
+    app: FastAPI, sock: socket.socket, drain_timeout: float, api_key: str | None
 ) -> None:
+    host = sock.getsockname()[0]
     if host not in LOOPBACK and api_key is None:
         logger.warning("listening on %s without --api-key: anyone who reaches it may use it", host)
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         timeout_graceful_shutdown=int(drain_timeout),
         log_level="info",
         access_log=False,
@@ -54,7 +73,11 @@ def serve_forever(
     # a clean exit: the handler it finds is one that returns.
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
-    DrainingServer(config, app).run()
+    port = sock.getsockname()[1]
+    # uvicorn prints its "running on" line only for sockets it bound itself.
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("serving on http://%s:%d (Ctrl-C or SIGTERM: drain, then stop)", shown, port)
+    DrainingServer(config, app).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -113,6 +136,8 @@ def run(
     from sdtrt.serve.app import create_app
     from sdtrt.serve.batcher import StepBatcher
 
-    pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
-    app = create_app(StepBatcher(pipeline, options), options)
-    serve_forever(app, options.host, options.port, options.drain_timeout, options.api_key)
+    sock = bound_socket(options.host, options.port)
+    with sock:
+        pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
+        app = create_app(StepBatcher(pipeline, options), options)
+        serve_forever(app, sock, options.drain_timeout, options.api_key)

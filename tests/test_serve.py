@@ -1013,6 +1013,28 @@ def test_serve_settings_that_could_serve_nothing_are_refused_before_loading(
     assert says in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_said_before_the_model_loads(capsys, monkeypatch):
+    """The second `sdtrt serve` on a port loaded its model (minutes for SD, with an export
+    or a build) and only then failed to bind: uvicorn's "address already in use", exit 3."""
+    import socket
+
+    from sdtrt.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sdtrt.api.build_pipeline", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdtrt: error: cannot listen on 127.0.0.1 port {port}: Address already in use "
+        "(another server is there): choose another --port"
+    )
+
+
 @pytest.mark.parametrize("step", ["_image", "_answer"])
 def test_health_answers_while_a_requests_image_is_decoded_or_encoded(server, image, step):
     """Decoding, preprocessing and PNG encoding run off the event loop: held in the middle
