@@ -12,7 +12,7 @@ from typing import Any
 
 from sdtrt.errors import GraphIntegrityError, InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import GraphIO, ModelDims, Network, load_graph, networks_for
-from sdtrt.options import ModelSource
+from sdtrt.options import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +232,18 @@ class ExportedModel:
         numbers are then what check compares, there is no fingerprint to hold them to."""
         from sdtrt.models import load_components, model_fingerprint
 
-        if reference is not None:
-            return load_components(reference)
         source = self.manifest["source"]
+        if reference is not None:
+            components = load_components(reference)
+            # A folder that records its model is held to it: compared with another model
+            # every network "fails" by a mile, which says nothing about the export.
+            if not self.adopted and model_fingerprint(components) != source["fingerprint"]:
+                raise InvalidInputError(
+                    f"the reference {as_source(reference).describe()} is not the model "
+                    f"{self.root} was exported from ({source['model']}; weights or config "
+                    "differ): give that model, or no reference (the folder records it)"
+                )
+            return components
         if self.adopted:
             raise ModelNotFoundError(
                 f"{self.root} was not exported by sdtrt and records no PyTorch model to "

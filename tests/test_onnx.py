@@ -184,6 +184,16 @@ def test_cache_is_reused(exported, tiny, onnx_cache, monkeypatch):
     assert pipe.backend.name == "onnxruntime"
 
 
+def test_a_reference_is_held_to_the_model_the_folder_records(exported):
+    """`sdtrt check --reference` on an sdtrt export (which records its model): another
+    model ran every network and "failed" by a mile (rel L2 1-12), saying nothing about
+    the export. Now refused naming both; the recorded model itself is taken."""
+    with pytest.raises(InvalidInputError, match="the reference tiny-random is not the model"):
+        exported.source_components("tiny-random")
+    components = exported.source_components("tiny")
+    assert set(components) >= {"text_encoder", "unet", "vae", "tokenizer", "scheduler"}
+
+
 def test_size_the_graphs_cannot_take_is_refused(exported, images):
     pipe = Img2ImgPipeline.from_pretrained(exported.root, show_progress=False)
     with pytest.raises(InvalidInputError, match="nearest valid sizes are 32 and 48"):
