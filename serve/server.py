@@ -5,6 +5,7 @@ thread on a free loopback port for the tests and the load benchmark."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import signal
 import socket
@@ -19,8 +20,6 @@ from sdtrt.errors import InvalidInputError
 from sdtrt.options import BackendOptions, ModelSource, ServeOptions
 
 logger = logging.getLogger(__name__)
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class DrainingServer(uvicorn.Server):
@@ -56,12 +55,14 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_forever(
-    app: FastAPI, sock: socket.socket, drain_timeout: float, api_key: str | None
-) -> None:
-    host = sock.getsockname()[0]
-    if host not in LOOPBACK and api_key is None:
+def warn_if_open(sock: socket.socket, api_key: str | None) -> None:
+    """A server reachable from other machines without an API key is said at start."""
+    host = sock.getsockname()[0]  # an address: "localhost" resolved, 127.0.0.0/8 is loopback
+    if not ipaddress.ip_address(host).is_loopback and api_key is None:
         logger.warning("listening on %s without --api-key: anyone who reaches it may use it", host)
+
+
+def serve_forever(app: FastAPI, sock: socket.socket, drain_timeout: float) -> None:
     config = uvicorn.Config(
         app,
         timeout_graceful_shutdown=int(drain_timeout),
@@ -73,7 +74,7 @@ def serve_forever(
     # a clean exit: the handler it finds is one that returns.
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
-    port = sock.getsockname()[1]
+    host, port = sock.getsockname()[:2]
     # uvicorn prints its "running on" line only for sockets it bound itself.
     shown = f"[{host}]" if ":" in host else host
     logger.info("serving on http://%s:%d (Ctrl-C or SIGTERM: drain, then stop)", shown, port)
@@ -137,7 +138,8 @@ def run(
     from sdtrt.serve.batcher import StepBatcher
 
     sock = bound_socket(options.host, options.port)
+    warn_if_open(sock, options.api_key)
     with sock:
         pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
         app = create_app(StepBatcher(pipeline, options), options)
-        serve_forever(app, sock, options.drain_timeout, options.api_key)
+        serve_forever(app, sock, options.drain_timeout)

@@ -1013,6 +1013,24 @@ def test_serve_settings_that_could_serve_nothing_are_refused_before_loading(
     assert says in capsys.readouterr().err
 
 
+def test_only_a_server_open_to_other_machines_without_a_key_is_warned_about(caplog):
+    from sdtrt.serve.server import bound_socket, warn_if_open
+
+    said = []
+    for host, key in [
+        ("127.0.0.1", None),
+        ("localhost", None),
+        ("127.0.0.2", None),  # loopback too, as all of 127.0.0.0/8
+        ("0.0.0.0", "k"),
+        ("0.0.0.0", None),
+    ]:
+        caplog.clear()
+        with bound_socket(host, 0) as sock:
+            warn_if_open(sock, key)
+        said += [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["listening on 0.0.0.0 without --api-key: anyone who reaches it may use it"]
+
+
 def test_a_port_in_use_is_said_before_the_model_loads(capsys, monkeypatch):
     """The second `sdtrt serve` on a port loaded its model (minutes for SD, with an export
     or a build) and only then failed to bind: uvicorn's "address already in use", exit 3."""
