@@ -684,7 +684,7 @@ def _add_bench_serve(sub: Any) -> None:
         "--url",
         default=None,
         help="drive the server already running there (e.g. sdtrt serve --ray) as it is "
-        "configured, instead of starting one per policy",
+        "configured, instead of starting one per policy; its API key from $SDTRT_API_KEY",
     )
     _add_record_outputs(p)
     p.set_defaults(handler=_run_bench_serve)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -92,12 +93,37 @@ def run_load_bench(
         "environment": environment(),
     }
     if url is not None:
+        headers = _check_server(url)
         results = []
         for rate in config.rates:
             logger.info("bench-serve: %s at %.2f req/s ...", url, rate)
-            results.append(_measure(url, url, config, rate, image, None))
+            results.append(_measure(url, url, config, rate, image, None, headers))
         return {**record, "results": results}
     return {**record, "results": _policies(model, backend, config, image)}
+
+
+def _check_server(url: str) -> dict[str, str]:
+    """The headers to drive the server at ``url`` with (its API key, from the variable
+    ``sdtrt serve`` reads it from), once it is seen to answer, be ready and take the key:
+    otherwise every request of the run failed (a minute of 401s reported as a result)."""
+    import httpx
+
+    key = os.environ.get("SDTRT_API_KEY")
+    headers = {"X-API-Key": key} if key else {}
+    try:
+        ready = httpx.get(f"{url}/ready", timeout=10).status_code
+        metrics = httpx.get(f"{url}/metrics", headers=headers, timeout=10).status_code
+    except httpx.HTTPError as exc:
+        raise InvalidInputError(f"--url {url}: no sdtrt server answers there ({exc})") from None
+    if metrics == 401:
+        given = "refused the key in $SDTRT_API_KEY" if key else "asks for an API key"
+        raise InvalidInputError(f"--url {url}: the server {given}; set SDTRT_API_KEY to its key")
+    if ready != 200 or metrics != 200:
+        raise InvalidInputError(
+            f"--url {url}: /ready answered {ready} and /metrics {metrics}, where an sdtrt "
+            "server that is ready answers 200"
+        )
+    return headers
 
 
 def _policies(
@@ -133,12 +159,18 @@ def _policies(
 
 
 def _measure(
-    url: str, label: str, config: LoadConfig, rate: float, image: str, rows: list[int] | None
+    url: str,
+    label: str,
+    config: LoadConfig,
+    rate: float,
+    image: str,
+    rows: list[int] | None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import psutil
 
     psutil.cpu_percent(None)  # the machine's CPU use from here on
-    answers, elapsed = asyncio.run(_drive(url, config, rate, image))
+    answers, elapsed = asyncio.run(_drive(url, config, rate, image, headers or {}))
     busy = psutil.cpu_percent(None)
     result = {**_summarise(label, rate, answers, elapsed, rows), "cpu_percent": busy}
     logger.info("bench-serve: %s", result)
@@ -146,7 +178,7 @@ def _measure(
 
 
 async def _drive(
-    url: str, config: LoadConfig, rate: float, image: str
+    url: str, config: LoadConfig, rate: float, image: str, headers: dict[str, str]
 ) -> tuple[list[dict[str, Any]], float]:
     import httpx
 
@@ -168,7 +200,8 @@ async def _drive(
         for i in rng.integers(0, len(config.sizes), len(arrivals))
     ]
     limits = httpx.Limits(max_connections=len(bodies) + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    client = httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers)
+    async with client:
         start = time.perf_counter()
 
         async def one(at: float, body: dict[str, Any]) -> dict[str, Any]:

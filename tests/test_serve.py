@@ -1167,6 +1167,27 @@ def test_bench_serve_compares_the_three_policies_over_loopback(tmp_path, capsys)
     assert picture.stat().st_size > 10_000
 
 
+def test_bench_serve_drives_a_keyed_server_with_its_key_or_says_why_not(server, monkeypatch):
+    """`bench-serve --url` against a server with an API key sent no key: every request of
+    the run was a 401, reported as a result (ok 0, latencies NaN). The key now comes from
+    $SDTRT_API_KEY, as the server's does, and the server is checked before the load."""
+    from sdtrt.serve.loadgen import LoadConfig, run_load_bench
+
+    config = LoadConfig(rates=(20.0,), requests=3, steps=4, sizes=((32, 32),))
+    monkeypatch.delenv("SDTRT_API_KEY", raising=False)
+    with pytest.raises(InvalidInputError, match="asks for an API key; set SDTRT_API_KEY"):
+        run_load_bench("tiny", "torch", config, url=server.url)
+    monkeypatch.setenv("SDTRT_API_KEY", "guess")
+    with pytest.raises(InvalidInputError, match=r"refused the key in \$SDTRT_API_KEY"):
+        run_load_bench("tiny", "torch", config, url=server.url)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(InvalidInputError, match="no sdtrt server answers there"):
+        run_load_bench("tiny", "torch", config, url=nobody)
+    monkeypatch.setenv("SDTRT_API_KEY", "secret")
+    (row,) = run_load_bench("tiny", "torch", config, url=server.url)["results"]
+    assert row["ok"] == row["requests"] == 3 and row["errors"] == 0
+
+
 def test_bench_serve_refuses_bad_settings_before_loading(capsys):
     from sdtrt.cli import main
 
