@@ -17,7 +17,7 @@ import torch
 
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import check_unet_config
-from sdtrt.options import ModelSource, as_source
+from sdtrt.options import ModelSource, as_source, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +248,12 @@ def load_components(model: str | ModelSource) -> dict[str, Any]:
 
         return load_single_file(path, source)
     if not path.exists():
-        hub = ""  # owner/name, where no folder owner/ is here: a Hub id
-        owner = source.model.split("/")[0]
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", source.model) and not Path(owner).exists():
+        hub = ""
+        if is_hub_id(source.model):  # not in the Hugging Face cache (ModelSource looked)
             hub = (
-                f". sdtrt downloads nothing: to use {source.model} from the Hugging Face Hub, "
-                f"fetch it first (hf download {source.model} --local-dir DIR) and pass DIR"
+                f". sdtrt downloads nothing and {source.model} is not in the Hugging Face "
+                f"cache: fetch it first (hf download {source.model}), then pass "
+                f"{source.model} again"
             )
         raise ModelNotFoundError(
             f"unknown model {source.model!r}: expected one of {', '.join(BUILTIN_MODELS)}, "

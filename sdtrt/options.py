@@ -8,12 +8,16 @@ the right one and refuses, with one line, an option that does not apply to the b
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from sdtrt.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
@@ -316,13 +320,32 @@ def expand_home(path: str | None) -> str | None:
     return os.path.expanduser(path) if isinstance(path, str) else path
 
 
+def is_hub_id(name: str) -> bool:
+    """owner/name, where no folder owner/ is here: a Hugging Face Hub repository's id."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name.split("/")[0]).exists()
+
+
+def hub_snapshot(repo_id: str) -> str | None:
+    """The copy of Hub repository ``repo_id`` that diffusers or ``hf download`` left in the
+    Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), as diffusers finds it offline;
+    None where it is not there. Reads the cache only, never the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return str(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's PyTorch weights come from: a built-in name, a diffusers folder, or a
     single checkpoint file in the original Stable Diffusion layout."""
 
     model: str
-    """tiny | sd15-random | sd21-random | a diffusers folder | a .safetensors/.ckpt file."""
+    """tiny | sd15-random | sd21-random | a diffusers folder | a .safetensors/.ckpt file |
+    a Hub id (owner/name) already in the Hugging Face cache, which becomes that folder."""
     variant: str | None = None
     """A folder's weight variant (``model.fp16.safetensors``...); None: the default
     weights, else the only variant there is (fp16 first)."""
@@ -337,6 +360,9 @@ class ModelSource:
             raise InvalidInputError("the model is empty: give a model name, folder or file")
         object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
         object.__setattr__(self, "config", expand_home(self.config))
+        if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
+            logger.info("%s: the copy in the Hugging Face cache, %s", self.model, snapshot)
+            object.__setattr__(self, "model", snapshot)
 
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)

@@ -10,6 +10,21 @@ import pytest
 from sdtrt.models import build_tiny, build_tiny_trained
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_hugging_face_cache(tmp_path_factory):
+    """The tests see an empty Hugging Face cache, not the machine's: a Hub id sdtrt finds
+    there (ModelSource) must not load a real model that happens to be downloaded here."""
+    import os
+
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hf-hub-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        patch.setitem(os.environ, "HF_HUB_CACHE", str(cache))  # subprocesses too
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The embedded tiny model (trained weights); tests must not modify it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -77,6 +78,37 @@ def test_every_shape_gives_the_same_image_and_fingerprint(shapes, tmp_path, caps
         assert np.array_equal(got, reference), name
         prints.add(model_fingerprint(load_components(source)))
     assert len(prints) == 1  # the same weights, whatever shape they came in
+
+
+def test_a_hub_id_in_the_hugging_face_cache_is_its_folder_there(
+    shapes, empty_hugging_face_cache, tmp_path, capsys
+):
+    """A model diffusers (or `hf download`) already fetched is in the Hugging Face cache:
+    its Hub id names it, offline, as in diffusers. The cache's layout: files in
+    snapshots/REVISION are links to blobs, refs/main names the revision."""
+    import hashlib
+    import os
+
+    repo = empty_hugging_face_cache / "models--someone--tiny-sd"
+    snapshot = repo / "snapshots" / "0123abcd"
+    for file in Path(shapes["folder"].model).rglob("*"):
+        if file.is_file():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, blob)
+            link = snapshot / file.relative_to(shapes["folder"].model)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    try:
+        assert ModelSource("someone/tiny-sd").model == str(snapshot)
+        reference = _image(["--model", shapes["folder"].model], tmp_path, capsys, "folder")
+        got = _image(["--model", "someone/tiny-sd"], tmp_path, capsys, "hub")
+        assert np.array_equal(got, reference)
+    finally:
+        shutil.rmtree(repo)  # the session's cache stays empty for the other tests
+    assert ModelSource("someone/tiny-sd").model == "someone/tiny-sd"  # gone: as given
 
 
 def test_bin_weights_load_without_a_logged_error(tiny, shapes, tmp_path):

@@ -166,7 +166,7 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--model", ""], "the model is empty"),  # an unset "$MODEL": not the current folder
         (
             ["--model", "runwayml/stable-diffusion-v1-5"],  # a Hub id: nothing is downloaded
-            "fetch it first (hf download runwayml/stable-diffusion-v1-5 --local-dir DIR)",
+            "not in the Hugging Face cache: fetch it first (hf download runwayml/stable-diff",
         ),
         (["--eta", "1.5"], "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
         (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
