@@ -4,7 +4,6 @@ of ours (or empty)."""
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import logging
@@ -191,6 +190,8 @@ def exclusive_lock(path: str | Path, holder: str) -> Iterator[None]:
     or threads doing the same work into a shared cache, one does it and the others wait,
     then find it done. The wait is logged, naming ``holder`` (what the lock's holder is
     doing). The kernel drops the lock when its holder exits, however it exits."""
+    import fcntl  # POSIX: imported where a cache is written, not by every importer
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:  # "a": the lock file is never truncated or replaced
