@@ -233,36 +233,34 @@ class ExportedModel:
         from sdtrt.models import load_components, model_fingerprint
 
         source = self.manifest["source"]
-        if reference is not None:
-            components = load_components(reference)
-            # A folder that records its model is held to it: compared with another model
-            # every network "fails" by a mile, which says nothing about the export.
-            if not self.adopted and model_fingerprint(components) != source["fingerprint"]:
-                raise InvalidInputError(
-                    f"the reference {as_source(reference).describe()} is not the model "
-                    f"{self.root} was exported from ({source['model']}; weights or config "
-                    "differ): give that model, or no reference (the folder records it)"
-                )
-            return components
-        if self.adopted:
+        if reference is None and self.adopted:
             raise ModelNotFoundError(
                 f"{self.root} was not exported by sdtrt and records no PyTorch model to "
                 "compare with: name it with --reference (a built-in name or diffusers folder)"
             )
-        components = load_components(
-            ModelSource(
+        given = reference is not None
+        if reference is None:
+            reference = ModelSource(
                 source["model"],
                 variant=source.get("variant"),
                 config=source.get("config"),
                 allow_pickle=bool(source.get("allow_pickle", False)),
             )
-        )
-        if model_fingerprint(components) != source["fingerprint"]:
-            raise GraphIntegrityError(
-                f"{self.root} was exported from another model than {source['model']} is now "
-                "(weights or config differ): export again"
+        components = load_components(reference)
+        # A folder that records its model is held to it, a reference too: compared with
+        # another model every network "fails" by a mile, which says nothing of the export.
+        if self.adopted or model_fingerprint(components) == source["fingerprint"]:
+            return components
+        if given:
+            raise InvalidInputError(
+                f"the reference {as_source(reference).describe()} is not the model "
+                f"{self.root} was exported from ({source['model']}; weights or config "
+                "differ): give that model, or no reference (the folder records it)"
             )
-        return components
+        raise GraphIntegrityError(
+            f"{self.root} was exported from another model than {source['model']} is now "
+            "(weights or config differ): export again"
+        )
 
     def tokenizer(self) -> Any:
         from transformers import CLIPTokenizer
