@@ -107,8 +107,8 @@ def _source(args: argparse.Namespace) -> ModelSource:
 def _device(text: str) -> str:
     """--device's type: cpu or cuda (argparse checks the choice); ``cuda:N``, torch's name
     for one GPU of several, is answered with how sdtrt picks that GPU."""
-    if text.startswith("cuda:"):
-        raise argparse.ArgumentTypeError(f"{text}: {one_gpu_hint(text)}")
+    if hint := one_gpu_hint(text):
+        raise argparse.ArgumentTypeError(f"{text}: {hint}")
     return text
 
 

@@ -69,8 +69,11 @@ def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
         raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def one_gpu_hint(device: str) -> str:
-    """What to do instead of ``cuda:N``, torch's name for one GPU of several."""
+def one_gpu_hint(device: object) -> str | None:
+    """For ``cuda:N``, torch's name for one GPU of several, what to do instead; None for
+    any other value."""
+    if not (isinstance(device, str) and device.startswith("cuda:")):
+        return None
     n = device.partition(":")[2]
     return (
         f"sdtrt runs on one GPU, the first visible one: for GPU {n} give device cuda "
@@ -80,8 +83,8 @@ def one_gpu_hint(device: str) -> str:
 
 def check_device(value: object) -> None:
     """cpu or cuda; for ``cuda:N`` how to choose that GPU."""
-    if isinstance(value, str) and value.startswith("cuda:"):
-        raise InvalidInputError(f"device {value!r}: {one_gpu_hint(value)}")
+    if hint := one_gpu_hint(value):
+        raise InvalidInputError(f"device {value!r}: {hint}")
     _one_of("device", value, DEVICES)
 
 
