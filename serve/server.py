@@ -85,9 +85,7 @@ class BackgroundServer:
     """The app on 127.0.0.1 at a free port, in a thread (``with`` stops it)."""
 
     def __init__(self, app: FastAPI, drain_timeout: float = 10.0) -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", 0))
+        self.socket = bound_socket("127.0.0.1", 0)
         self.port = int(self.socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
