@@ -32,8 +32,8 @@ def exported_for(
     from sdtrt.export.exporter import export_model
     from sdtrt.models import model_fingerprint
 
-    fingerprint = model_fingerprint(components)[:24]
-    key = f"{fingerprint}-{precision}-opset{cache.opset}-v{FORMAT_VERSION}"
+    fingerprint = model_fingerprint(components)
+    key = f"{fingerprint[:24]}-{precision}-opset{cache.opset}-v{FORMAT_VERSION}"
     folder = cache_root(cache.cache_dir) / "onnx" / key
     fix = (
         f"{folder} is sdtrt's export cache: delete it (or all of {folder.parent}) and run "
@@ -67,5 +67,7 @@ def exported_for(
                 folder,
             )
             options = ExportOptions(precisions=(precision,), opset=cache.opset)
-            export_model(components, folder, source=cache.source, options=options)
+            export_model(
+                components, folder, source=cache.source, options=options, fingerprint=fingerprint
+            )
     return ExportedModel.open(folder, fix=fix)

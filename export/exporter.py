@@ -36,10 +36,12 @@ def export_model(
     source: str | ModelSource,
     options: ExportOptions = ExportOptions(),
     show_progress: bool = True,
+    fingerprint: str | None = None,
 ) -> Path:
     """Export into ``out_dir`` atomically: it appears complete or not at all. An existing
     ``out_dir`` is replaced only if it is empty or an earlier export (else InvalidInputError,
-    before any work)."""
+    before any work). ``fingerprint``: the components', where the caller has it already
+    (2.6 s of hashing for SD 1.5)."""
     from sdtrt import __version__
     from sdtrt.models import model_fingerprint
 
@@ -75,7 +77,7 @@ def export_model(
             "sdtrt_version": __version__,
             "source": {
                 **asdict(as_source(source)),
-                "fingerprint": model_fingerprint(components),
+                "fingerprint": fingerprint or model_fingerprint(components),
             },
             "opset": opset,
             "precisions": plan,
