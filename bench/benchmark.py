@@ -9,6 +9,7 @@ import logging
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -438,12 +439,16 @@ def _diffusers_target(
                 setattr(module, name, own)
 
     def run(batch: int, seed: int) -> int:
-        pipe(
-            SEED_PROMPT,
-            image,
-            **_call_options(config, batch, seed),
-            callback_on_step_end=step_end,
-        )
+        with warnings.catch_warnings():
+            # diffusers' own num_images_per_prompt path warns that the one image is
+            # repeated for each prompt ("deprecated"); the call is its documented one.
+            warnings.filterwarnings("ignore", "You have passed", FutureWarning)
+            pipe(
+                SEED_PROMPT,
+                image,
+                **_call_options(config, batch, seed),
+                callback_on_step_end=step_end,
+            )
         return int(marks["steps"])
 
     @torch.no_grad()
