@@ -139,8 +139,10 @@ class OrtOptions:
     threads: int = 0
     """Intra-op threads; 0 lets ONNX Runtime choose."""
     memory_arena: bool = True
-    spinning: bool = True
-    """Worker threads busy-wait after each run."""
+    spinning: bool = False
+    """Worker threads busy-wait after each run. Off (measured, bench/README.md): on CPU the
+    busy threads hold the cores the PyTorch work between runs needs (the scheduler step,
+    the image processor), up to 1.56x end to end on the tiny model, the same on SD 1.5."""
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)

@@ -50,6 +50,18 @@ def test_img2img_on_onnxruntime_equals_torch(exported, tiny, images, scheduler):
     assert got.unet_calls == want.unet_calls == 7
 
 
+def test_sessions_do_not_spin_by_default(exported):
+    """ONNX Runtime's worker threads would busy-wait after each run, holding the cores the
+    PyTorch work between runs needs (bench/README.md): off unless asked for."""
+    spin = "session.intra_op.allow_spinning"
+    for options, want in ((OrtOptions(device="cpu"), "0"), (OrtOptions(spinning=True), "1")):
+        pipe = Img2ImgPipeline.from_pretrained(exported.root, options, show_progress=False)
+        sessions = pipe.backend.sessions.values()
+        assert [s.get_session_options().get_session_config_entry(spin) for s in sessions] == [
+            want
+        ] * 4
+
+
 def test_prompt_embeddings_run_on_an_export_as_their_prompts(exported, images):
     """An export knows its text encoder's output shape from its manifest: embeddings of
     that shape run on ONNX Runtime as the prompts they encode; others are refused."""
