@@ -142,7 +142,7 @@ class OrtOptions:
     spinning: bool = False
     """Worker threads busy-wait after each run. Off (measured, bench/README.md): on CPU the
     busy threads hold the cores the PyTorch work between runs needs (the scheduler step,
-    the image processor), up to 1.56x end to end on the tiny model, the same on SD 1.5."""
+    the image processor): 2.5-2.9x end to end on the tiny model at 128 px, the same on SD 1.5."""
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)
