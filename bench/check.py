@@ -97,16 +97,22 @@ class TorchNetworkRunner(BaseRunner):
         del self.wrapper
 
 
-def _graph_runner(backend: str, exported: ExportedModel, network: str, precision: str) -> Any:
+def _graph_runner(
+    backend: str,
+    exported: ExportedModel,
+    network: str,
+    precision: str,
+    engine_dir: Path | None = None,
+) -> Any:
     """polygraphy's runner for the backend's form of ``network``: the ONNX graph in ONNX
-    Runtime, or the built engine in TensorRT."""
+    Runtime, or the built engine in TensorRT (in ``engine_dir``, else the export's)."""
     if backend in TRT_FAMILIES:
         from sdtrt.engine.trt_family import use_polygraphy_family
 
         use_polygraphy_family(backend)
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
-        path, _ = _built_engine(exported, network, precision, backend)
+        path, _ = _built_engine(exported, network, precision, backend, engine_dir)
         return TrtRunner(EngineFromPath(str(path)))
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -115,27 +121,34 @@ def _graph_runner(backend: str, exported: ExportedModel, network: str, precision
 
 
 def _built_engine(
-    exported: ExportedModel, network: str, precision: str, family: str
+    exported: ExportedModel,
+    network: str,
+    precision: str,
+    family: str,
+    engine_dir: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """The engine ``sdtrt build`` made for ``network`` with the default options, and its
-    sidecar (the profile it was built for)."""
+    """The engine ``sdtrt build`` made for ``network`` (the newest that fits this machine
+    and graph, whatever its ranges), and its sidecar (the profile it was built for)."""
     from sdtrt.engine.trt_build import default_engine_dir, engine_key, gpu_identity
     from sdtrt.engine.trt_cache import find_engine
     from sdtrt.options import BuildOptions
 
     key = engine_key(exported, network, precision, BuildOptions(), family)
-    return find_engine(default_engine_dir(exported), key, gpu_identity())
+    return find_engine(engine_dir or default_engine_dir(exported), key, gpu_identity())
 
 
 def _profile_corners(
-    exported: ExportedModel, precision: str, family: str
+    exported: ExportedModel, precision: str, family: str, engine_dir: Path | None = None
 ) -> list[tuple[int, int, int]]:
-    _, sidecar = _built_engine(exported, "unet", precision, family)
+    """The smallest and largest requests (images, height, width) the engines were built
+    for, from the VAE decoder's profile: the UNet's rows start at one per image (unguided),
+    so half its smallest row count is no image count (it read 0 images for `--batch 1-4`)."""
+    _, sidecar = _built_engine(exported, "vae_decoder", precision, family, engine_dir)
     f = exported.vae_scale_factor
     corners = []
     for end in ("min", "max"):
-        batch2, _, h, w = sidecar["profile"]["sample"][end]
-        corners.append((batch2 // 2, h * f, w * f))
+        batch, _, h, w = sidecar["profile"]["latent_sample"][end]
+        corners.append((batch, h * f, w * f))
     return corners
 
 
@@ -144,6 +157,7 @@ def compare_networks(
     components: dict[str, Any],
     precision: str,
     backend: str = "onnxruntime",
+    engine_dir: Path | None = None,
 ) -> list[NetworkResult]:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
@@ -152,7 +166,7 @@ def compare_networks(
     m = exported.dims.size_multiple
     requests = [(1, 2 * m, 3 * m), (3, 4 * m, 2 * m)]  # two batches, two aspect ratios
     if backend in TRT_FAMILIES:  # the corners of what the engines were built for
-        requests = _profile_corners(exported, precision, backend)
+        requests = _profile_corners(exported, precision, backend, engine_dir)
     results: list[NetworkResult] = []
     for name in NETWORK_NAMES:
         network = exported.network(name, precision)
@@ -163,7 +177,7 @@ def compare_networks(
             feeds.append(OrderedDict((k, v.numpy()) for k, v in inputs.items()))
         dtypes = {k: v.dtype for k, v in feeds[0].items()}
         runners = [
-            _graph_runner(backend, exported, name, precision),
+            _graph_runner(backend, exported, name, precision, engine_dir),
             TorchNetworkRunner(network, components[network.component], dtypes),
         ]
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
@@ -204,16 +218,19 @@ def run_check(
     steps: int = 8,
     strength: float = 0.75,
     scheduler: str = "lms",
+    engine_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Every network against PyTorch, then one img2img image against the torch backend."""
+    """Every network against PyTorch, then one img2img image against the torch backend.
+    ``engine_dir``: the TensorRT engines ``sdtrt build --engine-dir`` wrote there."""
     from sdtrt.options import backend_options
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
-    networks = compare_networks(exported, components, precision, backend)
+    networks = compare_networks(exported, components, precision, backend, engine_dir)
     m = exported.dims.size_multiple
     image = torch.rand(1, 3, 2 * m, 3 * m, generator=torch.Generator().manual_seed(7))
     run = dict(strength=strength, num_inference_steps=steps, output_type="np")
-    options = backend_options(backend, precision=precision)
+    engines = None if engine_dir is None else str(engine_dir)
+    options = backend_options(backend, precision=precision, engine_dir=engines)
     graph_pipe = Img2ImgPipeline.from_pretrained(
         exported.root, options, scheduler, show_progress=False
     )

@@ -86,6 +86,8 @@ class BenchConfig:
     """ONNX Runtime graph optimisation level (auto, disable, basic, extended, layout, all)."""
     ort_threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets it choose."""
+    engine_dir: str | None = None
+    """TensorRT rows: the engines ``sdtrt build --engine-dir`` wrote there."""
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if split_row(b)[0] not in BENCH_BACKENDS]
@@ -136,6 +138,8 @@ class BenchConfig:
         for field, flag in UNET_SWITCHES.items():
             if getattr(self, field) and "torch" not in backends:
                 raise InvalidInputError(f"{flag} applies to the torch backend")
+        if self.engine_dir is not None and not set(TRT_FAMILIES) & backends:
+            raise InvalidInputError("--engine-dir applies to the TensorRT backends' rows")
         for row in self.backends:
             if row not in PEERS:
                 self.options_for(row)  # refuses a combination that cannot run
@@ -168,4 +172,5 @@ class BenchConfig:
             precision=self.precision or default_precision(backend),
             cuda_graphs=cuda_graphs,
             step_graphs=step_graphs,
+            engine_dir=self.engine_dir,
         )

@@ -57,9 +57,10 @@ def backend_from_components(
         return TorchBackend(components, options)
     from sdtrt.export.cache import exported_for
 
-    if isinstance(options, TensorRTOptions):
+    if isinstance(options, TensorRTOptions) and options.engine_dir is None:
         # Cache-managed engines are built when missing; engines of a folder the user
-        # exported are theirs to build (`sdtrt build`), and a mismatch there is an error.
+        # exported or named (--engine-dir) are theirs to build (`sdtrt build`), and a
+        # mismatch there is an error.
         options = replace(options, build_missing=True)
     exported = exported_for(components, precision=options.precision, cache=cache)
     return backend_from_exported(exported, options)

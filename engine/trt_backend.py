@@ -19,7 +19,7 @@ import torch
 
 from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.trt_build import (
-    build_engines,
+    build_missing_engines,
     default_engine_dir,
     engine_key,
     gpu_identity,
@@ -205,11 +205,11 @@ class TensorRTBackend:
         self.size_multiple = exported.dims.size_multiple
         engine_dir = Path(options.engine_dir) if options.engine_dir else None
         engine_dir = engine_dir or default_engine_dir(exported)
+        gpu = gpu_identity()
         if options.build_missing:
-            build_engines(exported, precision, BuildOptions(), engine_dir, family=family)
+            build_missing_engines(exported, precision, engine_dir, family, gpu)
         self.trt_logger = _recording_logger(trt)
         runtime = trt.Runtime(self.trt_logger)
-        gpu = gpu_identity()
 
         graphs = options.cuda_graphs or options.step_graphs
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdtrt.engine.trt_cache import EngineKey, cached_engine
+from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine
 from sdtrt.engine.trt_family import (
     NAMES,
     builds_without_gpu,
@@ -19,7 +19,7 @@ from sdtrt.engine.trt_family import (
     use_polygraphy_family,
 )
 from sdtrt.engine.trt_profile import network_profile, profile_to_json
-from sdtrt.errors import BackendUnavailableError, EngineBuildError
+from sdtrt.errors import BackendUnavailableError, EngineBuildError, EngineMismatchError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES
 from sdtrt.options import BuildOptions
@@ -124,6 +124,29 @@ def build_engines(
             lambda onnx_path=onnx_path, key=key: _build(onnx_path, key, options, timing_cache),
         )
     return paths
+
+
+def build_missing_engines(
+    exported: ExportedModel,
+    precision: str,
+    engine_dir: Path,
+    family: str = "tensorrt",
+    gpu: tuple[str, str] | None = None,
+) -> tuple[str, ...]:
+    """What a run on the export cache builds: each network's engine with the default
+    profile, only where the folder holds none that fits this machine and graph, so engines
+    ``sdtrt build`` made there with ranges of its own are run, not built over. Returns the
+    networks built."""
+    missing = []
+    for network in NETWORK_NAMES:
+        key = engine_key(exported, network, precision, BuildOptions(), family)
+        try:
+            find_engine(engine_dir, key, gpu)
+        except EngineMismatchError:
+            missing.append(network)
+    if missing:
+        build_engines(exported, precision, BuildOptions(), engine_dir, tuple(missing), family)
+    return tuple(missing)
 
 
 def _build(

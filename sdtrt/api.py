@@ -166,17 +166,20 @@ def check(
     backend: str = "onnxruntime",
     precision: str | None = None,
     reference: str | ModelSource | None = None,
+    engine_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``sdtrt check``: the backend's networks and one img2img image against PyTorch. The
     precision defaults as everywhere (``default_precision``), so ``build`` then ``check``
     look at the same engines. ``reference``: the PyTorch model to compare with, where the
-    folder does not record one (an optimum export)."""
+    folder does not record one (an optimum export). ``engine_dir``: TensorRT engines
+    ``build`` wrote there."""
     from sdtrt.bench.check import run_check
     from sdtrt.engine.factory import check_available
     from sdtrt.models import load_components
     from sdtrt.options import backend_options
 
-    options = backend_options(backend, precision=precision)
+    engines = None if engine_dir is None else str(engine_dir)
+    options = backend_options(backend, precision=precision, engine_dir=engines)
     check_available(options)
     precision = precision or default_precision(backend)
     source = as_source(model)
@@ -187,4 +190,10 @@ def check(
     else:
         components = load_components(source)
         exported = open_exported(source, precision, components)
-    return run_check(exported, components, backend=backend, precision=precision)
+    return run_check(
+        exported,
+        components,
+        backend=backend,
+        precision=precision,
+        engine_dir=None if engine_dir is None else Path(engine_dir),
+    )

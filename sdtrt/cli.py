@@ -133,7 +133,17 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch (with --device cuda) and the TensorRT backends: the UNet as a CUDA graph",
     )
+    _add_engine_dir(p)
     _add_unet_tuning(p)
+
+
+def _add_engine_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine-dir",
+        default=None,
+        help="TensorRT backends: the engines `sdtrt build --engine-dir` wrote there, run as "
+        "they are (default: MODEL/tensorrt for an export, else the cache's, built when missing)",
+    )
 
 
 # The torch backend's ways to a faster UNet, one switch each (TorchOptions says what each does).
@@ -203,6 +213,7 @@ def _backend(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         cuda_graphs=args.cuda_graphs,
         step_graphs=getattr(args, "step_graphs", False),  # img2img's; the server batches steps
+        engine_dir=args.engine_dir,
         **{field: getattr(args, field) for field in UNET_SWITCHES},
     )
 
@@ -285,6 +296,7 @@ def _add_check(sub: Any) -> None:
         "--backend", default="onnxruntime", choices=GRAPH_BACKENDS, help="what is checked"
     )
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
+    _add_engine_dir(p)
     p.add_argument("--reference", default=None, help=REFERENCE_HELP)
     p.add_argument(
         "--json", default=None, help="also write the report here (a PSNR of infinity is null)"
@@ -299,7 +311,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file(args.json, "--json")
-    report = check(_source(args), args.backend, args.precision, args.reference)
+    report = check(_source(args), args.backend, args.precision, args.reference, args.engine_dir)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -335,6 +347,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help="torch and TensorRT")
     p.add_argument("--step-graphs", action="store_true", help=STEP_GRAPHS_HELP)
+    _add_engine_dir(p)
     _add_unet_tuning(p)
     p.add_argument(
         "--profile",
@@ -389,6 +402,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         ort_optimization=args.ort_optimization,
         ort_threads=args.ort_threads,
+        engine_dir=args.engine_dir,
     )
     _check_record_outputs(args)
     progress = None
@@ -636,7 +650,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise _unavailable("--ray needs Ray Serve: pip install 'sdtrt[ray]'") from None
     backend_kwargs = {
         k: v
-        for k in ("precision", "device", "dtype", "cuda_graphs", *UNET_SWITCHES)
+        for k in ("precision", "device", "dtype", "cuda_graphs", "engine_dir", *UNET_SWITCHES)
         if (v := getattr(args, k)) not in (None, False)
     }
     backend_options(args.backend, **backend_kwargs)  # refused here, not on each replica

@@ -168,7 +168,8 @@ class TensorRTOptions:
     """Replay each whole denoising step (the UNet's enqueue, guidance, the scheduler's
     update) as one CUDA graph; steps that cannot be tabulated replay the UNet alone."""
     engine_dir: str | None = None
-    """Where the engines are; None: the exported folder's ``tensorrt/``."""
+    """Where the engines are (``sdtrt build --engine-dir``); None: the exported folder's
+    ``tensorrt/``."""
     build_missing: bool = False
     """Build engines that are missing (the cache does; a user's folder is built by
     ``sdtrt build``, and a mismatch there is an error)."""
@@ -176,6 +177,11 @@ class TensorRTOptions:
     def __post_init__(self) -> None:
         _one_of("TensorRT family", self.family, TRT_FAMILIES)
         _one_of("precision", self.precision, PRECISIONS)
+        if self.engine_dir is not None and not Path(self.engine_dir).is_dir():
+            raise InvalidInputError(
+                f"engine folder {self.engine_dir} does not exist or is not a folder: build "
+                f"engines into it with `sdtrt build --model MODEL --engine-dir {self.engine_dir}`"
+            )
 
 
 BackendOptions = TorchOptions | OrtOptions | TensorRTOptions
@@ -213,6 +219,7 @@ def backend_options(
     compile_unet: bool = False,
     ort_optimization: str | None = None,
     ort_threads: int | None = None,
+    engine_dir: str | None = None,
 ) -> BackendOptions:
     """What a user gave (None or False: not given) as the backend's typed options. An option
     the backend has no use for is refused, naming the backend and what it does take."""
@@ -221,6 +228,8 @@ def backend_options(
     def refuse(option: str, why: str) -> InvalidInputError:
         return InvalidInputError(f"{option} does not apply to the {backend} backend: {why}")
 
+    if engine_dir is not None and backend not in TRT_FAMILIES:
+        raise refuse("--engine-dir", "it names the folder of TensorRT engines (sdtrt build)")
     if backend != "onnxruntime":
         if ort_optimization is not None:
             raise refuse("--ort-optimization", "it sets ONNX Runtime sessions")
@@ -259,6 +268,7 @@ def backend_options(
         precision=precision or TensorRTOptions.precision,
         cuda_graphs=cuda_graphs,
         step_graphs=step_graphs,
+        engine_dir=engine_dir,
     )
 
 

@@ -123,7 +123,7 @@ _DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "max_replicas": None,
     "num_gpus": 0,
 }
-_BACKEND_ARGS = ("precision", "device", "dtype")
+_BACKEND_ARGS = ("precision", "device", "dtype", "engine_dir")
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -172,6 +172,7 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
         (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
         (["--step-graphs"], "--step-graphs needs --device cuda"),
+        (["--engine-dir", "."], "--engine-dir does not apply to the torch backend"),
     ],
 )
 def test_bad_arguments(tmp_path, png, capsys, extra, message):

@@ -107,6 +107,14 @@ def test_option_matrix_is_decided_before_any_work(exported, tmp_path, monkeypatc
         ("onnxruntime", {"channels_last": True}, "--channels-last does not apply"),
         ("tensorrt-rtx", {"fuse_qkv": True}, "--fuse-qkv does not apply.*PyTorch UNet"),
         ("torch", {"ort_threads": 2}, "--ort-threads does not apply"),
+        ("onnxruntime", {"engine_dir": "."}, "--engine-dir does not apply.*TensorRT engines"),
+        ("torch", {"engine_dir": "."}, "--engine-dir does not apply to the torch"),
+        (
+            "tensorrt-rtx",
+            {"engine_dir": "/no/such/engines"},
+            "engine folder /no/such/engines "
+            "does not exist.*sdtrt build --model MODEL --engine-dir /no/such/engines",
+        ),
     ],
 )
 def test_options_that_do_not_apply_are_named(backend, given, message):
@@ -163,7 +171,7 @@ def test_build_and_check_default_to_the_same_engines(exported_fp16, monkeypatch,
     build_args = build_parser().parse_args(["build", "--model", "x"])
     seen = {}
 
-    def fake_check(exported, components, *, backend, precision):
+    def fake_check(exported, components, *, backend, precision, engine_dir):
         seen["precision"] = precision
         raise _Reached
 
@@ -176,6 +184,53 @@ def test_build_and_check_default_to_the_same_engines(exported_fp16, monkeypatch,
         main(["check", "--model", str(exported_fp16.root), "--backend", "tensorrt"])
     assert seen["precision"] == build_args.precision == default_precision("tensorrt") == "fp16"
     assert BuildOptions().flags()["optimization_level"] == build_args.optimization_level
+
+
+def test_engine_dir_reaches_the_tensorrt_backend(exported, tiny, onnx_cache, tmp_path, monkeypatch):
+    """`sdtrt build --engine-dir D`, then every command that runs engines takes D: the
+    backend gets it and builds nothing there (a folder the user names is theirs to build);
+    without it, the cache's engines are built when missing."""
+    from sdtrt.bench.config import BenchConfig
+    from sdtrt.engine.factory import backend_from_components
+    from sdtrt.options import CacheOptions
+
+    seen = []
+
+    def reached(*args, **kwargs):
+        seen.append(args + tuple(kwargs.values()))
+        raise _Reached
+
+    monkeypatch.setattr("sdtrt.engine.factory.check_available", lambda options: None)
+    monkeypatch.setattr("sdtrt.engine.trt_backend.TensorRTBackend", reached)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    cache = CacheOptions(cache_dir=str(onnx_cache), source="tiny")
+    for engine_dir, build_missing in ((None, True), (str(engines), False)):
+        with pytest.raises(_Reached):
+            options = TensorRTOptions(precision="fp32", engine_dir=engine_dir)
+            backend_from_components(tiny, options, cache)
+        _, got = seen.pop()
+        assert got.engine_dir == engine_dir and got.build_missing is build_missing
+    model = ["--model", str(exported.root), "--backend", "tensorrt", "--precision", "fp32"]
+    model += ["--engine-dir", str(engines)]
+    with pytest.raises(_Reached):
+        main(["img2img", *model, "--out", str(tmp_path / "o.png")])
+    assert seen.pop()[1] == TensorRTOptions(precision="fp32", engine_dir=str(engines))
+    monkeypatch.setattr("sdtrt.serve.server.run", reached)
+    with pytest.raises(_Reached):
+        main(["serve", *model])
+    assert seen.pop()[1] == TensorRTOptions(precision="fp32", engine_dir=str(engines))
+    monkeypatch.setattr("sdtrt.bench.check.run_check", reached)
+    with pytest.raises(_Reached):
+        main(["check", *model])
+    assert seen.pop()[-1] == engines
+    monkeypatch.setattr("sdtrt.bench.benchmark.run_bench", reached)
+    bench = ["bench", "--model", str(exported.root), "--backends", "tensorrt,onnxruntime"]
+    with pytest.raises(_Reached):
+        main([*bench, "--engine-dir", str(engines)])
+    assert seen.pop()[0].options_for("tensorrt").engine_dir == str(engines)
+    with pytest.raises(ValueError, match="--engine-dir applies to the TensorRT backends' rows"):
+        BenchConfig(backends=("torch",), engine_dir=str(engines))
 
 
 def _outputs(backend, tiny_dims_inputs):

@@ -188,6 +188,8 @@ def test_the_serve_config_file_builds_the_application_it_describes():
     for given in ("512x512,768x512", [[512, 512], [768, 512]]):  # a string, or YAML's lists
         built = ray_app.app_builder({"model": "tiny", "warmup_sizes": given})
         assert built._bound_deployment.init_args[3]["warmup_sizes"] == ((512, 512), (768, 512))
+    engines = ray_app.app_builder({"model": "/m", "backend": "tensorrt", "engine_dir": "/e"})
+    assert engines._bound_deployment.init_args[1] == {"backend": "tensorrt", "engine_dir": "/e"}
     keyed = ray_app.app_builder({"model": "tiny", "api_key": "none"})  # a key, however named
     assert keyed._bound_deployment.init_args[3]["api_key"] == "none"
     with pytest.raises(

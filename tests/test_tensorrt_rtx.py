@@ -117,6 +117,35 @@ def test_a_changed_graph_rebuilds_only_its_engine(exported_fp16, tmp_path, caplo
     assert caplog.text.count("building engine") == 1
 
 
+def test_engines_built_with_their_own_ranges_are_run_not_built_over(
+    exported_fp16, tmp_path, monkeypatch, caplog
+):
+    """`sdtrt build --batch 1-2 ...` then a run that builds what is missing (the cache's
+    runs) or a check pointed at the folder: the engines there are used as they are, and
+    only a network with none is built (with the default profile)."""
+    import sdtrt.engine.trt_build as trt_build
+    from sdtrt.bench.check import _profile_corners
+    from sdtrt.engine.trt_build import build_missing_engines
+
+    engines = tmp_path / "engines"
+    assert _build(exported_fp16.root, engines) == 0
+    plans = _plans(engines)
+    assert build_missing_engines(exported_fp16, "fp16", engines, "tensorrt-rtx") == ()
+    assert _plans(engines) == plans
+    # `sdtrt check --engine-dir`: its requests are the corners of the engines found there.
+    monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("NVIDIA GeForce RTX 4090", "8.9"))
+    corners = _profile_corners(exported_fp16, "fp16", "tensorrt-rtx", engines)
+    assert corners == [(1, 32, 32), (2, 64, 64)]
+    for path in engines.glob("vae_decoder.*"):
+        path.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdtrt.engine.trt_cache"):
+        built = build_missing_engines(exported_fp16, "fp16", engines, "tensorrt-rtx")
+    assert built == ("vae_decoder",) and caplog.text.count("building engine") == 1
+    (decoder,) = engines.glob("vae_decoder.*.json")
+    assert json.loads(decoder.read_text())["profile"]["latent_sample"]["opt"] == [1, 4, 64, 64]
+
+
 def test_a_corrupt_engine_is_rebuilt_and_never_run(exported_fp16, tmp_path, caplog):
     from sdtrt.engine.trt_build import engine_key
     from sdtrt.engine.trt_cache import find_engine
