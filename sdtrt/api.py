@@ -152,7 +152,10 @@ def build(
     from sdtrt.engine.trt_build import build_engines, require_tensorrt
 
     precision = precision or default_precision(family)
-    if engine_dir is not None:
+    if engine_dir is not None and not any(Path(engine_dir).glob("*.plan")):
+        # Checked before minutes of export. A folder already holding engines may be
+        # read-only (a deployment's): reusing them writes nothing, and an engine that is
+        # missing there is refused, with the same error, before it is built.
         check_output_file(Path(engine_dir) / "engine.plan", "--engine-dir")
     require_tensorrt(family, gpu=False)  # what is missing is said before any work
     exported = open_exported(model, precision)

@@ -146,6 +146,32 @@ def test_engines_built_with_their_own_ranges_are_run_not_built_over(
     assert json.loads(decoder.read_text())["profile"]["latent_sample"]["opt"] == [1, 4, 64, 64]
 
 
+def test_build_into_a_read_only_folder_of_engines_reuses_them(
+    exported_fp16, tmp_path, monkeypatch, capsys
+):
+    """An entrypoint that runs `sdtrt build --engine-dir D` before `sdtrt serve`, D baked
+    into a container image or mounted read-only: with D's engines already built, there is
+    nothing to write, so it succeeds; an empty read-only D is refused before any work."""
+    from sdtrt.errors import InvalidInputError
+
+    engines = tmp_path / "engines"
+    assert _build(exported_fp16.root, engines) == 0
+    plans = _plans(engines)
+
+    def read_only(path, what, hint=""):  # what check_writable says on a read-only mount
+        raise InvalidInputError(f"{what} {path} cannot be written: read-only file system")
+
+    monkeypatch.setattr("sdtrt.fileio.check_writable", read_only)
+    monkeypatch.setattr("sdtrt.engine.trt_cache.check_writable", read_only)
+    capsys.readouterr()
+    assert _build(exported_fp16.root, engines) == 0 and _plans(engines) == plans
+    assert _build(exported_fp16.root, engines, "--targets", "8.6") == 2  # one to build
+    assert "cannot be written: read-only" in capsys.readouterr().err
+    assert _plans(engines) == plans
+    assert _build(exported_fp16.root, tmp_path / "empty") == 2
+    assert "--engine-dir" in capsys.readouterr().err
+
+
 def test_a_corrupt_engine_is_rebuilt_and_never_run(exported_fp16, tmp_path, caplog):
     from sdtrt.engine.trt_build import engine_key
     from sdtrt.engine.trt_cache import find_engine
