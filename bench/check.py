@@ -102,7 +102,7 @@ def _graph_runner(
     exported: ExportedModel,
     network: str,
     precision: str,
-    engine_dir: Path | None = None,
+    engine_dir: str | None = None,
 ) -> Any:
     """polygraphy's runner for the backend's form of ``network``: the ONNX graph in ONNX
     Runtime, or the built engine in TensorRT (in ``engine_dir``, else the export's)."""
@@ -125,7 +125,7 @@ def _built_engine(
     network: str,
     precision: str,
     family: str,
-    engine_dir: Path | None = None,
+    engine_dir: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The engine ``sdtrt build`` made for ``network`` (the newest that fits this machine
     and graph, whatever its ranges), and its sidecar (the profile it was built for)."""
@@ -134,11 +134,12 @@ def _built_engine(
     from sdtrt.options import BuildOptions
 
     key = engine_key(exported, network, precision, BuildOptions(), family)
-    return find_engine(engine_dir or default_engine_dir(exported), key, gpu_identity())
+    folder = Path(engine_dir) if engine_dir else default_engine_dir(exported)
+    return find_engine(folder, key, gpu_identity())
 
 
 def _profile_corners(
-    exported: ExportedModel, precision: str, family: str, engine_dir: Path | None = None
+    exported: ExportedModel, precision: str, family: str, engine_dir: str | None = None
 ) -> list[tuple[int, int, int]]:
     """The smallest and largest requests (images, height, width) the engines were built
     for, from the VAE decoder's profile: the UNet's rows start at one per image (unguided),
@@ -157,7 +158,7 @@ def compare_networks(
     components: dict[str, Any],
     precision: str,
     backend: str = "onnxruntime",
-    engine_dir: Path | None = None,
+    engine_dir: str | None = None,
 ) -> list[NetworkResult]:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
@@ -218,7 +219,7 @@ def run_check(
     steps: int = 8,
     strength: float = 0.75,
     scheduler: str = "lms",
-    engine_dir: Path | None = None,
+    engine_dir: str | None = None,
 ) -> dict[str, Any]:
     """Every network against PyTorch, then one img2img image against the torch backend.
     ``engine_dir``: the TensorRT engines ``sdtrt build --engine-dir`` wrote there."""
@@ -229,8 +230,7 @@ def run_check(
     m = exported.dims.size_multiple
     image = torch.rand(1, 3, 2 * m, 3 * m, generator=torch.Generator().manual_seed(7))
     run = dict(strength=strength, num_inference_steps=steps, output_type="np")
-    engines = None if engine_dir is None else str(engine_dir)
-    options = backend_options(backend, precision=precision, engine_dir=engines)
+    options = backend_options(backend, precision=precision, engine_dir=engine_dir)
     graph_pipe = Img2ImgPipeline.from_pretrained(
         exported.root, options, scheduler, show_progress=False
     )

@@ -198,5 +198,5 @@ def check(
         components,
         backend=backend,
         precision=precision,
-        engine_dir=None if engine_dir is None else Path(engine_dir),
+        engine_dir=engines,
     )

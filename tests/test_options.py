@@ -223,7 +223,7 @@ def test_engine_dir_reaches_the_tensorrt_backend(exported, tiny, onnx_cache, tmp
     monkeypatch.setattr("sdtrt.bench.check.run_check", reached)
     with pytest.raises(_Reached):
         main(["check", *model])
-    assert seen.pop()[-1] == engines
+    assert seen.pop()[-1] == str(engines)
     monkeypatch.setattr("sdtrt.bench.benchmark.run_bench", reached)
     bench = ["bench", "--model", str(exported.root), "--backends", "tensorrt,onnxruntime"]
     with pytest.raises(_Reached):

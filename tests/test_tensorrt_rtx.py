@@ -134,7 +134,7 @@ def test_engines_built_with_their_own_ranges_are_run_not_built_over(
     assert _plans(engines) == plans
     # `sdtrt check --engine-dir`: its requests are the corners of the engines found there.
     monkeypatch.setattr(trt_build, "gpu_identity", lambda: ("NVIDIA GeForce RTX 4090", "8.9"))
-    corners = _profile_corners(exported_fp16, "fp16", "tensorrt-rtx", engines)
+    corners = _profile_corners(exported_fp16, "fp16", "tensorrt-rtx", str(engines))
     assert corners == [(1, 32, 32), (2, 64, 64)]
     for path in engines.glob("vae_decoder.*"):
         path.unlink()
