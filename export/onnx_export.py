@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from sdtrt.errors import InvalidInputError
 from sdtrt.export.networks import Axis, Network
 
 # protobuf cannot serialise a message over 2 GiB: bigger graphs keep weights outside.
@@ -56,21 +57,36 @@ def export_network(
             )
         del wrapper
         raw_data = raw.with_name(raw.name + ".data")
+        model = onnx.load(str(raw), load_external_data=False)
+        _check_opset(model, opset, network.name)
         if raw_data.exists():
             # Weights kept outside (the SD UNet): loading, folding and re-saving would hold
             # them three times over in memory. The exporter's optimiser has folded
             # constants already; only the axis names and the data file's name change.
-            model = onnx.load(str(raw), load_external_data=False)
             _relocate_external_data(model, f"{path.name}.data")
             raw_data.replace(path.with_name(f"{path.name}.data"))
         else:
-            model = clean_graph(onnx.load(str(raw)))
+            model = clean_graph(model)
         _name_dynamic_axes(model, network)
         onnx.save(model, str(path))
     for written in (path, path.with_name(f"{path.name}.data")):
         if written.exists():
             written.chmod(0o644)
     onnx.checker.check_model(str(path))
+
+
+def _check_opset(model: onnx.ModelProto, opset: int, name: str) -> None:
+    """torch's exporter writes opset 18 and converts up to the opset asked for; where its
+    converter cannot (an opset past what onnx knows, or an operator without an adapter), it
+    logs a warning and leaves the graph at 18 with newer operators in it, which the checker
+    then rejects with a traceback. Refused here, saying what to do."""
+    declared = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if declared != opset:
+        raise InvalidInputError(
+            f"torch's ONNX exporter could not write {name} at opset {opset}: its version "
+            f"converter left the graph at opset {declared} (the warnings above say why); "
+            "choose a lower opset (20, the default, is the one sdtrt is tested with)"
+        )
 
 
 @contextmanager

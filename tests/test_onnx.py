@@ -62,6 +62,20 @@ def test_sessions_do_not_spin_by_default(exported):
         ] * 4
 
 
+def test_an_opset_the_exporter_cannot_reach_is_refused(tiny, tmp_path):
+    """`--opset 99` (or 28, whose Attention has no adapter from 22): torch's converter
+    warned, left the graph at opset 18 with newer operators, and the checker's
+    ValidationError came out as a traceback. A typed error saying what to do instead."""
+    from sdtrt.export.networks import ModelDims, networks_for
+    from sdtrt.export.onnx_export import export_network
+
+    network = networks_for(ModelDims.from_components(tiny))["text_encoder"]
+    path = tmp_path / "model.onnx"
+    with pytest.raises(InvalidInputError, match="text_encoder at opset 99: .* at opset 18"):
+        export_network(network, tiny["text_encoder"], path, precision="fp32", opset=99)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prompt_embeddings_run_on_an_export_as_their_prompts(exported, images):
     """An export knows its text encoder's output shape from its manifest: embeddings of
     that shape run on ONNX Runtime as the prompts they encode; others are refused."""
