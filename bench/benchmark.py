@@ -107,7 +107,7 @@ def run_bench(
     if is_onnx_folder(config.model):
         from sdtrt.export.folder import ExportedModel
 
-        exported = ExportedModel.open(config.model)
+        exported = ExportedModel.open_as(config.source)
         if config.reference is not None or not exported.adopted:
             components = exported.source_components(config.reference)
     else:

@@ -48,13 +48,17 @@ class BenchConfig:
     model_config: str | None = None
     """A single checkpoint file's architecture (see ModelSource)."""
     allow_pickle: bool = False
+    clip_skip: int | None = None
+    """Text encoder layers left out at the end (see ModelSource)."""
     reference: str | None = None
     """The PyTorch model (name or diffusers folder) of an ONNX folder that records none
     (optimum's): the torch and diffusers rows run it."""
 
     @property
     def source(self) -> ModelSource:
-        return ModelSource(self.model, self.variant, self.model_config, self.allow_pickle)
+        return ModelSource(
+            self.model, self.variant, self.model_config, self.allow_pickle, self.clip_skip
+        )
 
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
     batches: tuple[int, ...] = (1,)

@@ -202,6 +202,41 @@ class ExportedModel:
     def source_model(self) -> str:
         return str(self.manifest["source"]["model"])
 
+    @property
+    def clip_skip(self) -> int | None:
+        """The clip skip its text encoder was exported with (None: every layer)."""
+        return self.manifest["source"].get("clip_skip")
+
+    @classmethod
+    def open_as(cls, source: ModelSource) -> ExportedModel:
+        """A folder named as the model to run: its graphs run as they are, so the options
+        that choose PyTorch weights are refused (they were chosen at export), and a clip
+        skip asked for must be the one its text encoder was exported with."""
+        weights = {"--variant": source.variant, "--config": source.config}
+        chosen = [flag for flag, value in weights.items() if value]
+        chosen += ["--allow-pickle"] * source.allow_pickle
+        if chosen:
+            them = "them" if len(chosen) > 1 else "it"
+            raise InvalidInputError(
+                f"{' and '.join(chosen)}: for the PyTorch weights a model is loaded from; "
+                f"{source.model} is an ONNX export, whose weights were chosen when it was "
+                f"exported: leave {them} out, or export again with {them}"
+            )
+        exported = cls.open(source.model)
+        if source.clip_skip is not None and source.clip_skip != (exported.clip_skip or 0):
+            if exported.adopted:
+                had = "was written by another tool, which records no clip skip"
+            elif exported.clip_skip:
+                had = f"was exported with clip skip {exported.clip_skip}"
+            else:
+                had = "was exported without clip skip"
+            raise InvalidInputError(
+                f"{source.model} {had}, and a graph's layers cannot be skipped at run "
+                "time: leave --clip-skip out to run it as it is, or export the model with "
+                f"`sdtrt export --clip-skip {source.clip_skip}`"
+            )
+        return exported
+
     def _entry(self, network: str, precision: str) -> dict[str, str]:
         if precision not in self.manifest["precisions"]:
             raise InvalidInputError(
@@ -245,6 +280,7 @@ class ExportedModel:
                 variant=source.get("variant"),
                 config=source.get("config"),
                 allow_pickle=bool(source.get("allow_pickle", False)),
+                clip_skip=source.get("clip_skip"),
             )
         components = load_components(reference)
         # A folder that records its model is held to it, a reference too: compared with

@@ -163,7 +163,7 @@ class Img2ImgPipeline:
                 cache=cache,
                 show_progress=show_progress,
             )
-        exported = ExportedModel.open(Path(source.model))
+        exported = ExportedModel.open_as(source)
         return cls(
             backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),
@@ -204,8 +204,15 @@ class Img2ImgPipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         eta: float = 0.0,
+        clip_skip: int | None = None,
     ) -> Img2ImgOutput:
         # 1. Check inputs.
+        if clip_skip is not None:
+            raise InvalidInputError(
+                "clip skip is chosen when the model loads (the text encoder is cut, so its "
+                "graphs and engines carry it): build the pipeline with "
+                "from_pretrained(ModelSource(model, clip_skip=N)) and call it without clip_skip"
+            )
         prompts, negative_prompts = self._texts(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
@@ -441,6 +448,7 @@ _DIFFUSERS_KEYWORDS = {
     "OrtOptions or TensorRTOptions(precision='fp16'))",
     "device_map": "give backend=TorchOptions(device='cuda')",
     "variant": "give model=ModelSource(folder, variant='fp16')",
+    "clip_skip": "give model=ModelSource(model, clip_skip=N)",
     "local_files_only": "leave it out: sdtrt reads local folders only and downloads nothing",
     "use_safetensors": "leave it out: safetensors weights are read, a .ckpt only with "
     "ModelSource(file, allow_pickle=True)",

@@ -125,7 +125,7 @@ def open_exported(
 
     source = as_source(model)
     if is_onnx_folder(source.model):
-        return ExportedModel.open(Path(source.model))
+        return ExportedModel.open_as(source)
     if components is None:
         components = load_components(source)
     cache = CacheOptions(source=source_record(source))
@@ -187,7 +187,7 @@ def check(
     precision = precision or default_precision(backend)
     source = as_source(model)
     if is_onnx_folder(source.model):
-        exported = ExportedModel.open(Path(source.model))
+        exported = ExportedModel.open_as(source)
         exported.network_precision("unet", precision)  # holds those graphs, or says so
         components = exported.source_components(reference)
     else:

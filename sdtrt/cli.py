@@ -98,10 +98,19 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load a .ckpt checkpoint: it is a pickle, and unpickling runs code from the file",
     )
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave out the text encoder's last N layers, as diffusers' clip_skip (1: the "
+        "penultimate layer, what web UIs call 'Clip skip 2'); an export keeps the one it was "
+        "exported with (default: every layer)",
+    )
 
 
 def _source(args: argparse.Namespace) -> ModelSource:
-    return ModelSource(args.model, args.variant, args.config, args.allow_pickle)
+    return ModelSource(args.model, args.variant, args.config, args.allow_pickle, args.clip_skip)
 
 
 def _device(text: str) -> str:
@@ -383,6 +392,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         variant=args.variant,
         model_config=args.config,
         allow_pickle=args.allow_pickle,
+        clip_skip=args.clip_skip,
         reference=args.reference,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         batches=batches,

@@ -234,8 +234,35 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 
 def load_components(model: str | ModelSource) -> dict[str, Any]:
     """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name,
-    a local diffusers folder (default weights or a variant) or a single checkpoint file."""
+    a local diffusers folder (default weights or a variant) or a single checkpoint file;
+    with the source's clip skip, the text encoder cut to the layers it keeps."""
     source = as_source(model)
+    components = _load(source)
+    if source.clip_skip:
+        skip_clip_layers(components["text_encoder"], source.clip_skip)
+    return components
+
+
+def skip_clip_layers(text_encoder: Any, clip_skip: int) -> None:
+    """Drop the last ``clip_skip`` layers of a CLIP text encoder, in place. Its output is
+    then diffusers' ``clip_skip``: ``hidden_states[-(clip_skip + 1)]`` through the final
+    layer norm. Cutting (rather than asking for every hidden state) keeps the network's
+    contract, one ``last_hidden_state``, so the graphs and engines of every backend carry
+    it, and the cut layers are neither run nor exported."""
+    # transformers 5.6 moved CLIPTextModel's parts up from `text_model` (which
+    # CLIPTextModelWithProjection still has).
+    encoder = getattr(text_encoder, "text_model", text_encoder).encoder
+    layers = len(encoder.layers)
+    if clip_skip >= layers:
+        raise InvalidInputError(
+            f"clip skip {clip_skip} leaves no layer of the text encoder's {layers}: "
+            f"give 1 to {layers - 1} (1: the penultimate layer's output)"
+        )
+    encoder.layers = encoder.layers[: layers - clip_skip]
+    text_encoder.config.num_hidden_layers = layers - clip_skip
+
+
+def _load(source: ModelSource) -> dict[str, Any]:
     if source.model in BUILTIN_MODELS:
         if source.variant or source.config:
             raise InvalidInputError(

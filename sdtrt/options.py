@@ -369,10 +369,17 @@ class ModelSource:
     YAML config. Needed (nothing is downloaded)."""
     allow_pickle: bool = False
     """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
+    clip_skip: int | None = None
+    """CLIP layers left out at the end of the text encoder, as diffusers' ``clip_skip``: 1
+    takes the penultimate layer's output (what web UIs call "Clip skip 2"), for prompt and
+    negative prompt alike. The text encoder is cut when it loads, so exports, engines and
+    the cache carry it. None or 0: every layer."""
 
     def __post_init__(self) -> None:
         if not str(self.model).strip():  # an unset "$MODEL": not the current folder
             raise InvalidInputError("the model is empty: give a model name, folder or file")
+        if self.clip_skip is not None:
+            _integer("clip skip", self.clip_skip, 0)
         object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
         object.__setattr__(self, "config", expand_home(self.config))
         if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
@@ -382,6 +389,7 @@ class ModelSource:
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)
         extra += [f"config {self.config}"] * bool(self.config)
+        extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)
         return self.model + (f" ({', '.join(extra)})" if extra else "")
 
 

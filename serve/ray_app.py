@@ -116,6 +116,8 @@ def application(
 # app_builder's arguments besides ServeOptions' fields, with their defaults.
 _DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
+    "variant": None,
+    "clip_skip": None,
     "backend": "torch",
     "scheduler": "lms",
     "replicas": 1,
@@ -129,8 +131,8 @@ _BACKEND_ARGS = ("precision", "device", "dtype", "engine_dir")
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
     strings (or YAML's numbers), named as ``sdtrt serve``'s options (model, backend,
-    replicas, min_replicas, max_replicas, num_gpus, policy, max_rows, max_queue, timeout,
-    api_key...)."""
+    replicas, min_replicas, max_replicas, num_gpus, variant, clip_skip, policy, max_rows,
+    max_queue, timeout, api_key...)."""
     args = dict(args)
     deployment = {k: args.pop(k, default) for k, default in _DEPLOYMENT_DEFAULTS.items()}
     backend_kwargs = {k: args.pop(k) for k in _BACKEND_ARGS if k in args}
@@ -142,7 +144,11 @@ def app_builder(args: dict[str, Any]) -> Any:
     options = ServeOptions(**{k: _typed(k, v, str(fields[k].type)) for k, v in args.items()})
     low, high = deployment["min_replicas"], deployment["max_replicas"]
     return application(
-        ModelSource(deployment["model"]),
+        ModelSource(
+            deployment["model"],
+            variant=deployment["variant"],
+            clip_skip=_typed("clip_skip", deployment["clip_skip"], "int | None"),
+        ),
         deployment["backend"],
         backend_kwargs,
         deployment["scheduler"],

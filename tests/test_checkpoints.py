@@ -313,3 +313,27 @@ def test_an_inpainting_checkpoint_file_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "inpainting.safetensors (with the config" in err and named in err
     assert not (tmp_path / "onnx").exists()
+
+
+def test_clip_skip_is_checked_and_keys_what_is_exported(tiny, tmp_path, capsys):
+    """--clip-skip N on any command: an integer >= 0 (0: every layer), fewer than the text
+    encoder's layers, said before any work; the cut text encoder is another fingerprint,
+    so the cache never serves one export for the other."""
+    from sdtrt.errors import InvalidInputError
+
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(InvalidInputError, match="clip skip must be an integer >= 0"):
+            ModelSource("tiny", clip_skip=bad)
+    assert "clip skip 2" in ModelSource("tiny", clip_skip=2).describe()
+    whole = model_fingerprint(tiny)
+    assert model_fingerprint(load_components(ModelSource("tiny", clip_skip=0))) == whole
+    cut = load_components(ModelSource("tiny", clip_skip=1))
+    assert cut["text_encoder"].config.num_hidden_layers == 4 and model_fingerprint(cut) != whole
+    assert tiny["text_encoder"].config.num_hidden_layers == 5  # a fresh load was cut, not this
+    out = tmp_path / "out.png"
+    for command in (["img2img", *RUN, "--out", str(out)], ["export", "--out", str(tmp_path / "e")]):
+        assert main([*command, "--clip-skip", "5"]) == 2
+        assert "clip skip 5 leaves no layer of the text encoder's 5: give 1 to 4" in (
+            capsys.readouterr().err
+        )
+    assert list(tmp_path.iterdir()) == []

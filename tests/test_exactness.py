@@ -272,3 +272,41 @@ def test_karras_names_are_their_class_with_karras_sigmas(tiny, images):
             p("a", images[0], generator=torch.Generator().manual_seed(2), **kwargs) for p in pipes
         ]
         assert float(np.abs(got[0].images - got[1].images).max()) > 0.01, name
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_equals_diffusers_definition_for_both_prompts(tiny, images, clip_skip):
+    """``ModelSource(clip_skip=k)``: diffusers' ``clip_skip`` (``hidden_states[-(k + 1)]``
+    through the final layer norm), computed here from the whole text encoder and handed to
+    diffusers as embeddings, for the prompt and the negative prompt alike (diffusers' own
+    SD 1.x pipeline applies it to the prompt only, and with transformers >= 5.6 fails on
+    it: huggingface/diffusers#14124)."""
+    from sdtrt.options import ModelSource
+    from sdtrt.runtime.steps import token_ids
+
+    ours = Img2ImgPipeline.from_pretrained(
+        ModelSource("tiny", clip_skip=clip_skip), scheduler="euler", show_progress=False
+    )
+    encoder = tiny["text_encoder"]
+    assert len(ours.backend.text_encoder.encoder.layers) == len(encoder.encoder.layers) - clip_skip
+
+    def skipped(prompts):
+        hidden = encoder(token_ids(tiny["tokenizer"], prompts), output_hidden_states=True)
+        return encoder.final_layer_norm(hidden.hidden_states[-(clip_skip + 1)])
+
+    prompts, negatives = ["A colorful dancer, nat geo photo", "a cat"], ["blurry", ""]
+    kwargs = dict(strength=0.8, num_inference_steps=6, guidance_scale=7.0, output_type="np")
+    got = ours(prompts, images, negative_prompt=negatives,
+               generator=torch.Generator().manual_seed(3), **kwargs)  # fmt: skip
+    with torch.no_grad():
+        embeds, negative = skipped(prompts), skipped(negatives)
+    want = diffusers_img2img(tiny, "euler")(
+        image=images, prompt_embeds=embeds, negative_prompt_embeds=negative,
+        generator=torch.Generator().manual_seed(3), **kwargs,
+    ).images  # fmt: skip
+    assert got.images.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got.images - want).max()) == 0.0
+    every_layer = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    full = every_layer(prompts, images, negative_prompt=negatives,
+                       generator=torch.Generator().manual_seed(3), **kwargs)  # fmt: skip
+    assert float(np.abs(full.images - want).max()) > 0.01  # the skip changes the picture

@@ -19,6 +19,7 @@ from interop.settings import CALL, PROMPT, SEED
 
 from sdtrt.cli import main
 from sdtrt.errors import InvalidInputError
+from sdtrt.options import ModelSource
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 ROOT = Path(__file__).parent.parent
@@ -142,6 +143,8 @@ def test_an_optimum_folder_is_read_through_its_graphs_io(optimum_export, tiny):
 
     exported = ExportedModel.open(optimum_export / "onnx")
     assert exported.adopted and exported.precisions == ("fp32",)
+    with pytest.raises(InvalidInputError, match="another tool, which records no clip skip"):
+        ExportedModel.open_as(ModelSource(str(optimum_export / "onnx"), clip_skip=1))
     assert exported.dims.size_multiple == 16
     assert exported.scaling_factor == pytest.approx(tiny["vae"].config.scaling_factor)
     text, unet = exported.network("text_encoder", "fp32"), exported.network("unet", "fp32")

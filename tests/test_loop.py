@@ -108,6 +108,7 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(strength=np.True_), "strength must be a number in (0, 1]"),
         (dict(eta=1.5), "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
         (dict(eta=float("nan")), "eta must be a number in [0, 1]"),
+        (dict(clip_skip=2), "build the pipeline with from_pretrained(ModelSource(model, clip_"),
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), "give prompt or prompt_embeds, one of"),
         (
             dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 77, 32)),
@@ -159,6 +160,7 @@ def test_bad_prompt_embeddings_are_refused(tiny, images, make, message):
         (dict(torch_dtype=torch.float16), "torch_dtype: give backend=TorchOptions(dtype='fp16')"),
         (dict(variant="fp16"), "variant: give model=ModelSource(folder, variant='fp16')"),
         (dict(device_map="cuda"), "device_map: give backend=TorchOptions(device='cuda')"),
+        (dict(clip_skip=1), "clip_skip: give model=ModelSource(model, clip_skip=N)"),
         (dict(revision="main", token="x"), "revision, token: not sdtrt keywords"),
     ],
 )

@@ -479,3 +479,78 @@ def test_sd2_options_export_and_pass_the_check(tmp_path, monkeypatch, capsys):
     loaded = load_components(str(tmp_path / "sd2-tiny"))
     assert loaded["unet"].config.use_linear_projection and loaded["unet"].config.upcast_attention
     assert loaded["scheduler"].config.prediction_type == "v_prediction"
+
+
+def test_a_clip_skip_graph_is_the_definition_without_the_skipped_layers(tiny, tmp_path):
+    """A text encoder cut for clip skip 2 exports as a graph of its kept layers only, and
+    ONNX Runtime gives diffusers' clip_skip output of the whole encoder (the hidden state
+    two layers from the end, through the final layer norm)."""
+    import copy
+
+    import onnxruntime as ort
+
+    from sdtrt.export.networks import ModelDims, networks_for
+    from sdtrt.export.onnx_export import export_network
+    from sdtrt.models import skip_clip_layers
+
+    network = networks_for(ModelDims.from_components(tiny))["text_encoder"]
+    whole, cut = tiny["text_encoder"], copy.deepcopy(tiny["text_encoder"])
+    skip_clip_layers(cut, 2)
+    for name, module in (("whole", whole), ("cut", cut)):
+        export_network(network, module, tmp_path / f"{name}.onnx", precision="fp32", opset=20)
+    matmuls = {
+        name: sum(n.op_type == "MatMul" for n in onnx.load(tmp_path / f"{name}.onnx").graph.node)
+        for name in ("whole", "cut")
+    }
+    layers = whole.config.num_hidden_layers
+    assert matmuls["cut"] < matmuls["whole"] and cut.config.num_hidden_layers == layers - 2
+    draw = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, whole.config.vocab_size, (2, 77), generator=draw)
+    session = ort.InferenceSession(str(tmp_path / "cut.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input_ids": ids.int().numpy()})
+    with torch.no_grad():
+        hidden = whole(ids, output_hidden_states=True).hidden_states[-3]
+        want = whole.final_layer_norm(hidden).numpy()
+    assert got.shape == want.shape == (2, 77, whole.config.hidden_size)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_an_export_runs_with_its_own_clip_skip_and_refuses_weight_options(
+    exported, tmp_path, monkeypatch
+):
+    """``sdtrt export --clip-skip 2`` exports the cut text encoder and records it; running
+    the folder keeps it, asking for another is refused (layers cannot be skipped in a
+    graph at run time), and options that choose PyTorch weights are refused, not ignored."""
+    from sdtrt import api
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import ExportOptions, ModelSource
+
+    exported_layers = {}
+
+    def fake_export(network, module, path, *, precision, opset):
+        from onnx import helper
+
+        if network.name == "text_encoder":
+            exported_layers[precision] = module.config.num_hidden_layers
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph = helper.make_graph([], network.name, [], [])
+        path.write_bytes(helper.make_model(graph).SerializeToString())
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
+    folder = tmp_path / "skip2"
+    options = ExportOptions(precisions=("fp32",))
+    api.export(ModelSource("tiny", clip_skip=2), folder, options, show_progress=False)
+    assert exported_layers == {"fp32": 3}  # tiny's 5 layers, less 2
+    assert json.loads((folder / "sdtrt.json").read_text())["source"]["clip_skip"] == 2
+    for asked in (None, 2):
+        assert ExportedModel.open_as(ModelSource(str(folder), clip_skip=asked)).clip_skip == 2
+    for asked in (0, 1):
+        with pytest.raises(InvalidInputError, match=f"with clip skip 2.*--clip-skip {asked}`"):
+            ExportedModel.open_as(ModelSource(str(folder), clip_skip=asked))
+    assert ExportedModel.open_as(ModelSource(str(exported.root), clip_skip=0)).clip_skip is None
+    with pytest.raises(InvalidInputError, match="exported without clip skip.*--clip-skip 1`"):
+        ExportedModel.open_as(ModelSource(str(exported.root), clip_skip=1))
+    with pytest.raises(InvalidInputError, match="--variant and --allow-pickle: for the PyTorch"):
+        ExportedModel.open_as(ModelSource(str(folder), variant="fp16", allow_pickle=True))
+    with pytest.raises(InvalidInputError, match="--config: for the PyTorch weights"):
+        Img2ImgPipeline.from_pretrained(ModelSource(str(folder), config=str(folder)))

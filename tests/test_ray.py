@@ -190,6 +190,10 @@ def test_the_serve_config_file_builds_the_application_it_describes():
         assert built._bound_deployment.init_args[3]["warmup_sizes"] == ((512, 512), (768, 512))
     engines = ray_app.app_builder({"model": "/m", "backend": "tensorrt", "engine_dir": "/e"})
     assert engines._bound_deployment.init_args[1] == {"backend": "tensorrt", "engine_dir": "/e"}
+    for given, skip in (("2", 2), (1, 1), (None, None)):  # as `sdtrt serve --clip-skip`
+        built = ray_app.app_builder({"model": "/m", "variant": "fp16", "clip_skip": given})
+        model = built._bound_deployment.init_args[0]
+        assert (model["model"], model["variant"], model["clip_skip"]) == ("/m", "fp16", skip)
     keyed = ray_app.app_builder({"model": "tiny", "api_key": "none"})  # a key, however named
     assert keyed._bound_deployment.init_args[3]["api_key"] == "none"
     with pytest.raises(
