@@ -103,6 +103,7 @@ def test_manifest(exported, tiny):
         "variant": None,
         "config": None,
         "allow_pickle": False,
+        "clip_skip": None,
         "fingerprint": model_fingerprint(tiny),
     }
     assert m["opset"] == 20 and m["size_multiple"] == 16 and m["vae_scale_factor"] == 8
