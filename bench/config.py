@@ -48,6 +48,8 @@ class BenchConfig:
     model_config: str | None = None
     """A single checkpoint file's architecture (see ModelSource)."""
     allow_pickle: bool = False
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA files and scales fused into the weights (see ModelSource)."""
     clip_skip: int | None = None
     """Text encoder layers left out at the end (see ModelSource)."""
     reference: str | None = None
@@ -57,7 +59,12 @@ class BenchConfig:
     @property
     def source(self) -> ModelSource:
         return ModelSource(
-            self.model, self.variant, self.model_config, self.allow_pickle, self.clip_skip
+            self.model,
+            self.variant,
+            self.model_config,
+            self.allow_pickle,
+            self.loras,
+            self.clip_skip,
         )
 
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")

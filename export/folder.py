@@ -214,7 +214,7 @@ class ExportedModel:
         skip asked for must be the one its text encoder was exported with."""
         weights = {"--variant": source.variant, "--config": source.config}
         chosen = [flag for flag, value in weights.items() if value]
-        chosen += ["--allow-pickle"] * source.allow_pickle
+        chosen += ["--allow-pickle"] * source.allow_pickle + ["--lora"] * bool(source.loras)
         if chosen:
             them = "them" if len(chosen) > 1 else "it"
             raise InvalidInputError(
@@ -280,6 +280,7 @@ class ExportedModel:
                 variant=source.get("variant"),
                 config=source.get("config"),
                 allow_pickle=bool(source.get("allow_pickle", False)),
+                loras=tuple(source.get("loras") or ()),
                 clip_skip=source.get("clip_skip"),
             )
         components = load_components(reference)

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from sdtrt.bench.config import BENCH_BACKENDS, BenchConfig
-from sdtrt.errors import EngineBuildError, SdtrtError
+from sdtrt.errors import EngineBuildError, InvalidInputError, SdtrtError
 from sdtrt.options import (
     BACKENDS,
     DEVICES,
@@ -46,6 +46,7 @@ from sdtrt.options import (
     TorchOptions,
     expand_home,
     one_gpu_hint,
+    parse_lora,
     parse_sizes,
 )
 
@@ -99,6 +100,17 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         help="load a .ckpt checkpoint: it is a pickle, and unpickling runs code from the file",
     )
     p.add_argument(
+        "--lora",
+        dest="loras",
+        type=_lora,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (.safetensors: diffusers', kohya's or PEFT's layout) into the "
+        "weights at SCALE (default 1); repeat for several. An export keeps those it was "
+        "exported with",
+    )
+    p.add_argument(
         "--clip-skip",
         type=int,
         default=None,
@@ -110,7 +122,16 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _source(args: argparse.Namespace) -> ModelSource:
-    return ModelSource(args.model, args.variant, args.config, args.allow_pickle, args.clip_skip)
+    return ModelSource(
+        args.model, args.variant, args.config, args.allow_pickle, tuple(args.loras), args.clip_skip
+    )
+
+
+def _lora(text: str) -> tuple[str, float]:
+    try:
+        return parse_lora(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _device(text: str) -> str:
@@ -392,6 +413,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         variant=args.variant,
         model_config=args.config,
         allow_pickle=args.allow_pickle,
+        loras=tuple(args.loras),
         clip_skip=args.clip_skip,
         reference=args.reference,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),

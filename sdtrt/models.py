@@ -235,9 +235,14 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 def load_components(model: str | ModelSource) -> dict[str, Any]:
     """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name,
     a local diffusers folder (default weights or a variant) or a single checkpoint file;
-    with the source's clip skip, the text encoder cut to the layers it keeps."""
+    with the source's LoRAs fused, then with its clip skip, the text encoder cut to the
+    layers it keeps."""
     source = as_source(model)
     components = _load(source)
+    if source.loras:
+        from sdtrt.lora import fuse_loras
+
+        fuse_loras(components, source.loras, source.allow_pickle)
     if source.clip_skip:
         skip_clip_layers(components["text_encoder"], source.clip_skip)
     return components
@@ -295,10 +300,11 @@ def source_record(model: str | ModelSource) -> ModelSource:
     """How a model is recorded in an export's manifest: built-in names as they are, folders
     and files as absolute paths, so that ``check`` and ``bench`` find the source again."""
     source = as_source(model)
+    loras = tuple((str(Path(path).resolve()), scale) for path, scale in source.loras)
     if source.model in BUILTIN_MODELS:
-        return source
+        return replace(source, loras=loras)
     config = str(Path(source.config).resolve()) if source.config else None
-    return replace(source, model=str(Path(source.model).resolve()), config=config)
+    return replace(source, model=str(Path(source.model).resolve()), config=config, loras=loras)
 
 
 # Weight files as diffusers and transformers name them: NAME[.VARIANT].EXT, sharded

@@ -9,6 +9,7 @@ the right one and refuses, with one line, an option that does not apply to the b
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -369,6 +370,10 @@ class ModelSource:
     YAML config. Needed (nothing is downloaded)."""
     allow_pickle: bool = False
     """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'
+    ``load_lora_weights`` reads them) and their scales, fused into the weights when they
+    load, as diffusers' ``fuse_lora`` does: exports, engines and the cache carry them."""
     clip_skip: int | None = None
     """CLIP layers left out at the end of the text encoder, as diffusers' ``clip_skip``: 1
     takes the penultimate layer's output (what web UIs call "Clip skip 2"), for prompt and
@@ -380,6 +385,7 @@ class ModelSource:
             raise InvalidInputError("the model is empty: give a model name, folder or file")
         if self.clip_skip is not None:
             _integer("clip skip", self.clip_skip, 0)
+        object.__setattr__(self, "loras", tuple(_lora(entry) for entry in self.loras))
         object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
         object.__setattr__(self, "config", expand_home(self.config))
         if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
@@ -389,8 +395,34 @@ class ModelSource:
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)
         extra += [f"config {self.config}"] * bool(self.config)
+        extra += [f"LoRA {path} at {scale:g}" for path, scale in self.loras]
         extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)
         return self.model + (f" ({', '.join(extra)})" if extra else "")
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """ "FILE[:SCALE]" -> (FILE, SCALE), the scale 1.0 where none is given (a path that
+    holds a colon keeps it when what follows is not a number)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        number = float(scale)
+    except ValueError:
+        return _lora((text, 1.0))
+    return _lora((path, number) if path else (text, 1.0))
+
+
+def _lora(entry: object) -> tuple[str, float]:
+    """A (file, scale) pair, checked: a file named, a finite scale."""
+    if isinstance(entry, str):
+        entry = (entry, 1.0)
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        raise InvalidInputError(f"a LoRA is (file, scale), got {entry!r}")
+    path, scale = entry
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInputError(f"a LoRA's file must be a path, got {path!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidInputError(f"LoRA {path}: the scale must be a finite number, got {scale!r}")
+    return str(expand_home(path)), float(scale)
 
 
 def as_source(model: str | ModelSource) -> ModelSource:

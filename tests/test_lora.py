@@ -1,0 +1,161 @@
+"""LoRA weights fused as the model loads (`--lora FILE[:SCALE]`): the image diffusers gives
+with the same LoRA unfused at that scale; what is fused is a plain model with other weights
+(another fingerprint), which exports as any model does; the files that cannot apply are
+refused, saying why."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import diffusers_img2img
+
+from sdtrt.cli import main
+from sdtrt.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
+from sdtrt.models import load_components, model_fingerprint
+from sdtrt.options import ModelSource, parse_lora
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+pytest.importorskip("peft", reason="peft (sdtrt[lora]) is not installed")
+
+CALL = dict(strength=0.8, num_inference_steps=6, guidance_scale=7.0, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A rank-4 LoRA on the tiny UNet's attention and the text encoder's projections, in
+    diffusers' layout (random up-projections: PEFT starts them at zero, which changes
+    nothing)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    fresh = load_components("tiny")
+    layers = {}
+    for part, targets in (
+        ("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+        ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj"]),
+    ):
+        module = fresh[part]
+        # peft's own call: transformers' add_adapter asks for a newer peft than exists.
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), module)
+        torch.manual_seed(len(part))
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0, 0.3)
+        layers[part] = get_peft_model_state_dict(module)
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"]
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_fused_lora_gives_diffusers_image_of_it_unfused(tiny, images, lora_file):
+    ours = Img2ImgPipeline.from_pretrained(
+        ModelSource("tiny", loras=((str(lora_file), 0.7),)), scheduler="euler", show_progress=False
+    )
+    reference = diffusers_img2img(load_components("tiny"), "euler")
+    reference.load_lora_weights(str(lora_file), adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.7])
+    prompts = ["A colorful dancer, nat geo photo", "a cat"]
+    got = ours(prompts, images, generator=torch.Generator().manual_seed(5), **CALL).images
+    want = reference(prompts, images, generator=torch.Generator().manual_seed(5), **CALL).images
+    assert got.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got - want).max()) <= 2e-5  # 3.3e-6 measured
+    plain = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    base = plain(prompts, images, generator=torch.Generator().manual_seed(5), **CALL).images
+    assert float(np.abs(base - want).max()) > 0.01  # the LoRA changes the picture
+    # Both networks changed, and the model is another fingerprint (the cache's key).
+    modules = {"unet": ours.backend.unet_model, "text_encoder": ours.backend.text_encoder}
+    for part, module in modules.items():  # no LoRA layer left, the weights changed
+        fused, own = module.state_dict(), tiny[part].state_dict()
+        assert fused.keys() == own.keys()
+        assert any(not torch.equal(fused[k], own[k]) for k in own), part
+
+
+def test_loras_add_up_and_a_pickle_needs_allow_pickle(tiny, lora_file, tmp_path):
+    """Two LoRAs at 0.5 and 0.2 are one at 0.7 (scales add, as diffusers' set_adapters);
+    the same tensors in a .bin load only with allow_pickle, and fuse to the same model."""
+    once = load_components(ModelSource("tiny", loras=((str(lora_file), 0.7),)))
+    halves = ((str(lora_file), 0.5), (str(lora_file), 0.2))
+    twice = load_components(ModelSource("tiny", loras=halves))
+    for part in ("unet", "text_encoder"):
+        a, b = once[part].state_dict(), twice[part].state_dict()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert model_fingerprint(once) != model_fingerprint(tiny)
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "style.bin"
+    torch.save(load_file(str(lora_file)), pickled)
+    with pytest.raises(InvalidInputError, match="is not .safetensors: a pickle.*--allow-pickle"):
+        load_components(ModelSource("tiny", loras=((str(pickled), 0.7),)))
+    trusted = load_components(ModelSource("tiny", allow_pickle=True, loras=((str(pickled), 0.7),)))
+    assert model_fingerprint(trusted) == model_fingerprint(once)
+
+
+def test_a_lora_that_cannot_apply_is_refused(lora_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora_file))
+
+    def widened(key, tensor):  # lora_A takes 3 more inputs than the layer has
+        return torch.zeros(tensor.shape[0], tensor.shape[1] + 3) if "lora_A" in key else tensor
+
+    wider = {key: widened(key, tensor) for key, tensor in state.items()}
+    save_file(wider, tmp_path / "wider.safetensors")
+    save_file({"foo.lora_A.weight": torch.zeros(4, 8)}, tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    cases = {
+        "wider": "does not fit this model: .*size mismatch .*\\(and \\d+ more\\)",
+        "other": "changes no layer of this model",
+        "broken": "is not a readable safetensors file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(InvalidInputError, match=message):
+            file = str(tmp_path / f"{name}.safetensors")
+            load_components(ModelSource("tiny", loras=((file, 1),)))
+    with pytest.raises(ModelNotFoundError, match="LoRA file .*missing.safetensors does not exist"):
+        load_components(ModelSource("tiny", loras=((str(tmp_path / "missing.safetensors"), 1),)))
+    monkeypatch.setitem(sys.modules, "peft", None)  # not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'sdtrt\[lora\]'"):
+        load_components(ModelSource("tiny", loras=((str(lora_file), 1),)))
+
+
+def test_lora_option_parsing_and_the_export_record(lora_file, tmp_path, monkeypatch, capsys):
+    """`--lora FILE[:SCALE]` (scale 1 by default; a colon in a path stays); an export
+    records each LoRA by absolute path and scale, and refuses --lora when it runs."""
+    assert parse_lora("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora("a.safetensors:-0.5") == ("a.safetensors", -0.5)
+    assert parse_lora("/x:y/a.safetensors") == ("/x:y/a.safetensors", 1.0)
+    with pytest.raises(InvalidInputError, match="scale must be a finite number, got nan"):
+        parse_lora("a.safetensors:nan")
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for any bad value
+        main(["img2img", "--lora", "a.safetensors:inf"])
+    assert exited.value.code == 2
+    assert "argument --lora: LoRA a.safetensors: the scale must be a finite" in (
+        capsys.readouterr().err
+    )
+
+    from sdtrt.export.folder import ExportedModel
+
+    def fake_export(network, module, path, *, precision, opset):
+        from onnx import helper
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
+    monkeypatch.chdir(lora_file.parent)
+    out = tmp_path / "styled"
+    given = ["--lora", f"{lora_file.name}:0.7", "--precision", "fp32", "--no-progress"]
+    assert main(["export", "--model", "tiny", "--out", str(out), *given]) == 0
+    source = json.loads((out / "sdtrt.json").read_text())["source"]
+    assert source["loras"] == [[str(lora_file), 0.7]]
+    assert source["fingerprint"] == model_fingerprint(
+        load_components(ModelSource("tiny", loras=((str(lora_file), 0.7),)))
+    )
+    with pytest.raises(InvalidInputError, match="--lora: for the PyTorch weights"):
+        ExportedModel.open_as(ModelSource(str(out), loras=((str(lora_file), 0.7),)))
