@@ -96,6 +96,38 @@ def test_loras_add_up_and_a_pickle_needs_allow_pickle(tiny, lora_file, tmp_path)
     assert model_fingerprint(trusted) == model_fingerprint(once)
 
 
+def _kohya(state: dict) -> dict:
+    """The same LoRA in kohya's layout, as A1111 and community sites keep LoRAs
+    (lora_unet_..., lora_te_text_model_..., lora_down/lora_up, an alpha per layer)."""
+    kohya = {}
+    for key, tensor in state.items():
+        part, rest = key.split(".", 1)
+        layer, kind = rest.rsplit(".lora_", 1)
+        prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+        name = prefix + layer.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)  # alpha = rank: a scale of 1
+    return kohya
+
+
+def test_layouts_of_other_tools_fuse_to_the_same_model(lora_file, tmp_path):
+    """kohya's layout (A1111's LoRAs), and diffusers' own saved before transformers 5.6
+    (text_encoder.text_model.*), fuse to the same weights, text encoder included."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora_file))
+    older = {k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in state.items()}
+    save_file(_kohya(state), tmp_path / "kohya.safetensors")
+    save_file(older, tmp_path / "older.safetensors")
+    want = load_components(ModelSource("tiny", loras=((str(lora_file), 0.7),)))
+    for name in ("kohya", "older"):
+        file = str(tmp_path / f"{name}.safetensors")
+        got = load_components(ModelSource("tiny", loras=((file, 0.7),)))
+        for part in ("unet", "text_encoder"):
+            a, b = want[part].state_dict(), got[part].state_dict()
+            assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0, (name, part)
+
+
 def test_a_lora_that_cannot_apply_is_refused(lora_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
