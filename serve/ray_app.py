@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from sdtrt.options import ModelSource, ServeOptions, backend_options
+from sdtrt.options import ModelSource, ServeOptions, backend_options, parse_lora
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def application(
 _DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "variant": None,
+    "lora": None,
     "clip_skip": None,
     "backend": "torch",
     "scheduler": "lms",
@@ -131,7 +132,7 @@ _BACKEND_ARGS = ("precision", "device", "dtype", "engine_dir")
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
     strings (or YAML's numbers), named as ``sdtrt serve``'s options (model, backend,
-    replicas, min_replicas, max_replicas, num_gpus, variant, clip_skip, policy, max_rows,
+    replicas, min_replicas, max_replicas, num_gpus, variant, lora, clip_skip, policy, max_rows,
     max_queue, timeout, api_key...)."""
     args = dict(args)
     deployment = {k: args.pop(k, default) for k, default in _DEPLOYMENT_DEFAULTS.items()}
@@ -147,6 +148,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         ModelSource(
             deployment["model"],
             variant=deployment["variant"],
+            loras=_loras(deployment["lora"]),
             clip_skip=_typed("clip_skip", deployment["clip_skip"], "int | None"),
         ),
         deployment["backend"],
@@ -158,6 +160,12 @@ def app_builder(args: dict[str, Any]) -> Any:
         int(high) if high else None,
         float(deployment["num_gpus"]),
     )
+
+
+def _loras(value: Any) -> tuple[tuple[str, float], ...]:
+    """``lora``: "FILE[:SCALE]", or a list of them (YAML's), as `sdtrt serve --lora`."""
+    given = [value] if isinstance(value, str) else list(value or [])
+    return tuple(parse_lora(str(entry)) for entry in given)
 
 
 def _typed(name: str, value: Any, annotation: str) -> Any:

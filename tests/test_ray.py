@@ -194,6 +194,14 @@ def test_the_serve_config_file_builds_the_application_it_describes():
         built = ray_app.app_builder({"model": "/m", "variant": "fp16", "clip_skip": given})
         model = built._bound_deployment.init_args[0]
         assert (model["model"], model["variant"], model["clip_skip"]) == ("/m", "fp16", skip)
+    for given, loras in (("/l.safetensors", [("/l.safetensors", 1.0)]), (None, [])):
+        built = ray_app.app_builder({"model": "/m", "lora": given})
+        assert list(built._bound_deployment.init_args[0]["loras"]) == loras
+    built = ray_app.app_builder({"model": "/m", "lora": ["/a.safetensors:0.5", "/b.safetensors"]})
+    assert list(built._bound_deployment.init_args[0]["loras"]) == [
+        ("/a.safetensors", 0.5),
+        ("/b.safetensors", 1.0),
+    ]
     keyed = ray_app.app_builder({"model": "tiny", "api_key": "none"})  # a key, however named
     assert keyed._bound_deployment.init_args[3]["api_key"] == "none"
     with pytest.raises(
