@@ -95,6 +95,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
             "variant": None,
             "config": None,
             "allow_pickle": False,
+            "loras": [],
             "clip_skip": None,
             "fingerprint": None,
         },

@@ -83,7 +83,10 @@ def _read(path: Path, allow_pickle: bool) -> dict[str, Any]:
         )
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle's and torch's own error types
+        raise InvalidInputError(f"LoRA {path} is not a readable tensor file: {exc}") from None
     if not isinstance(state, dict):
         raise InvalidInputError(f"LoRA {path} holds a {type(state).__name__}, not tensors")
     return dict(state.get("state_dict", state))

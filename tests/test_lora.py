@@ -94,6 +94,11 @@ def test_loras_add_up_and_a_pickle_needs_allow_pickle(tiny, lora_file, tmp_path)
         load_components(ModelSource("tiny", loras=((str(pickled), 0.7),)))
     trusted = load_components(ModelSource("tiny", allow_pickle=True, loras=((str(pickled), 0.7),)))
     assert model_fingerprint(trusted) == model_fingerprint(once)
+    (tmp_path / "text.pt").write_text("not a pickle")
+    with pytest.raises(InvalidInputError, match="text.pt is not a readable tensor file"):
+        load_components(
+            ModelSource("tiny", allow_pickle=True, loras=((str(tmp_path / "text.pt"), 1),))
+        )
 
 
 def _kohya(state: dict) -> dict:

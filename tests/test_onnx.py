@@ -103,6 +103,7 @@ def test_manifest(exported, tiny):
         "variant": None,
         "config": None,
         "allow_pickle": False,
+        "loras": [],
         "clip_skip": None,
         "fingerprint": model_fingerprint(tiny),
     }
