@@ -50,6 +50,8 @@ class BenchConfig:
     allow_pickle: bool = False
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA files and scales fused into the weights (see ModelSource)."""
+    embeddings: tuple[tuple[str, str], ...] = ()
+    """Textual inversion files and their tokens (see ModelSource)."""
     clip_skip: int | None = None
     """Text encoder layers left out at the end (see ModelSource)."""
     reference: str | None = None
@@ -64,6 +66,7 @@ class BenchConfig:
             self.model_config,
             self.allow_pickle,
             self.loras,
+            self.embeddings,
             self.clip_skip,
         )
 

@@ -96,6 +96,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
             "config": None,
             "allow_pickle": False,
             "loras": [],
+            "embeddings": [],
             "clip_skip": None,
             "fingerprint": None,
         },

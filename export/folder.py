@@ -215,6 +215,7 @@ class ExportedModel:
         weights = {"--variant": source.variant, "--config": source.config}
         chosen = [flag for flag, value in weights.items() if value]
         chosen += ["--allow-pickle"] * source.allow_pickle + ["--lora"] * bool(source.loras)
+        chosen += ["--embedding"] * bool(source.embeddings)
         if chosen:
             them = "them" if len(chosen) > 1 else "it"
             raise InvalidInputError(
@@ -281,6 +282,7 @@ class ExportedModel:
                 config=source.get("config"),
                 allow_pickle=bool(source.get("allow_pickle", False)),
                 loras=tuple(source.get("loras") or ()),
+                embeddings=tuple(source.get("embeddings") or ()),
                 clip_skip=source.get("clip_skip"),
             )
         components = load_components(reference)

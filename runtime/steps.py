@@ -16,7 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """[N, 77] token ids, padded and truncated as diffusers does (with a warning)."""
+    """[N, 77] token ids, padded and truncated as diffusers does (with a warning); a
+    textual inversion token of several vectors stands for all of them."""
+    if vectors := multi_vector_tokens(tokenizer):
+        return _expanded_ids(tokenizer, prompts, vectors)
     input_ids = tokenizer(
         prompts,
         padding="max_length",
@@ -32,6 +35,39 @@ def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
             tokenizer.model_max_length,
         )
     return input_ids
+
+
+def multi_vector_tokens(tokenizer: Any) -> dict[int, list[int]]:
+    """The id of each textual inversion token of several vectors, and the ids of the others
+    (TOKEN_1, TOKEN_2..., as diffusers' load_textual_inversion adds them)."""
+    added = tokenizer.added_tokens_encoder
+    vectors: dict[int, list[int]] = {}
+    for token, index in added.items():
+        more: list[int] = []
+        while (name := f"{token}_{len(more) + 1}") in added:
+            more.append(added[name])
+        if more:
+            vectors[index] = more
+    return vectors
+
+
+def _expanded_ids(tokenizer: Any, prompts: list[str], vectors: dict[int, list[int]]) -> Any:
+    """token_ids where a token stands for several: each is followed by its other vectors'
+    ids, then the row is truncated (its end token kept) and padded, as the tokenizer does.
+    diffusers expands such a token in the prompt's text, which misses it where the
+    tokenizer's lower-casing changes its spelling ("EasyNegative" is read "easynegative")."""
+    size = tokenizer.model_max_length
+    rows, truncated = [], False
+    for ids in tokenizer(prompts, verbose=False).input_ids:  # start ... end, no padding
+        ids = [i for token in ids for i in (token, *vectors.get(token, ()))]
+        if len(ids) > size:
+            ids, truncated = ids[: size - 1] + ids[-1:], True
+        rows.append(ids + [tokenizer.pad_token_id] * (size - len(ids)))
+    if truncated:
+        logger.warning(
+            "a prompt is longer than the text encoder's %d tokens and was truncated", size
+        )
+    return torch.tensor(rows)
 
 
 def start_timesteps(scheduler: Any, num_inference_steps: int, t_start: int, device: Any) -> Any:

@@ -46,6 +46,7 @@ from sdtrt.options import (
     TorchOptions,
     expand_home,
     one_gpu_hint,
+    parse_embedding,
     parse_lora,
     parse_sizes,
 )
@@ -111,6 +112,17 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         "exported with",
     )
     p.add_argument(
+        "--embedding",
+        dest="embeddings",
+        type=_embedding,
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="add a textual inversion embedding (.safetensors: A1111's or diffusers' layout), "
+        "called TOKEN in prompts (default: the file's name without its extension, as A1111 "
+        "does); repeat for several. An export keeps those it was exported with",
+    )
+    p.add_argument(
         "--clip-skip",
         type=int,
         default=None,
@@ -123,13 +135,26 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 def _source(args: argparse.Namespace) -> ModelSource:
     return ModelSource(
-        args.model, args.variant, args.config, args.allow_pickle, tuple(args.loras), args.clip_skip
+        args.model,
+        args.variant,
+        args.config,
+        args.allow_pickle,
+        tuple(args.loras),
+        tuple(args.embeddings),
+        args.clip_skip,
     )
 
 
 def _lora(text: str) -> tuple[str, float]:
     try:
         return parse_lora(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _embedding(text: str) -> tuple[str, str]:
+    try:
+        return parse_embedding(text)
     except InvalidInputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -414,6 +439,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         model_config=args.config,
         allow_pickle=args.allow_pickle,
         loras=tuple(args.loras),
+        embeddings=tuple(args.embeddings),
         clip_skip=args.clip_skip,
         reference=args.reference,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),

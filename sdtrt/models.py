@@ -235,14 +235,18 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 def load_components(model: str | ModelSource) -> dict[str, Any]:
     """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name,
     a local diffusers folder (default weights or a variant) or a single checkpoint file;
-    with the source's LoRAs fused, then with its clip skip, the text encoder cut to the
-    layers it keeps."""
+    with the source's LoRAs fused and its embeddings added, then with its clip skip, the
+    text encoder cut to the layers it keeps."""
     source = as_source(model)
     components = _load(source)
     if source.loras:
-        from sdtrt.lora import fuse_loras
+        from sdtrt.adapters import fuse_loras
 
         fuse_loras(components, source.loras, source.allow_pickle)
+    if source.embeddings:
+        from sdtrt.adapters import load_embeddings
+
+        load_embeddings(components, source.embeddings, source.allow_pickle)
     if source.clip_skip:
         skip_clip_layers(components["text_encoder"], source.clip_skip)
     return components
@@ -301,10 +305,12 @@ def source_record(model: str | ModelSource) -> ModelSource:
     and files as absolute paths, so that ``check`` and ``bench`` find the source again."""
     source = as_source(model)
     loras = tuple((str(Path(path).resolve()), scale) for path, scale in source.loras)
+    embeddings = tuple((str(Path(path).resolve()), token) for path, token in source.embeddings)
+    source = replace(source, loras=loras, embeddings=embeddings)
     if source.model in BUILTIN_MODELS:
-        return replace(source, loras=loras)
+        return source
     config = str(Path(source.config).resolve()) if source.config else None
-    return replace(source, model=str(Path(source.model).resolve()), config=config, loras=loras)
+    return replace(source, model=str(Path(source.model).resolve()), config=config)
 
 
 # Weight files as diffusers and transformers name them: NAME[.VARIANT].EXT, sharded

@@ -374,6 +374,11 @@ class ModelSource:
     """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'
     ``load_lora_weights`` reads them) and their scales, fused into the weights when they
     load, as diffusers' ``fuse_lora`` does: exports, engines and the cache carry them."""
+    embeddings: tuple[tuple[str, str], ...] = ()
+    """Textual inversion embeddings (.safetensors, A1111's or diffusers' layout) and the
+    word each is called by in prompts (by default the file's name without its extension,
+    as A1111 does: ``EasyNegative.safetensors`` is "EasyNegative"), added to the tokenizer
+    and the text encoder when they load, as diffusers' ``load_textual_inversion`` does."""
     clip_skip: int | None = None
     """CLIP layers left out at the end of the text encoder, as diffusers' ``clip_skip``: 1
     takes the penultimate layer's output (what web UIs call "Clip skip 2"), for prompt and
@@ -386,6 +391,7 @@ class ModelSource:
         if self.clip_skip is not None:
             _integer("clip skip", self.clip_skip, 0)
         object.__setattr__(self, "loras", tuple(_lora(entry) for entry in self.loras))
+        object.__setattr__(self, "embeddings", tuple(map(_embedding, self.embeddings)))
         object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
         object.__setattr__(self, "config", expand_home(self.config))
         if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
@@ -396,6 +402,7 @@ class ModelSource:
         extra = [f"variant {self.variant}"] * bool(self.variant)
         extra += [f"config {self.config}"] * bool(self.config)
         extra += [f"LoRA {path} at {scale:g}" for path, scale in self.loras]
+        extra += [f"embedding {path} as {token!r}" for path, token in self.embeddings]
         extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)
         return self.model + (f" ({', '.join(extra)})" if extra else "")
 
@@ -423,6 +430,29 @@ def _lora(entry: object) -> tuple[str, float]:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidInputError(f"LoRA {path}: the scale must be a finite number, got {scale!r}")
     return str(expand_home(path)), float(scale)
+
+
+def parse_embedding(text: str) -> tuple[str, str]:
+    """ "FILE[:TOKEN]" -> (FILE, TOKEN), the token by default the file's name without its
+    extension (a colon followed by a path stays part of the file)."""
+    path, _, token = text.rpartition(":")
+    if not path or "/" in token:
+        return _embedding(text)
+    return _embedding((path, token))
+
+
+def _embedding(entry: object) -> tuple[str, str]:
+    """A (file, token) pair, checked: a file named; a token of one word."""
+    if isinstance(entry, str):
+        entry = (entry, Path(entry).stem)
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        raise InvalidInputError(f"an embedding is (file, token), got {entry!r}")
+    path, token = entry
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInputError(f"an embedding's file must be a path, got {path!r}")
+    if not isinstance(token, str) or not token or token != token.strip() or " " in token:
+        raise InvalidInputError(f"embedding {path}: the token must be one word, got {token!r}")
+    return str(expand_home(path)), token
 
 
 def as_source(model: str | ModelSource) -> ModelSource:

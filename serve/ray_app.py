@@ -19,7 +19,13 @@ from typing import Any
 
 from ray import serve
 
-from sdtrt.options import ModelSource, ServeOptions, backend_options, parse_lora
+from sdtrt.options import (
+    ModelSource,
+    ServeOptions,
+    backend_options,
+    parse_embedding,
+    parse_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +124,7 @@ _DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "variant": None,
     "lora": None,
+    "embedding": None,
     "clip_skip": None,
     "backend": "torch",
     "scheduler": "lms",
@@ -132,7 +139,8 @@ _BACKEND_ARGS = ("precision", "device", "dtype", "engine_dir")
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
     strings (or YAML's numbers), named as ``sdtrt serve``'s options (model, backend,
-    replicas, min_replicas, max_replicas, num_gpus, variant, lora, clip_skip, policy, max_rows,
+    replicas, min_replicas, max_replicas, num_gpus, variant, lora, embedding, clip_skip, policy,
+    max_rows,
     max_queue, timeout, api_key...)."""
     args = dict(args)
     deployment = {k: args.pop(k, default) for k, default in _DEPLOYMENT_DEFAULTS.items()}
@@ -148,7 +156,8 @@ def app_builder(args: dict[str, Any]) -> Any:
         ModelSource(
             deployment["model"],
             variant=deployment["variant"],
-            loras=_loras(deployment["lora"]),
+            loras=tuple(map(parse_lora, _listed(deployment["lora"]))),
+            embeddings=tuple(map(parse_embedding, _listed(deployment["embedding"]))),
             clip_skip=_typed("clip_skip", deployment["clip_skip"], "int | None"),
         ),
         deployment["backend"],
@@ -162,10 +171,10 @@ def app_builder(args: dict[str, Any]) -> Any:
     )
 
 
-def _loras(value: Any) -> tuple[tuple[str, float], ...]:
-    """``lora``: "FILE[:SCALE]", or a list of them (YAML's), as `sdtrt serve --lora`."""
-    given = [value] if isinstance(value, str) else list(value or [])
-    return tuple(parse_lora(str(entry)) for entry in given)
+def _listed(value: Any) -> list[str]:
+    """``lora``, ``embedding``: one "FILE[:...]" or a list of them (YAML's), as the repeated
+    options of `sdtrt serve`."""
+    return [value] if isinstance(value, str) else [str(v) for v in value or []]
 
 
 def _typed(name: str, value: Any, annotation: str) -> Any:

@@ -104,6 +104,7 @@ def test_manifest(exported, tiny):
         "config": None,
         "allow_pickle": False,
         "loras": [],
+        "embeddings": [],
         "clip_skip": None,
         "fingerprint": model_fingerprint(tiny),
     }

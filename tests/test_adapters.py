@@ -1,7 +1,8 @@
-"""LoRA weights fused as the model loads (`--lora FILE[:SCALE]`): the image diffusers gives
-with the same LoRA unfused at that scale; what is fused is a plain model with other weights
-(another fingerprint), which exports as any model does; the files that cannot apply are
-refused, saying why."""
+"""LoRA weights fused and textual inversion embeddings added as the model loads (`--lora
+FILE[:SCALE]`, `--embedding FILE[:TOKEN]`): the image diffusers gives with the same LoRA
+unfused at that scale, or the same embedding loaded; what is left is a plain model (other
+weights, a longer vocabulary: another fingerprint), which exports as any model does; the
+files that cannot apply are refused, saying why."""
 
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ from conftest import diffusers_img2img
 from sdtrt.cli import main
 from sdtrt.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
 from sdtrt.models import load_components, model_fingerprint
-from sdtrt.options import ModelSource, parse_lora
+from sdtrt.options import ModelSource, parse_embedding, parse_lora
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-
-pytest.importorskip("peft", reason="peft (sdtrt[lora]) is not installed")
 
 CALL = dict(strength=0.8, num_inference_steps=6, guidance_scale=7.0, output_type="np")
 
@@ -29,6 +28,7 @@ def lora_file(tmp_path_factory):
     """A rank-4 LoRA on the tiny UNet's attention and the text encoder's projections, in
     diffusers' layout (random up-projections: PEFT starts them at zero, which changes
     nothing)."""
+    pytest.importorskip("peft", reason="peft (sdtrt[lora]) is not installed")
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -146,7 +146,7 @@ def test_a_lora_that_cannot_apply_is_refused(lora_file, tmp_path, monkeypatch):
     save_file({"foo.lora_A.weight": torch.zeros(4, 8)}, tmp_path / "other.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     cases = {
-        "wider": "does not fit this model: .*size mismatch .*\\(and \\d+ more\\)",
+        "wider": "does not fit this model: .*size mismatch .*\\(and \\d+ more lines\\)",
         "other": "changes no layer of this model",
         "broken": "is not a readable safetensors file",
     }
@@ -196,3 +196,133 @@ def test_lora_option_parsing_and_the_export_record(lora_file, tmp_path, monkeypa
     )
     with pytest.raises(InvalidInputError, match="--lora: for the PyTorch weights"):
         ExportedModel.open_as(ModelSource(str(out), loras=((str(lora_file), 0.7),)))
+
+
+# Textual inversion ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedding_files(tmp_path_factory):
+    """A three-vector embedding in A1111's safetensors layout (one emb_params tensor), and a
+    one-vector one in diffusers' layout (its token and its vectors)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    width = load_components("tiny")["text_encoder"].config.hidden_size
+    draw = torch.Generator().manual_seed(7)
+    save_file({"emb_params": torch.randn(3, width, generator=draw)}, folder / "Shiny.safetensors")
+    save_file({"<dull>": torch.randn(1, width, generator=draw)}, folder / "learned.safetensors")
+    return folder
+
+
+def test_embeddings_give_diffusers_image_for_their_tokens(tiny, images, embedding_files):
+    """Prompt and negative prompt calling a three-vector and a one-vector embedding: the
+    image diffusers gives with the same files loaded by load_textual_inversion (a lower-case
+    token, which diffusers' own prompt expansion finds)."""
+    shiny = str(embedding_files / "Shiny.safetensors")
+    dull = str(embedding_files / "learned.safetensors")
+    source = ModelSource("tiny", embeddings=((shiny, "shiny"), (dull, "<dull>")))
+    ours = Img2ImgPipeline.from_pretrained(source, scheduler="euler", show_progress=False)
+    reference = diffusers_img2img(load_components("tiny"), "euler")
+    reference.load_textual_inversion(shiny, token="shiny")
+    reference.load_textual_inversion(dull)  # its own token, <dull>
+    prompts, negatives = ["a shiny red circle", "a cat"], ["<dull>", "blurry shiny"]
+    got = ours(prompts, images, negative_prompt=negatives,
+               generator=torch.Generator().manual_seed(2), **CALL).images  # fmt: skip
+    want = reference(prompts, images, negative_prompt=negatives,
+                     generator=torch.Generator().manual_seed(2), **CALL).images  # fmt: skip
+    assert got.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got - want).max()) == 0.0
+    plain = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    base = plain(prompts, images, negative_prompt=negatives,
+                 generator=torch.Generator().manual_seed(2), **CALL).images  # fmt: skip
+    assert float(np.abs(base - want).max()) > 0.01  # the embeddings change the picture
+
+
+def test_a_token_of_several_vectors_stands_for_all_of_them(embedding_files, caplog):
+    """ "Shiny" (A1111's default: the file's name) is read "shiny" by CLIP's lower-casing,
+    which diffusers' text expansion misses: the ids are expanded instead. Prompts without
+    such tokens, long ones included, get the tokenizer's own ids."""
+    import logging
+
+    from sdtrt.runtime.steps import _expanded_ids, token_ids
+
+    source = ModelSource("tiny", embeddings=(str(embedding_files / "Shiny.safetensors"),))
+    assert source.embeddings[0][1] == "Shiny"
+    tokenizer = load_components(source)["tokenizer"]
+    shiny = [tokenizer.convert_tokens_to_ids(t) for t in ("Shiny", "Shiny_1", "Shiny_2")]
+    ids = token_ids(tokenizer, ["a Shiny cat"])
+    plain = tokenizer(["a cat"]).input_ids[0]  # start, a, cat, end
+    assert ids.shape == (1, 77)
+    assert ids[0, :7].tolist() == [*plain[:2], *shiny, *plain[2:]]
+    assert ids[0, 7:].tolist() == [tokenizer.pad_token_id] * 70
+    words = ["a red circle on a blue background"] * 12  # 84 tokens: truncated
+    for prompts in (["a cat", ""], [" ".join(words)]):
+        want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True)
+        assert _expanded_ids(tokenizer, prompts, {}).tolist() == want.input_ids
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdtrt.runtime.steps"):
+        long = token_ids(tokenizer, ["Shiny " * 80])
+    assert long.shape == (1, 77) and long[0, -1] == tokenizer.eos_token_id
+    assert long[0, 1:4].tolist() == shiny
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "a prompt is longer than the text encoder's 77 tokens and was truncated"
+    ]
+
+
+def test_an_embedding_that_cannot_apply_is_refused(embedding_files, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.zeros(2, 16)}, tmp_path / "narrow.safetensors")
+    save_file({"a": torch.zeros(2, 32), "b": torch.zeros(2, 32)}, tmp_path / "two.safetensors")
+    shiny = str(embedding_files / "Shiny.safetensors")
+    cases = {
+        "narrow": (
+            (str(tmp_path / "narrow.safetensors"), "n"),
+            "vectors of 16 values, and this text encoder's are 32",
+        ),  # fmt: skip
+        "two": (
+            (str(tmp_path / "two.safetensors"), "t"),
+            "in no layout diffusers reads.*its keys: a, b",
+        ),  # fmt: skip
+        "taken": ((shiny, "x"), "'x' is already in the tokenizer's vocabulary.*FILE:TOKEN"),
+    }
+    for entry, message in cases.values():
+        with pytest.raises(InvalidInputError, match=message):
+            load_components(ModelSource("tiny", embeddings=(entry,)))
+    with pytest.raises(InvalidInputError, match="'twice' is already in the tokenizer"):
+        load_components(ModelSource("tiny", embeddings=((shiny, "twice"), (shiny, "twice"))))
+    with pytest.raises(ModelNotFoundError, match="embedding file .*gone.pt does not exist"):
+        load_components(ModelSource("tiny", embeddings=(str(tmp_path / "gone.pt"),)))
+    with pytest.raises(InvalidInputError, match="the token must be one word"):
+        parse_embedding("e.safetensors:two words")
+
+
+def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_path, monkeypatch):
+    """The manifest records each embedding (absolute path, token); the export's tokenizer
+    reads a prompt as the source's does; --embedding on the export is refused."""
+    from sdtrt import api
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import ExportOptions
+    from sdtrt.runtime.steps import token_ids
+
+    def fake_export(network, module, path, *, precision, opset):
+        from onnx import helper
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
+    shiny = str(embedding_files / "Shiny.safetensors")
+    source = ModelSource("tiny", embeddings=(shiny,))
+    out = tmp_path / "shiny"
+    api.export(source, out, ExportOptions(precisions=("fp32",)), show_progress=False)
+    assert json.loads((out / "sdtrt.json").read_text())["source"]["embeddings"] == [
+        [shiny, "Shiny"]
+    ]
+    exported = ExportedModel.open(out)
+    prompts = ["a Shiny cat", "blurry"]
+    want = token_ids(load_components(source)["tokenizer"], prompts)
+    assert torch.equal(token_ids(exported.tokenizer(), prompts), want)
+    with pytest.raises(InvalidInputError, match="--embedding: for the PyTorch weights"):
+        ExportedModel.open_as(ModelSource(str(out), embeddings=(shiny,)))

@@ -1,0 +1,156 @@
+"""What community checkpoints come with besides their weights, applied as the model loads
+by diffusers' own loaders: LoRA weights fused (its own, kohya's or PEFT's layout), as
+``load_lora_weights`` then ``fuse_lora`` do, and textual inversion embeddings added to the
+tokenizer and text encoder, as ``load_textual_inversion`` does. What is left is a plain
+model (other weights, a longer vocabulary), which every backend runs and exports as it is."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtrt.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+def fuse_loras(
+    components: dict[str, Any], loras: tuple[tuple[str, float], ...], allow_pickle: bool
+) -> None:
+    """Fuse each (file, scale) of ``loras`` into the UNet and text encoder, in place."""
+    try:
+        import peft  # noqa: F401  diffusers loads LoRA layers through it
+    except ImportError:
+        raise BackendUnavailableError(
+            "LoRA weights are loaded by diffusers through peft, which is not installed: "
+            "pip install 'sdtrt[lora]'"
+        ) from None
+    from sdtrt.models import quiet_loaders
+
+    pipe = _container(components)
+    names = []
+    for index, (path, _) in enumerate(loras):
+        name = f"lora{index}"
+        state_dict = _read(Path(path), allow_pickle)
+        # diffusers warns of every other adapter's keys as "missing" when a second loads.
+        with quiet_loaders(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                pipe.load_lora_weights(state_dict, adapter_name=name)
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+                # one line per layer that does not fit
+                raise InvalidInputError(
+                    f"LoRA {path} does not fit this model: {_gist(exc)}"
+                ) from None
+        changed = [part for part, found in pipe.get_list_adapters().items() if name in found]
+        if not changed:
+            raise InvalidInputError(
+                f"LoRA {path} changes no layer of this model: none of its keys name a layer "
+                "of this UNet or text encoder (a LoRA for another architecture, SDXL or SD 2 "
+                "for SD 1.x?)"
+            )
+        logger.info("LoRA %s: %s", path, ", ".join(changed))
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay
+
+
+def load_embeddings(
+    components: dict[str, Any], embeddings: tuple[tuple[str, str], ...], allow_pickle: bool
+) -> None:
+    """Add each (file, token) of ``embeddings`` to the tokenizer and text encoder, in place:
+    a token of n vectors becomes TOKEN, TOKEN_1 ... TOKEN_{n-1}, which prompts get in its
+    place (``runtime.steps.token_ids``)."""
+    from sdtrt.models import quiet_loaders
+
+    pipe = _container(components)
+    width = components["text_encoder"].config.hidden_size
+    for path, token in embeddings:
+        state_dict = _read(Path(path), allow_pickle, "embedding")
+        vectors = state_dict.get("string_to_param", {}).get("*")  # A1111's .pt
+        if vectors is None and len(state_dict) == 1:  # A1111's safetensors, diffusers'
+            vectors = next(iter(state_dict.values()))
+        if not isinstance(vectors, torch.Tensor):
+            raise InvalidInputError(
+                f"embedding {path} is in no layout diffusers reads: A1111's (string_to_param, "
+                "or one emb_params tensor) or diffusers' (one token and its vectors); its keys: "
+                + ", ".join(sorted(map(str, state_dict))[:8])
+            )
+        if vectors.shape[-1] != width:
+            raise InvalidInputError(
+                f"embedding {path} holds vectors of {vectors.shape[-1]} values, and this "
+                f"text encoder's are {width} (SD 1.x's are 768, SD 2.x's 1024): it was made "
+                "for another model"
+            )
+        with quiet_loaders():
+            try:
+                pipe.load_textual_inversion(state_dict, token=token)
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+                message = f"embedding {path} as {token!r}: {_gist(exc)}"
+                if "already in tokenizer vocabulary" in str(exc):
+                    message = (
+                        f"embedding {path}: {token!r} is already in the tokenizer's "
+                        "vocabulary (another embedding's token, or a word of its own): call "
+                        "it by another word with FILE:TOKEN"
+                    )
+                raise InvalidInputError(message) from None
+        vectors = sum(t == token or t.startswith(f"{token}_") for t in _added(components))
+        logger.info("embedding %s: %r, %d vectors", path, token, vectors)
+
+
+def _gist(exc: Exception) -> str:
+    """The start of a loader's message, which may list every layer or print tensors."""
+    lines = str(exc).strip().splitlines()
+    more = f" (and {len(lines) - 2} more lines)" * (len(lines) > 2)
+    return " ".join(lines[:2])[:300] + more
+
+
+def _added(components: dict[str, Any]) -> dict[str, int]:
+    tokenizer = components["tokenizer"]
+    special = set(tokenizer.all_special_tokens)
+    return {t: i for t, i in tokenizer.added_tokens_encoder.items() if t not in special}
+
+
+def _container(components: dict[str, Any]) -> Any:
+    """A diffusers pipeline around ``components`` (the same objects): its LoRA and textual
+    inversion loaders work on a pipeline's components."""
+    from sdtrt.models import quiet_loaders
+
+    with quiet_loaders():  # the pipeline module's import: transformers' torchvision notes
+        from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _read(path: Path, allow_pickle: bool, what: str = "LoRA") -> dict[str, Any]:
+    """A LoRA's or embedding's tensors: safetensors, or a pickle (``.bin``, ``.pt``,
+    ``.ckpt``) with ``allow_pickle`` only, read by torch's restricted unpickler."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{what} file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types
+            message = f"{what} {path} is not a readable safetensors file: {exc}"
+            raise InvalidInputError(message) from None
+    if not allow_pickle:
+        raise InvalidInputError(
+            f"{what} {path} is not .safetensors: a pickle, and unpickling runs code from the "
+            "file; load it with --allow-pickle (ModelSource(allow_pickle=True)) if you trust it"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle's and torch's own error types
+        raise InvalidInputError(f"{what} {path} is not a readable tensor file: {exc}") from None
+    if not isinstance(state, dict):
+        raise InvalidInputError(f"{what} {path} holds a {type(state).__name__}, not tensors")
+    return dict(state.get("state_dict", state))
