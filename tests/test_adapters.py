@@ -256,6 +256,11 @@ def test_a_token_of_several_vectors_stands_for_all_of_them(embedding_files, capl
     assert ids.shape == (1, 77)
     assert ids[0, :7].tolist() == [*plain[:2], *shiny, *plain[2:]]
     assert ids[0, 7:].tolist() == [tokenizer.pad_token_id] * 70
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    # diffusers' expansion of the text leaves it as it is: one vector of three.
+    convert = TextualInversionLoaderMixin._maybe_convert_prompt
+    assert convert(None, "a Shiny cat", tokenizer) == "a Shiny cat"
     words = ["a red circle on a blue background"] * 12  # 84 tokens: truncated
     for prompts in (["a cat", ""], [" ".join(words)]):
         want = tokenizer(prompts, padding="max_length", max_length=77, truncation=True)
