@@ -103,7 +103,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora",
         dest="loras",
-        type=_lora,
+        type=_argument(parse_lora),
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
@@ -114,7 +114,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embedding",
         dest="embeddings",
-        type=_embedding,
+        type=_argument(parse_embedding),
         action="append",
         default=[],
         metavar="FILE[:TOKEN]",
@@ -145,18 +145,16 @@ def _source(args: argparse.Namespace) -> ModelSource:
     )
 
 
-def _lora(text: str) -> tuple[str, float]:
-    try:
-        return parse_lora(text)
-    except InvalidInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option's type from a parser of sdtrt.options: its message is argparse's error."""
 
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _embedding(text: str) -> tuple[str, str]:
-    try:
-        return parse_embedding(text)
-    except InvalidInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _device(text: str) -> str:
