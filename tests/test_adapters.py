@@ -196,6 +196,9 @@ def test_lora_option_parsing_and_the_export_record(lora_file, tmp_path, monkeypa
     )
     with pytest.raises(InvalidInputError, match="--lora: for the PyTorch weights"):
         ExportedModel.open_as(ModelSource(str(out), loras=((str(lora_file), 0.7),)))
+    # check's and bench's reference: the manifest's model, LoRA fused (else "exported from
+    # another model")
+    assert model_fingerprint(ExportedModel.open(out).source_components()) == source["fingerprint"]
 
 
 # Textual inversion ------------------------------------------------------------------------
@@ -326,6 +329,8 @@ def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_pa
         [shiny, "Shiny"]
     ]
     exported = ExportedModel.open(out)
+    reference = exported.source_components()  # check's: the manifest's model, embedding added
+    assert model_fingerprint(reference) == exported.manifest["source"]["fingerprint"]
     prompts = ["a Shiny cat", "blurry"]
     want = token_ids(load_components(source)["tokenizer"], prompts)
     assert torch.equal(token_ids(exported.tokenizer(), prompts), want)
