@@ -48,6 +48,8 @@ class BenchConfig:
     model_config: str | None = None
     """A single checkpoint file's architecture (see ModelSource)."""
     allow_pickle: bool = False
+    vae: str | None = None
+    """Another VAE in place of the model's (see ModelSource)."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA files and scales fused into the weights (see ModelSource)."""
     embeddings: tuple[tuple[str, str], ...] = ()
@@ -62,12 +64,13 @@ class BenchConfig:
     def source(self) -> ModelSource:
         return ModelSource(
             self.model,
-            self.variant,
-            self.model_config,
-            self.allow_pickle,
-            self.loras,
-            self.embeddings,
-            self.clip_skip,
+            variant=self.variant,
+            config=self.model_config,
+            allow_pickle=self.allow_pickle,
+            vae=self.vae,
+            loras=self.loras,
+            embeddings=self.embeddings,
+            clip_skip=self.clip_skip,
         )
 
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")

@@ -95,6 +95,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
             "variant": None,
             "config": None,
             "allow_pickle": False,
+            "vae": None,
             "loras": [],
             "embeddings": [],
             "clip_skip": None,

@@ -212,7 +212,7 @@ class ExportedModel:
         """A folder named as the model to run: its graphs run as they are, so the options
         that choose PyTorch weights are refused (they were chosen at export), and a clip
         skip asked for must be the one its text encoder was exported with."""
-        weights = {"--variant": source.variant, "--config": source.config}
+        weights = {"--variant": source.variant, "--config": source.config, "--vae": source.vae}
         chosen = [flag for flag, value in weights.items() if value]
         chosen += ["--allow-pickle"] * source.allow_pickle + ["--lora"] * bool(source.loras)
         chosen += ["--embedding"] * bool(source.embeddings)
@@ -281,6 +281,7 @@ class ExportedModel:
                 variant=source.get("variant"),
                 config=source.get("config"),
                 allow_pickle=bool(source.get("allow_pickle", False)),
+                vae=source.get("vae"),
                 loras=tuple(source.get("loras") or ()),
                 embeddings=tuple(source.get("embeddings") or ()),
                 clip_skip=source.get("clip_skip"),

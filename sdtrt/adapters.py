@@ -1,12 +1,14 @@
 """What community checkpoints come with besides their weights, applied as the model loads
-by diffusers' own loaders: LoRA weights fused (its own, kohya's or PEFT's layout), as
-``load_lora_weights`` then ``fuse_lora`` do, and textual inversion embeddings added to the
-tokenizer and text encoder, as ``load_textual_inversion`` does. What is left is a plain
-model (other weights, a longer vocabulary), which every backend runs and exports as it is."""
+by diffusers' own loaders: another VAE in place of the model's, LoRA weights fused (its
+own, kohya's or PEFT's layout), as ``load_lora_weights`` then ``fuse_lora`` do, and textual
+inversion embeddings added to the tokenizer and text encoder, as ``load_textual_inversion``
+does. What is left is a plain model (other weights, a longer vocabulary), which every
+backend runs and exports as it is."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,62 @@ import torch
 from sdtrt.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
+
+
+def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
+    """The VAE at ``path`` in place of ``model_vae``: a single file in the original layout
+    (A1111's "SD VAE", ``vae-ft-mse-840000-ema-pruned.safetensors``; a whole checkpoint's
+    VAE too), read with the model's own VAE config, or a diffusers VAE folder (its
+    ``config.json`` and weights), in the model VAE's dtype."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from safetensors import SafetensorError
+
+    from sdtrt.models import quiet_loaders
+
+    where = Path(path)
+    if not where.exists():
+        raise ModelNotFoundError(f"VAE {path} does not exist")
+    if where.is_file() and where.suffix != ".safetensors" and not allow_pickle:
+        raise InvalidInputError(
+            f"VAE {path} is not .safetensors: a pickle, and unpickling runs code from the "
+            "file; load it with --allow-pickle if you trust it"
+        )
+    failures = (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        SafetensorError,
+        SingleFileComponentError,  # a file without a VAE's weights
+    )
+    try:
+        with quiet_loaders():
+            if where.is_dir():
+                vae = AutoencoderKL.from_pretrained(where, local_files_only=True)
+            else:
+                with tempfile.TemporaryDirectory() as config:
+                    model_vae.save_config(config)
+                    vae = AutoencoderKL.from_single_file(
+                        str(where), config=config, local_files_only=True
+                    )
+    except failures as exc:
+        raise InvalidInputError(f"could not load the VAE {path}: {_gist(exc)}") from None
+    # What the UNet and the size rule see: latent channels, and the 2^(blocks - 1) scale.
+    ours, theirs = model_vae.config, vae.config
+    if (theirs.latent_channels, len(theirs.block_out_channels)) != (
+        ours.latent_channels,
+        len(ours.block_out_channels),
+    ):
+        raise InvalidInputError(
+            f"VAE {path} makes latents of {theirs.latent_channels} channels at 1/"
+            f"{2 ** (len(theirs.block_out_channels) - 1)} of the image's size; this model's "
+            f"UNet takes {ours.latent_channels} channels at 1/"
+            f"{2 ** (len(ours.block_out_channels) - 1)}: a VAE made for another model"
+        )
+    dtype = next(model_vae.parameters()).dtype
+    return vae.to(dtype=dtype).eval()
 
 
 def fuse_loras(

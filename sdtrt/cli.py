@@ -101,6 +101,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         help="load a .ckpt checkpoint: it is a pickle, and unpickling runs code from the file",
     )
     p.add_argument(
+        "--vae",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="another VAE in place of the model's: a file in the original layout (A1111's 'SD "
+        "VAE', e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE folder",
+    )
+    p.add_argument(
         "--lora",
         dest="loras",
         type=_argument(parse_lora),
@@ -136,12 +143,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 def _source(args: argparse.Namespace) -> ModelSource:
     return ModelSource(
         args.model,
-        args.variant,
-        args.config,
-        args.allow_pickle,
-        tuple(args.loras),
-        tuple(args.embeddings),
-        args.clip_skip,
+        variant=args.variant,
+        config=args.config,
+        allow_pickle=args.allow_pickle,
+        vae=args.vae,
+        loras=tuple(args.loras),
+        embeddings=tuple(args.embeddings),
+        clip_skip=args.clip_skip,
     )
 
 
@@ -436,6 +444,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         variant=args.variant,
         model_config=args.config,
         allow_pickle=args.allow_pickle,
+        vae=args.vae,
         loras=tuple(args.loras),
         embeddings=tuple(args.embeddings),
         clip_skip=args.clip_skip,

@@ -235,10 +235,14 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 def load_components(model: str | ModelSource) -> dict[str, Any]:
     """Return ``{tokenizer, text_encoder, unet, vae, scheduler}`` for a built-in model name,
     a local diffusers folder (default weights or a variant) or a single checkpoint file;
-    with the source's LoRAs fused and its embeddings added, then with its clip skip, the
-    text encoder cut to the layers it keeps."""
+    with the source's VAE in place of the model's, its LoRAs fused and its embeddings
+    added, then with its clip skip, the text encoder cut to the layers it keeps."""
     source = as_source(model)
     components = _load(source)
+    if source.vae:
+        from sdtrt.adapters import load_vae
+
+        components["vae"] = load_vae(source.vae, components["vae"], source.allow_pickle)
     if source.loras:
         from sdtrt.adapters import fuse_loras
 
@@ -306,7 +310,8 @@ def source_record(model: str | ModelSource) -> ModelSource:
     source = as_source(model)
     loras = tuple((str(Path(path).resolve()), scale) for path, scale in source.loras)
     embeddings = tuple((str(Path(path).resolve()), token) for path, token in source.embeddings)
-    source = replace(source, loras=loras, embeddings=embeddings)
+    vae = str(Path(source.vae).resolve()) if source.vae else None
+    source = replace(source, vae=vae, loras=loras, embeddings=embeddings)
     if source.model in BUILTIN_MODELS:
         return source
     config = str(Path(source.config).resolve()) if source.config else None

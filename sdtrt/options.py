@@ -370,6 +370,10 @@ class ModelSource:
     YAML config. Needed (nothing is downloaded)."""
     allow_pickle: bool = False
     """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
+    vae: str | None = None
+    """Another VAE in place of the model's: a single file in the original layout (A1111's
+    "SD VAE", such as ``vae-ft-mse-840000-ema-pruned.safetensors``) or a diffusers VAE
+    folder; the exports, engines and the cache carry it."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'
     ``load_lora_weights`` reads them) and their scales, fused into the weights when they
@@ -394,6 +398,7 @@ class ModelSource:
         object.__setattr__(self, "embeddings", tuple(map(_embedding, self.embeddings)))
         object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
         object.__setattr__(self, "config", expand_home(self.config))
+        object.__setattr__(self, "vae", expand_home(self.vae))
         if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
             logger.info("%s: the copy in the Hugging Face cache, %s", self.model, snapshot)
             object.__setattr__(self, "model", snapshot)
@@ -401,6 +406,7 @@ class ModelSource:
     def describe(self) -> str:
         extra = [f"variant {self.variant}"] * bool(self.variant)
         extra += [f"config {self.config}"] * bool(self.config)
+        extra += [f"VAE {self.vae}"] * bool(self.vae)
         extra += [f"LoRA {path} at {scale:g}" for path, scale in self.loras]
         extra += [f"embedding {path} as {token!r}" for path, token in self.embeddings]
         extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)

@@ -123,6 +123,7 @@ def application(
 _DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "variant": None,
+    "vae": None,
     "lora": None,
     "embedding": None,
     "clip_skip": None,
@@ -139,9 +140,8 @@ _BACKEND_ARGS = ("precision", "device", "dtype", "engine_dir")
 def app_builder(args: dict[str, Any]) -> Any:
     """For Ray's own CLI and config files (``serve run``/``serve deploy``): arguments as
     strings (or YAML's numbers), named as ``sdtrt serve``'s options (model, backend,
-    replicas, min_replicas, max_replicas, num_gpus, variant, lora, embedding, clip_skip, policy,
-    max_rows,
-    max_queue, timeout, api_key...)."""
+    replicas, min_replicas, max_replicas, num_gpus, variant, vae, lora, embedding, clip_skip,
+    policy, max_rows, max_queue, timeout, api_key...)."""
     args = dict(args)
     deployment = {k: args.pop(k, default) for k, default in _DEPLOYMENT_DEFAULTS.items()}
     backend_kwargs = {k: args.pop(k) for k in _BACKEND_ARGS if k in args}
@@ -156,6 +156,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         ModelSource(
             deployment["model"],
             variant=deployment["variant"],
+            vae=deployment["vae"],
             loras=tuple(map(parse_lora, _listed(deployment["lora"]))),
             embeddings=tuple(map(parse_embedding, _listed(deployment["embedding"]))),
             clip_skip=_typed("clip_skip", deployment["clip_skip"], "int | None"),

@@ -336,3 +336,97 @@ def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_pa
     assert torch.equal(token_ids(exported.tokenizer(), prompts), want)
     with pytest.raises(InvalidInputError, match="--embedding: for the PyTorch weights"):
         ExportedModel.open_as(ModelSource(str(out), embeddings=(shiny,)))
+
+
+# Another VAE ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae_files(tmp_path_factory):
+    """The tiny VAE with other weights, as A1111 keeps a VAE (one file in the original
+    layout: encoder.down.0.block.0...) and as a diffusers folder; and the VAE itself."""
+    from ldm_layout import to_ldm_checkpoint
+    from safetensors.torch import save_file
+
+    components = load_components("tiny")
+    vae = components["vae"]
+    draw = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter += 0.01 * torch.randn(parameter.shape, generator=draw)
+    folder = tmp_path_factory.mktemp("vae")
+    ldm = to_ldm_checkpoint(components)
+    prefix = "first_stage_model."
+    alone = {k[len(prefix) :]: v for k, v in ldm.items() if k.startswith(prefix)}
+    save_file(alone, folder / "ft.safetensors")
+    vae.save_pretrained(folder / "ft")
+    return folder, vae
+
+
+def test_another_vae_gives_diffusers_image_with_that_vae(
+    tiny, images, vae_files, tmp_path, monkeypatch
+):
+    """`--vae FILE` (original layout, read with the model's VAE config) or `--vae DIR`: the
+    image diffusers' pipeline gives with that VAE in place of the model's."""
+    folder, vae = vae_files
+    file_source = ModelSource("tiny", vae=str(folder / "ft.safetensors"))
+    ours = Img2ImgPipeline.from_pretrained(file_source, scheduler="euler", show_progress=False)
+    reference = diffusers_img2img({**load_components("tiny"), "vae": vae}, "euler")
+    prompts = ["a red circle", "a cat"]
+    got = ours(prompts, images, generator=torch.Generator().manual_seed(9), **CALL).images
+    want = reference(prompts, images, generator=torch.Generator().manual_seed(9), **CALL).images
+    assert got.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got - want).max()) == 0.0
+    plain = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    base = plain(prompts, images, generator=torch.Generator().manual_seed(9), **CALL).images
+    assert float(np.abs(base - want).max()) > 0.01
+    from_file = model_fingerprint(load_components(file_source))
+    from_folder = model_fingerprint(load_components(ModelSource("tiny", vae=str(folder / "ft"))))
+    assert from_file == from_folder != model_fingerprint(tiny)
+
+    from sdtrt import api
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import ExportOptions
+
+    def fake_export(network, module, path, *, precision, opset):
+        from onnx import helper
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
+
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
+    monkeypatch.chdir(folder)
+    out = tmp_path / "ft-export"
+    fp32 = ExportOptions(precisions=("fp32",))
+    api.export(ModelSource("tiny", vae="ft"), out, fp32, show_progress=False)
+    exported = ExportedModel.open(out)
+    assert exported.manifest["source"]["vae"] == str(folder / "ft")
+    assert model_fingerprint(exported.source_components()) == from_folder
+    with pytest.raises(InvalidInputError, match="--vae: for the PyTorch weights"):
+        ExportedModel.open_as(ModelSource(str(out), vae="ft"))
+
+
+def test_a_vae_that_cannot_replace_the_models_is_refused(vae_files, tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    folder, vae = vae_files
+    wide = AutoencoderKL.from_config({**vae.config, "latent_channels": 8})
+    wide.save_pretrained(tmp_path / "wide")
+    save_file({"foo": torch.zeros(2)}, tmp_path / "other.safetensors")
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    cases = {
+        str(tmp_path / "wide"): (InvalidInputError, "latents of 8 channels at 1/8 .* takes 4"),
+        str(tmp_path / "other.safetensors"): (
+            InvalidInputError,
+            "could not load the VAE .*missing",
+        ),  # fmt: skip
+        str(tmp_path / "vae.pt"): (
+            InvalidInputError,
+            "not .safetensors: a pickle.*--allow-pickle",
+        ),  # fmt: skip
+        str(tmp_path / "gone"): (ModelNotFoundError, "VAE .*gone does not exist"),
+    }
+    for path, (error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            load_components(ModelSource("tiny", vae=path))

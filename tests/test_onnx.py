@@ -103,6 +103,7 @@ def test_manifest(exported, tiny):
         "variant": None,
         "config": None,
         "allow_pickle": False,
+        "vae": None,
         "loras": [],
         "embeddings": [],
         "clip_skip": None,

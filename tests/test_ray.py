@@ -197,7 +197,10 @@ def test_the_serve_config_file_builds_the_application_it_describes():
     for given, loras in (("/l.safetensors", [("/l.safetensors", 1.0)]), (None, [])):
         built = ray_app.app_builder({"model": "/m", "lora": given})
         assert list(built._bound_deployment.init_args[0]["loras"]) == loras
-    built = ray_app.app_builder({"model": "/m", "embedding": "/e/EasyNegative.safetensors"})
+    built = ray_app.app_builder(
+        {"model": "/m", "vae": "/v.safetensors", "embedding": "/e/EasyNegative.safetensors"}
+    )
+    assert built._bound_deployment.init_args[0]["vae"] == "/v.safetensors"
     assert list(built._bound_deployment.init_args[0]["embeddings"]) == [
         ("/e/EasyNegative.safetensors", "EasyNegative")
     ]
