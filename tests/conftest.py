@@ -144,3 +144,18 @@ def exported_fp16(tiny, tmp_path_factory):
     options = ExportOptions(precisions=("fp16",))
     export_model(tiny, folder, source="tiny", options=options, show_progress=False)
     return ExportedModel.open(folder)
+
+
+def fake_network_export(network, module, path, *, precision, opset):
+    """An empty graph: what the manifest reads of it (I/O, opset) without torch.export."""
+    from onnx import helper
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = helper.make_graph([], f"{network.name}-{precision}", [], [])
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+
+
+@pytest.fixture
+def fast_export(monkeypatch):
+    """export_model's folder handling and manifest, without the minute of torch.export."""
+    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_network_export)

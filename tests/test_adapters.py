@@ -1,8 +1,8 @@
-"""LoRA weights fused and textual inversion embeddings added as the model loads (`--lora
-FILE[:SCALE]`, `--embedding FILE[:TOKEN]`): the image diffusers gives with the same LoRA
-unfused at that scale, or the same embedding loaded; what is left is a plain model (other
-weights, a longer vocabulary: another fingerprint), which exports as any model does; the
-files that cannot apply are refused, saying why."""
+"""Another VAE, LoRA weights fused and textual inversion embeddings added as the model loads
+(`--vae`, `--lora FILE[:SCALE]`, `--embedding FILE[:TOKEN]`): the image diffusers gives
+with that VAE, the same LoRA unfused at that scale, or the same embedding loaded; what is
+left is a plain model (other weights, a longer vocabulary: another fingerprint), which
+exports as any model does; the files that cannot apply are refused, saying why."""
 
 from __future__ import annotations
 
@@ -161,7 +161,9 @@ def test_a_lora_that_cannot_apply_is_refused(lora_file, tmp_path, monkeypatch):
         load_components(ModelSource("tiny", loras=((str(lora_file), 1),)))
 
 
-def test_lora_option_parsing_and_the_export_record(lora_file, tmp_path, monkeypatch, capsys):
+def test_lora_option_parsing_and_the_export_record(
+    lora_file, tmp_path, monkeypatch, capsys, fast_export
+):
     """`--lora FILE[:SCALE]` (scale 1 by default; a colon in a path stays); an export
     records each LoRA by absolute path and scale, and refuses --lora when it runs."""
     assert parse_lora("a.safetensors") == ("a.safetensors", 1.0)
@@ -178,13 +180,6 @@ def test_lora_option_parsing_and_the_export_record(lora_file, tmp_path, monkeypa
 
     from sdtrt.export.folder import ExportedModel
 
-    def fake_export(network, module, path, *, precision, opset):
-        from onnx import helper
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
-
-    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
     monkeypatch.chdir(lora_file.parent)
     out = tmp_path / "styled"
     given = ["--lora", f"{lora_file.name}:0.7", "--precision", "fp32", "--no-progress"]
@@ -306,7 +301,7 @@ def test_an_embedding_that_cannot_apply_is_refused(embedding_files, tmp_path):
         parse_embedding("e.safetensors:two words")
 
 
-def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_path, monkeypatch):
+def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_path, fast_export):
     """The manifest records each embedding (absolute path, token); the export's tokenizer
     reads a prompt as the source's does; --embedding on the export is refused."""
     from sdtrt import api
@@ -314,13 +309,6 @@ def test_an_export_keeps_its_embeddings_in_its_tokenizer(embedding_files, tmp_pa
     from sdtrt.options import ExportOptions
     from sdtrt.runtime.steps import token_ids
 
-    def fake_export(network, module, path, *, precision, opset):
-        from onnx import helper
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
-
-    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
     shiny = str(embedding_files / "Shiny.safetensors")
     source = ModelSource("tiny", embeddings=(shiny,))
     out = tmp_path / "shiny"
@@ -364,7 +352,7 @@ def vae_files(tmp_path_factory):
 
 
 def test_another_vae_gives_diffusers_image_with_that_vae(
-    tiny, images, vae_files, tmp_path, monkeypatch
+    tiny, images, vae_files, tmp_path, monkeypatch, fast_export
 ):
     """`--vae FILE` (original layout, read with the model's VAE config) or `--vae DIR`: the
     image diffusers' pipeline gives with that VAE in place of the model's."""
@@ -388,13 +376,6 @@ def test_another_vae_gives_diffusers_image_with_that_vae(
     from sdtrt.export.folder import ExportedModel
     from sdtrt.options import ExportOptions
 
-    def fake_export(network, module, path, *, precision, opset):
-        from onnx import helper
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
-
-    monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_export)
     monkeypatch.chdir(folder)
     out = tmp_path / "ft-export"
     fp32 = ExportOptions(precisions=("fp32",))

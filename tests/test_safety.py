@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import PIL.Image
 import pytest
+from conftest import fake_network_export
 
 from sdtrt.cli import main
 from sdtrt.options import ExportOptions
@@ -50,21 +51,6 @@ def _run(args, capsys):
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err
-
-
-def _fake_network_export(network, module, path, *, precision, opset):
-    """An empty graph: what the manifest reads of it (I/O, opset) without torch.export."""
-    from onnx import helper
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    graph = helper.make_graph([], f"{network.name}-{precision}", [], [])
-    path.write_bytes(helper.make_model(graph).SerializeToString())
-
-
-@pytest.fixture
-def fast_export(monkeypatch):
-    """export_model's folder handling, without the minute of torch.export."""
-    monkeypatch.setattr("sdtrt.export.exporter.export_network", _fake_network_export)
 
 
 # Data loss -------------------------------------------------------------------------------
@@ -116,7 +102,7 @@ def test_sigterm_ends_an_export_through_its_cleanup(tmp_path, capsys, monkeypatc
     import signal
 
     def killed_while_writing(network, module, path, **kwargs):
-        _fake_network_export(network, module, path, **kwargs)
+        fake_network_export(network, module, path, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
 
     def not_main(signum, frame):  # a SIGTERM main lets through fails here, not pytest
@@ -179,7 +165,7 @@ def test_processes_sharing_the_cache_export_a_model_once(tiny, tmp_path, monkeyp
         calls.append(network.name)
         exporting.set()
         time.sleep(0.2)  # long enough for the second exporter to arrive meanwhile
-        _fake_network_export(network, *args, **kwargs)
+        fake_network_export(network, *args, **kwargs)
 
     monkeypatch.setattr("sdtrt.export.exporter.export_network", slow_export)
     cache = CacheOptions(cache_dir=str(tmp_path))
@@ -268,7 +254,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatc
         calls.append(network.name)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        _fake_network_export(network, module, path, **kwargs)
+        fake_network_export(network, module, path, **kwargs)
 
     monkeypatch.setattr("sdtrt.export.exporter.export_network", fill_the_disk)
     code, err = _run(["export", "--model", "tiny", "--out", str(tmp_path / "onnx")], capsys)
