@@ -24,7 +24,8 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     """The VAE at ``path`` in place of ``model_vae``: a single file in the original layout
     (A1111's "SD VAE", ``vae-ft-mse-840000-ema-pruned.safetensors``; a whole checkpoint's
     VAE too), read with the model's own VAE config, or a diffusers VAE folder (its
-    ``config.json`` and weights), in the model VAE's dtype."""
+    ``config.json`` and weights; a diffusers model's folder: its ``vae/``), in the model
+    VAE's dtype."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from safetensors import SafetensorError
@@ -50,8 +51,9 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     )
     try:
         with quiet_loaders():
-            if where.is_dir():
-                vae = AutoencoderKL.from_pretrained(where, local_files_only=True)
+            if where.is_dir():  # a VAE's folder, or a diffusers model's (its vae/)
+                inside = "vae" if (where / "vae" / "config.json").is_file() else None
+                vae = AutoencoderKL.from_pretrained(where, subfolder=inside, local_files_only=True)
             else:
                 with tempfile.TemporaryDirectory() as config:
                     model_vae.save_config(config)

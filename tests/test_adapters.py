@@ -348,6 +348,7 @@ def vae_files(tmp_path_factory):
     alone = {k[len(prefix) :]: v for k, v in ldm.items() if k.startswith(prefix)}
     save_file(alone, folder / "ft.safetensors")
     vae.save_pretrained(folder / "ft")
+    vae.save_pretrained(folder / "model" / "vae")  # as a diffusers model's folder holds it
     return folder, vae
 
 
@@ -370,7 +371,8 @@ def test_another_vae_gives_diffusers_image_with_that_vae(
     assert float(np.abs(base - want).max()) > 0.01
     from_file = model_fingerprint(load_components(file_source))
     from_folder = model_fingerprint(load_components(ModelSource("tiny", vae=str(folder / "ft"))))
-    assert from_file == from_folder != model_fingerprint(tiny)
+    from_model = model_fingerprint(load_components(ModelSource("tiny", vae=str(folder / "model"))))
+    assert from_file == from_folder == from_model != model_fingerprint(tiny)
 
     from sdtrt import api
     from sdtrt.export.folder import ExportedModel
