@@ -54,8 +54,8 @@ def multi_vector_tokens(tokenizer: Any) -> dict[int, list[int]]:
 def _expanded_ids(tokenizer: Any, prompts: list[str], vectors: dict[int, list[int]]) -> Any:
     """token_ids where a token stands for several: each is followed by its other vectors'
     ids, then the row is truncated (its end token kept) and padded, as the tokenizer does.
-    diffusers expands such a token in the prompt's text, which misses it where the
-    tokenizer's lower-casing changes its spelling ("EasyNegative" is read "easynegative")."""
+    diffusers expands such a token in the prompt's text, matched against the tokenizer's
+    pieces, which transformers 5 lower-cases: "EasyNegative" is not found there."""
     size = tokenizer.model_max_length
     rows, truncated = [], False
     for ids in tokenizer(prompts, verbose=False).input_ids:  # start ... end, no padding
