@@ -238,9 +238,9 @@ def test_embeddings_give_diffusers_image_for_their_tokens(tiny, images, embeddin
 
 
 def test_a_token_of_several_vectors_stands_for_all_of_them(embedding_files, caplog):
-    """ "Shiny" (A1111's default: the file's name) is read "shiny" by CLIP's lower-casing,
-    which diffusers' text expansion misses: the ids are expanded instead. Prompts without
-    such tokens, long ones included, get the tokenizer's own ids."""
+    """ "Shiny" (A1111's default: the file's name) is the piece "shiny" to transformers 5's
+    tokenizer, which diffusers' text expansion misses: the ids are expanded instead.
+    Prompts without such tokens, long ones included, get the tokenizer's own ids."""
     import logging
 
     from sdtrt.runtime.steps import _expanded_ids, token_ids
