@@ -63,6 +63,45 @@ def test_optimum_runs_our_export_and_agrees(exported, tiny, tmp_path, ours, thei
     assert float(np.abs(theirs_images - got).max()) <= 1e-4
 
 
+def test_transformers_4_reads_an_exports_embedding_tokens_as_we_do(tmp_path, fast_export):
+    """An export made with a three-vector embedding ("Shiny"): transformers 4.57's
+    CLIPTokenizer (optimum's) reads its tokens, and diffusers' expansion there (which
+    transformers 4 lets find "Shiny") gives the ids sdtrt's own expansion gives."""
+    from safetensors.torch import save_file
+
+    from sdtrt import api
+    from sdtrt.export.folder import ExportedModel
+    from sdtrt.options import ExportOptions, ModelSource
+    from sdtrt.runtime.steps import token_ids
+
+    save_file({"emb_params": torch.randn(3, 32)}, tmp_path / "Shiny.safetensors")
+    source = ModelSource("tiny", embeddings=(str(tmp_path / "Shiny.safetensors"),))
+    out = tmp_path / "export"
+    api.export(source, out, ExportOptions(precisions=("fp32",)), show_progress=False)
+    prompt = "a Shiny red circle, Shiny"
+    script = (
+        "import sys, json\n"
+        "from transformers import CLIPTokenizer\n"
+        "from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin as T\n"
+        "t = CLIPTokenizer.from_pretrained(sys.argv[1])\n"
+        "text = T._maybe_convert_prompt(None, sys.argv[2], t)\n"
+        "print(json.dumps(t(text, padding='max_length', max_length=77).input_ids))\n"
+    )
+    run = subprocess.run(
+        [str(OPTIMUM_PYTHON), "-c", script, str(out / "tokenizer"), prompt],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    tokenizer = ExportedModel.open(out).tokenizer()
+    ours = token_ids(tokenizer, [prompt])[0].tolist()
+    assert ours == theirs
+    shiny = tokenizer.convert_tokens_to_ids(["Shiny", "Shiny_1", "Shiny_2"])
+    assert ours[2:5] == shiny and ours[8:11] == shiny  # both calls, all three vectors
+
+
 def test_export_writes_both_tokenizer_formats_and_configs(exported, tiny):
     root = exported.root
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json"):
