@@ -7,6 +7,7 @@ graphs and component configs), so sdtrt runs, checks, benches and builds them as
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from sdtrt.export.networks import (
     networks_for,
 )
 from sdtrt.fileio import write_json
+from sdtrt.options import ModelSource
 
 _PRECISION = {"float32": "fp32", "float16": "fp16"}
 
@@ -90,17 +92,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adopted": f"computed by sdtrt from a folder it did not write ({root})",
-        "source": {
-            "model": str(root),
-            "variant": None,
-            "config": None,
-            "allow_pickle": False,
-            "vae": None,
-            "loras": [],
-            "embeddings": [],
-            "clip_skip": None,
-            "fingerprint": None,
-        },
+        "source": {**asdict(ModelSource(str(root))), "fingerprint": None},
         "opset": graphs["unet/model.onnx"]["opset"],
         "precisions": plan,
         "graphs": graphs,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +212,15 @@ class ExportedModel:
         """A folder named as the model to run: its graphs run as they are, so the options
         that choose PyTorch weights are refused (they were chosen at export), and a clip
         skip asked for must be the one its text encoder was exported with."""
-        weights = {"--variant": source.variant, "--config": source.config, "--vae": source.vae}
+        weights = {
+            "--variant": source.variant,
+            "--config": source.config,
+            "--allow-pickle": source.allow_pickle,
+            "--vae": source.vae,
+            "--lora": source.loras,
+            "--embedding": source.embeddings,
+        }
         chosen = [flag for flag, value in weights.items() if value]
-        chosen += ["--allow-pickle"] * source.allow_pickle + ["--lora"] * bool(source.loras)
-        chosen += ["--embedding"] * bool(source.embeddings)
         if chosen:
             them = "them" if len(chosen) > 1 else "it"
             raise InvalidInputError(
@@ -276,16 +281,10 @@ class ExportedModel:
             )
         given = reference is not None
         if reference is None:
-            reference = ModelSource(
-                source["model"],
-                variant=source.get("variant"),
-                config=source.get("config"),
-                allow_pickle=bool(source.get("allow_pickle", False)),
-                vae=source.get("vae"),
-                loras=tuple(source.get("loras") or ()),
-                embeddings=tuple(source.get("embeddings") or ()),
-                clip_skip=source.get("clip_skip"),
-            )
+            # The manifest's source is the ModelSource the export had (asdict), with its
+            # fingerprint; older manifests lack the later fields, which keep their defaults.
+            recorded = {f.name for f in fields(ModelSource)}
+            reference = ModelSource(**{k: v for k, v in source.items() if k in recorded})
         components = load_components(reference)
         # A folder that records its model is held to it, a reference too: compared with
         # another model every network "fails" by a mile, which says nothing of the export.
