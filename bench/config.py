@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sdtrt.errors import InvalidInputError
@@ -22,6 +22,11 @@ from sdtrt.options import (
 # diffusers' own pipeline, plain and with its UNet under torch.compile (the peer a user
 # would pick: diffusers' documented speed-up).
 PEERS = ("diffusers", "diffusers-compile")
+# ModelSource's fields and BenchConfig's names for them (``config`` is ``model_config`` here:
+# the bench's own config is another thing).
+SOURCE_FIELDS = {
+    f.name: "model_config" if f.name == "config" else f.name for f in fields(ModelSource)
+}
 BENCH_BACKENDS = (*BACKENDS, *PEERS)
 # A row may add switches to its backend, so that variants run side by side in one bench
 # (one model load, one process, ratios between them): "torch+step-graphs+compile" is the
@@ -62,16 +67,7 @@ class BenchConfig:
 
     @property
     def source(self) -> ModelSource:
-        return ModelSource(
-            self.model,
-            variant=self.variant,
-            config=self.model_config,
-            allow_pickle=self.allow_pickle,
-            vae=self.vae,
-            loras=self.loras,
-            embeddings=self.embeddings,
-            clip_skip=self.clip_skip,
-        )
+        return ModelSource(**{name: getattr(self, ours) for name, ours in SOURCE_FIELDS.items()})
 
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
     batches: tuple[int, ...] = (1,)

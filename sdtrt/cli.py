@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from sdtrt.bench.config import BENCH_BACKENDS, BenchConfig
+from sdtrt.bench.config import BENCH_BACKENDS, SOURCE_FIELDS, BenchConfig
 from sdtrt.errors import EngineBuildError, InvalidInputError, SdtrtError
 from sdtrt.options import (
     BACKENDS,
@@ -140,17 +140,15 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ModelSource's fields as --model and _add_model_source's options give them (each
+    option's dest is the field's name; repeated options as tuples)."""
+    given = {name: getattr(args, name) for name in SOURCE_FIELDS}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
 def _source(args: argparse.Namespace) -> ModelSource:
-    return ModelSource(
-        args.model,
-        variant=args.variant,
-        config=args.config,
-        allow_pickle=args.allow_pickle,
-        vae=args.vae,
-        loras=tuple(args.loras),
-        embeddings=tuple(args.embeddings),
-        clip_skip=args.clip_skip,
-    )
+    return ModelSource(**_source_options(args))
 
 
 def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -440,14 +438,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise _invalid(f"--batch must be comma-separated integers, got {args.batch!r}") from None
     config = BenchConfig(
-        model=args.model,
-        variant=args.variant,
-        model_config=args.config,
-        allow_pickle=args.allow_pickle,
-        vae=args.vae,
-        loras=tuple(args.loras),
-        embeddings=tuple(args.embeddings),
-        clip_skip=args.clip_skip,
+        **{SOURCE_FIELDS[name]: value for name, value in _source_options(args).items()},
         reference=args.reference,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         batches=batches,
