@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdtrt.adapters import fuse_loras, load_embeddings, load_vae
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import check_unet_config
 from sdtrt.options import ModelSource, as_source, is_hub_id
@@ -240,16 +241,10 @@ def load_components(model: str | ModelSource) -> dict[str, Any]:
     source = as_source(model)
     components = _load(source)
     if source.vae:
-        from sdtrt.adapters import load_vae
-
         components["vae"] = load_vae(source.vae, components["vae"], source.allow_pickle)
     if source.loras:
-        from sdtrt.adapters import fuse_loras
-
         fuse_loras(components, source.loras, source.allow_pickle)
     if source.embeddings:
-        from sdtrt.adapters import load_embeddings
-
         load_embeddings(components, source.embeddings, source.allow_pickle)
     if source.clip_skip:
         skip_clip_layers(components["text_encoder"], source.clip_skip)
