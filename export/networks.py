@@ -91,7 +91,8 @@ def check_unet_config(
     if unet.get("time_cond_proj_dim") is not None:
         problems.append(
             "its UNet takes a guidance-scale embedding (an LCM-distilled UNet), where sdtrt "
-            "runs classifier-free guidance on [uncond, cond] rows"
+            "runs classifier-free guidance on [uncond, cond] rows (LCM-LoRA on an SD model "
+            "runs: --lora FILE --scheduler lcm)"
         )
     if unet.get("encoder_hid_dim_type") is not None:
         problems.append(f"its UNet projects the text states ({unet['encoder_hid_dim_type']!r})")

@@ -17,8 +17,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
@@ -26,6 +28,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
     EulerAncestralDiscreteSchedulerOutput,
 )
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from sdtrt.runtime.steps import draw_noise
 
@@ -540,8 +543,76 @@ class CachedPNDMScheduler(_PerScheduleCache, PNDMScheduler):
         return sample_coeff, alpha_prod_t_prev - alpha_prod_t, denominator
 
 
+class CachedLCMScheduler(_PerScheduleCache, LCMScheduler):
+    """The latent consistency model's step (LCM-LoRA's) without thresholding or clipping:
+    its six 0-d factors (the roots of alpha_prod at this step and the next, the boundary
+    condition's c_skip and c_out) depend only on the step index. Memoised; the noise of
+    every step but the schedule's last is drawn from the caller's generator exactly as
+    diffusers draws it."""
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        config = self.config
+        if (
+            config.thresholding
+            or config.clip_sample
+            or config.prediction_type not in ("epsilon", "v_prediction")
+            or self.num_inference_steps is None
+        ):
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        root_alpha, root_beta, c_skip, c_out, root_alpha_prev, root_beta_prev = self._memoised(
+            ("lcm", index), lambda: self.step_factors(index, timestep)
+        )
+        # diffusers' operations, in its order.
+        if config.prediction_type == "epsilon":
+            pred_original_sample = (sample - root_beta * model_output) / root_alpha
+        else:
+            pred_original_sample = root_alpha * sample - root_beta * model_output
+        denoised = c_out * pred_original_sample + c_skip * sample
+        if index != self.num_inference_steps - 1:
+            noise = draw_noise(model_output.shape, denoised.dtype, model_output.device, generator)
+            prev_sample = root_alpha_prev * denoised + root_beta_prev * noise
+        else:
+            prev_sample = denoised
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def step_factors(self, index: int, timestep: Any) -> tuple[torch.Tensor, ...]:
+        """The factors of step ``index`` (at ``timestep``, a 0-d tensor as in diffusers'
+        loop: c_skip and c_out are then float32 tensors, as there)."""
+        # diffusers' operations, in its order.
+        prev_index = index + 1
+        prev_timestep = self.timesteps[prev_index] if prev_index < len(self.timesteps) else timestep
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = (
+            self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        )
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
+        return (
+            alpha_prod_t.sqrt(),
+            beta_prod_t.sqrt(),
+            c_skip,
+            c_out,
+            alpha_prod_t_prev.sqrt(),
+            beta_prod_t_prev.sqrt(),
+        )
+
+
 # diffusers' class name -> its memoised subclass: every name in schedulers.SCHEDULERS runs
-# one of these.
+# one of these (TCD, whose few steps are few Python, its own class).
 FAST_SCHEDULERS = {
     "DDIMScheduler": CachedDDIMScheduler,
     "LMSDiscreteScheduler": CachedLMSDiscreteScheduler,
@@ -550,4 +621,6 @@ FAST_SCHEDULERS = {
     "EulerAncestralDiscreteScheduler": CachedEulerAncestralDiscreteScheduler,
     "DPMSolverMultistepScheduler": CachedDPMSolverMultistepScheduler,
     "UniPCMultistepScheduler": CachedUniPCMultistepScheduler,
+    "LCMScheduler": CachedLCMScheduler,
+    "TCDScheduler": TCDScheduler,
 }

@@ -94,9 +94,12 @@ def check_steps_and_guidance(num_inference_steps: int, guidance_scale: float) ->
 
 
 def check_eta(eta: float) -> None:
-    """DDIM's ``eta``: the share of its per-step noise, in [0, 1] (0: deterministic)."""
+    """DDIM's ``eta`` (TCD's gamma): the share of its per-step noise, in [0, 1] (0:
+    deterministic)."""
     if not is_real(eta) or not 0 <= eta <= 1:
-        raise InvalidInputError(f"eta must be a number in [0, 1] (DDIM's noise), got {eta!r}")
+        raise InvalidInputError(
+            f"eta must be a number in [0, 1] (DDIM's noise, TCD's gamma), got {eta!r}"
+        )
 
 
 def resolve_start_step(

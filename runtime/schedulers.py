@@ -31,6 +31,8 @@ SCHEDULERS: dict[str, str] = {
     "lms_karras": "LMSDiscreteScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 # Names that are a class with settings over the model's config: A1111's "LMS Karras",
 # "DPM++ 2M Karras" and "DPM++ 2M SDE Karras", as diffusers' scheduler docs build them.
@@ -66,13 +68,24 @@ _PREDICTIONS = {
 
 def check_scheduler_fits(cls: type, config: Any, steps: int) -> None:
     """What diffusers' scheduler ``cls`` would refuse only once the loop has begun, refused
-    before any network: DDIM past the model's training timesteps (a ValueError in
-    ``set_timesteps``), a prediction type the scheduler cannot step."""
+    before any network: DDIM past the model's training timesteps, LCM and TCD past their
+    distillation schedule (ValueErrors in ``set_timesteps``), a prediction type the
+    scheduler cannot step."""
     train = config.get("num_train_timesteps", 1000)
     if issubclass(cls, diffusers.DDIMScheduler) and steps > train:
         raise InvalidInputError(
             f"ddim takes at most {train} steps (the model's training timesteps), got {steps}"
         )
+    if issubclass(cls, _DISTILLED):
+        # Their steps are a subset of the distillation's schedule of original_inference_steps
+        # (the class's default, unless the model's config names its own).
+        default = inspect.signature(cls.__init__).parameters["original_inference_steps"].default
+        most = min(config.get("original_inference_steps") or default, train)
+        if steps > most:
+            raise InvalidInputError(
+                f"{_diffusers_name(cls)} takes at most {most} steps (its schedule is a subset "
+                f"of the {most} steps it was distilled with), got {steps}"
+            )
     prediction = config.get("prediction_type", "epsilon")
     if not _steps(cls, prediction):
         usable = [name for name in SCHEDULERS if _steps(scheduler_class(name), prediction)]
@@ -80,6 +93,10 @@ def check_scheduler_fits(cls: type, config: Any, steps: int) -> None:
             f"{_diffusers_name(cls)} cannot step this model, which predicts {prediction!r}: "
             f"choose another scheduler ({', '.join(usable)})"
         )
+
+
+# The consistency-distilled models' schedulers (LCM-LoRA, TCD and Hyper-SD LoRAs).
+_DISTILLED = (diffusers.LCMScheduler, diffusers.TCDScheduler)
 
 
 def _diffusers_name(cls: type) -> str:

@@ -219,6 +219,17 @@ def _unipc_update(
     return predicted
 
 
+def _lcm_update(
+    kind: StepKind, c: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' LCM step: the boundary condition's denoised sample, noised to the next
+    timestep but at the schedule's last step (both computed, ``torch.where`` selects)."""
+    x0 = _x0_from_alpha_sigma(kind, c["root_alpha"], c["root_beta"], x, m)
+    denoised = c["c_out"] * x0 + c["c_skip"] * x
+    noised = c["root_alpha_prev"] * denoised + c["root_beta_prev"] * c["noise"]
+    return torch.where(c["final"] == 1, denoised, noised)
+
+
 _UPDATES = {
     "lms": _lms_update,
     "euler": _euler_update,
@@ -227,6 +238,7 @@ _UPDATES = {
     "dpmpp_2m": _dpmpp_2m_update,
     "pndm": _pndm_update,
     "unipc": _unipc_update,
+    "lcm": _lcm_update,
 }
 
 

@@ -12,8 +12,8 @@ diffusers' bit for bit (tests/test_step_table.py).
 
 Tabulated, with epsilon or v prediction, as Stable Diffusion configures them: lms, euler
 (no churn), ddim (eta 0), dpmpp_2m, pndm (PLMS), unipc (order 2, its corrector and
-predictor both in the step) and euler_a (its noise drawn for every step before the loop,
-from the caller's generator in diffusers' order). Other settings (thresholding, solver
+predictor both in the step), euler_a and lcm (their noise drawn for every step before the
+loop, from the caller's generator in diffusers' order). Other settings (thresholding, solver
 order 3, Runge-Kutta PNDM...) get None and run the eager loop, where the UNet alone is
 replayed as a graph.
 """
@@ -32,6 +32,7 @@ from sdtrt.runtime.fast_schedulers import (
     CachedDPMSolverMultistepScheduler,
     CachedEulerAncestralDiscreteScheduler,
     CachedEulerDiscreteScheduler,
+    CachedLCMScheduler,
     CachedPNDMScheduler,
     CachedUniPCMultistepScheduler,
 )
@@ -48,7 +49,7 @@ class StepKind:
     """What a captured step depends on besides its tensors (a graph per kind)."""
 
     scheduler: str
-    """lms, euler, euler_a, ddim, dpmpp_2m, pndm or unipc."""
+    """lms, euler, euler_a, ddim, dpmpp_2m, pndm, unipc or lcm."""
     prediction: str
     columns: tuple[str, ...]
     """The per-step scalars, in the order of the table's columns."""
@@ -57,8 +58,9 @@ class StepKind:
     prediction; PNDM: four model outputs and a sample; UniPC: two data predictions and a
     sample)."""
     noise: bool = False
-    """Whether each step adds fresh noise (euler_a): drawn for all steps before the loop,
-    from the caller's generator in diffusers' order, and read by step like the scalars."""
+    """Whether each step adds fresh noise (euler_a; lcm but at the schedule's last step,
+    its column ``final``): drawn for all steps before the loop, from the caller's generator
+    in diffusers' order, and read by step like the scalars."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,17 @@ def tabulate(
     kind, values = tabled
     noise = None
     if kind.noise and latents is not None:
-        # diffusers' draws: one per step, the model output's shape, dtype and device.
-        draws = range(len(values))
+        # diffusers' draws: one per step (LCM's last step draws none), the model output's
+        # shape, dtype and device.
+        final = values[:, kind.columns.index("final")] if "final" in kind.columns else None
+        shape, dtype, device = latents.shape, latents.dtype, latents.device
         noise = torch.stack(
-            [draw_noise(latents.shape, latents.dtype, latents.device, generator) for _ in draws]
+            [
+                torch.zeros(shape, dtype=dtype, device=device)
+                if final is not None and final[i] == 1
+                else draw_noise(shape, dtype, device, generator)
+                for i in range(len(values))
+            ]
         )
     values = values.to(timesteps.device, torch.float32)
     return StepTable(kind, values, timesteps.clone(), noise)
@@ -147,11 +156,22 @@ def _rows(
         on_host = _on_host(scheduler)
         rows = [_dpmpp_2m_row(on_host, begin + i, i) for i in steps]
         name, history = "dpmpp_2m", 1
+    elif (
+        isinstance(scheduler, CachedLCMScheduler)
+        and can_draw_noise
+        and not (config.thresholding or config.clip_sample)
+    ):
+        on_host = copy.copy(scheduler)  # the schedule on the host, read without syncs
+        on_host.timesteps = scheduler.timesteps.cpu()
+        on_host.alphas_cumprod = scheduler.alphas_cumprod.cpu()
+        rows = [_lcm_row(on_host, begin + i, t) for i, t in enumerate(timesteps.cpu())]
+        name, history = "lcm", 0
     else:
         return None
     if not rows:
         return None
-    kind = StepKind(name, prediction, tuple(rows[0]), history, noise=name == "euler_a")
+    noisy = name in ("euler_a", "lcm")
+    kind = StepKind(name, prediction, tuple(rows[0]), history, noise=noisy)
     return kind, torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
 
 
@@ -216,6 +236,18 @@ def _ddim_row(scheduler: Any, t: int) -> dict[str, torch.Tensor]:
         "root_beta": _scalar(root_beta),
         "direction": _scalar(direction),
         "root_alpha_prev": _scalar(root_alpha_prev),
+    }
+
+
+def _lcm_row(on_host: Any, index: int, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    # The memoised LCM's factors (diffusers' operations, proven exact), at the 0-d timestep
+    # diffusers' loop passes.
+    factors = on_host.step_factors(index, t)
+    names = ("root_alpha", "root_beta", "c_skip", "c_out", "root_alpha_prev", "root_beta_prev")
+    return {
+        "input_divisor": _scalar(1.0),  # LCM does not scale the UNet's input
+        **{name: _scalar(value) for name, value in zip(names, factors, strict=True)},
+        "final": _scalar(index == on_host.num_inference_steps - 1),  # no noise after it
     }
 
 

@@ -241,7 +241,9 @@ def _add_img2img(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=job.steps, help="scheduler steps")
     p.add_argument("--guidance", type=float, default=job.guidance, help="guidance scale")
     p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES, help="scheduler")
-    p.add_argument("--eta", type=float, default=job.eta, help="ddim's per-step noise, in [0, 1]")
+    p.add_argument(
+        "--eta", type=float, default=job.eta, help="ddim's per-step noise (tcd's gamma), in [0, 1]"
+    )
     p.add_argument("--seed", type=int, default=job.seed, help="in [0, 2^64 - 1]")
     p.add_argument(
         "--height", type=int, default=None, help="pixels (default: the image's, rounded down)"

@@ -24,7 +24,7 @@ SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
 SCHEDULER_NAMES = (
     "lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms_karras",
-    "dpmpp_2m_karras", "dpmpp_2m_sde_karras",
+    "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "lcm", "tcd",
 )  # fmt: skip
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -286,7 +286,7 @@ class Img2ImgJob:
     steps: int = 50
     guidance: float = 8.0
     eta: float = 0.0
-    """DDIM's per-step noise, in [0, 1]; other schedulers ignore it."""
+    """DDIM's per-step noise (TCD's gamma), in [0, 1]; other schedulers ignore it."""
     seed: int = 32
     height: int | None = None
     """None: the input image's height, rounded down to the model's size unit."""

@@ -28,7 +28,7 @@ FIELDS: dict[str, tuple[type, str]] = {
     "num_inference_steps": (int, "Steps of the whole schedule (the server bounds it)."),
     "guidance_scale": (float, "Classifier-free guidance; 1 or less runs the prompt alone."),
     "scheduler": (str, f"One of {', '.join(SCHEDULERS)}."),
-    "eta": (float, "DDIM's per-step noise, in [0, 1]; other schedulers ignore it."),
+    "eta": (float, "DDIM's per-step noise (TCD's gamma), in [0, 1]; others ignore it."),
     "seed": (int, "In [0, 2^64 - 1]; the same seed gives the same image."),
     "height": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),
     "width": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),

@@ -133,6 +133,54 @@ def test_layouts_of_other_tools_fuse_to_the_same_model(lora_file, tmp_path):
             assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0, (name, part)
 
 
+# The UNet layers LCM-LoRA (latent-consistency/lcm-lora-sdv1-5) adapts: attention, the
+# transformer blocks' projections, and the convolutions and time projections of every ResNet,
+# downsampler and upsampler.
+LCM_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+    "upsamplers.0.conv",
+]  # fmt: skip
+
+
+def test_an_lcm_lora_runs_a_few_unguided_lcm_steps_as_diffusers(images, tmp_path):
+    """LCM-LoRA's recipe (diffusers' docs): the LoRA, scheduler lcm, 4 steps, guidance 1
+    (the prompt row alone). A LoRA on LCM-LoRA's layers, convolutions included, in kohya's
+    layout: fused, it gives diffusers' image of it unfused in diffusers' layout."""
+    pytest.importorskip("peft", reason="peft (sdtrt[lora]) is not installed")
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import load_file, save_file
+
+    unet = load_components("tiny")["unet"]
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LCM_LORA_TARGETS), unet)
+    torch.manual_seed(11)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    layers = get_peft_model_state_dict(unet)
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in layers.values())  # 3x3 convolutions
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers)
+    diffusers_layout = tmp_path / "pytorch_lora_weights.safetensors"
+    kohya = tmp_path / "lcm-lora.safetensors"
+    save_file(_kohya(load_file(str(diffusers_layout))), kohya)
+    ours = Img2ImgPipeline.from_pretrained(
+        ModelSource("tiny", loras=((str(kohya), 1.0),)), scheduler="lcm", show_progress=False
+    )
+    reference = diffusers_img2img(load_components("tiny"), "lcm")
+    reference.load_lora_weights(str(diffusers_layout), adapter_name="lcm")
+    call = dict(strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="np")
+    got = ours("a red circle", images[0], generator=torch.Generator().manual_seed(2), **call)
+    want = reference("a red circle", images[0], generator=torch.Generator().manual_seed(2), **call)
+    assert got.unet_calls == 2  # int(4 * 0.5) steps, one UNet call each
+    assert float(np.abs(got.images - want.images).max()) <= 2e-5
+    reference.unload_lora_weights()
+    without = reference(
+        "a red circle", images[0], generator=torch.Generator().manual_seed(2), **call
+    )
+    assert float(np.abs(without.images - want.images).max()) > 0.01  # the LoRA changes it
+
+
 def test_a_lora_that_cannot_apply_is_refused(lora_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 

@@ -168,7 +168,7 @@ def test_bad_image_files(tmp_path, png, capsys, case):
             ["--model", "runwayml/stable-diffusion-v1-5"],  # a Hub id: nothing is downloaded
             "not in the Hugging Face cache: fetch it first (hf download runwayml/stable-diff",
         ),
-        (["--eta", "1.5"], "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
+        (["--eta", "1.5"], "eta must be a number in [0, 1] (DDIM's noise, TCD's gamma), got 1.5"),
         (["--backend", "onnxruntime", "--fuse-qkv"], "--fuse-qkv does not apply to the onnx"),
         (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
         (["--step-graphs"], "--step-graphs needs --device cuda"),

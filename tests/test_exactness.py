@@ -141,6 +141,22 @@ def test_ddim_eta_equals_diffusers(tiny, images, tabulated):
     assert float(np.abs(got - still).max()) > 0.01  # eta changed the image
 
 
+def test_tcd_gamma_is_eta_and_equals_diffusers(tiny, images):
+    """TCD (the scheduler of TCD and Hyper-SD LoRAs) takes diffusers' ``eta`` as its gamma,
+    the share of fresh noise per step (0: deterministic, diffusers' pipeline default)."""
+    ours = Img2ImgPipeline.from_components(tiny, scheduler="tcd", show_progress=False)
+    reference = diffusers_img2img(tiny, "tcd")
+    kwargs = dict(strength=0.8, num_inference_steps=4, guidance_scale=1.0, output_type="np")
+
+    def run(pipe, eta):
+        return pipe(["a red circle", "a cat"], images, eta=eta,
+                    generator=torch.Generator().manual_seed(9), **kwargs).images  # fmt: skip
+
+    for eta in (0.3, 1.0):
+        assert float(np.abs(run(ours, eta) - run(reference, eta)).max()) == 0.0, eta
+    assert float(np.abs(run(ours, 0.3) - run(ours, 0.0)).max()) > 0.01  # gamma changed it
+
+
 def test_guidance_at_most_one_runs_batch_b_and_equals_diffusers(tiny, images):
     ours = Img2ImgPipeline.from_components(tiny, show_progress=False)
     batches = []
@@ -223,6 +239,35 @@ def test_schedulers_of_one_config_share_their_memo(tiny, images, monkeypatch):
     )
     third, _ = run(other)
     assert third._cache is not first._cache and integrals
+
+
+def test_lcm_steps_with_memoised_factors(tiny, images, monkeypatch):
+    """LCM (LCM-LoRA's scheduler: a few steps, guidance 1 runs the prompt row alone)
+    computes its boundary condition's factors once per schedule; a later request with the
+    same schedule computes none and still gives diffusers' image."""
+    from diffusers import LCMScheduler
+
+    kwargs = dict(strength=0.6, num_inference_steps=4, guidance_scale=1.0, output_type="np")
+    runs = []
+    scalings = LCMScheduler.get_scalings_for_boundary_condition_discrete
+    for _ in range(2):
+        pipe = Img2ImgPipeline.from_components(tiny, scheduler="lcm", show_progress=False)
+        calls: list[int] = []
+        monkeypatch.setattr(
+            LCMScheduler,
+            "get_scalings_for_boundary_condition_discrete",
+            lambda self, t, calls=calls: calls.append(int(t)) or scalings(self, t),
+        )
+        got = pipe("a", images[0], generator=torch.Generator().manual_seed(7), **kwargs)
+        monkeypatch.undo()
+        runs.append((got, calls))
+    (first, first_calls), (second, second_calls) = runs
+    assert first.unet_calls == second.unet_calls == 2  # int(4 * 0.6) steps
+    assert len(first_calls) == 2 and second_calls == []
+    want = diffusers_img2img(tiny, "lcm")(
+        "a", images[0], generator=torch.Generator().manual_seed(7), **kwargs
+    ).images
+    assert float(np.abs(second.images - want).max()) == 0.0
 
 
 def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):

@@ -106,7 +106,7 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(num_images_per_prompt=True), "images per prompt must be an integer >= 1"),
         (dict(num_inference_steps=6.0), "steps must be an integer >= 1, got 6.0"),
         (dict(strength=np.True_), "strength must be a number in (0, 1]"),
-        (dict(eta=1.5), "eta must be a number in [0, 1] (DDIM's noise), got 1.5"),
+        (dict(eta=1.5), "eta must be a number in [0, 1] (DDIM's noise, TCD's gamma), got 1.5"),
         (dict(eta=float("nan")), "eta must be a number in [0, 1]"),
         (dict(clip_skip=2), "build the pipeline with from_pretrained(ModelSource(model, clip_"),
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), "give prompt or prompt_embeds, one of"),

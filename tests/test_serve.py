@@ -33,6 +33,7 @@ from sdtrt.errors import (
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.runtime.schedulers import diffusers_scheduler
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher, intra_op_threads
 from sdtrt.serve.server import BackgroundServer
@@ -93,7 +94,9 @@ def _run_all(pipe, requests, options=ServeOptions()):
         batcher.close()
 
 
-@pytest.mark.parametrize("scheduler, eta", [("lms", 0.0), ("euler_a", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize(
+    "scheduler, eta", [("lms", 0.0), ("euler_a", 0.0), ("ddim", 0.7), ("lcm", 0.0), ("tcd", 0.3)]
+)
 def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, scheduler, eta):
     request = Img2ImgRequest(
         prompt="a cat",
@@ -426,14 +429,24 @@ class _ProfiledSizesBackend(_OneTimestepBackend):
     pixel_range = ((32, 32), (32, 48))
 
 
-def test_ddim_past_the_training_timesteps_is_refused_before_any_work(tiny, image, monkeypatch):
+@pytest.mark.parametrize(
+    "scheduler, steps, says",
+    [
+        ("ddim", 1001, "ddim takes at most 1000 steps (the model's training timesteps), got 1001"),
+        ("lcm", 51, "LCMScheduler takes at most 50 steps (its schedule is a subset of the 50 "),
+        ("tcd", 51, "TCDScheduler takes at most 50 steps (its schedule is a subset of the 50 "),
+    ],
+)
+def test_steps_a_scheduler_cannot_schedule_are_refused_before_any_work(
+    tiny, image, monkeypatch, scheduler, steps, says
+):
     """With SDTRT_MAX_STEPS raised, DDIM at more steps than the model's 1000 training
-    timesteps failed inside diffusers' set_timesteps (a ValueError after the prompts were
-    encoded; a 500 from the server): now refused by the pipeline and the server's intake.
-    LMS takes them, as in diffusers."""
+    timesteps, and LCM and TCD at more than the 50 they were distilled with, failed inside
+    diffusers' set_timesteps (a ValueError after the prompts were encoded; a 500 from the
+    server): now refused by the pipeline and the server's intake. LMS takes them, as in
+    diffusers."""
     monkeypatch.setenv("SDTRT_MAX_STEPS", "2000")
-    says = "ddim takes at most 1000 steps (the model's training timesteps), got 1001"
-    pipe = Img2ImgPipeline.from_components(tiny, "torch", "ddim", show_progress=False)
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", scheduler, show_progress=False)
 
     def no_work(*args):
         raise AssertionError("a network ran")
@@ -441,12 +454,18 @@ def test_ddim_past_the_training_timesteps_is_refused_before_any_work(tiny, image
     for network in ("encode_text", "encode_image", "unet", "decode_latents"):
         monkeypatch.setattr(pipe.backend, network, no_work)
     with pytest.raises(InvalidInputError, match=re.escape(says)):
-        pipe("a", image, num_inference_steps=1001, strength=0.001)
+        pipe("a", image, num_inference_steps=steps, strength=1.5 / steps)  # one step
     batcher = StepBatcher(pipe, ServeOptions(), start=False)
     with pytest.raises(InvalidInputError, match=re.escape(says)):
-        batcher.prepare(Img2ImgRequest(image=image, scheduler="ddim", num_inference_steps=1001))
-    lms = Img2ImgRequest(image=image, scheduler="lms", num_inference_steps=1001, strength=0.001)
-    assert batcher.prepare(lms).t_start == 1000
+        batcher.prepare(Img2ImgRequest(image=image, scheduler=scheduler, num_inference_steps=steps))
+    lms = Img2ImgRequest(
+        image=image, scheduler="lms", num_inference_steps=steps, strength=1.5 / steps
+    )
+    assert batcher.prepare(lms).t_start == steps - 1
+    diffusers_own = diffusers_scheduler(scheduler, tiny["scheduler"].config)
+    with pytest.raises(ValueError):  # what the check spares the caller
+        diffusers_own.set_timesteps(steps)
+    diffusers_own.set_timesteps(steps - 1)  # the most it takes
 
 
 def test_a_scheduler_that_cannot_step_the_models_prediction_is_refused_first(
@@ -456,7 +475,7 @@ def test_a_scheduler_that_cannot_step_the_models_prediction_is_refused_first(
     Euler ancestral raise at their first step, after the prompts and the image were
     encoded (a 500 from the server). Refused before any network, naming the schedulers
     that do take it; which ones fail is asked of diffusers itself, step by step."""
-    from sdtrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler
+    from sdtrt.runtime.schedulers import SCHEDULERS
 
     config = {**tiny["scheduler"].config, "prediction_type": "sample"}
     failing = []
@@ -480,7 +499,8 @@ def test_a_scheduler_that_cannot_step_the_models_prediction_is_refused_first(
     with pytest.raises(InvalidInputError, match=re.escape(says)) as info:
         pipe("a", image, num_inference_steps=4)
     assert str(info.value).endswith(
-        "(lms, ddim, euler, dpmpp_2m, unipc, lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras)"
+        "(lms, ddim, euler, dpmpp_2m, unipc, lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras, "
+        "lcm, tcd)"
     )
     batcher = StepBatcher(pipe, ServeOptions(), start=False)
     with pytest.raises(InvalidInputError, match="EulerAncestralDiscreteScheduler cannot step"):

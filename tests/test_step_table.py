@@ -17,7 +17,7 @@ from sdtrt.runtime.steps import start_timesteps
 
 TABULATED = (
     "lms", "euler", "ddim", "dpmpp_2m", "pndm", "euler_a", "unipc", "lms_karras",
-    "dpmpp_2m_karras",
+    "dpmpp_2m_karras", "lcm",
 )  # fmt: skip
 RUN = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
 
@@ -39,18 +39,23 @@ def test_tabulated_loop_equals_the_eager_loop(request, model, scheduler, images)
     make_table = tabled._step_table
     tabled._step_table = lambda *args: tables.append(make_table(*args)) or tables[-1]
     for strength in (1.0, 0.45):
-        want = eager("a red circle", images[0], strength=strength, **_seeded(RUN, 3))
-        got = tabled("a red circle", images[0], strength=strength, **_seeded(RUN, 3))
+        eager_run, tabled_run = _seeded(RUN, 3), _seeded(RUN, 3)
+        want = eager("a red circle", images[0], strength=strength, **eager_run)
+        got = tabled("a red circle", images[0], strength=strength, **tabled_run)
         assert tables[-1] is not None and got.unet_calls == want.unet_calls  # a table ran
         np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
+        # As many draws as diffusers' loop (LCM's last step draws none): a caller's next
+        # image from the same generator is diffusers' next one too.
+        assert torch.equal(tabled_run["generator"].get_state(), eager_run["generator"].get_state())
 
 
-@pytest.mark.parametrize("case", ["order-3", "sde"])
+@pytest.mark.parametrize("case", ["order-3", "sde", "tcd"])
 def test_a_step_not_tabulated_runs_the_eager_loop(tiny, images, case):
-    """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2) and the
-    SDE solver (dpmpp_2m_sde_karras, which draws noise each step) have no table: the
-    pipeline runs the eager loop, with the same result."""
-    eager, tabled = _pipelines(tiny, "dpmpp_2m" if case == "order-3" else "dpmpp_2m_sde_karras")
+    """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2), the
+    SDE solver (dpmpp_2m_sde_karras, which draws noise each step) and TCD have no table:
+    the pipeline runs the eager loop, with the same result."""
+    name = {"order-3": "dpmpp_2m", "sde": "dpmpp_2m_sde_karras", "tcd": "tcd"}[case]
+    eager, tabled = _pipelines(tiny, name)
     if case == "order-3":
         for pipe in (eager, tabled):
             config = {**pipe.scheduler.config, "solver_order": 3}
