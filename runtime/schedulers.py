@@ -114,9 +114,19 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
         from sdtrt.runtime.fast_schedulers import FAST_SCHEDULERS
 
         cls = FAST_SCHEDULERS[SCHEDULERS[name]]
-    scheduler = cls.from_config(dict(config), **SETTINGS.get(name, {}))
+    scheduler = cls.from_config(_taken_by(cls, config), **SETTINGS.get(name, {}))
     normalise_scheduler_config(scheduler)
     return scheduler
+
+
+def _taken_by(cls: type, config: Any) -> dict[str, Any]:
+    """The model's scheduler config without the settings ``cls`` does not take (PNDM's
+    ``skip_prk_steps``...): ``from_config`` ignores them anyway, but warns of each one where
+    the config names no class of its own (sdtrt's built-in models) and ``cls`` lists
+    none of SD's schedulers as compatible (LCM, TCD): a warning about nothing on every
+    request."""
+    takes = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in config.items() if key.startswith("_") or key in takes}
 
 
 def diffusers_scheduler(name: str, config: Any) -> SchedulerMixin:

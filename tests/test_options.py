@@ -289,6 +289,29 @@ def test_tensorrt_outputs_are_copies_of_its_buffers(dtype):
     assert out.dtype == torch.float32 and out.flatten().tolist() == list(range(6))
 
 
+def test_every_scheduler_is_made_from_a_built_in_models_config_without_warnings(tiny, caplog):
+    """The built-in models' scheduler config (PNDM's settings, no class name): diffusers'
+    from_config warns that LCM and TCD do not take skip_prk_steps, on every request;
+    sdtrt leaves out what a class does not take, and the scheduler is the same."""
+    import diffusers
+
+    from sdtrt.runtime import schedulers
+
+    config = tiny["scheduler"].config
+    with caplog.at_level(logging.WARNING):
+        made = {name: schedulers.make_scheduler(name, config) for name in schedulers.SCHEDULERS}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    with caplog.at_level(logging.WARNING):
+        own = diffusers.LCMScheduler.from_config(config)
+    assert "{'skip_prk_steps': True} were passed to LCMScheduler, but are not expected" in (
+        caplog.text
+    )
+    # The same settings; diffusers' config keeps the key it ignored.
+    assert dict(made["lcm"].config) == {
+        k: v for k, v in own.config.items() if k != "skip_prk_steps"
+    }
+
+
 def test_fast_schedulers_only_on_proven_diffusers(monkeypatch, caplog):
     import diffusers
 
