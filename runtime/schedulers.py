@@ -79,7 +79,7 @@ def check_scheduler_fits(cls: type, config: Any, steps: int) -> None:
     if issubclass(cls, _DISTILLED):
         # Their steps are a subset of the distillation's schedule of original_inference_steps
         # (the class's default, unless the model's config names its own).
-        default = inspect.signature(cls.__init__).parameters["original_inference_steps"].default
+        default = inspect.signature(cls).parameters["original_inference_steps"].default
         most = min(config.get("original_inference_steps") or default, train)
         if steps > most:
             raise InvalidInputError(
@@ -125,7 +125,7 @@ def _taken_by(cls: type, config: Any) -> dict[str, Any]:
     the config names no class of its own (sdtrt's built-in models) and ``cls`` lists
     none of SD's schedulers as compatible (LCM, TCD): a warning about nothing on every
     request."""
-    takes = inspect.signature(cls.__init__).parameters
+    takes = inspect.signature(cls).parameters
     return {key: value for key, value in config.items() if key.startswith("_") or key in takes}
 
 
