@@ -87,6 +87,7 @@ class Img2ImgPipeline:
         scaling_factor: float,
         show_progress: bool = True,
         limits: Limits | None = None,
+        model_scheduler_config: Any = None,
     ) -> None:
         self.backend = backend
         self.text_shape = (dims.max_tokens, dims.text_hidden_size)
@@ -94,6 +95,13 @@ class Img2ImgPipeline:
         self.limits = limits or Limits.from_env()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
+        self.model_scheduler_config = model_scheduler_config or scheduler.config
+        """The model's own scheduler config, what every named scheduler is made from (not
+        ``scheduler.config``, which carries its name's settings: a server started with
+        dpmpp_2m_sde_karras made a request's dpmpp_2m with Karras sigmas and the SDE
+        solver)."""
+        self.scheduler_name: str | None = None
+        """The name ``scheduler`` was made from, where the pipeline was built by name."""
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
@@ -122,14 +130,18 @@ class Img2ImgPipeline:
         ``pipeline.to()`` does."""
         from sdtrt.engine.factory import backend_from_components
 
-        return cls(
+        config = components["scheduler"].config
+        pipeline = cls(
             backend=backend_from_components(components, _options(backend), cache),
             tokenizer=components["tokenizer"],
-            scheduler=make_scheduler(scheduler, components["scheduler"].config),
+            scheduler=make_scheduler(scheduler, config),
             dims=ModelDims.from_components(components),
             scaling_factor=components["vae"].config.scaling_factor,
             show_progress=show_progress,
+            model_scheduler_config=config,
         )
+        pipeline.scheduler_name = scheduler
+        return pipeline
 
     @classmethod
     def from_pretrained(
@@ -164,14 +176,18 @@ class Img2ImgPipeline:
                 show_progress=show_progress,
             )
         exported = ExportedModel.open_as(source)
-        return cls(
+        config = exported.scheduler_config()
+        pipeline = cls(
             backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),
-            scheduler=make_scheduler(scheduler, exported.scheduler_config()),
+            scheduler=make_scheduler(scheduler, config),
             dims=exported.dims,
             scaling_factor=exported.scaling_factor,
             show_progress=show_progress,
+            model_scheduler_config=config,
         )
+        pipeline.scheduler_name = scheduler
+        return pipeline
 
     def to(self, *args: Any, **kwargs: Any) -> NoReturn:
         """diffusers' ``pipe.to("cuda")``: here the device and dtype are chosen once, when

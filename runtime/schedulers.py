@@ -31,15 +31,18 @@ SCHEDULERS: dict[str, str] = {
     "lms_karras": "LMSDiscreteScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "ddim_trailing": "DDIMScheduler",
     "lcm": "LCMScheduler",
     "tcd": "TCDScheduler",
 }
 # Names that are a class with settings over the model's config: A1111's "LMS Karras",
-# "DPM++ 2M Karras" and "DPM++ 2M SDE Karras", as diffusers' scheduler docs build them.
+# "DPM++ 2M Karras" and "DPM++ 2M SDE Karras", as diffusers' scheduler docs build them, and
+# DDIM on timesteps that end at the last training step (Hyper-SD's few-step LoRAs' recipe).
 SETTINGS: dict[str, dict[str, Any]] = {
     "lms_karras": {"use_karras_sigmas": True},
     "dpmpp_2m_karras": {"use_karras_sigmas": True},
     "dpmpp_2m_sde_karras": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    "ddim_trailing": {"timestep_spacing": "trailing"},
 }
 
 

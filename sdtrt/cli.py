@@ -77,8 +77,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 STEP_GRAPHS_HELP = (
     "torch (with --device cuda) and the TensorRT backends: each whole step (UNet, guidance, "
-    "scheduler) as one CUDA graph (every scheduler but dpmpp_2m_sde_karras; it and unusual "
-    "scheduler settings: the UNet alone)"
+    "scheduler) as one CUDA graph (every scheduler but dpmpp_2m_sde_karras and tcd; they and "
+    "unusual scheduler settings: the UNet alone)"
 )
 
 
@@ -614,6 +614,14 @@ def _add_serve(sub: Any) -> None:
     p.add_argument(
         "--scheduler", default="lms", choices=SCHEDULER_NAMES, help="the default per request"
     )
+    p.add_argument("--steps", type=int, default=o.steps, help="the default per request")
+    p.add_argument("--guidance", type=float, default=o.guidance, help="the default per request")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=o.strength,
+        help="the default per request that sends neither strength nor start_step",
+    )
     p.add_argument("--host", default=o.host, help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=o.port, help="TCP port")
     p.add_argument(
@@ -695,6 +703,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         drain_timeout=args.drain_timeout,
         warmup_sizes=parse_sizes(args.warmup_sizes or "", "--warmup-sizes"),
+        steps=args.steps,
+        guidance=args.guidance,
+        strength=args.strength,
     )
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):

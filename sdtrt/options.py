@@ -24,7 +24,7 @@ SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
 SCHEDULER_NAMES = (
     "lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms_karras",
-    "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "lcm", "tcd",
+    "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim_trailing", "lcm", "tcd",
 )  # fmt: skip
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -638,8 +638,19 @@ class ServeOptions:
     kernels), the first requests then do not pay for it; the largest batches also prove
     the memory holds them. Also takes "HxW,HxW". Empty: one small request warms up, at the
     sample picture's size."""
+    steps: int = Img2ImgJob.steps
+    """A request's ``num_inference_steps`` when it sends none (as ``guidance`` its
+    ``guidance_scale``, ``strength`` its strength when it sends neither strength nor
+    start_step, and the pipeline's scheduler its scheduler): an LCM-LoRA server's few
+    unguided steps need not be sent with every request."""
+    guidance: float = Img2ImgJob.guidance
+    strength: float = 0.8  # runtime.inputs.DEFAULT_STRENGTH, the seed's start step 10 of 50
 
     def __post_init__(self) -> None:
+        from sdtrt.runtime.inputs import check_steps_and_guidance, resolve_start_step
+
+        check_steps_and_guidance(self.steps, self.guidance)
+        resolve_start_step(self.steps, self.strength, None)
         _one_of("policy", self.policy, SERVE_POLICIES)
         sizes = self.warmup_sizes
         if isinstance(sizes, str):

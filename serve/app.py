@@ -152,7 +152,9 @@ def create_app(
             return failure
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/img2img", response_class=Response, openapi_extra=openapi())
+    documented = openapi(batcher.request_defaults)
+
+    @app.post("/v1/img2img", response_class=Response, openapi_extra=documented)
     async def img2img(request: Request) -> Response:
         arrived = time.monotonic()
         if failure := _unauthorised(request, options):
@@ -242,7 +244,10 @@ def _prepare(
     batcher: StepBatcher, values: dict[str, Any], image_bytes: bytes | None, timeout: float | None
 ) -> Job:
     image = _image(image_bytes) if image_bytes is not None else None
-    return batcher.prepare(Img2ImgRequest(image=image, **values), timeout=timeout)
+    defaults = dict(batcher.request_defaults)
+    if "start_step" in values:  # the same knob as strength: a request names one of the two
+        defaults.pop("strength")
+    return batcher.prepare(Img2ImgRequest(image=image, **{**defaults, **values}), timeout=timeout)
 
 
 def _answer(result: JobResult, response_format: str) -> Response:

@@ -69,7 +69,8 @@ RUN_AHEAD = 2
 @dataclass(frozen=True)
 class Img2ImgRequest:
     """One request, its fields named as diffusers' pipeline names them; defaults are the
-    CLI's (``Img2ImgJob``)."""
+    CLI's (``Img2ImgJob``). Over HTTP, the fields a request leaves out are the server's
+    (``StepBatcher.request_defaults``)."""
 
     prompt: str = SEED_PROMPT
     image: PIL.Image.Image | None = None
@@ -180,6 +181,15 @@ class StepBatcher:
         # ones decoded, in chunks of this many (a TensorRT profile can take fewer images than
         # UNet rows: unguided jobs take one row each, and sizes share one text batch).
         self.max_images = self.backend.max_image_rows
+        self.request_defaults: dict[str, Any] = {
+            "scheduler": pipeline.scheduler_name or "lms",
+            "num_inference_steps": options.steps,
+            "guidance_scale": options.guidance,
+            "strength": options.strength,
+        }
+        """What an HTTP request that leaves a field out gets: the scheduler the pipeline
+        was built with (``sdtrt serve --scheduler``), the options' steps, guidance and
+        strength (the last only where the request sends no start_step either)."""
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
         self.intra_op_threads = options.intra_op_threads
         self.timeout = options.timeout
@@ -230,7 +240,9 @@ class StepBatcher:
         height, width = pipe.output_size(image, request.height, request.width)
         pipe.limits.check(steps=request.num_inference_steps, batch=1, height=height, width=width)
         check_scheduler_fits(
-            scheduler_class(request.scheduler), pipe.scheduler.config, request.num_inference_steps
+            scheduler_class(request.scheduler),
+            pipe.model_scheduler_config,
+            request.num_inference_steps,
         )
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
@@ -455,7 +467,7 @@ class StepBatcher:
 
     def _noise(self, job: Job, parameters: torch.Tensor) -> None:
         r = job.request
-        job.scheduler = make_scheduler(r.scheduler, self.pipeline.scheduler.config)
+        job.scheduler = make_scheduler(r.scheduler, self.pipeline.model_scheduler_config)
         job.generator = torch.Generator().manual_seed(r.seed)
         job.extra = step_kwargs(job.scheduler, job.generator, float(r.eta))
         job.timesteps = start_timesteps(

@@ -9,7 +9,6 @@ import dataclasses
 from typing import Any
 
 from sdtrt.fileio import ENCODER_SETTINGS
-from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.schedulers import SCHEDULERS
 from sdtrt.serve.batcher import Img2ImgRequest
 
@@ -21,8 +20,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     "negative_prompt": (str, "What it should not show: guidance's unconditional row."),
     "strength": (
         float,
-        f"In (0, 1]: how much of the schedule runs on the noised image; default "
-        f"{DEFAULT_STRENGTH}. Or give start_step (the same knob).",
+        "In (0, 1]: how much of the schedule runs on the noised image. Or give start_step "
+        "(the same knob).",
     ),
     "start_step": (int, "The first step's index, in [0, num_inference_steps)."),
     "num_inference_steps": (int, "Steps of the whole schedule (the server bounds it)."),
@@ -59,10 +58,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
 """Per-request options beside the img2img fields, as /docs describes them."""
 
 
-def openapi() -> dict[str, Any]:
-    """What /docs shows of ``POST /v1/img2img`` (FastAPI's ``openapi_extra``)."""
+def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What /docs shows of ``POST /v1/img2img`` (FastAPI's ``openapi_extra``), with the
+    server's defaults (``StepBatcher.request_defaults``) where it has its own."""
     json_type = {str: "string", int: "integer", float: "number"}
     defaults = {f.name: f.default for f in dataclasses.fields(Img2ImgRequest)}
+    defaults.update(server_defaults or {})
     fields: dict[str, Any] = {}
     for name, (kind, description) in FIELDS.items():
         fields[name] = {"type": json_type[kind], "description": description}

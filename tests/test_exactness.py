@@ -292,9 +292,10 @@ def test_a_diverging_loop_is_an_error_not_a_black_picture(tiny, images):
 def test_karras_names_are_their_class_with_karras_sigmas(tiny, images):
     """lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras (A1111's "LMS Karras", "DPM++ 2M
     Karras", "DPM++ 2M SDE Karras") are LMS and DPM-Solver++ with Karras sigmas over the
-    model's config (the last with its stochastic SDE solver): another schedule, another
-    image (their equality with diffusers' is test_equals_diffusers'). The command line's
-    light name list is this one."""
+    model's config (the last with its stochastic SDE solver), ddim_trailing DDIM with
+    trailing timesteps (Hyper-SD's recipe): another schedule, another image (their equality
+    with diffusers' is test_equals_diffusers'). The command line's light name list is this
+    one."""
     from sdtrt.options import SCHEDULER_NAMES
 
     assert SCHEDULER_NAMES == tuple(SCHEDULERS)
@@ -304,6 +305,7 @@ def test_karras_names_are_their_class_with_karras_sigmas(tiny, images):
         ("lms_karras", "lms", karras),
         ("dpmpp_2m_karras", "dpmpp_2m", karras),
         ("dpmpp_2m_sde_karras", "dpmpp_2m", {**karras, "algorithm_type": "sde-dpmsolver++"}),
+        ("ddim_trailing", "ddim", {"timestep_spacing": "trailing"}),
     ]
     for name, plain, settings in cases:
         pipes = [

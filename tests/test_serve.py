@@ -500,7 +500,7 @@ def test_a_scheduler_that_cannot_step_the_models_prediction_is_refused_first(
         pipe("a", image, num_inference_steps=4)
     assert str(info.value).endswith(
         "(lms, ddim, euler, dpmpp_2m, unipc, lms_karras, dpmpp_2m_karras, dpmpp_2m_sde_karras, "
-        "lcm, tcd)"
+        "ddim_trailing, lcm, tcd)"
     )
     batcher = StepBatcher(pipe, ServeOptions(), start=False)
     with pytest.raises(InvalidInputError, match="EulerAncestralDiscreteScheduler cannot step"):
@@ -892,6 +892,46 @@ def test_the_documented_defaults_are_the_servers(server, image):
     spelled = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
     assert bare.status_code == spelled.status_code == 200
     assert bare.content == spelled.content and bare.headers["x-unet-calls"] == "40"
+
+
+def test_a_server_answers_with_its_own_defaults(tiny, image):
+    """`sdtrt serve --scheduler S --steps 4 --guidance 1 --strength 0.5` (an LCM-LoRA
+    server's few unguided steps): a request that leaves those out gets them, as /docs says;
+    one that names another scheduler gets that scheduler as the model configures it (it
+    was made from the server's scheduler's config: dpmpp_2m came with the SDE solver and
+    Karras sigmas of dpmpp_2m_sde_karras), and one that sends start_step is not given the
+    default strength too."""
+    scheduler = "dpmpp_2m_sde_karras"
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", scheduler, show_progress=False)
+    options = ServeOptions(steps=4, guidance=1.0, strength=0.5)
+    app = create_app(StepBatcher(pipe, options), options)
+    picture = base64.b64encode(png_bytes(image)).decode()
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        fields = _documented(running)["requestBody"]["content"]["application/json"]["schema"]
+        documented = {k: v.get("default") for k, v in fields["properties"].items()}
+        answers = [
+            httpx.post(f"{running.url}/v1/img2img", json={"image": picture, **extra}, timeout=60)
+            for extra in ({}, {"scheduler": "dpmpp_2m"}, {"start_step": 1})
+        ]
+    assert [documented[k] for k in ("scheduler", "num_inference_steps", "guidance_scale")] == [
+        scheduler,
+        4,
+        1.0,
+    ]
+    assert documented["strength"] == 0.5
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.headers["x-unet-calls"] for a in answers] == ["2", "2", "3"]
+    for answer, name in zip(answers[:2], (scheduler, "dpmpp_2m"), strict=True):
+        request = Img2ImgRequest(
+            scheduler=name, num_inference_steps=4, guidance_scale=1.0, strength=0.5
+        )
+        want = np.round(_reference(tiny, request, image) * 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(answer.content))), want), name
+    with pytest.raises(InvalidInputError, match="strength must be in"):
+        ServeOptions(strength=1.5)
+    with pytest.raises(InvalidInputError, match="steps"):
+        ServeOptions(steps=0)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from sdtrt.runtime.steps import start_timesteps
 
 TABULATED = (
     "lms", "euler", "ddim", "dpmpp_2m", "pndm", "euler_a", "unipc", "lms_karras",
-    "dpmpp_2m_karras", "lcm",
+    "dpmpp_2m_karras", "ddim_trailing", "lcm",
 )  # fmt: skip
 RUN = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
 
