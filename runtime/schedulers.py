@@ -37,7 +37,8 @@ SCHEDULERS: dict[str, str] = {
 }
 # Names that are a class with settings over the model's config: A1111's "LMS Karras",
 # "DPM++ 2M Karras" and "DPM++ 2M SDE Karras", as diffusers' scheduler docs build them, and
-# DDIM on timesteps that end at the last training step (Hyper-SD's few-step LoRAs' recipe).
+# DDIM on timesteps that start at the last training timestep (Hyper-SD's few-step LoRAs'
+# recipe).
 SETTINGS: dict[str, dict[str, Any]] = {
     "lms_karras": {"use_karras_sigmas": True},
     "dpmpp_2m_karras": {"use_karras_sigmas": True},
