@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import SAMPLE_IMAGE, SERVE_POLICIES, BackendOptions, ModelSource, ServeOptions
+from sdtrt.options import (
+    SAMPLE_IMAGE,
+    SCHEDULER_NAMES,
+    SERVE_POLICIES,
+    BackendOptions,
+    ModelSource,
+    ServeOptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ class LoadConfig:
     sizes: tuple[tuple[int, int], ...] = ((512, 512),)
     """(height, width) of each request, drawn uniformly."""
     guidance: float = 8.0
+    scheduler: str = "lms"
+    """Each request's scheduler (lcm with a few steps at guidance 1: LCM-LoRA's load)."""
     queue_delay: float = 0.05
     """request policy: how long the oldest request waits for identical ones."""
     max_rows: int | None = None
@@ -60,6 +69,9 @@ class LoadConfig:
             raise InvalidInputError(f"rates must be positive requests/s, got {self.rates}")
         if self.requests < 1 or not self.duration > 0:
             raise InvalidInputError("requests must be >= 1 and duration > 0 s")
+        if self.scheduler not in SCHEDULER_NAMES:
+            names = ", ".join(SCHEDULER_NAMES)
+            raise InvalidInputError(f"unknown scheduler {self.scheduler!r}: one of {names}")
         low, high = self.strength
         if not 0 < low <= high <= 1:
             raise InvalidInputError(f"strength range must be within (0, 1], got {low}-{high}")
@@ -194,6 +206,7 @@ async def _drive(
             "strength": float(rng.uniform(low, high)),
             "seed": int(rng.integers(0, 2**31)),
             "guidance_scale": config.guidance,
+            "scheduler": config.scheduler,
             "height": config.sizes[i][0],
             "width": config.sizes[i][1],
         }

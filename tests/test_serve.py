@@ -1246,6 +1246,16 @@ def test_bench_serve_drives_a_keyed_server_with_its_key_or_says_why_not(server, 
     monkeypatch.setenv("SDTRT_API_KEY", "secret")
     (row,) = run_load_bench("tiny", "torch", config, url=server.url)["results"]
     assert row["ok"] == row["requests"] == 3 and row["errors"] == 0
+    # Each request names the load's scheduler: LCM-LoRA's load of a few unguided steps
+    # runs, and past LCM's 50 distilled steps the server refuses every request (422).
+    lcm = dataclasses.replace(config, scheduler="lcm", guidance=1.0)
+    (row,) = run_load_bench("tiny", "torch", lcm, url=server.url)["results"]
+    assert row["ok"] == 3 and row["errors"] == 0
+    too_many = dataclasses.replace(lcm, steps=51)
+    (row,) = run_load_bench("tiny", "torch", too_many, url=server.url)["results"]
+    assert row["ok"] == 0 and row["errors"] == 3
+    with pytest.raises(InvalidInputError, match="unknown scheduler 'heun': one of lms, "):
+        LoadConfig(scheduler="heun")
 
 
 def test_bench_serve_refuses_bad_settings_before_loading(capsys):
