@@ -14,8 +14,8 @@ import PIL.Image
 import PIL.ImageOps
 
 from sdtrt.errors import InvalidInputError
+from sdtrt.options import DEFAULT_STRENGTH
 
-DEFAULT_STRENGTH = 0.8  # the seed's start step 10 of 50
 # torch.Generator.manual_seed takes an unsigned 64-bit seed; larger ones overflow inside it.
 MAX_SEED = 2**64 - 1
 

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
+DEFAULT_STRENGTH = 0.8  # the seed's start step 10 of 50
 SCHEDULER_NAMES = (
     "lms", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms_karras",
     "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim_trailing", "lcm", "tcd",
@@ -644,7 +645,7 @@ class ServeOptions:
     start_step, and the pipeline's scheduler its scheduler): an LCM-LoRA server's few
     unguided steps need not be sent with every request."""
     guidance: float = Img2ImgJob.guidance
-    strength: float = 0.8  # runtime.inputs.DEFAULT_STRENGTH, the seed's start step 10 of 50
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         from sdtrt.runtime.inputs import check_steps_and_guidance, resolve_start_step
