@@ -420,8 +420,10 @@ def _unauthorised(request: Request, options: ServeOptions) -> Response | None:
 
 def warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
     """The warm-up sizes' shapes (the worker runs them first), then one small request
-    through the whole path; /ready says 200 after both."""
-    request = Img2ImgRequest(num_inference_steps=2, strength=1.0)  # the sample image's size
+    through the whole path, with the server's scheduler and guidance (an unguided server's
+    one-row UNet call); /ready says 200 after both."""
+    defaults = {**batcher.request_defaults, "num_inference_steps": 2, "strength": 1.0}
+    request = Img2ImgRequest(**defaults)  # the sample image's size
     if batcher.backend.pixel_range is not None:  # engines' profiles: their smallest size
         (height, _), (width, _) = batcher.backend.pixel_range
         request = dataclasses.replace(request, height=height, width=width)

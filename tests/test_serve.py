@@ -896,7 +896,8 @@ def test_the_documented_defaults_are_the_servers(server, image):
 
 def test_a_server_answers_with_its_own_defaults(tiny, image):
     """`sdtrt serve --scheduler S --steps 4 --guidance 1 --strength 0.5` (an LCM-LoRA
-    server's few unguided steps): a request that leaves those out gets them, as /docs says;
+    server's few unguided steps): the warm-up request runs the server's scheduler and
+    guidance, a request that leaves those out gets them, as /docs says;
     one that names another scheduler gets that scheduler as the model configures it (it
     was made from the server's scheduler's config: dpmpp_2m came with the SDE solver and
     Karras sigmas of dpmpp_2m_sde_karras), and one that sends start_step is not given the
@@ -904,10 +905,14 @@ def test_a_server_answers_with_its_own_defaults(tiny, image):
     scheduler = "dpmpp_2m_sde_karras"
     pipe = Img2ImgPipeline.from_components(tiny, "torch", scheduler, show_progress=False)
     options = ServeOptions(steps=4, guidance=1.0, strength=0.5)
-    app = create_app(StepBatcher(pipe, options), options)
+    batcher = StepBatcher(pipe, options)
+    rows: list[int] = []
+    batcher.stats.on_unet_call.append(rows.append)
+    app = create_app(batcher, options)
     picture = base64.b64encode(png_bytes(image)).decode()
     with BackgroundServer(app) as running:
         running.wait_ready()
+        assert rows == [1, 1]  # the warm-up: 2 steps of the server's unguided row
         fields = _documented(running)["requestBody"]["content"]["application/json"]["schema"]
         documented = {k: v.get("default") for k, v in fields["properties"].items()}
         answers = [
