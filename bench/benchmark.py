@@ -275,7 +275,7 @@ def _call_options(config: BenchConfig, batch: int, seed: int) -> dict[str, Any]:
     return {
         "strength": config.strength,
         "num_inference_steps": config.steps,
-        "guidance_scale": 8.0,
+        "guidance_scale": config.guidance,
         "generator": torch.Generator().manual_seed(seed),
         "num_images_per_prompt": batch,
         "output_type": "np",

@@ -71,12 +71,14 @@ class BenchConfig:
 
     backends: tuple[str, ...] = ("torch", "onnxruntime", "diffusers")
     batches: tuple[int, ...] = (1,)
-    """Images per prompt; the UNet runs on twice this (cond + uncond)."""
+    """Images per prompt; the UNet runs on twice this (cond + uncond) under guidance."""
     height: int = 512
     width: int = 512
     steps: int = 50
     strength: float = 0.8
     scheduler: str = "lms"
+    guidance: float = 8.0
+    """The seed's; 1 or less runs the prompt row alone (LCM-LoRA's recipe: B rows a call)."""
     device: str = "cpu"
     """torch and diffusers: cpu or cuda."""
     dtype: str = "fp32"
@@ -127,7 +129,7 @@ class BenchConfig:
             resolve_start_step,
         )
 
-        check_steps_and_guidance(self.steps, 8.0)  # the seed's guidance, which bench runs
+        check_steps_and_guidance(self.steps, self.guidance)
         resolve_start_step(self.steps, self.strength, None)
         check_size(self.height, self.width, 8)
         Limits.from_env().check(

@@ -4,7 +4,7 @@
 # whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
 # and with torch.compile) on SD-1.5 shapes, then profile the loop.
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
-#                                                  compiled4
+#                                                  compiled4 lcm
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
 # (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
@@ -87,7 +87,14 @@ stage_compiled4() {
   bench compiled4 --batch 4 --backends diffusers,torch+step-graphs+compile,diffusers-compile
 }
 
-STAGES="tests table profile compiled compiled4"
+# LCM-LoRA's recipe (4 steps at strength 0.5, guidance 1: two one-row UNet calls), where
+# what runs around the UNet (text encoder, VAE, host work) is most of a request.
+stage_lcm() {
+  bench lcm --batch 1 --scheduler lcm --steps 4 --strength 0.5 --guidance 1 \
+    --backends torch,torch+cuda-graphs,torch+step-graphs,diffusers
+}
+
+STAGES="tests table profile compiled compiled4 lcm"
 [ $# -gt 0 ] || set -- $STAGES
 for arg in "$@"; do
   stage=${arg%%:*}

@@ -402,6 +402,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--strength", type=float, default=config.strength, help="in (0, 1]")
     p.add_argument("--scheduler", default=config.scheduler, choices=SCHEDULER_NAMES, help="")
     p.add_argument(
+        "--guidance",
+        type=float,
+        default=config.guidance,
+        help="guidance scale (1 or less: the prompt row alone, as LCM-LoRA runs)",
+    )
+    p.add_argument(
         "--device", default=config.device, choices=DEVICES, type=_device, help="torch and diffusers"
     )
     p.add_argument("--dtype", default=config.dtype, choices=PRECISIONS, help="torch and diffusers")
@@ -449,6 +455,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         strength=args.strength,
         scheduler=args.scheduler,
+        guidance=args.guidance,
         device=args.device,
         dtype=args.dtype,
         precision=args.precision,

@@ -116,6 +116,31 @@ def test_rows_with_switches_run_side_by_side(monkeypatch, tiny):
     assert "| torch+fuse-qkv+compile | 1 | 3 |" in markdown_table(record)
 
 
+def test_lcm_loras_recipe_runs_side_by_side_with_diffusers(monkeypatch, tiny):
+    """`sdtrt bench --scheduler lcm --steps 4 --strength 0.5 --guidance 1`: both rows run
+    LCM's two steps and get the guidance (1: the prompt row alone)."""
+    import copy
+
+    from sdtrt.bench import benchmark
+
+    components = copy.deepcopy(tiny)
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: components)
+    calls = []
+    options = benchmark._call_options
+    monkeypatch.setattr(
+        benchmark, "_call_options", lambda *a: calls.append(options(*a)) or calls[-1]
+    )
+    config = BenchConfig(
+        backends=("torch", "diffusers"), height=32, width=32, steps=4, strength=0.5,
+        scheduler="lcm", guidance=1.0, warmup=0, repeats=1,
+    )  # fmt: skip
+    record = run_bench(config, log=lambda line: None)
+    assert [(r["status"], r["unet_calls"]) for r in record["results"]] == [("ok", 2)] * 2
+    assert calls and {c["guidance_scale"] for c in calls} == {1.0}
+    with pytest.raises(InvalidInputError, match="guidance"):
+        BenchConfig(guidance=float("nan"))
+
+
 def test_run_bench_skips_cuda_without_a_gpu():
     import torch
 
@@ -272,7 +297,7 @@ def test_the_gpu_scripts_rows_are_valid_rows():
     assert stages is not None
     assert sorted(stages.group(1).split()) == sorted(re.findall(r"^stage_(\w+)\(\)", text, re.M))
     lists = re.findall(r"--backends\s+([\w+,-]+)", text)
-    assert len(lists) == 4
+    assert len(lists) == 5
     for rows in lists:
         config = BenchConfig(backends=tuple(rows.split(",")), device="cuda", dtype="fp16")
         for row in config.backends:
