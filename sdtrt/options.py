@@ -66,7 +66,8 @@ def parse_sizes(text: str, what: str = "sizes") -> tuple[tuple[int, int], ...]:
     return sizes
 
 
-def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
+def one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is among ``allowed``, naming them (options' own check)."""
     if value not in allowed:
         raise InvalidInputError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -87,7 +88,7 @@ def check_device(value: object) -> None:
     """cpu or cuda; for ``cuda:N`` how to choose that GPU."""
     if hint := one_gpu_hint(value):
         raise InvalidInputError(f"device {value!r}: {hint}")
-    _one_of("device", value, DEVICES)
+    one_of("device", value, DEVICES)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class TorchOptions:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        _one_of("dtype", self.dtype, tuple(DTYPES))
+        one_of("dtype", self.dtype, tuple(DTYPES))
         for flag, given in (
             ("--cuda-graphs", self.cuda_graphs),
             ("--step-graphs", self.step_graphs),
@@ -147,10 +148,10 @@ class OrtOptions:
     the image processor): 2.5-2.9x end to end on the tiny model at 128 px, the same on SD 1.5."""
 
     def __post_init__(self) -> None:
-        _one_of("precision", self.precision, PRECISIONS)
+        one_of("precision", self.precision, PRECISIONS)
         if self.device is not None:
             check_device(self.device)
-        _one_of("ONNX Runtime optimisation", self.optimization, ORT_OPTIMIZATION_LEVELS)
+        one_of("ONNX Runtime optimisation", self.optimization, ORT_OPTIMIZATION_LEVELS)
         if self.threads < 0:
             raise InvalidInputError(f"ONNX Runtime threads must be >= 0, got {self.threads}")
 
@@ -177,8 +178,8 @@ class TensorRTOptions:
     ``sdtrt build``, and a mismatch there is an error)."""
 
     def __post_init__(self) -> None:
-        _one_of("TensorRT family", self.family, TRT_FAMILIES)
-        _one_of("precision", self.precision, PRECISIONS)
+        one_of("TensorRT family", self.family, TRT_FAMILIES)
+        one_of("precision", self.precision, PRECISIONS)
         if self.engine_dir is not None and not Path(self.engine_dir).is_dir():
             raise InvalidInputError(
                 f"engine folder {self.engine_dir} does not exist or is not a folder: build "
@@ -195,7 +196,7 @@ _OPTION_CLASSES: dict[str, type[BackendOptions]] = {
 
 
 def default_options(backend: str) -> BackendOptions:
-    _one_of("backend", backend, BACKENDS)
+    one_of("backend", backend, BACKENDS)
     if backend in TRT_FAMILIES:
         return TensorRTOptions(family=backend)
     return _OPTION_CLASSES[backend]()
@@ -204,7 +205,7 @@ def default_options(backend: str) -> BackendOptions:
 def default_precision(backend: str) -> str:
     """The graphs a graph backend uses when none is named: fp16 engines for TensorRT (its
     product), fp32 for ONNX Runtime (exact and fastest on CPU). One rule for every verb."""
-    _one_of("graph backend", backend, GRAPH_BACKENDS)
+    one_of("graph backend", backend, GRAPH_BACKENDS)
     return OrtOptions.precision if backend == "onnxruntime" else TensorRTOptions.precision
 
 
@@ -225,7 +226,7 @@ def backend_options(
 ) -> BackendOptions:
     """What a user gave (None or False: not given) as the backend's typed options. An option
     the backend has no use for is refused, naming the backend and what it does take."""
-    _one_of("backend", backend, BACKENDS)
+    one_of("backend", backend, BACKENDS)
 
     def refuse(option: str, why: str) -> InvalidInputError:
         return InvalidInputError(f"{option} does not apply to the {backend} backend: {why}")
@@ -496,7 +497,7 @@ class ExportOptions:
                 f"got {', '.join(self.precisions)}"
             )
         if self.vae_precision is not None:
-            _one_of("VAE precision", self.vae_precision, PRECISIONS)
+            one_of("VAE precision", self.vae_precision, PRECISIONS)
         if self.opset < 18:
             raise InvalidInputError(f"opset must be >= 18 (20 recommended), got {self.opset}")
 
@@ -652,7 +653,7 @@ class ServeOptions:
 
         check_steps_and_guidance(self.steps, self.guidance)
         resolve_start_step(self.steps, self.strength, None)
-        _one_of("policy", self.policy, SERVE_POLICIES)
+        one_of("policy", self.policy, SERVE_POLICIES)
         sizes = self.warmup_sizes
         if isinstance(sizes, str):
             sizes = parse_sizes(sizes, "warm-up sizes")

@@ -31,6 +31,7 @@ from sdtrt.options import (
     BackendOptions,
     ModelSource,
     ServeOptions,
+    one_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,7 @@ class LoadConfig:
             raise InvalidInputError(f"rates must be positive requests/s, got {self.rates}")
         if self.requests < 1 or not self.duration > 0:
             raise InvalidInputError("requests must be >= 1 and duration > 0 s")
-        if self.scheduler not in SCHEDULER_NAMES:
-            names = ", ".join(SCHEDULER_NAMES)
-            raise InvalidInputError(f"unknown scheduler {self.scheduler!r}: one of {names}")
+        one_of("scheduler", self.scheduler, SCHEDULER_NAMES)
         low, high = self.strength
         if not 0 < low <= high <= 1:
             raise InvalidInputError(f"strength range must be within (0, 1], got {low}-{high}")
