@@ -161,9 +161,7 @@ def _rows(
         and can_draw_noise
         and not (config.thresholding or config.clip_sample)
     ):
-        on_host = copy.copy(scheduler)  # the schedule on the host, read without syncs
-        on_host.timesteps = scheduler.timesteps.cpu()
-        on_host.alphas_cumprod = scheduler.alphas_cumprod.cpu()
+        on_host = _on_host(scheduler, ("timesteps", "alphas_cumprod"))
         rows = [_lcm_row(on_host, begin + i, t) for i, t in enumerate(timesteps.cpu())]
         name, history = "lcm", 0
     else:
@@ -175,11 +173,13 @@ def _rows(
     return kind, torch.stack([torch.stack([row[c] for c in kind.columns]) for row in rows])
 
 
-def _on_host(scheduler: Any) -> Any:
-    """A shallow copy of ``scheduler`` whose sigmas are on the host: its methods then
-    compute the per-step scalars without reading a GPU schedule back value by value."""
+def _on_host(scheduler: Any, schedule: tuple[str, ...] = ("sigmas",)) -> Any:
+    """A shallow copy of ``scheduler`` whose ``schedule`` tensors are on the host: its
+    methods then compute the per-step scalars without reading a GPU schedule back value by
+    value."""
     on_host = copy.copy(scheduler)
-    on_host.sigmas = scheduler.sigmas.cpu()
+    for name in schedule:
+        setattr(on_host, name, getattr(scheduler, name).cpu())
     return on_host
 
 
