@@ -40,7 +40,7 @@ from prometheus_client import (
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
-from sdtrt.serve.batcher import Img2ImgRequest, Job, JobResult, StepBatcher
+from sdtrt.serve.batcher import Job, JobResult, StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
 
 logger = logging.getLogger(__name__)
@@ -244,10 +244,7 @@ def _prepare(
     batcher: StepBatcher, values: dict[str, Any], image_bytes: bytes | None, timeout: float | None
 ) -> Job:
     image = _image(image_bytes) if image_bytes is not None else None
-    defaults = dict(batcher.request_defaults)
-    if "start_step" in values:  # the same knob as strength: a request names one of the two
-        defaults.pop("strength")
-    return batcher.prepare(Img2ImgRequest(image=image, **{**defaults, **values}), timeout=timeout)
+    return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
 
 
 def _answer(result: JobResult, response_format: str) -> Response:
@@ -422,8 +419,7 @@ def warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:
     """The warm-up sizes' shapes (the worker runs them first), then one small request
     through the whole path, with the server's scheduler and guidance (an unguided server's
     one-row UNet call); /ready says 200 after both."""
-    defaults = {**batcher.request_defaults, "num_inference_steps": 2, "strength": 1.0}
-    request = Img2ImgRequest(**defaults)  # the sample image's size
+    request = batcher.request(num_inference_steps=2, strength=1.0)  # the sample image's size
     if batcher.backend.pixel_range is not None:  # engines' profiles: their smallest size
         (height, _), (width, _) = batcher.backend.pixel_range
         request = dataclasses.replace(request, height=height, width=width)

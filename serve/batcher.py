@@ -220,6 +220,14 @@ class StepBatcher:
 
     # -- the caller's side ------------------------------------------------------------
 
+    def request(self, **fields: Any) -> Img2ImgRequest:
+        """A request of ``fields``, the server's defaults for the ones left out (strength's
+        only where there is no start_step: the same knob, a request names one of the two)."""
+        defaults = dict(self.request_defaults)
+        if "start_step" in fields:
+            defaults.pop("strength")
+        return Img2ImgRequest(**{**defaults, **fields})
+
     def prepare(self, request: Img2ImgRequest, timeout: float | None = None) -> Job:
         """Check a request whole and preprocess its image (InvalidInputError naming what
         is allowed), before it takes a place in the queue."""
