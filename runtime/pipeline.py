@@ -88,6 +88,7 @@ class Img2ImgPipeline:
         show_progress: bool = True,
         limits: Limits | None = None,
         model_scheduler_config: Any = None,
+        scheduler_name: str | None = None,
     ) -> None:
         self.backend = backend
         self.text_shape = (dims.max_tokens, dims.text_hidden_size)
@@ -100,7 +101,7 @@ class Img2ImgPipeline:
         ``scheduler.config``, which carries its name's settings: a server started with
         dpmpp_2m_sde_karras made a request's dpmpp_2m with Karras sigmas and the SDE
         solver)."""
-        self.scheduler_name: str | None = None
+        self.scheduler_name = scheduler_name
         """The name ``scheduler`` was made from, where the pipeline was built by name."""
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
@@ -131,7 +132,7 @@ class Img2ImgPipeline:
         from sdtrt.engine.factory import backend_from_components
 
         config = components["scheduler"].config
-        pipeline = cls(
+        return cls(
             backend=backend_from_components(components, _options(backend), cache),
             tokenizer=components["tokenizer"],
             scheduler=make_scheduler(scheduler, config),
@@ -139,9 +140,8 @@ class Img2ImgPipeline:
             scaling_factor=components["vae"].config.scaling_factor,
             show_progress=show_progress,
             model_scheduler_config=config,
+            scheduler_name=scheduler,
         )
-        pipeline.scheduler_name = scheduler
-        return pipeline
 
     @classmethod
     def from_pretrained(
@@ -177,7 +177,7 @@ class Img2ImgPipeline:
             )
         exported = ExportedModel.open_as(source)
         config = exported.scheduler_config()
-        pipeline = cls(
+        return cls(
             backend=backend_from_exported(exported, _options(backend or "onnxruntime")),
             tokenizer=exported.tokenizer(),
             scheduler=make_scheduler(scheduler, config),
@@ -185,9 +185,8 @@ class Img2ImgPipeline:
             scaling_factor=exported.scaling_factor,
             show_progress=show_progress,
             model_scheduler_config=config,
+            scheduler_name=scheduler,
         )
-        pipeline.scheduler_name = scheduler
-        return pipeline
 
     def to(self, *args: Any, **kwargs: Any) -> NoReturn:
         """diffusers' ``pipe.to("cuda")``: here the device and dtype are chosen once, when
