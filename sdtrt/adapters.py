@@ -35,11 +35,8 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     where = Path(path)
     if not where.exists():
         raise ModelNotFoundError(f"VAE {path} does not exist")
-    if where.is_file() and where.suffix != ".safetensors" and not allow_pickle:
-        raise InvalidInputError(
-            f"VAE {path} is not .safetensors: a pickle, and unpickling runs code from the "
-            "file; load it with --allow-pickle if you trust it"
-        )
+    if where.is_file() and where.suffix != ".safetensors":
+        _check_pickle(where, allow_pickle, "VAE")
     failures = (
         OSError,
         ValueError,
@@ -189,6 +186,15 @@ def _container(components: dict[str, Any]) -> Any:
     )
 
 
+def _check_pickle(path: Path, allow_pickle: bool, what: str) -> None:
+    """A file that is not .safetensors is a pickle: read only where the user allows it."""
+    if not allow_pickle:
+        raise InvalidInputError(
+            f"{what} {path} is not .safetensors: a pickle, and unpickling runs code from the "
+            "file; load it with --allow-pickle (ModelSource(allow_pickle=True)) if you trust it"
+        )
+
+
 def _read(path: Path, allow_pickle: bool, what: str = "LoRA") -> dict[str, Any]:
     """A LoRA's or embedding's tensors: safetensors, or a pickle (``.bin``, ``.pt``,
     ``.ckpt``) with ``allow_pickle`` only, read by torch's restricted unpickler."""
@@ -202,11 +208,7 @@ def _read(path: Path, allow_pickle: bool, what: str = "LoRA") -> dict[str, Any]:
         except Exception as exc:  # safetensors raises its own error types
             message = f"{what} {path} is not a readable safetensors file: {exc}"
             raise InvalidInputError(message) from None
-    if not allow_pickle:
-        raise InvalidInputError(
-            f"{what} {path} is not .safetensors: a pickle, and unpickling runs code from the "
-            "file; load it with --allow-pickle (ModelSource(allow_pickle=True)) if you trust it"
-        )
+    _check_pickle(path, allow_pickle, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle's and torch's own error types
