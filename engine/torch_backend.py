@@ -118,7 +118,10 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(image.to(self.dtype)).latent_dist.parameters.float()
+        encoded = self.vae.encode(image.to(self.dtype))
+        if hasattr(encoded, "latent_dist"):  # AutoencoderKL: the distribution, sampled later
+            return encoded.latent_dist.parameters.float()
+        return encoded.latents.float()  # TAESD's AutoencoderTiny: the latents
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

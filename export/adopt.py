@@ -25,6 +25,7 @@ from sdtrt.export.networks import (
     GraphIO,
     ModelDims,
     check_unet_config,
+    is_tiny_vae,
     networks_for,
 )
 from sdtrt.fileio import write_json
@@ -62,6 +63,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
             latent_channels=int(io["unet"].inputs["sample"][1][1]),
             vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
             unet_factor=2 ** (len(unet_config["down_block_types"]) - 1),
+            vae_samples=not is_tiny_vae(vae_config),
         )
         scaling_factor = float(vae_config["scaling_factor"])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
@@ -96,13 +98,7 @@ def foreign_manifest(root: Path) -> dict[str, Any]:
         "opset": graphs["unet/model.onnx"]["opset"],
         "precisions": plan,
         "graphs": graphs,
-        "dims": {
-            "text_hidden_size": dims.text_hidden_size,
-            "latent_channels": dims.latent_channels,
-            "vae_scale_factor": dims.vae_scale_factor,
-            "unet_factor": dims.unet_factor,
-            "max_tokens": dims.max_tokens,
-        },
+        "dims": asdict(dims),
         "size_multiple": dims.size_multiple,
         "vae_scale_factor": dims.vae_scale_factor,
         "scaling_factor": scaling_factor,

@@ -33,6 +33,10 @@ class ModelDims:
     unet_factor: int
     """2^(UNet downsamplers): latent sizes must be multiples of this."""
     max_tokens: int = 77
+    vae_samples: bool = True
+    """The VAE encoder gives a distribution (mean and log-variance, 2 x latent channels)
+    that the runtime samples, as AutoencoderKL's does; False: it gives the latents
+    themselves, as TAESD's AutoencoderTiny does (no draw)."""
 
     @property
     def size_multiple(self) -> int:
@@ -47,7 +51,15 @@ class ModelDims:
             latent_channels=vae.latent_channels,
             vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
             unet_factor=2 ** (len(unet.down_block_types) - 1),
+            vae_samples=not is_tiny_vae(vae),
         )
+
+
+def is_tiny_vae(config: Mapping[str, Any]) -> bool:
+    """Whether a VAE config (a module's, or its config.json read) is TAESD's
+    AutoencoderTiny, whose encoder gives latents rather than a distribution. Its config is
+    the one with encoder and decoder block lists of their own."""
+    return "encoder_block_out_channels" in config
 
 
 # UNets of other Stable Diffusion pipelines take more input channels than the latents:
@@ -384,8 +396,10 @@ class VaeEncoder(Network):
 
     @property
     def outputs(self) -> dict[str, list[int | Axis]]:
-        u = self.dims.unet_factor
-        return {"latent_parameters": [("B", 1), 2 * self.dims.latent_channels, ("h", u), ("w", u)]}
+        u, c = self.dims.unet_factor, self.dims.latent_channels
+        if not self.dims.vae_samples:
+            return {"latents": [("B", 1), c, ("h", u), ("w", u)]}
+        return {"latent_parameters": [("B", 1), 2 * c, ("h", u), ("w", u)]}
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return _VaeEncoderWrapper(module)
@@ -445,7 +459,8 @@ class _UNetWrapper(torch.nn.Module):
 
 class _VaeEncoderWrapper(torch.nn.Module):
     """Returns the latent distribution's parameters (mean, logvar), not a sample: the
-    runtime samples with the caller's generator, so results stay reproducible."""
+    runtime samples with the caller's generator, so results stay reproducible. TAESD's
+    encoder (no ``quant_conv``) gives the latents themselves."""
 
     def __init__(self, vae: Any) -> None:
         super().__init__()
@@ -453,7 +468,7 @@ class _VaeEncoderWrapper(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         moments = self.vae.encoder(sample)
-        if self.vae.quant_conv is not None:
+        if getattr(self.vae, "quant_conv", None) is not None:
             moments = self.vae.quant_conv(moments)
         return moments
 

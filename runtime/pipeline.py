@@ -91,6 +91,7 @@ class Img2ImgPipeline:
         scheduler_name: str | None = None,
     ) -> None:
         self.backend = backend
+        self.dims = dims
         self.text_shape = (dims.max_tokens, dims.text_hidden_size)
         """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
         self.limits = limits or Limits.from_env()
@@ -275,9 +276,15 @@ class Img2ImgPipeline:
 
         # 5. Encode the image, sample its latent with the caller's generator, add noise.
         with self._timed("vae_encoder", timings):
-            latent_parameters = self.backend.encode_image(pixels)
+            encoded = self.backend.encode_image(pixels)
         latents = noised_latents(
-            latent_parameters, self.scaling_factor, batch_size, scheduler, timesteps[:1], generator
+            encoded,
+            self.dims.vae_samples,
+            self.scaling_factor,
+            batch_size,
+            scheduler,
+            timesteps[:1],
+            generator,
         )
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.

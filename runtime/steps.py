@@ -97,26 +97,29 @@ def draw_noise(
 
 
 def noised_latents(
-    latent_parameters: torch.Tensor,
+    encoded: torch.Tensor,
+    vae_samples: bool,
     scaling_factor: float,
     batch_size: int,
     scheduler: Any,
     first_timestep: torch.Tensor,
     generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """Sample the image's latent with the caller's generator, scale it, fill the batch and
-    noise it to the first timestep: diffusers' draws, in diffusers' order. diffusers
-    repeats the whole image batch (not each image) to fill the prompt batch: after the
-    sample, or, with one generator per image, before it (each image's own draw)."""
-    repeats = batch_size // latent_parameters.shape[0]
+    """The image's latent, scaled, filling the batch and noised to the first timestep:
+    diffusers' draws, in diffusers' order. ``encoded`` is what the VAE encoder gave: with
+    ``vae_samples`` a distribution's parameters, sampled here with the caller's generator
+    (AutoencoderKL), else the latents themselves (TAESD: no draw). diffusers repeats the
+    whole image batch (not each image) to fill the prompt batch: after the sample, or, with
+    one generator per image, before it (each image's own draw)."""
+    repeats = batch_size // encoded.shape[0]
     if isinstance(generator, list):
-        latent_parameters = torch.cat([latent_parameters] * repeats)
+        encoded = torch.cat([encoded] * repeats)
         repeats = 1
-    latent = DiagonalGaussianDistribution(latent_parameters)
-    encoded = scaling_factor * latent.sample(generator)  # type: ignore[arg-type]  # lists too
-    encoded = torch.cat([encoded] * repeats)
-    noise = draw_noise(encoded.shape, encoded.dtype, encoded.device, generator)
-    return scheduler.add_noise(encoded, noise, first_timestep.reshape(1).repeat(batch_size))
+    if vae_samples:
+        encoded = DiagonalGaussianDistribution(encoded).sample(generator)  # type: ignore[arg-type]  # lists too
+    latents = torch.cat([scaling_factor * encoded] * repeats)
+    noise = draw_noise(latents.shape, latents.dtype, latents.device, generator)
+    return scheduler.add_noise(latents, noise, first_timestep.reshape(1).repeat(batch_size))
 
 
 def unet_input(scheduler: Any, latents: torch.Tensor, t: Any, do_guidance: bool) -> torch.Tensor:

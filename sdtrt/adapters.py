@@ -24,12 +24,13 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     """The VAE at ``path`` in place of ``model_vae``: a single file in the original layout
     (A1111's "SD VAE", ``vae-ft-mse-840000-ema-pruned.safetensors``; a whole checkpoint's
     VAE too), read with the model's own VAE config, or a diffusers VAE folder (its
-    ``config.json`` and weights; a diffusers model's folder: its ``vae/``), in the model
-    VAE's dtype."""
-    from diffusers import AutoencoderKL
+    ``config.json`` and weights; a diffusers model's folder: its ``vae/``), AutoencoderKL
+    or TAESD's AutoencoderTiny (``madebyollin/taesd``), in the model VAE's dtype."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from safetensors import SafetensorError
 
+    from sdtrt.export.networks import is_tiny_vae
     from sdtrt.models import quiet_loaders
 
     where = Path(path)
@@ -46,33 +47,38 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
         SafetensorError,
         SingleFileComponentError,  # a file without a VAE's weights
     )
+    dtype = next(model_vae.parameters()).dtype
     try:
         with quiet_loaders():
             if where.is_dir():  # a VAE's folder, or a diffusers model's (its vae/)
                 inside = "vae" if (where / "vae" / "config.json").is_file() else None
-                vae = AutoencoderKL.from_pretrained(where, subfolder=inside, local_files_only=True)
+                settings = AutoencoderKL.load_config(where, subfolder=inside)
+                kind: Any = AutoencoderTiny if is_tiny_vae(settings) else AutoencoderKL
+                vae = kind.from_pretrained(
+                    where, subfolder=inside, torch_dtype=dtype, local_files_only=True
+                )
             else:
                 with tempfile.TemporaryDirectory() as config:
                     model_vae.save_config(config)
                     vae = AutoencoderKL.from_single_file(
-                        str(where), config=config, local_files_only=True
+                        str(where), config=config, torch_dtype=dtype, local_files_only=True
                     )
     except failures as exc:
         raise InvalidInputError(f"could not load the VAE {path}: {_gist(exc)}") from None
-    # What the UNet and the size rule see: latent channels, and the 2^(blocks - 1) scale.
+    # What the UNet and the size rule see: latent channels, and the 2^(blocks - 1) scale
+    # (TAESD's encoder and decoder have block lists of their own: both must fit).
     ours, theirs = model_vae.config, vae.config
-    if (theirs.latent_channels, len(theirs.block_out_channels)) != (
-        ours.latent_channels,
-        len(ours.block_out_channels),
-    ):
+    depth = len(ours.block_out_channels)
+    encoder_blocks = theirs.get("encoder_block_out_channels", theirs.block_out_channels)
+    depths = {len(theirs.block_out_channels), len(encoder_blocks)}
+    if theirs.latent_channels != ours.latent_channels or depths != {depth}:
+        scales = " and 1/".join(str(2 ** (n - 1)) for n in sorted(depths))
         raise InvalidInputError(
-            f"VAE {path} makes latents of {theirs.latent_channels} channels at 1/"
-            f"{2 ** (len(theirs.block_out_channels) - 1)} of the image's size; this model's "
-            f"UNet takes {ours.latent_channels} channels at 1/"
-            f"{2 ** (len(ours.block_out_channels) - 1)}: a VAE made for another model"
+            f"VAE {path} makes latents of {theirs.latent_channels} channels at 1/{scales} of "
+            f"the image's size; this model's UNet takes {ours.latent_channels} channels at "
+            f"1/{2 ** (depth - 1)}: a VAE made for another model"
         )
-    dtype = next(model_vae.parameters()).dtype
-    return vae.to(dtype=dtype).eval()
+    return vae.eval()
 
 
 def fuse_loras(

@@ -375,7 +375,8 @@ class ModelSource:
     vae: str | None = None
     """Another VAE in place of the model's: a single file in the original layout (A1111's
     "SD VAE", such as ``vae-ft-mse-840000-ema-pruned.safetensors``) or a diffusers VAE
-    folder; the exports, engines and the cache carry it."""
+    folder (AutoencoderKL, or TAESD's AutoencoderTiny); the exports, engines and the cache
+    carry it."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'
     ``load_lora_weights`` reads them) and their scales, fused into the weights when they

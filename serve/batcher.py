@@ -458,10 +458,10 @@ class StepBatcher:
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
-            parameters = self._in_chunks(backend.encode_image, pixels)
+            encoded = self._in_chunks(backend.encode_image, pixels)
             self._charge(size_jobs, "vae_encoder", start)
             for i, job in enumerate(size_jobs):
-                self._noise(job, parameters[i : i + 1])
+                self._noise(job, encoded[i : i + 1])
         self.active.extend(jobs)
 
     def _in_chunks(
@@ -473,7 +473,7 @@ class StepBatcher:
             return call(batch)
         return torch.cat([call(batch[i : i + size]) for i in range(0, len(batch), size)])
 
-    def _noise(self, job: Job, parameters: torch.Tensor) -> None:
+    def _noise(self, job: Job, encoded: torch.Tensor) -> None:
         r = job.request
         job.scheduler = make_scheduler(r.scheduler, self.pipeline.model_scheduler_config)
         job.generator = torch.Generator().manual_seed(r.seed)
@@ -482,9 +482,15 @@ class StepBatcher:
             job.scheduler, r.num_inference_steps, job.t_start, self.backend.device
         )
         job.host_timesteps = job.timesteps.cpu()
-        scaling = self.pipeline.scaling_factor
+        pipe = self.pipeline
         job.latents = noised_latents(
-            parameters, scaling, 1, job.scheduler, job.timesteps[:1], job.generator
+            encoded,
+            pipe.dims.vae_samples,
+            pipe.scaling_factor,
+            1,
+            job.scheduler,
+            job.timesteps[:1],
+            job.generator,
         )
 
     def _next_group(self) -> list[Job]:

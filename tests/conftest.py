@@ -38,6 +38,42 @@ def tiny_random():
 
 
 @pytest.fixture(scope="session")
+def taesd(tmp_path_factory):
+    """TAESD's architecture (diffusers' AutoencoderTiny) at the tiny model's sizes, random
+    weights from a fixed seed: 4-channel latents at 1/8 of the image, as the real one's for
+    SD 1.x. Its diffusers folder (what ``--vae DIR`` reads), and the module itself."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(5)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
+    with torch.no_grad():  # at PyTorch's initial scale, images encode to near the same latents
+        for layer in vae.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight *= 2
+    folder = tmp_path_factory.mktemp("taesd")
+    vae.save_pretrained(folder)
+    return folder, vae
+
+
+@pytest.fixture(scope="session")
+def taesd_exported(taesd, onnx_cache):
+    """The tiny model with TAESD as its VAE, exported in fp32 through the cache."""
+    from sdtrt.export.cache import exported_for
+    from sdtrt.models import load_components
+    from sdtrt.options import CacheOptions, ModelSource
+
+    source = ModelSource("tiny", vae=str(taesd[0]))
+    cache = CacheOptions(cache_dir=str(onnx_cache), source=source)
+    return exported_for(load_components(source), precision="fp32", cache=cache)
+
+
+@pytest.fixture(scope="session")
 def images():
     """Two random RGB images of a size the tiny model takes (multiples of 16)."""
     rng = np.random.default_rng(0)

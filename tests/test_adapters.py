@@ -461,3 +461,90 @@ def test_a_vae_that_cannot_replace_the_models_is_refused(vae_files, tmp_path):
     for path, (error, message) in cases.items():
         with pytest.raises(error, match=message):
             load_components(ModelSource("tiny", vae=path))
+
+
+# TAESD: the tiny autoencoder as the VAE ------------------------------------------------------
+
+
+def test_taesd_gives_diffusers_image_with_it(tiny, images, taesd):
+    """`--vae TAESD_DIR`: diffusers' AutoencoderTiny, whose encoder gives the latents (no
+    draw, where AutoencoderKL's distribution is sampled): the image diffusers' pipeline
+    gives with it, with one generator and with one per image (the draws that are left, the
+    noise, in diffusers' order)."""
+    folder, vae = taesd
+    ours = Img2ImgPipeline.from_pretrained(
+        ModelSource("tiny", vae=str(folder)), scheduler="euler_a", show_progress=False
+    )
+    assert not ours.dims.vae_samples and ours.scaling_factor == 1.0
+    reference = diffusers_img2img({**load_components("tiny"), "vae": vae}, "euler_a")
+    prompts = ["a red circle", "a cat"]
+    # With one generator per image diffusers encodes each image alone (ours in one VAE
+    # call): batched convolutions round differently, so not to the last bit there.
+    for generators, bound in ((lambda: torch.Generator().manual_seed(9), 0.0), (
+        lambda: [torch.Generator().manual_seed(s) for s in (9, 10)], 2e-5
+    )):  # fmt: skip
+        got = ours(prompts, images, generator=generators(), **CALL).images
+        want = reference(prompts, images, generator=generators(), **CALL).images
+        assert got.shape == want.shape == (2, 32, 48, 3)
+        assert float(np.abs(got - want).max()) <= bound
+    plain = Img2ImgPipeline.from_components(tiny, scheduler="euler_a", show_progress=False)
+    base = plain(prompts, images, generator=torch.Generator().manual_seed(9), **CALL).images
+    got = ours(prompts, images, generator=torch.Generator().manual_seed(9), **CALL).images
+    assert float(np.abs(base - got).max()) > 0.01
+
+
+def test_taesd_exports_runs_on_onnxruntime_and_is_adopted(taesd, taesd_exported, images, tmp_path):
+    """Its encoder graph gives the latents [B, 4, h, w] (not a distribution's 8 channels);
+    ONNX Runtime's image equals PyTorch's; a copy without sdtrt's manifest (as the Hugging
+    Face layout is read) is known for a TAESD from its config."""
+    import shutil
+
+    from sdtrt.export.folder import MANIFEST, ExportedModel
+
+    folder, _ = taesd
+    io = taesd_exported.manifest["graphs"]["vae_encoder/model.onnx"]["io"]
+    assert io["outputs"] == {"latents": {"dtype": "float32", "shape": ["B", 4, "h", "w"]}}
+    assert taesd_exported.manifest["scaling_factor"] == 1.0
+    assert taesd_exported.dims.vae_samples is False
+    torch_pipe = Img2ImgPipeline.from_pretrained(
+        ModelSource("tiny", vae=str(folder)), scheduler="euler", show_progress=False
+    )
+    ort_pipe = Img2ImgPipeline.from_pretrained(
+        str(taesd_exported.root), "onnxruntime", scheduler="euler", show_progress=False
+    )
+    prompts = ["a red circle", "a cat"]
+    want = torch_pipe(prompts, images, generator=torch.Generator().manual_seed(3), **CALL).images
+    got = ort_pipe(prompts, images, generator=torch.Generator().manual_seed(3), **CALL).images
+    assert got.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got - want).max()) < 1e-5
+
+    copy = tmp_path / "hf-layout"
+    shutil.copytree(taesd_exported.root, copy)
+    (copy / MANIFEST).unlink()
+    adopted = ExportedModel.open(copy)
+    assert adopted.dims == taesd_exported.dims
+    assert adopted.network("vae_encoder", "fp32").output_name == "latents"
+
+
+def test_a_taesd_that_cannot_replace_the_models_vae_is_refused(tmp_path):
+    """The encoder and the decoder each set a scale (their own block lists): a TAESD whose
+    encoder downsamples less than the model's VAE, or of other latent channels, is refused."""
+    from diffusers import AutoencoderTiny
+
+    sizes = dict(num_decoder_blocks=(1,) * 4, decoder_block_out_channels=(8,) * 4)
+    AutoencoderTiny(
+        num_encoder_blocks=(1,) * 3, encoder_block_out_channels=(8,) * 3, **sizes
+    ).save_pretrained(tmp_path / "shallow")
+    AutoencoderTiny(
+        latent_channels=16,
+        num_encoder_blocks=(1,) * 4,
+        encoder_block_out_channels=(8,) * 4,
+        **sizes,
+    ).save_pretrained(tmp_path / "wide")
+    cases = {
+        "shallow": "latents of 4 channels at 1/4 and 1/8 of the image's size; .* 4 channels at 1/8",
+        "wide": "latents of 16 channels at 1/8 .* takes 4 channels",
+    }
+    for name, message in cases.items():
+        with pytest.raises(InvalidInputError, match=message):
+            load_components(ModelSource("tiny", vae=str(tmp_path / name)))

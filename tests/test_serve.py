@@ -193,6 +193,24 @@ def test_a_mixed_load_is_one_unet_call_per_iteration_within_the_bound(tiny, pipe
         assert float(np.abs(result.array - want).max()) <= MIXED_BOUND, request.scheduler
 
 
+def test_a_server_with_taesd_batches_its_latents_without_a_draw(tiny, taesd, images):
+    """A TAESD server (``--vae TAESD_DIR``): its encoder gives each job's latents, batched
+    over the jobs of one size; each image is the pipeline's with that VAE, as a mixed load
+    is (the encoder batched with another image)."""
+    components = {**tiny, "vae": taesd[1]}
+    pipe = Img2ImgPipeline.from_components(components, "torch", show_progress=False)
+    requests = [
+        Img2ImgRequest(prompt="a cat", image=picture, strength=0.6, num_inference_steps=10)
+        for picture in images
+    ]
+    results, rows = _run_all(pipe, requests)
+    assert rows == [4] * 6  # both jobs in every UNet call
+    for request, result in zip(requests, results, strict=True):
+        want = _reference(components, request, request.image)
+        assert result.array.shape == want.shape == (32, 48, 3)
+        assert float(np.abs(result.array - want).max()) <= MIXED_BOUND
+
+
 def test_the_mixed_load_on_onnxruntime_equals_the_torch_servers(tiny, exported, image):
     """``sdtrt serve --backend onnxruntime``: the exported graphs take a timestep per row and
     any row count, so the same load batches the same way; each image is the torch server's

@@ -317,3 +317,26 @@ except BackendUnavailableError as exc:
     first, second = out.stdout.strip().splitlines()
     assert first.startswith("tensorrt_rtx")
     assert "already uses tensorrt-rtx through polygraphy, which cannot switch" in second
+
+
+def test_a_taesd_models_engines_build_from_its_latents_graph(taesd_exported, tmp_path):
+    """A model with TAESD as its VAE (``--vae TAESD_DIR``): its encoder graph gives the
+    latents, 4 channels where AutoencoderKL's gives 8, and TensorRT-RTX builds both VAE
+    engines from it; they are keyed by their own graphs, apart from the model's VAE's."""
+    engines = tmp_path / "engines"
+    assert _build(taesd_exported.root, engines, "--precision", "fp32") == 0
+    for network in ("vae_encoder", "vae_decoder"):
+        (sidecar,) = engines.glob(f"{network}.fp32.rtx*.json")
+        built = json.loads(sidecar.read_text())
+        assert built["graph_sha256"] == taesd_exported.graph_sha256(network, "fp32")
+        assert built["plan_bytes"] > 10_000
+        assert max_rows(built["profile"]) == 2
+    # What TensorRT reads of the encoder graph: one output, the latents' 4 channels.
+    import tensorrt_rtx as trt
+
+    from sdtrt.engine.trt_build import _parse
+
+    _, network, _ = _parse(trt, taesd_exported.graph_path("vae_encoder", "fp32"))
+    assert network.num_outputs == 1
+    output = network.get_output(0)
+    assert (output.name, tuple(output.shape)) == ("latents", (-1, 4, -1, -1))
