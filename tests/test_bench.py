@@ -303,3 +303,23 @@ def test_the_gpu_scripts_rows_are_valid_rows():
         for row in config.backends:
             if row not in PEERS:
                 config.options_for(row)  # typed options: raises for a row that cannot run
+
+
+def test_the_taesd_ab_times_both_vaes_on_one_model(tmp_path):
+    """``python -m sdtrt.bench.vae_ab`` on the tiny model: TAESD's full architecture (random
+    weights) against the model's VAE, each stage's median, the ratios those give."""
+    from diffusers import AutoencoderTiny
+
+    from sdtrt.bench.vae_ab import measure, random_taesd
+
+    report = measure("tiny", None, size=64, repeats=1, device="cpu")
+    assert set(report["median_ms"]) == {"model's VAE", "TAESD"}
+    for stages in report["median_ms"].values():
+        assert set(stages) == {"text_encoder", "vae_encoder", "denoise", "vae_decoder", "total"}
+        assert all(ms > 0 for ms in stages.values())
+    full, tiny = report["median_ms"]["model's VAE"], report["median_ms"]["TAESD"]
+    assert report["speedup"]["end_to_end"] == full["total"] / tiny["total"]
+    assert report["speedup"]["vae_decoder"] == full["vae_decoder"] / tiny["vae_decoder"]
+    taesd = AutoencoderTiny.from_pretrained(random_taesd(tmp_path / "taesd"))
+    assert report["vae_parameters"]["TAESD"] == sum(p.numel() for p in taesd.parameters())
+    assert report["vae_parameters"]["TAESD"] > 2_000_000  # TAESD's own size (2.4 M)
