@@ -116,7 +116,8 @@ def noised_latents(
         encoded = torch.cat([encoded] * repeats)
         repeats = 1
     if vae_samples:
-        encoded = DiagonalGaussianDistribution(encoded).sample(generator)  # type: ignore[arg-type]  # lists too
+        distribution = DiagonalGaussianDistribution(encoded)
+        encoded = distribution.sample(generator)  # type: ignore[arg-type]  # lists too
     latents = torch.cat([scaling_factor * encoded] * repeats)
     noise = draw_noise(latents.shape, latents.dtype, latents.device, generator)
     return scheduler.add_noise(latents, noise, first_timestep.reshape(1).repeat(batch_size))

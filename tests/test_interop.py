@@ -31,36 +31,52 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(
-    "ours, theirs",
-    [("lms", "LMSDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler")],
-)
-def test_optimum_runs_our_export_and_agrees(exported, tiny, tmp_path, ours, theirs):
+def _optimum_and_ours(folder, tmp_path, ours, theirs):
+    """optimum's img2img on an exported folder (in its venv) and sdtrt's on the same folder:
+    both images, and the VAE scaling factor optimum read."""
     rng = np.random.default_rng(0)
     image = tmp_path / "in.png"
     PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "optimum.npy"
     run = subprocess.run(
-        [str(OPTIMUM_PYTHON), str(SCRIPT), str(exported.root), str(image), theirs, str(out)],
+        [str(OPTIMUM_PYTHON), str(SCRIPT), str(folder), str(image), theirs, str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    # optimum read the VAE's scaling factor from our config.json, not its 2^(blocks-1) guess
-    scaling = tiny["vae"].config.scaling_factor  # the trained tiny VAE's, not SD's 0.18215
-    assert float(run.stdout.split()[-1]) == pytest.approx(scaling)
-    pipe = Img2ImgPipeline.from_pretrained(exported.root, scheduler=ours, show_progress=False)
+    pipe = Img2ImgPipeline.from_pretrained(folder, scheduler=ours, show_progress=False)
     got = pipe(
         PROMPT,
         PIL.Image.open(image).convert("RGB"),
         generator=torch.Generator().manual_seed(SEED),
         **CALL,
     ).images
-    theirs_images = np.load(out)
+    return np.load(out), got, float(run.stdout.split()[-1])
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [("lms", "LMSDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler")],
+)
+def test_optimum_runs_our_export_and_agrees(exported, tiny, tmp_path, ours, theirs):
+    theirs_images, got, scaling = _optimum_and_ours(exported.root, tmp_path, ours, theirs)
+    # optimum read the VAE's scaling factor from our config.json, not its 2^(blocks-1) guess
+    assert scaling == pytest.approx(tiny["vae"].config.scaling_factor)  # not SD's 0.18215
     assert theirs_images.shape == got.shape == (1, 32, 48, 3)
     # measured: 2.1e-5 on the trained tiny (under 1e-5 on random weights)
     assert float(np.abs(theirs_images - got).max()) <= 1e-4
+
+
+def test_optimum_runs_an_export_with_taesd_and_agrees(taesd_exported, tmp_path):
+    """With TAESD as the VAE the encoder graph gives the latents (``latents``, no
+    distribution): optimum reads them as diffusers does (no draw) and agrees."""
+    theirs_images, got, scaling = _optimum_and_ours(
+        taesd_exported.root, tmp_path, "lms", "LMSDiscreteScheduler"
+    )
+    assert scaling == 1.0  # TAESD's
+    assert theirs_images.shape == got.shape == (1, 32, 48, 3)
+    assert float(np.abs(theirs_images - got).max()) <= 1e-4  # measured: 1.2e-5, as above
 
 
 def test_transformers_4_reads_an_exports_embedding_tokens_as_we_do(tmp_path, fast_export):
