@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OPTIMUM_VENV ?= .venv-optimum
 OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 
-.PHONY: setup demo test lint clean train-tiny
+.PHONY: setup demo test lint clean train-tiny train-tiny-taesd
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ demo: $(STAMP)
 # training.json with the arguments, commit and losses.
 train-tiny: $(STAMP)
 	$(PY) -m sdtrt.train.tiny --out sdtrt/assets/tiny
+
+# A TAESD distilled from the tiny model's VAE (what --vae sdtrt/assets/tiny-taesd runs).
+train-tiny-taesd: $(STAMP)
+	$(PY) -m sdtrt.train.taesd --out sdtrt/assets/tiny-taesd
 
 test: $(STAMP) $(OPTIMUM_STAMP)
 	$(VENV)/bin/ruff check .

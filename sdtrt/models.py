@@ -107,6 +107,9 @@ def _build(
 
 
 TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
+TINY_TAESD_WEIGHTS = Path(__file__).parent / "assets" / "tiny-taesd"
+"""A TAESD distilled from the tiny model's VAE (``make train-tiny-taesd``): its diffusers
+folder, what ``--vae`` reads."""
 
 
 def load_fp32_weights(module: torch.nn.Module, path: Path) -> None:
