@@ -9,6 +9,8 @@ teacher is the shipped tiny VAE, the pictures the shapes data (train/shapes.py):
 against the VAE (TAESD's own claim for SD, that it loses little, is not measured offline).
 
     python -m sdtrt.train.taesd --out sdtrt/assets/tiny-taesd [--steps N]
+
+The defaults are the run that made the shipped weights: 14 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=str(TINY_TAESD_WEIGHTS))
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
