@@ -36,12 +36,16 @@ $(OPTIMUM_STAMP):
 	touch $(OPTIMUM_STAMP)
 
 # img2img on the embedded tiny model: a red circle on blue, prompted with a yellow square on
-# green (out/img2img.png); then the seed-style picture, the input and its outputs at growing
+# green (out/img2img.png), and the same decoded by its TAESD (out/img2img-taesd.png); then
+# the seed-style picture, the input and its outputs at growing
 # strength (out/demo.png).
 demo: $(STAMP)
 	$(VENV)/bin/sdtrt img2img --image sdtrt/assets/shapes.png \
 	  --prompt "a yellow square on a green background" --strength 0.6 --steps 20 --guidance 3 \
 	  --out out/img2img.png
+	$(VENV)/bin/sdtrt img2img --image sdtrt/assets/shapes.png \
+	  --prompt "a yellow square on a green background" --strength 0.6 --steps 20 --guidance 3 \
+	  --vae sdtrt/assets/tiny-taesd --out out/img2img-taesd.png
 	$(PY) -m sdtrt.bench.strength --grid out/demo.png
 
 # Train the tiny model's weights from scratch (about 30 minutes on 2 cores; not part of
