@@ -38,27 +38,15 @@ def tiny_random():
 
 
 @pytest.fixture(scope="session")
-def taesd(tmp_path_factory):
-    """TAESD's architecture (diffusers' AutoencoderTiny) at the tiny model's sizes, random
-    weights from a fixed seed: 4-channel latents at 1/8 of the image, as the real one's for
-    SD 1.x. Its diffusers folder (what ``--vae DIR`` reads), and the module itself."""
-    import torch
+def taesd():
+    """The tiny model's TAESD (diffusers' AutoencoderTiny distilled from its VAE, shipped in
+    sdtrt/assets/tiny-taesd): its diffusers folder (what ``--vae DIR`` reads), and the
+    module as diffusers loads it."""
     from diffusers import AutoencoderTiny
 
-    torch.manual_seed(5)
-    vae = AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    ).eval()
-    with torch.no_grad():  # at PyTorch's initial scale, images encode to near the same latents
-        for layer in vae.modules():
-            if isinstance(layer, torch.nn.Conv2d):
-                layer.weight *= 2
-    folder = tmp_path_factory.mktemp("taesd")
-    vae.save_pretrained(folder)
-    return folder, vae
+    from sdtrt.models import TINY_TAESD_WEIGHTS
+
+    return TINY_TAESD_WEIGHTS, AutoencoderTiny.from_pretrained(TINY_TAESD_WEIGHTS).eval()
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def test_optimum_runs_an_export_with_taesd_and_agrees(taesd_exported, tmp_path):
     )
     assert scaling == 1.0  # TAESD's
     assert theirs_images.shape == got.shape == (1, 32, 48, 3)
-    assert float(np.abs(theirs_images - got).max()) <= 1e-4  # measured: 1.2e-5, as above
+    assert float(np.abs(theirs_images - got).max()) <= 2e-4  # measured: 5.5e-5
 
 
 def test_transformers_4_reads_an_exports_embedding_tokens_as_we_do(tmp_path, fast_export):
