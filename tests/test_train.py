@@ -54,3 +54,22 @@ def test_captions_are_dropped_and_contradicted_less_as_the_noise_grows():
     dropped, wrong = rates(500)
     assert abs(dropped - 0.10) < 0.02 and abs(wrong - 0.9 * 0.2 * 7 / 8) < 0.03
     assert rates(999)[1] < 0.005
+
+
+def test_the_taesd_distillation_learns_and_saves_what_vae_reads(tiny, tmp_path):
+    """Both halves' losses fall within a few steps; the saved folder is a diffusers
+    AutoencoderTiny that ``--vae`` loads, its weights the trained ones rounded to fp16."""
+    import torch
+
+    from sdtrt.adapters import load_vae
+    from sdtrt.train.taesd import build_tiny_taesd, distill, save
+
+    taesd = build_tiny_taesd(seed=0)
+    losses = distill(taesd, tiny["vae"], steps=30, batch=8, lr=2e-3, seed=0)
+    for half in ("encoder", "decoder"):
+        assert np.mean(losses[half][-5:]) < 0.8 * np.mean(losses[half][:5]), half
+    save(taesd, tmp_path / "taesd", {"steps": 30})
+    loaded = load_vae(str(tmp_path / "taesd"), tiny["vae"], allow_pickle=False)
+    assert type(loaded).__name__ == "AutoencoderTiny"
+    for key, value in taesd.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.half().float()), key

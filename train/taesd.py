@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from sdtrt.train import shapes
+from sdtrt.train.tiny import fp16_state, head_commit
 
 logger = logging.getLogger("sdtrt.train")
 
@@ -92,7 +92,7 @@ def save(taesd: Any, out: Path, record: dict[str, Any]) -> None:
 
     from sdtrt.fileio import atomic_dir, write_json
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in taesd.state_dict().items()}
+    state = fp16_state(taesd)
     with atomic_dir(out, lambda path: (Path(path) / "training.json").is_file()) as tmp:
         taesd.save_config(tmp)
         save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"))
@@ -115,11 +115,8 @@ def main() -> None:
     taesd = build_tiny_taesd(args.seed)
     start = time.perf_counter()
     losses = distill(taesd, vae, args.steps, args.batch, 2e-3, args.seed)
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
     record = {
-        "commit": commit,
+        "commit": head_commit(),
         "args": vars(args),
         "teacher": "the shipped tiny VAE (sdtrt/assets/tiny/vae.safetensors)",
         "seconds": round(time.perf_counter() - start, 1),

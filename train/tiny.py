@@ -185,13 +185,21 @@ def save(components: dict[str, Any], out: Path, record: dict[str, Any]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("text_encoder", "unet", "vae"):
-        state = {
-            k: v.detach().to(torch.float16).contiguous()
-            for k, v in components[name].state_dict().items()
-        }
         with atomic_path(out / f"{name}.safetensors") as tmp:
-            save_file(state, str(tmp))
+            save_file(fp16_state(components[name]), str(tmp))
     write_json(out / "training.json", record)
+
+
+def fp16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s weights in fp16, as the shipped files hold them."""
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+
+def head_commit() -> str:
+    """The commit the training code ran at, for its record."""
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
 
 
 def main() -> None:
@@ -236,11 +244,8 @@ def main() -> None:
     start = time.perf_counter()
     unet_losses = train_unet(components, args.unet_steps, args.unet_batch, 1e-3, args.seed)
     unet_seconds = time.perf_counter() - start
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
     record = {
-        "commit": commit,
+        "commit": head_commit(),
         "args": vars(args),
         "scaling_factor": scaling,
         "prediction_type": PREDICTION,
