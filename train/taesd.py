@@ -10,7 +10,7 @@ against the VAE (TAESD's own claim for SD, that it loses little, is not measured
 
     python -m sdtrt.train.taesd --out sdtrt/assets/tiny-taesd [--steps N]
 
-The defaults are the run that made the shipped weights: 14 minutes on 2 cores.
+The defaults are the run that made the shipped weights: 12 minutes on 2 cores.
 """
 
 from __future__ import annotations
