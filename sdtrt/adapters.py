@@ -25,7 +25,8 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     (A1111's "SD VAE", ``vae-ft-mse-840000-ema-pruned.safetensors``; a whole checkpoint's
     VAE too), read with the model's own VAE config, or a diffusers VAE folder (its
     ``config.json`` and weights; a diffusers model's folder: its ``vae/``), AutoencoderKL
-    or TAESD's AutoencoderTiny (``madebyollin/taesd``), in the model VAE's dtype."""
+    or TAESD's AutoencoderTiny (``madebyollin/taesd``; or a folder of TAESD's own
+    ``taesd_encoder`` and ``taesd_decoder`` files), in the model VAE's dtype."""
     from diffusers import AutoencoderKL, AutoencoderTiny
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from safetensors import SafetensorError
@@ -38,6 +39,18 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
         raise ModelNotFoundError(f"VAE {path} does not exist")
     if where.is_file() and where.suffix != ".safetensors":
         _check_pickle(where, allow_pickle, "VAE")
+    halves = _taesd_halves(where) if where.is_dir() else {}
+    if any((where / f).is_file() for f in ("config.json", "vae/config.json")):
+        halves = {}  # a diffusers folder (madebyollin/taesd holds both kinds): read as one
+    for half in halves.values():
+        if half.suffix != ".safetensors":
+            _check_pickle(half, allow_pickle, "TAESD file")
+    if len(halves) == 1:
+        (alone,) = halves.values()
+        raise InvalidInputError(
+            f"{path} holds {alone.name} alone: img2img needs TAESD's encoder and decoder "
+            "(taesd_encoder and taesd_decoder .safetensors), or its diffusers folder"
+        )
     failures = (
         OSError,
         ValueError,
@@ -50,7 +63,11 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     dtype = next(model_vae.parameters()).dtype
     try:
         with quiet_loaders():
-            if where.is_dir():  # a VAE's folder, or a diffusers model's (its vae/)
+            if halves:  # TAESD's own files
+                vae = _taesd_from_halves(halves)
+                if dtype != torch.float32:
+                    vae = vae.to(dtype)
+            elif where.is_dir():  # a VAE's folder, or a diffusers model's (its vae/)
                 inside = "vae" if (where / "vae" / "config.json").is_file() else None
                 settings = AutoencoderKL.load_config(where, subfolder=inside)
                 kind: Any = AutoencoderTiny if is_tiny_vae(settings) else AutoencoderKL
@@ -79,6 +96,42 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
             f"1/{2 ** (depth - 1)}: a VAE made for another model"
         )
     return vae.eval()
+
+
+def _taesd_halves(folder: Path) -> dict[str, Path]:
+    """TAESD's own files in ``folder``, as madebyollin/taesd and ComfyUI's vae_approx keep
+    them: ``taesd_encoder`` and ``taesd_decoder``, .safetensors (or .pth)."""
+    found = {}
+    for half in ("encoder", "decoder"):
+        for suffix in (".safetensors", ".pth"):
+            if (folder / f"taesd_{half}{suffix}").is_file():
+                found[half] = folder / f"taesd_{half}{suffix}"
+                break
+    return found
+
+
+def _taesd_from_halves(halves: dict[str, Path]) -> Any:
+    """An AutoencoderTiny (TAESD's architecture: diffusers' defaults) holding TAESD's own
+    encoder and decoder files, their layers renamed as diffusers' conversion script renames
+    them: ``encoder.layers.N``, and the decoder's one down (its first layer, a clamp, is in
+    diffusers' forward)."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    state = {}
+    for half, path in halves.items():
+        if path.suffix == ".safetensors":
+            weights = load_file(str(path))
+        else:  # allowed by the caller
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        for key, value in weights.items():
+            layer, rest = key.split(".", 1)
+            if half == "decoder":
+                layer = str(int(layer) - 1)
+            state[f"{half}.layers.{layer}.{rest}"] = value
+    vae: Any = AutoencoderTiny(latent_channels=state["decoder.layers.0.weight"].shape[1])
+    vae.load_state_dict(state, strict=True)
+    return vae
 
 
 def fuse_loras(

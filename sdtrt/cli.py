@@ -106,7 +106,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_DIR",
         help="another VAE in place of the model's: a file in the original layout (A1111's 'SD "
         "VAE', e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE folder "
-        "(AutoencoderKL, or TAESD's AutoencoderTiny: madebyollin/taesd)",
+        "(AutoencoderKL, or TAESD's AutoencoderTiny: madebyollin/taesd; or a folder of "
+        "TAESD's taesd_encoder and taesd_decoder files)",
     )
     p.add_argument(
         "--lora",

@@ -375,7 +375,8 @@ class ModelSource:
     vae: str | None = None
     """Another VAE in place of the model's: a single file in the original layout (A1111's
     "SD VAE", such as ``vae-ft-mse-840000-ema-pruned.safetensors``) or a diffusers VAE
-    folder (AutoencoderKL, or TAESD's AutoencoderTiny); the exports, engines and the cache
+    folder (AutoencoderKL, or TAESD's AutoencoderTiny; or a folder of TAESD's own
+    ``taesd_encoder`` and ``taesd_decoder`` files); the exports, engines and the cache
     carry it."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'

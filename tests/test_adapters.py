@@ -548,3 +548,85 @@ def test_a_taesd_that_cannot_replace_the_models_vae_is_refused(tmp_path):
     for name, message in cases.items():
         with pytest.raises(InvalidInputError, match=message):
             load_components(ModelSource("tiny", vae=str(tmp_path / name)))
+
+
+class _Block(torch.nn.Module):
+    """TAESD's block as madebyollin/taesd's taesd.py defines it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        conv = [torch.nn.Conv2d(n, n, 3, padding=1) for _ in range(3)]
+        self.conv = torch.nn.Sequential(conv[0], torch.nn.ReLU(), conv[1], torch.nn.ReLU(), conv[2])
+        self.skip = torch.nn.Identity()
+        self.fuse = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def _original_taesd(latent_channels: int = 4) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """TAESD's encoder and decoder in its own layout (taesd.py): images in [0, 1], the
+    decoder's first layer a clamp (3 tanh(x / 3))."""
+
+    class Clamp(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x / 3) * 3
+
+    def conv(n_in, n_out, **kwargs):
+        return torch.nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+    encoder = torch.nn.Sequential(
+        conv(3, 64), _Block(64),
+        conv(64, 64, stride=2, bias=False), _Block(64), _Block(64), _Block(64),
+        conv(64, 64, stride=2, bias=False), _Block(64), _Block(64), _Block(64),
+        conv(64, 64, stride=2, bias=False), _Block(64), _Block(64), _Block(64),
+        conv(64, latent_channels),
+    )  # fmt: skip
+    decoder = torch.nn.Sequential(
+        Clamp(), conv(latent_channels, 64), torch.nn.ReLU(),
+        _Block(64), _Block(64), _Block(64), torch.nn.Upsample(scale_factor=2),
+        conv(64, 64, bias=False),
+        _Block(64), _Block(64), _Block(64), torch.nn.Upsample(scale_factor=2),
+        conv(64, 64, bias=False),
+        _Block(64), _Block(64), _Block(64), torch.nn.Upsample(scale_factor=2),
+        conv(64, 64, bias=False),
+        _Block(64), conv(64, 3),
+    )  # fmt: skip
+    return encoder.eval(), decoder.eval()
+
+
+def test_taesds_own_encoder_and_decoder_files_load_as_taesd(tmp_path):
+    """A folder of TAESD's own files (taesd_encoder and taesd_decoder .safetensors, as
+    madebyollin/taesd and ComfyUI's vae_approx hold them): the AutoencoderTiny read from
+    them computes what the original networks compute (on [-1, 1] images, as diffusers'
+    wraps them); .pth files are pickles (--allow-pickle); one half alone is refused."""
+    from safetensors.torch import save_file
+
+    from sdtrt.adapters import load_vae
+
+    torch.manual_seed(3)
+    encoder, decoder = _original_taesd()
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        save_file(module.state_dict(), tmp_path / f"taesd_{name}.safetensors")
+    model_vae = load_components("tiny")["vae"]
+    loaded = load_components(ModelSource("tiny", vae=str(tmp_path)))["vae"]
+    assert type(loaded).__name__ == "AutoencoderTiny" and loaded.config.scaling_factor == 1.0
+    pixels = torch.rand(2, 3, 32, 48) * 2 - 1
+    latents = torch.randn(2, 4, 4, 6)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(pixels).latents, encoder((pixels + 1) / 2), atol=1e-6)
+        decoded = loaded.decode(latents).sample
+        assert torch.allclose(decoded, decoder(latents) * 2 - 1, atol=1e-6)
+    assert decoded.shape == (2, 3, 32, 48)
+
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        (tmp_path / f"taesd_{name}.safetensors").unlink()
+        torch.save(module.state_dict(), tmp_path / f"taesd_{name}.pth")
+    with pytest.raises(InvalidInputError, match="taesd_encoder.pth is not .safetensors: a pickle"):
+        load_vae(str(tmp_path), model_vae, allow_pickle=False)
+    from_pickles = load_vae(str(tmp_path), model_vae, allow_pickle=True)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(from_pickles.state_dict()[key], value), key
+    (tmp_path / "taesd_encoder.pth").unlink()
+    with pytest.raises(InvalidInputError, match="holds taesd_decoder.pth alone: img2img needs"):
+        load_vae(str(tmp_path), model_vae, allow_pickle=True)
