@@ -39,18 +39,7 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
         raise ModelNotFoundError(f"VAE {path} does not exist")
     if where.is_file() and where.suffix != ".safetensors":
         _check_pickle(where, allow_pickle, "VAE")
-    halves = _taesd_halves(where) if where.is_dir() else {}
-    if any((where / f).is_file() for f in ("config.json", "vae/config.json")):
-        halves = {}  # a diffusers folder (madebyollin/taesd holds both kinds): read as one
-    for half in halves.values():
-        if half.suffix != ".safetensors":
-            _check_pickle(half, allow_pickle, "TAESD file")
-    if len(halves) == 1:
-        (alone,) = halves.values()
-        raise InvalidInputError(
-            f"{path} holds {alone.name} alone: img2img needs TAESD's encoder and decoder "
-            "(taesd_encoder and taesd_decoder .safetensors), or its diffusers folder"
-        )
+    halves = _taesd_halves(where, allow_pickle)
     failures = (
         OSError,
         ValueError,
@@ -98,15 +87,28 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     return vae.eval()
 
 
-def _taesd_halves(folder: Path) -> dict[str, Path]:
-    """TAESD's own files in ``folder``, as madebyollin/taesd and ComfyUI's vae_approx keep
-    them: ``taesd_encoder`` and ``taesd_decoder``, .safetensors (or .pth)."""
+def _taesd_halves(where: Path, allow_pickle: bool) -> dict[str, Path]:
+    """TAESD's own files in the folder ``where``, as madebyollin/taesd and ComfyUI's
+    vae_approx keep them: ``taesd_encoder`` and ``taesd_decoder``, .safetensors (or .pth:
+    pickles, read only with ``allow_pickle``). None for a file, or for a diffusers folder
+    (madebyollin/taesd holds both kinds: it is read as diffusers')."""
+    if not where.is_dir() or any((where / f).is_file() for f in ("config.json", "vae/config.json")):
+        return {}
     found = {}
     for half in ("encoder", "decoder"):
         for suffix in (".safetensors", ".pth"):
-            if (folder / f"taesd_{half}{suffix}").is_file():
-                found[half] = folder / f"taesd_{half}{suffix}"
+            if (where / f"taesd_{half}{suffix}").is_file():
+                found[half] = where / f"taesd_{half}{suffix}"
                 break
+    for file in found.values():
+        if file.suffix != ".safetensors":
+            _check_pickle(file, allow_pickle, "TAESD file")
+    if len(found) == 1:
+        (alone,) = found.values()
+        raise InvalidInputError(
+            f"{where} holds {alone.name} alone: img2img needs TAESD's encoder and decoder "
+            "(taesd_encoder and taesd_decoder .safetensors), or its diffusers folder"
+        )
     return found
 
 
