@@ -92,6 +92,8 @@ class Img2ImgPipeline:
     ) -> None:
         self.backend = backend
         self.dims = dims
+        """The model's sizes, and whether its VAE's encoder gives a distribution to sample
+        (AutoencoderKL) or the latents themselves (TAESD)."""
         self.text_shape = (dims.max_tokens, dims.text_hidden_size)
         """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
         self.limits = limits or Limits.from_env()
