@@ -4,7 +4,7 @@
 # whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
 # and with torch.compile) on SD-1.5 shapes, then profile the loop.
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
-#                                                  compiled4 lcm
+#                                                  compiled4 lcm taesd
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
 # (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
@@ -94,7 +94,14 @@ stage_lcm() {
     --backends torch,torch+cuda-graphs,torch+step-graphs,diffusers
 }
 
-STAGES="tests table profile compiled compiled4 lcm"
+# TAESD's architecture (random weights: the same work) against SD's VAE in that recipe, one
+# process (python -m sdtrt.bench.vae_ab): what the VAE's share becomes on a GPU.
+stage_taesd() {
+  python3 -P -m sdtrt.bench.vae_ab --model sd15-random --device cuda --dtype fp16 \
+    --size 512 --repeats 5 2>&1 | tee "$OUT/vae_ab.txt"
+}
+
+STAGES="tests table profile compiled compiled4 lcm taesd"
 [ $# -gt 0 ] || set -- $STAGES
 for arg in "$@"; do
   stage=${arg%%:*}

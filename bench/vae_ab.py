@@ -9,7 +9,7 @@ madebyollin/taesd's) with random weights from a fixed seed: the same work per im
 the same time; what its pictures lose against the full VAE is TAESD's own claim, not
 measured here. The text encoder and UNet are shared by both runs (loaded once); the runs
 alternate after a warm-up run of each; the figures are medians over the repeats. Torch
-backend, fp32, on the CPU unless ``--device cuda``.
+backend, fp32 on the CPU unless ``--device cuda`` (and ``--dtype fp16``).
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ def random_taesd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def measure(model: str, taesd: str | None, size: int, repeats: int, device: str) -> dict[str, Any]:
+def measure(
+    model: str, taesd: str | None, size: int, repeats: int, device: str, dtype: str = "fp32"
+) -> dict[str, Any]:
     components = load_components(model)
     with tempfile.TemporaryDirectory() as scratch:
         folder = taesd or str(random_taesd(Path(scratch) / "taesd-random"))
         tiny_vae = load_vae(folder, components["vae"], allow_pickle=False)
-    options = TorchOptions(device=device)
+    options = TorchOptions(device=device, dtype=dtype)
     pipes = {
         "model's VAE": Img2ImgPipeline.from_components(
             components, options, "lcm", show_progress=False
@@ -89,6 +91,7 @@ def measure(model: str, taesd: str | None, size: int, repeats: int, device: str)
         "taesd": taesd or "taesd-random (AutoencoderTiny defaults, seed 0)",
         "size": size,
         "device": device,
+        "dtype": dtype,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "recipe": {"scheduler": "lcm", **RECIPE},
@@ -110,8 +113,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="square image side, pixels")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     args = parser.parse_args()
-    report = measure(args.model, args.taesd, args.size, args.repeats, args.device)
+    report = measure(args.model, args.taesd, args.size, args.repeats, args.device, args.dtype)
     print(json.dumps(report, indent=2))
     for name, stages in report["median_ms"].items():
         line = ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
