@@ -13,13 +13,13 @@ are medians over the repeats. Torch backend, fp32, on the CPU unless ``--device 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 from typing import Any
 
 import torch
 
+from sdtrt.bench.timing import alternate
 from sdtrt.options import SAMPLE_IMAGE, TorchOptions
 from sdtrt.runtime.inputs import load_image
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -42,29 +42,21 @@ def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
         for name, (scheduler, *_) in RUNS.items()
     }
     image = load_image(SAMPLE_IMAGE).resize((size, size))
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
-    calls: dict[str, int] = {}
-    for repeat in range(repeats + 1):  # the first round warms up
-        for name, (_, steps, strength, guidance) in RUNS.items():
-            pipe.scheduler = schedulers[name]
-            begun = time.perf_counter()
-            out = pipe(
-                PROMPT,
-                image,
-                strength=strength,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(32),
-                output_type="np",
-            )
-            total_ms = (time.perf_counter() - begun) * 1000
-            calls[name] = out.unet_calls
-            if repeat:
-                samples[name].append({**out.timings_ms, "total": total_ms})
-    medians = {
-        name: {stage: statistics.median(s[stage] for s in runs) for stage in runs[0]}
-        for name, runs in samples.items()
-    }
+
+    def call(name: str) -> Any:
+        _, steps, strength, guidance = RUNS[name]
+        pipe.scheduler = schedulers[name]
+        return pipe(
+            PROMPT,
+            image,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(32),
+            output_type="np",
+        )
+
+    medians, last = alternate({name: functools.partial(call, name) for name in RUNS}, repeats)
     default, recipe = (medians[name]["total"] for name in RUNS)
     return {
         "model": model,
@@ -78,7 +70,7 @@ def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
                 "steps": steps,
                 "strength": strength,
                 "guidance": guidance,
-                "unet_calls": calls[name],
+                "unet_calls": last[name].unet_calls,
                 "rows_per_call": 2 if guidance > 1 else 1,
                 "median_ms": medians[name],
             }

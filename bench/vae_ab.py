@@ -15,24 +15,24 @@ backend, fp32 on the CPU unless ``--device cuda`` (and ``--dtype fp16``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdtrt.adapters import load_vae
+from sdtrt.bench.lcm_ab import PROMPT, RUNS
+from sdtrt.bench.timing import alternate
 from sdtrt.models import load_components
 from sdtrt.options import SAMPLE_IMAGE, TorchOptions
 from sdtrt.runtime.inputs import load_image
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 # LCM-LoRA's img2img recipe (diffusers' docs), as bench/lcm_ab.py runs it.
-RECIPE = dict(num_inference_steps=4, strength=0.5, guidance_scale=1.0)
-PROMPT = "A colorful dancer, nat geo photo"
+SCHEDULER, STEPS, STRENGTH, GUIDANCE = RUNS["lcm-lora recipe"]
 
 
 def random_taesd(folder: Path, seed: int = 0) -> Path:
@@ -55,10 +55,10 @@ def measure(
     options = TorchOptions(device=device, dtype=dtype)
     pipes = {
         "model's VAE": Img2ImgPipeline.from_components(
-            components, options, "lcm", show_progress=False
+            components, options, SCHEDULER, show_progress=False
         ),
         "TAESD": Img2ImgPipeline.from_components(
-            {**components, "vae": tiny_vae}, options, "lcm", show_progress=False
+            {**components, "vae": tiny_vae}, options, SCHEDULER, show_progress=False
         ),
     }
     parameters = {
@@ -66,24 +66,20 @@ def measure(
         for name, vae in (("model's VAE", components["vae"]), ("TAESD", tiny_vae))
     }
     image = load_image(SAMPLE_IMAGE).resize((size, size))
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in pipes}
-    for repeat in range(repeats + 1):  # the first round warms up
-        for name, pipe in pipes.items():
-            begun = time.perf_counter()
-            out = pipe(
-                PROMPT,
-                image,
-                generator=torch.Generator().manual_seed(32),
-                output_type="np",
-                **RECIPE,
-            )
-            total_ms = (time.perf_counter() - begun) * 1000
-            if repeat:
-                samples[name].append({**out.timings_ms, "total": total_ms})
-    medians = {
-        name: {stage: statistics.median(s[stage] for s in runs) for stage in runs[0]}
-        for name, runs in samples.items()
-    }
+
+    def call(pipe: Img2ImgPipeline) -> Any:
+        return pipe(
+            PROMPT,
+            image,
+            strength=STRENGTH,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(32),
+            output_type="np",
+        )
+
+    runs = {name: functools.partial(call, pipe) for name, pipe in pipes.items()}
+    medians, _ = alternate(runs, repeats)
     full, tiny = (medians[name] for name in pipes)
     vae_ms = {name: m["vae_encoder"] + m["vae_decoder"] for name, m in medians.items()}
     return {
@@ -94,7 +90,12 @@ def measure(
         "dtype": dtype,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "recipe": {"scheduler": "lcm", **RECIPE},
+        "recipe": {
+            "scheduler": SCHEDULER,
+            "num_inference_steps": STEPS,
+            "strength": STRENGTH,
+            "guidance_scale": GUIDANCE,
+        },
         "vae_parameters": parameters,
         "median_ms": medians,
         "vae_share": {name: vae_ms[name] / m["total"] for name, m in medians.items()},
