@@ -94,8 +94,6 @@ class Img2ImgPipeline:
         self.dims = dims
         """The model's sizes, and whether its VAE's encoder gives a distribution to sample
         (AutoencoderKL) or the latents themselves (TAESD)."""
-        self.text_shape = (dims.max_tokens, dims.text_hidden_size)
-        """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
         self.limits = limits or Limits.from_env()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -117,6 +115,11 @@ class Img2ImgPipeline:
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=dims.vae_scale_factor, do_convert_rgb=True
         )
+
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        """(tokens, width) of the text encoder's output: what prompt embeddings must be."""
+        return (self.dims.max_tokens, self.dims.text_hidden_size)
 
     @classmethod
     def from_components(
