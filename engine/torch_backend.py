@@ -56,8 +56,10 @@ class TorchBackend:
         eager, graphed or inside a step graph, goes through it (the bench wraps it)."""
         self._warned_eager = False
         self.vae = _moved(components["vae"], self.device, dtype)
+        dims = ModelDims.from_components(components)
         # diffusers' UNet forwards odd sizes to its upsamplers, so only the VAE's 8 binds.
-        self.size_multiple = ModelDims.from_components(components).vae_scale_factor
+        self.size_multiple = dims.vae_scale_factor
+        self._vae_samples = dims.vae_samples
         graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
         self._graphed_unet = CudaGraphed(self._unet_forward) if graphs else None
         # What the pipeline captures whole steps around (runtime/step_graph.py).
@@ -119,7 +121,7 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         encoded = self.vae.encode(image.to(self.dtype))
-        if hasattr(encoded, "latent_dist"):  # AutoencoderKL: the distribution, sampled later
+        if self._vae_samples:  # AutoencoderKL: the distribution, sampled later
             return encoded.latent_dist.parameters.float()
         return encoded.latents.float()  # TAESD's AutoencoderTiny: the latents
 
