@@ -2,15 +2,22 @@
 
 TAESD (madebyollin/taesd; diffusers' ``AutoencoderTiny``) is distilled from a model's own
 VAE: its encoder learns the VAE's latents as the UNet sees them (the distribution's mean
-times the scaling factor, so its own scaling factor is 1), its decoder the picture back
-from those latents (sampled, as the UNet's outputs are never exactly a mean). Here the
-teacher is the shipped tiny VAE, the pictures the shapes data (train/shapes.py): what
-``--vae sdtrt/assets/tiny-taesd`` then runs, and what tests/test_trained.py measures of it
-against the VAE (TAESD's own claim for SD, that it loses little, is not measured offline).
+times the scaling factor, so its own scaling factor is 1), its decoder what the VAE decodes
+from latents. Here the teacher is the shipped tiny VAE, the pictures the shapes data
+(train/shapes.py): what ``--vae sdtrt/assets/tiny-taesd`` then runs, and what
+tests/test_trained.py measures of it against the VAE (TAESD's own claim for SD, that it
+loses little, is not measured offline).
+
+The decoder sees two kinds of latents in every batch: the VAE's samples of pictures, with
+the pictures as targets, and the latents the tiny UNet itself ends img2img runs with (a
+pool made once, before training, by the pipeline), with the VAE's decoding of them as
+targets. The UNet's latents reach past the pictures' (|latent| up to ~5 against ~3): a
+decoder trained on pictures' latents alone drew a black blotch there (measured on the
+demo's run: bench/README.md, "A TAESD for the tiny model").
 
     python -m sdtrt.train.taesd --out sdtrt/assets/tiny-taesd [--steps N]
 
-The defaults are the run that made the shipped weights: 12 minutes on 2 cores.
+The defaults are the run that made the shipped weights: about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -47,14 +54,57 @@ def build_tiny_taesd(seed: int = 0) -> Any:
     return AutoencoderTiny(**TINY_TAESD)
 
 
+@torch.no_grad()
+def unet_latents(components: dict[str, Any], n: int, seed: int) -> torch.Tensor:
+    """``n`` latents the model's UNet ends img2img runs with, as its pipeline gives them
+    (``output_type="latent"``): random pictures of the shapes data under other pictures'
+    captions, strength in [0.2, 1.0], guidance in [1, 8], 20 steps of LMS."""
+    import PIL.Image
+
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    pipe = Img2ImgPipeline.from_components(components, "torch", show_progress=False)
+    rng = np.random.default_rng(seed)
+    per_call = pipe.limits.max_batch
+    latents = []
+    for call in range((n + per_call - 1) // per_call):
+        pixels, _ = shapes.batch(rng, per_call)
+        _, prompts = shapes.batch(rng, per_call)
+        images = [
+            PIL.Image.fromarray(np.round((p.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
+            for p in pixels
+        ]
+        out = pipe(
+            prompts,
+            images,
+            strength=float(rng.uniform(0.2, 1.0)),
+            num_inference_steps=20,
+            guidance_scale=float(rng.uniform(1.0, 8.0)),
+            generator=torch.Generator().manual_seed(seed * 100003 + call),
+            output_type="latent",
+        )
+        latents.append(out.images)
+    return torch.cat(latents)[:n]
+
+
 def distill(
-    taesd: Any, vae: Any, steps: int, batch: int, lr: float, seed: int
+    taesd: Any,
+    vae: Any,
+    pool: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
 ) -> dict[str, list[float]]:
-    """Train ``taesd``'s encoder on ``vae``'s scaled latent means and its decoder on the
-    pictures from ``vae``'s scaled latent samples (each loss its own half's)."""
+    """Train ``taesd``'s encoder on ``vae``'s scaled latent means, and its decoder on the
+    pictures from ``vae``'s scaled latent samples and on ``vae``'s decoding of the scaled
+    latents in ``pool`` (each loss its own half's)."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     scaling = vae.config.scaling_factor
+    with torch.no_grad():  # clamped, as the image processor clamps what a user sees
+        decoded = torch.cat([vae.decode(part / scaling).sample for part in pool.split(64)])
+        decoded = decoded.clamp(-1.0, 1.0)
     optimiser = torch.optim.AdamW(taesd.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     taesd.train()
@@ -65,8 +115,12 @@ def distill(
             posterior = vae.encode(pixels).latent_dist
             target = scaling * posterior.mean
             sampled = scaling * posterior.sample(generator)
+        chosen = torch.from_numpy(rng.choice(len(pool), batch, replace=False))
         encoder_loss = torch.nn.functional.mse_loss(taesd.encode(pixels).latents, target)
-        decoder_loss = torch.nn.functional.mse_loss(taesd.decode(sampled).sample, pixels)
+        decoder_loss = torch.nn.functional.mse_loss(
+            taesd.decode(torch.cat([sampled, pool[chosen]])).sample,
+            torch.cat([pixels, decoded[chosen]]),
+        )
         optimiser.zero_grad(set_to_none=True)
         (encoder_loss + decoder_loss).backward()
         optimiser.step()
@@ -109,17 +163,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pool", type=int, default=4096, help="UNet latents the decoder learns the VAE's on"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    vae = build_tiny_trained()["vae"]
-    taesd = build_tiny_taesd(args.seed)
+    components = build_tiny_trained()
     start = time.perf_counter()
-    losses = distill(taesd, vae, args.steps, args.batch, 2e-3, args.seed)
+    # Seeds of their own: not the tests' (0-3), nor the pictures' draws in training.
+    pool = unet_latents(components, args.pool, seed=1000 + args.seed)
+    pool_seconds = time.perf_counter() - start
+    logger.info("%d UNet latents in %.0f s", len(pool), pool_seconds)
+    taesd = build_tiny_taesd(args.seed)
+    losses = distill(taesd, components["vae"], pool, args.steps, args.batch, 2e-3, args.seed)
     record = {
         "commit": head_commit(),
         "args": vars(args),
         "teacher": "the shipped tiny VAE (sdtrt/assets/tiny/vae.safetensors)",
         "seconds": round(time.perf_counter() - start, 1),
+        "pool_seconds": round(pool_seconds, 1),
+        "pool_max_abs": round(float(pool.abs().max()), 2),
         "encoder_loss_last_200": float(np.mean(losses["encoder"][-200:])),
         "decoder_loss_last_200": float(np.mean(losses["decoder"][-200:])),
         "torch": torch.__version__,
