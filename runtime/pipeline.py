@@ -70,7 +70,7 @@ def _one_call_at_a_time(
 ) -> Callable[Concatenate[Img2ImgPipeline, P], T]:
     @functools.wraps(method)
     def serialised(self: Img2ImgPipeline, *args: P.args, **kwargs: P.kwargs) -> T:
-        with self._one_call:
+        with self.one_call:
             return method(self, *args, **kwargs)
 
     return serialised
@@ -107,11 +107,13 @@ class Img2ImgPipeline:
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
-        # One call at a time: the scheduler keeps the loop's state (its step index, the
-        # multistep solvers' history) and the backends their buffers (CUDA graphs' static
-        # inputs, TensorRT's execution context). Threads that share a pipeline (a web
-        # framework's worker pool) wait for each other; sdtrt serve batches them instead.
-        self._one_call = threading.Lock()
+        self.one_call = threading.Lock()
+        """Held for each call: the scheduler keeps the loop's state (its step index, the
+        multistep solvers' history) and the backends their buffers (CUDA graphs' static
+        inputs, TensorRT's execution context). Threads that share a pipeline (a web
+        framework's worker pool) wait for each other; sdtrt serve batches them instead, its
+        worker holding this for each batched step, so that a direct call on the same
+        pipeline waits for the step and the step for the call."""
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=dims.vae_scale_factor, do_convert_rgb=True
         )

@@ -291,8 +291,12 @@ class StepBatcher:
 
     def _run(self) -> None:
         threads = self.intra_op_threads if self.device.type == "cpu" else None
+        # The pipeline's one-call lock around the warm-up and each iteration: the backend's
+        # buffers are the pipeline's too (a direct call waits for a step, not into it).
+        one_call = self.pipeline.one_call
         with intra_op_threads(threads), torch.inference_mode():
-            self._warm_shapes()
+            with one_call:
+                self._warm_shapes()
             while True:
                 with self._lock:
                     while not self._stopped and not self.waiting and not self.active:
@@ -301,7 +305,8 @@ class StepBatcher:
                         break
                     new = self._admit()
                 try:
-                    self._iterate(new)
+                    with one_call:
+                        self._iterate(new)
                 except Exception as exc:  # never let one bad iteration kill the worker
                     logger.exception("batcher iteration failed")
                     for job in [*new, *self.active]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import wait
 
 import httpx
 import numpy as np
@@ -110,6 +111,28 @@ def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, s
     assert np.array_equal(result.array, _reference(tiny, request, image))
     assert result.unet_calls == len(rows) == 6 and set(rows) == {2}
     assert result.image.size == (48, 32)
+
+
+def test_the_worker_steps_only_while_it_holds_the_pipelines_one_call_lock(pipe, image):
+    """A direct call on the pipeline the server batches on holds its one-call lock (the
+    backend's buffers are shared): the worker waits for it, and runs on once it is free."""
+    batcher = StepBatcher(pipe, start=False)
+    rows: list[int] = []
+    batcher.stats.on_unet_call.append(rows.append)
+    request = Img2ImgRequest(prompt="a cat", image=image, strength=0.6, num_inference_steps=10)
+    try:
+        with pipe.one_call:  # what a direct call holds for its whole run
+            batcher.start()
+            time.sleep(0.5)
+            assert not batcher.warmed.done()  # the warm-up waits too
+        batcher.warmed.result(timeout=60)
+        with pipe.one_call:
+            future = batcher.submit(batcher.prepare(request))
+            done, _ = wait([future], timeout=1.0)
+            assert not done and rows == []
+        assert future.result(timeout=60).unet_calls == len(rows) == 6
+    finally:
+        batcher.close()
 
 
 def _new_thread_threads():
