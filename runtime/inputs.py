@@ -223,6 +223,29 @@ def image_input(image: Any) -> Any:
     return image
 
 
+def latents_input(image: Any, channels: int) -> Any:
+    """``image`` as latents, where it is one torch tensor ``[channels, h, w]`` or ``[B,
+    channels, h, w]`` (the model's latent channels: what ``output_type="latent"`` gives,
+    scaled as the UNet sees them), which diffusers' img2img takes as the image's latents
+    and does not encode; None for anything else (pixels, or a wrong kind ``image_input``
+    then names). Checked: floats, not empty, finite."""
+    import torch
+
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        return None
+    if image.shape[-3] != channels:
+        return None
+    latents = image if image.ndim == 4 else image[None]
+    if 0 in latents.shape or not latents.is_floating_point():
+        raise InvalidInputError(
+            f"image is a {channels}-channel tensor of {latents.dtype}, shape "
+            f"{list(image.shape)}: latents must be floats [B, {channels}, h, w], not empty"
+        )
+    if not torch.isfinite(latents).all():
+        raise InvalidInputError("image (latents) holds NaN or infinite values")
+    return latents
+
+
 def check_generator(generator: Any, batch_size: int) -> None:
     """None, a ``torch.Generator``, or diffusers' list of one per image of the batch (image
     i draws from generator i)."""
@@ -256,7 +279,7 @@ def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
         channels, floating = item.shape[-3:-2], item.is_floating_point()
     if item.ndim not in (3, 4) or tuple(channels) != (3,) or 0 in item.shape:
         latents = what == "torch tensor" and tuple(channels) == (4,)
-        hint = " (latents are not taken as image: sdtrt encodes pixels)" if latents else ""
+        hint = " (latents: one tensor [B, 4, h, w], not a list)" if latents else ""
         raise InvalidInputError(
             f"image is a {what} of shape {list(item.shape)}; expected {layout}{hint}"
         )

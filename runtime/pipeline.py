@@ -38,6 +38,7 @@ from sdtrt.runtime.inputs import (
     check_steps_and_guidance,
     image_input,
     is_integer,
+    latents_input,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import check_scheduler_fits, make_scheduler, step_kwargs
@@ -257,18 +258,25 @@ class Img2ImgPipeline:
         do_guidance = guidance_scale > 1.0
         timings: dict[str, float] = {}
 
-        # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW.
-        image = image_input(image)
-        height, width = self.output_size(image, height, width)
+        # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW; or latents as they are.
+        given_latents = latents_input(image, self.dims.latent_channels)
+        if given_latents is None:
+            image = image_input(image)
+            height, width = self.output_size(image, height, width)
+        else:
+            height, width = self._latents_size(given_latents, height, width)
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
         check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
-        pixels = self.image_processor.preprocess(image, height=height, width=width)
-        if pixels.shape[0] > batch_size or batch_size % pixels.shape[0]:
+        if given_latents is None:
+            inputs = self.image_processor.preprocess(image, height=height, width=width)
+        else:
+            inputs = given_latents
+        if inputs.shape[0] > batch_size or batch_size % inputs.shape[0]:
             raise InvalidInputError(
-                f"{pixels.shape[0]} images for a batch of {batch_size} "
+                f"{inputs.shape[0]} images for a batch of {batch_size} "
                 "(prompts x images per prompt): give one image, or one per prompt"
             )
-        pixels = pixels.to(self.backend.device, torch.float32)
+        inputs = inputs.to(self.backend.device, torch.float32)
 
         # 3. Encode the prompts; [uncond, cond] go through the UNet as ONE batch.
         with self._timed("text_encoder", timings):
@@ -282,16 +290,15 @@ class Img2ImgPipeline:
         timesteps = start_timesteps(scheduler, num_inference_steps, t_start, self.backend.device)
 
         # 5. Encode the image, sample its latent with the caller's generator, add noise.
-        with self._timed("vae_encoder", timings):
-            encoded = self.backend.encode_image(pixels)
+        # Latents given as the image are taken as diffusers takes them: no encoder, no draw.
+        if given_latents is None:
+            with self._timed("vae_encoder", timings):
+                encoded = self.backend.encode_image(inputs)
+            vae_samples, scaling = self.dims.vae_samples, self.scaling_factor
+        else:
+            encoded, vae_samples, scaling = inputs, False, 1.0
         latents = noised_latents(
-            encoded,
-            self.dims.vae_samples,
-            self.scaling_factor,
-            batch_size,
-            scheduler,
-            timesteps[:1],
-            generator,
+            encoded, vae_samples, scaling, batch_size, scheduler, timesteps[:1], generator
         )
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
@@ -349,6 +356,24 @@ class Img2ImgPipeline:
                 multiple,
             )
         return height, width
+
+    def _latents_size(
+        self, latents: torch.Tensor, height: int | None, width: int | None
+    ) -> tuple[int, int]:
+        """The picture's size that latents given as the image decode to (they are not
+        resized: a height or width given must be that size), refused where the backend's
+        engines do not take it."""
+        factor = self.dims.vae_scale_factor
+        size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+        if (height, width) != (None, None) and (height or size[0], width or size[1]) != size:
+            raise InvalidInputError(
+                f"latents of {latents.shape[-1]}x{latents.shape[-2]} are a {size[1]}x{size[0]} "
+                f"picture, not {width or size[1]}x{height or size[0]}: latents given as the "
+                "image are not resized (leave height and width out)"
+            )
+        check_size(*size, self.backend.size_multiple)
+        check_pixels(*size, self.backend.pixel_range)
+        return size
 
     def _step_table(
         self,

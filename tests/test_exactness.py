@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import diffusers_img2img
 
+from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import SCHEDULERS
 
@@ -89,6 +90,45 @@ def test_one_generator_per_image_equals_diffusers(tiny, images, scheduler, tabul
     # diffusers encodes each image alone here (ours in one VAE call): not to the last bit.
     assert float(np.abs(got - want).max()) <= 2e-5
     assert float(np.abs(got[0] - got[1]).max()) > 0.05  # one prompt and image, two draws
+
+
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a"])
+@pytest.mark.parametrize("one_generator", [True, False], ids=["generator", "generator-list"])
+def test_latents_as_the_image_equal_diffusers_and_skip_the_encoder(
+    tiny, images, scheduler, one_generator
+):
+    """Latents given as the image (what ``output_type="latent"`` gave: a first run's, to
+    refine or chain), as diffusers' img2img takes them: not encoded, no draw for them, the
+    picture the latents' size; diffusers' image to the last bit, per-image generators too
+    (diffusers encodes nothing here, so nothing is batched differently)."""
+    ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    reference = diffusers_img2img(tiny, scheduler)
+    seed = torch.Generator().manual_seed(1)
+    first = ours(["a red circle", "a cat"], images, strength=1.0, num_inference_steps=6,
+                 generator=seed, output_type="latent").images  # fmt: skip
+    assert first.shape == (2, 4, 4, 6)
+    calls: list[int] = []
+    encode = ours.backend.encode_image
+    ours.backend.encode_image = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    kwargs = dict(strength=0.6, num_inference_steps=10, guidance_scale=7.5, output_type="np")
+    kwargs["num_images_per_prompt"] = 2
+
+    def generator():
+        if one_generator:
+            return torch.Generator().manual_seed(9)
+        return [torch.Generator().manual_seed(seed) for seed in (5, 6, 7, 8)]
+
+    got = ours(["a blue square", "a dog"], first, generator=generator(), **kwargs)
+    want = reference(["a blue square", "a dog"], first, generator=generator(), **kwargs)
+    assert got.images.shape == want.images.shape == (4, 32, 48, 3)
+    assert float(np.abs(got.images - want.images).max()) == 0.0
+    assert calls == [] and "vae_encoder" not in got.timings_ms and got.unet_calls == 6
+    # One latent [4, h, w] is one image; a size given must be the latents' own.
+    one = ours("a dog", first[0], strength=0.6, num_inference_steps=4, output_type="np",
+               height=32, width=48)  # fmt: skip
+    assert one.images.shape == (1, 32, 48, 3) and calls == []
+    with pytest.raises(InvalidInputError, match="a 48x32 picture, not 48x64: latents given"):
+        ours("a dog", first, height=64)
 
 
 def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):

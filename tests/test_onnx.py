@@ -77,6 +77,25 @@ def test_an_opset_the_exporter_cannot_reach_is_refused(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_latents_as_the_image_run_on_onnxruntime_as_on_torch(exported, tiny, images):
+    """Latents given as the image skip the encoder graph on ONNX Runtime too: the torch
+    backend's image within a level; a size the graphs' size rule refuses is refused."""
+    from sdtrt.errors import InvalidInputError
+
+    graph = Img2ImgPipeline.from_pretrained(exported.root, show_progress=False)
+    reference = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    latents = reference(["a dancer", "a cat"], images, strength=1.0, num_inference_steps=4,
+                        output_type="latent").images  # fmt: skip
+    run = dict(strength=0.6, num_inference_steps=10, output_type="np")
+    got = graph(["a dog", "a cat"], latents, generator=torch.Generator().manual_seed(3), **run)
+    want = reference(["a dog", "a cat"], latents, generator=torch.Generator().manual_seed(3), **run)
+    levels = np.abs(np.round(got.images * 255) - np.round(want.images * 255)).max()
+    assert got.images.shape == (2, 32, 48, 3) and levels <= 1
+    assert "vae_encoder" not in got.timings_ms
+    with pytest.raises(InvalidInputError, match="height 8 is not a multiple of 16 px"):
+        graph("a dog", latents[:, :, :1], **run)
+
+
 def test_prompt_embeddings_run_on_an_export_as_their_prompts(exported, images):
     """An export knows its text encoder's output shape from its manifest: embeddings of
     that shape run on ONNX Runtime as the prompts they encode; others are refused."""
