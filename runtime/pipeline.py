@@ -51,6 +51,9 @@ P = ParamSpec("P")
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
+# What a step-end callback may ask for (diffusers' _callback_tensor_inputs): the latents after
+# the step, the UNet's text batch ([uncond, cond] under guidance), the negative half alone.
+CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 Texts = list[str] | torch.Tensor
 """Prompts as strings, or as their embeddings [prompts, tokens, width]."""
 
@@ -108,6 +111,7 @@ class Img2ImgPipeline:
         self.scaling_factor = scaling_factor
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
+        self._interrupt = False
         self.one_call = threading.Lock()
         """Held for each call: the scheduler keeps the loop's state (its step index, the
         multistep solvers' history) and the backends their buffers (CUDA graphs' static
@@ -229,6 +233,8 @@ class Img2ImgPipeline:
         negative_prompt_embeds: torch.Tensor | None = None,
         eta: float = 0.0,
         clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
     ) -> Img2ImgOutput:
         # 1. Check inputs.
         if clip_skip is not None:
@@ -244,6 +250,8 @@ class Img2ImgPipeline:
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
         check_eta(eta)
+        tensor_inputs = _callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._interrupt = False
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
@@ -279,6 +287,7 @@ class Img2ImgPipeline:
         inputs = inputs.to(self.backend.device, torch.float32)
 
         # 3. Encode the prompts; [uncond, cond] go through the UNet as ONE batch.
+        uncond_embeddings = None
         with self._timed("text_encoder", timings):
             text_embeddings = self._encode(prompts, num_images_per_prompt)
             if do_guidance:
@@ -302,25 +311,42 @@ class Img2ImgPipeline:
         )
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
+        # A step-end callback runs the eager loop: it sees and may change each step's tensors.
         extra = step_kwargs(scheduler, generator, float(eta))
         table = None
-        if not extra.get("eta"):  # DDIM with eta > 0 draws noise each step: not tabulated
+        if not extra.get("eta") and callback_on_step_end is None:  # DDIM eta > 0: drawn
             table = self._step_table(scheduler, timesteps, latents, generator)
+        unet_calls = len(timesteps)
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
             else:
                 on_host = timesteps.cpu()  # the scheduler's (start_timesteps says why)
                 bar = tqdm(on_host, disable=not self.show_progress, desc="denoising")
-                for t, t_host in zip(timesteps, bar, strict=True):
+                for i, (t, t_host) in enumerate(zip(timesteps, bar, strict=True)):
+                    if self._interrupt:  # diffusers' way to stop: the rest of the steps skipped
+                        unet_calls -= 1
+                        continue
                     model_input = unet_input(scheduler, latents, t_host, do_guidance)
                     noise_pred = self.backend.unet(model_input, t, text_embeddings)
                     latents = step(scheduler, noise_pred, t_host, latents, guidance_scale, extra)
+                    if callback_on_step_end is not None:
+                        given = {
+                            "latents": latents,
+                            "prompt_embeds": text_embeddings,
+                            "negative_prompt_embeds": uncond_embeddings,
+                        }
+                        changed = callback_on_step_end(
+                            self, i, t, {name: given[name] for name in tensor_inputs}
+                        )
+                        latents, text_embeddings = _step_end_outputs(
+                            changed, latents, text_embeddings
+                        )
         _check_finite(latents, "unet")
 
         # 7. Decode.
         if output_type == "latent":
-            return Img2ImgOutput(_ordinary(latents), len(timesteps), timings)
+            return Img2ImgOutput(_ordinary(latents), unet_calls, timings)
         with self._timed("vae_decoder", timings):
             decoded = self.backend.decode_latents(latents / self.scaling_factor)
         _check_finite(decoded, "vae_decoder")
@@ -329,7 +355,13 @@ class Img2ImgPipeline:
         )
         if output_type == "pt":
             images = _ordinary(images)
-        return Img2ImgOutput(images, len(timesteps), timings)
+        return Img2ImgOutput(images, unet_calls, timings)
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' flag: a step-end callback sets ``pipe._interrupt = True`` to skip the
+        remaining steps (the latents so far are decoded)."""
+        return self._interrupt
 
     def output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The size asked for (a multiple of the backend's unit), else diffusers' rule: the
@@ -540,3 +572,49 @@ def non_finite_error(network: str) -> NonFiniteOutputError:
         "the VAE decoder produced NaN or infinite values; with fp16 this is usually the VAE "
         "overflowing: export or build the VAE in fp32"
     )
+
+
+def _callback_inputs(callback: Any, names: Any) -> tuple[str, ...]:
+    """The tensors a step-end callback is given (none without one), checked: diffusers'
+    names only."""
+    if callback is None:
+        return ()
+    if not callable(callback):
+        raise InvalidInputError(
+            "callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, "
+            f"got {type(callback).__name__}"
+        )
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise InvalidInputError(
+            f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}"
+        )
+    unknown = [name for name in names if name not in CALLBACK_TENSORS]
+    if unknown:
+        raise InvalidInputError(
+            f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSORS)}; "
+            f"got {', '.join(map(repr, unknown))}"
+        )
+    return tuple(names)
+
+
+def _step_end_outputs(
+    changed: Any, latents: torch.Tensor, text_embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latents and text batch a step-end callback returned (diffusers' dict; a tensor
+    left out is kept), each the shape it was: the loop's batch is fixed."""
+    if not isinstance(changed, dict):
+        raise InvalidInputError(
+            "callback_on_step_end must return a dict (the tensors it changes, or {}), "
+            f"got {type(changed).__name__}"
+        )
+    kept = []
+    for name, before in (("latents", latents), ("prompt_embeds", text_embeddings)):
+        after = changed.get(name, before)
+        if not isinstance(after, torch.Tensor) or after.shape != before.shape:
+            what = list(after.shape) if isinstance(after, torch.Tensor) else type(after).__name__
+            raise InvalidInputError(
+                f"callback_on_step_end returned {name} {what}; expected a tensor of shape "
+                f"{list(before.shape)}, as it was given"
+            )
+        kept.append(after.to(before.device, before.dtype))
+    return kept[0], kept[1]

@@ -131,6 +131,50 @@ def test_latents_as_the_image_equal_diffusers_and_skip_the_encoder(
         ours("a dog", first, height=64)
 
 
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a", "dpmpp_2m"])
+def test_a_step_end_callback_sees_and_changes_what_diffusers_callback_does(tiny, images, scheduler):
+    """diffusers' ``callback_on_step_end``: called after each step with (pipe, step index,
+    timestep, the tensors named), what it returns replaces them for the next step (here
+    the latents damped once, the text batch's cond half swapped for the uncond one), and
+    ``pipe._interrupt = True`` skips the rest of the steps. diffusers' image to the last
+    bit, the same calls; the tabulated steps ``--step-graphs`` replays give way to the
+    eager loop, which the callback needs."""
+    ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    ours.backend.step_unet = ours.backend.unet  # what --step-graphs gives on a GPU
+    reference = diffusers_img2img(tiny, scheduler)
+
+    def recorder(seen):
+        def on_step_end(pipe, i, t, tensors):
+            seen.append((i, float(t), sorted(tensors), tuple(tensors["latents"].shape)))
+            if i == 1:
+                return {"latents": tensors["latents"] * 0.9}
+            if i == 2:
+                uncond = tensors["negative_prompt_embeds"]
+                return {"prompt_embeds": torch.cat([uncond, uncond])}
+            if i == 4:
+                pipe._interrupt = True
+            return {}
+
+        return on_step_end
+
+    kwargs = dict(strength=0.8, num_inference_steps=10, guidance_scale=7.5, output_type="np")
+    kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds",
+                                                    "negative_prompt_embeds"]  # fmt: skip
+    seen_ours: list = []
+    seen_theirs: list = []
+    got = ours(["a red circle", "a cat"], images, generator=torch.Generator().manual_seed(2),
+               callback_on_step_end=recorder(seen_ours), **kwargs)  # fmt: skip
+    want = reference(["a red circle", "a cat"], images, generator=torch.Generator().manual_seed(2),
+                     callback_on_step_end=recorder(seen_theirs), **kwargs)  # fmt: skip
+    assert seen_ours == seen_theirs and [i for i, *_ in seen_ours] == [0, 1, 2, 3, 4]
+    assert got.images.shape == want.images.shape == (2, 32, 48, 3)
+    assert float(np.abs(got.images - want.images).max()) == 0.0
+    assert got.unet_calls == 5 and ours.interrupt and ours.step_graphs is None
+    # The next call starts uninterrupted, with no callback: all 8 steps.
+    assert ours("a cat", images[0], **{**kwargs, "callback_on_step_end_tensor_inputs": ()}
+                ).unet_calls == 8  # fmt: skip
+
+
 def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):
     """``prompt_embeds`` and ``negative_prompt_embeds`` (what prompt-weighting tools such as
     compel hand over) in place of prompts: diffusers' image for the same embeddings, and the

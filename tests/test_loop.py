@@ -321,3 +321,34 @@ def test_long_prompt_is_truncated_with_a_warning(tiny, images, caplog):
     with caplog.at_level(logging.WARNING):
         pipe(" ".join(["dancer"] * 100), images[0], num_inference_steps=2, output_type="latent")
     assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "callback, names, message",
+    [
+        ("print", ["latents"], "callback_on_step_end must be a function (pipe, step"),
+        (lambda *a: {}, "latents", "tensor_inputs must be a list of names, got 'latents'"),
+        (lambda *a: {}, ["noise_pred"], "may name latents, prompt_embeds, negative_prompt_em"),
+        (lambda *a: None, ["latents"], "must return a dict (the tensors it changes, or {})"),
+        (
+            lambda pipe, i, t, tensors: {"latents": tensors["latents"][:1]},
+            ["latents"],
+            "returned latents [1, 4, 4, 6]; expected a tensor of shape [2, 4, 4, 6]",
+        ),
+        (
+            lambda *a: {"prompt_embeds": 1.0},
+            ["latents"],
+            "returned prompt_embeds float; expected a tensor of shape [4, 77, 32]",
+        ),
+    ],
+)
+def test_bad_step_end_callbacks_are_refused_saying_what_is_taken(
+    counted, images, callback, names, message
+):
+    """A callback, its tensor names and what it returns are checked: names before any
+    network runs, returns at the first step, each error saying what is taken."""
+    pipe, backend = counted()
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        pipe(["a", "b"], images, num_inference_steps=4, callback_on_step_end=callback,
+             callback_on_step_end_tensor_inputs=names)  # fmt: skip
+    assert len(backend.calls) == (0 if "return" not in message else 1)
