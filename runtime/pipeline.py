@@ -41,7 +41,12 @@ from sdtrt.runtime.inputs import (
     latents_input,
     resolve_start_step,
 )
-from sdtrt.runtime.schedulers import check_scheduler_fits, make_scheduler, step_kwargs
+from sdtrt.runtime.schedulers import (
+    check_scheduler_fits,
+    custom_schedule,
+    make_scheduler,
+    step_kwargs,
+)
 from sdtrt.runtime.step_graph import StepGraphs
 from sdtrt.runtime.step_table import StepTable, tabulate
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -235,6 +240,8 @@ class Img2ImgPipeline:
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., Any] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> Img2ImgOutput:
         # 1. Check inputs.
         if clip_skip is not None:
@@ -247,6 +254,9 @@ class Img2ImgPipeline:
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
         check_steps_and_guidance(num_inference_steps, guidance_scale)
+        schedule = custom_schedule(self.scheduler, timesteps, sigmas)
+        if schedule:  # diffusers' rule: the steps are the schedule's, the count ignored
+            num_inference_steps = self._schedule_length(schedule)
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
         check_eta(eta)
@@ -274,7 +284,8 @@ class Img2ImgPipeline:
         else:
             height, width = self._latents_size(given_latents, height, width)
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
-        check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
+        if not schedule:  # a custom one was checked by the scheduler as it was set
+            check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
         if given_latents is None:
             inputs = self.image_processor.preprocess(image, height=height, width=width)
         else:
@@ -296,7 +307,9 @@ class Img2ImgPipeline:
 
         # 4. Timesteps: skip every index before the start step.
         scheduler = self.scheduler
-        timesteps = start_timesteps(scheduler, num_inference_steps, t_start, self.backend.device)
+        steps_left = start_timesteps(
+            scheduler, num_inference_steps, t_start, self.backend.device, schedule
+        )
 
         # 5. Encode the image, sample its latent with the caller's generator, add noise.
         # Latents given as the image are taken as diffusers takes them: no encoder, no draw.
@@ -307,7 +320,7 @@ class Img2ImgPipeline:
         else:
             encoded, vae_samples, scaling = inputs, False, 1.0
         latents = noised_latents(
-            encoded, vae_samples, scaling, batch_size, scheduler, timesteps[:1], generator
+            encoded, vae_samples, scaling, batch_size, scheduler, steps_left[:1], generator
         )
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
@@ -315,15 +328,15 @@ class Img2ImgPipeline:
         extra = step_kwargs(scheduler, generator, float(eta))
         table = None
         if not extra.get("eta") and callback_on_step_end is None:  # DDIM eta > 0: drawn
-            table = self._step_table(scheduler, timesteps, latents, generator)
-        unet_calls = len(timesteps)
+            table = self._step_table(scheduler, steps_left, latents, generator)
+        unet_calls = len(steps_left)
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
             else:
-                on_host = timesteps.cpu()  # the scheduler's (start_timesteps says why)
+                on_host = steps_left.cpu()  # the scheduler's (start_timesteps says why)
                 bar = tqdm(on_host, disable=not self.show_progress, desc="denoising")
-                for i, (t, t_host) in enumerate(zip(timesteps, bar, strict=True)):
+                for i, (t, t_host) in enumerate(zip(steps_left, bar, strict=True)):
                     if self._interrupt:  # diffusers' way to stop: the rest of the steps skipped
                         unet_calls -= 1
                         continue
@@ -388,6 +401,16 @@ class Img2ImgPipeline:
                 multiple,
             )
         return height, width
+
+    def _schedule_length(self, schedule: dict[str, Any]) -> int:
+        """The steps of a custom schedule, as diffusers counts them (the scheduler's
+        timesteps once it is set: a sigma schedule ends at its last sigma, one fewer); what
+        the scheduler refuses of it (order, range) an InvalidInputError."""
+        try:
+            self.scheduler.set_timesteps(device="cpu", **schedule)
+        except ValueError as exc:
+            raise InvalidInputError(f"{', '.join(schedule)}: {exc}") from exc
+        return len(self.scheduler.timesteps)
 
     def _latents_size(
         self, latents: torch.Tensor, height: int | None, width: int | None

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import diffusers
+import numpy as np
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sdtrt.errors import InvalidInputError
@@ -110,6 +111,51 @@ def _diffusers_name(cls: type) -> str:
 
 def _steps(cls: type, prediction: str) -> bool:
     return all(prediction in takes for base, takes in _PREDICTIONS.items() if issubclass(cls, base))
+
+
+def custom_schedule(scheduler: Any, timesteps: Any, sigmas: Any) -> dict[str, list[Any]]:
+    """diffusers' ``timesteps`` or ``sigmas`` (a schedule of one's own, such as Align Your
+    Steps') as the keyword ``scheduler.set_timesteps`` takes; {} where neither is given.
+    Refused: both; a scheduler whose diffusers class takes no such schedule (named with
+    those that do); anything but a non-empty list of finite numbers, timesteps integers
+    within the model's training steps. The scheduler checks the rest when it is set."""
+    if timesteps is None and sigmas is None:
+        return {}
+    if timesteps is not None and sigmas is not None:
+        raise InvalidInputError("give timesteps or sigmas, not both")
+    name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if name not in _set_timesteps_parameters(type(scheduler)):
+        takers = [n for n in SCHEDULERS if name in _set_timesteps_parameters(scheduler_class(n))]
+        raise InvalidInputError(
+            f"{_diffusers_name(type(scheduler))} takes no custom {name}; "
+            f"these schedulers do: {', '.join(takers)}"
+        )
+    array = values.detach().cpu().numpy() if hasattr(values, "detach") else values
+    try:
+        array = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.asarray([np.nan])
+    if array.ndim != 1 or not len(array) or not np.isfinite(array).all():
+        raise InvalidInputError(
+            f"{name} must be a non-empty list of finite numbers, got {values!r}"
+        )
+    if name == "timesteps":
+        steps = scheduler.config.num_train_timesteps
+        if (array != np.round(array)).any() or array.min() < 0 or array.max() >= steps:
+            raise InvalidInputError(
+                f"timesteps must be integers in [0, {steps}) (the model's training steps), "
+                f"got {array.tolist()}"
+            )
+        return {name: [int(t) for t in array]}
+    if array.min() < 0:
+        raise InvalidInputError(f"sigmas must be >= 0, got {array.tolist()}")
+    return {name: [float(sigma) for sigma in array]}
+
+
+def _set_timesteps_parameters(cls: type) -> set[str]:
+    """The parameters of the diffusers class's ``set_timesteps`` (ours pass theirs on)."""
+    base: Any = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+    return set(inspect.signature(base.set_timesteps).parameters)
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:

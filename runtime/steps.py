@@ -70,12 +70,22 @@ def _expanded_ids(tokenizer: Any, prompts: list[str], vectors: dict[int, list[in
     return torch.tensor(rows)
 
 
-def start_timesteps(scheduler: Any, num_inference_steps: int, t_start: int, device: Any) -> Any:
+def start_timesteps(
+    scheduler: Any,
+    num_inference_steps: int,
+    t_start: int,
+    device: Any,
+    schedule: dict[str, Any] | None = None,
+) -> Any:
     """The timesteps left after skipping ``t_start`` steps, on ``device`` (the scheduler is
-    told where it begins, as diffusers' img2img does). The UNet takes these; the scheduler
+    told where it begins, as diffusers' img2img does); ``schedule``: custom ``timesteps``
+    or ``sigmas`` in place of the count. The UNet takes these; the scheduler
     takes each from a host copy (``.cpu()``, once): DDIM and PNDM read a timestep's value,
     which from a GPU tensor would wait for the device at every step."""
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    if schedule:
+        scheduler.set_timesteps(device=device, **schedule)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)

@@ -175,6 +175,46 @@ def test_a_step_end_callback_sees_and_changes_what_diffusers_callback_does(tiny,
                 ).unet_calls == 8  # fmt: skip
 
 
+# Align Your Steps' 10-step schedules for SD 1.5 (diffusers' AysSchedules): its timesteps,
+# and its sigmas (11: the last, 0, where the last step ends).
+AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0]
+
+
+@pytest.mark.parametrize(
+    "scheduler, custom",
+    [
+        ("euler", {"timesteps": AYS_TIMESTEPS}),
+        ("euler", {"sigmas": AYS_SIGMAS}),
+        ("dpmpp_2m", {"timesteps": AYS_TIMESTEPS}),
+        ("lcm", {"timesteps": [999, 759, 499, 259]}),
+    ],
+    ids=["euler-timesteps", "euler-sigmas", "dpmpp_2m-timesteps", "lcm"],
+)
+@pytest.mark.parametrize("tabulated", [False, True], ids=["eager", "step-table"])
+def test_a_custom_schedule_equals_diffusers(tiny, images, scheduler, custom, tabulated):
+    """diffusers' ``timesteps`` or ``sigmas`` (Align Your Steps' here): the schedule's
+    steps, whatever ``num_inference_steps`` says, cut by the strength as diffusers cuts
+    them; diffusers' image to the last bit, in the eager loop and the tabulated steps."""
+    ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    if tabulated:
+        ours.backend.step_unet = ours.backend.unet  # what --step-graphs gives on a GPU
+    reference = diffusers_img2img(tiny, scheduler)
+    kwargs = dict(strength=0.6, num_inference_steps=50, guidance_scale=3.0, output_type="np")
+    got = ours(["a red circle", "a cat"], images, generator=torch.Generator().manual_seed(6),
+               **kwargs, **custom)  # fmt: skip
+    want = reference(["a red circle", "a cat"], images, generator=torch.Generator().manual_seed(6),
+                     **kwargs, **custom).images  # fmt: skip
+    assert (ours.step_graphs is not None) == tabulated
+    assert got.images.shape == want.shape == (2, 32, 48, 3)
+    assert float(np.abs(got.images - want).max()) == 0.0
+    steps = len(next(iter(custom.values()))) - ("sigmas" in custom)
+    assert got.unet_calls == int(steps * 0.6)
+    # The next call without one is the count's schedule again.
+    plain = dict(kwargs, num_inference_steps=5)
+    assert ours("a cat", images[0], **plain).unet_calls == 3
+
+
 def test_prompt_embeddings_equal_diffusers_and_their_prompts(tiny, images):
     """``prompt_embeds`` and ``negative_prompt_embeds`` (what prompt-weighting tools such as
     compel hand over) in place of prompts: diffusers' image for the same embeddings, and the
