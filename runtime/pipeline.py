@@ -254,9 +254,11 @@ class Img2ImgPipeline:
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
         check_steps_and_guidance(num_inference_steps, guidance_scale)
-        schedule = custom_schedule(self.scheduler, timesteps, sigmas)
+        schedule, schedule_steps = custom_schedule(
+            self.scheduler, self.model_scheduler_config, timesteps, sigmas
+        )
         if schedule:  # diffusers' rule: the steps are the schedule's, the count ignored
-            num_inference_steps = self._schedule_length(schedule)
+            num_inference_steps = schedule_steps
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
         check_eta(eta)
@@ -401,16 +403,6 @@ class Img2ImgPipeline:
                 multiple,
             )
         return height, width
-
-    def _schedule_length(self, schedule: dict[str, Any]) -> int:
-        """The steps of a custom schedule, as diffusers counts them (the scheduler's
-        timesteps once it is set: a sigma schedule ends at its last sigma, one fewer); what
-        the scheduler refuses of it (order, range) an InvalidInputError."""
-        try:
-            self.scheduler.set_timesteps(device="cpu", **schedule)
-        except ValueError as exc:
-            raise InvalidInputError(f"{', '.join(schedule)}: {exc}") from exc
-        return len(self.scheduler.timesteps)
 
     def _latents_size(
         self, latents: torch.Tensor, height: int | None, width: int | None

@@ -113,23 +113,21 @@ def _steps(cls: type, prediction: str) -> bool:
     return all(prediction in takes for base, takes in _PREDICTIONS.items() if issubclass(cls, base))
 
 
-def custom_schedule(scheduler: Any, timesteps: Any, sigmas: Any) -> dict[str, list[Any]]:
+def custom_schedule(
+    scheduler: Any, model_config: Any, timesteps: Any, sigmas: Any
+) -> tuple[dict[str, list[Any]], int]:
     """diffusers' ``timesteps`` or ``sigmas`` (a schedule of one's own, such as Align Your
-    Steps') as the keyword ``scheduler.set_timesteps`` takes; {} where neither is given.
-    Refused: both; a scheduler whose diffusers class takes no such schedule (named with
-    those that do); anything but a non-empty list of finite numbers, timesteps integers
-    within the model's training steps. The scheduler checks the rest when it is set."""
+    Steps') as the keyword ``scheduler.set_timesteps`` takes, set on ``scheduler``, and its
+    steps as diffusers counts them (the scheduler's timesteps: a sigma schedule ends at its
+    last sigma, one fewer); ({}, 0) where neither is given. Refused: both; anything but a
+    non-empty list of finite numbers, timesteps integers within the model's training
+    steps; a scheduler that takes no such schedule or refuses this one (named with those
+    that take it, as made from ``model_config``, the model's own scheduler config)."""
     if timesteps is None and sigmas is None:
-        return {}
+        return {}, 0
     if timesteps is not None and sigmas is not None:
         raise InvalidInputError("give timesteps or sigmas, not both")
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
-    if name not in _set_timesteps_parameters(type(scheduler)):
-        takers = [n for n in SCHEDULERS if name in _set_timesteps_parameters(scheduler_class(n))]
-        raise InvalidInputError(
-            f"{_diffusers_name(type(scheduler))} takes no custom {name}; "
-            f"these schedulers do: {', '.join(takers)}"
-        )
     array = values.detach().cpu().numpy() if hasattr(values, "detach") else values
     try:
         array = np.asarray(array, dtype=np.float64)
@@ -139,6 +137,10 @@ def custom_schedule(scheduler: Any, timesteps: Any, sigmas: Any) -> dict[str, li
         raise InvalidInputError(
             f"{name} must be a non-empty list of finite numbers, got {values!r}"
         )
+    if (np.diff(array) >= 0).any():
+        raise InvalidInputError(
+            f"{name} must be in descending order (the noisiest first), got {array.tolist()}"
+        )
     if name == "timesteps":
         steps = scheduler.config.num_train_timesteps
         if (array != np.round(array)).any() or array.min() < 0 or array.max() >= steps:
@@ -146,10 +148,46 @@ def custom_schedule(scheduler: Any, timesteps: Any, sigmas: Any) -> dict[str, li
                 f"timesteps must be integers in [0, {steps}) (the model's training steps), "
                 f"got {array.tolist()}"
             )
-        return {name: [int(t) for t in array]}
-    if array.min() < 0:
-        raise InvalidInputError(f"sigmas must be >= 0, got {array.tolist()}")
-    return {name: [float(sigma) for sigma in array]}
+        schedule: dict[str, list[Any]] = {name: [int(t) for t in array]}
+    else:
+        if array.min() < 0:
+            raise InvalidInputError(f"sigmas must be >= 0, got {array.tolist()}")
+        schedule = {name: [float(sigma) for sigma in array]}
+    problem = f"takes no custom {name}"
+    if name in _set_timesteps_parameters(type(scheduler)):
+        try:
+            scheduler.set_timesteps(device="cpu", **schedule)
+            return schedule, len(scheduler.timesteps)
+        except ValueError as exc:
+            problem = f"refuses these {name} ({exc})"
+    takers = ", ".join(_takers(schedule, model_config)) or "none"
+    raise InvalidInputError(
+        f"{_diffusers_name(type(scheduler))} {problem}; the schedulers that take them: {takers}"
+    )
+
+
+def _takers(schedule: dict[str, list[Any]], config: Any) -> list[str]:
+    """The named schedulers that take ``schedule`` for this model, found by setting it."""
+    from diffusers.utils import logging as diffusers_logging
+
+    takers = []
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # LCM warns of timesteps off its grid
+    try:
+        for name in SCHEDULERS:
+            cls = scheduler_class(name)
+            if next(iter(schedule)) not in _set_timesteps_parameters(cls):
+                continue
+            try:
+                cls.from_config(_taken_by(cls, config), **SETTINGS.get(name, {})).set_timesteps(
+                    **schedule
+                )
+            except ValueError:
+                continue
+            takers.append(name)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return takers
 
 
 def _set_timesteps_parameters(cls: type) -> set[str]:

@@ -65,7 +65,7 @@ def img2img(
     image = load_image(job.image or SAMPLE_IMAGE)
     # The output takes the image's size where none is given: bound it before the model loads.
     Limits.from_env().check(
-        steps=job.steps,
+        steps=job.schedule_steps,
         batch=job.batch,
         height=job.height or image.height,
         width=job.width or image.width,
@@ -84,6 +84,8 @@ def img2img(
         num_images_per_prompt=job.batch,
         height=job.height,
         width=job.width,
+        timesteps=None if job.timesteps is None else list(job.timesteps),
+        sigmas=None if job.sigmas is None else list(job.sigmas),
     )
     paths = job.output_paths()
     for picture, path in zip(result.images, paths, strict=True):

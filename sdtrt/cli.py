@@ -47,7 +47,9 @@ from sdtrt.options import (
     expand_home,
     one_gpu_hint,
     parse_embedding,
+    parse_integers,
     parse_lora,
+    parse_numbers,
     parse_sizes,
 )
 
@@ -243,6 +245,20 @@ def _add_img2img(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=job.steps, help="scheduler steps")
     p.add_argument("--guidance", type=float, default=job.guidance, help="guidance scale")
     p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES, help="scheduler")
+    schedule = p.add_mutually_exclusive_group()
+    schedule.add_argument(
+        "--timesteps",
+        type=_argument(parse_integers),
+        default=None,
+        help="a schedule in place of --steps, e.g. Align Your Steps' for SD 1.5: "
+        "999,850,736,645,545,455,343,233,124,24 (euler, dpmpp_2m, lcm, tcd)",
+    )
+    schedule.add_argument(
+        "--sigmas",
+        type=_argument(parse_numbers),
+        default=None,
+        help="or its sigmas, one more than the steps (euler)",
+    )
     p.add_argument(
         "--eta", type=float, default=job.eta, help="ddim's per-step noise (tcd's gamma), in [0, 1]"
     )
@@ -297,6 +313,8 @@ def _run_img2img(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         batch=args.batch,
+        timesteps=args.timesteps,
+        sigmas=args.sigmas,
         out=args.out,
     )
     result, paths = img2img(

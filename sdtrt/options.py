@@ -294,8 +294,21 @@ class Img2ImgJob:
     """None: the input image's height, rounded down to the model's size unit."""
     width: int | None = None
     batch: int = 1
+    timesteps: tuple[int, ...] | None = None
+    """A schedule of one's own in place of ``steps`` (diffusers' ``timesteps``)."""
+    sigmas: tuple[float, ...] | None = None
+    """Or its sigmas (diffusers' ``sigmas``; one more than the steps: where the last ends)."""
     out: str = "out/img2img.png"
     """PNG, JPEG or WebP by extension; a batch writes NAME-0.EXT, NAME-1.EXT, ..."""
+
+    @property
+    def schedule_steps(self) -> int:
+        """The steps the job runs at most: its custom schedule's, else ``steps``."""
+        if self.timesteps is not None:
+            return len(self.timesteps)
+        if self.sigmas is not None:
+            return max(1, len(self.sigmas) - 1)
+        return self.steps
 
     def output_paths(self) -> list[Path]:
         out = Path(self.out)
@@ -321,7 +334,10 @@ class Img2ImgJob:
             raise InvalidInputError(
                 "--image is empty: give an image file, or leave --image out for the sample"
             )
-        resolve_start_step(self.steps, self.strength, self.start_step)
+        if self.timesteps is not None and self.sigmas is not None:
+            raise InvalidInputError("give timesteps or sigmas, not both")
+        if self.timesteps is None and self.sigmas is None:  # else the scheduler counts them
+            resolve_start_step(self.steps, self.strength, self.start_step)
         check_seed(self.seed)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise InvalidInputError(f"batch must be >= 1, got {self.batch}")
@@ -415,6 +431,25 @@ class ModelSource:
         extra += [f"embedding {path} as {token!r}" for path, token in self.embeddings]
         extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)
         return self.model + (f" ({', '.join(extra)})" if extra else "")
+
+
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """ "999,850,736" -> (999.0, 850.0, 736.0): a schedule given on the command line."""
+    try:
+        numbers = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        numbers = ()
+    if not numbers or not all(math.isfinite(n) for n in numbers):
+        raise InvalidInputError(f"expected numbers separated by commas (999,850,736), got {text!r}")
+    return numbers
+
+
+def parse_integers(text: str) -> tuple[int, ...]:
+    """ "999,850,736" -> (999, 850, 736): timesteps given on the command line."""
+    numbers = parse_numbers(text)
+    if not all(n == int(n) for n in numbers):
+        raise InvalidInputError(f"expected integers separated by commas, got {text!r}")
+    return tuple(int(n) for n in numbers)
 
 
 def parse_lora(text: str) -> tuple[str, float]:

@@ -173,6 +173,10 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--backend", "onnxruntime", "--step-graphs"], "--step-graphs does not apply to the"),
         (["--step-graphs"], "--step-graphs needs --device cuda"),
         (["--engine-dir", "."], "--engine-dir does not apply to the torch backend"),
+        (["--timesteps", "999,8.5"], "--timesteps: expected integers separated by commas"),
+        (["--sigmas", "1,x"], "--sigmas: expected numbers separated by commas (999,850,736)"),
+        (["--timesteps", "999", "--sigmas", "1,0"], "not allowed with argument --timesteps"),
+        (["--timesteps", "999,500"], "LMSDiscreteScheduler takes no custom timesteps; the sch"),
     ],
 )
 def test_bad_arguments(tmp_path, png, capsys, extra, message):
@@ -210,3 +214,16 @@ def test_a_missing_folder_under_a_local_one_is_not_taken_for_a_hub_id(
     assert code == 2 and "unknown model 'models/sd15'" in err and "Hub" not in err
     code, err = run(["img2img", "--model", "someone/sd15", "--out", "o.png", *FAST], capsys)
     assert code == 2 and "hf download someone/sd15" in err
+
+
+def test_a_custom_schedule_runs_its_own_steps(tmp_path, png, capsys):
+    """--timesteps and --sigmas in place of --steps: the schedule's steps, cut by the
+    strength (Align Your Steps' 10 for SD 1.5, strength 0.6: 6 UNet calls)."""
+    ays = "999,850,736,645,545,455,343,233,124,24"
+    sigmas = "14.615,6.475,3.861,2.697,1.886,1.396,0.963,0.652,0.399,0.152,0.0"
+    for option, values in (("--timesteps", ays), ("--sigmas", sigmas)):
+        out = tmp_path / f"{option[2:]}.png"
+        args = ["img2img", "--image", str(png), "--out", str(out), *FAST, "--scheduler", "euler"]
+        assert main([*args, "--strength", "0.6", option, values]) == 0
+        assert PIL.Image.open(out).size == (48, 32)
+        assert "6 UNet calls" in capsys.readouterr().out

@@ -359,17 +359,23 @@ def test_bad_step_end_callbacks_are_refused_saying_what_is_taken(
     [
         ("euler", {"timesteps": [999, 500], "sigmas": [1.0, 0.0]}, "timesteps or sigmas, not"),
         ("lms", {"timesteps": [999, 500]}, "LMSDiscreteScheduler takes no custom timesteps; "
-         "these schedulers do: euler, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, lcm, tcd"),
-        ("euler_a", {"sigmas": [1.0, 0.0]}, "takes no custom sigmas; these schedulers do: euler, "
-         "unipc"),
+         "the schedulers that take them: euler, dpmpp_2m, lcm, tcd"),
+        ("euler_a", {"sigmas": [1.0, 0.0]}, "takes no custom sigmas; the schedulers that take "
+         "them: euler"),
+        ("dpmpp_2m_karras", {"timesteps": [999, 500]}, "DPMSolverMultistepScheduler refuses "
+         "these timesteps (Cannot use `timesteps` with `config.use_karras_sigmas = True`); "
+         "the schedulers that take them: euler, dpmpp_2m, lcm, tcd"),
         ("euler", {"timesteps": []}, "timesteps must be a non-empty list of finite numbers"),
         ("euler", {"timesteps": "999,500"}, "must be a non-empty list of finite numbers"),
         ("euler", {"sigmas": [1.0, float("nan")]}, "sigmas must be a non-empty list of finite"),
         ("euler", {"timesteps": [999, 500.5]}, "timesteps must be integers in [0, 1000)"),
         ("euler", {"timesteps": [1000, 500]}, "timesteps must be integers in [0, 1000)"),
         ("euler", {"sigmas": [1.0, -1.0]}, "sigmas must be >= 0"),
-        ("lcm", {"timesteps": [500, 999]}, "timesteps: `custom_timesteps` must be in descending"),
-        ("unipc", {"sigmas": [1.0, 0.0]}, "sigmas: Passing `sigmas` is only supported when"),
+        ("lcm", {"timesteps": [500, 999]}, "timesteps must be in descending order (the "
+         "noisiest first), got [500.0, 999.0]"),
+        ("euler", {"sigmas": [1.0, 1.0, 0.0]}, "sigmas must be in descending order"),
+        ("unipc", {"sigmas": [1.0, 0.0]}, "refuses these sigmas (Passing `sigmas` is only "
+         "supported when"),
     ],
 )  # fmt: skip
 def test_bad_custom_schedules_are_refused_before_any_work(counted, images, scheduler, custom,
