@@ -351,6 +351,8 @@ def _number(value: Any, kind: type, name: str) -> Any:
         if not isinstance(value, str):
             raise BadRequest(422, f"{name} must be a string, got {value!r}")
         return value
+    if kind is list:
+        return _numbers(value, name)
     if isinstance(value, bool):
         raise BadRequest(422, f"{name} must be a number, got {value!r}")
     try:
@@ -363,6 +365,22 @@ def _number(value: Any, kind: type, name: str) -> Any:
     except (TypeError, ValueError, OverflowError):
         what = "an integer" if kind is int else "a number"
         raise BadRequest(422, f"{name} must be {what}, got {value!r}") from None
+
+
+def _numbers(value: Any, name: str) -> tuple[float, ...]:
+    """A list field: a JSON list of numbers, or a form's "999,850,736"."""
+    from sdtrt.options import parse_numbers
+
+    if isinstance(value, str):
+        try:
+            return parse_numbers(value)
+        except InvalidInputError as exc:
+            raise BadRequest(422, f"{name}: {exc}") from None
+    if not isinstance(value, list) or not all(
+        isinstance(n, int | float) and not isinstance(n, bool) for n in value
+    ):
+        raise BadRequest(422, f"{name} must be a list of numbers, got {value!r}")
+    return tuple(float(n) for n in value)
 
 
 def _base64(value: Any) -> bytes:

@@ -52,6 +52,7 @@ from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import (
     check_scheduler,
     check_scheduler_fits,
+    custom_schedule,
     make_scheduler,
     scheduler_class,
     step_kwargs,
@@ -85,6 +86,11 @@ class Img2ImgRequest:
     seed: int = Img2ImgJob.seed
     height: int | None = None
     width: int | None = None
+    timesteps: tuple[float, ...] | None = None
+    """A schedule of one's own in place of ``num_inference_steps`` (diffusers' ``timesteps``;
+    integers)."""
+    sigmas: tuple[float, ...] | None = None
+    """Or its sigmas (diffusers' ``sigmas``)."""
 
 
 @dataclass
@@ -105,6 +111,8 @@ class Job:
     pixels: torch.Tensor
     t_start: int
     deadline: float
+    schedule: dict[str, list[Any]] = field(default_factory=dict)
+    """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
     future: Future[JobResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -135,7 +143,9 @@ class Job:
     def same_batch_key(self) -> tuple[Any, ...]:
         """What must match for request-level batching to run jobs as one pipeline batch."""
         r = self.request
-        return (self.size, r.num_inference_steps, self.t_start, r.scheduler, r.guidance_scale)
+        schedule = tuple((name, tuple(values)) for name, values in self.schedule.items())
+        steps = (r.num_inference_steps, schedule)
+        return (self.size, steps, self.t_start, r.scheduler, r.guidance_scale)
 
     @property
     def done(self) -> bool:
@@ -234,27 +244,27 @@ class StepBatcher:
         from sdtrt.runtime.inputs import load_image
 
         check_steps_and_guidance(request.num_inference_steps, request.guidance_scale)
-        t_start = resolve_start_step(
-            request.num_inference_steps, request.strength, request.start_step
-        )
-        check_seed(request.seed)
         check_scheduler(request.scheduler)
+        pipe = self.pipeline
+        config = pipe.model_scheduler_config
+        schedule, steps = custom_schedule(
+            make_scheduler(request.scheduler, config), config, request.timesteps, request.sigmas
+        )
+        steps = steps if schedule else request.num_inference_steps
+        t_start = resolve_start_step(steps, request.strength, request.start_step)
+        check_seed(request.seed)
         check_eta(request.eta)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
         image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
-        pipe = self.pipeline
         height, width = pipe.output_size(image, request.height, request.width)
-        pipe.limits.check(steps=request.num_inference_steps, batch=1, height=height, width=width)
-        check_scheduler_fits(
-            scheduler_class(request.scheduler),
-            pipe.model_scheduler_config,
-            request.num_inference_steps,
-        )
+        pipe.limits.check(steps=steps, batch=1, height=height, width=width)
+        if not schedule:  # a custom one was checked as it was set
+            check_scheduler_fits(scheduler_class(request.scheduler), config, steps)
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        return Job(request, pixels.to(torch.float32), t_start, deadline)
+        return Job(request, pixels.to(torch.float32), t_start, deadline, schedule)
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
@@ -484,7 +494,7 @@ class StepBatcher:
         job.generator = torch.Generator().manual_seed(r.seed)
         job.extra = step_kwargs(job.scheduler, job.generator, float(r.eta))
         job.timesteps = start_timesteps(
-            job.scheduler, r.num_inference_steps, job.t_start, self.backend.device
+            job.scheduler, r.num_inference_steps, job.t_start, self.backend.device, job.schedule
         )
         job.host_timesteps = job.timesteps.cpu()
         pipe = self.pipeline

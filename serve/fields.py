@@ -31,6 +31,12 @@ FIELDS: dict[str, tuple[type, str]] = {
     "seed": (int, "In [0, 2^64 - 1]; the same seed gives the same image."),
     "height": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),
     "width": (int, f"A multiple of the model's unit{_UNIT}; default: the image's."),
+    "timesteps": (
+        list,
+        "A schedule in place of num_inference_steps (diffusers' timesteps; euler, dpmpp_2m, "
+        "lcm, tcd), descending integers: a JSON list, or 999,850,736 in a form.",
+    ),
+    "sigmas": (list, "Or its sigmas (euler): one more than the steps."),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
 # The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for
@@ -61,12 +67,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
 def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """What /docs shows of ``POST /v1/img2img`` (FastAPI's ``openapi_extra``), with the
     server's defaults (``StepBatcher.request_defaults``) where it has its own."""
-    json_type = {str: "string", int: "integer", float: "number"}
+    json_type = {str: "string", int: "integer", float: "number", list: "array"}
     defaults = {f.name: f.default for f in dataclasses.fields(Img2ImgRequest)}
     defaults.update(server_defaults or {})
     fields: dict[str, Any] = {}
     for name, (kind, description) in FIELDS.items():
         fields[name] = {"type": json_type[kind], "description": description}
+        if kind is list:
+            fields[name]["items"] = {"type": "number"}
         if defaults[name] is not None:
             fields[name]["default"] = defaults[name]
     image = "The input image (PNG, JPEG, WebP...); default: sdtrt's sample picture."

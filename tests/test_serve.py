@@ -79,6 +79,8 @@ def _reference(tiny, request, image):
             output_type="np",
             height=request.height,
             width=request.width,
+            timesteps=None if request.timesteps is None else list(request.timesteps),
+            sigmas=None if request.sigmas is None else list(request.sigmas),
         ).images[0]
 
 
@@ -869,6 +871,33 @@ def test_json_and_multipart_answer_the_pipelinespng_bytes(tiny, server, image):
     assert np.array_equal(np.asarray(decoded), got)
 
 
+@pytest.mark.parametrize(
+    "custom", [{"timesteps": (999, 850, 736, 645)}, {"sigmas": (14.615, 6.475, 3.861, 0.0)}]
+)
+def test_a_custom_schedule_over_json_and_a_form_is_the_pipelines_image(tiny, server, image, custom):
+    """timesteps or sigmas per request, a JSON list or a form's "999,850,...": the
+    pipeline's image on the same schedule (its steps, cut by the strength)."""
+    request = Img2ImgRequest(prompt="a cat", scheduler="euler", strength=0.5, seed=3, **custom)
+    want = np.round(_reference(tiny, request, image) * 255).astype(np.uint8)
+    fields = {"prompt": "a cat", "scheduler": "euler", "strength": 0.5, "seed": 3}
+    name, values = next(iter(custom.items()))
+    body = {**fields, name: list(values), "image": base64.b64encode(png_bytes(image)).decode()}
+    form = {**{k: str(v) for k, v in fields.items()}, name: ",".join(map(str, values))}
+    for answer in (
+        httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60),
+        httpx.post(
+            f"{server.url}/v1/img2img",
+            data=form,
+            files={"image": ("in.png", png_bytes(image), "image/png")},
+            headers=KEY,
+            timeout=60,
+        ),
+    ):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-unet-calls"] == str(len(values) // 2 - (name == "sigmas"))
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(answer.content))), want)
+
+
 def test_an_answer_as_jpeg_or_webp_is_the_png_answer_within_their_loss(server, image):
     body = {"image": base64.b64encode(png_bytes(image)).decode(), **SMALL}
     url = f"{server.url}/v1/img2img"
@@ -997,6 +1026,10 @@ def test_a_server_answers_with_its_own_defaults(tiny, image):
         ({"steps": 5}, 422, "unknown field(s) steps; allowed: image, prompt"),
         ({"guidance_scale": "high"}, 422, "guidance_scale must be a number"),
         ({"image": "A" * 800_000}, 413, "over this server's limit"),
+        ({"timesteps": [999, 500]}, 422, "LMSDiscreteScheduler takes no custom timesteps"),
+        ({"timesteps": "999,x", "scheduler": "euler"}, 422, "timesteps: expected numbers"),
+        ({"sigmas": [1, True], "scheduler": "euler"}, 422, "sigmas must be a list of numbers"),
+        ({"timesteps": [500, 999], "scheduler": "euler"}, 422, "must be in descending order"),
     ],
 )
 def test_bad_input_is_a_4xx_with_the_librarys_message(server, body, status, says):
