@@ -17,7 +17,8 @@ demo's run: bench/README.md, "A TAESD for the tiny model").
 
     python -m sdtrt.train.taesd --out sdtrt/assets/tiny-taesd [--steps N]
 
-The defaults are the run that made the shipped weights: about 15 minutes on 2 cores.
+The defaults are the run that made the shipped weights: about 20 minutes on 2 cores (2 of
+them making the pool).
 """
 
 from __future__ import annotations
