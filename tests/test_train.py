@@ -57,15 +57,19 @@ def test_captions_are_dropped_and_contradicted_less_as_the_noise_grows():
 
 
 def test_the_taesd_distillation_learns_and_saves_what_vae_reads(tiny, tmp_path):
-    """Both halves' losses fall within a few steps; the saved folder is a diffusers
+    """The pool is the UNet's img2img latents (as many as asked, over the pipeline's batch
+    limit); both halves' losses fall within a few steps; the saved folder is a diffusers
     AutoencoderTiny that ``--vae`` loads, its weights the trained ones rounded to fp16."""
     import torch
 
     from sdtrt.adapters import load_vae
-    from sdtrt.train.taesd import build_tiny_taesd, distill, save
+    from sdtrt.train.taesd import build_tiny_taesd, distill, save, unet_latents
 
+    pool = unet_latents(tiny, 20, seed=5)
+    assert pool.shape == (20, 4, 8, 8) and bool(torch.isfinite(pool).all())
+    assert float(pool.std()) > 0.5  # latents, not noise-free zeros (measured: about 1)
     taesd = build_tiny_taesd(seed=0)
-    losses = distill(taesd, tiny["vae"], steps=30, batch=8, lr=2e-3, seed=0)
+    losses = distill(taesd, tiny["vae"], pool, steps=30, batch=8, lr=2e-3, seed=0)
     for half in ("encoder", "decoder"):
         assert np.mean(losses[half][-5:]) < 0.8 * np.mean(losses[half][:5]), half
     save(taesd, tmp_path / "taesd", {"steps": 30})
