@@ -516,7 +516,9 @@ def test_taesd_exports_runs_on_onnxruntime_and_is_adopted(taesd, taesd_exported,
     want = torch_pipe(prompts, images, generator=torch.Generator().manual_seed(3), **CALL).images
     got = ort_pipe(prompts, images, generator=torch.Generator().manual_seed(3), **CALL).images
     assert got.shape == want.shape == (2, 32, 48, 3)
-    assert float(np.abs(got - want).max()) < 1e-5
+    # Measured: 3.0e-5 with the shipped TAESD (4.1e-6 with the first, trained on pictures
+    # alone: its decoder amplifies fp32 rounding less); 1e-4 is 1/40 of an 8-bit level.
+    assert float(np.abs(got - want).max()) < 1e-4
 
     copy = tmp_path / "hf-layout"
     shutil.copytree(taesd_exported.root, copy)
