@@ -346,16 +346,13 @@ class Img2ImgPipeline:
                     noise_pred = self.backend.unet(model_input, t, text_embeddings)
                     latents = step(scheduler, noise_pred, t_host, latents, guidance_scale, extra)
                     if callback_on_step_end is not None:
-                        given = {
-                            "latents": latents,
-                            "prompt_embeds": text_embeddings,
-                            "negative_prompt_embeds": uncond_embeddings,
-                        }
-                        changed = callback_on_step_end(
-                            self, i, t, {name: given[name] for name in tensor_inputs}
-                        )
-                        latents, text_embeddings = _step_end_outputs(
-                            changed, latents, text_embeddings
+                        latents, text_embeddings = self._step_end(
+                            callback_on_step_end,
+                            tensor_inputs,
+                            (i, t),
+                            latents,
+                            text_embeddings,
+                            uncond_embeddings,
                         )
         _check_finite(latents, "unet")
 
@@ -404,6 +401,26 @@ class Img2ImgPipeline:
             )
         return height, width
 
+    def _step_end(
+        self,
+        callback: Callable[..., Any],
+        names: tuple[str, ...],
+        step_at: tuple[int, torch.Tensor],
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        uncond_embeddings: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' ``callback_on_step_end(pipe, i, t, tensors)`` after step ``i`` at
+        timestep ``t``, given the tensors it named; the latents and text batch it returns
+        (or those it leaves out) for the next step."""
+        given = {
+            "latents": latents,
+            "prompt_embeds": text_embeddings,
+            "negative_prompt_embeds": uncond_embeddings,
+        }
+        changed = callback(self, *step_at, {name: given[name] for name in names})
+        return _step_end_outputs(changed, latents, text_embeddings)
+
     def _latents_size(
         self, latents: torch.Tensor, height: int | None, width: int | None
     ) -> tuple[int, int]:
@@ -412,11 +429,15 @@ class Img2ImgPipeline:
         engines do not take it."""
         factor = self.dims.vae_scale_factor
         size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
-        if (height, width) != (None, None) and (height or size[0], width or size[1]) != size:
+        asked = (
+            size[0] if height is None else height,
+            size[1] if width is None else width,
+        )
+        if asked != size:
             raise InvalidInputError(
                 f"latents of {latents.shape[-1]}x{latents.shape[-2]} are a {size[1]}x{size[0]} "
-                f"picture, not {width or size[1]}x{height or size[0]}: latents given as the "
-                "image are not resized (leave height and width out)"
+                f"picture, not {asked[1]}x{asked[0]}: latents given as the image are not "
+                "resized (leave height and width out)"
             )
         check_size(*size, self.backend.size_multiple)
         check_pixels(*size, self.backend.pixel_range)
@@ -616,7 +637,9 @@ def _step_end_outputs(
     changed: Any, latents: torch.Tensor, text_embeddings: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The latents and text batch a step-end callback returned (diffusers' dict; a tensor
-    left out is kept), each the shape it was: the loop's batch is fixed."""
+    left out is kept), each the shape it was: the loop's batch is fixed. (The negative
+    prompt's embeddings it may return change nothing, as in diffusers: the text batch
+    holds them from the start.)"""
     if not isinstance(changed, dict):
         raise InvalidInputError(
             "callback_on_step_end must return a dict (the tensors it changes, or {}), "

@@ -247,10 +247,12 @@ class StepBatcher:
         check_scheduler(request.scheduler)
         pipe = self.pipeline
         config = pipe.model_scheduler_config
-        schedule, steps = custom_schedule(
-            make_scheduler(request.scheduler, config), config, request.timesteps, request.sigmas
-        )
-        steps = steps if schedule else request.num_inference_steps
+        schedule: dict[str, list[Any]] = {}
+        steps = request.num_inference_steps
+        if request.timesteps is not None or request.sigmas is not None:
+            schedule, steps = custom_schedule(
+                make_scheduler(request.scheduler, config), config, request.timesteps, request.sigmas
+            )
         t_start = resolve_start_step(steps, request.strength, request.start_step)
         check_seed(request.seed)
         check_eta(request.eta)
