@@ -77,3 +77,24 @@ def test_the_taesd_distillation_learns_and_saves_what_vae_reads(tiny, tmp_path):
     assert type(loaded).__name__ == "AutoencoderTiny"
     for key, value in taesd.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.half().float()), key
+
+
+def test_the_training_record_names_the_commit_and_whether_the_tree_was_changed(tmp_path):
+    """A run records the commit it starts at, "-dirty" where tracked files differ from it
+    (the first tiny TAESD run, before its code was committed, would have said so)."""
+    import subprocess
+
+    from sdtrt.train.tiny import head_commit
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD")
+    assert head_commit(tmp_path) == sha and len(sha) == 40
+    (tmp_path / "train.py").write_text("steps = 2\n")
+    assert head_commit(tmp_path) == sha + "-dirty"

@@ -168,6 +168,7 @@ def main() -> None:
         "--pool", type=int, default=4096, help="UNet latents the decoder learns the VAE's on"
     )
     args = parser.parse_args()
+    commit = head_commit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     components = build_tiny_trained()
     start = time.perf_counter()
@@ -178,7 +179,7 @@ def main() -> None:
     taesd = build_tiny_taesd(args.seed)
     losses = distill(taesd, components["vae"], pool, args.steps, args.batch, 2e-3, args.seed)
     record = {
-        "commit": head_commit(),
+        "commit": commit,
         "args": vars(args),
         "teacher": "the shipped tiny VAE (sdtrt/assets/tiny/vae.safetensors)",
         "seconds": round(time.perf_counter() - start, 1),

@@ -195,11 +195,13 @@ def fp16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
 
 
-def head_commit() -> str:
-    """The commit the training code ran at, for its record."""
-    return subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
+def head_commit(here: Path = Path(__file__).parent) -> str:
+    """The commit the training code runs at, for its record: read when a run starts (a run
+    that outlasts a commit made meanwhile ran the earlier one), "-dirty" where the working
+    tree had changes then (git describe's word: the code may not be the commit's)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode == 1
+    return head.stdout.strip() + ("-dirty" if changed else "")
 
 
 def main() -> None:
@@ -218,6 +220,7 @@ def main() -> None:
         "--vae-from", default=None, help="start from this folder's trained VAE (no VAE training)"
     )
     args = parser.parse_args()
+    commit = head_commit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     components = build_tiny()
@@ -245,7 +248,7 @@ def main() -> None:
     unet_losses = train_unet(components, args.unet_steps, args.unet_batch, 1e-3, args.seed)
     unet_seconds = time.perf_counter() - start
     record = {
-        "commit": head_commit(),
+        "commit": commit,
         "args": vars(args),
         "scaling_factor": scaling,
         "prediction_type": PREDICTION,
