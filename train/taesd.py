@@ -60,8 +60,6 @@ def unet_latents(components: dict[str, Any], n: int, seed: int) -> torch.Tensor:
     """``n`` latents the model's UNet ends img2img runs with, as its pipeline gives them
     (``output_type="latent"``): random pictures of the shapes data under other pictures'
     captions, strength in [0.2, 1.0], guidance in [1, 8], 20 steps of LMS."""
-    import PIL.Image
-
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
     pipe = Img2ImgPipeline.from_components(components, "torch", show_progress=False)
@@ -69,15 +67,11 @@ def unet_latents(components: dict[str, Any], n: int, seed: int) -> torch.Tensor:
     per_call = pipe.limits.max_batch
     latents = []
     for call in range((n + per_call - 1) // per_call):
-        pixels, _ = shapes.batch(rng, per_call)
-        _, prompts = shapes.batch(rng, per_call)
-        images = [
-            PIL.Image.fromarray(np.round((p.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
-            for p in pixels
-        ]
+        pictures = [shapes.random_scene(rng).draw() for _ in range(per_call)]
+        prompts = [shapes.random_scene(rng).caption for _ in range(per_call)]
         out = pipe(
             prompts,
-            images,
+            pictures,
             strength=float(rng.uniform(0.2, 1.0)),
             num_inference_steps=20,
             guidance_scale=float(rng.uniform(1.0, 8.0)),
