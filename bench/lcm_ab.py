@@ -34,6 +34,21 @@ RUNS = {
 PROMPT = "A colorful dancer, nat geo photo"
 
 
+def run_once(pipe: Img2ImgPipeline, image: Any, run: tuple[str, int, float, float]) -> Any:
+    """One img2img call of ``run`` (a RUNS entry; its scheduler is the pipeline's own), the
+    prompt and seed fixed: what each bench here times."""
+    _, steps, strength, guidance = run
+    return pipe(
+        PROMPT,
+        image,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(32),
+        output_type="np",
+    )
+
+
 def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
     # One model load (SD 1.5 in fp32 is 4 GB); each run swaps in its scheduler.
     pipe = Img2ImgPipeline.from_pretrained(model, TorchOptions(device=device), show_progress=False)
@@ -44,17 +59,8 @@ def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
     image = load_image(SAMPLE_IMAGE).resize((size, size))
 
     def call(name: str) -> Any:
-        _, steps, strength, guidance = RUNS[name]
         pipe.scheduler = schedulers[name]
-        return pipe(
-            PROMPT,
-            image,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(32),
-            output_type="np",
-        )
+        return run_once(pipe, image, RUNS[name])
 
     medians, last = alternate({name: functools.partial(call, name) for name in RUNS}, repeats)
     default, recipe = (medians[name]["total"] for name in RUNS)

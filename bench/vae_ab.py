@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sdtrt.adapters import load_vae
-from sdtrt.bench.lcm_ab import PROMPT, RUNS
+from sdtrt.bench.lcm_ab import RUNS, run_once
 from sdtrt.bench.timing import alternate
 from sdtrt.models import load_components
 from sdtrt.options import SAMPLE_IMAGE, TorchOptions
@@ -32,7 +32,8 @@ from sdtrt.runtime.inputs import load_image
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 # LCM-LoRA's img2img recipe (diffusers' docs), as bench/lcm_ab.py runs it.
-SCHEDULER, STEPS, STRENGTH, GUIDANCE = RUNS["lcm-lora recipe"]
+RECIPE = RUNS["lcm-lora recipe"]
+SCHEDULER, STEPS, STRENGTH, GUIDANCE = RECIPE
 
 
 def random_taesd(folder: Path, seed: int = 0) -> Path:
@@ -67,18 +68,7 @@ def measure(
     }
     image = load_image(SAMPLE_IMAGE).resize((size, size))
 
-    def call(pipe: Img2ImgPipeline) -> Any:
-        return pipe(
-            PROMPT,
-            image,
-            strength=STRENGTH,
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(32),
-            output_type="np",
-        )
-
-    runs = {name: functools.partial(call, pipe) for name, pipe in pipes.items()}
+    runs = {name: functools.partial(run_once, pipe, image, RECIPE) for name, pipe in pipes.items()}
     medians, _ = alternate(runs, repeats)
     full, tiny = (medians[name] for name in pipes)
     vae_ms = {name: m["vae_encoder"] + m["vae_decoder"] for name, m in medians.items()}
