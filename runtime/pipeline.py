@@ -288,10 +288,9 @@ class Img2ImgPipeline:
         self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
         if not schedule:  # a custom one was checked by the scheduler as it was set
             check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
-        if given_latents is None:
+        inputs = given_latents
+        if inputs is None:
             inputs = self.image_processor.preprocess(image, height=height, width=width)
-        else:
-            inputs = given_latents
         if inputs.shape[0] > batch_size or batch_size % inputs.shape[0]:
             raise InvalidInputError(
                 f"{inputs.shape[0]} images for a batch of {batch_size} "

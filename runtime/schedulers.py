@@ -104,9 +104,15 @@ def check_scheduler_fits(cls: type, config: Any, steps: int) -> None:
 _DISTILLED = (diffusers.LCMScheduler, diffusers.TCDScheduler)
 
 
+def _diffusers_base(cls: type) -> Any:
+    """diffusers' own class of a scheduler class, ours (runtime/fast_schedulers.py)
+    included: what it is named and takes."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+
+
 def _diffusers_name(cls: type) -> str:
-    """diffusers' name for a scheduler class, ours (runtime/fast_schedulers.py) included."""
-    return next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+    """diffusers' name for a scheduler class, ours included."""
+    return str(_diffusers_base(cls).__name__)
 
 
 def _steps(cls: type, prediction: str) -> bool:
@@ -192,8 +198,7 @@ def _takers(schedule: dict[str, list[Any]], config: Any) -> list[str]:
 
 def _set_timesteps_parameters(cls: type) -> set[str]:
     """The parameters of the diffusers class's ``set_timesteps`` (ours pass theirs on)."""
-    base: Any = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
-    return set(inspect.signature(base.set_timesteps).parameters)
+    return set(inspect.signature(_diffusers_base(cls).set_timesteps).parameters)
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
