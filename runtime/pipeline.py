@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -38,6 +40,7 @@ from sdtrt.runtime.inputs import (
     check_steps_and_guidance,
     image_input,
     is_integer,
+    is_real,
     latents_input,
     resolve_start_step,
 )
@@ -117,6 +120,8 @@ class Img2ImgPipeline:
         self.show_progress = show_progress
         self.step_graphs: StepGraphs | None = None
         self._interrupt = False
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
         self.one_call = threading.Lock()
         """Held for each call: the scheduler keeps the loop's state (its step index, the
         multistep solvers' history) and the backends their buffers (CUDA graphs' static
@@ -264,6 +269,7 @@ class Img2ImgPipeline:
         check_eta(eta)
         tensor_inputs = _callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._interrupt = False
+        self._guidance_scale = guidance_scale  # a step-end callback may change it (diffusers')
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
@@ -275,7 +281,7 @@ class Img2ImgPipeline:
         num_images_per_prompt = int(num_images_per_prompt)
         batch_size = len(prompts) * num_images_per_prompt
         check_generator(generator, batch_size)
-        do_guidance = guidance_scale > 1.0
+        do_guidance = self.do_classifier_free_guidance
         timings: dict[str, float] = {}
 
         # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW; or latents as they are.
@@ -330,7 +336,7 @@ class Img2ImgPipeline:
         table = None
         if not extra.get("eta") and callback_on_step_end is None:  # DDIM eta > 0: drawn
             table = self._step_table(scheduler, steps_left, latents, generator)
-        unet_calls = len(steps_left)
+        unet_calls = self._num_timesteps = len(steps_left)
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
                 latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
@@ -341,9 +347,13 @@ class Img2ImgPipeline:
                     if self._interrupt:  # diffusers' way to stop: the rest of the steps skipped
                         unet_calls -= 1
                         continue
-                    model_input = unet_input(scheduler, latents, t_host, do_guidance)
+                    # Guidance as the callback left it: off (a CFG cutoff), the prompts' rows.
+                    guided = self.do_classifier_free_guidance
+                    model_input = unet_input(scheduler, latents, t_host, guided)
                     noise_pred = self.backend.unet(model_input, t, text_embeddings)
-                    latents = step(scheduler, noise_pred, t_host, latents, guidance_scale, extra)
+                    latents = step(
+                        scheduler, noise_pred, t_host, latents, self._guidance_scale, extra
+                    )
                     if callback_on_step_end is not None:
                         latents, text_embeddings = self._step_end(
                             callback_on_step_end,
@@ -367,6 +377,24 @@ class Img2ImgPipeline:
         if output_type == "pt":
             images = _ordinary(images)
         return Img2ImgOutput(images, unet_calls, timings)
+
+    @property
+    def guidance_scale(self) -> float:
+        """diffusers' guidance scale of the call running (or last run): what it was given,
+        or what a step-end callback set ``pipe._guidance_scale`` to, read at every step."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' rule: guidance is on while the scale is above 1; off, the UNet runs on
+        the prompts' rows alone (B, not 2B). diffusers' ``SDCFGCutoffCallback`` turns it off
+        after a share of the steps, keeping the text batch's cond half."""
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """diffusers' count of the steps the loop runs (those after the start step)."""
+        return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:
@@ -418,7 +446,15 @@ class Img2ImgPipeline:
             "negative_prompt_embeds": uncond_embeddings,
         }
         changed = callback(self, *step_at, {name: given[name] for name in names})
-        return _step_end_outputs(changed, latents, text_embeddings)
+        scale = self._guidance_scale
+        if not is_real(scale) or not math.isfinite(scale):
+            raise InvalidInputError(
+                f"callback_on_step_end set pipe._guidance_scale to {scale!r}: give a finite "
+                "number (above 1: guidance on; 1 or less: off, the prompts' rows alone)"
+            )
+        self._guidance_scale = float(scale)
+        rows = len(latents) * (2 if self.do_classifier_free_guidance else 1)
+        return _step_end_outputs(changed, latents, text_embeddings, rows)
 
     def _latents_size(
         self, latents: torch.Tensor, height: int | None, width: int | None
@@ -611,9 +647,12 @@ def non_finite_error(network: str) -> NonFiniteOutputError:
 
 def _callback_inputs(callback: Any, names: Any) -> tuple[str, ...]:
     """The tensors a step-end callback is given (none without one), checked: diffusers'
-    names only."""
+    names only. diffusers' callback objects (``SDCFGCutoffCallback``, several in
+    ``MultiPipelineCallbacks``) name their own, in place of the names given."""
     if callback is None:
         return ()
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        names = callback.tensor_inputs
     if not callable(callback):
         raise InvalidInputError(
             "callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, "
@@ -633,25 +672,37 @@ def _callback_inputs(callback: Any, names: Any) -> tuple[str, ...]:
 
 
 def _step_end_outputs(
-    changed: Any, latents: torch.Tensor, text_embeddings: torch.Tensor
+    changed: Any, latents: torch.Tensor, text_embeddings: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The latents and text batch a step-end callback returned (diffusers' dict; a tensor
-    left out is kept), each the shape it was: the loop's batch is fixed. (The negative
-    prompt's embeddings it may return change nothing, as in diffusers: the text batch
-    holds them from the start.)"""
+    left out is kept). The latents keep their shape: the loop's batch is fixed. The text
+    batch has ``rows``, what the guidance the callback left needs: [uncond, cond] (2B) on,
+    the cond rows (B) off. (The negative prompt's embeddings it may return change nothing,
+    as in diffusers: the text batch holds them from the start.)"""
     if not isinstance(changed, dict):
         raise InvalidInputError(
             "callback_on_step_end must return a dict (the tensors it changes, or {}), "
             f"got {type(changed).__name__}"
         )
     kept = []
-    for name, before in (("latents", latents), ("prompt_embeds", text_embeddings)):
+    texts_shape = (rows, *text_embeddings.shape[1:])
+    for name, before, shape in (
+        ("latents", latents, latents.shape),
+        ("prompt_embeds", text_embeddings, texts_shape),
+    ):
         after = changed.get(name, before)
-        if not isinstance(after, torch.Tensor) or after.shape != before.shape:
+        if not isinstance(after, torch.Tensor) or after.shape != shape:
             what = list(after.shape) if isinstance(after, torch.Tensor) else type(after).__name__
             raise InvalidInputError(
                 f"callback_on_step_end returned {name} {what}; expected a tensor of shape "
-                f"{list(before.shape)}, as it was given"
+                f"{list(shape)}" + (_TEXT_ROWS if name == "prompt_embeds" else ", as it was given")
             )
         kept.append(after.to(before.device, before.dtype))
     return kept[0], kept[1]
+
+
+_TEXT_ROWS = (
+    " ([uncond, cond] rows while guidance is on, the cond rows alone once pipe._guidance_scale"
+    " is 1 or less; diffusers' SDCFGCutoffCallback keeps one row, prompt_embeds[-1:], which"
+    " is the cond half for one image: for more, prompt_embeds.chunk(2)[1])"
+)

@@ -175,6 +175,63 @@ def test_a_step_end_callback_sees_and_changes_what_diffusers_callback_does(tiny,
                 ).unet_calls == 8  # fmt: skip
 
 
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a", "dpmpp_2m"])
+def test_a_guidance_cutoff_callback_equals_diffusers(tiny, images, scheduler):
+    """diffusers' callback objects: ``SDCFGCutoffCallback`` turns guidance off after 40% of
+    the steps (``pipe._guidance_scale = 0``, the text batch's cond row kept), and from then
+    on the UNet runs on the image's row alone; a callback of one's own does the same for
+    two images, and one changes the scale at each step (a guidance schedule), several in
+    ``MultiPipelineCallbacks``. diffusers' image to the last bit each time."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
+
+    ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    rows: list[int] = []
+    unet = ours.backend.unet
+    ours.backend.unet = lambda x, t, texts: rows.append(len(x)) or unet(x, t, texts)
+    reference = diffusers_img2img(tiny, scheduler)
+    kwargs = dict(strength=0.8, num_inference_steps=13, guidance_scale=7.5, output_type="np")
+
+    def compare(prompts, picture, callback):
+        seed = torch.Generator().manual_seed(3)
+        got = ours(prompts, picture, generator=seed, callback_on_step_end=callback, **kwargs)
+        seed = torch.Generator().manual_seed(3)
+        want = reference(prompts, picture, generator=seed, callback_on_step_end=callback,
+                         **kwargs).images  # fmt: skip
+        assert got.images.shape == want.shape
+        assert float(np.abs(got.images - want).max()) == 0.0
+        assert ours.num_timesteps == reference.num_timesteps == got.unet_calls == 10
+        return got
+
+    compare("a red circle", images[0], SDCFGCutoffCallback(cutoff_step_ratio=0.4))
+    assert rows == [2] * 5 + [1] * 5  # steps 0-4 guided: the callback ends step 4 (int(0.4 * 10))
+    assert ours.guidance_scale == 0.0 and not ours.do_classifier_free_guidance
+
+    class CondHalf(PipelineCallback):  # the cutoff for a batch: the cond half, not one row
+        tensor_inputs = ["prompt_embeds"]
+
+        def callback_fn(self, pipe, i, t, tensors):
+            if i == 2:
+                pipe._guidance_scale = 1.0
+                return {"prompt_embeds": tensors["prompt_embeds"].chunk(2)[1]}
+            return tensors
+
+    class Decaying(PipelineCallback):  # guidance 7.5 -> 6.5 -> 5.5 ... while on
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipe, i, t, tensors):
+            if pipe.do_classifier_free_guidance:
+                pipe._guidance_scale -= 1.0
+            return tensors
+
+    rows.clear()
+    compare(["a red circle", "a cat"], images, MultiPipelineCallbacks([Decaying(), CondHalf()]))
+    assert rows == [4] * 3 + [2] * 7
+    # The next call is guided again, whatever the last one's callback left.
+    rows.clear()
+    ours("a cat", images[0], num_inference_steps=4, output_type="latent")
+    assert rows == [2] * 3 and ours.guidance_scale == 8.0
+
+
 # Align Your Steps' 10-step schedules for SD 1.5 (diffusers' AysSchedules): its timesteps,
 # and its sigmas (11: the last, 0, where the last step ends).
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]

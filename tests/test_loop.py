@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers.callbacks import SDCFGCutoffCallback
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.inputs import resolve_start_step
@@ -340,18 +341,36 @@ def test_long_prompt_is_truncated_with_a_warning(tiny, images, caplog):
             ["latents"],
             "returned prompt_embeds float; expected a tensor of shape [4, 77, 32]",
         ),
+        (  # diffusers' cutoff keeps one text row: one image's cond half, not two images'
+            SDCFGCutoffCallback(cutoff_step_ratio=0.0),
+            ["latents"],
+            "returned prompt_embeds [1, 77, 32]; expected a tensor of shape [2, 77, 32] "
+            "([uncond, cond] rows while guidance is on, the cond rows alone once",
+        ),
+        (  # guidance turned off, the text batch left whole
+            lambda pipe, *a: setattr(pipe, "_guidance_scale", 0.0) or {},
+            ["latents"],
+            "returned prompt_embeds [4, 77, 32]; expected a tensor of shape [2, 77, 32]",
+        ),
+        (
+            lambda pipe, *a: setattr(pipe, "_guidance_scale", float("nan")) or {},
+            ["latents"],
+            "set pipe._guidance_scale to nan: give a finite number (above 1: guidance on",
+        ),
     ],
 )
 def test_bad_step_end_callbacks_are_refused_saying_what_is_taken(
     counted, images, callback, names, message
 ):
-    """A callback, its tensor names and what it returns are checked: names before any
-    network runs, returns at the first step, each error saying what is taken."""
+    """A callback, its tensor names and what it returns (and the guidance it leaves) are
+    checked: names before any network runs, returns at the first step, each error saying
+    what is taken."""
     pipe, backend = counted()
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         pipe(["a", "b"], images, num_inference_steps=4, callback_on_step_end=callback,
              callback_on_step_end_tensor_inputs=names)  # fmt: skip
-    assert len(backend.calls) == (0 if "return" not in message else 1)
+    checked_at_step_end = "return" in message or "_guidance_scale" in message
+    assert len(backend.calls) == (1 if checked_at_step_end else 0)
 
 
 @pytest.mark.parametrize(

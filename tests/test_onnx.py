@@ -77,6 +77,26 @@ def test_an_opset_the_exporter_cannot_reach_is_refused(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_guidance_cutoff_runs_on_onnxruntime_as_on_torch(exported, tiny, images):
+    """diffusers' SDCFGCutoffCallback on the graphs: the UNet graph takes the image's row
+    alone after the cutoff (its batch axis is dynamic); the torch backend's image within a
+    level."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    graph = Img2ImgPipeline.from_pretrained(exported.root, show_progress=False)
+    rows: list[int] = []
+    unet = graph.backend.unet
+    graph.backend.unet = lambda x, t, texts: rows.append(len(x)) or unet(x, t, texts)
+    reference = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    run = dict(strength=0.7, num_inference_steps=10, output_type="np")
+    run["callback_on_step_end"] = SDCFGCutoffCallback(cutoff_step_ratio=0.5)
+    got = graph("a dog", images[0], generator=torch.Generator().manual_seed(3), **run)
+    want = reference("a dog", images[0], generator=torch.Generator().manual_seed(3), **run)
+    levels = np.abs(np.round(got.images * 255) - np.round(want.images * 255)).max()
+    assert got.images.shape == (1, 32, 48, 3) and levels <= 1
+    assert rows == [2] * 4 + [1] * 3  # the callback ends step 3 (int(0.5 * 7)) unguided
+
+
 def test_latents_as_the_image_run_on_onnxruntime_as_on_torch(exported, tiny, images):
     """Latents given as the image skip the encoder graph on ONNX Runtime too: the torch
     backend's image within a level; a size the graphs' size rule refuses is refused."""
