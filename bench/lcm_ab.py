@@ -34,9 +34,11 @@ RUNS = {
 PROMPT = "A colorful dancer, nat geo photo"
 
 
-def run_once(pipe: Img2ImgPipeline, image: Any, run: tuple[str, int, float, float]) -> Any:
+def run_once(
+    pipe: Img2ImgPipeline, image: Any, run: tuple[str, int, float, float], **more: Any
+) -> Any:
     """One img2img call of ``run`` (a RUNS entry; its scheduler is the pipeline's own), the
-    prompt and seed fixed: what each bench here times."""
+    prompt and seed fixed, ``more`` of the call's keywords: what each bench here times."""
     _, steps, strength, guidance = run
     return pipe(
         PROMPT,
@@ -46,6 +48,7 @@ def run_once(pipe: Img2ImgPipeline, image: Any, run: tuple[str, int, float, floa
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(32),
         output_type="np",
+        **more,
     )
 
 

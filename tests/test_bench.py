@@ -323,3 +323,18 @@ def test_the_taesd_ab_times_both_vaes_on_one_model(tmp_path):
     taesd = AutoencoderTiny.from_pretrained(random_taesd(tmp_path / "taesd"))
     assert report["vae_parameters"]["TAESD"] == sum(p.numel() for p in taesd.parameters())
     assert report["vae_parameters"]["TAESD"] > 2_000_000  # TAESD's own size (2.4 M)
+
+
+def test_the_cutoff_ab_halves_the_unet_rows_after_the_cutoff():
+    """``python -m sdtrt.bench.cutoff_ab`` on the tiny model: guided at every step against
+    diffusers' SDCFGCutoffCallback, the rows each run's UNet took, the ratio of the medians,
+    and how far apart the images are."""
+    from sdtrt.bench.cutoff_ab import measure
+
+    report = measure("tiny", size=64, steps=10, ratio=0.5, repeats=1, device="cpu")
+    guided, cut = report["runs"]["guided"], report["runs"]["cutoff 0.5"]
+    assert guided["unet_calls"] == cut["unet_calls"] == 8  # strength 0.8 of 10 steps
+    # Guided: 8 calls of 2 rows; cut off after step int(0.5 * 8) = 4: 5 of 2 rows, 3 of 1.
+    assert guided["unet_rows"] == 16 and cut["unet_rows"] == 13
+    assert report["speedup"] == guided["median_ms"]["total"] / cut["median_ms"]["total"]
+    assert 0 < report["mean_levels_apart"] < 40  # unguided steps: another image, near it
