@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 __all__ = [
     "SAMPLE_IMAGE",
+    "GuidanceCutoffCallback",
     "Img2ImgPipeline",
     "ModelSource",
     "OrtOptions",
@@ -20,6 +21,7 @@ __all__ = [
 if TYPE_CHECKING:
     from sdtrt.api import build_pipeline
     from sdtrt.models import load_components
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
     from sdtrt.runtime.pipeline import Img2ImgPipeline
 
 
@@ -43,6 +45,10 @@ def __getattr__(name: str) -> Any:
         from sdtrt.models import load_components
 
         return load_components
+    if name == "GuidanceCutoffCallback":
+        from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+        return GuidanceCutoffCallback
     if name == "build_pipeline":
         from sdtrt.api import build_pipeline
 

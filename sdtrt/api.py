@@ -86,6 +86,7 @@ def img2img(
         width=job.width,
         timesteps=None if job.timesteps is None else list(job.timesteps),
         sigmas=None if job.sigmas is None else list(job.sigmas),
+        callback_on_step_end=job.guidance_callback(),
     )
     paths = job.output_paths()
     for picture, path in zip(result.images, paths, strict=True):

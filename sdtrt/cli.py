@@ -83,6 +83,12 @@ STEP_GRAPHS_HELP = (
     "unusual scheduler settings: the UNet alone)"
 )
 
+GUIDANCE_CUTOFF_HELP = (
+    "share of the steps run under guidance, in [0, 1] (diffusers' SDCFGCutoffCallback): "
+    "guidance ends after step int(steps x it), the rest on the prompt alone, half the UNet's "
+    "rows (an eager loop: no --step-graphs) (default: guided throughout)"
+)
+
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -244,6 +250,7 @@ def _add_img2img(sub: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=job.steps, help="scheduler steps")
     p.add_argument("--guidance", type=float, default=job.guidance, help="guidance scale")
+    p.add_argument("--guidance-cutoff", type=float, default=None, help=GUIDANCE_CUTOFF_HELP)
     p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES, help="scheduler")
     schedule = p.add_mutually_exclusive_group()
     schedule.add_argument(
@@ -315,6 +322,7 @@ def _run_img2img(args: argparse.Namespace) -> int:
         batch=args.batch,
         timesteps=args.timesteps,
         sigmas=args.sigmas,
+        guidance_cutoff=args.guidance_cutoff,
         out=args.out,
     )
     result, paths = img2img(

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sdtrt.errors import InvalidInputError
 
@@ -298,6 +298,9 @@ class Img2ImgJob:
     """A schedule of one's own in place of ``steps`` (diffusers' ``timesteps``)."""
     sigmas: tuple[float, ...] | None = None
     """Or its sigmas (diffusers' ``sigmas``; one more than the steps: where the last ends)."""
+    guidance_cutoff: float | None = None
+    """The share of the steps run under guidance, in [0, 1] (diffusers' SDCFGCutoffCallback's
+    ``cutoff_step_ratio``); the rest on the prompt's rows alone. None: guided throughout."""
     out: str = "out/img2img.png"
     """PNG, JPEG or WebP by extension; a batch writes NAME-0.EXT, NAME-1.EXT, ..."""
 
@@ -310,6 +313,14 @@ class Img2ImgJob:
             return max(1, len(self.sigmas) - 1)
         return self.steps
 
+    def guidance_callback(self) -> Any:
+        """The step-end callback that cuts guidance off where the job says; None: none."""
+        from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+        if self.guidance_cutoff is None:
+            return None
+        return GuidanceCutoffCallback(cutoff_step_ratio=float(self.guidance_cutoff))
+
     def output_paths(self) -> list[Path]:
         out = Path(self.out)
         if self.batch == 1:
@@ -320,6 +331,7 @@ class Img2ImgJob:
         """Everything about the job that can be known without the image or the model (the
         size limits need the image: ``api.img2img`` checks them once it is read)."""
         from sdtrt.fileio import check_output_file, image_format
+        from sdtrt.runtime.guidance import check_guidance_cutoff
         from sdtrt.runtime.inputs import (
             check_eta,
             check_seed,
@@ -330,6 +342,7 @@ class Img2ImgJob:
 
         check_steps_and_guidance(self.steps, self.guidance)
         check_eta(self.eta)
+        check_guidance_cutoff(self.guidance_cutoff)
         if self.image is not None and not str(self.image).strip():
             raise InvalidInputError(
                 "--image is empty: give an image file, or leave --image out for the sample"

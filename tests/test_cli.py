@@ -3,10 +3,13 @@ writes a PNG of the requested size."""
 
 from __future__ import annotations
 
+import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from sdtrt.cli import main
+from sdtrt.options import SEED_PROMPT
 
 FAST = ["--steps", "2", "--height", "32", "--width", "48", "--no-progress"]
 
@@ -177,6 +180,8 @@ def test_bad_image_files(tmp_path, png, capsys, case):
         (["--sigmas", "1,x"], "--sigmas: expected numbers separated by commas (999,850,736)"),
         (["--timesteps", "999", "--sigmas", "1,0"], "not allowed with argument --timesteps"),
         (["--timesteps", "999,500"], "LMSDiscreteScheduler takes no custom timesteps; the sch"),
+        (["--guidance-cutoff", "1.5"], "guidance cutoff must be a number in [0, 1], the share o"),
+        (["--guidance-cutoff", "-0.1"], "guidance cutoff must be a number in [0, 1]"),
     ],
 )
 def test_bad_arguments(tmp_path, png, capsys, extra, message):
@@ -227,3 +232,25 @@ def test_a_custom_schedule_runs_its_own_steps(tmp_path, png, capsys):
         assert main([*args, "--strength", "0.6", option, values]) == 0
         assert PIL.Image.open(out).size == (48, 32)
         assert "6 UNet calls" in capsys.readouterr().out
+
+
+def test_a_guidance_cutoff_is_the_pipelines_image_with_the_cutoff_callback(tmp_path, png, tiny):
+    """--guidance-cutoff 0.5, a batch of two: the image the Python call makes with
+    GuidanceCutoffCallback(cutoff_step_ratio=0.5), pixel for pixel; and not the guided one."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    out = tmp_path / "cut.png"
+    args = ["img2img", "--image", str(png), "--out", str(out), "--steps", "8", "--batch", "2"]
+    assert main([*args, "--height", "32", "--width", "48", "--guidance-cutoff", "0.5"]) == 0
+    pipe = Img2ImgPipeline.from_components(tiny, show_progress=False)
+    kwargs = dict(num_inference_steps=8, num_images_per_prompt=2, height=32, width=48)
+    kwargs["generator"] = torch.Generator().manual_seed(32)
+    callback = GuidanceCutoffCallback(cutoff_step_ratio=0.5)
+    cut = pipe(SEED_PROMPT, PIL.Image.open(png), callback_on_step_end=callback, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(32)
+    guided = pipe(SEED_PROMPT, PIL.Image.open(png), **kwargs)
+    for i in range(2):
+        written = np.asarray(PIL.Image.open(tmp_path / f"cut-{i}.png"))
+        assert np.array_equal(written, np.asarray(cut.images[i]))
+        assert not np.array_equal(written, np.asarray(guided.images[i]))

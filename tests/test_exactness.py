@@ -181,8 +181,11 @@ def test_a_guidance_cutoff_callback_equals_diffusers(tiny, images, scheduler):
     the steps (``pipe._guidance_scale = 0``, the text batch's cond row kept), and from then
     on the UNet runs on the image's row alone; a callback of one's own does the same for
     two images, and one changes the scale at each step (a guidance schedule), several in
-    ``MultiPipelineCallbacks``. diffusers' image to the last bit each time."""
+    ``MultiPipelineCallbacks``; sdtrt's ``GuidanceCutoffCallback`` cuts two images.
+    diffusers' image to the last bit each time."""
     from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
+
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
 
     ours = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
     rows: list[int] = []
@@ -226,6 +229,10 @@ def test_a_guidance_cutoff_callback_equals_diffusers(tiny, images, scheduler):
     rows.clear()
     compare(["a red circle", "a cat"], images, MultiPipelineCallbacks([Decaying(), CondHalf()]))
     assert rows == [4] * 3 + [2] * 7
+    # sdtrt's cutoff callback (what --guidance-cutoff runs) cuts a batch as CondHalf does.
+    rows.clear()
+    compare(["a red circle", "a cat"], images, GuidanceCutoffCallback(cutoff_step_ratio=0.4))
+    assert rows == [4] * 5 + [2] * 5
     # The next call is guided again, whatever the last one's callback left.
     rows.clear()
     ours("a cat", images[0], num_inference_steps=4, output_type="latent")
