@@ -42,6 +42,7 @@ from sdtrt.errors import (
 )
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.clock import mark, span_totals, wait
+from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import (
     check_eta,
     check_seed,
@@ -91,6 +92,9 @@ class Img2ImgRequest:
     integers)."""
     sigmas: tuple[float, ...] | None = None
     """Or its sigmas (diffusers' ``sigmas``)."""
+    guidance_cutoff: float | None = None
+    """The share of the steps run under guidance (``GuidanceCutoffCallback``'s ratio); None:
+    guided throughout."""
 
 
 @dataclass
@@ -125,6 +129,8 @@ class Job:
     host_timesteps: Any = None
     """The scheduler's copy (``start_timesteps`` says why)."""
     index: int = 0
+    guided_steps: int | None = None
+    """The steps run under guidance (``guided_steps``); None: not admitted yet."""
     latents: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     embeddings: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     spans: list[tuple[str, Any, Any]] = field(default_factory=list)
@@ -132,8 +138,11 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """UNet rows per step: [uncond, cond] under guidance, cond alone at scale 1."""
-        return 2 if self.request.guidance_scale > 1.0 else 1
+        """UNet rows of the next step: [uncond, cond] under guidance, cond alone at scale 1
+        and after the request's guidance cutoff."""
+        if self.request.guidance_scale <= 1.0:
+            return 1
+        return 2 if self.guided_steps is None or self.index < self.guided_steps else 1
 
     @property
     def size(self) -> tuple[int, int]:
@@ -145,7 +154,8 @@ class Job:
         r = self.request
         schedule = tuple((name, tuple(values)) for name, values in self.schedule.items())
         steps = (r.num_inference_steps, schedule)
-        return (self.size, steps, self.t_start, r.scheduler, r.guidance_scale)
+        guidance = (r.guidance_scale, r.guidance_cutoff)
+        return (self.size, steps, self.t_start, r.scheduler, guidance)
 
     @property
     def done(self) -> bool:
@@ -256,6 +266,7 @@ class StepBatcher:
         t_start = resolve_start_step(steps, request.strength, request.start_step)
         check_seed(request.seed)
         check_eta(request.eta)
+        check_guidance_cutoff(request.guidance_cutoff)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
@@ -499,6 +510,7 @@ class StepBatcher:
             job.scheduler, r.num_inference_steps, job.t_start, self.backend.device, job.schedule
         )
         job.host_timesteps = job.timesteps.cpu()
+        job.guided_steps = guided_steps(r.guidance_cutoff, len(job.timesteps))
         pipe = self.pipeline
         job.latents = noised_latents(
             encoded,
@@ -562,6 +574,8 @@ class StepBatcher:
                 job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
             )
             job.index += 1
+            if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond row
+                job.embeddings = job.embeddings[1:]
         self._queued.append(self._charge(jobs, "denoise", start))
 
     def _finish(self, jobs: list[Job]) -> None:

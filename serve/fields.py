@@ -37,6 +37,12 @@ FIELDS: dict[str, tuple[type, str]] = {
         "lcm, tcd), descending integers: a JSON list, or 999,850,736 in a form.",
     ),
     "sigmas": (list, "Or its sigmas (euler): one more than the steps."),
+    "guidance_cutoff": (
+        float,
+        "In [0, 1]: the share of the steps run under guidance (diffusers' "
+        "SDCFGCutoffCallback's cutoff_step_ratio); the steps after it run the prompt alone, "
+        "half the UNet's rows. Default: guided throughout.",
+    ),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
 # The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for

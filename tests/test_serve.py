@@ -81,7 +81,15 @@ def _reference(tiny, request, image):
             width=request.width,
             timesteps=None if request.timesteps is None else list(request.timesteps),
             sigmas=None if request.sigmas is None else list(request.sigmas),
+            callback_on_step_end=_cutoff(request.guidance_cutoff),
         ).images[0]
+
+
+def _cutoff(ratio):
+    """The Python call's way to a request's ``guidance_cutoff``."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    return None if ratio is None else GuidanceCutoffCallback(cutoff_step_ratio=ratio)
 
 
 def _run_all(pipe, requests, options=ServeOptions()):
@@ -113,6 +121,35 @@ def test_a_request_served_alone_equals_the_pipeline_exactly(tiny, pipe, image, s
     assert np.array_equal(result.array, _reference(tiny, request, image))
     assert result.unet_calls == len(rows) == 6 and set(rows) == {2}
     assert result.image.size == (48, 32)
+
+
+def test_a_guidance_cutoff_drops_a_jobs_uncond_row_for_the_steps_after_it(tiny, pipe, image):
+    """``guidance_cutoff``: the job's steps up to int(steps x cutoff) on two rows, the rest
+    on its cond row; alone, the pipeline's image with the cutoff callback exactly; batched
+    with a job guided throughout and one at scale 1, each its own image, the calls' rows
+    falling as the cutoff passes."""
+    cut = Img2ImgRequest(prompt="a cat", image=image, strength=0.6, num_inference_steps=10,
+                         guidance_cutoff=0.4)  # fmt: skip
+    (result,), rows = _run_all(pipe, [cut])
+    assert np.array_equal(result.array, _reference(tiny, cut, image))
+    assert rows == [2, 2, 2, 1, 1, 1]  # 6 steps: the callback ends step int(0.4 * 6) = 2
+    requests = [
+        cut,
+        Img2ImgRequest(prompt="a dog", image=image, strength=0.6, num_inference_steps=10),
+        Img2ImgRequest(
+            prompt="a red circle",
+            image=image,
+            strength=0.4,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            guidance_cutoff=0.2,
+        ),  # fmt: skip
+    ]
+    results, rows = _run_all(pipe, requests)
+    assert rows == [5, 5, 5, 4, 3, 3]  # the unguided job's cutoff changes nothing
+    for request, result in zip(requests, results, strict=True):
+        want = _reference(tiny, request, image)
+        assert float(np.abs(result.array - want).max()) <= MIXED_BOUND
 
 
 def test_the_worker_steps_only_while_it_holds_the_pipelines_one_call_lock(pipe, image):
@@ -898,6 +935,27 @@ def test_a_custom_schedule_over_json_and_a_form_is_the_pipelines_image(tiny, ser
         assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(answer.content))), want)
 
 
+def test_a_guidance_cutoff_over_json_and_a_form_is_the_pipelines_image(tiny, server, image):
+    """guidance_cutoff per request, a JSON number or a form's text: the pipeline's image
+    with the cutoff callback."""
+    request = Img2ImgRequest(prompt="a cat", strength=0.5, seed=3, guidance_cutoff=0.25)
+    want = np.round(_reference(tiny, request, image) * 255).astype(np.uint8)
+    fields = {"prompt": "a cat", "strength": 0.5, "seed": 3, "guidance_cutoff": 0.25}
+    body = {**fields, "image": base64.b64encode(png_bytes(image)).decode()}
+    for answer in (
+        httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60),
+        httpx.post(
+            f"{server.url}/v1/img2img",
+            data={k: str(v) for k, v in fields.items()},
+            files={"image": ("in.png", png_bytes(image), "image/png")},
+            headers=KEY,
+            timeout=60,
+        ),
+    ):
+        assert answer.status_code == 200, answer.text
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(answer.content))), want)
+
+
 def test_an_answer_as_jpeg_or_webp_is_the_png_answer_within_their_loss(server, image):
     body = {"image": base64.b64encode(png_bytes(image)).decode(), **SMALL}
     url = f"{server.url}/v1/img2img"
@@ -1030,6 +1088,8 @@ def test_a_server_answers_with_its_own_defaults(tiny, image):
         ({"timesteps": "999,x", "scheduler": "euler"}, 422, "timesteps: expected numbers"),
         ({"sigmas": [1, True], "scheduler": "euler"}, 422, "sigmas must be a list of numbers"),
         ({"timesteps": [500, 999], "scheduler": "euler"}, 422, "must be in descending order"),
+        ({"guidance_cutoff": 1.5}, 422, "guidance cutoff must be a number in [0, 1], the share"),
+        ({"guidance_cutoff": "half"}, 422, "guidance_cutoff must be a number"),
     ],
 )
 def test_bad_input_is_a_4xx_with_the_librarys_message(server, body, status, says):
