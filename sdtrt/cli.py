@@ -86,7 +86,7 @@ STEP_GRAPHS_HELP = (
 GUIDANCE_CUTOFF_HELP = (
     "share of the steps run under guidance, in [0, 1] (diffusers' SDCFGCutoffCallback): "
     "guidance ends after step int(steps x it), the rest on the prompt alone, half the UNet's "
-    "rows (an eager loop: no --step-graphs) (default: guided throughout)"
+    "rows (default: guided throughout)"
 )
 
 
@@ -250,7 +250,12 @@ def _add_img2img(sub: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=job.steps, help="scheduler steps")
     p.add_argument("--guidance", type=float, default=job.guidance, help="guidance scale")
-    p.add_argument("--guidance-cutoff", type=float, default=None, help=GUIDANCE_CUTOFF_HELP)
+    p.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=None,
+        help=GUIDANCE_CUTOFF_HELP + "; runs the eager loop, not --step-graphs",
+    )
     p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES, help="scheduler")
     schedule = p.add_mutually_exclusive_group()
     schedule.add_argument(
@@ -652,6 +657,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=o.steps, help="the default per request")
     p.add_argument("--guidance", type=float, default=o.guidance, help="the default per request")
     p.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=None,
+        help="the default per request: " + GUIDANCE_CUTOFF_HELP,
+    )
+    p.add_argument(
         "--strength",
         type=float,
         default=o.strength,
@@ -741,6 +752,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         strength=args.strength,
+        guidance_cutoff=args.guidance_cutoff,
     )
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):

@@ -697,11 +697,16 @@ class ServeOptions:
     unguided steps need not be sent with every request."""
     guidance: float = Img2ImgJob.guidance
     strength: float = DEFAULT_STRENGTH
+    guidance_cutoff: float | None = None
+    """A request's ``guidance_cutoff`` when it sends none (a request sends 1 to be guided
+    throughout); None: guided throughout."""
 
     def __post_init__(self) -> None:
+        from sdtrt.runtime.guidance import check_guidance_cutoff
         from sdtrt.runtime.inputs import check_steps_and_guidance, resolve_start_step
 
         check_steps_and_guidance(self.steps, self.guidance)
+        check_guidance_cutoff(self.guidance_cutoff)
         resolve_start_step(self.steps, self.strength, None)
         one_of("policy", self.policy, SERVE_POLICIES)
         sizes = self.warmup_sizes

@@ -206,10 +206,11 @@ class StepBatcher:
             "num_inference_steps": options.steps,
             "guidance_scale": options.guidance,
             "strength": options.strength,
+            "guidance_cutoff": options.guidance_cutoff,
         }
         """What an HTTP request that leaves a field out gets: the scheduler the pipeline
-        was built with (``sdtrt serve --scheduler``), the options' steps, guidance and
-        strength (the last only where the request sends no start_step either)."""
+        was built with (``sdtrt serve --scheduler``), the options' steps, guidance, guidance
+        cutoff and strength (the last only where the request sends no start_step either)."""
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
         self.intra_op_threads = options.intra_op_threads
         self.timeout = options.timeout

@@ -152,6 +152,36 @@ def test_a_guidance_cutoff_drops_a_jobs_uncond_row_for_the_steps_after_it(tiny, 
         assert float(np.abs(result.array - want).max()) <= MIXED_BOUND
 
 
+def test_a_servers_guidance_cutoff_is_what_a_request_without_one_gets(tiny, pipe, image):
+    """``sdtrt serve --guidance-cutoff 0.25``: a request that sends none is cut off there
+    (as /docs says), one that sends 1 is guided throughout; each the pipeline's image
+    (batched together: within the mixed-load bound)."""
+    from sdtrt.serve.fields import openapi
+
+    batcher = StepBatcher(pipe, ServeOptions(guidance_cutoff=0.25), start=False)
+    schema = openapi(batcher.request_defaults)["requestBody"]["content"]["application/json"]
+    assert schema["schema"]["properties"]["guidance_cutoff"]["default"] == 0.25
+    rows: list[int] = []
+    batcher.stats.on_unet_call.append(rows.append)
+    requests = [
+        batcher.request(image=image, strength=0.5, num_inference_steps=8),
+        batcher.request(image=image, strength=0.5, num_inference_steps=8, guidance_cutoff=1.0),
+    ]
+    assert [r.guidance_cutoff for r in requests] == [0.25, 1.0]
+    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
+    batcher.start()
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.close()
+    assert rows == [4, 4, 3, 3]  # 4 steps: the first job's guided up to int(0.25 * 4) = 1
+    for request, result in zip(requests, results, strict=True):  # batched: within the bound
+        want = _reference(tiny, request, image)
+        assert float(np.abs(result.array - want).max()) <= MIXED_BOUND
+    with pytest.raises(InvalidInputError, match=r"guidance cutoff must be a number in \[0, 1\]"):
+        ServeOptions(guidance_cutoff=2.0)
+
+
 def test_the_worker_steps_only_while_it_holds_the_pipelines_one_call_lock(pipe, image):
     """A direct call on the pipeline the server batches on holds its one-call lock (the
     backend's buffers are shared): the worker waits for it, and runs on once it is free."""
@@ -1197,6 +1227,7 @@ def test_a_full_queue_is_429_with_retry_after(pipe):
         (["--port", "65536"], "port must be in [0, 65535], got 65536"),
         (["--timeout", "0"], "timeout must be > 0, got 0.0"),
         (["--max-body-mb", "0"], "max_body_mb must be > 0, got 0.0"),
+        (["--guidance-cutoff", "1.5"], "guidance cutoff must be a number in [0, 1]"),
     ],
 )
 def test_serve_settings_that_could_serve_nothing_are_refused_before_loading(
