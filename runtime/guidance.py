@@ -23,13 +23,16 @@ def check_guidance_cutoff(cutoff: Any) -> None:
         )
 
 
-def guided_steps(cutoff: float | None, steps: int) -> int:
+def guided_steps(steps: int, ratio: float | None = None, index: int | None = None) -> int:
     """How many of the ``steps`` the loop runs are guided under a cutoff: diffusers' callback
-    turns guidance off at the end of step ``int(steps * cutoff)``, so that step and those
-    before it are; all of them without a cutoff (or with one that ends no step)."""
-    if cutoff is None:
-        return steps
-    return min(steps, int(steps * cutoff) + 1)
+    turns guidance off at the end of step ``index``, else ``int(steps * ratio)``, so that
+    step and those before it are; all of them without a cutoff (or with one past the last
+    step)."""
+    if index is None:
+        if ratio is None:
+            return steps
+        index = int(steps * ratio)
+    return min(steps, index + 1)
 
 
 class GuidanceCutoffCallback(PipelineCallback):
@@ -39,6 +42,12 @@ class GuidanceCutoffCallback(PipelineCallback):
     last row: one image's). For one image the two are the same callback."""
 
     tensor_inputs = ["prompt_embeds"]
+
+    def guided_steps(self, steps: int) -> int:
+        """How many of a loop's ``steps`` run under guidance: what sdtrt's tabulated steps
+        (``--step-graphs``) run in place of calling back."""
+        config = self.config
+        return guided_steps(steps, config["cutoff_step_ratio"], config["cutoff_step_index"])
 
     def callback_fn(
         self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]

@@ -32,6 +32,7 @@ from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, default_options
 from sdtrt.runtime.clock import stopwatch
+from sdtrt.runtime.guidance import GuidanceCutoffCallback
 from sdtrt.runtime.inputs import (
     Limits,
     check_eta,
@@ -332,14 +333,20 @@ class Img2ImgPipeline:
 
         # 6. The loop: one UNet call per step on the 2B batch, then guidance and the step.
         # A step-end callback runs the eager loop: it sees and may change each step's tensors.
+        # sdtrt's guidance cutoff is no callback there: its steps are tabulated in two runs.
         extra = step_kwargs(scheduler, generator, float(eta))
-        table = None
-        if not extra.get("eta") and callback_on_step_end is None:  # DDIM eta > 0: drawn
-            table = self._step_table(scheduler, steps_left, latents, generator)
         unet_calls = self._num_timesteps = len(steps_left)
+        guided_steps = _tabulated_cutoff(callback_on_step_end, unet_calls)
+        table = None
+        if not extra.get("eta") and (callback_on_step_end is None or guided_steps is not None):
+            table = self._step_table(scheduler, steps_left, latents, generator)  # DDIM eta>0: no
         with self._timed("denoise", timings):
             if table is not None and self.step_graphs is not None:  # each step one CUDA graph
-                latents = self.step_graphs.run(table, latents, text_embeddings, guidance_scale)
+                latents = self.step_graphs.run(
+                    table, latents, text_embeddings, guidance_scale, guided_steps
+                )
+                if guided_steps is not None and guided_steps < unet_calls and do_guidance:
+                    self._guidance_scale = 0.0  # as the callback leaves it
             else:
                 on_host = steps_left.cpu()  # the scheduler's (start_timesteps says why)
                 bar = tqdm(on_host, disable=not self.show_progress, desc="denoising")
@@ -669,6 +676,15 @@ def _callback_inputs(callback: Any, names: Any) -> tuple[str, ...]:
             f"got {', '.join(map(repr, unknown))}"
         )
     return tuple(names)
+
+
+def _tabulated_cutoff(callback: Any, steps: int) -> int | None:
+    """The steps run under guidance where the callback is sdtrt's guidance cutoff as it is
+    (not a subclass, which may do more): the tabulated loop runs it without calling it.
+    None: no cutoff, or a callback to call."""
+    if type(callback) is not GuidanceCutoffCallback:
+        return None
+    return callback.guided_steps(steps)
 
 
 def _step_end_outputs(

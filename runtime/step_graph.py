@@ -248,14 +248,29 @@ def run_table(
     text_embeddings: torch.Tensor,
     guidance_scale: float,
     unet: Unet,
+    guided: int | None = None,
 ) -> torch.Tensor:
-    """The tabulated loop, eager (any device): what one replay per step runs, step by step."""
-    do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
+    """The tabulated loop, eager (any device): what one replay per step runs, step by step
+    (``guided``: as ``StepGraphs.run``)."""
     state = StepState.like(table, latents, text_embeddings, len(table))
     state.load(table, latents, text_embeddings, guidance_scale)
-    for _ in range(len(table)):
-        table_step(table.kind, state, unet, do_guidance)
+    for texts, steps in phases(len(table), latents, text_embeddings, guided):
+        state.text_embeddings = texts
+        for _ in range(steps):
+            table_step(table.kind, state, unet, texts.shape[0] == 2 * latents.shape[0])
     return state.latents
+
+
+def phases(
+    steps: int, latents: torch.Tensor, text_embeddings: torch.Tensor, guided: int | None
+) -> list[tuple[torch.Tensor, int]]:
+    """(text batch, steps) of each run of steps: all of them on the batch given, or, where
+    a guidance cutoff leaves ``guided`` steps under guidance, those on [uncond, cond] and
+    the rest on the cond half (one row per image, no guidance)."""
+    unguided = text_embeddings.shape[0] != 2 * latents.shape[0]
+    if guided is None or guided >= steps or unguided:
+        return [(text_embeddings, steps)]
+    return [(text_embeddings, guided), (text_embeddings.chunk(2)[1], steps - guided)]
 
 
 class StepGraphs:
@@ -285,26 +300,49 @@ class StepGraphs:
         latents: torch.Tensor,
         text_embeddings: torch.Tensor,
         guidance_scale: float,
+        guided: int | None = None,
     ) -> torch.Tensor:
+        """The loop of ``table`` from ``latents``. ``guided``: the steps run under guidance
+        where a guidance cutoff ends it early (the rest replay a capture on the cond half
+        of the text batch, carrying on from the first's state); None: every step."""
         if not self.capturable(latents):
-            return run_table(table, latents, text_embeddings, guidance_scale, self.unet)
+            return run_table(table, latents, text_embeddings, guidance_scale, self.unet, guided)
+        before = None
+        for texts, steps in phases(len(table), latents, text_embeddings, guided):
+            graph, state = self._captured(table, latents, texts, guidance_scale)
+            state.load(table, latents, texts, guidance_scale)
+            if before is not None:  # the second run of steps: the first's state, its step
+                state.latents.copy_(before.latents)
+                state.history.copy_(before.history)
+                state.index.copy_(before.index)
+            for _ in range(steps):
+                graph.replay()
+            before = state
+        assert before is not None  # for mypy: there is always a run of steps
+        return before.latents.clone()
+
+    def _captured(
+        self,
+        table: StepTable,
+        latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        guidance_scale: float,
+    ) -> tuple[Any, StepState]:
+        """The capture of a step of ``table``'s kind on these shapes: made once, on first
+        sight (the guidance follows the text batch: [uncond, cond] rows, or the cond rows)."""
         do_guidance = text_embeddings.shape[0] == 2 * latents.shape[0]
 
         def captured_step() -> tuple[Any, StepState]:
             # Noise rows cost a latent each: an ancestral kind's are sized to its schedule.
             rows = len(table) if table.kind.noise else max(self.rows, len(table))
             state = StepState.like(table, latents, text_embeddings, rows)
-            # The warm run before capture steps real values (then reloaded below).
+            # The warm run before capture steps real values (then reloaded by the caller).
             state.load(table, latents, text_embeddings, guidance_scale)
             step = lambda: table_step(table.kind, state, self.unet, do_guidance)  # noqa: E731
             graph, _ = capture(step, self.pool)
             return graph, state
 
         key = (table.kind, table.timesteps.dtype, latents.shape, text_embeddings.shape)
-        graph, state = self.captured.get(
+        return self.captured.get(
             key, captured_step, fits=lambda entry: len(table) <= entry[1].table.shape[0]
         )
-        state.load(table, latents, text_embeddings, guidance_scale)
-        for _ in range(len(table)):
-            graph.replay()
-        return state.latents.clone()

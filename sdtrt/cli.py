@@ -254,7 +254,7 @@ def _add_img2img(sub: Any) -> None:
         "--guidance-cutoff",
         type=float,
         default=None,
-        help=GUIDANCE_CUTOFF_HELP + "; runs the eager loop, not --step-graphs",
+        help=GUIDANCE_CUTOFF_HELP,
     )
     p.add_argument("--scheduler", default="lms", choices=SCHEDULER_NAMES, help="scheduler")
     schedule = p.add_mutually_exclusive_group()

@@ -511,7 +511,7 @@ class StepBatcher:
             job.scheduler, r.num_inference_steps, job.t_start, self.backend.device, job.schedule
         )
         job.host_timesteps = job.timesteps.cpu()
-        job.guided_steps = guided_steps(r.guidance_cutoff, len(job.timesteps))
+        job.guided_steps = guided_steps(len(job.timesteps), r.guidance_cutoff)
         pipe = self.pipeline
         job.latents = noised_latents(
             encoded,

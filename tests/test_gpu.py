@@ -130,6 +130,34 @@ def test_step_graphs_equal_the_eager_loop_on_cuda(tiny, scheduler):
         assert len(graphed.step_graphs.captured) == 1
 
 
+@cuda
+@pytest.mark.parametrize("scheduler", ["lms", "euler_a", "dpmpp_2m"])
+def test_a_guidance_cutoff_in_step_graphs_equals_the_eager_callback_on_cuda(tiny, scheduler):
+    """GuidanceCutoffCallback under step graphs: the guided steps' capture, then the cond
+    rows' capture from its state; the eager loop calling the callback, within 1e-6 (fp32)."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    on_gpu = _own(tiny)
+    eager, graphed = (
+        Img2ImgPipeline.from_components(
+            on_gpu,
+            TorchOptions(device="cuda", step_graphs=graphs),
+            scheduler=scheduler,
+            show_progress=False,
+        )
+        for graphs in (False, True)
+    )
+    run = dict(strength=0.8, num_inference_steps=12, guidance_scale=7.5, output_type="latent")
+    run["callback_on_step_end"] = GuidanceCutoffCallback(cutoff_step_ratio=0.4)
+    a, b = (
+        pipe(["a red circle", "a cat"], _image(), generator=torch.Generator().manual_seed(4),
+             **run).images
+        for pipe in (eager, graphed)
+    )  # fmt: skip
+    assert float((a - b).norm() / a.norm()) <= 1e-6
+    assert len(graphed.step_graphs.captured) == 2  # 2B rows, then B
+
+
 def _graph_pool_bytes():
     """GPU memory the caching allocator holds for CUDA graph pools (every pool but the
     default one)."""

@@ -49,6 +49,35 @@ def test_tabulated_loop_equals_the_eager_loop(request, model, scheduler, images)
         assert torch.equal(tabled_run["generator"].get_state(), eager_run["generator"].get_state())
 
 
+@pytest.mark.parametrize("scheduler", TABULATED)
+def test_a_guidance_cutoff_is_tabulated_and_equals_its_callback(tiny, images, scheduler):
+    """sdtrt's GuidanceCutoffCallback does not turn the tabulated loop (--step-graphs) into
+    the eager one: the steps up to the cutoff run on [uncond, cond], the rest on the cond
+    half, carrying on from the first run's state (history, index, noise rows). The eager
+    loop's image with the callback called, bit for bit, two images; the guidance it leaves
+    is the callback's."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    eager, tabled = _pipelines(tiny, scheduler)
+    tables, rows = [], []
+    make_table = tabled._step_table
+    tabled._step_table = lambda *args: tables.append(make_table(*args)) or tables[-1]
+    unet = tabled.backend.unet
+    tabled.backend.unet = lambda x, t, texts: rows.append(len(x)) or unet(x, t, texts)
+    tabled.backend.step_unet = tabled.backend.unet
+    run = {**RUN, "callback_on_step_end": GuidanceCutoffCallback(cutoff_step_ratio=0.3)}
+    eager_run, tabled_run = _seeded(run, 3), _seeded(run, 3)
+    want = eager(["a red circle", "a cat"], images, strength=0.9, **eager_run)
+    got = tabled(["a red circle", "a cat"], images, strength=0.9, **tabled_run)
+    assert tables[-1] is not None  # a table ran, not the callback's eager loop
+    calls = want.unet_calls  # 9 (PNDM: 10, its first step twice)
+    guided = int(calls * 0.3) + 1
+    assert rows == [4] * guided + [2] * (calls - guided)
+    np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
+    assert torch.equal(tabled_run["generator"].get_state(), eager_run["generator"].get_state())
+    assert tabled.guidance_scale == eager.guidance_scale == 0.0
+
+
 @pytest.mark.parametrize("case", ["order-3", "sde", "tcd"])
 def test_a_step_not_tabulated_runs_the_eager_loop(tiny, images, case):
     """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2), the
@@ -161,11 +190,10 @@ class _Replayed:
         self.step()
 
 
-def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
-    """StepGraphs' bookkeeping, captures faked: one capture serves schedules of any length
-    and guidance scale of its kind and shapes; an ancestral kind, whose noise rows are
-    sized to its schedule, is captured again for a longer one; beyond ``max_captures``
-    the least recently used goes."""
+@pytest.fixture
+def fake_captures(monkeypatch):
+    """StepGraphs captures on the CPU: each capture a ``_Replayed``; the steps captured and
+    the memory pools they were given are listed."""
     from sdtrt.runtime import step_graph
 
     captured, pools = [], set()
@@ -177,8 +205,42 @@ def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch):
         return _Replayed(step), None
 
     monkeypatch.setattr(step_graph, "capture", fake_capture)
-    monkeypatch.setattr(step_graph.StepGraphs, "max_captures", 2)
     monkeypatch.setattr(step_graph.StepGraphs, "capturable", staticmethod(lambda latents: True))
+    return captured, pools
+
+
+def test_a_guidance_cutoff_replays_a_second_capture_from_the_firsts_state(tiny, fake_captures):
+    """Captures faked: a cutoff's steps after it replay a capture on the cond half of the
+    text batch, started from the first capture's latents, history and step; the eager
+    tabulated loop's latents, bit for bit (DPM++ 2M keeps a history, Euler a draws)."""
+    from sdtrt.runtime.step_graph import StepGraphs
+
+    captured, _ = fake_captures
+    generator = torch.Generator().manual_seed(8)
+    for scheduler in ("dpmpp_2m", "euler_a"):
+        pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+        hidden = pipe.backend.encode_text(torch.randint(0, 100, (4, 77), generator=generator))
+        graphs, latents = StepGraphs(pipe.backend.unet), torch.randn(2, 4, 8, 8)
+        timesteps = start_timesteps(pipe.scheduler, 10, 1, "cpu")
+        table = tabulate(pipe.scheduler, timesteps, latents, torch.Generator().manual_seed(1))
+        want = run_table(table, latents, hidden, 6.0, pipe.backend.unet, guided=4)
+        before = len(captured)
+        got = graphs.run(table, latents, hidden, 6.0, guided=4)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        assert len(captured) == before + 2  # [uncond, cond] rows, then the cond rows
+        guided_throughout = run_table(table, latents, hidden, 6.0, pipe.backend.unet)
+        assert not torch.equal(want, guided_throughout)
+
+
+def test_captures_are_reused_resized_and_dropped(tiny, monkeypatch, fake_captures):
+    """StepGraphs' bookkeeping, captures faked: one capture serves schedules of any length
+    and guidance scale of its kind and shapes; an ancestral kind, whose noise rows are
+    sized to its schedule, is captured again for a longer one; beyond ``max_captures``
+    the least recently used goes."""
+    from sdtrt.runtime import step_graph
+
+    captured, pools = fake_captures
+    monkeypatch.setattr(step_graph.StepGraphs, "max_captures", 2)
     generator = torch.Generator().manual_seed(8)
     pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler_a", show_progress=False)
     hidden = pipe.backend.encode_text(torch.randint(0, 100, (2, 77), generator=generator))
