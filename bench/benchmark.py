@@ -282,6 +282,15 @@ def _call_options(config: BenchConfig, batch: int, seed: int) -> dict[str, Any]:
     }
 
 
+def _cutoff(config: BenchConfig) -> Any:
+    """The guidance cutoff's callback every row runs (diffusers' within its own), or None."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    if config.guidance_cutoff is None:
+        return None
+    return GuidanceCutoffCallback(cutoff_step_ratio=float(config.guidance_cutoff))
+
+
 def _sample_image(height: int, width: int) -> Any:
     import PIL.Image
 
@@ -339,8 +348,12 @@ def _make_target(
     engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)
     last: dict[str, float] = {}
 
+    cutoff = _cutoff(config)
+
     def run(batch: int, seed: int) -> int:
-        out = pipe(SEED_PROMPT, image, **_call_options(config, batch, seed))
+        out = pipe(
+            SEED_PROMPT, image, **_call_options(config, batch, seed), callback_on_step_end=cutoff
+        )
         last["denoise"] = out.timings_ms["denoise"]
         return out.unet_calls
 
@@ -403,7 +416,12 @@ def _diffusers_target(
         marks["loop_start"] = time.perf_counter()
         return out
 
+    cutoff = _cutoff(config)
+    tensor_inputs = ["latents"] if cutoff is None else cutoff.tensor_inputs  # or diffusers'
+
     def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if cutoff is not None:
+            kwargs = cutoff(_pipe, i, _t, kwargs)
         marks["steps"] = i + 1  # one UNet call per step (guidance batched)
         if i == _pipe.num_timesteps - 1:  # only the last step waits for the GPU
             synchronize(config.device)
@@ -448,6 +466,7 @@ def _diffusers_target(
                 image,
                 **_call_options(config, batch, seed),
                 callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=tensor_inputs,
             )
         return int(marks["steps"])
 

@@ -79,6 +79,9 @@ class BenchConfig:
     scheduler: str = "lms"
     guidance: float = 8.0
     """The seed's; 1 or less runs the prompt row alone (LCM-LoRA's recipe: B rows a call)."""
+    guidance_cutoff: float | None = None
+    """The share of the steps run under guidance (every row, diffusers' too, runs sdtrt's
+    GuidanceCutoffCallback); None: guided throughout."""
     device: str = "cpu"
     """torch and diffusers: cpu or cuda."""
     dtype: str = "fp32"
@@ -122,6 +125,7 @@ class BenchConfig:
             raise InvalidInputError(f"batch sizes must be >= 1, got {self.batches}")
         if self.repeats < 1 or self.warmup < 0:
             raise InvalidInputError("repeats must be >= 1 and warm-up >= 0")
+        from sdtrt.runtime.guidance import check_guidance_cutoff
         from sdtrt.runtime.inputs import (
             Limits,
             check_size,
@@ -130,6 +134,7 @@ class BenchConfig:
         )
 
         check_steps_and_guidance(self.steps, self.guidance)
+        check_guidance_cutoff(self.guidance_cutoff)
         resolve_start_step(self.steps, self.strength, None)
         check_size(self.height, self.width, 8)
         Limits.from_env().check(

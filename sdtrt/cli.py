@@ -441,6 +441,12 @@ def _add_bench(sub: Any) -> None:
         help="guidance scale (1 or less: the prompt row alone, as LCM-LoRA runs)",
     )
     p.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=None,
+        help=GUIDANCE_CUTOFF_HELP + "; every row runs it, diffusers' too",
+    )
+    p.add_argument(
         "--device", default=config.device, choices=DEVICES, type=_device, help="torch and diffusers"
     )
     p.add_argument("--dtype", default=config.dtype, choices=PRECISIONS, help="torch and diffusers")
@@ -489,6 +495,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         strength=args.strength,
         scheduler=args.scheduler,
         guidance=args.guidance,
+        guidance_cutoff=args.guidance_cutoff,
         device=args.device,
         dtype=args.dtype,
         precision=args.precision,

@@ -141,6 +141,36 @@ def test_lcm_loras_recipe_runs_side_by_side_with_diffusers(monkeypatch, tiny):
         BenchConfig(guidance=float("nan"))
 
 
+def test_a_guidance_cutoff_runs_in_every_row(monkeypatch, tiny):
+    """`sdtrt bench --guidance-cutoff 0.5`: sdtrt's rows and diffusers' run the same cutoff
+    callback (diffusers' inside its own step-end hook), guidance off after step 1 of 3."""
+    import copy
+
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    components = copy.deepcopy(tiny)
+    monkeypatch.setattr("sdtrt.models.load_components", lambda source: components)
+    seen = []
+    callback_fn = GuidanceCutoffCallback.callback_fn
+
+    def spy(self, pipe, i, t, tensors):
+        out = callback_fn(self, pipe, i, t, tensors)
+        seen.append((type(pipe).__name__, i, pipe.do_classifier_free_guidance))
+        return out
+
+    monkeypatch.setattr(GuidanceCutoffCallback, "callback_fn", spy)
+    config = BenchConfig(backends=("torch", "diffusers"), height=32, width=32, steps=4,
+                         guidance_cutoff=0.5, warmup=0, repeats=1)  # fmt: skip
+    record = run_bench(config, log=lambda line: None)
+    assert [(r["status"], r["unet_calls"]) for r in record["results"]] == [("ok", 3)] * 2
+    assert record["config"]["guidance_cutoff"] == 0.5
+    for pipeline in ("Img2ImgPipeline", "StableDiffusionImg2ImgPipeline"):
+        guided = [on for name, i, on in seen if name == pipeline]
+        assert guided and guided == [True, False, False] * (len(guided) // 3), pipeline
+    with pytest.raises(InvalidInputError, match="guidance cutoff must be a number in"):
+        BenchConfig(guidance_cutoff=-1.0)
+
+
 def test_run_bench_skips_cuda_without_a_gpu():
     import torch
 
