@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.callbacks import SDCFGCutoffCallback
 
-from sdtrt.bench.lcm_ab import RUNS, run_once
+from sdtrt.bench.lcm_ab import RUNS, run_once, setting
 from sdtrt.bench.timing import alternate
 from sdtrt.options import SAMPLE_IMAGE, TorchOptions
 from sdtrt.runtime.inputs import load_image
@@ -55,11 +55,7 @@ def measure(model: str, size: int, steps: int, ratio: float, repeats: int, devic
     guided, cut = (medians[name]["total"] for name in callbacks)
     images = [np.round(last[name].images * 255) for name in callbacks]
     return {
-        "model": model,
-        "size": size,
-        "device": device,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        **setting(model, size, device, repeats),
         "run": dict(zip(("scheduler", "steps", "strength", "guidance"), run, strict=True)),
         "runs": {
             name: {

@@ -52,6 +52,18 @@ def run_once(
     )
 
 
+def setting(model: str, size: int, device: str, repeats: int) -> dict[str, Any]:
+    """What each A/B here reports of where it ran: the model, square image side, device,
+    repeats and PyTorch's intra-op threads."""
+    return {
+        "model": model,
+        "size": size,
+        "device": device,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
     # One model load (SD 1.5 in fp32 is 4 GB); each run swaps in its scheduler.
     pipe = Img2ImgPipeline.from_pretrained(model, TorchOptions(device=device), show_progress=False)
@@ -68,11 +80,7 @@ def measure(model: str, size: int, repeats: int, device: str) -> dict[str, Any]:
     medians, last = alternate({name: functools.partial(call, name) for name in RUNS}, repeats)
     default, recipe = (medians[name]["total"] for name in RUNS)
     return {
-        "model": model,
-        "size": size,
-        "device": device,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        **setting(model, size, device, repeats),
         "runs": {
             name: {
                 "scheduler": scheduler,

@@ -158,22 +158,16 @@ def test_a_servers_guidance_cutoff_is_what_a_request_without_one_gets(tiny, pipe
     (batched together: within the mixed-load bound)."""
     from sdtrt.serve.fields import openapi
 
-    batcher = StepBatcher(pipe, ServeOptions(guidance_cutoff=0.25), start=False)
-    schema = openapi(batcher.request_defaults)["requestBody"]["content"]["application/json"]
+    options = ServeOptions(guidance_cutoff=0.25)
+    server = StepBatcher(pipe, options, start=False)  # its defaults; _run_all runs another
+    schema = openapi(server.request_defaults)["requestBody"]["content"]["application/json"]
     assert schema["schema"]["properties"]["guidance_cutoff"]["default"] == 0.25
-    rows: list[int] = []
-    batcher.stats.on_unet_call.append(rows.append)
     requests = [
-        batcher.request(image=image, strength=0.5, num_inference_steps=8),
-        batcher.request(image=image, strength=0.5, num_inference_steps=8, guidance_cutoff=1.0),
+        server.request(image=image, strength=0.5, num_inference_steps=8),
+        server.request(image=image, strength=0.5, num_inference_steps=8, guidance_cutoff=1.0),
     ]
     assert [r.guidance_cutoff for r in requests] == [0.25, 1.0]
-    futures = [batcher.submit(batcher.prepare(r)) for r in requests]
-    batcher.start()
-    try:
-        results = [f.result(timeout=120) for f in futures]
-    finally:
-        batcher.close()
+    results, rows = _run_all(pipe, requests, options)
     assert rows == [4, 4, 3, 3]  # 4 steps: the first job's guided up to int(0.25 * 4) = 1
     for request, result in zip(requests, results, strict=True):  # batched: within the bound
         want = _reference(tiny, request, image)
