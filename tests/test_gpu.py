@@ -408,7 +408,10 @@ def test_tensorrt_runs_an_unguided_request_one_row_per_image(engines, tiny):
 @pytest.mark.parametrize("scheduler", ["lms", "pndm", "euler_a"])
 def test_tensorrt_step_graphs_equal_its_eager_loop(engines, scheduler):
     """The engine's enqueue captured inside whole-step graphs: the loop's result as the
-    eager TensorRT loop's (one engine, so only the scheduler math's order could differ)."""
+    eager TensorRT loop's (one engine, so only the scheduler math's order could differ);
+    with a guidance cutoff too (a second capture on the B rows the profile takes)."""
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
     exported, engine_dir, _ = engines
     eager, graphed = (
         Img2ImgPipeline.from_pretrained(
@@ -426,6 +429,14 @@ def test_tensorrt_step_graphs_equal_its_eager_loop(engines, scheduler):
     )  # fmt: skip
     assert float((a - b).norm() / a.norm()) <= 1e-5
     assert len(graphed.step_graphs.captured) == 1
+    a, b = (
+        pipe("a", _image(), generator=torch.Generator().manual_seed(4), output_type="latent",
+             strength=0.9, num_inference_steps=8,
+             callback_on_step_end=GuidanceCutoffCallback(cutoff_step_ratio=0.5)).images
+        for pipe in (eager, graphed)
+    )  # fmt: skip
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    assert len(graphed.step_graphs.captured) == 2
 
 
 @tensorrt
