@@ -814,6 +814,9 @@ def _add_bench_serve(sub: Any) -> None:
     p.add_argument("--strength", default="0.3-1.0", help="uniform range LOW-HIGH")
     p.add_argument("--sizes", default="512x512", help="HxW, comma-separated: drawn per request")
     p.add_argument("--guidance", type=float, default=c.guidance, help="guidance scale")
+    p.add_argument(
+        "--guidance-cutoff", type=float, default=None, help="per request: " + GUIDANCE_CUTOFF_HELP
+    )
     p.add_argument("--scheduler", default=c.scheduler, choices=SCHEDULER_NAMES, help="scheduler")
     p.add_argument("--queue-delay", type=float, default=c.queue_delay, help="request policy")
     p.add_argument("--max-rows", type=int, default=None, help="UNet rows per call")
@@ -846,6 +849,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         strength=(low, high),
         sizes=sizes,
         guidance=args.guidance,
+        guidance_cutoff=args.guidance_cutoff,
         scheduler=args.scheduler,
         queue_delay=args.queue_delay,
         max_rows=args.max_rows,

@@ -52,6 +52,8 @@ class LoadConfig:
     sizes: tuple[tuple[int, int], ...] = ((512, 512),)
     """(height, width) of each request, drawn uniformly."""
     guidance: float = 8.0
+    guidance_cutoff: float | None = None
+    """Each request's guidance cutoff (the share of its steps guided); None: sent none."""
     scheduler: str = "lms"
     """Each request's scheduler (lcm with a few steps at guidance 1: LCM-LoRA's load)."""
     queue_delay: float = 0.05
@@ -70,7 +72,10 @@ class LoadConfig:
             raise InvalidInputError(f"rates must be positive requests/s, got {self.rates}")
         if self.requests < 1 or not self.duration > 0:
             raise InvalidInputError("requests must be >= 1 and duration > 0 s")
+        from sdtrt.runtime.guidance import check_guidance_cutoff
+
         one_of("scheduler", self.scheduler, SCHEDULER_NAMES)
+        check_guidance_cutoff(self.guidance_cutoff)
         low, high = self.strength
         if not 0 < low <= high <= 1:
             raise InvalidInputError(f"strength range must be within (0, 1], got {low}-{high}")
@@ -197,6 +202,7 @@ async def _drive(
     arrivals = np.cumsum(rng.exponential(1.0 / rate, config.requests))
     arrivals = arrivals[arrivals <= config.duration]
     low, high = config.strength
+    cutoff = {} if config.guidance_cutoff is None else {"guidance_cutoff": config.guidance_cutoff}
     bodies = [
         {
             "prompt": "a colourful dancer",
@@ -208,6 +214,7 @@ async def _drive(
             "scheduler": config.scheduler,
             "height": config.sizes[i][0],
             "width": config.sizes[i][1],
+            **cutoff,
         }
         for i in rng.integers(0, len(config.sizes), len(arrivals))
     ]

@@ -1422,6 +1422,19 @@ def test_bench_serve_drives_a_keyed_server_with_its_key_or_says_why_not(server, 
         LoadConfig(scheduler="heun")
 
 
+def test_bench_serve_sends_each_request_its_guidance_cutoff():
+    """`bench-serve --guidance-cutoff 0.25`: each request of 4 steps at strength 1 is guided
+    for 2 of them (int(4 x 0.25) = 1, and the step before), one at a time: 8 calls of 2,
+    2, 1, 1 rows."""
+    from sdtrt.serve.loadgen import LoadConfig, run_load_bench
+
+    config = LoadConfig(rates=(20.0,), requests=2, steps=4, strength=(1.0, 1.0),
+                        sizes=((32, 32),), policies=("single",), guidance_cutoff=0.25)  # fmt: skip
+    (row,) = run_load_bench("tiny", "torch", config)["results"]
+    assert row["ok"] == row["requests"] == 2 and row["errors"] == 0
+    assert row["unet_calls"] == 8 and row["rows_per_call"] == 1.5
+
+
 def test_bench_serve_refuses_bad_settings_before_loading(capsys):
     from sdtrt.cli import main
 
@@ -1433,6 +1446,7 @@ def test_bench_serve_refuses_bad_settings_before_loading(capsys):
         (["--max-rows", "1"], "max rows must be >= 2"),
         (["--intra-op-threads", "0"], "intra-op threads must be an integer >= 1, got 0"),
         (["--intra-op-threads", "two"], "--intra-op-threads: an integer >= 1 or auto"),
+        (["--guidance-cutoff", "2"], "guidance cutoff must be a number in [0, 1]"),
     ):
         assert main(["bench-serve", *args]) == 2
         assert says in capsys.readouterr().err
