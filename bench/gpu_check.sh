@@ -4,7 +4,7 @@
 # whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
 # and with torch.compile) on SD-1.5 shapes, then profile the loop.
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
-#                                                  compiled4 lcm taesd
+#                                                  compiled4 lcm taesd cutoff
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
 # (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
@@ -101,7 +101,13 @@ stage_taesd() {
     --size 512 --repeats 5 2>&1 | tee "$OUT/vae_ab.txt"
 }
 
-STAGES="tests table profile compiled compiled4 lcm taesd"
+# Guidance cut off after 40% of the steps (sdtrt's GuidanceCutoffCallback, diffusers' row
+# running it too): the later steps on B rows, step graphs replaying a second capture.
+stage_cutoff() {
+  bench cutoff --guidance-cutoff 0.4 --backends torch+step-graphs,diffusers
+}
+
+STAGES="tests table profile compiled compiled4 lcm taesd cutoff"
 [ $# -gt 0 ] || set -- $STAGES
 for arg in "$@"; do
   stage=${arg%%:*}

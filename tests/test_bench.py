@@ -327,7 +327,7 @@ def test_the_gpu_scripts_rows_are_valid_rows():
     assert stages is not None
     assert sorted(stages.group(1).split()) == sorted(re.findall(r"^stage_(\w+)\(\)", text, re.M))
     lists = re.findall(r"--backends\s+([\w+,-]+)", text)
-    assert len(lists) == 5
+    assert len(lists) == 6
     for rows in lists:
         config = BenchConfig(backends=tuple(rows.split(",")), device="cuda", dtype="fp16")
         for row in config.backends:
