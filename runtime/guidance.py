@@ -26,13 +26,13 @@ def check_guidance_cutoff(cutoff: Any) -> None:
 def guided_steps(steps: int, ratio: float | None = None, index: int | None = None) -> int:
     """How many of the ``steps`` the loop runs are guided under a cutoff: diffusers' callback
     turns guidance off at the end of step ``index``, else ``int(steps * ratio)``, so that
-    step and those before it are; all of them without a cutoff (or with one past the last
-    step)."""
+    step and those before it are; all of them without a cutoff, or with one at no step the
+    loop runs (past the last, or a negative index: the callback never sees it)."""
     if index is None:
         if ratio is None:
             return steps
         index = int(steps * ratio)
-    return min(steps, index + 1)
+    return index + 1 if 0 <= index < steps else steps
 
 
 class GuidanceCutoffCallback(PipelineCallback):

@@ -78,6 +78,29 @@ def test_a_guidance_cutoff_is_tabulated_and_equals_its_callback(tiny, images, sc
     assert tabled.guidance_scale == eager.guidance_scale == 0.0
 
 
+def test_the_tabulated_cutoff_guides_the_steps_its_callback_would():
+    """What the tabulated loop runs in place of the callback (``guided_steps``) is where
+    calling it turns guidance off, for ratios and indices, those at no step included."""
+    from types import SimpleNamespace
+
+    from sdtrt.runtime.guidance import GuidanceCutoffCallback
+
+    cutoffs = [dict(cutoff_step_ratio=r) for r in (0.0, 0.25, 0.5, 0.99, 1.0)]
+    cutoffs += [dict(cutoff_step_ratio=None, cutoff_step_index=i) for i in (-1, 0, 2, 5, 9)]
+    for kwargs in cutoffs:
+        callback = GuidanceCutoffCallback(**kwargs)
+        for steps in range(1, 8):
+            pipe = SimpleNamespace(num_timesteps=steps, _guidance_scale=7.5)
+            pipe.do_classifier_free_guidance = True
+            guided = steps
+            for i in range(steps):
+                callback(pipe, i, None, {"prompt_embeds": torch.zeros(2, 1)})
+                if pipe._guidance_scale == 0.0:
+                    pipe.do_classifier_free_guidance = False
+                    guided = min(guided, i + 1)
+            assert callback.guided_steps(steps) == guided, (kwargs, steps)
+
+
 @pytest.mark.parametrize("case", ["order-3", "sde", "tcd"])
 def test_a_step_not_tabulated_runs_the_eager_loop(tiny, images, case):
     """DPM-Solver++ of order 3 (a diffusers option; Stable Diffusion runs order 2), the
