@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +20,6 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import PIL.Image
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -31,8 +29,13 @@ from sdtrt.engine.trt_profile import check_pixels
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, default_options
+from sdtrt.runtime.callbacks import (
+    callback_inputs,
+    guidance_left,
+    step_end_outputs,
+    tabulated_cutoff,
+)
 from sdtrt.runtime.clock import stopwatch
-from sdtrt.runtime.guidance import GuidanceCutoffCallback
 from sdtrt.runtime.inputs import (
     Limits,
     check_eta,
@@ -41,7 +44,6 @@ from sdtrt.runtime.inputs import (
     check_steps_and_guidance,
     image_input,
     is_integer,
-    is_real,
     latents_input,
     resolve_start_step,
 )
@@ -60,9 +62,6 @@ P = ParamSpec("P")
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
-# What a step-end callback may ask for (diffusers' _callback_tensor_inputs): the latents after
-# the step, the UNet's text batch ([uncond, cond] under guidance), the negative half alone.
-CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 Texts = list[str] | torch.Tensor
 """Prompts as strings, or as their embeddings [prompts, tokens, width]."""
 
@@ -268,7 +267,7 @@ class Img2ImgPipeline:
         t_start = resolve_start_step(num_inference_steps, strength, start_step)
         num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
         check_eta(eta)
-        tensor_inputs = _callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._interrupt = False
         self._guidance_scale = guidance_scale  # a step-end callback may change it (diffusers')
         if output_type not in OUTPUT_TYPES:
@@ -336,7 +335,7 @@ class Img2ImgPipeline:
         # sdtrt's guidance cutoff is no callback there: its steps are tabulated in two runs.
         extra = step_kwargs(scheduler, generator, float(eta))
         unet_calls = self._num_timesteps = len(steps_left)
-        guided_steps = _tabulated_cutoff(callback_on_step_end, unet_calls)
+        guided_steps = tabulated_cutoff(callback_on_step_end, unet_calls)
         table = None
         if not extra.get("eta") and (callback_on_step_end is None or guided_steps is not None):
             table = self._step_table(scheduler, steps_left, latents, generator)  # DDIM eta>0: no
@@ -453,15 +452,9 @@ class Img2ImgPipeline:
             "negative_prompt_embeds": uncond_embeddings,
         }
         changed = callback(self, *step_at, {name: given[name] for name in names})
-        scale = self._guidance_scale
-        if not is_real(scale) or not math.isfinite(scale):
-            raise InvalidInputError(
-                f"callback_on_step_end set pipe._guidance_scale to {scale!r}: give a finite "
-                "number (above 1: guidance on; 1 or less: off, the prompts' rows alone)"
-            )
-        self._guidance_scale = float(scale)
+        self._guidance_scale = guidance_left(self._guidance_scale)
         rows = len(latents) * (2 if self.do_classifier_free_guidance else 1)
-        return _step_end_outputs(changed, latents, text_embeddings, rows)
+        return step_end_outputs(changed, latents, text_embeddings, rows)
 
     def _latents_size(
         self, latents: torch.Tensor, height: int | None, width: int | None
@@ -650,75 +643,3 @@ def non_finite_error(network: str) -> NonFiniteOutputError:
         "the VAE decoder produced NaN or infinite values; with fp16 this is usually the VAE "
         "overflowing: export or build the VAE in fp32"
     )
-
-
-def _callback_inputs(callback: Any, names: Any) -> tuple[str, ...]:
-    """The tensors a step-end callback is given (none without one), checked: diffusers'
-    names only. diffusers' callback objects (``SDCFGCutoffCallback``, several in
-    ``MultiPipelineCallbacks``) name their own, in place of the names given."""
-    if callback is None:
-        return ()
-    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-        names = callback.tensor_inputs
-    if not callable(callback):
-        raise InvalidInputError(
-            "callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, "
-            f"got {type(callback).__name__}"
-        )
-    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise InvalidInputError(
-            f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}"
-        )
-    unknown = [name for name in names if name not in CALLBACK_TENSORS]
-    if unknown:
-        raise InvalidInputError(
-            f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSORS)}; "
-            f"got {', '.join(map(repr, unknown))}"
-        )
-    return tuple(names)
-
-
-def _tabulated_cutoff(callback: Any, steps: int) -> int | None:
-    """The steps run under guidance where the callback is sdtrt's guidance cutoff as it is
-    (not a subclass, which may do more): the tabulated loop runs it without calling it.
-    None: no cutoff, or a callback to call."""
-    if type(callback) is not GuidanceCutoffCallback:
-        return None
-    return callback.guided_steps(steps)
-
-
-def _step_end_outputs(
-    changed: Any, latents: torch.Tensor, text_embeddings: torch.Tensor, rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latents and text batch a step-end callback returned (diffusers' dict; a tensor
-    left out is kept). The latents keep their shape: the loop's batch is fixed. The text
-    batch has ``rows``, what the guidance the callback left needs: [uncond, cond] (2B) on,
-    the cond rows (B) off. (The negative prompt's embeddings it may return change nothing,
-    as in diffusers: the text batch holds them from the start.)"""
-    if not isinstance(changed, dict):
-        raise InvalidInputError(
-            "callback_on_step_end must return a dict (the tensors it changes, or {}), "
-            f"got {type(changed).__name__}"
-        )
-    kept = []
-    texts_shape = (rows, *text_embeddings.shape[1:])
-    for name, before, shape in (
-        ("latents", latents, latents.shape),
-        ("prompt_embeds", text_embeddings, texts_shape),
-    ):
-        after = changed.get(name, before)
-        if not isinstance(after, torch.Tensor) or after.shape != shape:
-            what = list(after.shape) if isinstance(after, torch.Tensor) else type(after).__name__
-            raise InvalidInputError(
-                f"callback_on_step_end returned {name} {what}; expected a tensor of shape "
-                f"{list(shape)}" + (_TEXT_ROWS if name == "prompt_embeds" else ", as it was given")
-            )
-        kept.append(after.to(before.device, before.dtype))
-    return kept[0], kept[1]
-
-
-_TEXT_ROWS = (
-    " ([uncond, cond] rows while guidance is on, the cond rows alone once pipe._guidance_scale"
-    " is 1 or less; diffusers' SDCFGCutoffCallback keeps one row, prompt_embeds[-1:], which"
-    " is the cond half for one image: for more, prompt_embeds.chunk(2)[1])"
-)
