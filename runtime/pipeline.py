@@ -72,7 +72,8 @@ class Img2ImgOutput:
     """PIL images, a float numpy array [B, H, W, 3] in [0, 1], a float tensor [B, 3, H, W]
     in [0, 1] (output type "pt"), or latents [B, 4, h, w]."""
     unet_calls: int
-    """UNet calls the loop made (one per timestep run, each on the whole 2B batch)."""
+    """UNet calls the loop made (one per timestep run, each on the whole 2B batch; B rows
+    where guidance is off: a scale of 1 or less, or the steps after a guidance cutoff)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: text_encoder, vae_encoder, denoise, vae_decoder."""
 
