@@ -216,6 +216,11 @@ async def _serve(
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
         job = await _off_loop(intake, _prepare, batcher, values, image_bytes, timeout)
+        if job.images > 1 and response_format != "json":
+            raise InvalidInputError(
+                f"{job.images} images come as JSON: send response_format json (or Accept: "
+                f"application/json), not {response_format}"
+            )
         future = batcher.submit(job)
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
@@ -249,18 +254,23 @@ def _prepare(
 
 def _answer(result: JobResult, response_format: str) -> Response:
     image_format = "png" if response_format == "json" else response_format
-    encoded = io.BytesIO()
     name, settings = IMAGE_FORMATS[image_format]
-    result.image.save(encoded, format=name, **settings)
+    files = []
+    for image in result.images:
+        encoded = io.BytesIO()
+        image.save(encoded, format=name, **settings)
+        files.append(encoded.getvalue())
     headers = {
         "X-Seed": str(result.seed),
         "X-Unet-Calls": str(result.unet_calls),
         "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
     }
-    if response_format != "json":
-        return Response(encoded.getvalue(), media_type=f"image/{image_format}", headers=headers)
+    if response_format != "json":  # one image (prepare refused more)
+        return Response(files[0], media_type=f"image/{image_format}", headers=headers)
+    pngs = [base64.b64encode(file).decode() for file in files]
     body = {
-        "image": base64.b64encode(encoded.getvalue()).decode(),
+        "image": pngs[0],
+        "images": pngs,
         "width": result.image.width,
         "height": result.image.height,
         "seed": result.seed,

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from sdtrt.runtime.inputs import (
     check_eta,
     check_seed,
     check_steps_and_guidance,
+    is_integer,
     resolve_start_step,
 )
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
@@ -95,18 +96,30 @@ class Img2ImgRequest:
     guidance_cutoff: float | None = None
     """The share of the steps run under guidance (``GuidanceCutoffCallback``'s ratio); None:
     guided throughout."""
+    num_images_per_prompt: int = 1
+    """Images of the prompt, drawn from the one seed as diffusers draws a batch (the
+    pipeline's images for ``num_images_per_prompt`` and that seed's generator)."""
 
 
 @dataclass
 class JobResult:
-    image: PIL.Image.Image
-    array: np.ndarray
-    """The image as floats in [0, 1], [H, W, 3] (what ``output_type="np"`` gives)."""
+    images: list[PIL.Image.Image]
+    arrays: list[np.ndarray]
+    """The images as floats in [0, 1], [H, W, 3] each (what ``output_type="np"`` gives)."""
     seed: int
     unet_calls: int
     queue_wait_ms: float
     timings_ms: dict[str, float]
     """Wall time of the batched calls this job took part in, per stage, and in total."""
+
+    @property
+    def image(self) -> PIL.Image.Image:
+        """The first image (the only one, for one image per prompt)."""
+        return self.images[0]
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.arrays[0]
 
 
 @dataclass(eq=False)
@@ -137,12 +150,21 @@ class Job:
     """(stage, start mark, end mark) of each batched call the job took part in."""
 
     @property
+    def images(self) -> int:
+        return self.request.num_images_per_prompt
+
+    @property
     def rows(self) -> int:
-        """UNet rows of the next step: [uncond, cond] under guidance, cond alone at scale 1
-        and after the request's guidance cutoff."""
+        """UNet rows of the next step, per image: [uncond, cond] under guidance, cond alone
+        at scale 1 and after the request's guidance cutoff."""
+        return self.images * (2 if self.guided else 1)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the next step runs under guidance."""
         if self.request.guidance_scale <= 1.0:
-            return 1
-        return 2 if self.guided_steps is None or self.index < self.guided_steps else 1
+            return False
+        return self.guided_steps is None or self.index < self.guided_steps
 
     @property
     def size(self) -> tuple[int, int]:
@@ -155,7 +177,7 @@ class Job:
         schedule = tuple((name, tuple(values)) for name, values in self.schedule.items())
         steps = (r.num_inference_steps, schedule)
         guidance = (r.guidance_scale, r.guidance_cutoff)
-        return (self.size, steps, self.t_start, r.scheduler, guidance)
+        return (self.size, steps, self.t_start, r.scheduler, guidance, self.images)
 
     @property
     def done(self) -> bool:
@@ -271,14 +293,32 @@ class StepBatcher:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
+        images = self._images_per_prompt(request)
         image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
         height, width = pipe.output_size(image, request.height, request.width)
-        pipe.limits.check(steps=steps, batch=1, height=height, width=width)
+        pipe.limits.check(steps=steps, batch=images, height=height, width=width)
         if not schedule:  # a custom one was checked as it was set
             check_scheduler_fits(scheduler_class(request.scheduler), config, steps)
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        request = replace(request, num_images_per_prompt=images)  # numpy's integer: Python's
         return Job(request, pixels.to(torch.float32), t_start, deadline, schedule)
+
+    def _images_per_prompt(self, request: Img2ImgRequest) -> int:
+        """The request's image count, checked: its rows of a step fit in one UNet call."""
+        images = request.num_images_per_prompt
+        if not is_integer(images) or images < 1:
+            raise InvalidInputError(
+                f"num_images_per_prompt must be an integer >= 1, got {images!r}"
+            )
+        per_image = 2 if request.guidance_scale > 1.0 else 1
+        if images * per_image > self.max_rows:
+            raise InvalidInputError(
+                f"{images} images take {images * per_image} UNet rows a step ({per_image} "
+                f"each at this guidance); this server's calls take {self.max_rows}: at most "
+                f"{self.max_rows // per_image} images per request"
+            )
+        return int(images)
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
@@ -469,7 +509,7 @@ class StepBatcher:
         """Text and VAE encoding of newly admitted jobs, batched; then each job's noised
         latents from its own generator (diffusers' draws, in diffusers' order)."""
         backend, pipe = self.backend, self.pipeline
-        guided = [job for job in jobs if job.rows == 2]
+        guided = [job for job in jobs if job.guided]
         start = mark(self.device)
         prompts = token_ids(pipe.tokenizer, [j.request.prompt for j in jobs])
         cond = self._in_chunks(backend.encode_text, prompts)
@@ -478,12 +518,11 @@ class StepBatcher:
             negatives = [j.request.negative_prompt for j in guided]
             uncond = self._in_chunks(backend.encode_text, token_ids(pipe.tokenizer, negatives))
         self._charge(jobs, "text_encoder", start)
-        for i, job in enumerate(jobs):
-            if job.rows == 2 and uncond is not None:
-                u = uncond[guided.index(job)]
-                job.embeddings = torch.stack([u, cond[i]])
-            else:
-                job.embeddings = cond[i : i + 1]
+        for i, job in enumerate(jobs):  # the pipeline's text batch: [uncond x n, cond x n]
+            rows = [cond[i]] * job.images
+            if job.guided and uncond is not None:
+                rows = [uncond[guided.index(job)]] * job.images + rows
+            job.embeddings = torch.stack(rows)
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
@@ -517,7 +556,7 @@ class StepBatcher:
             encoded,
             pipe.dims.vae_samples,
             pipe.scaling_factor,
-            1,
+            job.images,
             job.scheduler,
             job.timesteps[:1],
             job.generator,
@@ -558,7 +597,7 @@ class StepBatcher:
         inputs, steps, hidden = [], [], []
         for job in jobs:
             t = job.host_timesteps[job.index]
-            inputs.append(unet_input(job.scheduler, job.latents, t, job.rows == 2))
+            inputs.append(unet_input(job.scheduler, job.latents, t, job.guided))
             steps.append(job.timesteps[job.index].reshape(1).float().expand(job.rows))
             hidden.append(job.embeddings)
         noise_pred = self.backend.unet(torch.cat(inputs), torch.cat(steps), torch.cat(hidden))
@@ -575,8 +614,8 @@ class StepBatcher:
                 job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
             )
             job.index += 1
-            if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond row
-                job.embeddings = job.embeddings[1:]
+            if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond rows
+                job.embeddings = job.embeddings.chunk(2)[1]
         self._queued.append(self._charge(jobs, "denoise", start))
 
     def _finish(self, jobs: list[Job]) -> None:
@@ -590,17 +629,18 @@ class StepBatcher:
             # NaN or inf latents decode to NaN: one read of the images finds both; the
             # latents are looked at only to name the network that failed.
             finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
-            for i, job in enumerate(size_jobs):
-                if not finite[i]:
+            first = 0
+            for job in size_jobs:
+                rows = slice(first, first + job.images)
+                first += job.images
+                if not all(finite[rows]):
                     self._fail(job, _non_finite(job.latents))
                     continue
-                one = decoded[i : i + 1]
-                array = pipe.image_processor.postprocess(one, output_type="np")[0]
-                image = pipe.image_processor.numpy_to_pil(array[None])[0]
+                arrays = pipe.image_processor.postprocess(decoded[rows], output_type="np")
                 total = (time.monotonic() - job.submitted) * 1e3
                 result = JobResult(
-                    image=image,
-                    array=array,
+                    images=pipe.image_processor.numpy_to_pil(arrays),
+                    arrays=list(arrays),
                     seed=job.request.seed,
                     unet_calls=len(job.timesteps),
                     queue_wait_ms=(job.admitted - job.submitted) * 1e3,

@@ -43,6 +43,11 @@ FIELDS: dict[str, tuple[type, str]] = {
         "SDCFGCutoffCallback's cutoff_step_ratio); the steps after it run the prompt alone, "
         "half the UNet's rows. Default: guided throughout.",
     ),
+    "num_images_per_prompt": (
+        int,
+        "Images of the prompt, drawn from the one seed as diffusers draws a batch; more than "
+        "one come as JSON (response_format json: the images list).",
+    ),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
 # The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for
@@ -92,7 +97,12 @@ def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     }
     number = {"type": "number"}
     metadata = {
-        "image": {"type": "string", "description": "The PNG, base64."},
+        "image": {"type": "string", "description": "The PNG, base64 (the first image)."},
+        "images": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Every image's PNG, base64 (num_images_per_prompt of them).",
+        },
         "width": {"type": "integer"},
         "height": {"type": "integer"},
         "seed": {"type": "integer"},

@@ -59,9 +59,14 @@ def image():
 
 
 def _reference(tiny, request, image):
-    """The single-request pipeline on the same arguments: what a request must give. It runs
-    with the worker's intra-op thread count (PyTorch's CPU kernels split their sums by
-    thread count: 1 and 2 threads differ by about 1e-6)."""
+    """The single-request pipeline on the same arguments: what a request must give (its
+    first image). It runs with the worker's intra-op thread count (PyTorch's CPU kernels
+    split their sums by thread count: 1 and 2 threads differ by about 1e-6)."""
+    return _reference_images(tiny, request, image)[0]
+
+
+def _reference_images(tiny, request, image):
+    """The pipeline's images for ``request`` (``_reference``), all of them."""
     pipe = Img2ImgPipeline.from_components(
         tiny, "torch", scheduler=request.scheduler, show_progress=False
     )
@@ -82,7 +87,8 @@ def _reference(tiny, request, image):
             timesteps=None if request.timesteps is None else list(request.timesteps),
             sigmas=None if request.sigmas is None else list(request.sigmas),
             callback_on_step_end=_cutoff(request.guidance_cutoff),
-        ).images[0]
+            num_images_per_prompt=request.num_images_per_prompt,
+        ).images
 
 
 def _cutoff(ratio):
@@ -150,6 +156,52 @@ def test_a_guidance_cutoff_drops_a_jobs_uncond_row_for_the_steps_after_it(tiny, 
     for request, result in zip(requests, results, strict=True):
         want = _reference(tiny, request, image)
         assert float(np.abs(result.array - want).max()) <= MIXED_BOUND
+
+
+def test_images_per_prompt_are_the_pipelines_batch_from_the_one_seed(tiny, pipe, image):
+    """num_images_per_prompt: a job of n images, [uncond x n, cond x n] rows a step, drawn
+    from its seed as diffusers draws a batch: alone, the pipeline's n images exactly (with a
+    guidance cutoff too); batched with a one-image job, within the mixed-load bound."""
+    three = Img2ImgRequest(prompt="a cat", image=image, strength=0.6, num_inference_steps=10,
+                           num_images_per_prompt=3)  # fmt: skip
+    (result,), rows = _run_all(pipe, [three])
+    want = _reference_images(tiny, three, image)
+    assert len(result.images) == len(result.arrays) == 3 and rows == [6] * 6
+    for got, expected, picture in zip(result.arrays, want, result.images, strict=True):
+        assert np.array_equal(got, expected) and picture.size == (48, 32)
+    assert not np.array_equal(want[0], want[1])  # three draws, not one image thrice
+    cut = dataclasses.replace(three, num_images_per_prompt=2, guidance_cutoff=0.5, seed=5)
+    one = Img2ImgRequest(prompt="a dog", image=image, strength=0.6, num_inference_steps=10)
+    results, rows = _run_all(pipe, [cut, one])
+    assert rows == [6] * 4 + [4] * 2  # the cut job's steps after int(0.5 * 6) = 3: 2 rows
+    for request, result in zip([cut, one], results, strict=True):
+        want = _reference_images(tiny, request, image)
+        assert len(result.arrays) == len(want) == request.num_images_per_prompt
+        for got, expected in zip(result.arrays, want, strict=True):
+            assert float(np.abs(got - expected).max()) <= MIXED_BOUND
+
+
+@pytest.mark.parametrize(
+    "images, guidance, says",
+    [
+        (0, 8.0, "num_images_per_prompt must be an integer >= 1, got 0"),
+        (1.5, 8.0, "num_images_per_prompt must be an integer >= 1, got 1.5"),
+        (
+            9,
+            8.0,
+            "9 images take 18 UNet rows a step (2 each at this guidance); this server's "
+            "calls take 16: at most 8 images per request",
+        ),  # fmt: skip
+        (17, 1.0, "17 images take 17 UNet rows a step (1 each at this guidance)"),
+    ],
+)
+def test_images_per_prompt_must_fit_one_unet_call(pipe, image, images, guidance, says):
+    batcher = StepBatcher(pipe, start=False)
+    request = Img2ImgRequest(image=image, num_images_per_prompt=images, guidance_scale=guidance)
+    with pytest.raises(InvalidInputError, match=re.escape(says)):
+        batcher.prepare(request)
+    most = 8 if guidance > 1 else 16  # what 16 rows a call hold
+    assert batcher.prepare(dataclasses.replace(request, num_images_per_prompt=most)).images == most
 
 
 def test_a_servers_guidance_cutoff_is_what_a_request_without_one_gets(tiny, pipe, image):
@@ -978,6 +1030,26 @@ def test_a_guidance_cutoff_over_json_and_a_form_is_the_pipelines_image(tiny, ser
     ):
         assert answer.status_code == 200, answer.text
         assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(answer.content))), want)
+
+
+def test_images_per_prompt_answer_as_a_json_list_of_the_pipelines_images(tiny, server, image):
+    """num_images_per_prompt 2: the JSON answer's images are the pipeline's two (the first
+    also as image); asked as a PNG, a 422 that says how to ask."""
+    request = Img2ImgRequest(prompt="a cat", strength=0.5, seed=3, num_images_per_prompt=2)
+    want = [np.round(a * 255).astype(np.uint8) for a in _reference_images(tiny, request, image)]
+    body = {"prompt": "a cat", "strength": 0.5, "seed": 3, "num_images_per_prompt": 2}
+    body["image"] = base64.b64encode(png_bytes(image)).decode()
+    url = f"{server.url}/v1/img2img"
+    answer = httpx.post(url, json={**body, "response_format": "json"}, headers=KEY, timeout=60)
+    assert answer.status_code == 200, answer.text
+    meta = answer.json()
+    assert len(meta["images"]) == 2 and meta["image"] == meta["images"][0]
+    for png, expected in zip(meta["images"], want, strict=True):
+        decoded = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(png))))
+        assert np.array_equal(decoded, expected)
+    refused = httpx.post(url, json=body, headers=KEY, timeout=60)
+    assert refused.status_code == 422
+    assert "2 images come as JSON: send response_format json" in refused.json()["error"]
 
 
 def test_an_answer_as_jpeg_or_webp_is_the_png_answer_within_their_loss(server, image):
