@@ -9,10 +9,10 @@ import math
 from typing import Any
 
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.runtime.guidance import GuidanceCutoffCallback
+from sdtrt.runtime.guidance import GuidanceCutoffCallback, guided_steps
 from sdtrt.runtime.inputs import is_real
 
 # What a step-end callback may ask for (diffusers' _callback_tensor_inputs): the latents after
@@ -56,13 +56,16 @@ def guidance_left(scale: Any) -> float:
     return float(scale)
 
 
-def tabulated_cutoff(callback: Any, steps: int) -> int | None:
+def tabulated_cutoff(callback: Any, steps: int, images: int) -> int | None:
     """The steps run under guidance where the callback is sdtrt's guidance cutoff as it is
-    (not a subclass, which may do more): the tabulated loop runs it without calling it.
+    (not a subclass, which may do more), or diffusers' for one image (whose last text row
+    is then the cond half: the same cutoff): the tabulated loop runs it without calling it.
     None: no cutoff, or a callback to call."""
-    if type(callback) is not GuidanceCutoffCallback:
+    ours = type(callback) is GuidanceCutoffCallback
+    if not ours and (type(callback) is not SDCFGCutoffCallback or images != 1):
         return None
-    return callback.guided_steps(steps)
+    config = callback.config
+    return guided_steps(steps, config["cutoff_step_ratio"], config["cutoff_step_index"])
 
 
 def step_end_outputs(

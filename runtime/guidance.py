@@ -43,12 +43,6 @@ class GuidanceCutoffCallback(PipelineCallback):
 
     tensor_inputs = ["prompt_embeds"]
 
-    def guided_steps(self, steps: int) -> int:
-        """How many of a loop's ``steps`` run under guidance: what sdtrt's tabulated steps
-        (``--step-graphs``) run in place of calling back."""
-        config = self.config
-        return guided_steps(steps, config["cutoff_step_ratio"], config["cutoff_step_index"])
-
     def callback_fn(
         self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:

@@ -336,7 +336,7 @@ class Img2ImgPipeline:
         # sdtrt's guidance cutoff is no callback there: its steps are tabulated in two runs.
         extra = step_kwargs(scheduler, generator, float(eta))
         unet_calls = self._num_timesteps = len(steps_left)
-        guided_steps = tabulated_cutoff(callback_on_step_end, unet_calls)
+        guided_steps = tabulated_cutoff(callback_on_step_end, unet_calls, batch_size)
         table = None
         if not extra.get("eta") and (callback_on_step_end is None or guided_steps is not None):
             table = self._step_table(scheduler, steps_left, latents, generator)  # DDIM eta>0: no

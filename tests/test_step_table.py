@@ -55,7 +55,9 @@ def test_a_guidance_cutoff_is_tabulated_and_equals_its_callback(tiny, images, sc
     the eager one: the steps up to the cutoff run on [uncond, cond], the rest on the cond
     half, carrying on from the first run's state (history, index, noise rows). The eager
     loop's image with the callback called, bit for bit, two images; the guidance it leaves
-    is the callback's."""
+    is the callback's. diffusers' SDCFGCutoffCallback for one image likewise."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
     from sdtrt.runtime.guidance import GuidanceCutoffCallback
 
     eager, tabled = _pipelines(tiny, scheduler)
@@ -76,29 +78,43 @@ def test_a_guidance_cutoff_is_tabulated_and_equals_its_callback(tiny, images, sc
     np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
     assert torch.equal(tabled_run["generator"].get_state(), eager_run["generator"].get_state())
     assert tabled.guidance_scale == eager.guidance_scale == 0.0
+    # diffusers' own cutoff, for one image (its last text row is the cond half): tabulated.
+    tables.clear()
+    run["callback_on_step_end"] = SDCFGCutoffCallback(cutoff_step_ratio=0.3)
+    want = eager("a cat", images[0], strength=0.9, **_seeded(run, 4))
+    got = tabled("a cat", images[0], strength=0.9, **_seeded(run, 4))
+    assert tables[-1] is not None
+    np.testing.assert_array_equal(got.images.numpy(), want.images.numpy())
 
 
 def test_the_tabulated_cutoff_guides_the_steps_its_callback_would():
-    """What the tabulated loop runs in place of the callback (``guided_steps``) is where
-    calling it turns guidance off, for ratios and indices, those at no step included."""
+    """What the tabulated loop runs in place of a cutoff callback (``tabulated_cutoff``) is
+    where calling it turns guidance off, for ratios and indices, those at no step included:
+    sdtrt's callback, and diffusers' for one image; other callbacks are called."""
     from types import SimpleNamespace
 
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    from sdtrt.runtime.callbacks import tabulated_cutoff
     from sdtrt.runtime.guidance import GuidanceCutoffCallback
 
     cutoffs = [dict(cutoff_step_ratio=r) for r in (0.0, 0.25, 0.5, 0.99, 1.0)]
     cutoffs += [dict(cutoff_step_ratio=None, cutoff_step_index=i) for i in (-1, 0, 2, 5, 9)]
-    for kwargs in cutoffs:
-        callback = GuidanceCutoffCallback(**kwargs)
-        for steps in range(1, 8):
-            pipe = SimpleNamespace(num_timesteps=steps, _guidance_scale=7.5)
-            pipe.do_classifier_free_guidance = True
-            guided = steps
-            for i in range(steps):
-                callback(pipe, i, None, {"prompt_embeds": torch.zeros(2, 1)})
-                if pipe._guidance_scale == 0.0:
-                    pipe.do_classifier_free_guidance = False
-                    guided = min(guided, i + 1)
-            assert callback.guided_steps(steps) == guided, (kwargs, steps)
+    for kind in (GuidanceCutoffCallback, SDCFGCutoffCallback):
+        for kwargs in cutoffs:
+            callback = kind(**kwargs)
+            for steps in range(1, 8):
+                pipe = SimpleNamespace(num_timesteps=steps, _guidance_scale=7.5)
+                pipe.do_classifier_free_guidance = True
+                guided = steps
+                for i in range(steps):
+                    callback(pipe, i, None, {"prompt_embeds": torch.zeros(2, 1)})
+                    if pipe._guidance_scale == 0.0:
+                        pipe.do_classifier_free_guidance = False
+                        guided = min(guided, i + 1)
+                assert tabulated_cutoff(callback, steps, 1) == guided, (kind, kwargs, steps)
+    assert tabulated_cutoff(SDCFGCutoffCallback(cutoff_step_ratio=0.5), 8, 2) is None
+    assert tabulated_cutoff(lambda *args: {}, 8, 1) is None
 
 
 @pytest.mark.parametrize("case", ["order-3", "sde", "tcd"])
