@@ -59,6 +59,9 @@ class Metrics:
         self.requests = Counter(
             "sdtrt_requests", "img2img requests by HTTP status", ["status"], registry=registry
         )
+        self.images = Counter(
+            "sdtrt_images", "images answered (num_images_per_prompt per request)", registry=registry
+        )
         self.latency = Histogram(
             "sdtrt_request_latency_seconds",
             "img2img request latency, arrival to answer",
@@ -92,6 +95,7 @@ class Metrics:
 
     def answered(self, result: JobResult, seconds: float) -> None:
         """A request answered 200 after ``seconds``."""
+        self.images.inc(len(result.images))
         self.latency.observe(seconds)
         self.queue_wait.observe(result.queue_wait_ms / 1e3)
         for stage, ms in result.timings_ms.items():

@@ -1241,6 +1241,13 @@ def test_metrics_count_requests_rows_and_queue(server):
         ),
     ):
         assert float(values[name]) == answered, name
+    # Images are counted apart from requests: one request of two images adds two.
+    body = {**SMALL, "num_images_per_prompt": 2, "response_format": "json"}
+    assert httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60).is_success
+    text = httpx.get(f"{server.url}/metrics", headers=KEY).text
+    after = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    assert float(after['sdtrt_requests_total{status="200"}']) == answered + 1
+    assert float(after["sdtrt_images_total"]) == float(values["sdtrt_images_total"]) + 2
 
 
 def test_every_answer_carries_its_request_id(server):
