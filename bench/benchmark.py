@@ -25,6 +25,7 @@ from sdtrt.errors import ModelNotFoundError, SdtrtError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions, TorchOptions
 from sdtrt.runtime.clock import stopwatch
+from sdtrt.runtime.guidance import cutoff_callback
 
 logger = logging.getLogger(__name__)
 BACK_TO_BACK = 8  # UNet calls per timed run, on a GPU (_unet_batching)
@@ -282,15 +283,6 @@ def _call_options(config: BenchConfig, batch: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _cutoff(config: BenchConfig) -> Any:
-    """The guidance cutoff's callback every row runs (diffusers' within its own), or None."""
-    from sdtrt.runtime.guidance import GuidanceCutoffCallback
-
-    if config.guidance_cutoff is None:
-        return None
-    return GuidanceCutoffCallback(cutoff_step_ratio=float(config.guidance_cutoff))
-
-
 def _sample_image(height: int, width: int) -> Any:
     import PIL.Image
 
@@ -348,7 +340,7 @@ def _make_target(
     engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)
     last: dict[str, float] = {}
 
-    cutoff = _cutoff(config)
+    cutoff = cutoff_callback(config.guidance_cutoff)  # every row's, diffusers' too
 
     def run(batch: int, seed: int) -> int:
         out = pipe(
@@ -416,7 +408,7 @@ def _diffusers_target(
         marks["loop_start"] = time.perf_counter()
         return out
 
-    cutoff = _cutoff(config)
+    cutoff = cutoff_callback(config.guidance_cutoff)  # every row's, diffusers' too
     tensor_inputs = ["latents"] if cutoff is None else cutoff.tensor_inputs  # or diffusers'
 
     def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

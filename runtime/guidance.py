@@ -23,16 +23,20 @@ def check_guidance_cutoff(cutoff: Any) -> None:
         )
 
 
+def cutoff_step(steps: int, ratio: float | None, index: int | None) -> int | None:
+    """The step at whose end diffusers' cutoff callback turns guidance off, in a loop of
+    ``steps``: ``index``, else ``int(steps * ratio)``; None without either."""
+    if index is not None:
+        return int(index)
+    return None if ratio is None else int(steps * ratio)
+
+
 def guided_steps(steps: int, ratio: float | None = None, index: int | None = None) -> int:
-    """How many of the ``steps`` the loop runs are guided under a cutoff: diffusers' callback
-    turns guidance off at the end of step ``index``, else ``int(steps * ratio)``, so that
-    step and those before it are; all of them without a cutoff, or with one at no step the
-    loop runs (past the last, or a negative index: the callback never sees it)."""
-    if index is None:
-        if ratio is None:
-            return steps
-        index = int(steps * ratio)
-    return index + 1 if 0 <= index < steps else steps
+    """How many of the ``steps`` the loop runs are guided under a cutoff: the cutoff step
+    and those before it; all of them without a cutoff, or with one at no step the loop runs
+    (past the last, or a negative index: the callback never sees it)."""
+    cutoff = cutoff_step(steps, ratio, index)
+    return cutoff + 1 if cutoff is not None and 0 <= cutoff < steps else steps
 
 
 class GuidanceCutoffCallback(PipelineCallback):
@@ -47,8 +51,14 @@ class GuidanceCutoffCallback(PipelineCallback):
         self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         ratio, index = self.config["cutoff_step_ratio"], self.config["cutoff_step_index"]
-        cutoff = index if index is not None else int(pipeline.num_timesteps * ratio)
+        cutoff = cutoff_step(pipeline.num_timesteps, ratio, index)
         if step_index == cutoff and pipeline.do_classifier_free_guidance:
             pipeline._guidance_scale = 0.0
             callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[1]
         return callback_kwargs
+
+
+def cutoff_callback(ratio: float | None) -> GuidanceCutoffCallback | None:
+    """The callback that cuts guidance off after ``ratio`` of the steps (a checked share,
+    what ``--guidance-cutoff`` gives); None for None."""
+    return None if ratio is None else GuidanceCutoffCallback(cutoff_step_ratio=float(ratio))

@@ -27,6 +27,7 @@ from sdtrt.options import (
     default_options,
     default_precision,
 )
+from sdtrt.runtime.guidance import cutoff_callback
 from sdtrt.runtime.inputs import Limits, load_image
 from sdtrt.runtime.pipeline import Img2ImgOutput, Img2ImgPipeline
 
@@ -86,7 +87,7 @@ def img2img(
         width=job.width,
         timesteps=None if job.timesteps is None else list(job.timesteps),
         sigmas=None if job.sigmas is None else list(job.sigmas),
-        callback_on_step_end=job.guidance_callback(),
+        callback_on_step_end=cutoff_callback(job.guidance_cutoff),
     )
     paths = job.output_paths()
     for picture, path in zip(result.images, paths, strict=True):

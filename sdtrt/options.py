@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sdtrt.errors import InvalidInputError
 
@@ -312,14 +312,6 @@ class Img2ImgJob:
         if self.sigmas is not None:
             return max(1, len(self.sigmas) - 1)
         return self.steps
-
-    def guidance_callback(self) -> Any:
-        """The step-end callback that cuts guidance off where the job says; None: none."""
-        from sdtrt.runtime.guidance import GuidanceCutoffCallback
-
-        if self.guidance_cutoff is None:
-            return None
-        return GuidanceCutoffCallback(cutoff_step_ratio=float(self.guidance_cutoff))
 
     def output_paths(self) -> list[Path]:
         out = Path(self.out)

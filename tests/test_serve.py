@@ -32,6 +32,7 @@ from sdtrt.errors import (
     ShapeOutsideProfileError,
 )
 from sdtrt.options import ServeOptions
+from sdtrt.runtime.guidance import cutoff_callback
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import diffusers_scheduler
@@ -86,16 +87,9 @@ def _reference_images(tiny, request, image):
             width=request.width,
             timesteps=None if request.timesteps is None else list(request.timesteps),
             sigmas=None if request.sigmas is None else list(request.sigmas),
-            callback_on_step_end=_cutoff(request.guidance_cutoff),
+            callback_on_step_end=cutoff_callback(request.guidance_cutoff),
             num_images_per_prompt=request.num_images_per_prompt,
         ).images
-
-
-def _cutoff(ratio):
-    """The Python call's way to a request's ``guidance_cutoff``."""
-    from sdtrt.runtime.guidance import GuidanceCutoffCallback
-
-    return None if ratio is None else GuidanceCutoffCallback(cutoff_step_ratio=ratio)
 
 
 def _run_all(pipe, requests, options=ServeOptions()):
