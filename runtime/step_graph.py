@@ -256,8 +256,9 @@ def run_table(
     state.load(table, latents, text_embeddings, guidance_scale)
     for texts, steps in phases(len(table), latents, text_embeddings, guided):
         state.text_embeddings = texts
+        do_guidance = texts.shape[0] == 2 * latents.shape[0]
         for _ in range(steps):
-            table_step(table.kind, state, unet, texts.shape[0] == 2 * latents.shape[0])
+            table_step(table.kind, state, unet, do_guidance)
     return state.latents
 
 
