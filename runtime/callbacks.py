@@ -1,6 +1,6 @@
 """diffusers' step-end callbacks (``callback_on_step_end``) in sdtrt's loop: the tensors a
 callback may be given, what it may return, the guidance it may leave (``pipe._guidance_scale``
-read at every step, as diffusers reads it: off, the UNet runs on the prompts' rows alone), and
+read after each step, as diffusers reads it: off, the UNet runs on the prompts' rows alone), and
 the one callback the tabulated steps run without calling (sdtrt's guidance cutoff)."""
 
 from __future__ import annotations

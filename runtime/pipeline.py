@@ -354,13 +354,9 @@ class Img2ImgPipeline:
                     if self._interrupt:  # diffusers' way to stop: the rest of the steps skipped
                         unet_calls -= 1
                         continue
-                    # Guidance as the callback left it: off (a CFG cutoff), the prompts' rows.
-                    guided = self.do_classifier_free_guidance
-                    model_input = unet_input(scheduler, latents, t_host, guided)
+                    model_input = unet_input(scheduler, latents, t_host, do_guidance)
                     noise_pred = self.backend.unet(model_input, t, text_embeddings)
-                    latents = step(
-                        scheduler, noise_pred, t_host, latents, self._guidance_scale, extra
-                    )
+                    latents = step(scheduler, noise_pred, t_host, latents, guidance_scale, extra)
                     if callback_on_step_end is not None:
                         latents, text_embeddings = self._step_end(
                             callback_on_step_end,
@@ -370,6 +366,9 @@ class Img2ImgPipeline:
                             text_embeddings,
                             uncond_embeddings,
                         )
+                        # Guidance as the callback left it: off (a CFG cutoff), the cond rows.
+                        guidance_scale = self._guidance_scale
+                        do_guidance = self.do_classifier_free_guidance
         _check_finite(latents, "unet")
 
         # 7. Decode.
@@ -388,7 +387,7 @@ class Img2ImgPipeline:
     @property
     def guidance_scale(self) -> float:
         """diffusers' guidance scale of the call running (or last run): what it was given,
-        or what a step-end callback set ``pipe._guidance_scale`` to, read at every step."""
+        or what a step-end callback set ``pipe._guidance_scale`` to, read after each callback."""
         return self._guidance_scale
 
     @property
