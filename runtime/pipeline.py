@@ -78,6 +78,28 @@ class Img2ImgOutput:
     """Wall time per stage: text_encoder, vae_encoder, denoise, vae_decoder."""
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """What a call's numbers, schedule and image come to, checked before any network runs
+    (``Img2ImgPipeline.plan``): the pipeline's call and the server's requests run these."""
+
+    steps: int
+    """Scheduled steps: the count asked for, or a custom schedule's own."""
+    start_step: int
+    """The first step run (from ``strength`` or ``start_step``)."""
+    schedule: dict[str, list[Any]]
+    """Custom ``timesteps`` or ``sigmas`` as ``set_timesteps`` takes them; {}: the count's."""
+    images_per_prompt: int
+    batch_size: int
+    """Prompts x images per prompt: the images the call makes."""
+    height: int
+    width: int
+    image: Any
+    """The image as checked (``image_input``); None where latents were given."""
+    latents: torch.Tensor | None
+    """Latents given as the image (``latents_input``), not encoded; else None."""
+
+
 def _one_call_at_a_time(
     method: Callable[Concatenate[Img2ImgPipeline, P], T],
 ) -> Callable[Concatenate[Img2ImgPipeline, P], T]:
@@ -259,45 +281,40 @@ class Img2ImgPipeline:
         prompts, negative_prompts = self._texts(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
-        check_steps_and_guidance(num_inference_steps, guidance_scale)
-        schedule, schedule_steps = custom_schedule(
-            self.scheduler, self.model_scheduler_config, timesteps, sigmas
-        )
-        if schedule:  # diffusers' rule: the steps are the schedule's, the count ignored
-            num_inference_steps = schedule_steps
-        t_start = resolve_start_step(num_inference_steps, strength, start_step)
-        num_inference_steps, guidance_scale = int(num_inference_steps), float(guidance_scale)
-        check_eta(eta)
         tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self._interrupt = False
-        self._guidance_scale = guidance_scale  # a step-end callback may change it (diffusers')
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(
                 f"output type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
             )
-        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
-            raise InvalidInputError(
-                f"images per prompt must be an integer >= 1, got {num_images_per_prompt!r}"
-            )
-        num_images_per_prompt = int(num_images_per_prompt)
-        batch_size = len(prompts) * num_images_per_prompt
+        plan = self.plan(
+            image,
+            self.scheduler,
+            prompts=len(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            strength=strength,
+            start_step=start_step,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            eta=eta,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+        )
+        batch_size = plan.batch_size
         check_generator(generator, batch_size)
+        self._interrupt = False
+        # diffusers' pipe._guidance_scale: a step-end callback may change it.
+        guidance_scale = self._guidance_scale = float(guidance_scale)
         do_guidance = self.do_classifier_free_guidance
         timings: dict[str, float] = {}
 
         # 2. Preprocess the image: resized, scaled to [-1, 1], NCHW; or latents as they are.
-        given_latents = latents_input(image, self.dims.latent_channels)
-        if given_latents is None:
-            image = image_input(image)
-            height, width = self.output_size(image, height, width)
-        else:
-            height, width = self._latents_size(given_latents, height, width)
-        self.limits.check(steps=num_inference_steps, batch=batch_size, height=height, width=width)
-        if not schedule:  # a custom one was checked by the scheduler as it was set
-            check_scheduler_fits(type(self.scheduler), self.scheduler.config, num_inference_steps)
-        inputs = given_latents
+        inputs = plan.latents
         if inputs is None:
-            inputs = self.image_processor.preprocess(image, height=height, width=width)
+            inputs = self.image_processor.preprocess(
+                plan.image, height=plan.height, width=plan.width
+            )
         if inputs.shape[0] > batch_size or batch_size % inputs.shape[0]:
             raise InvalidInputError(
                 f"{inputs.shape[0]} images for a batch of {batch_size} "
@@ -308,20 +325,20 @@ class Img2ImgPipeline:
         # 3. Encode the prompts; [uncond, cond] go through the UNet as ONE batch.
         uncond_embeddings = None
         with self._timed("text_encoder", timings):
-            text_embeddings = self._encode(prompts, num_images_per_prompt)
+            text_embeddings = self._encode(prompts, plan.images_per_prompt)
             if do_guidance:
-                uncond_embeddings = self._encode(negative_prompts, num_images_per_prompt)
+                uncond_embeddings = self._encode(negative_prompts, plan.images_per_prompt)
                 text_embeddings = torch.cat([uncond_embeddings, text_embeddings])
 
         # 4. Timesteps: skip every index before the start step.
         scheduler = self.scheduler
         steps_left = start_timesteps(
-            scheduler, num_inference_steps, t_start, self.backend.device, schedule
+            scheduler, plan.steps, plan.start_step, self.backend.device, plan.schedule
         )
 
         # 5. Encode the image, sample its latent with the caller's generator, add noise.
         # Latents given as the image are taken as diffusers takes them: no encoder, no draw.
-        if given_latents is None:
+        if plan.latents is None:
             with self._timed("vae_encoder", timings):
                 encoded = self.backend.encode_image(inputs)
             vae_samples, scaling = self.dims.vae_samples, self.scaling_factor
@@ -407,6 +424,54 @@ class Img2ImgPipeline:
         """diffusers' flag: a step-end callback sets ``pipe._interrupt = True`` to skip the
         remaining steps (the latents so far are decoded)."""
         return self._interrupt
+
+    def plan(
+        self,
+        image: Any,
+        scheduler: Any,
+        *,
+        prompts: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 8.0,
+        strength: float | None = None,
+        start_step: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        eta: float = 0.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> CallPlan:
+        """A call's arguments other than its texts and generator, checked against the
+        model, the backend's engines, ``scheduler`` (the one that will run: a custom
+        schedule is checked by setting it) and this machine's limits, before any network
+        runs: InvalidInputError names what is allowed. ``prompts``: how many the call has.
+        The server checks each request here too (``serve/batcher.py``)."""
+        check_steps_and_guidance(num_inference_steps, guidance_scale)
+        config = self.model_scheduler_config
+        schedule, steps = custom_schedule(scheduler, config, timesteps, sigmas)
+        if not schedule:  # diffusers' rule: with a schedule the count is ignored
+            steps = int(num_inference_steps)
+        start = resolve_start_step(steps, strength, start_step)
+        check_eta(eta)
+        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise InvalidInputError(
+                f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}"
+            )
+        images = int(num_images_per_prompt)
+        latents = latents_input(image, self.dims.latent_channels)
+        if latents is None:
+            image = image_input(image)
+            height, width = self.output_size(image, height, width)
+        else:
+            image = None
+            height, width = self._latents_size(latents, height, width)
+        self.limits.check(steps=steps, batch=prompts * images, height=height, width=width)
+        if not schedule:  # a custom one was checked by the scheduler as it was set
+            check_scheduler_fits(type(scheduler), scheduler.config, steps)
+        return CallPlan(
+            steps, start, schedule, images, prompts * images, height, width, image, latents
+        )
 
     def output_size(self, image: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The size asked for (a multiple of the backend's unit), else diffusers' rule: the

@@ -43,20 +43,10 @@ from sdtrt.errors import (
 from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, Img2ImgJob, ServeOptions
 from sdtrt.runtime.clock import mark, span_totals, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
-from sdtrt.runtime.inputs import (
-    check_eta,
-    check_seed,
-    check_steps_and_guidance,
-    is_integer,
-    resolve_start_step,
-)
+from sdtrt.runtime.inputs import check_seed, is_integer, is_real
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
 from sdtrt.runtime.schedulers import (
-    check_scheduler,
-    check_scheduler_fits,
-    custom_schedule,
     make_scheduler,
-    scheduler_class,
     step_kwargs,
 )
 from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
@@ -128,6 +118,8 @@ class Job:
     pixels: torch.Tensor
     t_start: int
     deadline: float
+    scheduler: Any
+    """The job's own scheduler (it keeps the job's state between steps)."""
     schedule: dict[str, list[Any]] = field(default_factory=dict)
     """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
     future: Future[JobResult] = field(default_factory=Future)
@@ -135,7 +127,6 @@ class Job:
     cancelled: bool = False
     # Set when admitted:
     admitted: float = 0.0
-    scheduler: Any = None
     generator: torch.Generator | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     timesteps: Any = None
@@ -276,49 +267,58 @@ class StepBatcher:
         is allowed), before it takes a place in the queue."""
         from sdtrt.runtime.inputs import load_image
 
-        check_steps_and_guidance(request.num_inference_steps, request.guidance_scale)
-        check_scheduler(request.scheduler)
-        pipe = self.pipeline
-        config = pipe.model_scheduler_config
-        schedule: dict[str, list[Any]] = {}
-        steps = request.num_inference_steps
-        if request.timesteps is not None or request.sigmas is not None:
-            schedule, steps = custom_schedule(
-                make_scheduler(request.scheduler, config), config, request.timesteps, request.sigmas
-            )
-        t_start = resolve_start_step(steps, request.strength, request.start_step)
         check_seed(request.seed)
-        check_eta(request.eta)
         check_guidance_cutoff(request.guidance_cutoff)
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(request, name), str):
                 raise InvalidInputError(f"{name} must be a string")
-        images = self._images_per_prompt(request)
+        if is_integer(request.num_images_per_prompt) and is_real(request.guidance_scale):
+            # The server's bound first: past it, raising the machine's limits would not help.
+            self._check_rows(request.num_images_per_prompt, request.guidance_scale)
+        scheduler = make_scheduler(request.scheduler, self.pipeline.model_scheduler_config)
         image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
-        height, width = pipe.output_size(image, request.height, request.width)
-        pipe.limits.check(steps=steps, batch=images, height=height, width=width)
-        if not schedule:  # a custom one was checked as it was set
-            check_scheduler_fits(scheduler_class(request.scheduler), config, steps)
-        pixels = pipe.image_processor.preprocess(image, height=height, width=width)
-        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        request = replace(request, num_images_per_prompt=images)  # numpy's integer: Python's
-        return Job(request, pixels.to(torch.float32), t_start, deadline, schedule)
-
-    def _images_per_prompt(self, request: Img2ImgRequest) -> int:
-        """The request's image count, checked: its rows of a step fit in one UNet call."""
-        images = request.num_images_per_prompt
-        if not is_integer(images) or images < 1:
+        plan = self.pipeline.plan(
+            image,
+            scheduler,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            strength=request.strength,
+            start_step=request.start_step,
+            timesteps=request.timesteps,
+            sigmas=request.sigmas,
+            eta=request.eta,
+            num_images_per_prompt=request.num_images_per_prompt,
+            height=request.height,
+            width=request.width,
+        )
+        if plan.latents is not None:
+            raise InvalidInputError("a request's image is a picture: the server takes no latents")
+        pixels = self.pipeline.image_processor.preprocess(
+            plan.image, height=plan.height, width=plan.width
+        )
+        if len(pixels) != 1:
             raise InvalidInputError(
-                f"num_images_per_prompt must be an integer >= 1, got {images!r}"
+                f"a request takes one image, got {len(pixels)}: send one request per image"
             )
-        per_image = 2 if request.guidance_scale > 1.0 else 1
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        # The plan's steps, integers Python's (a request may hold numpy's).
+        request = replace(
+            request,
+            num_inference_steps=plan.steps,
+            num_images_per_prompt=plan.images_per_prompt,
+        )
+        pixels = pixels.to(torch.float32)
+        return Job(request, pixels, plan.start_step, deadline, scheduler, plan.schedule)
+
+    def _check_rows(self, images: int, guidance_scale: float) -> None:
+        """A request's rows of a step fit in one UNet call."""
+        per_image = 2 if guidance_scale > 1.0 else 1
         if images * per_image > self.max_rows:
             raise InvalidInputError(
                 f"{images} images take {images * per_image} UNet rows a step ({per_image} "
                 f"each at this guidance); this server's calls take {self.max_rows}: at most "
                 f"{self.max_rows // per_image} images per request"
             )
-        return int(images)
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
@@ -543,7 +543,6 @@ class StepBatcher:
 
     def _noise(self, job: Job, encoded: torch.Tensor) -> None:
         r = job.request
-        job.scheduler = make_scheduler(r.scheduler, self.pipeline.model_scheduler_config)
         job.generator = torch.Generator().manual_seed(r.seed)
         job.extra = step_kwargs(job.scheduler, job.generator, float(r.eta))
         job.timesteps = start_timesteps(

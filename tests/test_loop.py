@@ -104,7 +104,7 @@ def test_start_step_and_strength_are_the_same_knob(tiny, images):
         (dict(height=36, width=48), "height 36 is not a multiple of 8"),
         (dict(generator=[torch.Generator()] * 2), "2 generators for a batch of 1 images"),
         (dict(generator=7), "generator is int; expected a torch.Generator, a list of one"),
-        (dict(num_images_per_prompt=True), "images per prompt must be an integer >= 1"),
+        (dict(num_images_per_prompt=True), "num_images_per_prompt must be an integer >= 1"),
         (dict(num_inference_steps=6.0), "steps must be an integer >= 1, got 6.0"),
         (dict(strength=np.True_), "strength must be a number in (0, 1]"),
         (dict(eta=1.5), "eta must be a number in [0, 1] (DDIM's noise, TCD's gamma), got 1.5"),

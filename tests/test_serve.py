@@ -35,7 +35,7 @@ from sdtrt.options import ServeOptions
 from sdtrt.runtime.guidance import cutoff_callback
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.runtime.schedulers import diffusers_scheduler
+from sdtrt.runtime.schedulers import diffusers_scheduler, make_scheduler
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher, intra_op_threads
 from sdtrt.serve.server import BackgroundServer
@@ -196,6 +196,44 @@ def test_images_per_prompt_must_fit_one_unet_call(pipe, image, images, guidance,
         batcher.prepare(request)
     most = 8 if guidance > 1 else 16  # what 16 rows a call hold
     assert batcher.prepare(dataclasses.replace(request, num_images_per_prompt=most)).images == most
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_inference_steps=0),
+        dict(guidance_scale=float("nan")),
+        dict(strength=1.5),
+        dict(strength=None, start_step=20),
+        dict(eta=2.0),
+        dict(timesteps=[900, 500], sigmas=[3.0, 1.0]),
+        dict(sigmas=[1.0, 3.0]),
+        dict(scheduler="ddim", num_inference_steps=1001, strength=0.5),
+        dict(height=36),
+        dict(num_images_per_prompt=0),
+    ],
+)
+def test_a_request_is_refused_as_the_pipeline_refuses_its_call(pipe, image, bad):
+    """The server checks a request with the pipeline's own checks (``Img2ImgPipeline.plan``):
+    the same refusal, in the same words."""
+    fields = {"num_inference_steps": 20, **bad}
+    scheduler = make_scheduler(fields.pop("scheduler", "lms"), pipe.model_scheduler_config)
+    with pytest.raises(InvalidInputError) as refused:
+        pipe.plan(image, scheduler, **fields)
+    request = Img2ImgRequest(image=image, **{"num_inference_steps": 20, **bad})
+    with pytest.raises(InvalidInputError, match=re.escape(str(refused.value))):
+        StepBatcher(pipe, start=False).prepare(request)
+
+
+def test_a_request_takes_one_picture_not_latents_nor_several(pipe, image):
+    batcher = StepBatcher(pipe, start=False)
+    latents = torch.zeros(1, 4, 4, 6)
+    with pytest.raises(InvalidInputError, match="the server takes no latents"):
+        batcher.prepare(Img2ImgRequest(image=latents))
+    pixels = torch.rand(2, 3, 32, 48)
+    with pytest.raises(InvalidInputError, match="a request takes one image, got 2"):
+        batcher.prepare(Img2ImgRequest(image=pixels))
+    assert batcher.prepare(Img2ImgRequest(image=pixels[:1])).size == (32, 48)
 
 
 def test_a_servers_guidance_cutoff_is_what_a_request_without_one_gets(tiny, pipe, image):
