@@ -312,12 +312,13 @@ def test_the_worker_runs_with_its_intra_op_threads(pipe, image, threads):
 
 @pytest.mark.parametrize("given, threads", [([], 1), (["3"], 3), (["auto"], None)])
 def test_the_cli_reads_intra_op_threads(given, threads):
-    from sdtrt.cli import _intra_op_threads, build_parser
+    from sdtrt.cli import build_parser
+    from sdtrt.cli.serve import intra_op_threads_from
 
     for command in ("serve", "bench-serve"):
         flag = ["--intra-op-threads", *given] if given else []
         args = build_parser().parse_args([command, *flag])
-        assert _intra_op_threads(args) == threads
+        assert intra_op_threads_from(args) == threads
 
 
 @pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
