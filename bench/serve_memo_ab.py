@@ -19,7 +19,8 @@ import PIL.Image
 
 from sdtrt.runtime import fast_schedulers
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.batcher import Img2ImgRequest, JobResult, StepBatcher
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.jobs import Img2ImgRequest, JobResult
 
 REQUESTS, STEPS, STRENGTH, REPEATS = 4, 50, 0.8, 5
 

@@ -35,7 +35,8 @@ def one_side(warm: bool) -> dict[str, float]:
     from sdtrt.options import ServeOptions, TorchOptions
     from sdtrt.runtime.pipeline import Img2ImgPipeline
     from sdtrt.serve.app import warm_up
-    from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
+    from sdtrt.serve.batcher import StepBatcher
+    from sdtrt.serve.jobs import Img2ImgRequest
 
     start = time.perf_counter()
     options = TorchOptions(compile_unet=True)

@@ -40,8 +40,9 @@ from prometheus_client import (
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
-from sdtrt.serve.batcher import Job, JobResult, StepBatcher
+from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
+from sdtrt.serve.jobs import Job, JobResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

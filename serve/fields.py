@@ -10,7 +10,7 @@ from typing import Any
 
 from sdtrt.fileio import ENCODER_SETTINGS
 from sdtrt.runtime.schedulers import SCHEDULERS
-from sdtrt.serve.batcher import Img2ImgRequest
+from sdtrt.serve.jobs import Img2ImgRequest
 
 # The img2img fields: each one's type and what /docs says of it; their defaults are
 # Img2ImgRequest's.

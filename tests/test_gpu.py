@@ -298,7 +298,8 @@ def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
     pipeline on CUDA."""
     import PIL.Image
 
-    from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher
+    from sdtrt.serve.batcher import StepBatcher
+    from sdtrt.serve.jobs import Img2ImgRequest
 
     pipe = Img2ImgPipeline.from_components(
         _own(tiny), TorchOptions(device="cuda"), scheduler=scheduler, show_progress=False

@@ -37,7 +37,8 @@ from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import diffusers_scheduler, make_scheduler
 from sdtrt.serve.app import create_app
-from sdtrt.serve.batcher import Img2ImgRequest, StepBatcher, intra_op_threads
+from sdtrt.serve.batcher import StepBatcher, intra_op_threads
+from sdtrt.serve.jobs import Img2ImgRequest
 from sdtrt.serve.server import BackgroundServer
 
 # Measured on the tiny model, torch fp32 CPU: a request batched with four others of other
