@@ -27,7 +27,13 @@ from sdtrt.engine.trt_build import (
 )
 from sdtrt.engine.trt_cache import find_engine, has_engine
 from sdtrt.engine.trt_family import RuntimeCacheFile, trt_module
-from sdtrt.engine.trt_profile import check_request, max_rows, pixel_range
+from sdtrt.engine.trt_profile import (
+    check_request,
+    fill_rows,
+    max_rows,
+    padded_shapes,
+    pixel_range,
+)
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
 from sdtrt.export.networks import NETWORK_NAMES, Network
@@ -63,6 +69,7 @@ class TrtNetwork:
             raise EngineMismatchError(f"{family} could not deserialise {path}: {reason}")
         self.runtime_cache: RuntimeCacheFile | None = None
         self._shapes_seen: set[tuple[tuple[int, ...], ...]] = set()
+        self._padding_said = False
         self.cache_dirty = False
         # TensorRT-RTX can say whether its enqueue may be captured; asked only where one is.
         self.asks_capturable = captured and family == "tensorrt-rtx"
@@ -112,8 +119,22 @@ class TrtNetwork:
 
     def bind(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Copy inputs into their buffers and point the context at them; returns the view
-        the output will be written to. The shapes are checked against the profile first."""
+        the output will be written to. The shapes are checked against the profile first; a
+        call of fewer rows than it takes is padded to them (``padded_shapes``), its answer
+        the call's rows."""
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+        padded = padded_shapes(self.contract, self.profile, shapes)
+        if padded is not None:
+            rows, shapes = padded
+            if not self._padding_said:
+                self._padding_said = True
+                logger.info(
+                    "%s: a call of %d rows, fewer than the engine's profile takes, is padded "
+                    "to its least (so are later ones); an engine built for fewer runs them "
+                    "without",
+                    self.name,
+                    rows,
+                )
         check_request(self.name, self.profile, shapes)
         if self.runtime_cache is not None:
             seen = tuple(shapes.values())
@@ -121,9 +142,10 @@ class TrtNetwork:
                 self._shapes_seen.add(seen)
                 self.cache_dirty = True  # TensorRT-RTX compiles kernels for a new shape
         for name, tensor in inputs.items():
-            buffer = self.buffers[name][: tensor.numel()].view(tensor.shape)
-            buffer.copy_(tensor, non_blocking=True)
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            shape = shapes[name]
+            buffer = self.buffers[name][: math.prod(shape)].view(shape)
+            fill_rows(buffer, tensor)
+            self.context.set_input_shape(name, shape)
             self.context.set_tensor_address(name, buffer.data_ptr())
         for extra in self.outputs:  # optimum's text encoder also gives pooler_output
             self.context.set_tensor_address(extra, self.buffers[extra].data_ptr())
@@ -131,7 +153,7 @@ class TrtNetwork:
         shape = _dims(self.context.get_tensor_shape(output))
         out = self.buffers[output][: math.prod(shape)].view(shape)
         self.context.set_tensor_address(output, out.data_ptr())
-        return out
+        return out if padded is None else out[:rows]
 
     def enqueue(self) -> None:
         stream = torch.cuda.current_stream().cuda_stream

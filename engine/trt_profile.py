@@ -85,6 +85,42 @@ def check_pixels(height: int, width: int, allowed: PixelRange | None) -> None:
         )
 
 
+def padded_shapes(
+    network: Network, profile: dict[str, Any], shapes: dict[str, Shape]
+) -> tuple[int, dict[str, Shape]] | None:
+    """A call of fewer rows than the engine's profile takes at least (a static engine takes
+    one row count; a build with ``--batch 2-4`` at least 2 images), raised to that least:
+    (the call's rows, the shapes the engine runs), the rows past the call's
+    (``fill_rows``) left out of its answer. None where the call fits as it is. Padding,
+    not refusal: a server's step of fewer rows than a static engine's, or an unguided call
+    (one row per image), then runs, at the cost of the engine's shape."""
+    batched = [
+        name
+        for name, shape in shapes.items()
+        if name in profile and shape and isinstance(network.inputs[name][0], tuple)
+    ]
+    if not batched:
+        return None
+    rows = shapes[batched[0]][0]
+    least = max(int(profile[name]["min"][0]) for name in batched)
+    if not 0 < rows < least:
+        return None
+    return rows, {n: (least, *s[1:]) if n in batched else s for n, s in shapes.items()}
+
+
+def fill_rows(buffer: Any, tensor: Any) -> None:
+    """``tensor`` copied into the first rows of ``buffer`` (an engine's input, on the
+    stream); rows past it, where ``padded_shapes`` raised the call, are copies of its last
+    row, so that the padding is inputs the network takes as any other (rows are computed
+    apart: they do not change the call's own)."""
+    rows = tensor.shape[0] if tensor.dim() else 0
+    if tensor.dim() == 0 or buffer.shape[0] == rows:
+        buffer.copy_(tensor, non_blocking=True)
+        return
+    buffer[:rows].copy_(tensor, non_blocking=True)
+    buffer[rows:].copy_(tensor[-1:].expand_as(buffer[rows:]), non_blocking=True)
+
+
 def check_request(network: str, profile: dict[str, Any], shapes: dict[str, Shape]) -> None:
     """Refuse a request outside the profile before TensorRT sees it."""
     for name, shape in shapes.items():

@@ -291,8 +291,9 @@ class StepBatcher:
     @staticmethod
     def _warm_counts(call: Callable[..., Any], *batched: torch.Tensor) -> int:
         """``call`` on the first n rows of ``batched``, for each n up to their length but
-        those an engine's profile refuses (a static engine takes one row count); how many
-        ran. Sizes outside the profiles never get here: ``prepare`` refused them at start."""
+        those the backend refuses (sdtrt's TensorRT engines pad a call of fewer rows than
+        their profile takes, a static one's included: a backend of one's own may not); how
+        many ran. Sizes outside the profiles never get here: ``prepare`` refused them."""
         ran = 0
         for n in range(1, len(batched[0]) + 1):
             try:

@@ -406,6 +406,33 @@ def test_tensorrt_runs_an_unguided_request_one_row_per_image(engines, tiny):
 
 
 @tensorrt
+def test_static_engines_pad_a_call_of_fewer_rows(engines, tmp_path):
+    """Engines built --static for 2 images at 32x48 take 4 UNet rows and 2 text or VAE rows:
+    one unguided image (1 row each) runs padded, its image the dynamic engines' (fp16's
+    bound), and the padding leaves the call's own rows as they are."""
+    from sdtrt.engine.trt_build import build_engines
+    from sdtrt.options import BuildOptions
+
+    exported, engine_dir, _ = engines
+    static = BuildRanges(batch=(2, 2), height=(32, 32), width=(48, 48), static=True)
+    build_engines(exported, "fp16", BuildOptions(ranges=static), tmp_path)
+    run = dict(RUN, guidance_scale=1.0)
+    padded, dynamic = (
+        _trt_pipeline(exported, folder)("a", _image(), generator=torch.Generator().manual_seed(4),
+                                        **run).images
+        for folder in (tmp_path, engine_dir)
+    )  # fmt: skip
+    assert compare_images(padded, dynamic, "fp16").passed
+    unet = _trt_pipeline(exported, tmp_path).backend
+    hidden = torch.randn(4, 77, exported.dims.text_hidden_size, device="cuda")
+    sample = torch.randn(4, 4, 4, 6, device="cuda")
+    whole = unet.unet(sample, torch.tensor(500.0), hidden)
+    one = unet.unet(sample[:1], torch.tensor(500.0), hidden[:1])
+    assert one.shape == (1, 4, 4, 6)
+    assert float((one - whole[:1]).abs().max()) <= 1e-2
+
+
+@tensorrt
 @pytest.mark.parametrize("scheduler", ["lms", "pndm", "euler_a"])
 def test_tensorrt_step_graphs_equal_its_eager_loop(engines, scheduler):
     """The engine's enqueue captured inside whole-step graphs: the loop's result as the

@@ -589,8 +589,8 @@ def test_text_and_vae_batches_are_chunked_to_the_engines_profile(tiny, image, ca
 
 
 class _StaticRowsBackend(_TwoImageProfileBackend):
-    """Its UNet engine refuses one row (a static engine, or one built before the profile's
-    2B axis went down to B)."""
+    """Its UNet refuses one row (a backend that does not pad a call of fewer rows than it
+    takes, as sdtrt's TensorRT engines do)."""
 
     def unet(self, sample, timestep, hidden):
         if sample.shape[0] == 1:

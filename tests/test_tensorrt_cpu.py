@@ -18,8 +18,10 @@ from sdtrt.engine.trt_cache import EngineKey, cached_engine, find_engine, mismat
 from sdtrt.engine.trt_profile import (
     check_pixels,
     check_request,
+    fill_rows,
     max_rows,
     network_profile,
+    padded_shapes,
     pixel_range,
     profile_to_json,
 )
@@ -108,6 +110,47 @@ def test_static_profile_is_one_shape():
     profile = network_profile(NETS["unet"], BuildRanges(static=True, opt_batch=2))
     assert profile["sample"]["min"] == profile["sample"]["opt"] == profile["sample"]["max"]
     assert profile["sample"]["opt"] == (4, 4, 64, 64)
+
+
+def test_a_call_of_fewer_rows_than_a_static_engine_takes_is_padded_to_them():
+    """A static engine for 2 images takes 4 UNet rows and 2 text or VAE rows, no fewer: a
+    call of fewer is raised to them (batched inputs only: a timestep per row is one), one
+    that fits is left as it is, and one past the profile is still refused."""
+    static = BuildRanges(batch=(2, 2), static=True)
+    unet = profile_to_json(network_profile(NETS["unet"], static))
+    one_row = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 77, 768)}
+    rows, shapes = padded_shapes(NETS["unet"], unet, one_row)
+    assert rows == 1
+    assert shapes == {
+        "sample": (4, 4, 64, 64),
+        "timestep": (4,),
+        "encoder_hidden_states": (4, 77, 768),
+    }
+    check_request("unet", unet, shapes)
+    four = {k: (4, *v[1:]) for k, v in one_row.items()}
+    assert padded_shapes(NETS["unet"], unet, four) is None
+    text = profile_to_json(network_profile(NETS["text_encoder"], static))
+    assert padded_shapes(NETS["text_encoder"], text, {"input_ids": (1, 77)}) == (
+        1,
+        {"input_ids": (2, 77)},
+    )
+    dynamic = profile_to_json(network_profile(NETS["unet"], BuildRanges()))
+    assert padded_shapes(NETS["unet"], dynamic, one_row) is None  # its least is one row
+    with pytest.raises(ShapeOutsideProfileError, match="outside the engine's profile"):
+        check_request("unet", unet, {k: (6, *v[1:]) for k, v in one_row.items()})
+
+
+def test_padding_rows_are_copies_of_the_calls_last():
+    buffer = torch.full((4, 3), float("nan"))
+    call = torch.arange(6.0).reshape(2, 3)
+    fill_rows(buffer, call)
+    assert torch.equal(buffer, torch.stack([call[0], call[1], call[1], call[1]]))
+    same = torch.empty(2, 3)
+    fill_rows(same, call)
+    assert torch.equal(same, call)
+    scalar = torch.empty(())
+    fill_rows(scalar, torch.tensor(7.0))
+    assert float(scalar) == 7.0
 
 
 def test_the_tuned_shape_defaults_into_the_range():
