@@ -1,6 +1,7 @@
 """The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img`` (its fields and
 their description at /docs: serve/fields.py), ``GET /health``, ``GET /ready`` and
-``GET /metrics`` (Prometheus).
+``GET /metrics`` (Prometheus); the same requests in the Open Inference Protocol (KServe v2,
+Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages).
 
 Every bad input is a 4xx with the library's own message; a full queue is 429 with
 Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
@@ -14,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -22,7 +24,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -40,6 +42,8 @@ from prometheus_client import (
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
+from sdtrt.runtime.inputs import is_integer
+from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
 from sdtrt.serve.jobs import Job, JobResult
@@ -157,21 +161,22 @@ def create_app(
             return failure
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    documented = openapi(batcher.request_defaults)
-
-    @app.post("/v1/img2img", response_class=Response, openapi_extra=documented)
-    async def img2img(request: Request) -> Response:
+    async def handled(
+        request: Request, serve: Callable[[str], Awaitable[tuple[JobResult, Encoder]]]
+    ) -> Response:
+        """A request answered by ``serve(request_id)``: authorised, counted, its failure
+        the protocols' one error object ``{"error": message}`` with its status."""
         arrived = time.monotonic()
         if failure := _unauthorised(request, options):
             metrics.requests.labels("401").inc()
             return failure
         request_id = _request_id(request)
         try:
-            result, response_format = await _serve(request, request_id, batcher, options, intake)
+            result, encode = await serve(request_id)
             # Encoding the answer takes longer still (a 512x512 PNG: ~15 ms, 2048x2048:
             # ~0.25 s): Pillow alone, which lets go of the GIL, so the default pool's threads
             # encode side by side.
-            response = await _off_loop(None, _answer, result, response_format)
+            response = await _off_loop(None, encode, result)
             metrics.answered(result, time.monotonic() - arrived)
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
@@ -183,7 +188,110 @@ def create_app(
         metrics.requests.labels(str(response.status_code)).inc()
         return response
 
+    documented = openapi(batcher.request_defaults)
+
+    @app.post("/v1/img2img", response_class=Response, openapi_extra=documented)
+    async def img2img(request: Request) -> Response:
+        async def serve(request_id: str) -> tuple[JobResult, Encoder]:
+            result, response_format = await _serve(request, request_id, batcher, options, intake)
+            return result, lambda result: _answer(result, response_format)
+
+        return await handled(request, serve)
+
+    def is_ready() -> bool:
+        return bool(state["ready"]) and not (state["draining"] or batcher.draining)
+
+    _add_inference_protocol(app, handled, batcher, options, intake, is_ready)
     return app
+
+
+Encoder = Callable[[JobResult], Response]
+"""How a protocol answers a job's result (run in a thread: image encoding takes long)."""
+
+
+def _add_inference_protocol(
+    app: FastAPI,
+    handled: Callable[..., Awaitable[Response]],
+    batcher: StepBatcher,
+    options: ServeOptions,
+    intake: Executor,
+    is_ready: Callable[[], bool],
+) -> None:
+    """The Open Inference Protocol's health, metadata and inference endpoints (KServe v2,
+    Triton's HTTP API; serve/kserve.py reads and writes its messages): one model,
+    ``img2img``, version 1, run as ``/v1/img2img`` runs a request."""
+    from sdtrt import __version__
+    from sdtrt.runtime.inputs import Limits
+
+    metadata = kserve.model_metadata(batcher.backend.name)
+
+    def unknown(model: str, version: str) -> Response | None:
+        if model == kserve.MODEL and version == kserve.VERSION:
+            return None
+        return JSONResponse(
+            {"error": f"unknown model {model!r} version {version!r}: this server has "
+                      f"{kserve.MODEL}, version {kserve.VERSION}"},
+            status_code=404,
+        )  # fmt: skip
+
+    @app.get("/v2")
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "sdtrt", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    def server_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def server_ready() -> Response:
+        ready = is_ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    def model_metadata(request: Request, model: str, version: str = kserve.VERSION) -> Response:
+        if failure := _unauthorised(request, options) or unknown(model, version):
+            return failure
+        return JSONResponse(metadata)
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    def model_ready(model: str, version: str = kserve.VERSION) -> Response:
+        if failure := unknown(model, version):
+            return failure
+        ready = is_ready()
+        return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def model_infer(request: Request, model: str, version: str = kserve.VERSION) -> Response:
+        if failure := unknown(model, version):
+            return failure
+
+        async def serve(request_id: str) -> tuple[JobResult, Encoder]:
+            body = await _body(request, options)
+            try:
+                inference = kserve.parse_infer(
+                    body,
+                    request.headers.get(kserve.HEADER_LENGTH),
+                    Limits.from_env().max_pixels,
+                    _image,
+                )
+            except kserve.ProtocolError as exc:
+                raise BadRequest(exc.status, exc.message) from None
+            values = {k: _number(v, TYPES[k], k) for k, v in inference.values.items()}
+            timeout = _number(inference.timeout, float, "timeout")
+            result = await run_job(
+                request, request_id, batcher, intake, values, inference.load, timeout
+            )
+            return result, lambda result: _inference_answer(result, inference)
+
+        return await handled(request, serve)
+
+
+def _inference_answer(result: JobResult, inference: kserve.Inference) -> Response:
+    body, headers = kserve.answer(result, inference.id, inference.binary)
+    return Response(body, headers=headers)
 
 
 async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
@@ -216,16 +324,35 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
+    images = values.get("num_images_per_prompt", 1)
+    if is_integer(images) and images > 1 and response_format != "json":
+        raise BadRequest(
+            422,
+            f"{images} images come as JSON: send response_format json (or Accept: "
+            f"application/json), not {response_format}",
+        )
     timeout = _number(per_request.get("timeout"), float, "timeout")
+    load = None if image_bytes is None else functools.partial(_image, image_bytes)
+    result = await run_job(request, request_id, batcher, intake, values, load, timeout)
+    return result, response_format
+
+
+async def run_job(
+    request: Request,
+    request_id: str,
+    batcher: StepBatcher,
+    intake: Executor,
+    values: dict[str, Any],
+    load: Callable[[], PIL.Image.Image] | None,
+    timeout: float | None,
+) -> JobResult:
+    """One request's job, whatever protocol brought it: its image loaded (``load``; None:
+    the sample picture) and the request checked in the intake thread, queued, and waited
+    for, cancelled if the client goes away; BadRequest with the status of each failure."""
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
-        job = await _off_loop(intake, _prepare, batcher, values, image_bytes, timeout)
-        if job.images > 1 and response_format != "json":
-            raise InvalidInputError(
-                f"{job.images} images come as JSON: send response_format json (or Accept: "
-                f"application/json), not {response_format}"
-            )
+        job = await _off_loop(intake, _prepare, batcher, values, load, timeout)
         future = batcher.submit(job)
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
@@ -241,19 +368,21 @@ async def _serve(
             logger.info("request %s: the client went away; its job is cancelled", request_id)
             raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
     try:
-        result = waiting.result()
+        return waiting.result()
     except DeadlineExceededError as exc:
         raise BadRequest(504, str(exc)) from None
     except Exception as exc:  # this job's failure (non-finite output...), nobody else's
         logger.warning("request %s failed: %s", request_id, exc)
         raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
-    return result, response_format
 
 
 def _prepare(
-    batcher: StepBatcher, values: dict[str, Any], image_bytes: bytes | None, timeout: float | None
+    batcher: StepBatcher,
+    values: dict[str, Any],
+    load: Callable[[], PIL.Image.Image] | None,
+    timeout: float | None,
 ) -> Job:
-    image = _image(image_bytes) if image_bytes is not None else None
+    image = load() if load is not None else None
     return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
 
 
@@ -288,15 +417,7 @@ def _answer(result: JobResult, response_format: str) -> Response:
 
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:
     """The img2img fields and the image's bytes from a JSON or multipart body."""
-    limit = int(options.max_body_mb * 1024 * 1024)
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    body = await _body(request, options)
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
     raw: dict[str, Any]
     image_bytes: bytes | None = None
@@ -327,6 +448,20 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
         k: v if k in OPTIONS else _number(v, TYPES[k], k) for k, v in raw.items() if v is not None
     }
     return values, image_bytes
+
+
+async def _body(request: Request, options: ServeOptions) -> bytes:
+    """The request's body, read up to the server's limit (413 past it)."""
+    limit = int(options.max_body_mb * 1024 * 1024)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    return bytes(body)
 
 
 async def _form(request: Request, body: bytes) -> dict[str, Any]:

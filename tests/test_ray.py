@@ -110,6 +110,18 @@ def test_two_replicas_answer_concurrent_requests_as_the_pipeline(cluster, tiny):
         # batched with the others on its replica: within one 8-bit level of the pipeline
         assert np.abs(_image(answer) - np.round(want * 255)).max() <= 1
     assert len(_replica_pids(cluster)) == 2
+    # The Open Inference Protocol through Ray's proxy too: the last seed's image.
+    text = {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [BODY["prompt"]]}
+    fields = {k: v for k, v in BODY.items() if k not in ("prompt", "image")}
+    pixels = np.asarray(INPUT)
+    image = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
+             "data": pixels.reshape(-1).tolist()}  # fmt: skip
+    request = {"inputs": [text, image], "parameters": {**fields, "seed": seeds[-1]}}
+    answer = httpx.post(f"{cluster}/v2/models/img2img/infer", json=request, timeout=120)
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    got = np.asarray(output["data"], np.uint8).reshape(output["shape"])[0]
+    assert np.abs(got - np.round(want * 255)).max() <= 1
 
 
 def test_a_replica_killed_under_load_loses_only_its_requests_and_is_replaced(cluster):
