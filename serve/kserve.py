@@ -145,29 +145,48 @@ def _tensor(entry: Any, binary: bytes) -> tuple[str, np.ndarray, int | None]:
                 raise ProtocolError(400, f"input {name}: {size} bytes are not {count} {datatype}")
             return name, np.frombuffer(data, DTYPES[datatype]).reshape(shape), size
     else:
-        items = list(_flat(entry.get("data")))
-        if datatype == "BYTES":
-            if not all(isinstance(item, str) for item in items):
-                raise ProtocolError(400, f"input {name}: BYTES data in JSON are strings")
-            items = [str(item).encode() for item in items]
+        given = entry.get("data")
+        if given is None:
+            raise ProtocolError(400, f"input {name} has neither data nor binary_data_size")
+        if datatype != "BYTES":
+            return name, _json_numbers(name, given, datatype, shape), None
+        items = list(_flat(given))
+        if not all(isinstance(item, str) for item in items):
+            raise ProtocolError(400, f"input {name}: BYTES data in JSON are strings")
+        items = [str(item).encode() for item in items]
     if len(items) != count:
         raise ProtocolError(400, f"input {name}: {len(items)} elements for shape {shape}")
-    if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = items
-        return name, array.reshape(shape), size
+    array = np.empty(count, dtype=object)  # BYTES: Python bytes objects
+    array[:] = items
+    return name, array.reshape(shape), size
+
+
+# JSON numbers each datatype takes, by numpy's kind: a float is not an integer's value.
+_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+
+
+def _json_numbers(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    """A numeric tensor's JSON data (flat, or nested as its shape: the protocol allows
+    both), read by numpy at once (an element at a time, a 512x512 picture took 0.17 s)."""
+    dtype = DTYPES[datatype]
     try:
-        return name, np.asarray(items, dtype=DTYPES[datatype]).reshape(shape), size
-    except (TypeError, ValueError, OverflowError):
-        raise ProtocolError(400, f"input {name}: its data are not {datatype}") from None
+        raw = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raw = np.asarray([np.nan])
+    if raw.size and raw.dtype.kind not in _KINDS[dtype.kind]:
+        raise ProtocolError(400, f"input {name}: its data are not {datatype}")
+    array = raw.astype(dtype)
+    if raw.dtype.kind in "iu" and not np.array_equal(array, raw):
+        raise ProtocolError(400, f"input {name}: its data are out of {datatype}'s range")
+    if array.size != math.prod(shape):
+        raise ProtocolError(400, f"input {name}: {array.size} elements for shape {shape}")
+    return array.reshape(shape)
 
 
 def _flat(data: Any) -> Any:
     if isinstance(data, list):
         for item in data:
             yield from _flat(item)
-    elif data is None:
-        raise ProtocolError(400, "an input has neither data nor binary_data_size")
     else:
         yield data
 

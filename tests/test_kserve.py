@@ -174,11 +174,31 @@ def _refusal(header, binary=b"", max_pixels=2048 * 2048):
                       "parameters": {"binary_data_size": 27_000_000}}]},
          400, "binary_data_size 27000000 is past the body"),
         ([1, 2], 400, "must be an object with an inputs list"),
+        ({"inputs": [{"name": "seed", "datatype": "INT64", "shape": [1], "data": [3.5]}]},
+         400, "input seed: its data are not INT64"),
+        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 3],
+                      "data": [0, 255, 256]}]}, 400, "its data are out of UINT8's range"),
+        ({"inputs": [{"name": "seed", "datatype": "INT64", "shape": [1], "data": ["3"]}]},
+         400, "input seed: its data are not INT64"),
     ],
 )  # fmt: skip
 def test_what_the_protocol_cannot_read_is_refused_naming_it(header, status, says):
     refused = _refusal(header)
     assert refused.status == status and says in refused.message
+
+
+def test_json_data_may_be_nested_as_the_shape():
+    """The protocol's JSON data are flat or nested row-major: both read alike."""
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    read = []
+    for data in (pixels.reshape(-1).tolist(), pixels.tolist()):
+        image = {"name": "image", "datatype": "UINT8", "shape": [2, 3, 3], "data": data}
+        header = {"inputs": [image, {"name": "strength", "datatype": "FP32", "shape": [1],
+                                     "data": [[0.25]]}]}  # fmt: skip
+        inference = parse_infer(json.dumps(header).encode(), None, 64, lambda data: None)
+        assert inference.values == {"strength": 0.25}
+        read.append(np.asarray(inference.load()))
+    assert np.array_equal(read[0], pixels) and np.array_equal(read[1], pixels)
 
 
 def test_pixels_past_the_servers_limit_are_refused_from_the_shape():
