@@ -237,8 +237,21 @@ def run_check(
     torch_pipe = Img2ImgPipeline.from_components(
         components, scheduler=scheduler, show_progress=False
     )
-    got = graph_pipe("a photo", image, generator=torch.Generator().manual_seed(0), **run).images
-    want = torch_pipe("a photo", image, generator=torch.Generator().manual_seed(0), **run).images
+    traces: list[list[torch.Tensor]] = []
+    images = []
+    for pipe in (graph_pipe, torch_pipe):
+        trace = _LatentTrace()
+        images.append(
+            pipe(
+                "a photo",
+                image,
+                generator=torch.Generator().manual_seed(0),
+                callback_on_step_end=trace,
+                **run,
+            ).images
+        )
+        traces.append(trace.latents)
+    got, want = images
     image_result = compare_images(got, want, precision)
     passed = all(r.passed for r in networks) and image_result.passed
     return {
@@ -247,8 +260,29 @@ def run_check(
         "thresholds": asdict(THRESHOLDS[precision]),
         "networks": [asdict(r) for r in networks],
         "image": asdict(image_result),
+        "steps": step_drift(*traces),
         "passed": passed,
     }
+
+
+class _LatentTrace:
+    """A step-end callback (diffusers' signature) keeping each step's latents."""
+
+    def __init__(self) -> None:
+        self.latents: list[torch.Tensor] = []
+
+    def __call__(self, pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.latents.append(tensors["latents"].detach().double().cpu())
+        return {}
+
+
+def step_drift(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+    """||backend - torch|| / ||torch|| of the latents after each denoising step: where in
+    the loop a difference appears and whether the steps grow it (informational: the image
+    is what passes or fails)."""
+    return [
+        float((a - b).norm() / max(float(b.norm()), 1e-30)) for a, b in zip(got, want, strict=True)
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -265,6 +299,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['cosine']:.8f} | {'yes' if r['passed'] else 'NO'} |"
         )
     img = report["image"]
+    drift = report.get("steps") or []
+    if drift:
+        worst = max(range(len(drift)), key=drift.__getitem__)
+        lines += [
+            "",
+            f"latents after each of the {len(drift)} steps, rel L2 against torch: "
+            + ", ".join(f"{d:.2g}" for d in drift)
+            + f" (largest after step {worst + 1})",
+        ]
     lines += [
         "",
         f"img2img image: PSNR {img['psnr']:.2f} dB, max diff {img['max_levels']} levels of 255 "

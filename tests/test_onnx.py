@@ -395,6 +395,9 @@ def test_check_passes_and_writes_json(exported, tmp_path, capsys):
     assert report["passed"] and report["image"]["max_levels"] <= 1
     assert len(report["networks"]) == 8
     assert "| unet |" in captured.out
+    # The latents after each of the int(8 x 0.75) = 6 steps, fp32 graphs against torch.
+    assert len(report["steps"]) == 6 and max(report["steps"]) <= 1e-4
+    assert "latents after each of the 6 steps, rel L2 against torch: " in captured.out
 
 
 def test_check_fails_on_perturbed_weights(exported, tmp_path, capsys):
@@ -412,9 +415,13 @@ def test_check_fails_on_perturbed_weights(exported, tmp_path, capsys):
     manifest = json.loads((root / "sdtrt.json").read_text())
     manifest["graphs"]["unet/model.onnx"]["sha256"]["model.onnx"] = sha256_file(path)
     (root / "sdtrt.json").write_text(json.dumps(manifest))
-    code, captured = _cli(["check", "--model", str(root)], capsys)
+    code, captured = _cli(
+        ["check", "--model", str(root), "--json", str(tmp_path / "r.json")], capsys
+    )
     assert code == 1
     assert "FAILED" in captured.out
+    drift = json.loads((tmp_path / "r.json").read_text())["steps"]
+    assert drift[0] > 1e-3  # the perturbed UNet shows from the first step
 
 
 @pytest.mark.parametrize(
