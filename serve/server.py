@@ -77,7 +77,12 @@ def serve_forever(app: FastAPI, sock: socket.socket, drain_timeout: float) -> No
     host, port = sock.getsockname()[:2]
     # uvicorn prints its "running on" line only for sockets it bound itself.
     shown = f"[{host}]" if ":" in host else host
-    logger.info("serving on http://%s:%d (Ctrl-C or SIGTERM: drain, then stop)", shown, port)
+    logger.info(
+        "serving on http://%s:%d: POST /v1/img2img, and /v2/models/img2img/infer (KServe v2, "
+        "Triton's HTTP API); /docs (Ctrl-C or SIGTERM: drain, then stop)",
+        shown,
+        port,
+    )
     DrainingServer(config, app).run(sockets=[sock])
 
 
