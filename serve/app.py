@@ -194,7 +194,7 @@ def create_app(
     async def img2img(request: Request) -> Response:
         async def serve(request_id: str) -> tuple[JobResult, Encoder]:
             result, response_format = await _serve(request, request_id, batcher, options, intake)
-            return result, lambda result: _answer(result, response_format)
+            return result, lambda result: encode_answer(result, response_format)
 
         return await handled(request, serve)
 
@@ -275,7 +275,7 @@ def _add_inference_protocol(
                     body,
                     request.headers.get(kserve.HEADER_LENGTH),
                     Limits.from_env().max_pixels,
-                    _image,
+                    decode_image,
                 )
             except kserve.ProtocolError as exc:
                 raise BadRequest(exc.status, exc.message) from None
@@ -332,7 +332,7 @@ async def _serve(
             f"application/json), not {response_format}",
         )
     timeout = _number(per_request.get("timeout"), float, "timeout")
-    load = None if image_bytes is None else functools.partial(_image, image_bytes)
+    load = None if image_bytes is None else functools.partial(decode_image, image_bytes)
     result = await run_job(request, request_id, batcher, intake, values, load, timeout)
     return result, response_format
 
@@ -386,7 +386,7 @@ def _prepare(
     return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
 
 
-def _answer(result: JobResult, response_format: str) -> Response:
+def encode_answer(result: JobResult, response_format: str) -> Response:
     image_format = "png" if response_format == "json" else response_format
     name, settings = IMAGE_FORMATS[image_format]
     files = []
@@ -429,7 +429,7 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
         if not isinstance(raw, dict):
             raise BadRequest(400, "the JSON body must be an object of img2img fields")
         if raw.get("image") is not None:
-            image_bytes = _base64(raw.pop("image"))
+            image_bytes = decode_base64(raw.pop("image"))
         raw.pop("image", None)
     elif kind == "multipart/form-data":
         form = await _form(request, bytes(body))
@@ -533,7 +533,7 @@ def _numbers(value: Any, name: str) -> tuple[float, ...]:
     return tuple(float(n) for n in value)
 
 
-def _base64(value: Any) -> bytes:
+def decode_base64(value: Any) -> bytes:
     if not isinstance(value, str):
         raise BadRequest(400, "image must be a base64 string (or a data: URL)")
     if value.startswith(("http://", "https://")):
@@ -546,7 +546,7 @@ def _base64(value: Any) -> bytes:
         raise BadRequest(400, f"image is not valid base64: {exc}") from None
 
 
-def _image(data: bytes) -> PIL.Image.Image:
+def decode_image(data: bytes) -> PIL.Image.Image:
     """Decode an image, refusing oversized ones from the header, before pixels are read."""
     from sdtrt.runtime.inputs import Limits, upright_rgb
 

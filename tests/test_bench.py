@@ -368,3 +368,19 @@ def test_the_cutoff_ab_halves_the_unet_rows_after_the_cutoff():
     assert guided["unet_rows"] == 16 and cut["unet_rows"] == 13
     assert report["speedup"] == guided["median_ms"]["total"] / cut["median_ms"]["total"]
     assert 0 < report["mean_levels_apart"] < 40  # unguided steps: another image, near it
+
+
+def test_the_protocol_ab_times_each_way_a_picture_crosses_the_wire():
+    """``python -m sdtrt.bench.kserve_ab``: each protocol's read and answer timed, their
+    ratios to the binary form's, the answers' sizes; every read gives the picture back."""
+    from sdtrt.bench.kserve_ab import measure
+
+    record = measure(size=32, repeats=1)
+    assert set(record["read"]) == {"v2 binary", "v2 JSON", "v1 base64 PNG"}
+    assert set(record["answer"]) == {"v2 binary", "v2 JSON", "v1 PNG"}
+    for direction in ("read", "answer"):
+        rows = record[direction]
+        assert all(row["ms"] > 0 for row in rows.values())
+        assert rows["v2 binary"]["vs binary"] == 1.0
+        assert rows["v2 JSON"]["vs binary"] == rows["v2 JSON"]["ms"] / rows["v2 binary"]["ms"]
+    assert record["answer"]["v2 binary"]["bytes"] > 32 * 32 * 3  # the pixels and a header

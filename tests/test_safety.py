@@ -367,7 +367,7 @@ def test_a_photo_is_turned_by_its_exif_orientation_as_diffusers_turns_it(
     from diffusers.utils import load_image as diffusers_load_image
 
     from sdtrt.runtime.inputs import load_image
-    from sdtrt.serve.app import _image
+    from sdtrt.serve.app import decode_image
 
     pixels = np.zeros((32, 48, 3), np.uint8)
     pixels[:8, :16] = (255, 0, 0)  # a red corner: where it ends up tells the turn
@@ -378,7 +378,7 @@ def test_a_photo_is_turned_by_its_exif_orientation_as_diffusers_turns_it(
     want = np.asarray(diffusers_load_image(str(path)))
     assert want.shape == ((48, 32, 3) if turned else (32, 48, 3))
     assert np.array_equal(np.asarray(load_image(path)), want)
-    assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
+    assert np.array_equal(np.asarray(decode_image(path.read_bytes())), want)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tiff"])
@@ -388,7 +388,7 @@ def test_a_16_bit_grayscale_picture_reads_as_its_8_bit_self(tmp_path, suffix):
     import numpy as np
 
     from sdtrt.runtime.inputs import load_image
-    from sdtrt.serve.app import _image
+    from sdtrt.serve.app import decode_image
 
     grey = np.arange(48 * 32).reshape(32, 48) % 256  # every 8-bit level
     path = tmp_path / f"deep{suffix}"
@@ -397,7 +397,7 @@ def test_a_16_bit_grayscale_picture_reads_as_its_8_bit_self(tmp_path, suffix):
         assert deep.mode == "I;16"
     want = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
     assert np.array_equal(np.asarray(load_image(path)), want)
-    assert np.array_equal(np.asarray(_image(path.read_bytes())), want)
+    assert np.array_equal(np.asarray(decode_image(path.read_bytes())), want)
 
 
 def test_a_huge_input_image_is_refused_before_the_model(tmp_path, capsys, no_work, monkeypatch):

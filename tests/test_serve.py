@@ -1390,7 +1390,7 @@ def test_a_port_in_use_is_said_before_the_model_loads(capsys, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("step", ["_image", "_answer"])
+@pytest.mark.parametrize("step", ["decode_image", "encode_answer"])
 def test_health_answers_while_a_requests_image_is_decoded_or_encoded(server, image, step):
     """Decoding, preprocessing and PNG encoding run off the event loop: held in the middle
     of one of them, a request does not hold up /health (on the loop, it would wait)."""
