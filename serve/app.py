@@ -194,7 +194,7 @@ def create_app(
     async def img2img(request: Request) -> Response:
         async def serve(request_id: str) -> tuple[JobResult, Encoder]:
             result, response_format = await _serve(request, request_id, batcher, options, intake)
-            return result, lambda result: encode_answer(result, response_format)
+            return result, lambda done: encode_answer(done, response_format)
 
         return await handled(request, serve)
 
@@ -270,8 +270,10 @@ def _add_inference_protocol(
 
         async def serve(request_id: str) -> tuple[JobResult, Encoder]:
             body = await _body(request, options)
-            try:
-                inference = kserve.parse_infer(
+            try:  # off the loop: JSON tensors take long to read (a 512x512 picture: 57 ms)
+                inference = await _off_loop(
+                    intake,
+                    kserve.parse_infer,
                     body,
                     request.headers.get(kserve.HEADER_LENGTH),
                     Limits.from_env().max_pixels,
@@ -284,7 +286,7 @@ def _add_inference_protocol(
             result = await run_job(
                 request, request_id, batcher, intake, values, inference.load, timeout
             )
-            return result, lambda result: _inference_answer(result, inference)
+            return result, lambda done: _inference_answer(done, inference)
 
         return await handled(request, serve)
 

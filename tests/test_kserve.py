@@ -10,6 +10,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
@@ -262,3 +263,35 @@ print(result.get_response()["parameters"]["unet_calls"])
     assert ran.stdout.split() == ["2"]
     got = np.load(tmp_path / "out.npy")
     assert got.shape == (1, 32, 48, 3) and np.array_equal(got[0], want)
+
+
+def test_health_answers_while_an_inference_request_is_read(server, image):
+    """A request's tensors are read off the event loop (JSON ones take long): held in the
+    middle of reading one, /v2/health/live still answers."""
+    from sdtrt.serve import kserve
+
+    entered, release = threading.Event(), threading.Event()
+    original = kserve.parse_infer
+
+    def held(*args):
+        entered.set()
+        assert release.wait(timeout=30)
+        return original(*args)
+
+    body = {"inputs": [_pixels(image)], "parameters": SMALL}
+    answers = []
+    client = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(f"{server.url}{INFER}", json=body, headers=KEY, timeout=60)
+        )
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kserve, "parse_infer", held)
+        client.start()
+        try:
+            assert entered.wait(timeout=30)
+            assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
+        finally:
+            release.set()
+            client.join(timeout=60)
+    assert answers[0].status_code == 200
