@@ -96,8 +96,9 @@ def read_request(
         raise ProtocolError(400, "the inference request must be an object with an inputs list")
     tensors: dict[str, np.ndarray] = {}
     binary_inputs, offset = set(), 0
+    rest = memoryview(binary)  # each input's bytes are viewed, not copied
     for entry in request.get("inputs", []):
-        name, array, size = _tensor(entry, binary[offset:])
+        name, array, size = _tensor(entry, rest[offset:])
         if name in tensors:
             raise ProtocolError(400, f"input {name!r} is given twice")
         tensors[name] = array
@@ -118,7 +119,7 @@ def read_request(
     return request, tensors, binary_inputs, binary_out
 
 
-def _tensor(entry: Any, binary: bytes) -> tuple[str, np.ndarray, int | None]:
+def _tensor(entry: Any, binary: memoryview) -> tuple[str, np.ndarray, int | None]:
     """One input tensor: its name, its array, and the binary bytes it took (None: it came
     as JSON data)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -191,7 +192,7 @@ def _flat(data: Any) -> Any:
         yield data
 
 
-def _bytes_elements(name: str, data: bytes) -> list[bytes]:
+def _bytes_elements(name: str, data: memoryview) -> list[bytes]:
     """BYTES in binary form: each element a 4-byte little-endian length, then its bytes."""
     items, at = [], 0
     while at < len(data):
@@ -200,7 +201,7 @@ def _bytes_elements(name: str, data: bytes) -> list[bytes]:
         length = int.from_bytes(data[at : at + 4], "little")
         if at + 4 + length > len(data):
             raise ProtocolError(400, f"input {name}: a BYTES element runs past its data")
-        items.append(data[at + 4 : at + 4 + length])
+        items.append(bytes(data[at + 4 : at + 4 + length]))
         at += 4 + length
     return items
 
