@@ -60,8 +60,8 @@ def requests(picture: PIL.Image.Image) -> dict[str, Callable[[], PIL.Image.Image
 def answers(result: JobResult) -> dict[str, Callable[[], bytes]]:
     """How each protocol answers the job's picture: the body's bytes."""
     return {
-        "v2 binary": lambda: kserve.answer(result, None, binary=True)[0],
-        "v2 JSON": lambda: kserve.answer(result, None, binary=False)[0],
+        "v2 binary": lambda: kserve.answer(result, "img2img", None, binary=True)[0],
+        "v2 JSON": lambda: kserve.answer(result, "img2img", None, binary=False)[0],
         "v1 PNG": lambda: bytes(encode_answer(result, "png").body),
     }
 

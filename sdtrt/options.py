@@ -692,6 +692,9 @@ class ServeOptions:
     guidance_cutoff: float | None = None
     """A request's ``guidance_cutoff`` when it sends none (a request sends 1 to be guided
     throughout); None: guided throughout."""
+    model_name: str = "img2img"
+    """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
+    what Triton and KServe clients ask for (a KServe InferenceService's name)."""
 
     def __post_init__(self) -> None:
         from sdtrt.runtime.guidance import check_guidance_cutoff
@@ -701,6 +704,13 @@ class ServeOptions:
         check_guidance_cutoff(self.guidance_cutoff)
         resolve_start_step(self.steps, self.strength, None)
         one_of("policy", self.policy, SERVE_POLICIES)
+        if not isinstance(self.model_name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name
+        ):
+            raise InvalidInputError(
+                "model name must be letters, digits, '_', '.' and '-' (one path segment), "
+                f"got {self.model_name!r}"
+            )
         sizes = self.warmup_sizes
         if isinstance(sizes, str):
             sizes = parse_sizes(sizes, "warm-up sizes")

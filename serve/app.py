@@ -219,18 +219,19 @@ def _add_inference_protocol(
 ) -> None:
     """The Open Inference Protocol's health, metadata and inference endpoints (KServe v2,
     Triton's HTTP API; serve/kserve.py reads and writes its messages): one model,
-    ``img2img``, version 1, run as ``/v1/img2img`` runs a request."""
+    ``options.model_name`` version 1, run as ``/v1/img2img`` runs a request."""
     from sdtrt import __version__
     from sdtrt.runtime.inputs import Limits
 
-    metadata = kserve.model_metadata(batcher.backend.name)
+    name = options.model_name
+    metadata = kserve.model_metadata(name, batcher.backend.name)
 
     def unknown(model: str, version: str) -> Response | None:
-        if model == kserve.MODEL and version == kserve.VERSION:
+        if model == name and version == kserve.VERSION:
             return None
         return JSONResponse(
             {"error": f"unknown model {model!r} version {version!r}: this server has "
-                      f"{kserve.MODEL}, version {kserve.VERSION}"},
+                      f"{name}, version {kserve.VERSION}"},
             status_code=404,
         )  # fmt: skip
 
@@ -286,13 +287,13 @@ def _add_inference_protocol(
             result = await run_job(
                 request, request_id, batcher, intake, values, inference.load, timeout
             )
-            return result, lambda done: _inference_answer(done, inference)
+            return result, lambda done: _inference_answer(done, name, inference)
 
         return await handled(request, serve)
 
 
-def _inference_answer(result: JobResult, inference: kserve.Inference) -> Response:
-    body, headers = kserve.answer(result, inference.id, inference.binary)
+def _inference_answer(result: JobResult, model: str, inference: kserve.Inference) -> Response:
+    body, headers = kserve.answer(result, model, inference.id, inference.binary)
     return Response(body, headers=headers)
 
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2, the HTTP/REST API of NVIDIA Triton) over the same
 batcher as ``/v1/img2img``: a Triton or KServe client (``tritonclient.http``, KServe's
-``InferenceRESTClient``) calls sdtrt's one model, ``img2img``, as it calls any other.
+``InferenceRESTClient``) calls sdtrt's one model (``img2img`` unless ``sdtrt serve
+--model-name`` names it) as it calls any other.
 
 Inputs are the img2img fields by name: ``prompt``, ``negative_prompt`` and ``scheduler`` as
 BYTES [1]; ``image`` as UINT8 [H, W, 3] (or [1, H, W, 3]) RGB pixels, or BYTES [1] holding
@@ -28,7 +29,6 @@ import PIL.Image
 from sdtrt.serve.fields import TYPES
 from sdtrt.serve.jobs import JobResult
 
-MODEL = "img2img"
 VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 # The protocol's tensor datatypes, as numpy reads them (little-endian, as the binary form is).
@@ -60,15 +60,15 @@ class ProtocolError(Exception):
         self.status, self.message = status, message
 
 
-def model_metadata(backend: str) -> dict[str, Any]:
-    """``GET /v2/models/img2img``: the inputs a request may send (all optional: the server's
+def model_metadata(name: str, backend: str) -> dict[str, Any]:
+    """``GET /v2/models/NAME``: the inputs a request may send (all optional: the server's
     defaults stand for those left out) and the output."""
     inputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
-    for name, kind in TYPES.items():
+    for field, kind in TYPES.items():
         shape = [-1] if kind is list else [1]
-        inputs.append({"name": name, "datatype": _METADATA_TYPES[kind], "shape": shape})
+        inputs.append({"name": field, "datatype": _METADATA_TYPES[kind], "shape": shape})
     return {
-        "name": MODEL,
+        "name": name,
         "versions": [VERSION],
         "platform": f"sdtrt_{backend}",
         "inputs": inputs,
@@ -307,7 +307,9 @@ def json_bytes_image(array: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-def answer(result: JobResult, request_id: str | None, binary: bool) -> tuple[bytes, dict[str, str]]:
+def answer(
+    result: JobResult, model: str, request_id: str | None, binary: bool
+) -> tuple[bytes, dict[str, str]]:
     """The inference response (its body and headers) for a job's images."""
     pixels = np.stack([np.asarray(image.convert("RGB")) for image in result.images])
     output: dict[str, Any] = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape)}
@@ -318,7 +320,7 @@ def answer(result: JobResult, request_id: str | None, binary: bool) -> tuple[byt
     else:
         output["data"] = pixels.reshape(-1).tolist()
     response: dict[str, Any] = {
-        "model_name": MODEL,
+        "model_name": model,
         "model_version": VERSION,
         "outputs": [output],
         "parameters": {

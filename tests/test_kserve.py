@@ -295,3 +295,22 @@ def test_health_answers_while_an_inference_request_is_read(server, image):
             release.set()
             client.join(timeout=60)
     assert answers[0].status_code == 200
+
+
+def test_the_model_is_served_under_the_name_given(tiny, image):
+    """``sdtrt serve --model-name sd15-img2img``: a KServe InferenceService's name in the
+    paths and answers; another name is not this server's model."""
+    from sdtrt.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model-name", "sd15-img2img"])
+    assert args.model_name == "sd15-img2img"
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    options = ServeOptions(model_name="sd15-img2img")
+    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
+        running.wait_ready()
+        url = f"{running.url}/v2/models/sd15-img2img"
+        assert httpx.get(url).json()["name"] == "sd15-img2img"
+        body = {"inputs": [_pixels(image)], "parameters": SMALL}
+        answer = httpx.post(f"{url}/infer", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model_name"] == "sd15-img2img"
+        assert httpx.post(f"{running.url}{INFER}", json=body).status_code == 404

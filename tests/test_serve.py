@@ -1335,6 +1335,7 @@ def test_a_full_queue_is_429_with_retry_after(pipe):
         (["--timeout", "0"], "timeout must be > 0, got 0.0"),
         (["--max-body-mb", "0"], "max_body_mb must be > 0, got 0.0"),
         (["--guidance-cutoff", "1.5"], "guidance cutoff must be a number in [0, 1]"),
+        (["--model-name", "sd/15"], "model name must be letters, digits, '_', '.' and '-'"),
     ],
 )
 def test_serve_settings_that_could_serve_nothing_are_refused_before_loading(

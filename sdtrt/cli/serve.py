@@ -86,6 +86,12 @@ def add_serve(sub: Any) -> None:
         "small request)",
     )
     p.add_argument(
+        "--model-name",
+        default=o.model_name,
+        help="the model's name in the Open Inference Protocol's paths "
+        "(/v2/models/NAME/infer): what Triton and KServe clients ask for",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
@@ -124,6 +130,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         strength=args.strength,
         guidance_cutoff=args.guidance_cutoff,
+        model_name=args.model_name,
     )
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):
