@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2, the HTTP/REST API of NVIDIA Triton) over the same
-batcher as ``/v1/img2img``: a Triton or KServe client (``tritonclient.http``, KServe's
-``InferenceRESTClient``) calls sdtrt's one model (``img2img`` unless ``sdtrt serve
---model-name`` names it) as it calls any other.
+batcher as ``/v1/img2img``: a client of the protocol (NVIDIA's ``tritonclient.http``, which
+the tests run) calls sdtrt's one model (``img2img`` unless ``sdtrt serve --model-name``
+names it) as it calls any other.
 
 Inputs are the img2img fields by name: ``prompt``, ``negative_prompt`` and ``scheduler`` as
 BYTES [1]; ``image`` as UINT8 [H, W, 3] (or [1, H, W, 3]) RGB pixels, or BYTES [1] holding
