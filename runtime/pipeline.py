@@ -586,17 +586,7 @@ class Img2ImgPipeline:
                     f"{len(prompts)}: give one per prompt"
                 )
             return prompts, negatives
-        if negative_prompt is None:
-            return prompts, [""] * len(prompts)
-        negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
-        if len(negative_prompts) == 1:
-            negative_prompts = negative_prompts * len(prompts)
-        if len(negative_prompts) != len(prompts):
-            raise InvalidInputError(
-                f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: "
-                "give one, or one per prompt"
-            )
-        return prompts, negative_prompts
+        return prompts, negatives_for(len(prompts), negative_prompt)
 
     def _embeddings(self, embeds: Any, name: str) -> torch.Tensor:
         """Prompt embeddings given in place of prompts: the text encoder's output shape
@@ -659,9 +649,32 @@ def _options(backend: BackendOptions | str) -> BackendOptions:
 def _as_prompt_list(prompt: Any, what: str) -> list[str]:
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+
+
+def prompt_lists(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+    """The prompts and their negative prompts as lists, by diffusers' rules: a string or a
+    non-empty list of them; negative prompts one for all, or one per prompt; none: empty
+    strings. The pipeline's call and the server's requests take them so."""
+    prompts = _as_prompt_list(prompt, "prompt")
+    return prompts, negatives_for(len(prompts), negative_prompt)
+
+
+def negatives_for(count: int, negative_prompt: Any) -> list[str]:
+    """``count`` prompts' negative prompts (``prompt_lists`` says the rules)."""
+    if negative_prompt is None:
+        return [""] * count
+    negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
+    if len(negative_prompts) == 1:
+        negative_prompts = negative_prompts * count
+    if len(negative_prompts) != count:
+        raise InvalidInputError(
+            f"{len(negative_prompts)} negative prompts for {count} prompts: "
+            "give one, or one per prompt"
+        )
+    return negative_prompts
 
 
 # diffusers' from_pretrained keywords and how sdtrt says the same.

@@ -45,7 +45,7 @@ from sdtrt.options import ServeOptions
 from sdtrt.runtime.inputs import is_integer
 from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
-from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TYPES, openapi
+from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
 from sdtrt.serve.jobs import Job, JobResult
 
 logger = logging.getLogger(__name__)
@@ -327,7 +327,9 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
-    images = values.get("num_images_per_prompt", 1)
+    prompts = values.get("prompt")
+    each = values.get("num_images_per_prompt", 1)
+    images = each * (len(prompts) if isinstance(prompts, tuple) else 1)
     if is_integer(images) and images > 1 and response_format != "json":
         raise BadRequest(
             422,
@@ -501,6 +503,10 @@ def _number(value: Any, kind: type, name: str) -> Any:
     if value is None:
         return None
     if kind is str:
+        if name in TEXTS and isinstance(value, list | tuple):
+            if value and all(isinstance(text, str) for text in value):
+                return tuple(value)
+            raise BadRequest(422, f"{name} must be a string or a non-empty list of strings")
         if not isinstance(value, str):
             raise BadRequest(422, f"{name} must be a string, got {value!r}")
         return value

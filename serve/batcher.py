@@ -43,7 +43,7 @@ from sdtrt.options import SAMPLE_IMAGE, ServeOptions
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real
-from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
+from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error, prompt_lists
 from sdtrt.runtime.schedulers import (
     make_scheduler,
     step_kwargs,
@@ -144,17 +144,17 @@ class StepBatcher:
 
         check_seed(request.seed)
         check_guidance_cutoff(request.guidance_cutoff)
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(request, name), str):
-                raise InvalidInputError(f"{name} must be a string")
+        prompts, negatives = prompt_lists(request.prompt, request.negative_prompt)
         if is_integer(request.num_images_per_prompt) and is_real(request.guidance_scale):
             # The server's bound first: past it, raising the machine's limits would not help.
-            self._check_rows(request.num_images_per_prompt, request.guidance_scale)
+            images = len(prompts) * request.num_images_per_prompt
+            self._check_rows(images, request.guidance_scale)
         scheduler = make_scheduler(request.scheduler, self.pipeline.model_scheduler_config)
         image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
         plan = self.pipeline.plan(
             image,
             scheduler,
+            prompts=len(prompts),
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             strength=request.strength,
@@ -179,6 +179,8 @@ class StepBatcher:
         # The plan's steps, integers Python's (a request may hold numpy's).
         request = replace(
             request,
+            prompt=tuple(prompts),
+            negative_prompt=tuple(negatives),
             num_inference_steps=plan.steps,
             num_images_per_prompt=plan.images_per_prompt,
         )
@@ -387,18 +389,23 @@ class StepBatcher:
         backend, pipe = self.backend, self.pipeline
         guided = [job for job in jobs if job.guided]
         start = mark(self.device)
-        prompts = token_ids(pipe.tokenizer, [j.request.prompt for j in jobs])
+        prompts = token_ids(pipe.tokenizer, [p for job in jobs for p in job.prompts])
         cond = self._in_chunks(backend.encode_text, prompts)
         uncond = None
         if guided:
-            negatives = [j.request.negative_prompt for j in guided]
+            negatives = [p for job in guided for p in job.negative_prompts]
             uncond = self._in_chunks(backend.encode_text, token_ids(pipe.tokenizer, negatives))
         self._charge(jobs, "text_encoder", start)
-        for i, job in enumerate(jobs):  # the pipeline's text batch: [uncond x n, cond x n]
-            rows = [cond[i]] * job.images
+        at, uncond_at = 0, 0
+        for job in jobs:  # the pipeline's text batch: [uncond, cond], n rows of each prompt
+            n, count = job.request.num_images_per_prompt, len(job.prompts)
+            rows = cond[at : at + count].repeat_interleave(n, dim=0)
+            at += count
             if job.guided and uncond is not None:
-                rows = [uncond[guided.index(job)]] * job.images + rows
-            job.embeddings = torch.stack(rows)
+                negative = uncond[uncond_at : uncond_at + count].repeat_interleave(n, dim=0)
+                rows = torch.cat([negative, rows])
+                uncond_at += count
+            job.embeddings = rows
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)

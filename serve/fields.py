@@ -16,8 +16,16 @@ from sdtrt.serve.jobs import Img2ImgRequest
 # Img2ImgRequest's.
 _UNIT = " (8 px on the torch backend, 64 px for SD graphs and engines)"
 FIELDS: dict[str, tuple[type, str]] = {
-    "prompt": (str, "What the image should show."),
-    "negative_prompt": (str, "What it should not show: guidance's unconditional row."),
+    "prompt": (
+        str,
+        "What the image should show; or a JSON list of prompts (diffusers' batch): "
+        "num_images_per_prompt images of each, from the one image and seed.",
+    ),
+    "negative_prompt": (
+        str,
+        "What it should not show (guidance's unconditional row): one for every prompt, or "
+        "a JSON list of one per prompt.",
+    ),
     "strength": (
         float,
         "In (0, 1]: how much of the schedule runs on the noised image. Or give start_step "
@@ -50,6 +58,8 @@ FIELDS: dict[str, tuple[type, str]] = {
     ),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
+TEXTS = ("prompt", "negative_prompt")
+"""The fields that take a string or a list of them."""
 # The image formats an answer comes in: Pillow's name and its settings (sdtrt's, as for
 # files). PNG answers at zlib's fastest level: for a photo-like 512x512, 15 ms and 390 KiB
 # against Pillow's default level 6's 69 ms and 334 KiB (a server's latency over 17% more
@@ -86,6 +96,12 @@ def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
         fields[name] = {"type": json_type[kind], "description": description}
         if kind is list:
             fields[name]["items"] = {"type": "number"}
+        if name in TEXTS:
+            del fields[name]["type"]
+            fields[name]["oneOf"] = [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ]
         if defaults[name] is not None:
             fields[name]["default"] = defaults[name]
     image = "The input image (PNG, JPEG, WebP...); default: sdtrt's sample picture."
@@ -101,7 +117,7 @@ def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
         "images": {
             "type": "array",
             "items": {"type": "string"},
-            "description": "Every image's PNG, base64 (num_images_per_prompt of them).",
+            "description": "Every image's PNG, base64: num_images_per_prompt of each prompt.",
         },
         "width": {"type": "integer"},
         "height": {"type": "integer"},

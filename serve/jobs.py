@@ -23,10 +23,13 @@ class Img2ImgRequest:
     CLI's (``Img2ImgJob``). Over HTTP, the fields a request leaves out are the server's
     (``StepBatcher.request_defaults``)."""
 
-    prompt: str = SEED_PROMPT
+    prompt: str | tuple[str, ...] = SEED_PROMPT
+    """One prompt, or several (diffusers' list): ``num_images_per_prompt`` images of each,
+    in the pipeline's order, from the one image and seed."""
     image: PIL.Image.Image | None = None
     """None: the sample picture that ships with sdtrt."""
-    negative_prompt: str = ""
+    negative_prompt: str | tuple[str, ...] = ""
+    """One for every prompt, or one per prompt."""
     strength: float | None = None
     start_step: int | None = None
     num_inference_steps: int = Img2ImgJob.steps
@@ -99,8 +102,20 @@ class Job:
     """(stage, start mark, end mark) of each batched call the job took part in."""
 
     @property
+    def prompts(self) -> list[str]:
+        prompt = self.request.prompt
+        return [prompt] if isinstance(prompt, str) else list(prompt)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        """One per prompt (``prepare`` made them so)."""
+        negative = self.request.negative_prompt
+        return [negative] * len(self.prompts) if isinstance(negative, str) else list(negative)
+
+    @property
     def images(self) -> int:
-        return self.request.num_images_per_prompt
+        """Prompts x images per prompt: the pipeline's batch."""
+        return len(self.prompts) * self.request.num_images_per_prompt
 
     @property
     def rows(self) -> int:

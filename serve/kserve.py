@@ -3,13 +3,14 @@ batcher as ``/v1/img2img``: a client of the protocol (NVIDIA's ``tritonclient.ht
 the tests run) calls sdtrt's one model (``img2img`` unless ``sdtrt serve --model-name``
 names it) as it calls any other.
 
-Inputs are the img2img fields by name: ``prompt``, ``negative_prompt`` and ``scheduler`` as
-BYTES [1]; ``image`` as UINT8 [H, W, 3] (or [1, H, W, 3]) RGB pixels, or BYTES [1] holding
-an encoded file (raw in binary form; base64 in JSON, where BYTES are text); the numbers as
-any numeric datatype of one element, or as the request's ``parameters``; ``timesteps`` and
-``sigmas`` as numeric [N]. The output ``image`` is UINT8 [N, H, W, 3], N the images per
-prompt; the seed, UNet calls and queue wait come in the response's ``parameters``. Triton's
-binary tensor data extension is taken and given (``binary_data_size``, ``binary_data``,
+Inputs are the img2img fields by name: ``prompt`` and ``negative_prompt`` as BYTES [N] (N
+prompts: diffusers' list), ``scheduler`` as BYTES [1]; ``image`` as UINT8 [H, W, 3] (or [1,
+H, W, 3]) RGB pixels, or BYTES [1] holding an encoded file (raw in binary form; base64 in
+JSON, where BYTES are text); the numbers as any numeric datatype of one element, or as the
+request's ``parameters``; ``timesteps`` and ``sigmas`` as numeric [N]. The output ``image``
+is UINT8 [N, H, W, 3], N the images (prompts x images per prompt); the seed, UNet calls
+and queue wait come in the response's ``parameters``. Triton's binary tensor data
+extension is taken and given (``binary_data_size``, ``binary_data``,
 ``binary_data_output``, the ``Inference-Header-Content-Length`` header).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from sdtrt.serve.fields import TYPES
+from sdtrt.serve.fields import TEXTS, TYPES
 from sdtrt.serve.jobs import JobResult
 
 VERSION = "1"
@@ -65,7 +66,7 @@ def model_metadata(name: str, backend: str) -> dict[str, Any]:
     defaults stand for those left out) and the output."""
     inputs = [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     for field, kind in TYPES.items():
-        shape = [-1] if kind is list else [1]
+        shape = [-1] if kind is list or field in TEXTS else [1]
         inputs.append({"name": field, "datatype": _METADATA_TYPES[kind], "shape": shape})
     return {
         "name": name,
@@ -234,17 +235,19 @@ def img2img_values(
 
 
 def _field(name: str, array: np.ndarray) -> Any:
-    """One field's value from its tensor: text from BYTES [1], a number from any one numeric
-    element, a list from a numeric [N]."""
+    """One field's value from its tensor: text from BYTES [1] (prompts: BYTES [N], N
+    prompts as diffusers' list), a number from any one numeric element, a list from a
+    numeric [N]."""
     if name in _TEXT:
-        if array.dtype != object or array.size != 1:
-            raise ProtocolError(
-                400, f"input {name}: BYTES [1], got {array.dtype} {list(array.shape)}"
-            )
+        several = name in TEXTS
+        if array.dtype != object or array.ndim != 1 or not (array.size == 1 or several):
+            got = f"{array.dtype} {list(array.shape)}"
+            raise ProtocolError(400, f"input {name}: BYTES [{'N' if several else 1}], got {got}")
         try:
-            return array.reshape(-1)[0].decode()
+            texts = [item.decode() for item in array]
         except UnicodeDecodeError:
             raise ProtocolError(400, f"input {name} is not UTF-8 text") from None
+        return texts[0] if len(texts) == 1 else tuple(texts)
     if array.dtype == object or array.dtype == np.bool_:
         raise ProtocolError(400, f"input {name}: a numeric datatype, got {array.dtype}")
     if name in _LISTS:

@@ -72,7 +72,8 @@ def test_health_and_metadata_follow_the_protocol(server):
     model = httpx.get(f"{server.url}/v2/models/img2img", headers=KEY).json()
     assert model["name"] == "img2img" and model["versions"] == ["1"]
     inputs = {i["name"]: (i["datatype"], i["shape"]) for i in model["inputs"]}
-    assert inputs["image"] == ("UINT8", [-1, -1, 3]) and inputs["prompt"] == ("BYTES", [1])
+    assert inputs["image"] == ("UINT8", [-1, -1, 3]) and inputs["prompt"] == ("BYTES", [-1])
+    assert inputs["scheduler"] == ("BYTES", [1])
     assert inputs["seed"] == ("INT64", [1]) and inputs["timesteps"] == ("FP64", [-1])
     assert model["outputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
     assert httpx.get(f"{server.url}/v2/models/img2img/versions/1", headers=KEY).json() == model
@@ -314,3 +315,25 @@ def test_the_model_is_served_under_the_name_given(tiny, image):
         answer = httpx.post(f"{url}/infer", json=body, timeout=60)
         assert answer.status_code == 200 and answer.json()["model_name"] == "sd15-img2img"
         assert httpx.post(f"{running.url}{INFER}", json=body).status_code == 404
+
+
+def test_several_prompts_are_one_batch_of_the_seed(server, image):
+    """prompt BYTES [2] with two images each: the pipeline's batch of 4 from the one seed,
+    in its order, as /v1 answers the same list."""
+    fields = {"prompt": ["a cat", "a dog"], "num_images_per_prompt": 2, **SMALL}
+    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
+    v1 = httpx.post(f"{server.url}/v1/img2img", json={**body, "response_format": "json"},
+                    headers=KEY, timeout=60)  # fmt: skip
+    assert v1.status_code == 200, v1.text
+    png = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
+    assert png.status_code == 422 and "4 images come as JSON" in png.json()["error"]
+    pngs = [base64.b64decode(b) for b in v1.json()["images"]]
+    want = [np.asarray(PIL.Image.open(io.BytesIO(png))) for png in pngs]
+    prompts = {"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a cat", "a dog"]}
+    request = {"inputs": [prompts, _pixels(image)],
+               "parameters": {"num_images_per_prompt": 2, **SMALL}}  # fmt: skip
+    answer = httpx.post(f"{server.url}{INFER}", json=request, headers=KEY, timeout=60)
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    got = np.asarray(output["data"], np.uint8).reshape(output["shape"])
+    assert got.shape == (4, 32, 48, 3) and np.array_equal(got, np.stack(want))

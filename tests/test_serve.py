@@ -176,6 +176,43 @@ def test_images_per_prompt_are_the_pipelines_batch_from_the_one_seed(tiny, pipe,
             assert float(np.abs(got - expected).max()) <= MIXED_BOUND
 
 
+def test_a_list_of_prompts_is_the_pipelines_batch(tiny, pipe, image):
+    """prompt as diffusers' list (negative prompts one per prompt), two images each: the
+    pipeline's batch of 4 in its order, exactly, alone; batched with a one-prompt job,
+    within the mixed-load bound."""
+    two = Img2ImgRequest(prompt=("a red circle", "a blue square"), negative_prompt=("", "dark"),
+                         image=image, strength=0.6, num_inference_steps=10,
+                         num_images_per_prompt=2)  # fmt: skip
+    (result,), rows = _run_all(pipe, [two])
+    want = _reference_images(tiny, two, image)
+    assert len(want) == len(result.arrays) == 4 and rows == [8] * 6
+    for got, expected in zip(result.arrays, want, strict=True):
+        assert np.array_equal(got, expected)
+    one = Img2ImgRequest(prompt="a dog", negative_prompt="a green triangle", image=image,
+                         strength=0.6, num_inference_steps=10)  # fmt: skip
+    results, rows = _run_all(pipe, [two, one])
+    assert rows == [10] * 6
+    for request, result in zip([two, one], results, strict=True):
+        for got, expected in zip(result.arrays, _reference_images(tiny, request, image),
+                                 strict=True):  # fmt: skip
+            assert float(np.abs(got - expected).max()) <= MIXED_BOUND
+
+
+@pytest.mark.parametrize(
+    "prompt, negative",
+    [((), ""), (("a", 2), ""), (("a", "b"), ("x", "y", "z")), ("a", 5)],
+)
+def test_prompts_are_refused_as_the_pipeline_refuses_them(pipe, image, prompt, negative):
+    def listed(texts):  # diffusers' list where the request holds a tuple
+        return list(texts) if isinstance(texts, tuple) else texts
+
+    with pytest.raises(InvalidInputError) as refused:
+        pipe(listed(prompt), image, negative_prompt=listed(negative))
+    request = Img2ImgRequest(prompt=prompt, negative_prompt=negative, image=image)
+    with pytest.raises(InvalidInputError, match=re.escape(str(refused.value))):
+        StepBatcher(pipe, start=False).prepare(request)
+
+
 @pytest.mark.parametrize(
     "images, guidance, says",
     [
