@@ -483,14 +483,21 @@ async def _form(request: Request, body: bytes) -> dict[str, Any]:
         raise BadRequest(400, f"the multipart body cannot be parsed: {exc}") from None
     out: dict[str, Any] = {}
     try:
-        for key, value in form.multi_items():
-            out[key] = await value.read() if isinstance(value, UploadFile) else value
+        for key, item in form.multi_items():
+            value = await item.read() if isinstance(item, UploadFile) else item
+            if key in TEXTS and key in out:  # -F prompt=a -F prompt=b: a list of prompts
+                before = out[key]
+                out[key] = [*before, value] if isinstance(before, list) else [before, value]
+            else:
+                out[key] = value
     finally:
         await form.close()  # each upload's spooled temporary file
     return out
 
 
 def _form_value(name: str, value: Any) -> Any:
+    if isinstance(value, list):  # a repeated text field: several prompts
+        return [_form_value(name, item) for item in value]
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if name in TYPES and TYPES[name] is not str and value == "":

@@ -327,6 +327,12 @@ def test_several_prompts_are_one_batch_of_the_seed(server, image):
     assert v1.status_code == 200, v1.text
     png = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
     assert png.status_code == 422 and "4 images come as JSON" in png.json()["error"]
+    form = {k: str(v) for k, v in fields.items() if k != "prompt"}
+    form.update(prompt=["a cat", "a dog"], response_format="json")
+    multipart = httpx.post(f"{server.url}/v1/img2img", data=form, headers=KEY, timeout=60,
+                           files={"image": ("in.png", png_bytes(image), "image/png")})  # fmt: skip
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json()["images"] == v1.json()["images"]  # -F prompt=a -F prompt=b
     pngs = [base64.b64decode(b) for b in v1.json()["images"]]
     want = [np.asarray(PIL.Image.open(io.BytesIO(png))) for png in pngs]
     prompts = {"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a cat", "a dog"]}
