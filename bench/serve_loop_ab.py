@@ -29,6 +29,7 @@ import PIL.Image
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve import app as serve_app
+from sdtrt.serve import handling
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.server import BackgroundServer
 
@@ -83,7 +84,7 @@ def main(side: int) -> None:
         "num_inference_steps": 4,
         "strength": 0.5,
     }
-    off_loop = serve_app._off_loop
+    off_loop = handling.off_loop
     modes = {"on the loop": on_loop, "off the loop": off_loop}
     walls: dict[str, list[float]] = {mode: [] for mode in modes}
     probes: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -92,12 +93,12 @@ def main(side: int) -> None:
     with BackgroundServer(app) as server:
         for repeat in range(REPEATS + 1):  # the first round is the warm-up
             for mode, helper in modes.items():
-                serve_app._off_loop = helper
+                serve_app.off_loop = handling.off_loop = helper  # the app's and the job's
                 wall, waits = round_trip(server.url, body)
                 if repeat:
                     walls[mode].append(wall)
                     probes[mode] += waits
-    serve_app._off_loop = off_loop
+    serve_app.off_loop = handling.off_loop = off_loop
     print(f"{REQUESTS} concurrent requests, {side}x{side} in and out, {REPEATS} rounds each")
     for mode in modes:
         waits = sorted(probes[mode])

@@ -1,7 +1,8 @@
 """The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img`` (its fields and
 their description at /docs: serve/fields.py), ``GET /health``, ``GET /ready`` and
 ``GET /metrics`` (Prometheus); the same requests in the Open Inference Protocol (KServe v2,
-Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages).
+Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages). What
+both do with a request (its body, key, fields, image and job) is serve/handling.py's.
 
 Every bad input is a 4xx with the library's own message; a full queue is 429 with
 Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
@@ -10,9 +11,7 @@ next denoising step. Nothing one request does reaches past its own job.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
 import contextlib
 import dataclasses
 import functools
@@ -20,92 +19,36 @@ import io
 import json
 import logging
 import os
-import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
-import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.inputs import is_integer
 from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
-from sdtrt.serve.jobs import Job, JobResult
+from sdtrt.serve.handling import (
+    BadRequest,
+    decode_base64,
+    decode_image,
+    field_value,
+    off_loop,
+    read_body,
+    request_id_of,
+    run_job,
+    unauthorised,
+)
+from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-class Metrics:
-    def __init__(self, batcher: StepBatcher) -> None:
-        self.registry = registry = CollectorRegistry()
-        self.requests = Counter(
-            "sdtrt_requests", "img2img requests by HTTP status", ["status"], registry=registry
-        )
-        self.images = Counter(
-            "sdtrt_images", "images answered (num_images_per_prompt per request)", registry=registry
-        )
-        self.latency = Histogram(
-            "sdtrt_request_latency_seconds",
-            "img2img request latency, arrival to answer",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
-            registry=registry,
-        )
-        self.queue_wait = Histogram(
-            "sdtrt_queue_wait_seconds",
-            "time from arrival to admission into the batch",
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
-            registry=registry,
-        )
-        self.stages = Histogram(
-            "sdtrt_stage_seconds",
-            "a request's time in each stage: the batched calls it took part in",
-            ["stage"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
-            registry=registry,
-        )
-        self.rows = Histogram(
-            "sdtrt_unet_rows_per_call",
-            "UNet rows ([uncond, cond] per guided image) per batched call",
-            buckets=(1, 2, 4, 6, 8, 12, 16, 24, 32, 64),
-            registry=registry,
-        )
-        queue = Gauge("sdtrt_queue_depth", "requests waiting for admission", registry=registry)
-        queue.set_function(lambda: len(batcher.waiting))
-        active = Gauge("sdtrt_active_jobs", "requests being denoised", registry=registry)
-        active.set_function(lambda: len(batcher.active))
-        batcher.stats.on_unet_call.append(self.rows.observe)
-
-    def answered(self, result: JobResult, seconds: float) -> None:
-        """A request answered 200 after ``seconds``."""
-        self.images.inc(len(result.images))
-        self.latency.observe(seconds)
-        self.queue_wait.observe(result.queue_wait_ms / 1e3)
-        for stage, ms in result.timings_ms.items():
-            if stage != "total":  # the request's latency, above
-                self.stages.labels(stage).observe(ms / 1e3)
 
 
 def create_app(
@@ -157,7 +100,7 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus(request: Request) -> Response:
-        if failure := _unauthorised(request, options):
+        if failure := unauthorised(request, options):
             return failure
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -167,16 +110,16 @@ def create_app(
         """A request answered by ``serve(request_id)``: authorised, counted, its failure
         the protocols' one error object ``{"error": message}`` with its status."""
         arrived = time.monotonic()
-        if failure := _unauthorised(request, options):
+        if failure := unauthorised(request, options):
             metrics.requests.labels("401").inc()
             return failure
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         try:
             result, encode = await serve(request_id)
             # Encoding the answer takes longer still (a 512x512 PNG: ~15 ms, 2048x2048:
             # ~0.25 s): Pillow alone, which lets go of the GIL, so the default pool's threads
             # encode side by side.
-            response = await _off_loop(None, encode, result)
+            response = await off_loop(None, encode, result)
             metrics.answered(result, time.monotonic() - arrived)
         except BadRequest as exc:
             response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
@@ -251,7 +194,7 @@ def _add_inference_protocol(
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     def model_metadata(request: Request, model: str, version: str = kserve.VERSION) -> Response:
-        if failure := _unauthorised(request, options) or unknown(model, version):
+        if failure := unauthorised(request, options) or unknown(model, version):
             return failure
         return JSONResponse(metadata)
 
@@ -270,9 +213,9 @@ def _add_inference_protocol(
             return failure
 
         async def serve(request_id: str) -> tuple[JobResult, Encoder]:
-            body = await _body(request, options)
+            body = await read_body(request, options)
             try:  # off the loop: JSON tensors take long to read (a 512x512 picture: 57 ms)
-                inference = await _off_loop(
+                inference = await off_loop(
                     intake,
                     kserve.parse_infer,
                     body,
@@ -282,8 +225,8 @@ def _add_inference_protocol(
                 )
             except kserve.ProtocolError as exc:
                 raise BadRequest(exc.status, exc.message) from None
-            values = {k: _number(v, TYPES[k], k) for k, v in inference.values.items()}
-            timeout = _number(inference.timeout, float, "timeout")
+            values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
+            timeout = field_value(inference.timeout, float, "timeout")
             result = await run_job(
                 request, request_id, batcher, intake, values, inference.load, timeout
             )
@@ -295,20 +238,6 @@ def _add_inference_protocol(
 def _inference_answer(result: JobResult, model: str, inference: kserve.Inference) -> Response:
     body, headers = kserve.answer(result, model, inference.id, inference.binary)
     return Response(body, headers=headers)
-
-
-async def _off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` in ``executor`` (None: the event loop's default thread pool)."""
-    return await asyncio.get_running_loop().run_in_executor(executor, work, *args)
-
-
-def _request_id(request: Request) -> str:
-    """The caller's X-Request-ID (a proxy's, to follow one request through the logs) where
-    it is a short printable token, else a new one; every answer carries it back."""
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.isprintable() and given.isascii():
-        return given
-    return uuid.uuid4().hex
 
 
 async def _serve(
@@ -336,59 +265,10 @@ async def _serve(
             f"{images} images come as JSON: send response_format json (or Accept: "
             f"application/json), not {response_format}",
         )
-    timeout = _number(per_request.get("timeout"), float, "timeout")
+    timeout = field_value(per_request.get("timeout"), float, "timeout")
     load = None if image_bytes is None else functools.partial(decode_image, image_bytes)
     result = await run_job(request, request_id, batcher, intake, values, load, timeout)
     return result, response_format
-
-
-async def run_job(
-    request: Request,
-    request_id: str,
-    batcher: StepBatcher,
-    intake: Executor,
-    values: dict[str, Any],
-    load: Callable[[], PIL.Image.Image] | None,
-    timeout: float | None,
-) -> JobResult:
-    """One request's job, whatever protocol brought it: its image loaded (``load``; None:
-    the sample picture) and the request checked in the intake thread, queued, and waited
-    for, cancelled if the client goes away; BadRequest with the status of each failure."""
-    if timeout is not None and not 0 < timeout <= batcher.timeout:
-        raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
-    try:
-        job = await _off_loop(intake, _prepare, batcher, values, load, timeout)
-        future = batcher.submit(job)
-    except InvalidInputError as exc:
-        raise BadRequest(422, str(exc)) from None
-    except ServerBusyError as exc:
-        if batcher.draining:
-            raise BadRequest(503, str(exc)) from None
-        raise BadRequest(429, str(exc), {"Retry-After": "1"}) from None
-    waiting = asyncio.wrap_future(future)
-    while not waiting.done():
-        done, _ = await asyncio.wait({waiting}, timeout=0.05)
-        if not done and await request.is_disconnected():
-            job.cancel()  # dropped at the next iteration
-            logger.info("request %s: the client went away; its job is cancelled", request_id)
-            raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
-    try:
-        return waiting.result()
-    except DeadlineExceededError as exc:
-        raise BadRequest(504, str(exc)) from None
-    except Exception as exc:  # this job's failure (non-finite output...), nobody else's
-        logger.warning("request %s failed: %s", request_id, exc)
-        raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
-
-
-def _prepare(
-    batcher: StepBatcher,
-    values: dict[str, Any],
-    load: Callable[[], PIL.Image.Image] | None,
-    timeout: float | None,
-) -> Job:
-    image = load() if load is not None else None
-    return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
 
 
 def encode_answer(result: JobResult, response_format: str) -> Response:
@@ -422,7 +302,7 @@ def encode_answer(result: JobResult, response_format: str) -> Response:
 
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:
     """The img2img fields and the image's bytes from a JSON or multipart body."""
-    body = await _body(request, options)
+    body = await read_body(request, options)
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
     raw: dict[str, Any]
     image_bytes: bytes | None = None
@@ -450,23 +330,11 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
         raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
     # null or an empty form field: the default, as if the field were not sent
     values = {
-        k: v if k in OPTIONS else _number(v, TYPES[k], k) for k, v in raw.items() if v is not None
+        k: v if k in OPTIONS else field_value(v, TYPES[k], k)
+        for k, v in raw.items()
+        if v is not None
     }
     return values, image_bytes
-
-
-async def _body(request: Request, options: ServeOptions) -> bytes:
-    """The request's body, read up to the server's limit (413 past it)."""
-    limit = int(options.max_body_mb * 1024 * 1024)
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
-    return bytes(body)
 
 
 async def _form(request: Request, body: bytes) -> dict[str, Any]:
@@ -503,100 +371,6 @@ def _form_value(name: str, value: Any) -> Any:
     if name in TYPES and TYPES[name] is not str and value == "":
         return None
     return value
-
-
-def _number(value: Any, kind: type, name: str) -> Any:
-    """A field in its type; form fields arrive as text. None stays None (default)."""
-    if value is None:
-        return None
-    if kind is str:
-        if name in TEXTS and isinstance(value, list | tuple):
-            if value and all(isinstance(text, str) for text in value):
-                return tuple(value)
-            raise BadRequest(422, f"{name} must be a string or a non-empty list of strings")
-        if not isinstance(value, str):
-            raise BadRequest(422, f"{name} must be a string, got {value!r}")
-        return value
-    if kind is list:
-        return _numbers(value, name)
-    if isinstance(value, bool):
-        raise BadRequest(422, f"{name} must be a number, got {value!r}")
-    try:
-        if kind is int:
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, float) and not number.is_integer():
-                raise ValueError
-            return int(number)
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        what = "an integer" if kind is int else "a number"
-        raise BadRequest(422, f"{name} must be {what}, got {value!r}") from None
-
-
-def _numbers(value: Any, name: str) -> tuple[float, ...]:
-    """A list field: a JSON list of numbers, or a form's "999,850,736"."""
-    from sdtrt.options import parse_numbers
-
-    if isinstance(value, str):
-        try:
-            return parse_numbers(value)
-        except InvalidInputError as exc:
-            raise BadRequest(422, f"{name}: {exc}") from None
-    if not isinstance(value, list) or not all(
-        isinstance(n, int | float) and not isinstance(n, bool) for n in value
-    ):
-        raise BadRequest(422, f"{name} must be a list of numbers, got {value!r}")
-    return tuple(float(n) for n in value)
-
-
-def decode_base64(value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise BadRequest(400, "image must be a base64 string (or a data: URL)")
-    if value.startswith(("http://", "https://")):
-        raise BadRequest(400, "image is a URL: this server fetches nothing; send the image's bytes")
-    if value.startswith("data:") and "," in value:
-        value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadRequest(400, f"image is not valid base64: {exc}") from None
-
-
-def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode an image, refusing oversized ones from the header, before pixels are read."""
-    from sdtrt.runtime.inputs import Limits, upright_rgb
-
-    limit = Limits.from_env().max_pixels
-    try:
-        image = PIL.Image.open(io.BytesIO(data))
-        if image.width * image.height > limit:
-            raise BadRequest(
-                422,
-                f"the image is {image.width}x{image.height} = {image.width * image.height} "
-                f"pixels, over this server's limit of {limit} (SDTRT_MAX_PIXELS)",
-            )
-        image.load()
-        return upright_rgb(image)
-    except BadRequest:
-        raise
-    except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError):
-        raise BadRequest(400, "image is not an image Pillow reads (PNG, JPEG, WebP...)") from None
-
-
-def _unauthorised(request: Request, options: ServeOptions) -> Response | None:
-    if options.api_key is None:
-        return None
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if secrets.compare_digest(given.encode(), options.api_key.encode()):
-        return None
-    return JSONResponse(
-        {"error": "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"},
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
 
 
 def warm_up(batcher: StepBatcher, state: dict[str, Any]) -> None:

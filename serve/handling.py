@@ -1,0 +1,207 @@
+"""What the server does with a request whatever its protocol (serve/app.py's ``/v1`` and
+the Open Inference Protocol's ``/v2``): its body read within the limit, its API key and id,
+its fields typed, its image decoded, and its job run, waited for and cancelled if the
+client goes away; every failure a ``BadRequest`` with its HTTP status."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import PIL.Image
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
+from sdtrt.options import ServeOptions
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.fields import TEXTS
+from sdtrt.serve.jobs import Job, JobResult
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+async def off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in ``executor`` (None: the event loop's default thread pool)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, work, *args)
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID (a proxy's, to follow one request through the logs) where
+    it is a short printable token, else a new one; every answer carries it back."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+async def run_job(
+    request: Request,
+    request_id: str,
+    batcher: StepBatcher,
+    intake: Executor,
+    values: dict[str, Any],
+    load: Callable[[], PIL.Image.Image] | None,
+    timeout: float | None,
+) -> JobResult:
+    """One request's job, whatever protocol brought it: its image loaded (``load``; None:
+    the sample picture) and the request checked in the intake thread, queued, and waited
+    for, cancelled if the client goes away; BadRequest with the status of each failure."""
+    if timeout is not None and not 0 < timeout <= batcher.timeout:
+        raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
+    try:
+        job = await off_loop(intake, _prepare, batcher, values, load, timeout)
+        future = batcher.submit(job)
+    except InvalidInputError as exc:
+        raise BadRequest(422, str(exc)) from None
+    except ServerBusyError as exc:
+        if batcher.draining:
+            raise BadRequest(503, str(exc)) from None
+        raise BadRequest(429, str(exc), {"Retry-After": "1"}) from None
+    waiting = asyncio.wrap_future(future)
+    while not waiting.done():
+        done, _ = await asyncio.wait({waiting}, timeout=0.05)
+        if not done and await request.is_disconnected():
+            job.cancel()  # dropped at the next iteration
+            logger.info("request %s: the client went away; its job is cancelled", request_id)
+            raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
+    try:
+        return waiting.result()
+    except DeadlineExceededError as exc:
+        raise BadRequest(504, str(exc)) from None
+    except Exception as exc:  # this job's failure (non-finite output...), nobody else's
+        logger.warning("request %s failed: %s", request_id, exc)
+        raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
+
+
+def _prepare(
+    batcher: StepBatcher,
+    values: dict[str, Any],
+    load: Callable[[], PIL.Image.Image] | None,
+    timeout: float | None,
+) -> Job:
+    image = load() if load is not None else None
+    return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
+
+
+async def read_body(request: Request, options: ServeOptions) -> bytes:
+    """The request's body, read up to the server's limit (413 past it)."""
+    limit = int(options.max_body_mb * 1024 * 1024)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is over this server's limit of {limit} bytes")
+    return bytes(body)
+
+
+def field_value(value: Any, kind: type, name: str) -> Any:
+    """A field in its type; form fields arrive as text. None stays None (default)."""
+    if value is None:
+        return None
+    if kind is str:
+        if name in TEXTS and isinstance(value, list | tuple):
+            if value and all(isinstance(text, str) for text in value):
+                return tuple(value)
+            raise BadRequest(422, f"{name} must be a string or a non-empty list of strings")
+        if not isinstance(value, str):
+            raise BadRequest(422, f"{name} must be a string, got {value!r}")
+        return value
+    if kind is list:
+        return _numbers(value, name)
+    if isinstance(value, bool):
+        raise BadRequest(422, f"{name} must be a number, got {value!r}")
+    try:
+        if kind is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        what = "an integer" if kind is int else "a number"
+        raise BadRequest(422, f"{name} must be {what}, got {value!r}") from None
+
+
+def _numbers(value: Any, name: str) -> tuple[float, ...]:
+    """A list field: a JSON list of numbers, or a form's "999,850,736"."""
+    from sdtrt.options import parse_numbers
+
+    if isinstance(value, str):
+        try:
+            return parse_numbers(value)
+        except InvalidInputError as exc:
+            raise BadRequest(422, f"{name}: {exc}") from None
+    if not isinstance(value, list) or not all(
+        isinstance(n, int | float) and not isinstance(n, bool) for n in value
+    ):
+        raise BadRequest(422, f"{name} must be a list of numbers, got {value!r}")
+    return tuple(float(n) for n in value)
+
+
+def decode_base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(400, "image must be a base64 string (or a data: URL)")
+    if value.startswith(("http://", "https://")):
+        raise BadRequest(400, "image is a URL: this server fetches nothing; send the image's bytes")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(400, f"image is not valid base64: {exc}") from None
+
+
+def decode_image(data: bytes) -> PIL.Image.Image:
+    """Decode an image, refusing oversized ones from the header, before pixels are read."""
+    from sdtrt.runtime.inputs import Limits, upright_rgb
+
+    limit = Limits.from_env().max_pixels
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        if image.width * image.height > limit:
+            raise BadRequest(
+                422,
+                f"the image is {image.width}x{image.height} = {image.width * image.height} "
+                f"pixels, over this server's limit of {limit} (SDTRT_MAX_PIXELS)",
+            )
+        image.load()
+        return upright_rgb(image)
+    except BadRequest:
+        raise
+    except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError):
+        raise BadRequest(400, "image is not an image Pillow reads (PNG, JPEG, WebP...)") from None
+
+
+def unauthorised(request: Request, options: ServeOptions) -> Response | None:
+    if options.api_key is None:
+        return None
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if secrets.compare_digest(given.encode(), options.api_key.encode()):
+        return None
+    return JSONResponse(
+        {"error": "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
