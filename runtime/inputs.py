@@ -7,7 +7,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -15,6 +15,9 @@ import PIL.ImageOps
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.options import DEFAULT_STRENGTH
+
+if TYPE_CHECKING:
+    import torch
 
 # torch.Generator.manual_seed takes an unsigned 64-bit seed; larger ones overflow inside it.
 MAX_SEED = 2**64 - 1
@@ -297,3 +300,70 @@ def _check_pixel_array(item: Any, shape: tuple[int, ...]) -> None:
         raise InvalidInputError(
             f"image values span [{smallest:g}, {largest:g}]; a {what} takes {span}"
         )
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What a call's numbers, schedule and image come to, checked before any network runs
+    (``Img2ImgPipeline.plan``): the pipeline's call and the server's requests run these."""
+
+    steps: int
+    """Scheduled steps: the count asked for, or a custom schedule's own."""
+    start_step: int
+    """The first step run (from ``strength`` or ``start_step``)."""
+    schedule: dict[str, list[Any]]
+    """Custom ``timesteps`` or ``sigmas`` as ``set_timesteps`` takes them; {}: the count's."""
+    images_per_prompt: int
+    batch_size: int
+    """Prompts x images per prompt: the images the call makes."""
+    height: int
+    width: int
+    image: Any
+    """The image as checked (``image_input``); None where latents were given."""
+    latents: torch.Tensor | None
+    """Latents given as the image (``latents_input``), not encoded; else None."""
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of what diffusers' image processor takes: a PIL image, an HWC/NHWC
+    array, a CHW/NCHW tensor, or a list of them (the first one's)."""
+    first = image[0] if isinstance(image, list) and image else image
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    import torch  # here: the command line checks its options with this module, torch unloaded
+
+    shape = tuple(first.shape)
+    if isinstance(first, torch.Tensor):
+        return int(shape[-2]), int(shape[-1])
+    return (int(shape[0]), int(shape[1])) if len(shape) == 3 else (int(shape[1]), int(shape[2]))
+
+
+def prompt_list(prompt: Any, what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+
+
+def prompt_lists(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+    """The prompts and their negative prompts as lists, by diffusers' rules: a string or a
+    non-empty list of them; negative prompts one for all, or one per prompt; none: empty
+    strings. The pipeline's call and the server's requests take them so."""
+    prompts = prompt_list(prompt, "prompt")
+    return prompts, negatives_for(len(prompts), negative_prompt)
+
+
+def negatives_for(count: int, negative_prompt: Any) -> list[str]:
+    """``count`` prompts' negative prompts (``prompt_lists`` says the rules)."""
+    if negative_prompt is None:
+        return [""] * count
+    negative_prompts = prompt_list(negative_prompt, "negative prompt")
+    if len(negative_prompts) == 1:
+        negative_prompts = negative_prompts * count
+    if len(negative_prompts) != count:
+        raise InvalidInputError(
+            f"{len(negative_prompts)} negative prompts for {count} prompts: "
+            "give one, or one per prompt"
+        )
+    return negative_prompts

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
-import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from torch.profiler import record_function
@@ -37,14 +36,18 @@ from sdtrt.runtime.callbacks import (
 )
 from sdtrt.runtime.clock import stopwatch
 from sdtrt.runtime.inputs import (
+    CallPlan,
     Limits,
     check_eta,
     check_generator,
     check_size,
     check_steps_and_guidance,
     image_input,
+    image_size,
     is_integer,
     latents_input,
+    negatives_for,
+    prompt_list,
     resolve_start_step,
 )
 from sdtrt.runtime.schedulers import (
@@ -76,28 +79,6 @@ class Img2ImgOutput:
     where guidance is off: a scale of 1 or less, or the steps after a guidance cutoff)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """Wall time per stage: text_encoder, vae_encoder, denoise, vae_decoder."""
-
-
-@dataclass(frozen=True)
-class CallPlan:
-    """What a call's numbers, schedule and image come to, checked before any network runs
-    (``Img2ImgPipeline.plan``): the pipeline's call and the server's requests run these."""
-
-    steps: int
-    """Scheduled steps: the count asked for, or a custom schedule's own."""
-    start_step: int
-    """The first step run (from ``strength`` or ``start_step``)."""
-    schedule: dict[str, list[Any]]
-    """Custom ``timesteps`` or ``sigmas`` as ``set_timesteps`` takes them; {}: the count's."""
-    images_per_prompt: int
-    batch_size: int
-    """Prompts x images per prompt: the images the call makes."""
-    height: int
-    width: int
-    image: Any
-    """The image as checked (``image_input``); None where latents were given."""
-    latents: torch.Tensor | None
-    """Latents given as the image (``latents_input``), not encoded; else None."""
 
 
 def _one_call_at_a_time(
@@ -480,7 +461,7 @@ class Img2ImgPipeline:
         multiple = self.backend.size_multiple
         own = None
         if height is None or width is None:
-            own = _image_size(image)
+            own = image_size(image)
             if height is None:
                 height = max(multiple, own[0] // multiple * multiple)
             if width is None:
@@ -575,7 +556,7 @@ class Img2ImgPipeline:
             raise InvalidInputError("give negative_prompt or negative_prompt_embeds, not both")
         prompts: Texts
         if prompt_embeds is None:
-            prompts = _as_prompt_list(prompt, "prompt")
+            prompts = prompt_list(prompt, "prompt")
         else:
             prompts = self._embeddings(prompt_embeds, "prompt_embeds")
         if negative_prompt_embeds is not None:
@@ -630,51 +611,8 @@ def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone()
 
 
-def _image_size(image: Any) -> tuple[int, int]:
-    """(height, width) of what diffusers' image processor takes: a PIL image, an HWC/NHWC
-    array, a CHW/NCHW tensor, or a list of them (the first one's)."""
-    first = image[0] if isinstance(image, list) and image else image
-    if isinstance(first, PIL.Image.Image):
-        return first.height, first.width
-    shape = tuple(first.shape)
-    if isinstance(first, torch.Tensor):
-        return int(shape[-2]), int(shape[-1])
-    return (int(shape[0]), int(shape[1])) if len(shape) == 3 else (int(shape[1]), int(shape[2]))
-
-
 def _options(backend: BackendOptions | str) -> BackendOptions:
     return default_options(backend) if isinstance(backend, str) else backend
-
-
-def _as_prompt_list(prompt: Any, what: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
-
-
-def prompt_lists(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
-    """The prompts and their negative prompts as lists, by diffusers' rules: a string or a
-    non-empty list of them; negative prompts one for all, or one per prompt; none: empty
-    strings. The pipeline's call and the server's requests take them so."""
-    prompts = _as_prompt_list(prompt, "prompt")
-    return prompts, negatives_for(len(prompts), negative_prompt)
-
-
-def negatives_for(count: int, negative_prompt: Any) -> list[str]:
-    """``count`` prompts' negative prompts (``prompt_lists`` says the rules)."""
-    if negative_prompt is None:
-        return [""] * count
-    negative_prompts = _as_prompt_list(negative_prompt, "negative prompt")
-    if len(negative_prompts) == 1:
-        negative_prompts = negative_prompts * count
-    if len(negative_prompts) != count:
-        raise InvalidInputError(
-            f"{len(negative_prompts)} negative prompts for {count} prompts: "
-            "give one, or one per prompt"
-        )
-    return negative_prompts
 
 
 # diffusers' from_pretrained keywords and how sdtrt says the same.
