@@ -18,13 +18,14 @@ _UNIT = " (8 px on the torch backend, 64 px for SD graphs and engines)"
 FIELDS: dict[str, tuple[type, str]] = {
     "prompt": (
         str,
-        "What the image should show; or a JSON list of prompts (diffusers' batch): "
-        "num_images_per_prompt images of each, from the one image and seed.",
+        "What the image should show; or several (diffusers' batch: a JSON list, or the "
+        "field repeated in a form): num_images_per_prompt images of each, from the one "
+        "image and seed.",
     ),
     "negative_prompt": (
         str,
         "What it should not show (guidance's unconditional row): one for every prompt, or "
-        "a JSON list of one per prompt.",
+        "one per prompt (as prompt lists them).",
     ),
     "strength": (
         float,

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -183,3 +186,30 @@ def fake_network_export(network, module, path, *, precision, opset):
 def fast_export(monkeypatch):
     """export_model's folder handling and manifest, without the minute of torch.export."""
     monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_network_export)
+
+
+def held_mid_call(
+    module: Any, name: str, send: Callable[[], Any], probe: Callable[[], None]
+) -> Any:
+    """``send()`` (a request) in a thread while ``module.name`` is held in the middle of
+    its call; ``probe()`` runs meanwhile (what must not wait for it); ``send``'s answer."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(module, name)
+
+    def held(*args: Any) -> Any:
+        entered.set()
+        assert release.wait(timeout=30)
+        return original(*args)
+
+    answers: list[Any] = []
+    client = threading.Thread(target=lambda: answers.append(send()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, held)
+        client.start()
+        try:
+            assert entered.wait(timeout=30)
+            probe()
+        finally:
+            release.set()
+            client.join(timeout=60)
+    return answers[0]

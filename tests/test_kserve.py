@@ -10,13 +10,12 @@ import json
 import struct
 import subprocess
 import sys
-import threading
 
 import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import png_bytes
+from conftest import held_mid_call, png_bytes
 
 from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -271,31 +270,17 @@ def test_health_answers_while_an_inference_request_is_read(server, image):
     middle of reading one, /v2/health/live still answers."""
     from sdtrt.serve import kserve
 
-    entered, release = threading.Event(), threading.Event()
-    original = kserve.parse_infer
-
-    def held(*args):
-        entered.set()
-        assert release.wait(timeout=30)
-        return original(*args)
+    def live():
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
 
     body = {"inputs": [_pixels(image)], "parameters": SMALL}
-    answers = []
-    client = threading.Thread(
-        target=lambda: answers.append(
-            httpx.post(f"{server.url}{INFER}", json=body, headers=KEY, timeout=60)
-        )
+    answer = held_mid_call(
+        kserve,
+        "parse_infer",
+        lambda: httpx.post(f"{server.url}{INFER}", json=body, headers=KEY, timeout=60),
+        live,
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kserve, "parse_infer", held)
-        client.start()
-        try:
-            assert entered.wait(timeout=30)
-            assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
-        finally:
-            release.set()
-            client.join(timeout=60)
-    assert answers[0].status_code == 200
+    assert answer.status_code == 200
 
 
 def test_the_model_is_served_under_the_name_given(tiny, image):

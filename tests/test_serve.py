@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import free_port, png_bytes
+from conftest import free_port, held_mid_call, png_bytes
 
 from sdtrt.errors import (
     DeadlineExceededError,
@@ -1434,31 +1434,18 @@ def test_health_answers_while_a_requests_image_is_decoded_or_encoded(server, ima
     of one of them, a request does not hold up /health (on the loop, it would wait)."""
     from sdtrt.serve import app as serve_app
 
-    entered, release = threading.Event(), threading.Event()
-    original = getattr(serve_app, step)
-
-    def held(*args):
-        entered.set()
-        assert release.wait(timeout=30)
-        return original(*args)
-
     body = {"image": base64.b64encode(png_bytes(image)).decode(), **SMALL}
-    answers = []
-    client = threading.Thread(
-        target=lambda: answers.append(
-            httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
-        )
+    answer = held_mid_call(
+        serve_app,
+        step,
+        lambda: httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60),
+        lambda: _answers(f"{server.url}/health"),
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve_app, step, held)
-        client.start()
-        try:
-            assert entered.wait(timeout=30)
-            assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
-        finally:
-            release.set()
-            client.join(timeout=60)
-    assert answers[0].status_code == 200 and answers[0].headers["x-unet-calls"] == "2"
+    assert answer.status_code == 200 and answer.headers["x-unet-calls"] == "2"
+
+
+def _answers(url):
+    assert httpx.get(url, timeout=5).status_code == 200
 
 
 def test_a_late_request_is_504_and_a_client_that_leaves_cancels_its_job(server):
