@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 
 class BadRequest(Exception):
+    """A request answered with an HTTP error: its status, message (the protocols' error
+    object, ``{"error": message}``) and headers (429's Retry-After)."""
+
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
