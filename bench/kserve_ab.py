@@ -17,14 +17,13 @@ import argparse
 import base64
 import io
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
+from sdtrt.bench.timing import alternate
 from sdtrt.serve import kserve
 from sdtrt.serve.app import decode_base64, decode_image, encode_answer
 from sdtrt.serve.fields import IMAGE_FORMATS
@@ -66,18 +65,6 @@ def answers(result: JobResult) -> dict[str, Callable[[], bytes]]:
     }
 
 
-def _medians(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Milliseconds per run: medians over ``repeats`` rounds after a warm-up round."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats + 1):
-        for name, run in runs.items():
-            begun = time.perf_counter()
-            run()
-            if repeat:
-                samples[name].append((time.perf_counter() - begun) * 1e3)
-    return {name: statistics.median(taken) for name, taken in samples.items()}
-
-
 def measure(size: int = 512, repeats: int = 7) -> dict[str, Any]:
     """The record: per direction, each protocol's median ms and bytes, and the binary
     form's ratio to each; the pictures each way read back as the same pixels (checked)."""
@@ -92,7 +79,7 @@ def measure(size: int = 512, repeats: int = 7) -> dict[str, Any]:
     sizes = {name: len(run()) for name, run in written.items()}
     record: dict[str, Any] = {"size": size, "repeats": repeats, "png": IMAGE_FORMATS["png"][1]}
     for direction, runs in (("read", read), ("answer", written)):
-        ms = _medians(runs, repeats)
+        ms = {name: stages["total"] for name, stages in alternate(runs, repeats)[0].items()}
         record[direction] = {
             name: {"ms": ms[name], "vs binary": ms[name] / ms["v2 binary"]} for name in runs
         }

@@ -69,10 +69,10 @@ class StageTimer:
 def alternate(
     runs: dict[str, Callable[[], Any]], repeats: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Call each of ``runs`` (img2img calls: their outputs carry ``timings_ms``) in turn,
-    round after round, a warm-up round first, then ``repeats`` timed ones (an A/B in one
-    process: a drift of the machine reaches every run alike). Per run, the median ms of
-    each stage and of the whole call ("total"), and its last output. The outputs are on
+    """Call each of ``runs`` in turn, round after round, a warm-up round first, then
+    ``repeats`` timed ones (an A/B in one process: a drift of the machine reaches every run
+    alike). Per run, the median ms of the whole call ("total") and, for img2img calls
+    (outputs with ``timings_ms``), of each stage; and its last output. The outputs are on
     the host, so a call's wall time includes its device work."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     last: dict[str, Any] = {}
@@ -82,7 +82,8 @@ def alternate(
             last[name] = run()
             total_ms = (time.perf_counter() - begun) * 1000
             if repeat:
-                samples[name].append({**last[name].timings_ms, "total": total_ms})
+                stages = getattr(last[name], "timings_ms", {})
+                samples[name].append({**stages, "total": total_ms})
     medians = {
         name: {stage: statistics.median(s[stage] for s in taken) for stage in taken[0]}
         for name, taken in samples.items()
