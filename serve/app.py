@@ -29,8 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sdtrt.errors import InvalidInputError
 from sdtrt.options import ServeOptions
-from sdtrt.runtime.inputs import is_integer
 from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
@@ -45,7 +45,7 @@ from sdtrt.serve.handling import (
     run_job,
     unauthorised,
 )
-from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.jobs import Job, JobResult
 from sdtrt.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -90,13 +90,16 @@ def create_app(
         # The process id tells replicas apart behind a proxy (Ray Serve).
         return {"status": "alive", "pid": os.getpid()}
 
+    def readiness() -> str:
+        """draining, loading (warming up) or ready: what /ready and /v2's ready answer."""
+        if state["draining"] or batcher.draining:
+            return "draining"
+        return "ready" if state["ready"] else "loading"
+
     @app.get("/ready")
     def ready() -> Response:
-        if state["draining"] or batcher.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        if not state["ready"]:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        status = readiness()
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics")
     def prometheus(request: Request) -> Response:
@@ -141,10 +144,7 @@ def create_app(
 
         return await handled(request, serve)
 
-    def is_ready() -> bool:
-        return bool(state["ready"]) and not (state["draining"] or batcher.draining)
-
-    _add_inference_protocol(app, handled, batcher, options, intake, is_ready)
+    _add_inference_protocol(app, handled, batcher, options, intake, lambda: readiness() == "ready")
     return app
 
 
@@ -256,18 +256,17 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
-    prompts = values.get("prompt")
-    each = values.get("num_images_per_prompt", 1)
-    images = each * (len(prompts) if isinstance(prompts, tuple) else 1)
-    if is_integer(images) and images > 1 and response_format != "json":
-        raise BadRequest(
-            422,
-            f"{images} images come as JSON: send response_format json (or Accept: "
-            f"application/json), not {response_format}",
-        )
+
+    def answerable(job: Job) -> None:
+        if job.images > 1 and response_format != "json":
+            raise InvalidInputError(
+                f"{job.images} images come as JSON: send response_format json (or Accept: "
+                f"application/json), not {response_format}"
+            )
+
     timeout = field_value(per_request.get("timeout"), float, "timeout")
     load = None if image_bytes is None else functools.partial(decode_image, image_bytes)
-    result = await run_job(request, request_id, batcher, intake, values, load, timeout)
+    result = await run_job(request, request_id, batcher, intake, values, load, timeout, answerable)
     return result, response_format
 
 

@@ -61,14 +61,19 @@ async def run_job(
     values: dict[str, Any],
     load: Callable[[], PIL.Image.Image] | None,
     timeout: float | None,
+    answerable: Callable[[Job], None] | None = None,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
-    for, cancelled if the client goes away; BadRequest with the status of each failure."""
+    for, cancelled if the client goes away; BadRequest with the status of each failure.
+    ``answerable(job)``: what the protocol can answer, checked before the job is queued
+    (InvalidInputError: 422)."""
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
         job = await off_loop(intake, _prepare, batcher, values, load, timeout)
+        if answerable is not None:
+            answerable(job)
         future = batcher.submit(job)
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
