@@ -58,7 +58,14 @@ from sdtrt.runtime.schedulers import (
 )
 from sdtrt.runtime.step_graph import StepGraphs
 from sdtrt.runtime.step_table import StepTable, tabulate
-from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
+from sdtrt.runtime.steps import (
+    noised_latents,
+    start_timesteps,
+    step,
+    text_batch,
+    token_ids,
+    unet_input,
+)
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -304,12 +311,13 @@ class Img2ImgPipeline:
         inputs = inputs.to(self.backend.device, torch.float32)
 
         # 3. Encode the prompts; [uncond, cond] go through the UNet as ONE batch.
-        uncond_embeddings = None
         with self._timed("text_encoder", timings):
-            text_embeddings = self._encode(prompts, plan.images_per_prompt)
-            if do_guidance:
-                uncond_embeddings = self._encode(negative_prompts, plan.images_per_prompt)
-                text_embeddings = torch.cat([uncond_embeddings, text_embeddings])
+            cond = self._encode(prompts)
+            uncond = self._encode(negative_prompts) if do_guidance else None
+            text_embeddings = text_batch(cond, uncond, plan.images_per_prompt)
+        uncond_embeddings = None  # the negative half on its own, as diffusers gives callbacks
+        if do_guidance and callback_on_step_end is not None:
+            uncond_embeddings = text_embeddings.chunk(2)[0].clone()
 
         # 4. Timesteps: skip every index before the start step.
         scheduler = self.scheduler
@@ -587,12 +595,10 @@ class Img2ImgPipeline:
             raise InvalidInputError(f"{name} holds NaN or infinite values")
         return embeds.to(self.backend.device, torch.float32)
 
-    def _encode(self, texts: Texts, num_images_per_prompt: int) -> torch.Tensor:
+    def _encode(self, texts: Texts) -> torch.Tensor:
         if isinstance(texts, torch.Tensor):
-            embeddings = texts  # given: no text encoder call
-        else:
-            embeddings = self.backend.encode_text(token_ids(self.tokenizer, texts))
-        return embeddings.repeat_interleave(num_images_per_prompt, dim=0)
+            return texts  # given: no text encoder call
+        return self.backend.encode_text(token_ids(self.tokenizer, texts))
 
     @contextmanager
     def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:

@@ -70,6 +70,18 @@ def _expanded_ids(tokenizer: Any, prompts: list[str], vectors: dict[int, list[in
     return torch.tensor(rows)
 
 
+def text_batch(
+    cond: torch.Tensor, uncond: torch.Tensor | None, images_per_prompt: int
+) -> torch.Tensor:
+    """The UNet's text batch as diffusers builds it from each prompt's embeddings (and its
+    negative prompt's, under guidance): each prompt's ``images_per_prompt`` times in turn,
+    [uncond, cond] under guidance. The pipeline and the server's jobs build it here."""
+    rows = cond.repeat_interleave(images_per_prompt, dim=0)
+    if uncond is None:
+        return rows
+    return torch.cat([uncond.repeat_interleave(images_per_prompt, dim=0), rows])
+
+
 def start_timesteps(
     scheduler: Any,
     num_inference_steps: int,

@@ -48,7 +48,14 @@ from sdtrt.runtime.schedulers import (
     make_scheduler,
     step_kwargs,
 )
-from sdtrt.runtime.steps import noised_latents, start_timesteps, step, token_ids, unet_input
+from sdtrt.runtime.steps import (
+    noised_latents,
+    start_timesteps,
+    step,
+    text_batch,
+    token_ids,
+    unet_input,
+)
 from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
 
 logger = logging.getLogger(__name__)
@@ -397,15 +404,14 @@ class StepBatcher:
             uncond = self._in_chunks(backend.encode_text, token_ids(pipe.tokenizer, negatives))
         self._charge(jobs, "text_encoder", start)
         at, uncond_at = 0, 0
-        for job in jobs:  # the pipeline's text batch: [uncond, cond], n rows of each prompt
-            n, count = job.request.num_images_per_prompt, len(job.prompts)
-            rows = cond[at : at + count].repeat_interleave(n, dim=0)
-            at += count
+        for job in jobs:  # each job's prompts in turn, the guided ones' negatives too
+            count, negative = len(job.prompts), None
             if job.guided and uncond is not None:
-                negative = uncond[uncond_at : uncond_at + count].repeat_interleave(n, dim=0)
-                rows = torch.cat([negative, rows])
+                negative = uncond[uncond_at : uncond_at + count]
                 uncond_at += count
-            job.embeddings = rows
+            n = job.request.num_images_per_prompt
+            job.embeddings = text_batch(cond[at : at + count], negative, n)
+            at += count
         for size_jobs in _by_size(jobs).values():
             start = mark(self.device)
             pixels = torch.cat([j.pixels for j in size_jobs]).to(backend.device)
