@@ -76,6 +76,13 @@ class StepState:
         if table.noise is not None:
             self.noise[: len(table)].copy_(table.noise)
 
+    def carry_on(self, before: StepState) -> None:
+        """Go on from ``before``'s step (loaded with the same table): what the steps change,
+        its latents, solver history and step index."""
+        self.latents.copy_(before.latents)
+        self.history.copy_(before.history)
+        self.index.copy_(before.index)
+
 
 def table_step(kind: StepKind, state: StepState, unet: Unet, do_guidance: bool) -> None:
     """One denoising step, in place on ``state``: the UNet on [uncond, cond] rows, guidance,
@@ -312,10 +319,8 @@ class StepGraphs:
         for texts, steps in phases(len(table), latents, text_embeddings, guided):
             graph, state = self._captured(table, latents, texts, guidance_scale)
             state.load(table, latents, texts, guidance_scale)
-            if before is not None:  # the second run of steps: the first's state, its step
-                state.latents.copy_(before.latents)
-                state.history.copy_(before.history)
-                state.index.copy_(before.index)
+            if before is not None:  # the second run of steps goes on from the first
+                state.carry_on(before)
             for _ in range(steps):
                 graph.replay()
             before = state
