@@ -695,6 +695,10 @@ class ServeOptions:
     model_name: str = "img2img"
     """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
     what Triton and KServe clients ask for (a KServe InferenceService's name)."""
+    grpc_port: int | None = None
+    """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
+    serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
+    'sdtrt[grpc]'``."""
 
     def __post_init__(self) -> None:
         from sdtrt.runtime.guidance import check_guidance_cutoff
@@ -723,9 +727,14 @@ class ServeOptions:
         if self.intra_op_threads is not None:
             _integer("intra-op threads", self.intra_op_threads, 1)
         _integer("max_queue", self.max_queue, 1)  # 0: nothing, the warm-up included, could run
-        _integer("port", self.port, 0)
-        if self.port > 65535:
-            raise InvalidInputError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None:
+                _integer(name, port, 0)
+                if port > 65535:
+                    raise InvalidInputError(f"{name} must be in [0, 65535], got {port}")
+        if self.grpc_port == self.port != 0:
+            raise InvalidInputError(f"grpc_port and port are both {self.port}: give two ports")
         if self.max_rows is not None and self.max_rows < 2:
             raise InvalidInputError(
                 f"max rows must be >= 2 (one guided image), got {self.max_rows}"

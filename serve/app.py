@@ -72,7 +72,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if warmup:  # in the background: /health answers, /ready says 503 until done
             threading.Thread(target=warm_up, args=(batcher, state), daemon=True).start()
+        grpc_server = None
+        if options.grpc_port is not None:  # the same calls over gRPC (serve/grpc_api.py)
+            from sdtrt.serve.grpc_api import GrpcServer, InferenceService
+
+            service = InferenceService(batcher, options, intake, metrics, readiness)
+            grpc_server = GrpcServer(service, options.host, options.grpc_port, options.max_body_mb)
+            app.state.grpc_port = grpc_server.start()
         yield
+        if grpc_server is not None:  # its calls in flight finish first
+            grpc_server.stop(options.drain_timeout)
         batcher.close()
         intake.shutdown(wait=False, cancel_futures=True)
 
@@ -227,9 +236,8 @@ def _add_inference_protocol(
                 raise BadRequest(exc.status, exc.message) from None
             values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
             timeout = field_value(inference.timeout, float, "timeout")
-            result = await run_job(
-                request, request_id, batcher, intake, values, inference.load, timeout
-            )
+            load, gone = inference.load, request.is_disconnected
+            result = await run_job(gone, request_id, batcher, intake, values, load, timeout)
             return result, lambda done: _inference_answer(done, name, inference)
 
         return await handled(request, serve)
@@ -266,7 +274,9 @@ async def _serve(
 
     timeout = field_value(per_request.get("timeout"), float, "timeout")
     load = None if image_bytes is None else functools.partial(decode_image, image_bytes)
-    result = await run_job(request, request_id, batcher, intake, values, load, timeout, answerable)
+    result = await run_job(
+        request.is_disconnected, request_id, batcher, intake, values, load, timeout, answerable
+    )
     return result, response_format
 
 

@@ -12,7 +12,7 @@ import io
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ def request_id_of(request: Request) -> str:
 
 
 async def run_job(
-    request: Request,
+    gone: Callable[[], Awaitable[bool]] | None,
     request_id: str,
     batcher: StepBatcher,
     intake: Executor,
@@ -65,9 +65,10 @@ async def run_job(
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
-    for, cancelled if the client goes away; BadRequest with the status of each failure.
-    ``answerable(job)``: what the protocol can answer, checked before the job is queued
-    (InvalidInputError: 422)."""
+    for; BadRequest with the status of each failure. The job is cancelled if the client
+    goes away: ``gone()`` says so (HTTP's is_disconnected), or the waiting task is
+    cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
+    answer, checked before the job is queued (InvalidInputError: 422)."""
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
@@ -82,12 +83,15 @@ async def run_job(
             raise BadRequest(503, str(exc)) from None
         raise BadRequest(429, str(exc), {"Retry-After": "1"}) from None
     waiting = asyncio.wrap_future(future)
-    while not waiting.done():
-        done, _ = await asyncio.wait({waiting}, timeout=0.05)
-        if not done and await request.is_disconnected():
-            job.cancel()  # dropped at the next iteration
-            logger.info("request %s: the client went away; its job is cancelled", request_id)
-            raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
+    try:
+        while not waiting.done():
+            done, _ = await asyncio.wait({waiting}, timeout=0.05)
+            if not done and gone is not None and await gone():
+                raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
+    except (BadRequest, asyncio.CancelledError):
+        job.cancel()  # dropped at the next iteration
+        logger.info("request %s: the client went away; its job is cancelled", request_id)
+        raise
     try:
         return waiting.result()
     except DeadlineExceededError as exc:
@@ -199,17 +203,24 @@ def decode_image(data: bytes) -> PIL.Image.Image:
         raise BadRequest(400, "image is not an image Pillow reads (PNG, JPEG, WebP...)") from None
 
 
-def unauthorised(request: Request, options: ServeOptions) -> Response | None:
-    if options.api_key is None:
-        return None
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
+WRONG_KEY = "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"
+
+
+def key_given(api_key: str | None, headers: Mapping[str, str]) -> bool:
+    """Whether a request's headers (gRPC's metadata) carry the server's API key, if it has
+    one: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (names in lower case)."""
+    if api_key is None:
+        return True
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    if secrets.compare_digest(given.encode(), options.api_key.encode()):
+    return secrets.compare_digest(given.encode(), api_key.encode())
+
+
+def unauthorised(request: Request, options: ServeOptions) -> Response | None:
+    if key_given(options.api_key, request.headers):
         return None
     return JSONResponse(
-        {"error": "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"},
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
+        {"error": WRONG_KEY}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
     )

@@ -125,7 +125,26 @@ def _tensor(entry: Any, binary: memoryview) -> tuple[str, np.ndarray, int | None
     as JSON data)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ProtocolError(400, f"an input must be an object with a name, got {entry!r}")
-    name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
+    name = entry["name"]
+    datatype, shape = check_tensor(name, entry.get("datatype"), entry.get("shape"))
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or not 0 <= size <= len(binary):
+            raise ProtocolError(400, f"input {name}: binary_data_size {size!r} is past the body")
+        return name, raw_tensor(name, datatype, shape, binary[:size]), size
+    given = entry.get("data")
+    if given is None:
+        raise ProtocolError(400, f"input {name} has neither data nor binary_data_size")
+    if datatype != "BYTES":
+        return name, typed_numbers(name, given, datatype, shape), None
+    items = list(_flat(given))
+    if not all(isinstance(item, str) for item in items):
+        raise ProtocolError(400, f"input {name}: BYTES data in JSON are strings")
+    return name, bytes_tensor(name, [str(item).encode() for item in items], shape), None
+
+
+def check_tensor(name: str, datatype: Any, shape: Any) -> tuple[str, list[int]]:
+    """A tensor's datatype (one of the protocol's) and shape (a list of sizes), checked."""
     if datatype != "BYTES" and datatype not in DTYPES:
         allowed = ", ".join([*DTYPES, "BYTES"])
         raise ProtocolError(400, f"input {name}: datatype {datatype!r} is not one of {allowed}")
@@ -133,43 +152,38 @@ def _tensor(entry: Any, binary: memoryview) -> tuple[str, np.ndarray, int | None
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ProtocolError(400, f"input {name}: shape must be a list of sizes, got {shape!r}")
+    return datatype, shape
+
+
+def raw_tensor(name: str, datatype: str, shape: list[int], data: bytes | memoryview) -> np.ndarray:
+    """A tensor from its raw bytes (the binary extension's, gRPC's raw_input_contents):
+    numbers little-endian, row-major; BYTES elements each a 4-byte length, then its bytes."""
+    if datatype == "BYTES":
+        return bytes_tensor(name, _bytes_elements(name, memoryview(data)), shape)
     count = math.prod(shape)
-    size = (entry.get("parameters") or {}).get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or not 0 <= size <= len(binary):
-            raise ProtocolError(400, f"input {name}: binary_data_size {size!r} is past the body")
-        data = binary[:size]
-        items: list[Any]
-        if datatype == "BYTES":
-            items = list(_bytes_elements(name, data))
-        else:
-            if size != count * DTYPES[datatype].itemsize:
-                raise ProtocolError(400, f"input {name}: {size} bytes are not {count} {datatype}")
-            return name, np.frombuffer(data, DTYPES[datatype]).reshape(shape), size
-    else:
-        given = entry.get("data")
-        if given is None:
-            raise ProtocolError(400, f"input {name} has neither data nor binary_data_size")
-        if datatype != "BYTES":
-            return name, _json_numbers(name, given, datatype, shape), None
-        items = list(_flat(given))
-        if not all(isinstance(item, str) for item in items):
-            raise ProtocolError(400, f"input {name}: BYTES data in JSON are strings")
-        items = [str(item).encode() for item in items]
+    if len(data) != count * DTYPES[datatype].itemsize:
+        raise ProtocolError(400, f"input {name}: {len(data)} bytes are not {count} {datatype}")
+    return np.frombuffer(data, DTYPES[datatype]).reshape(shape)
+
+
+def bytes_tensor(name: str, items: list[bytes], shape: list[int]) -> np.ndarray:
+    """A BYTES tensor: an object array of Python bytes."""
+    count = math.prod(shape)
     if len(items) != count:
         raise ProtocolError(400, f"input {name}: {len(items)} elements for shape {shape}")
-    array = np.empty(count, dtype=object)  # BYTES: Python bytes objects
+    array = np.empty(count, dtype=object)
     array[:] = items
-    return name, array.reshape(shape), size
+    return array.reshape(shape)
 
 
-# JSON numbers each datatype takes, by numpy's kind: a float is not an integer's value.
+# The values each datatype takes, by numpy's kind: a float is not an integer's value.
 _KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 
 
-def _json_numbers(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
-    """A numeric tensor's JSON data (flat, or nested as its shape: the protocol allows
-    both), read by numpy at once (an element at a time, a 512x512 picture took 0.17 s)."""
+def typed_numbers(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    """A numeric tensor's elements as values (JSON data, flat or nested as its shape: the
+    protocol allows both; gRPC's typed contents), read by numpy at once (an element at a
+    time, a 512x512 picture took 0.17 s)."""
     dtype = DTYPES[datatype]
     try:
         raw = np.asarray(data)
@@ -211,8 +225,8 @@ def img2img_values(
     tensors: dict[str, np.ndarray], parameters: dict[str, Any]
 ) -> tuple[dict[str, Any], Any]:
     """The img2img fields of a request's tensors but its image and of its parameters (as
-    ``/v1`` takes them), and its timeout. ProtocolError(400) for a name the model does not
-    take, or one given twice."""
+    ``/v1`` takes them), and its timeout in seconds. ProtocolError(400) for a name the model
+    does not take, or one given twice."""
     values: dict[str, Any] = {}
     for name, array in tensors.items():
         if name == "image":
@@ -221,7 +235,7 @@ def img2img_values(
             allowed = ", ".join(["image", *TYPES])
             raise ProtocolError(400, f"unknown input {name!r}; this model takes {allowed}")
         values[name] = _field(name, array)
-    timeout = parameters.get("timeout")
+    timeout = _seconds(parameters.get("timeout"))
     for name, value in parameters.items():
         if name in ("binary_data_output", "timeout"):
             continue
@@ -232,6 +246,20 @@ def img2img_values(
             raise ProtocolError(400, f"{name} is given as an input and as a parameter")
         values[name] = value
     return values, timeout
+
+
+def _seconds(microseconds: Any) -> float | None:
+    """Triton's ``timeout`` request parameter (its schedule-policy extension; what
+    tritonclient's ``infer(timeout=...)`` sends): the request's time in microseconds, 0 or
+    none for the server's own; in seconds."""
+    if microseconds is None or (microseconds == 0 and not isinstance(microseconds, bool)):
+        return None
+    if isinstance(microseconds, bool) or not isinstance(microseconds, int) or microseconds < 0:
+        raise ProtocolError(
+            400, "timeout is the request's time in microseconds (Triton's schedule-policy "
+            f"parameter), an integer >= 0, got {microseconds!r}"
+        )  # fmt: skip
+    return microseconds / 1e6
 
 
 def _field(name: str, array: np.ndarray) -> Any:
@@ -314,7 +342,7 @@ def answer(
     result: JobResult, model: str, request_id: str | None, binary: bool
 ) -> tuple[bytes, dict[str, str]]:
     """The inference response (its body and headers) for a job's images."""
-    pixels = np.stack([np.asarray(image.convert("RGB")) for image in result.images])
+    pixels = pixels_of(result)
     output: dict[str, Any] = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape)}
     raw = b""
     if binary:
@@ -339,6 +367,11 @@ def answer(
         return head, {"content-type": "application/json"}
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
     return head + raw, headers
+
+
+def pixels_of(result: JobResult) -> np.ndarray:
+    """The output tensor ``image``: the job's images as UINT8 [N, H, W, 3]."""
+    return np.stack([np.asarray(image.convert("RGB")) for image in result.images])
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import serve
 
+from sdtrt.errors import InvalidInputError
 from sdtrt.options import (
     ModelSource,
     ServeOptions,
@@ -98,6 +99,11 @@ def application(
     """The bound application: ``replicas`` fixed, or autoscaled between ``min_replicas``
     and ``max_replicas`` on ongoing requests (the batcher's queue is the replica's: a
     target of a few requests per replica keeps step batches full without long waits)."""
+    if options.grpc_port is not None:  # every replica would take the one port
+        raise InvalidInputError(
+            "grpc_port: the gRPC service is not served through Ray Serve's proxy (its HTTP "
+            "/v1 and /v2 are); serve without Ray for gRPC"
+        )
     deployment_options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": 1},
         "max_ongoing_requests": options.max_queue + 16,

@@ -37,7 +37,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def bound_socket(host: str, port: int) -> socket.socket:
+def bound_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
     """The server's address, taken before the model loads: a port in use is said at once,
     not after a load (or an export) of minutes. Bound, not yet listening: until uvicorn
     listens, after the load, a client is refused rather than left waiting."""
@@ -50,7 +50,7 @@ def bound_socket(host: str, port: int) -> socket.socket:
         sock.close()
         why = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:
-            why += " (another server is there): choose another --port"
+            why += f" (another server is there): choose another {flag}"
         raise InvalidInputError(f"cannot listen on {host} port {port}: {why}") from None
     return sock
 
@@ -142,6 +142,12 @@ def run(
 
     sock = bound_socket(options.host, options.port)
     warn_if_open(sock, options.api_key)
+    if options.grpc_port is not None:  # what would stop it is said before the model loads
+        from sdtrt.serve.grpc_api import messages
+
+        messages()
+        if options.grpc_port != 0:
+            bound_socket(options.host, options.grpc_port, "--grpc-port").close()
     with sock:
         pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
         app = create_app(StepBatcher(pipeline, options), options)

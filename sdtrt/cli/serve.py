@@ -92,6 +92,13 @@ def add_serve(sub: Any) -> None:
         "(/v2/models/NAME/infer): what Triton and KServe clients ask for",
     )
     p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the Open Inference Protocol over gRPC on this port (Triton's is "
+        "8001; pip install 'sdtrt[grpc]')",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
@@ -131,7 +138,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         strength=args.strength,
         guidance_cutoff=args.guidance_cutoff,
         model_name=args.model_name,
+        grpc_port=args.grpc_port,
     )
+    if args.ray and args.grpc_port is not None:
+        raise invalid("--grpc-port is not served through Ray Serve's proxy: serve without --ray")
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):
             if getattr(args, flag) is not None:

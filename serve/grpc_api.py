@@ -1,0 +1,368 @@
+"""The Open Inference Protocol over gRPC (KServe v2's gRPC API; NVIDIA Triton serves it on
+port 8001): ``sdtrt serve --grpc-port 8001`` answers a Triton or KServe gRPC client (NVIDIA's
+``tritonclient.grpc``, which the tests run) with the model, inputs and output of ``/v2``
+over HTTP (serve/kserve.py), through the same request handling and batcher
+(serve/handling.py).
+
+Tensors come in ``raw_input_contents`` (what tritonclient sends: numbers little-endian,
+BYTES elements length-prefixed) or in typed ``contents``; parameters are the protocol's
+``InferParameter`` values (a float as Triton's ``double_param``). The output ``image`` comes
+back in ``raw_output_contents``. Failures are gRPC statuses: a bad request
+INVALID_ARGUMENT, no API key UNAUTHENTICATED, another model NOT_FOUND, a full queue
+RESOURCE_EXHAUSTED, a server draining UNAVAILABLE, a request past its deadline
+DEADLINE_EXCEEDED, a job that fails INTERNAL, each with the message ``/v1`` gives. A call
+the client cancels, or whose gRPC deadline passes, cancels its job. The server runs on its
+own thread and event loop beside uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdtrt.errors import BackendUnavailableError
+from sdtrt.options import ServeOptions
+from sdtrt.serve import kserve
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.fields import TYPES
+from sdtrt.serve.handling import (
+    WRONG_KEY,
+    BadRequest,
+    decode_image,
+    field_value,
+    key_given,
+    off_loop,
+    run_job,
+)
+from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+PROTO = Path(__file__).with_name("inference.proto")
+SERVICE = "inference.GRPCInferenceService"
+# Each call: its request and response messages.
+CALLS = {
+    "ServerLive": ("ServerLiveRequest", "ServerLiveResponse"),
+    "ServerReady": ("ServerReadyRequest", "ServerReadyResponse"),
+    "ModelReady": ("ModelReadyRequest", "ModelReadyResponse"),
+    "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse"),
+    "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
+    "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
+}
+# Typed contents: the field each datatype's elements come in (FP16 has none: raw only).
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def grpc_modules() -> tuple[Any, Any]:
+    """grpcio and grpcio-tools' protoc, or BackendUnavailableError saying how to install them."""
+    try:
+        import grpc
+        from grpc_tools import protoc
+    except ImportError:
+        raise BackendUnavailableError(
+            "serving gRPC (--grpc-port) needs grpcio and grpcio-tools: pip install 'sdtrt[grpc]'"
+        ) from None
+    return grpc, protoc
+
+
+@functools.cache
+def messages() -> dict[str, Any]:
+    """The protocol's message classes by name, compiled from inference.proto into a
+    descriptor pool of their own: a client's copy of the same ``inference`` package
+    (tritonclient's, KServe's) in the same process would clash in protobuf's default pool."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    _, protoc = grpc_modules()
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "inference.pb"
+        args = ["protoc", f"-I{PROTO.parent}", f"--descriptor_set_out={out}", PROTO.name]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc could not compile {PROTO} (its errors are above)")
+        files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    names = {name for pair in CALLS.values() for name in pair} | {"InferParameter"}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
+        for name in names
+    }
+
+
+def read_infer(
+    request: Any, max_pixels: int, decode: Callable[[bytes], Any] = decode_image
+) -> kserve.Inference:
+    """A ModelInferRequest read as ``/v2`` reads its JSON form: the img2img fields, how to
+    load the picture, the timeout. ProtocolError names what is wrong."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise kserve.ProtocolError(
+            400, f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        datatype, shape = kserve.check_tensor(name, tensor.datatype, list(tensor.shape))
+        if raw:
+            if tensor.HasField("contents"):
+                raise kserve.ProtocolError(
+                    400, f"input {name}: contents and raw_input_contents together"
+                )
+            array = kserve.raw_tensor(name, datatype, shape, raw[index])
+        else:
+            array = _typed_tensor(name, datatype, shape, tensor.contents)
+        if name in tensors:
+            raise kserve.ProtocolError(400, f"input {name!r} is given twice")
+        tensors[name] = array
+    for output in request.outputs:
+        if output.name != "image":
+            raise kserve.ProtocolError(
+                400, f"unknown output {output.name!r}: this model's one output is image"
+            )
+    parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+    values, timeout = kserve.img2img_values(tensors, parameters)
+    load = kserve.image_loader(tensors.get("image"), decode, max_pixels)
+    return kserve.Inference(values, load, timeout, True, request.id or None)
+
+
+def _typed_tensor(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:
+    if datatype not in CONTENTS:
+        raise kserve.ProtocolError(400, f"input {name}: {datatype} comes in raw_input_contents")
+    values = getattr(contents, CONTENTS[datatype])
+    if datatype == "BYTES":
+        return kserve.bytes_tensor(name, list(values), shape)
+    return kserve.typed_numbers(name, list(values), datatype, shape)
+
+
+def parameter_value(parameter: Any) -> Any:
+    """An InferParameter's value (None where none is set)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def infer_response(result: JobResult, model: str, request_id: str) -> Any:
+    """The ModelInferResponse for a job's images: ``image`` UINT8 [N, H, W, 3], raw."""
+    pixels = kserve.pixels_of(result)
+    response = messages()["ModelInferResponse"](
+        model_name=model, model_version=kserve.VERSION, id=request_id
+    )
+    response.outputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+    response.raw_output_contents.append(pixels.tobytes())
+    seed = response.parameters["seed"]
+    if result.seed < 2**63:
+        seed.int64_param = result.seed
+    else:  # seeds run to 2^64 - 1
+        seed.uint64_param = result.seed
+    response.parameters["unet_calls"].int64_param = result.unet_calls
+    response.parameters["queue_wait_ms"].double_param = result.queue_wait_ms
+    return response
+
+
+class InferenceService:
+    """The protocol's calls over the batcher, as ``/v2`` answers them over HTTP."""
+
+    def __init__(
+        self,
+        batcher: StepBatcher,
+        options: ServeOptions,
+        intake: Executor,
+        metrics: Metrics,
+        readiness: Callable[[], str],
+    ) -> None:
+        self.batcher, self.options, self.intake = batcher, options, intake
+        self.metrics, self.readiness = metrics, readiness
+        self.messages = messages()
+
+    def handler(self) -> Any:
+        """The service's calls for ``grpc.aio.Server.add_generic_rpc_handlers``."""
+        grpc, _ = grpc_modules()
+        calls = {}
+        for call, (asked, answered) in CALLS.items():
+            calls[call] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, call),
+                request_deserializer=self.messages[asked].FromString,
+                response_serializer=self.messages[answered].SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE, calls)
+
+    # The calls, by the protocol's names (handler() finds them by those).
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.messages["ServerLiveResponse"](live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return self.messages["ServerReadyResponse"](ready=self.readiness() == "ready")
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        from sdtrt import __version__
+
+        return self.messages["ServerMetadataResponse"](name="sdtrt", version=__version__)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._allowed(context, request.name, request.version, key=False)
+        return self.messages["ModelReadyResponse"](ready=self.readiness() == "ready")
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        await self._allowed(context, request.name, request.version, key=True)
+        metadata = kserve.model_metadata(self.options.model_name, self.batcher.backend.name)
+        return self.messages["ModelMetadataResponse"](**metadata)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        arrived, status = time.monotonic(), 200
+        try:
+            result, request_id = await self._infer(request, context)
+            response = await off_loop(
+                None, infer_response, result, self.options.model_name, request_id
+            )
+            self.metrics.answered(result, time.monotonic() - arrived)
+            return response
+        except BadRequest as exc:
+            status = exc.status
+            await context.abort(_status(exc.status), exc.message)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            status = 499
+            raise
+        except Exception as exc:  # unforeseen: still this request's failure alone
+            status = 500
+            logger.exception("gRPC request failed")
+            await context.abort(_status(500), f"{type(exc).__name__}: {exc}")
+        finally:
+            self.metrics.requests.labels(str(status)).inc()
+
+    async def _infer(self, request: Any, context: Any) -> tuple[JobResult, str]:
+        from sdtrt.runtime.inputs import Limits
+
+        self._answerable(context, request.model_name, request.model_version, key=True)
+        request_id = request.id or dict(context.invocation_metadata()).get("x-request-id", "")
+        request_id = request_id or uuid.uuid4().hex
+        max_pixels = Limits.from_env().max_pixels
+        try:
+            inference = await off_loop(self.intake, read_infer, request, max_pixels)
+        except kserve.ProtocolError as exc:
+            raise BadRequest(exc.status, exc.message) from None
+        values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
+        timeout = field_value(inference.timeout, float, "timeout")
+        result = await run_job(
+            None, request_id, self.batcher, self.intake, values, inference.load, timeout
+        )
+        return result, request.id
+
+    def _answerable(self, context: Any, model: str, version: str, key: bool) -> None:
+        """BadRequest for a missing API key (where the model's calls need one) or a model
+        other than this server's (an empty version is the server's choice: its one)."""
+        if key and not key_given(self.options.api_key, dict(context.invocation_metadata())):
+            raise BadRequest(401, WRONG_KEY)
+        if model != self.options.model_name or version not in ("", kserve.VERSION):
+            raise BadRequest(
+                404,
+                f"unknown model {model!r} version {version!r}: this server has "
+                f"{self.options.model_name}, version {kserve.VERSION}",
+            )
+
+    async def _allowed(self, context: Any, model: str, version: str, key: bool) -> None:
+        """The call aborted where it is not answerable."""
+        try:
+            self._answerable(context, model, version, key)
+        except BadRequest as exc:
+            await context.abort(_status(exc.status), exc.message)
+
+
+def _status(http: int) -> Any:
+    """The gRPC status for an HTTP status serve/handling.py answers with."""
+    grpc, _ = grpc_modules()
+    code = grpc.StatusCode
+    return {
+        400: code.INVALID_ARGUMENT,
+        401: code.UNAUTHENTICATED,
+        404: code.NOT_FOUND,
+        413: code.RESOURCE_EXHAUSTED,
+        422: code.INVALID_ARGUMENT,
+        429: code.RESOURCE_EXHAUSTED,
+        503: code.UNAVAILABLE,
+        504: code.DEADLINE_EXCEEDED,
+    }.get(http, code.INTERNAL)
+
+
+class GrpcServer:
+    """A gRPC server for ``service`` on its own thread and event loop (uvicorn's loop is
+    left to HTTP), started and stopped from the app's lifespan."""
+
+    def __init__(self, service: InferenceService, host: str, port: int, max_mb: float) -> None:
+        self.service, self.port = service, port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._grace = 0.0
+        self._thread = threading.Thread(target=self._run, name="sdtrt-grpc", daemon=True)
+
+    def start(self) -> int:
+        """Listens; the port it listens on (a free one for port 0)."""
+        self._thread.start()
+        if not self._started.wait(timeout=30) or self._failure is not None:
+            raise BackendUnavailableError(
+                f"the gRPC server could not listen on {self.address}: {self._failure}"
+            )
+        logger.info(
+            "serving gRPC on %s: %s (KServe v2, Triton's gRPC API), model %s",
+            self.address.rsplit(":", 1)[0] + f":{self.port}",
+            SERVICE,
+            self.service.options.model_name,
+        )
+        return self.port
+
+    def stop(self, grace: float) -> None:
+        """Stops taking calls; the ones in flight get ``grace`` seconds to finish."""
+        if self._loop is not None and self._stop is not None:
+            self._grace = grace
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=grace + 10)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # said by start(), on the thread that waits for it
+            self._failure = exc
+            self._started.set()
+
+    async def _serve(self) -> None:
+        grpc, _ = grpc_modules()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+                ("grpc.max_receive_message_length", self.max_bytes),  # --max-body-mb
+                ("grpc.max_send_message_length", -1),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.service.handler(),))
+        self.port = server.add_insecure_port(self.address)
+        await server.start()
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set()
+        await self._stop.wait()
+        await server.stop(self._grace)

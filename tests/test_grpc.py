@@ -1,0 +1,317 @@
+"""The Open Inference Protocol over gRPC (``sdtrt serve --grpc-port``): NVIDIA's
+tritonclient.grpc calls it and gets ``/v1``'s pixels; typed contents read as raw ones; what
+it cannot read, and every failure, is a gRPC status with /v1's message; a cancelled call
+cancels its job."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import png_bytes
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.options import ServeOptions
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.serve.app import create_app
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.kserve import ProtocolError, img2img_values
+from sdtrt.serve.server import BackgroundServer
+
+grpc = pytest.importorskip("grpc", reason="pip install 'sdtrt[grpc]'")
+pytest.importorskip("grpc_tools", reason="pip install 'sdtrt[grpc]'")
+from sdtrt.serve.grpc_api import SERVICE, messages, read_infer  # noqa: E402
+
+KEY = {"authorization": "Bearer secret"}
+SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(2)
+    return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    options = ServeOptions(api_key="secret", grpc_port=0, max_body_mb=0.05)
+    app = create_app(StepBatcher(pipe, options), options)
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        running.grpc = f"127.0.0.1:{app.state.grpc_port}"
+        running.batcher = app.state.batcher
+        yield running
+
+
+def _v1_pixels(server, image, fields):
+    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
+    headers = {"Authorization": "Bearer secret"}
+    answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=headers, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return np.asarray(PIL.Image.open(io.BytesIO(answer.content)))
+
+
+def _call(server, name, request, metadata=(("authorization", "Bearer secret"),)):
+    """One call of the service by its own messages (no client library)."""
+    m = messages()
+    answered = {"ModelInfer": "ModelInferResponse", "ModelReady": "ModelReadyResponse"}[name]
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/{name}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=m[answered].FromString,
+        )
+        return call(request, metadata=metadata, timeout=60)
+
+
+def _typed_request(image, strength):
+    """prompt, image and strength in typed contents; the rest as parameters."""
+    m = messages()
+    request = m["ModelInferRequest"](model_name="img2img", id="typed")
+    prompt = request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
+    prompt.contents.bytes_contents.append(b"a fox")
+    pixels = np.asarray(image)
+    picture = request.inputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+    picture.contents.uint_contents.extend(pixels.reshape(-1).tolist())
+    number = request.inputs.add(name="strength", datatype="FP32", shape=[1])
+    number.contents.fp32_contents.append(strength)
+    request.parameters["num_inference_steps"].int64_param = 10
+    request.parameters["seed"].int64_param = 5
+    return request
+
+
+def test_tritonclient_grpc_gets_the_pixels_of_v1(server, image):
+    """NVIDIA's client, in this process (its copy of the protocol's messages and ours live
+    in two descriptor pools): raw tensors in and out, the id and job figures back."""
+    tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    want = _v1_pixels(server, image, {"prompt": "a bird", **SMALL})
+    client = tg.InferenceServerClient(server.grpc)
+    prompt = tg.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"a bird"], dtype=object))
+    pixels = np.asarray(image)
+    picture = tg.InferInput("image", list(pixels.shape), "UINT8")
+    picture.set_data_from_numpy(pixels)
+    result = client.infer(
+        "img2img", [prompt, picture], request_id="r-7", headers=KEY, parameters=SMALL,
+        outputs=[tg.InferRequestedOutput("image")],
+    )  # fmt: skip
+    got = result.as_numpy("image")
+    assert got.shape == (1, 32, 48, 3) and np.array_equal(got[0], want)
+    response = result.get_response()
+    assert response.id == "r-7" and response.model_name == "img2img"
+    assert response.parameters["seed"].int64_param == 3
+    assert response.parameters["unet_calls"].int64_param == 2
+
+
+def test_health_and_metadata_follow_the_protocol(server):
+    tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    from tritonclient.utils import InferenceServerException
+
+    client = tg.InferenceServerClient(server.grpc)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("img2img") and client.is_model_ready("img2img", "1")
+    assert client.get_server_metadata().name == "sdtrt"
+    meta = client.get_model_metadata("img2img", headers=KEY)
+    inputs = {t.name: (t.datatype, list(t.shape)) for t in meta.inputs}
+    assert inputs["image"] == ("UINT8", [-1, -1, 3]) and inputs["prompt"] == ("BYTES", [-1])
+    assert inputs["seed"] == ("INT64", [1])
+    assert [(t.name, list(t.shape)) for t in meta.outputs] == [("image", [-1, -1, -1, 3])]
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_model_metadata("img2img")  # no API key
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_model_metadata("sd15", headers=KEY)
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+    assert "this server has img2img, version 1" in refused.value.message()
+
+
+def test_typed_contents_read_as_raw_ones_and_fp32_as_its_decimal(server, image):
+    """Typed contents (uint_contents pixels, bytes_contents text, fp32_contents 0.7): the
+    same image as /v1's with 0.7, whose 10 steps run 7 UNet calls (not 6)."""
+    want = _v1_pixels(
+        server, image, {"prompt": "a fox", "num_inference_steps": 10, "strength": 0.7, "seed": 5}
+    )
+    response = _call(server, "ModelInfer", _typed_request(image, 0.7))
+    assert response.id == "typed" and response.parameters["unet_calls"].int64_param == 7
+    (output,) = response.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("image", "UINT8", [1, 32, 48, 3])
+    got = np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(32, 48, 3)
+    assert np.array_equal(got, want)
+
+
+def _refused(server, request, metadata=(("authorization", "Bearer secret"),)):
+    with pytest.raises(grpc.RpcError) as refused:
+        _call(server, "ModelInfer", request, metadata)
+    return refused.value.code(), refused.value.details()
+
+
+def test_failures_are_grpc_statuses_with_the_v1_message(server, image):
+    m = messages()
+    bad = _typed_request(image, 1.5)
+    assert _refused(server, bad) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "strength must be in (0, 1], got 1.5",
+    )
+    code, details = _refused(server, _typed_request(image, 0.5), metadata=())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "API key" in details
+    other = _typed_request(image, 0.5)
+    other.model_name = "sd15"
+    assert _refused(server, other)[0] == grpc.StatusCode.NOT_FOUND
+    late = _typed_request(image, 0.5)
+    late.parameters["timeout"].int64_param = 1  # Triton's schedule policy: microseconds
+    assert _refused(server, late) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "the request passed its deadline",
+    )
+    # Over --max-body-mb (0.05 MB here): gRPC's own limit on a message it receives.
+    big = m["ModelInferRequest"](model_name="img2img")
+    big.inputs.add(name="image", datatype="UINT8", shape=[160, 160, 3])
+    big.raw_input_contents.append(bytes(160 * 160 * 3))
+    assert _refused(server, big)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_cancelled_call_cancels_its_job(server, image):
+    """A call cancelled mid-way (the client gone) cancels its job, which the batcher
+    drops at its next step."""
+    m = messages()
+    request = _typed_request(image, 1.0)
+    request.parameters["num_inference_steps"].int64_param = 1000
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/ModelInfer",
+            request_serializer=m["ModelInferRequest"].SerializeToString,
+            response_deserializer=m["ModelInferResponse"].FromString,
+        )
+        future = call.future(request, metadata=tuple(KEY.items()))
+        deadline = time.monotonic() + 30
+        while not server.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.batcher.active, "the job never started"
+        (job,) = server.batcher.active
+        future.cancel()
+        while server.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert future.cancelled() and job.cancelled
+    assert not server.batcher.active and job.index < len(job.timesteps)  # dropped mid-way
+
+
+def _read(request, max_pixels=2048 * 2048):
+    with pytest.raises(ProtocolError) as refused:
+        read_infer(request, max_pixels, lambda data: None)
+    return refused.value.status, refused.value.message
+
+
+def test_what_the_protocol_cannot_read_is_refused_naming_it():
+    m = messages()
+    request = m["ModelInferRequest"]()
+    request.inputs.add(name="seed", datatype="INT64", shape=[1])
+    assert _read(request) == (400, "input seed: 0 elements for shape [1]")
+    request.raw_input_contents.extend([b"\x01" * 8, b""])
+    assert _read(request) == (400, "raw_input_contents has 2 entries for 1 inputs")
+    del request.raw_input_contents[1]
+    request.inputs[0].contents.int64_contents.append(1)
+    assert _read(request) == (400, "input seed: contents and raw_input_contents together")
+    half = m["ModelInferRequest"]()
+    half.inputs.add(name="strength", datatype="FP16", shape=[1]).contents.fp32_contents.append(1)
+    assert _read(half) == (400, "input strength: FP16 comes in raw_input_contents")
+    twice = m["ModelInferRequest"]()
+    for _ in range(2):
+        twice.inputs.add(name="seed", datatype="INT64", shape=[1]).contents.int64_contents.append(1)
+    assert _read(twice) == (400, "input 'seed' is given twice")
+    output = m["ModelInferRequest"]()
+    output.outputs.add(name="latents")
+    assert _read(output) == (400, "unknown output 'latents': this model's one output is image")
+    wide = m["ModelInferRequest"]()
+    wide.inputs.add(name="image", datatype="UINT8", shape=[65, 64, 3])
+    wide.raw_input_contents.append(bytes(65 * 64 * 3))
+    assert _read(wide, 64 * 64)[0] == 422
+    # FP16 raw, read as its shortest decimal; the parameters' oneof values.
+    raw = m["ModelInferRequest"]()
+    raw.inputs.add(name="strength", datatype="FP16", shape=[1])
+    raw.raw_input_contents.append(np.array([0.3], np.float16).tobytes())
+    raw.parameters["guidance_scale"].double_param = 3.5
+    raw.parameters["scheduler"].string_param = "euler"
+    read = read_infer(raw, 64, lambda data: None)
+    assert read.values == {"strength": 0.3, "guidance_scale": 3.5, "scheduler": "euler"}
+    assert read.load is None and read.timeout is None
+
+
+def test_the_timeout_parameter_is_microseconds_as_triton_says():
+    """Triton's schedule-policy ``timeout`` (tritonclient's ``infer(timeout=)``), over
+    HTTP and gRPC alike: microseconds, 0 for the server's own."""
+    assert img2img_values({}, {"timeout": 2_500_000}) == ({}, 2.5)
+    assert img2img_values({}, {"timeout": 0}) == ({}, None)
+    for bad in (1.5, -1, "5", True):
+        with pytest.raises(ProtocolError, match="microseconds"):
+            img2img_values({}, {"timeout": bad})
+
+
+def test_grpc_port_options_and_command_line():
+    from sdtrt.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--grpc-port", "8001"])
+    assert args.grpc_port == 8001 and ServeOptions().grpc_port is None
+    with pytest.raises(InvalidInputError, match="grpc_port and port are both 8000"):
+        ServeOptions(grpc_port=8000)
+    with pytest.raises(InvalidInputError, match=r"grpc_port must be in \[0, 65535\]"):
+        ServeOptions(grpc_port=70000)
+    assert main(["serve", "--ray", "--grpc-port", "8001"]) == 2
+
+
+def test_a_grpc_port_in_use_is_said_before_the_model_loads():
+    from sdtrt.serve.server import run
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(InvalidInputError, match="choose another --grpc-port"):
+            run("no-such-model", "torch", options=ServeOptions(port=0, grpc_port=port))
+        assert time.monotonic() - started < 5
+
+
+def test_the_readme_client_runs_against_a_server(tiny, image, tmp_path, monkeypatch):
+    """README's tritonclient.grpc example, as written but for the address and picture."""
+    pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "grpcclient" in b]
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    options = ServeOptions(grpc_port=0, steps=4)
+    app = create_app(StepBatcher(pipe, options), options)
+    monkeypatch.chdir(tmp_path)
+    image.save("photo.png")
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        code = textwrap.dedent(block).replace("localhost:8001", f"127.0.0.1:{app.state.grpc_port}")
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert PIL.Image.open("out.png").size == (48, 32)
+
+
+def test_a_draining_server_is_not_ready_and_takes_no_new_calls(tiny, image):
+    """What a stop signal does (DrainingServer.handle_exit): ServerReady turns false and a
+    new call is UNAVAILABLE, as /ready turns 503."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    options = ServeOptions(grpc_port=0)
+    app = create_app(StepBatcher(pipe, options), options)
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        running.grpc = f"127.0.0.1:{app.state.grpc_port}"
+        ready = messages()["ModelReadyRequest"](name="img2img")
+        assert _call(running, "ModelReady", ready).ready
+        app.state.sdtrt["draining"] = True
+        app.state.batcher.drain()
+        assert not _call(running, "ModelReady", ready).ready
+        code, details = _refused(running, _typed_request(image, 0.5))
+        assert code == grpc.StatusCode.UNAVAILABLE and details
+        assert httpx.get(f"{running.url}/ready").status_code == 503
