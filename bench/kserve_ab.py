@@ -1,7 +1,8 @@
 """What a request's picture costs on the wire, per protocol of ``sdtrt serve``: reading one
 from a request and writing one answer, in the Open Inference Protocol's binary form and its
-JSON form (KServe v2, Triton's HTTP API: serve/kserve.py), and ``/v1/img2img``'s base64 PNG
-in, PNG out. The server's CPU work per request besides denoising, one process, no network:
+JSON form (KServe v2, Triton's HTTP API: serve/kserve.py), in its gRPC form (raw and typed
+contents: serve/grpc_api.py, from the serialised message), and ``/v1/img2img``'s base64
+PNG in, PNG out. The server's CPU work per request besides denoising, one process, no network:
 the runs alternate after a warm-up round; the figures are medians over the repeats.
 
     python -m sdtrt.bench.kserve_ab [--size 512] [--repeats 7] [--json out.json]
@@ -49,19 +50,51 @@ def requests(picture: PIL.Image.Image) -> dict[str, Callable[[], PIL.Image.Image
         assert load is not None
         return load()
 
+    grpc_raw, grpc_typed = _grpc_bodies(pixels)
+
+    def grpc(body: bytes) -> PIL.Image.Image:
+        from sdtrt.serve.grpc_api import messages, read_infer
+
+        request = messages()["ModelInferRequest"].FromString(body)
+        load = read_infer(request, limit).load
+        assert load is not None
+        return load()
+
     return {
         "v2 binary": lambda: v2(binary_body, str(len(head))),
         "v2 JSON": lambda: v2(json_body, None),
         "v1 base64 PNG": lambda: decode_image(decode_base64(json.loads(v1_body)["image"])),
+        "gRPC raw": lambda: grpc(grpc_raw),
+        "gRPC typed": lambda: grpc(grpc_typed),
     }
+
+
+def _grpc_bodies(pixels: np.ndarray) -> tuple[bytes, bytes]:
+    """A ModelInferRequest of the picture, serialised: in raw_input_contents (what
+    tritonclient sends) and in typed contents (uint_contents: one varint per element)."""
+    from sdtrt.serve.grpc_api import messages
+
+    bodies = []
+    for raw in (True, False):
+        request = messages()["ModelInferRequest"](model_name="img2img")
+        tensor = request.inputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+        if raw:
+            request.raw_input_contents.append(pixels.tobytes())
+        else:
+            tensor.contents.uint_contents.extend(pixels.reshape(-1).tolist())
+        bodies.append(request.SerializeToString())
+    return bodies[0], bodies[1]
 
 
 def answers(result: JobResult) -> dict[str, Callable[[], bytes]]:
     """How each protocol answers the job's picture: the body's bytes."""
+    from sdtrt.serve.grpc_api import infer_response
+
     return {
         "v2 binary": lambda: kserve.answer(result, "img2img", None, binary=True)[0],
         "v2 JSON": lambda: kserve.answer(result, "img2img", None, binary=False)[0],
         "v1 PNG": lambda: bytes(encode_answer(result, "png").body),
+        "gRPC raw": lambda: infer_response(result, "img2img", "").SerializeToString(),
     }
 
 

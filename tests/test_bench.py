@@ -376,8 +376,9 @@ def test_the_protocol_ab_times_each_way_a_picture_crosses_the_wire():
     from sdtrt.bench.kserve_ab import measure
 
     record = measure(size=32, repeats=1)
-    assert set(record["read"]) == {"v2 binary", "v2 JSON", "v1 base64 PNG"}
-    assert set(record["answer"]) == {"v2 binary", "v2 JSON", "v1 PNG"}
+    assert set(record["read"]) == {"v2 binary", "v2 JSON", "v1 base64 PNG", "gRPC raw",
+                                   "gRPC typed"}  # fmt: skip
+    assert set(record["answer"]) == {"v2 binary", "v2 JSON", "v1 PNG", "gRPC raw"}
     for direction in ("read", "answer"):
         rows = record[direction]
         assert all(row["ms"] > 0 for row in rows.values())
