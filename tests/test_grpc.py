@@ -8,16 +8,21 @@ from __future__ import annotations
 import base64
 import io
 import re
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import png_bytes
+from conftest import free_port, png_bytes
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.options import ServeOptions
@@ -315,3 +320,43 @@ def test_a_draining_server_is_not_ready_and_takes_no_new_calls(tiny, image):
         code, details = _refused(running, _typed_request(image, 0.5))
         assert code == grpc.StatusCode.UNAVAILABLE and details
         assert httpx.get(f"{running.url}/ready").status_code == 503
+
+
+def test_sdtrt_serve_answers_grpc_and_drains_its_calls_on_sigterm(image):
+    """The command line's --grpc-port: a call in flight when SIGTERM comes is answered,
+    then the process exits 0."""
+    port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "sdtrt.cli", "serve", "--port", str(port)]
+    command += ["--grpc-port", str(grpc_port), "--drain-timeout", "60"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = SimpleNamespace(grpc=f"127.0.0.1:{grpc_port}")
+    try:
+        deadline = time.monotonic() + 120
+        ready = messages()["ModelReadyRequest"](name="img2img")
+        while True:
+            try:
+                if _call(running, "ModelReady", ready).ready:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "never ready"
+            time.sleep(0.2)
+        request = _typed_request(image, 1.0)
+        request.parameters["num_inference_steps"].int64_param = 300  # seconds of work
+        answers = []
+        client = threading.Thread(
+            target=lambda: answers.append(_call(running, "ModelInfer", request))
+        )
+        client.start()
+        time.sleep(0.5)  # in flight
+        process.send_signal(signal.SIGTERM)
+        client.join(timeout=120)
+        assert process.wait(timeout=120) == 0
+        (answer,) = answers
+        assert answer.parameters["unet_calls"].int64_param == 300
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with process:
+            log = process.stdout.read() if process.stdout else ""
+    assert f"serving gRPC on 127.0.0.1:{grpc_port}" in log and "draining" in log
