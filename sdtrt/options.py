@@ -695,6 +695,12 @@ class ServeOptions:
     model_name: str = "img2img"
     """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
     what Triton and KServe clients ask for (a KServe InferenceService's name)."""
+    priority_levels: int = 0
+    """Priority levels a request may name (Triton's schedule-policy ``priority``): 1 is the
+    highest, ``priority_levels`` the lowest and a request's default (priority 0). A waiting
+    request of a higher level is admitted before those of lower ones, which do not take
+    the UNet rows it waits for; within a level, in arrival order. 0: none (a request's
+    priority must then be 0)."""
     grpc_port: int | None = None
     """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
     serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
@@ -727,6 +733,7 @@ class ServeOptions:
         if self.intra_op_threads is not None:
             _integer("intra-op threads", self.intra_op_threads, 1)
         _integer("max_queue", self.max_queue, 1)  # 0: nothing, the warm-up included, could run
+        _integer("priority_levels", self.priority_levels, 0)
         for name in ("port", "grpc_port"):
             port = getattr(self, name)
             if port is not None:

@@ -109,6 +109,7 @@ class StepBatcher:
         self.max_queue, self.queue_delay = options.max_queue, options.queue_delay
         self.intra_op_threads = options.intra_op_threads
         self.timeout = options.timeout
+        self.priority_levels = options.priority_levels
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
         # A blank picture per warm-up size, prepared as a request is (refused here, at
@@ -144,11 +145,15 @@ class StepBatcher:
             defaults.pop("strength")
         return Img2ImgRequest(**{**defaults, **fields})
 
-    def prepare(self, request: Img2ImgRequest, timeout: float | None = None) -> Job:
+    def prepare(
+        self, request: Img2ImgRequest, timeout: float | None = None, priority: int = 0
+    ) -> Job:
         """Check a request whole and preprocess its image (InvalidInputError naming what
-        is allowed), before it takes a place in the queue."""
+        is allowed), before it takes a place in the queue. ``priority``: Triton's, 1 the
+        highest level, 0 the server's default (its lowest)."""
         from sdtrt.runtime.inputs import load_image
 
+        level = self._priority_level(priority)
         check_seed(request.seed)
         check_guidance_cutoff(request.guidance_cutoff)
         prompts, negatives = prompt_lists(request.prompt, request.negative_prompt)
@@ -192,7 +197,24 @@ class StepBatcher:
             num_images_per_prompt=plan.images_per_prompt,
         )
         pixels = pixels.to(torch.float32)
-        return Job(request, pixels, plan.start_step, deadline, scheduler, plan.schedule)
+        return Job(request, pixels, plan.start_step, deadline, scheduler, plan.schedule, level)
+
+    def _priority_level(self, priority: int) -> int:
+        """A request's priority as a level: itself, or the lowest for 0 (the default)."""
+        levels = self.priority_levels
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise InvalidInputError(f"priority must be an integer >= 0, got {priority!r}")
+        if priority > levels:
+            if levels == 0:
+                raise InvalidInputError(
+                    f"priority {priority}: this server has no priority levels (sdtrt serve "
+                    "--priority-levels N); send 0 or none"
+                )
+            raise InvalidInputError(
+                f"priority must be in [0, {levels}] (1 the highest; 0: the default, "
+                f"{levels}), got {priority}"
+            )
+        return priority or levels
 
     def _check_rows(self, images: int, guidance_scale: float) -> None:
         """A request's rows of a step fit in one UNet call."""
@@ -360,16 +382,22 @@ class StepBatcher:
             rows: dict[Any, int] = {}
             for job in self.active:
                 rows[job.size] = rows.get(job.size, 0) + job.rows
-            for job in list(self.waiting):
+            waits: dict[Any, int] = {}  # a size's highest level left waiting for rows
+            for job in sorted(self.waiting, key=lambda j: j.priority):  # stable: arrival order
+                if waits.get(job.size, job.priority) < job.priority:
+                    continue  # its rows go to the higher level's job first
                 if rows.get(job.size, 0) + job.rows <= self.max_rows:
                     rows[job.size] = rows.get(job.size, 0) + job.rows
                     admitted.append(job)
+                else:
+                    waits.setdefault(job.size, job.priority)
         elif not self.active and self.waiting:
-            head = self.waiting[0]
+            ranked = sorted(self.waiting, key=lambda j: j.priority)  # stable: arrival order
+            head = ranked[0]
             if self.policy == "single":
                 admitted = [head]
             else:
-                same = [j for j in self.waiting if j.same_batch_key == head.same_batch_key]
+                same = [j for j in ranked if j.same_batch_key == head.same_batch_key]
                 same = same[: self.max_rows // head.rows]
                 full = len(same) * head.rows + head.rows > self.max_rows
                 if full or now - head.submitted >= self.queue_delay:

@@ -82,6 +82,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "type": "number",
         "description": "Seconds before the request is dropped (504); at most the server's.",
     },
+    "priority": {
+        "type": "integer",
+        "default": 0,
+        "description": "Its priority level on a server with levels (sdtrt serve "
+        "--priority-levels N), as Triton's: 1 is admitted first, N last; 0 is N.",
+    },
 }
 """Per-request options beside the img2img fields, as /docs describes them."""
 

@@ -144,9 +144,9 @@ def read_infer(
                 400, f"unknown output {output.name!r}: this model's one output is image"
             )
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
-    values, timeout = kserve.img2img_values(tensors, parameters)
+    values, timeout, priority = kserve.img2img_values(tensors, parameters)
     load = kserve.image_loader(tensors.get("image"), decode, max_pixels)
-    return kserve.Inference(values, load, timeout, True, request.id or None)
+    return kserve.Inference(values, load, timeout, priority, True, request.id or None)
 
 
 def _typed_tensor(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:
@@ -267,9 +267,11 @@ class InferenceService:
             raise BadRequest(exc.status, exc.message) from None
         values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
         timeout = field_value(inference.timeout, float, "timeout")
+        priority = field_value(inference.priority, int, "priority") or 0
         result = await run_job(
-            None, request_id, self.batcher, self.intake, values, inference.load, timeout
-        )
+            None, request_id, self.batcher, self.intake, values, inference.load, timeout,
+            priority=priority,
+        )  # fmt: skip
         return result, request.id
 
     def _answerable(self, context: Any, model: str, version: str, key: bool) -> None:

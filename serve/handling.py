@@ -62,17 +62,19 @@ async def run_job(
     load: Callable[[], PIL.Image.Image] | None,
     timeout: float | None,
     answerable: Callable[[Job], None] | None = None,
+    priority: int = 0,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
     for; BadRequest with the status of each failure. The job is cancelled if the client
     goes away: ``gone()`` says so (HTTP's is_disconnected), or the waiting task is
     cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
-    answer, checked before the job is queued (InvalidInputError: 422)."""
+    answer, checked before the job is queued (InvalidInputError: 422). ``timeout`` (seconds)
+    and ``priority`` (Triton's) are the batcher's ``prepare``'s."""
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
-        job = await off_loop(intake, _prepare, batcher, values, load, timeout)
+        job = await off_loop(intake, _prepare, batcher, values, load, timeout, priority)
         if answerable is not None:
             answerable(job)
         future = batcher.submit(job)
@@ -106,9 +108,11 @@ def _prepare(
     values: dict[str, Any],
     load: Callable[[], PIL.Image.Image] | None,
     timeout: float | None,
+    priority: int,
 ) -> Job:
     image = load() if load is not None else None
-    return batcher.prepare(batcher.request(image=image, **values), timeout=timeout)
+    request = batcher.request(image=image, **values)
+    return batcher.prepare(request, timeout=timeout, priority=priority)
 
 
 async def read_body(request: Request, options: ServeOptions) -> bytes:

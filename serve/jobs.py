@@ -83,6 +83,8 @@ class Job:
     """The job's own scheduler (it keeps the job's state between steps)."""
     schedule: dict[str, list[Any]] = field(default_factory=dict)
     """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
+    priority: int = 0
+    """Its priority level: 1 the highest (admitted first); 0 where the server has none."""
     future: Future[JobResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

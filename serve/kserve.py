@@ -50,6 +50,8 @@ DTYPES: dict[str, Any] = {
 _TEXT = ("prompt", "negative_prompt", "scheduler")
 _LISTS = ("timesteps", "sigmas")
 _METADATA_TYPES = {str: "BYTES", int: "INT64", float: "FP64", list: "FP64"}
+# Request parameters that are not img2img fields: Triton's schedule policy, its binary form.
+_POLICY = ("timeout", "priority", "binary_data_output")
 
 
 class ProtocolError(Exception):
@@ -223,10 +225,10 @@ def _bytes_elements(name: str, data: memoryview) -> list[bytes]:
 
 def img2img_values(
     tensors: dict[str, np.ndarray], parameters: dict[str, Any]
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], float | None, Any]:
     """The img2img fields of a request's tensors but its image and of its parameters (as
-    ``/v1`` takes them), and its timeout in seconds. ProtocolError(400) for a name the model
-    does not take, or one given twice."""
+    ``/v1`` takes them), its timeout in seconds and its priority (Triton's schedule-policy
+    parameters). ProtocolError(400) for a name the model does not take, or one given twice."""
     values: dict[str, Any] = {}
     for name, array in tensors.items():
         if name == "image":
@@ -237,15 +239,15 @@ def img2img_values(
         values[name] = _field(name, array)
     timeout = _seconds(parameters.get("timeout"))
     for name, value in parameters.items():
-        if name in ("binary_data_output", "timeout"):
+        if name in _POLICY:
             continue
         if name not in TYPES or name in _LISTS:
-            allowed = ", ".join([n for n in TYPES if n not in _LISTS] + ["timeout"])
+            allowed = ", ".join([n for n in TYPES if n not in _LISTS] + ["timeout", "priority"])
             raise ProtocolError(400, f"unknown parameter {name!r}; parameters: {allowed}")
         if name in values:
             raise ProtocolError(400, f"{name} is given as an input and as a parameter")
         values[name] = value
-    return values, timeout
+    return values, timeout, parameters.get("priority")
 
 
 def _seconds(microseconds: Any) -> float | None:
@@ -383,6 +385,9 @@ class Inference:
     load: Callable[[], PIL.Image.Image] | None
     """How the intake thread gets the picture; None: the sample picture."""
     timeout: float | None
+    """Seconds (the request's ``timeout`` parameter is microseconds); None: the server's."""
+    priority: Any
+    """The request's ``priority`` parameter, as sent (the batcher checks it)."""
     binary: bool
     """Whether the image goes back in binary form."""
     id: str | None
@@ -396,10 +401,11 @@ def parse_infer(
     ProtocolError names what is wrong."""
     request, tensors, binary_inputs, binary = read_request(body, header_length)
     parameters = request.get("parameters") or {}
-    values, timeout = img2img_values(tensors, parameters)
+    values, timeout, priority = img2img_values(tensors, parameters)
     image = tensors.get("image")
     if "image" not in binary_inputs:
         image = json_bytes_image(image)
     load = image_loader(image, decode, max_pixels)
     given = request.get("id")
-    return Inference(values, load, timeout, binary, given if isinstance(given, str) else None)
+    given_id = given if isinstance(given, str) else None
+    return Inference(values, load, timeout, priority, binary, given_id)

@@ -178,6 +178,10 @@ def test_failures_are_grpc_statuses_with_the_v1_message(server, image):
         grpc.StatusCode.DEADLINE_EXCEEDED,
         "the request passed its deadline",
     )
+    urgent = _typed_request(image, 0.5)
+    urgent.parameters["priority"].int64_param = 1  # Triton's; this server has no levels
+    code, details = _refused(server, urgent)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no priority levels" in details
     # Over --max-body-mb (0.05 MB here): gRPC's own limit on a message it receives.
     big = m["ModelInferRequest"](model_name="img2img")
     big.inputs.add(name="image", datatype="UINT8", shape=[160, 160, 3])
@@ -254,8 +258,8 @@ def test_what_the_protocol_cannot_read_is_refused_naming_it():
 def test_the_timeout_parameter_is_microseconds_as_triton_says():
     """Triton's schedule-policy ``timeout`` (tritonclient's ``infer(timeout=)``), over
     HTTP and gRPC alike: microseconds, 0 for the server's own."""
-    assert img2img_values({}, {"timeout": 2_500_000}) == ({}, 2.5)
-    assert img2img_values({}, {"timeout": 0}) == ({}, None)
+    assert img2img_values({}, {"timeout": 2_500_000}) == ({}, 2.5, None)
+    assert img2img_values({}, {"timeout": 0}) == ({}, None, None)
     for bad in (1.5, -1, "5", True):
         with pytest.raises(ProtocolError, match="microseconds"):
             img2img_values({}, {"timeout": bad})

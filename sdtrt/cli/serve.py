@@ -72,6 +72,13 @@ def add_serve(sub: Any) -> None:
     add_intra_op_threads(p)
     p.add_argument("--policy", default=o.policy, choices=SERVE_POLICIES, help="batching policy")
     p.add_argument(
+        "--priority-levels",
+        type=int,
+        default=o.priority_levels,
+        help="priority levels a request may name (its priority field, Triton's schedule-policy "
+        "parameter): 1 is admitted first; 0 and none are the lowest, N (default: 0, none)",
+    )
+    p.add_argument(
         "--queue-delay", type=float, default=o.queue_delay, help="request policy: seconds"
     )
     p.add_argument("--timeout", type=float, default=o.timeout, help="seconds per request (504)")
@@ -139,6 +146,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         guidance_cutoff=args.guidance_cutoff,
         model_name=args.model_name,
         grpc_port=args.grpc_port,
+        priority_levels=args.priority_levels,
     )
     if args.ray and args.grpc_port is not None:
         raise invalid("--grpc-port is not served through Ray Serve's proxy: serve without --ray")

@@ -1,0 +1,125 @@
+"""Priority levels in ``sdtrt serve`` (``--priority-levels N``; a request's ``priority``, as
+Triton's schedule-policy parameter): a higher level is admitted first and lower levels do
+not take the rows it waits for; within a level, arrival order; every protocol takes it."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import png_bytes
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.options import ServeOptions
+from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.serve.app import create_app
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.server import BackgroundServer
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(3)
+    return PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def _job(batcher, image, priority, images=1):
+    request = batcher.request(image=image, num_inference_steps=4, num_images_per_prompt=images)
+    return batcher.prepare(request, priority=priority)
+
+
+@pytest.mark.parametrize("policy", ["step", "request", "single"])
+def test_a_higher_level_is_admitted_first_then_arrival_order(pipe, image, policy):
+    """One guided job per call (2 rows): two default-level jobs queued, then a level-1 one;
+    the level-1 job runs first, the others in the order they came, whatever the policy."""
+    options = ServeOptions(max_rows=2, priority_levels=2, policy=policy, queue_delay=0)
+    batcher = StepBatcher(pipe, options, start=False)
+    first, second, urgent = (
+        _job(batcher, image, 0),
+        _job(batcher, image, 0),
+        _job(batcher, image, 1),
+    )
+    assert (first.priority, urgent.priority) == (2, 1)  # 0: the lowest level
+    for job in (first, second, urgent):
+        batcher.submit(job)
+    batcher.start()
+    try:
+        for job in (first, second, urgent):
+            job.future.result(timeout=60)
+    finally:
+        batcher.close()
+    assert urgent.admitted < first.admitted < second.admitted
+
+
+def test_a_lower_level_does_not_take_the_rows_a_higher_one_waits_for(pipe, image):
+    """4 rows; a job of 2 runs. A level-1 job of 4 rows (2 images) waits; a level-2 job of 2
+    rows, which would fit now, waits too, so that the level-1 job starts as soon as the
+    running one ends. Of one level, the job that fits still goes ahead (as without levels)."""
+    batcher = StepBatcher(pipe, ServeOptions(max_rows=4, priority_levels=2), start=False)
+    try:
+        running = _job(batcher, image, 2)
+        high, low = _job(batcher, image, 1, images=2), _job(batcher, image, 2)
+        batcher.active = [running]
+        batcher.waiting.extend([high, low])
+        assert batcher._admit() == []
+        batcher.active = []
+        assert batcher._admit() == [high]
+        same = _job(batcher, image, 2, images=2)
+        batcher.active, batcher.waiting = [running], type(batcher.waiting)([same, low])
+        assert batcher._admit() == [low]
+    finally:
+        batcher.close()
+
+
+def test_priorities_are_checked_against_the_servers_levels(pipe, image):
+    batcher = StepBatcher(pipe, ServeOptions(priority_levels=2), start=False)
+    without = StepBatcher(pipe, start=False)
+    try:
+        with pytest.raises(InvalidInputError) as refused:
+            _job(batcher, image, 3)
+        assert str(refused.value) == (
+            "priority must be in [0, 2] (1 the highest; 0: the default, 2), got 3"
+        )
+        with pytest.raises(InvalidInputError, match="must be an integer >= 0, got -1"):
+            _job(batcher, image, -1)
+        with pytest.raises(InvalidInputError, match="this server has no priority levels"):
+            _job(without, image, 1)
+        assert _job(without, image, 0).priority == 0
+    finally:
+        batcher.close()
+        without.close()
+    with pytest.raises(InvalidInputError, match="priority_levels must be an integer >= 0"):
+        ServeOptions(priority_levels=-1)
+
+
+def test_every_protocol_takes_a_priority(pipe, image):
+    """/v1's field, /v2's parameter (Triton's name), each refused past the levels with the
+    batcher's words; the command line's --priority-levels."""
+    from sdtrt.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--priority-levels", "3"])
+    assert args.priority_levels == 3
+    options = ServeOptions(priority_levels=2)
+    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
+        running.wait_ready()
+        body = {"image": base64.b64encode(png_bytes(image)).decode(), "num_inference_steps": 2}
+        url = f"{running.url}/v1/img2img"
+        assert httpx.post(url, json={**body, "priority": 1}, timeout=60).status_code == 200
+        answer = httpx.post(url, json={**body, "priority": 5}, timeout=60)
+        assert answer.status_code == 422 and "priority must be in [0, 2]" in answer.json()["error"]
+        pixels = np.asarray(image)
+        tensor = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
+                  "data": pixels.reshape(-1).tolist()}  # fmt: skip
+        infer = f"{running.url}/v2/models/img2img/infer"
+        for priority, status in ((2, 200), (3, 422)):
+            request = {"inputs": [tensor], "parameters": {"num_inference_steps": 2,
+                                                          "priority": priority}}  # fmt: skip
+            assert httpx.post(infer, json=request, timeout=60).status_code == status
