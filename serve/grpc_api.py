@@ -78,23 +78,29 @@ CONTENTS = {
 
 
 def grpc_modules() -> tuple[Any, Any]:
-    """grpcio and grpcio-tools' protoc, or BackendUnavailableError saying how to install them."""
+    """grpcio and grpcio-tools' protoc, or BackendUnavailableError saying how to install them
+    (with the health and reflection services' packages)."""
     try:
         import grpc
+        import grpc_health.v1.health  # noqa: F401
+        import grpc_reflection.v1alpha.reflection  # noqa: F401
         from grpc_tools import protoc
     except ImportError:
         raise BackendUnavailableError(
-            "serving gRPC (--grpc-port) needs grpcio and grpcio-tools: pip install 'sdtrt[grpc]'"
+            "serving gRPC (--grpc-port) needs grpcio, grpcio-tools, grpcio-health-checking and "
+            "grpcio-reflection: pip install 'sdtrt[grpc]'"
         ) from None
     return grpc, protoc
 
 
 @functools.cache
-def messages() -> dict[str, Any]:
-    """The protocol's message classes by name, compiled from inference.proto into a
-    descriptor pool of their own: a client's copy of the same ``inference`` package
-    (tritonclient's, KServe's) in the same process would clash in protobuf's default pool."""
+def _compiled() -> tuple[Any, dict[str, Any]]:
+    """inference.proto compiled into a descriptor pool of its own (a client's copy of the
+    same ``inference`` package, tritonclient's or KServe's, in the same process would
+    clash in protobuf's default pool), with the health service's file (for reflection);
+    the pool and the protocol's message classes by name."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_health.v1 import health_pb2
 
     _, protoc = grpc_modules()
     with tempfile.TemporaryDirectory() as folder:
@@ -106,11 +112,20 @@ def messages() -> dict[str, Any]:
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
         pool.Add(file)
+    health = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(health)
+    pool.Add(health)
     names = {name for pair in CALLS.values() for name in pair} | {"InferParameter"}
-    return {
+    classes = {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
         for name in names
     }
+    return pool, classes
+
+
+def messages() -> dict[str, Any]:
+    """The protocol's message classes by name (``ModelInferRequest``...)."""
+    return _compiled()[1]
 
 
 def read_infer(
@@ -199,8 +214,11 @@ class InferenceService:
         self.metrics, self.readiness = metrics, readiness
         self.messages = messages()
 
-    def handler(self) -> Any:
-        """The service's calls for ``grpc.aio.Server.add_generic_rpc_handlers``."""
+    def handlers(self) -> tuple[Any, Any]:
+        """The service's calls, and gRPC's health service's ``Check``, for
+        ``grpc.aio.Server.add_generic_rpc_handlers``."""
+        from grpc_health.v1 import health, health_pb2
+
         grpc, _ = grpc_modules()
         calls = {}
         for call, (asked, answered) in CALLS.items():
@@ -209,7 +227,33 @@ class InferenceService:
                 request_deserializer=self.messages[asked].FromString,
                 response_serializer=self.messages[answered].SerializeToString,
             )
-        return grpc.method_handlers_generic_handler(SERVICE, calls)
+        check = grpc.unary_unary_rpc_method_handler(
+            self.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
+        return (
+            grpc.method_handlers_generic_handler(SERVICE, calls),
+            grpc.method_handlers_generic_handler(health.SERVICE_NAME, {"Check": check}),
+        )
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        """gRPC's health checking protocol (Kubernetes' grpc probes, grpc_health_probe):
+        the server ("") is SERVING while its worker lives, as /v2/health/live; the
+        inference service is SERVING when ready, NOT_SERVING while warming up or draining,
+        as /v2/health/ready."""
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.ServingStatus
+        if request.service not in ("", SERVICE):
+            await context.abort(
+                _status(404),
+                f"unknown service {request.service!r}: this server has '' and {SERVICE}",
+            )
+        serving = self.batcher.alive if request.service == "" else self.readiness() == "ready"
+        return health_pb2.HealthCheckResponse(
+            status=status.SERVING if serving else status.NOT_SERVING
+        )
 
     # The calls, by the protocol's names (handler() finds them by those).
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -363,7 +407,13 @@ class GrpcServer:
                 ("grpc.max_send_message_length", -1),
             ]
         )
-        server.add_generic_rpc_handlers((self.service.handler(),))
+        server.add_generic_rpc_handlers(self.service.handlers())
+        # Server reflection (grpcurl and Postman list and call the service without its .proto).
+        from grpc_health.v1 import health
+        from grpc_reflection.v1alpha import reflection
+
+        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=_compiled()[0])
         self.port = server.add_insecure_port(self.address)
         await server.start()
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()

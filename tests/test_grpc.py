@@ -79,6 +79,34 @@ def _call(server, name, request, metadata=(("authorization", "Bearer secret"),))
         return call(request, metadata=metadata, timeout=60)
 
 
+def test_health_checks_and_reflection(server):
+    """gRPC's health protocol (Kubernetes' grpc probes): the server live, the inference
+    service ready, another service NOT_FOUND; server reflection lists and describes the
+    service (what grpcurl reads)."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE):
+            request = health_pb2.HealthCheckRequest(service=service)
+            assert health.Check(request, timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(service="img2img"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert {SERVICE, "grpc.health.v1.Health"} <= set(database.get_services())
+        service = DescriptorPool(database).FindServiceByName(SERVICE)
+        assert [m.name for m in service.methods] == [
+            "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+            "ModelInfer",
+        ]  # fmt: skip
+
+
 def _typed_request(image, strength):
     """prompt, image and strength in typed contents; the rest as parameters."""
     m = messages()
@@ -321,6 +349,14 @@ def test_a_draining_server_is_not_ready_and_takes_no_new_calls(tiny, image):
         app.state.sdtrt["draining"] = True
         app.state.batcher.drain()
         assert not _call(running, "ModelReady", ready).ready
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(running.grpc) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            statuses = [check(health_pb2.HealthCheckRequest(service=s)).status
+                        for s in ("", SERVICE)]  # fmt: skip
+        answer = health_pb2.HealthCheckResponse
+        assert statuses == [answer.SERVING, answer.NOT_SERVING]  # live, not ready
         code, details = _refused(running, _typed_request(image, 0.5))
         assert code == grpc.StatusCode.UNAVAILABLE and details
         assert httpx.get(f"{running.url}/ready").status_code == 503
