@@ -12,12 +12,12 @@ from sdtrt.options import (
     TRT_FAMILIES,
     UNET_SWITCHES,
     BackendOptions,
-    ModelSource,
     OrtOptions,
     TensorRTOptions,
     TorchOptions,
     default_precision,
 )
+from sdtrt.source import ModelSource
 
 # diffusers' own pipeline, plain and with its UNet under torch.compile (the peer a user
 # would pick: diffusers' documented speed-up).

@@ -21,7 +21,8 @@ def main() -> None:
     import PIL.Image
 
     from sdtrt.api import build_pipeline
-    from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, ModelSource, OrtOptions
+    from sdtrt.options import SAMPLE_IMAGE, SEED_PROMPT, OrtOptions
+    from sdtrt.source import ModelSource
 
     defaults = ["tiny", "128", "4", "9"]
     model, size, steps, repeats = sys.argv[1:] + defaults[len(sys.argv) - 1 :]

@@ -26,11 +26,11 @@ import httpx
 import numpy as np
 import PIL.Image
 
-from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve import app as serve_app
 from sdtrt.serve import handling
 from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
 REQUESTS, REPEATS = 8, 3

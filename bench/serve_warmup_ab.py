@@ -32,11 +32,12 @@ def one_side(warm: bool) -> dict[str, float]:
     """In this process: seconds to load, to ready, and for each burst."""
     import torch
 
-    from sdtrt.options import ServeOptions, TorchOptions
+    from sdtrt.options import TorchOptions
     from sdtrt.runtime.pipeline import Img2ImgPipeline
     from sdtrt.serve.app import warm_up
     from sdtrt.serve.batcher import StepBatcher
     from sdtrt.serve.jobs import Img2ImgRequest
+    from sdtrt.serve.options import ServeOptions
 
     start = time.perf_counter()
     options = TorchOptions(compile_unet=True)

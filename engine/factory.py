@@ -9,13 +9,7 @@ from typing import Any
 from sdtrt.engine.base import Backend
 from sdtrt.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.options import (
-    BackendOptions,
-    CacheOptions,
-    OrtOptions,
-    TensorRTOptions,
-    TorchOptions,
-)
+from sdtrt.options import BackendOptions, CacheOptions, OrtOptions, TensorRTOptions, TorchOptions
 
 
 def check_available(options: BackendOptions) -> None:

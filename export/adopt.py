@@ -29,7 +29,7 @@ from sdtrt.export.networks import (
     networks_for,
 )
 from sdtrt.fileio import write_json
-from sdtrt.options import ModelSource
+from sdtrt.source import ModelSource
 
 _PRECISION = {"float32": "fp32", "float16": "fp16"}
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from sdtrt.export.folder import FORMAT_VERSION, ExportedModel, is_export
 from sdtrt.fileio import check_writable, exclusive_lock, remove_leftovers
-from sdtrt.options import CacheOptions, ExportOptions, as_source
+from sdtrt.options import CacheOptions, ExportOptions
+from sdtrt.source import as_source
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from sdtrt.export.folder import (
 from sdtrt.export.networks import VAE_NETWORKS, ModelDims, networks_for
 from sdtrt.export.onnx_export import export_network
 from sdtrt.fileio import atomic_dir, write_json
-from sdtrt.options import ExportOptions, ModelSource, as_source
+from sdtrt.options import ExportOptions
+from sdtrt.source import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from sdtrt.errors import GraphIntegrityError, InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import GraphIO, ModelDims, Network, load_graph, networks_for
-from sdtrt.options import ModelSource, as_source
+from sdtrt.source import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from sdtrt.engine.base import Backend
 from sdtrt.engine.trt_profile import check_pixels
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
-from sdtrt.options import BackendOptions, CacheOptions, ModelSource, as_source, default_options
+from sdtrt.options import BackendOptions, CacheOptions, default_options
 from sdtrt.runtime.callbacks import (
     callback_inputs,
     guidance_left,
@@ -66,6 +66,7 @@ from sdtrt.runtime.steps import (
     token_ids,
     unet_input,
 )
+from sdtrt.source import ModelSource, as_source
 
 T = TypeVar("T")
 P = ParamSpec("P")

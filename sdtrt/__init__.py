@@ -28,11 +28,11 @@ if TYPE_CHECKING:
 # Light (no torch): what the Python API is called with.
 from sdtrt.options import (  # noqa: E402
     SAMPLE_IMAGE,
-    ModelSource,
     OrtOptions,
     TensorRTOptions,
     TorchOptions,
 )
+from sdtrt.source import ModelSource
 
 
 def __getattr__(name: str) -> Any:

@@ -22,14 +22,13 @@ from sdtrt.options import (
     CacheOptions,
     ExportOptions,
     Img2ImgJob,
-    ModelSource,
-    as_source,
     default_options,
     default_precision,
 )
 from sdtrt.runtime.guidance import cutoff_callback
 from sdtrt.runtime.inputs import Limits, load_image
 from sdtrt.runtime.pipeline import Img2ImgOutput, Img2ImgPipeline
+from sdtrt.source import ModelSource, as_source
 
 logger = logging.getLogger(__name__)
 

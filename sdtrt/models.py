@@ -18,7 +18,7 @@ import torch
 from sdtrt.adapters import fuse_loras, load_embeddings, load_vae
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import check_unet_config
-from sdtrt.options import ModelSource, as_source, is_hub_id
+from sdtrt.source import ModelSource, as_source, is_hub_id
 
 logger = logging.getLogger(__name__)
 

@@ -4,21 +4,21 @@ Light on purpose (no torch, no diffusers): the command line builds its help from
 the API, the bench, the factory and the server build their options here, once. Each
 backend has its own frozen options class; ``backend_options`` turns what a user typed into
 the right one and refuses, with one line, an option that does not apply to the backend.
+Where a model's weights come from is sdtrt/source.py's ``ModelSource``; the server's
+options are serve/options.py's ``ServeOptions``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from sdtrt.errors import InvalidInputError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from sdtrt.source import ModelSource
 
 SAMPLE_IMAGE = Path(__file__).parent / "assets" / "sample.png"
 SEED_PROMPT = "A colorful dancer, nat geo photo"
@@ -50,7 +50,7 @@ UNET_SWITCHES = {
 DEFAULT_OPSET = 20
 
 
-def _integer(what: str, value: object, minimum: int) -> None:
+def check_integer(what: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidInputError(f"{what} must be an integer >= {minimum}, got {value!r}")
 
@@ -353,91 +353,6 @@ class Img2ImgJob:
         image_format(self.out)
 
 
-def expand_home(path: str | None) -> str | None:
-    """ "~/..." where no shell expanded it (quoted, a script's variable, a YAML or unit
-    file): the home folder, not a folder named "~". Other values as they are."""
-    return os.path.expanduser(path) if isinstance(path, str) else path
-
-
-def is_hub_id(name: str) -> bool:
-    """owner/name, where no folder owner/ is here: a Hugging Face Hub repository's id."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name.split("/")[0]).exists()
-
-
-def hub_snapshot(repo_id: str) -> str | None:
-    """The copy of Hub repository ``repo_id`` that diffusers or ``hf download`` left in the
-    Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), as diffusers finds it offline;
-    None where it is not there. Reads the cache only, never the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return str(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError):
-        return None
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's PyTorch weights come from: a built-in name, a diffusers folder, or a
-    single checkpoint file in the original Stable Diffusion layout."""
-
-    model: str
-    """tiny | sd15-random | sd21-random | a diffusers folder | a .safetensors/.ckpt file |
-    a Hub id (owner/name) already in the Hugging Face cache, which becomes that folder."""
-    variant: str | None = None
-    """A folder's weight variant (``model.fp16.safetensors``...); None: the default
-    weights, else the only variant there is (fp16 first)."""
-    config: str | None = None
-    """A single file's architecture: a diffusers folder of the same model, or the original
-    YAML config. Needed (nothing is downloaded)."""
-    allow_pickle: bool = False
-    """Load a .ckpt/.bin checkpoint, which is a pickle: unpickling runs code from the file."""
-    vae: str | None = None
-    """Another VAE in place of the model's: a single file in the original layout (A1111's
-    "SD VAE", such as ``vae-ft-mse-840000-ema-pruned.safetensors``) or a diffusers VAE
-    folder (AutoencoderKL, or TAESD's AutoencoderTiny; or a folder of TAESD's own
-    ``taesd_encoder`` and ``taesd_decoder`` files); the exports, engines and the cache
-    carry it."""
-    loras: tuple[tuple[str, float], ...] = ()
-    """LoRA files (.safetensors, in diffusers', kohya's or PEFT's layout, as diffusers'
-    ``load_lora_weights`` reads them) and their scales, fused into the weights when they
-    load, as diffusers' ``fuse_lora`` does: exports, engines and the cache carry them."""
-    embeddings: tuple[tuple[str, str], ...] = ()
-    """Textual inversion embeddings (.safetensors, A1111's or diffusers' layout) and the
-    word each is called by in prompts (by default the file's name without its extension,
-    as A1111 does: ``EasyNegative.safetensors`` is "EasyNegative"), added to the tokenizer
-    and the text encoder when they load, as diffusers' ``load_textual_inversion`` does."""
-    clip_skip: int | None = None
-    """CLIP layers left out at the end of the text encoder, as diffusers' ``clip_skip``: 1
-    takes the penultimate layer's output (what web UIs call "Clip skip 2"), for prompt and
-    negative prompt alike. The text encoder is cut when it loads, so exports, engines and
-    the cache carry it. None or 0: every layer."""
-
-    def __post_init__(self) -> None:
-        if not str(self.model).strip():  # an unset "$MODEL": not the current folder
-            raise InvalidInputError("the model is empty: give a model name, folder or file")
-        if self.clip_skip is not None:
-            _integer("clip skip", self.clip_skip, 0)
-        object.__setattr__(self, "loras", tuple(_lora(entry) for entry in self.loras))
-        object.__setattr__(self, "embeddings", tuple(map(_embedding, self.embeddings)))
-        object.__setattr__(self, "model", expand_home(self.model))  # Python, a YAML file
-        object.__setattr__(self, "config", expand_home(self.config))
-        object.__setattr__(self, "vae", expand_home(self.vae))
-        if is_hub_id(self.model) and (snapshot := hub_snapshot(self.model)):
-            logger.info("%s: the copy in the Hugging Face cache, %s", self.model, snapshot)
-            object.__setattr__(self, "model", snapshot)
-
-    def describe(self) -> str:
-        extra = [f"variant {self.variant}"] * bool(self.variant)
-        extra += [f"config {self.config}"] * bool(self.config)
-        extra += [f"VAE {self.vae}"] * bool(self.vae)
-        extra += [f"LoRA {path} at {scale:g}" for path, scale in self.loras]
-        extra += [f"embedding {path} as {token!r}" for path, token in self.embeddings]
-        extra += [f"clip skip {self.clip_skip}"] * bool(self.clip_skip)
-        return self.model + (f" ({', '.join(extra)})" if extra else "")
-
-
 def parse_numbers(text: str) -> tuple[float, ...]:
     """ "999,850,736" -> (999.0, 850.0, 736.0): a schedule given on the command line."""
     try:
@@ -455,58 +370,6 @@ def parse_integers(text: str) -> tuple[int, ...]:
     if not all(n == int(n) for n in numbers):
         raise InvalidInputError(f"expected integers separated by commas, got {text!r}")
     return tuple(int(n) for n in numbers)
-
-
-def parse_lora(text: str) -> tuple[str, float]:
-    """ "FILE[:SCALE]" -> (FILE, SCALE), the scale 1.0 where none is given (a path that
-    holds a colon keeps it when what follows is not a number)."""
-    path, _, scale = text.rpartition(":")
-    try:
-        number = float(scale)
-    except ValueError:
-        return _lora((text, 1.0))
-    return _lora((path, number) if path else (text, 1.0))
-
-
-def _lora(entry: object) -> tuple[str, float]:
-    """A (file, scale) pair, checked: a file named, a finite scale."""
-    if isinstance(entry, str):
-        entry = (entry, 1.0)
-    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-        raise InvalidInputError(f"a LoRA is (file, scale), got {entry!r}")
-    path, scale = entry
-    if not isinstance(path, str) or not path.strip():
-        raise InvalidInputError(f"a LoRA's file must be a path, got {path!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InvalidInputError(f"LoRA {path}: the scale must be a finite number, got {scale!r}")
-    return str(expand_home(path)), float(scale)
-
-
-def parse_embedding(text: str) -> tuple[str, str]:
-    """ "FILE[:TOKEN]" -> (FILE, TOKEN), the token by default the file's name without its
-    extension (a colon followed by a path stays part of the file)."""
-    path, _, token = text.rpartition(":")
-    if not path or "/" in token:
-        return _embedding(text)
-    return _embedding((path, token))
-
-
-def _embedding(entry: object) -> tuple[str, str]:
-    """A (file, token) pair, checked: a file named; a token of one word."""
-    if isinstance(entry, str):
-        entry = (entry, Path(entry).stem)
-    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-        raise InvalidInputError(f"an embedding is (file, token), got {entry!r}")
-    path, token = entry
-    if not isinstance(path, str) or not path.strip():
-        raise InvalidInputError(f"an embedding's file must be a path, got {path!r}")
-    if not isinstance(token, str) or not token or token != token.strip() or " " in token:
-        raise InvalidInputError(f"embedding {path}: the token must be one word, got {token!r}")
-    return str(expand_home(path)), token
-
-
-def as_source(model: str | ModelSource) -> ModelSource:
-    return model if isinstance(model, ModelSource) else ModelSource(str(model))
 
 
 @dataclass(frozen=True)
@@ -637,118 +500,3 @@ class BuildOptions:
 
     def flags(self) -> dict[str, float | int | None]:
         return {"optimization_level": self.optimization_level, "workspace_gb": self.workspace_gb}
-
-
-SERVE_POLICIES = ("step", "request", "single")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """``sdtrt serve``: how requests are batched and what the HTTP side accepts."""
-
-    policy: str = "step"
-    """step: one UNet call per iteration for every active job of a size (continuous
-    batching); request: identical requests within the queue delay run as one batch (what
-    Triton and PyTriton do); single: one request at a time. The load benchmark compares."""
-    max_rows: int | None = None
-    """UNet rows per call ([uncond, cond] per guided image); None: the TensorRT engine's
-    profile maximum, else 16."""
-    max_queue: int = 64
-    """Requests waiting beyond this are refused with 429 and Retry-After."""
-    intra_op_threads: int | None = 1
-    """On a CPU device: PyTorch's intra-op threads in the worker thread (its
-    ``torch.set_num_threads``); None: PyTorch's own (one per core). 1 by default: a second
-    thread with its own OpenMP pool next to the one that loaded the model oversubscribes
-    the cores, and then every small operator waits for its pool to wake (tiny model, 2
-    cores: 3.5x slower requests); big models on many cores gain from more."""
-    queue_delay: float = 0.05
-    """request policy: seconds the oldest request waits for identical ones."""
-    timeout: float = 300.0
-    """Seconds a request may take in all; past it the answer is 504 and its job is dropped."""
-    host: str = "127.0.0.1"
-    """Loopback unless told otherwise."""
-    port: int = 8000
-    api_key: str | None = None
-    """Required on /v1 and /metrics when set (Authorization: Bearer KEY or X-API-Key)."""
-    max_body_mb: float = 16.0
-    drain_timeout: float = 30.0
-    """On SIGTERM: seconds the requests in flight get to finish before the server exits."""
-    warmup_sizes: tuple[tuple[int, int], ...] = ()
-    """(height, width) image sizes at which every shape the server can form runs once
-    before /ready says 200: the UNet at each row count up to ``max_rows``, the VAE at each
-    number of images up to it, the text encoder at each number of prompts up to it times
-    the number of sizes (jobs admitted together are encoded together). Where a shape costs
-    on first sight (a CUDA graph captured, ``--compile`` compiling, TensorRT-RTX compiling
-    kernels), the first requests then do not pay for it; the largest batches also prove
-    the memory holds them. Also takes "HxW,HxW". Empty: one small request warms up, at the
-    sample picture's size."""
-    steps: int = Img2ImgJob.steps
-    """A request's ``num_inference_steps`` when it sends none (as ``guidance`` its
-    ``guidance_scale``, ``strength`` its strength when it sends neither strength nor
-    start_step, and the pipeline's scheduler its scheduler): an LCM-LoRA server's few
-    unguided steps need not be sent with every request."""
-    guidance: float = Img2ImgJob.guidance
-    strength: float = DEFAULT_STRENGTH
-    guidance_cutoff: float | None = None
-    """A request's ``guidance_cutoff`` when it sends none (a request sends 1 to be guided
-    throughout); None: guided throughout."""
-    model_name: str = "img2img"
-    """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
-    what Triton and KServe clients ask for (a KServe InferenceService's name)."""
-    priority_levels: int = 0
-    """Priority levels a request may name (Triton's schedule-policy ``priority``): 1 is the
-    highest, ``priority_levels`` the lowest and a request's default (priority 0). A waiting
-    request of a higher level is admitted before those of lower ones, which do not take
-    the UNet rows it waits for; within a level, in arrival order. 0: none (a request's
-    priority must then be 0)."""
-    grpc_port: int | None = None
-    """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
-    serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
-    'sdtrt[grpc]'``."""
-
-    def __post_init__(self) -> None:
-        from sdtrt.runtime.guidance import check_guidance_cutoff
-        from sdtrt.runtime.inputs import check_steps_and_guidance, resolve_start_step
-
-        check_steps_and_guidance(self.steps, self.guidance)
-        check_guidance_cutoff(self.guidance_cutoff)
-        resolve_start_step(self.steps, self.strength, None)
-        one_of("policy", self.policy, SERVE_POLICIES)
-        if not isinstance(self.model_name, str) or not re.fullmatch(
-            r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name
-        ):
-            raise InvalidInputError(
-                "model name must be letters, digits, '_', '.' and '-' (one path segment), "
-                f"got {self.model_name!r}"
-            )
-        sizes = self.warmup_sizes
-        if isinstance(sizes, str):
-            sizes = parse_sizes(sizes, "warm-up sizes")
-        object.__setattr__(self, "warmup_sizes", tuple(tuple(size) for size in sizes))
-        for size in self.warmup_sizes:
-            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-                raise InvalidInputError(
-                    f"warm-up sizes are (height, width) pairs of positive integers, got {size!r}"
-                )
-        if self.intra_op_threads is not None:
-            _integer("intra-op threads", self.intra_op_threads, 1)
-        _integer("max_queue", self.max_queue, 1)  # 0: nothing, the warm-up included, could run
-        _integer("priority_levels", self.priority_levels, 0)
-        for name in ("port", "grpc_port"):
-            port = getattr(self, name)
-            if port is not None:
-                _integer(name, port, 0)
-                if port > 65535:
-                    raise InvalidInputError(f"{name} must be in [0, 65535], got {port}")
-        if self.grpc_port == self.port != 0:
-            raise InvalidInputError(f"grpc_port and port are both {self.port}: give two ports")
-        if self.max_rows is not None and self.max_rows < 2:
-            raise InvalidInputError(
-                f"max rows must be >= 2 (one guided image), got {self.max_rows}"
-            )
-        for name in ("queue_delay", "drain_timeout"):
-            if not getattr(self, name) >= 0:
-                raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("timeout", "max_body_mb"):  # 0: every request refused
-            if not getattr(self, name) > 0:
-                raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -11,7 +11,7 @@ import torch
 from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.export.networks import check_unet_config
 from sdtrt.models import check_folder_parts, quiet_loaders
-from sdtrt.options import ModelSource
+from sdtrt.source import ModelSource
 
 SAFE = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")

@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import ServeOptions
 from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
@@ -47,6 +46,7 @@ from sdtrt.serve.handling import (
 )
 from sdtrt.serve.jobs import Job, JobResult
 from sdtrt.serve.metrics import Metrics
+from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from sdtrt.errors import (
     ServerBusyError,
     ShapeOutsideProfileError,
 )
-from sdtrt.options import SAMPLE_IMAGE, ServeOptions
+from sdtrt.options import SAMPLE_IMAGE
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real, prompt_lists
@@ -57,6 +57,7 @@ from sdtrt.runtime.steps import (
     unet_input,
 )
 from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
+from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
 

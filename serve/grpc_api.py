@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import BackendUnavailableError
-from sdtrt.options import ServeOptions
 from sdtrt.serve import kserve
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import TYPES
@@ -47,6 +46,7 @@ from sdtrt.serve.handling import (
 )
 from sdtrt.serve.jobs import JobResult
 from sdtrt.serve.metrics import Metrics
+from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
 PROTO = Path(__file__).with_name("inference.proto")

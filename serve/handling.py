@@ -21,10 +21,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
-from sdtrt.options import ServeOptions
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import TEXTS
 from sdtrt.serve.jobs import Job, JobResult
+from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -24,15 +24,9 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import (
-    SAMPLE_IMAGE,
-    SCHEDULER_NAMES,
-    SERVE_POLICIES,
-    BackendOptions,
-    ModelSource,
-    ServeOptions,
-    one_of,
-)
+from sdtrt.options import SAMPLE_IMAGE, SCHEDULER_NAMES, BackendOptions, one_of
+from sdtrt.serve.options import SERVE_POLICIES, ServeOptions
+from sdtrt.source import ModelSource
 
 logger = logging.getLogger(__name__)
 

@@ -20,13 +20,9 @@ from typing import Any
 from ray import serve
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import (
-    ModelSource,
-    ServeOptions,
-    backend_options,
-    parse_embedding,
-    parse_lora,
-)
+from sdtrt.options import backend_options
+from sdtrt.serve.options import ServeOptions
+from sdtrt.source import ModelSource, parse_embedding, parse_lora
 
 logger = logging.getLogger(__name__)
 

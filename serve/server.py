@@ -17,7 +17,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import BackendOptions, ModelSource, ServeOptions
+from sdtrt.options import BackendOptions
+from sdtrt.serve.options import ServeOptions
+from sdtrt.source import ModelSource
 
 logger = logging.getLogger(__name__)
 

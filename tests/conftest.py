@@ -57,7 +57,8 @@ def taesd_exported(taesd, onnx_cache):
     """The tiny model with TAESD as its VAE, exported in fp32 through the cache."""
     from sdtrt.export.cache import exported_for
     from sdtrt.models import load_components
-    from sdtrt.options import CacheOptions, ModelSource
+    from sdtrt.options import CacheOptions
+    from sdtrt.source import ModelSource
 
     source = ModelSource("tiny", vae=str(taesd[0]))
     cache = CacheOptions(cache_dir=str(onnx_cache), source=source)

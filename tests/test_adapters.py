@@ -17,8 +17,8 @@ from conftest import diffusers_img2img
 from sdtrt.cli import main
 from sdtrt.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
 from sdtrt.models import load_components, model_fingerprint
-from sdtrt.options import ModelSource, parse_embedding, parse_lora
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.source import ModelSource, parse_embedding, parse_lora
 
 CALL = dict(strength=0.8, num_inference_steps=6, guidance_scale=7.0, output_type="np")
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from sdtrt.cli import main
 from sdtrt.models import folder_variants, load_components, model_fingerprint
-from sdtrt.options import ModelSource
+from sdtrt.source import ModelSource
 
 RUN = ["--scheduler", "pndm", "--steps", "4", "--height", "32", "--width", "48", "--no-progress"]
 

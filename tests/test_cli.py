@@ -42,7 +42,7 @@ def test_writes_png_of_requested_size(tmp_path, png, capsys):
 def test_a_tilde_no_shell_expanded_is_the_home_folder(tmp_path, png, capsys, monkeypatch):
     """ "~/..." quoted (or from a YAML file, a unit file): the home folder, as a shell would
     have it, not a folder named "~" made in the current one."""
-    from sdtrt.options import ModelSource
+    from sdtrt.source import ModelSource
 
     home, elsewhere = tmp_path / "home", tmp_path / "cwd"
     home.mkdir(), elsewhere.mkdir()

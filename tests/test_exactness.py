@@ -521,8 +521,8 @@ def test_clip_skip_equals_diffusers_definition_for_both_prompts(tiny, images, cl
     diffusers as embeddings, for the prompt and the negative prompt alike (diffusers' own
     SD 1.x pipeline applies it to the prompt only, and with transformers >= 5.6 fails on
     it: huggingface/diffusers#14124)."""
-    from sdtrt.options import ModelSource
     from sdtrt.runtime.steps import token_ids
+    from sdtrt.source import ModelSource
 
     ours = Img2ImgPipeline.from_pretrained(
         ModelSource("tiny", clip_skip=clip_skip), scheduler="euler", show_progress=False

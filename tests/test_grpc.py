@@ -25,11 +25,11 @@ import pytest
 from conftest import free_port, png_bytes
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.kserve import ProtocolError, img2img_values
+from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
 grpc = pytest.importorskip("grpc", reason="pip install 'sdtrt[grpc]'")

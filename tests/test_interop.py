@@ -19,8 +19,8 @@ from interop.settings import CALL, PROMPT, SEED
 
 from sdtrt.cli import main
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import ModelSource
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.source import ModelSource
 
 ROOT = Path(__file__).parent.parent
 OPTIMUM_PYTHON = Path(os.environ.get("SDTRT_OPTIMUM_PYTHON", ROOT / ".venv-optimum/bin/python"))
@@ -87,8 +87,9 @@ def test_transformers_4_reads_an_exports_embedding_tokens_as_we_do(tmp_path, fas
 
     from sdtrt import api
     from sdtrt.export.folder import ExportedModel
-    from sdtrt.options import ExportOptions, ModelSource
+    from sdtrt.options import ExportOptions
     from sdtrt.runtime.steps import token_ids
+    from sdtrt.source import ModelSource
 
     save_file({"emb_params": torch.randn(3, 32)}, tmp_path / "Shiny.safetensors")
     source = ModelSource("tiny", embeddings=(str(tmp_path / "Shiny.safetensors"),))

@@ -17,11 +17,11 @@ import PIL.Image
 import pytest
 from conftest import held_mid_call, png_bytes
 
-from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.kserve import ProtocolError, parse_infer
+from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
 KEY = {"Authorization": "Bearer secret"}

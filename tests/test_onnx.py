@@ -574,7 +574,8 @@ def test_an_export_runs_with_its_own_clip_skip_and_refuses_weight_options(
     graph at run time), and options that choose PyTorch weights are refused, not ignored."""
     from sdtrt import api
     from sdtrt.export.folder import ExportedModel
-    from sdtrt.options import ExportOptions, ModelSource
+    from sdtrt.options import ExportOptions
+    from sdtrt.source import ModelSource
 
     exported_layers = {}
 

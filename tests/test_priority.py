@@ -13,10 +13,10 @@ import pytest
 from conftest import png_bytes
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.options import ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
 

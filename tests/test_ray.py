@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import free_port, png_bytes
 
-from sdtrt.options import ModelSource, ServeOptions
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.serve.options import ServeOptions
+from sdtrt.source import ModelSource
 from sdtrt.train.shapes import Scene
 
 pytestmark = pytest.mark.skipif(

@@ -31,7 +31,6 @@ from sdtrt.errors import (
     RequestCancelledError,
     ShapeOutsideProfileError,
 )
-from sdtrt.options import ServeOptions
 from sdtrt.runtime.guidance import cutoff_callback
 from sdtrt.runtime.inputs import DEFAULT_STRENGTH
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -39,6 +38,7 @@ from sdtrt.runtime.schedulers import diffusers_scheduler, make_scheduler
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher, intra_op_threads
 from sdtrt.serve.jobs import Img2ImgRequest
+from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
 # Measured on the tiny model, torch fp32 CPU: a request batched with four others of other
@@ -1338,7 +1338,7 @@ def test_every_answer_carries_its_request_id(server):
 def test_an_unforeseen_error_is_a_counted_json_500(server, monkeypatch):
     batcher = server.server.sdtrt_app.state.batcher
 
-    def prepare(request, timeout=None):
+    def prepare(request, timeout=None, priority=0):
         raise ValueError("something nobody checked")
 
     monkeypatch.setattr(batcher, "prepare", prepare)

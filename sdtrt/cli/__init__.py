@@ -24,7 +24,7 @@ from sdtrt.cli.graphs import add_adopt, add_build, add_check, add_export
 from sdtrt.cli.img2img import add_img2img
 from sdtrt.cli.serve import add_bench_serve, add_serve
 from sdtrt.errors import EngineBuildError, SdtrtError
-from sdtrt.options import expand_home
+from sdtrt.source import expand_home
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,14 +13,12 @@ from sdtrt.options import (
     DEVICES,
     PRECISIONS,
     UNET_SWITCHES,
-    ModelSource,
     OrtOptions,
     TensorRTOptions,
     TorchOptions,
     one_gpu_hint,
-    parse_embedding,
-    parse_lora,
 )
+from sdtrt.source import ModelSource, parse_embedding, parse_lora
 
 MODEL_HELP = (
     "tiny | tiny-random | sd15-random | sd21-random | a diffusers folder | an sdtrt export | "

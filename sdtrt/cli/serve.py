@@ -20,17 +20,12 @@ from sdtrt.cli.common import (
     unavailable,
     write_record_outputs,
 )
-from sdtrt.options import (
-    BACKENDS,
-    SCHEDULER_NAMES,
-    UNET_SWITCHES,
-    ServeOptions,
-    parse_sizes,
-)
+from sdtrt.options import BACKENDS, SCHEDULER_NAMES, UNET_SWITCHES, parse_sizes
+from sdtrt.serve.options import ServeOptions
 
 
 def add_serve(sub: Any) -> None:
-    from sdtrt.options import SERVE_POLICIES
+    from sdtrt.serve.options import SERVE_POLICIES
 
     o = ServeOptions
     p = sub.add_parser(

@@ -1,0 +1,124 @@
+"""``sdtrt serve``'s options: how requests are batched and what the protocols accept (the
+command line's ``serve`` and the Ray app build them here). Light: no torch, no FastAPI."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.options import DEFAULT_STRENGTH, Img2ImgJob, check_integer, one_of, parse_sizes
+
+SERVE_POLICIES = ("step", "request", "single")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``sdtrt serve``: how requests are batched and what the HTTP side accepts."""
+
+    policy: str = "step"
+    """step: one UNet call per iteration for every active job of a size (continuous
+    batching); request: identical requests within the queue delay run as one batch (what
+    Triton and PyTriton do); single: one request at a time. The load benchmark compares."""
+    max_rows: int | None = None
+    """UNet rows per call ([uncond, cond] per guided image); None: the TensorRT engine's
+    profile maximum, else 16."""
+    max_queue: int = 64
+    """Requests waiting beyond this are refused with 429 and Retry-After."""
+    intra_op_threads: int | None = 1
+    """On a CPU device: PyTorch's intra-op threads in the worker thread (its
+    ``torch.set_num_threads``); None: PyTorch's own (one per core). 1 by default: a second
+    thread with its own OpenMP pool next to the one that loaded the model oversubscribes
+    the cores, and then every small operator waits for its pool to wake (tiny model, 2
+    cores: 3.5x slower requests); big models on many cores gain from more."""
+    queue_delay: float = 0.05
+    """request policy: seconds the oldest request waits for identical ones."""
+    timeout: float = 300.0
+    """Seconds a request may take in all; past it the answer is 504 and its job is dropped."""
+    host: str = "127.0.0.1"
+    """Loopback unless told otherwise."""
+    port: int = 8000
+    api_key: str | None = None
+    """Required on /v1 and /metrics when set (Authorization: Bearer KEY or X-API-Key)."""
+    max_body_mb: float = 16.0
+    drain_timeout: float = 30.0
+    """On SIGTERM: seconds the requests in flight get to finish before the server exits."""
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    """(height, width) image sizes at which every shape the server can form runs once
+    before /ready says 200: the UNet at each row count up to ``max_rows``, the VAE at each
+    number of images up to it, the text encoder at each number of prompts up to it times
+    the number of sizes (jobs admitted together are encoded together). Where a shape costs
+    on first sight (a CUDA graph captured, ``--compile`` compiling, TensorRT-RTX compiling
+    kernels), the first requests then do not pay for it; the largest batches also prove
+    the memory holds them. Also takes "HxW,HxW". Empty: one small request warms up, at the
+    sample picture's size."""
+    steps: int = Img2ImgJob.steps
+    """A request's ``num_inference_steps`` when it sends none (as ``guidance`` its
+    ``guidance_scale``, ``strength`` its strength when it sends neither strength nor
+    start_step, and the pipeline's scheduler its scheduler): an LCM-LoRA server's few
+    unguided steps need not be sent with every request."""
+    guidance: float = Img2ImgJob.guidance
+    strength: float = DEFAULT_STRENGTH
+    guidance_cutoff: float | None = None
+    """A request's ``guidance_cutoff`` when it sends none (a request sends 1 to be guided
+    throughout); None: guided throughout."""
+    model_name: str = "img2img"
+    """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
+    what Triton and KServe clients ask for (a KServe InferenceService's name)."""
+    priority_levels: int = 0
+    """Priority levels a request may name (Triton's schedule-policy ``priority``): 1 is the
+    highest, ``priority_levels`` the lowest and a request's default (priority 0). A waiting
+    request of a higher level is admitted before those of lower ones, which do not take
+    the UNet rows it waits for; within a level, in arrival order. 0: none (a request's
+    priority must then be 0)."""
+    grpc_port: int | None = None
+    """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
+    serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
+    'sdtrt[grpc]'``."""
+
+    def __post_init__(self) -> None:
+        from sdtrt.runtime.guidance import check_guidance_cutoff
+        from sdtrt.runtime.inputs import check_steps_and_guidance, resolve_start_step
+
+        check_steps_and_guidance(self.steps, self.guidance)
+        check_guidance_cutoff(self.guidance_cutoff)
+        resolve_start_step(self.steps, self.strength, None)
+        one_of("policy", self.policy, SERVE_POLICIES)
+        if not isinstance(self.model_name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name
+        ):
+            raise InvalidInputError(
+                "model name must be letters, digits, '_', '.' and '-' (one path segment), "
+                f"got {self.model_name!r}"
+            )
+        sizes = self.warmup_sizes
+        if isinstance(sizes, str):
+            sizes = parse_sizes(sizes, "warm-up sizes")
+        object.__setattr__(self, "warmup_sizes", tuple(tuple(size) for size in sizes))
+        for size in self.warmup_sizes:
+            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+                raise InvalidInputError(
+                    f"warm-up sizes are (height, width) pairs of positive integers, got {size!r}"
+                )
+        if self.intra_op_threads is not None:
+            check_integer("intra-op threads", self.intra_op_threads, 1)
+        check_integer("max_queue", self.max_queue, 1)  # 0: nothing, the warm-up included, could run
+        check_integer("priority_levels", self.priority_levels, 0)
+        for name in ("port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None:
+                check_integer(name, port, 0)
+                if port > 65535:
+                    raise InvalidInputError(f"{name} must be in [0, 65535], got {port}")
+        if self.grpc_port == self.port != 0:
+            raise InvalidInputError(f"grpc_port and port are both {self.port}: give two ports")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise InvalidInputError(
+                f"max rows must be >= 2 (one guided image), got {self.max_rows}"
+            )
+        for name in ("queue_delay", "drain_timeout"):
+            if not getattr(self, name) >= 0:
+                raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("timeout", "max_body_mb"):  # 0: every request refused
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)!r}")
