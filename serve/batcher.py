@@ -56,6 +56,7 @@ from sdtrt.runtime.steps import (
     token_ids,
     unet_input,
 )
+from sdtrt.serve.admission import admit
 from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
 from sdtrt.serve.options import ServeOptions
 
@@ -378,31 +379,8 @@ class StepBatcher:
     def _admit(self) -> list[Job]:
         """Move waiting jobs to active as the policy allows (under the lock)."""
         now = time.monotonic()
-        admitted: list[Job] = []
-        if self.policy == "step":
-            rows: dict[Any, int] = {}
-            for job in self.active:
-                rows[job.size] = rows.get(job.size, 0) + job.rows
-            waits: dict[Any, int] = {}  # a size's highest level left waiting for rows
-            for job in sorted(self.waiting, key=lambda j: j.priority):  # stable: arrival order
-                if waits.get(job.size, job.priority) < job.priority:
-                    continue  # its rows go to the higher level's job first
-                if rows.get(job.size, 0) + job.rows <= self.max_rows:
-                    rows[job.size] = rows.get(job.size, 0) + job.rows
-                    admitted.append(job)
-                else:
-                    waits.setdefault(job.size, job.priority)
-        elif not self.active and self.waiting:
-            ranked = sorted(self.waiting, key=lambda j: j.priority)  # stable: arrival order
-            head = ranked[0]
-            if self.policy == "single":
-                admitted = [head]
-            else:
-                same = [j for j in ranked if j.same_batch_key == head.same_batch_key]
-                same = same[: self.max_rows // head.rows]
-                full = len(same) * head.rows + head.rows > self.max_rows
-                if full or now - head.submitted >= self.queue_delay:
-                    admitted = same
+        args = (self.waiting, self.active, self.max_rows, self.queue_delay, now)
+        admitted = admit(self.policy, *args)
         for job in admitted:
             self.waiting.remove(job)
             job.admitted = now

@@ -5,6 +5,7 @@ not take the rows it waits for; within a level, arrival order; every protocol ta
 from __future__ import annotations
 
 import base64
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -14,6 +15,7 @@ from conftest import png_bytes
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
+from sdtrt.serve.admission import admit
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.options import ServeOptions
@@ -59,24 +61,44 @@ def test_a_higher_level_is_admitted_first_then_arrival_order(pipe, image, policy
     assert urgent.admitted < first.admitted < second.admitted
 
 
-def test_a_lower_level_does_not_take_the_rows_a_higher_one_waits_for(pipe, image):
-    """4 rows; a job of 2 runs. A level-1 job of 4 rows (2 images) waits; a level-2 job of 2
+def _waiting(name, rows, priority, size=(32, 32), key="a", submitted=0.0):
+    """What admission reads of a job."""
+    return SimpleNamespace(name=name, rows=rows, priority=priority, size=size,
+                           same_batch_key=key, submitted=submitted)  # fmt: skip
+
+
+def _names(jobs):
+    return [job.name for job in jobs]
+
+
+def test_a_lower_level_does_not_take_the_rows_a_higher_one_waits_for():
+    """4 rows a size; a job of 2 runs. A level-1 job of 4 rows waits; a level-2 job of 2
     rows, which would fit now, waits too, so that the level-1 job starts as soon as the
-    running one ends. Of one level, the job that fits still goes ahead (as without levels)."""
-    batcher = StepBatcher(pipe, ServeOptions(max_rows=4, priority_levels=2), start=False)
-    try:
-        running = _job(batcher, image, 2)
-        high, low = _job(batcher, image, 1, images=2), _job(batcher, image, 2)
-        batcher.active = [running]
-        batcher.waiting.extend([high, low])
-        assert batcher._admit() == []
-        batcher.active = []
-        assert batcher._admit() == [high]
-        same = _job(batcher, image, 2, images=2)
-        batcher.active, batcher.waiting = [running], type(batcher.waiting)([same, low])
-        assert batcher._admit() == [low]
-    finally:
-        batcher.close()
+    running one ends. Of one level, the job that fits still goes ahead (as without levels);
+    another size's rows are its own."""
+    running = [_waiting("running", 2, 2)]
+    high, low = _waiting("high", 4, 1), _waiting("low", 2, 2)
+    assert admit("step", [high, low], running, 4, 0.0, 0.0) == []
+    assert _names(admit("step", [high, low], [], 4, 0.0, 0.0)) == ["high"]
+    same = _waiting("same", 4, 2)
+    assert _names(admit("step", [same, low], running, 4, 0.0, 0.0)) == ["low"]
+    other = _waiting("other", 2, 2, size=(64, 64))
+    assert _names(admit("step", [high, low, other], running, 4, 0.0, 0.0)) == ["other"]
+
+
+def test_the_request_and_single_policies_take_the_highest_level_first():
+    """Nothing runs: ``single`` takes the first of the highest level; ``request`` it and the
+    jobs identical to it, once full or after the queue delay."""
+    old, twin = _waiting("old", 2, 2, submitted=0.0), _waiting("twin", 2, 2, submitted=0.5)
+    urgent = _waiting("urgent", 2, 1, key="b", submitted=1.0)  # another request
+    assert _names(admit("single", [old, twin, urgent], [], 8, 0.1, 2.0)) == ["urgent"]
+    assert admit("single", [old], [_waiting("running", 2, 2)], 8, 0.1, 2.0) == []
+    assert _names(admit("request", [old, twin], [], 8, 0.1, 2.0)) == ["old", "twin"]
+    assert admit("request", [old, twin], [], 8, 5.0, 2.0) == []  # waiting for more
+    assert _names(admit("request", [old, twin], [], 4, 5.0, 2.0)) == ["old", "twin"]  # full
+    assert _names(admit("request", [old, twin, urgent], [], 8, 0.1, 2.0)) == ["urgent"]
+    like = _waiting("like", 2, 1, submitted=1.0)  # identical to the others: one batch
+    assert _names(admit("request", [old, twin, like], [], 8, 0.1, 2.0)) == ["like", "old", "twin"]
 
 
 def test_priorities_are_checked_against_the_servers_levels(pipe, image):
