@@ -385,3 +385,22 @@ def test_the_protocol_ab_times_each_way_a_picture_crosses_the_wire():
         assert rows["v2 binary"]["vs binary"] == 1.0
         assert rows["v2 JSON"]["vs binary"] == rows["v2 JSON"]["ms"] / rows["v2 binary"]["ms"]
     assert record["answer"]["v2 binary"]["bytes"] > 32 * 32 * 3  # the pixels and a header
+
+
+def test_the_priority_ab_runs_both_servers_on_the_same_arrivals():
+    """``python -m sdtrt.bench.priority_ab``: a server with levels and one without, driven
+    with the same requests (urgent ones sent priority 1 where levels exist); every request
+    answered and counted in its class, per run; medians and ratios from the runs."""
+    from sdtrt.bench.priority_ab import measure
+
+    record = measure(rate=200.0, requests=8, urgent=0.5, max_rows=2, repeats=1, seed=1)
+    for name in ("levels", "none"):
+        (run,) = record["runs"][name]
+        assert run["urgent"]["requests"] + run["rest"]["requests"] == 8
+        assert run["urgent"]["requests"] >= 1 and run["rest"]["requests"] >= 1
+        assert record["medians"][name] == run  # the median of one run is that run
+        for row in run.values():
+            assert row["p90_ms"] >= row["p50_ms"] > 0 and row["wait_ms"] >= 0
+    levels, none = record["medians"]["levels"], record["medians"]["none"]
+    ratio = record["ratios"]["urgent p50, levels/none"]
+    assert ratio == levels["urgent"]["p50_ms"] / none["urgent"]["p50_ms"]
