@@ -74,6 +74,12 @@ def images():
     ]
 
 
+def noise_picture(seed: int, height: int = 32, width: int = 48) -> PIL.Image.Image:
+    """A picture of random pixels, the same for a seed (a server test's input)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels)
+
+
 def png_bytes(image: PIL.Image.Image) -> bytes:
     """An image as a PNG file's bytes (an HTTP request's body)."""
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import free_port, png_bytes
+from conftest import free_port, noise_picture, png_bytes
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -42,8 +42,7 @@ SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(2)
-    return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    return noise_picture(2)
 
 
 @pytest.fixture(scope="module")

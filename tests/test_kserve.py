@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import held_mid_call, png_bytes
+from conftest import held_mid_call, noise_picture, png_bytes
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.app import create_app
@@ -31,8 +31,7 @@ INFER = "/v2/models/img2img/infer"
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(1)
-    return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    return noise_picture(1)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import httpx
 import numpy as np
-import PIL.Image
 import pytest
-from conftest import png_bytes
+from conftest import noise_picture, png_bytes
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -29,8 +28,7 @@ def pipe(tiny):
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(3)
-    return PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return noise_picture(3, 32, 32)
 
 
 def _job(batcher, image, priority, images=1):

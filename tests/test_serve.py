@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import free_port, held_mid_call, png_bytes
+from conftest import free_port, held_mid_call, noise_picture, png_bytes
 
 from sdtrt.errors import (
     DeadlineExceededError,
@@ -56,8 +56,7 @@ def pipe(tiny):
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(0)
-    return PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    return noise_picture(0)
 
 
 def _reference(tiny, request, image):
