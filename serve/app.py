@@ -235,12 +235,10 @@ def _add_inference_protocol(
             except kserve.ProtocolError as exc:
                 raise BadRequest(exc.status, exc.message) from None
             values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
-            timeout = field_value(inference.timeout, float, "timeout")
-            priority = field_value(inference.priority, int, "priority") or 0
-            load, gone = inference.load, request.is_disconnected
             result = await run_job(
-                gone, request_id, batcher, intake, values, load, timeout, priority=priority
-            )
+                request.is_disconnected, request_id, batcher, intake, values, inference.load,
+                timeout=inference.timeout, priority=inference.priority,
+            )  # fmt: skip
             return result, lambda done: _inference_answer(done, name, inference)
 
         return await handled(request, serve)
@@ -275,13 +273,12 @@ async def _serve(
                 f"application/json), not {response_format}"
             )
 
-    timeout = field_value(per_request.get("timeout"), float, "timeout")
-    priority = field_value(per_request.get("priority"), int, "priority") or 0
     load = None if image_bytes is None else functools.partial(decode_image, image_bytes)
-    gone = request.is_disconnected
     result = await run_job(
-        gone, request_id, batcher, intake, values, load, timeout, answerable, priority
-    )
+        request.is_disconnected, request_id, batcher, intake, values, load,
+        timeout=per_request.get("timeout"), priority=per_request.get("priority"),
+        answerable=answerable,
+    )  # fmt: skip
     return result, response_format
 
 

@@ -161,7 +161,7 @@ def read_infer(
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     values, timeout, priority = kserve.img2img_values(tensors, parameters)
     load = kserve.image_loader(tensors.get("image"), decode, max_pixels)
-    return kserve.Inference(values, load, timeout, priority, True, request.id or None)
+    return kserve.Inference(values, load, timeout, priority, binary=True, id=request.id or None)
 
 
 def _typed_tensor(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:
@@ -255,7 +255,7 @@ class InferenceService:
             status=status.SERVING if serving else status.NOT_SERVING
         )
 
-    # The calls, by the protocol's names (handler() finds them by those).
+    # The calls, by the protocol's names (handlers() finds them by those).
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return self.messages["ServerLiveResponse"](live=True)
 
@@ -279,9 +279,9 @@ class InferenceService:
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         arrived, status = time.monotonic(), 200
         try:
-            result, request_id = await self._infer(request, context)
+            result = await self._infer(request, context)
             response = await off_loop(
-                None, infer_response, result, self.options.model_name, request_id
+                None, infer_response, result, self.options.model_name, request.id
             )
             self.metrics.answered(result, time.monotonic() - arrived)
             return response
@@ -298,7 +298,7 @@ class InferenceService:
         finally:
             self.metrics.requests.labels(str(status)).inc()
 
-    async def _infer(self, request: Any, context: Any) -> tuple[JobResult, str]:
+    async def _infer(self, request: Any, context: Any) -> JobResult:
         from sdtrt.runtime.inputs import Limits
 
         self._answerable(context, request.model_name, request.model_version, key=True)
@@ -310,13 +310,11 @@ class InferenceService:
         except kserve.ProtocolError as exc:
             raise BadRequest(exc.status, exc.message) from None
         values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
-        timeout = field_value(inference.timeout, float, "timeout")
-        priority = field_value(inference.priority, int, "priority") or 0
         result = await run_job(
-            None, request_id, self.batcher, self.intake, values, inference.load, timeout,
-            priority=priority,
+            None, request_id, self.batcher, self.intake, values, inference.load,
+            timeout=inference.timeout, priority=inference.priority,
         )  # fmt: skip
-        return result, request.id
+        return result
 
     def _answerable(self, context: Any, model: str, version: str, key: bool) -> None:
         """BadRequest for a missing API key (where the model's calls need one) or a model

@@ -60,9 +60,10 @@ async def run_job(
     intake: Executor,
     values: dict[str, Any],
     load: Callable[[], PIL.Image.Image] | None,
-    timeout: float | None,
+    *,
+    timeout: Any = None,
+    priority: Any = None,
     answerable: Callable[[Job], None] | None = None,
-    priority: int = 0,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
@@ -70,7 +71,10 @@ async def run_job(
     goes away: ``gone()`` says so (HTTP's is_disconnected), or the waiting task is
     cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
     answer, checked before the job is queued (InvalidInputError: 422). ``timeout`` (seconds)
-    and ``priority`` (Triton's) are the batcher's ``prepare``'s."""
+    and ``priority`` (Triton's), as the request gave them (None: not given), are the
+    batcher's ``prepare``'s."""
+    timeout = field_value(timeout, float, "timeout")
+    priority = field_value(priority, int, "priority") or 0
     if timeout is not None and not 0 < timeout <= batcher.timeout:
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
