@@ -399,3 +399,12 @@ def test_sdtrt_serve_answers_grpc_and_drains_its_calls_on_sigterm(image):
         with process:
             log = process.stdout.read() if process.stdout else ""
     assert f"serving gRPC on 127.0.0.1:{grpc_port}" in log and "draining" in log
+
+
+def test_without_the_grpc_extra_the_server_says_how_to_install_it(monkeypatch):
+    from sdtrt.errors import BackendUnavailableError
+    from sdtrt.serve import grpc_api
+
+    monkeypatch.setitem(sys.modules, "grpc_tools", None)  # as if not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'sdtrt\[grpc\]'"):
+        grpc_api.grpc_modules()
