@@ -11,6 +11,7 @@ next denoising step. Nothing one request does reaches past its own job.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -26,11 +27,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.serve import kserve
+from sdtrt.serve import kserve, streaming
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
 from sdtrt.serve.handling import (
@@ -133,11 +134,8 @@ def create_app(
             # encode side by side.
             response = await off_loop(None, encode, result)
             metrics.answered(result, time.monotonic() - arrived)
-        except BadRequest as exc:
-            response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
-        except Exception as exc:  # unforeseen: still this request's 500 alone, and counted
-            logger.exception("request %s failed", request_id)
-            response = JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+        except Exception as exc:
+            response = error_response(exc, request_id)
         if answer_request_id:
             response.headers["X-Request-ID"] = request_id
         metrics.requests.labels(str(response.status_code)).inc()
@@ -152,6 +150,34 @@ def create_app(
             return result, lambda done: encode_answer(done, response_format)
 
         return await handled(request, serve)
+
+    @app.post("/v1/img2img/stream", response_class=Response, openapi_extra=streamed(documented))
+    async def img2img_stream(request: Request) -> Response:
+        arrived = time.monotonic()
+        if failure := unauthorised(request, options):
+            metrics.requests.labels("401").inc()
+            return failure
+        request_id = request_id_of(request)
+        headers = {"X-Request-ID": request_id} if answer_request_id else {}
+        progress = streaming.Progress()
+        task = asyncio.create_task(_serve(request, request_id, batcher, options, intake, progress))
+        if not await streaming.queued(task, progress):  # refused: as /v1/img2img answers
+            exc = task.exception()
+            response = error_response(exc, request_id) if exc else JSONResponse({}, 500)
+            response.headers.update(headers)
+            metrics.requests.labels(str(response.status_code)).inc()
+            return response
+
+        def ended(status: int, result: JobResult | None) -> None:
+            metrics.requests.labels(str(status)).inc()
+            if result is not None:
+                metrics.answered(result, time.monotonic() - arrived)
+
+        return StreamingResponse(
+            streaming.events(task, progress, json_answer, ended),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **headers},
+        )
 
     _add_inference_protocol(app, handled, batcher, options, intake, lambda: readiness() == "ready")
     return app
@@ -249,14 +275,35 @@ def _inference_answer(result: JobResult, model: str, inference: kserve.Inference
     return Response(body, headers=headers)
 
 
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """A request's failure as the protocols' error object, ``{"error": message}``, with its
+    status: a BadRequest's, else 500 (unforeseen: still this request's alone)."""
+    if isinstance(exc, BadRequest):
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+
+
+def streamed(documented: dict[str, Any]) -> dict[str, Any]:
+    """/docs for the stream: /v1/img2img's request, its answer a stream of events."""
+    answer = {
+        "description": "Server-sent events: queued, step {step, steps} after each UNet step, "
+        "then result (the JSON answer of response_format=json) or error {error, status}.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return {**documented, "responses": {**documented["responses"], "200": answer}}
+
+
 async def _serve(
     request: Request,
     request_id: str,
     batcher: StepBatcher,
     options: ServeOptions,
     intake: Executor,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> tuple[JobResult, str]:
-    """The request's result and the format to answer in; BadRequest where there is none."""
+    """The request's result and the format to answer in; BadRequest where there is none.
+    ``progress``: a stream's (its answer is the JSON one)."""
     values, image_bytes = await _parse(request, options)
     per_request = {k: values.pop(k) for k in OPTIONS if k in values}
     response_format = per_request.get("response_format", "png")
@@ -265,9 +312,14 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
+    if progress is not None and response_format not in ("png", "json"):
+        raise BadRequest(
+            422, "a stream's result is the JSON answer, PNGs in base64: response_format json "
+            f"or none, not {response_format}"
+        )  # fmt: skip
 
     def answerable(job: Job) -> None:
-        if job.images > 1 and response_format != "json":
+        if job.images > 1 and response_format != "json" and progress is None:
             raise InvalidInputError(
                 f"{job.images} images come as JSON: send response_format json (or Accept: "
                 f"application/json), not {response_format}"
@@ -277,7 +329,7 @@ async def _serve(
     result = await run_job(
         request.is_disconnected, request_id, batcher, intake, values, load,
         timeout=per_request.get("timeout"), priority=per_request.get("priority"),
-        answerable=answerable,
+        answerable=answerable, progress=progress,
     )  # fmt: skip
     return result, response_format
 
@@ -297,10 +349,23 @@ def encode_answer(result: JobResult, response_format: str) -> Response:
     }
     if response_format != "json":  # one image (prepare refused more)
         return Response(files[0], media_type=f"image/{image_format}", headers=headers)
-    pngs = [base64.b64encode(file).decode() for file in files]
-    body = {
-        "image": pngs[0],
-        "images": pngs,
+    return JSONResponse(json_answer(result, files), headers=headers)
+
+
+def json_answer(result: JobResult, pngs: list[bytes] | None = None) -> dict[str, Any]:
+    """The JSON answer's body: the images as PNG files in base64 (``pngs``: made already),
+    with the job's figures."""
+    if pngs is None:
+        name, settings = IMAGE_FORMATS["png"]
+        pngs = []
+        for image in result.images:
+            encoded = io.BytesIO()
+            image.save(encoded, format=name, **settings)
+            pngs.append(encoded.getvalue())
+    files = [base64.b64encode(png).decode() for png in pngs]
+    return {
+        "image": files[0],
+        "images": files,
         "width": result.image.width,
         "height": result.image.height,
         "seed": result.seed,
@@ -308,7 +373,6 @@ def encode_answer(result: JobResult, response_format: str) -> Response:
         "queue_wait_ms": result.queue_wait_ms,
         "timings_ms": result.timings_ms,
     }
-    return JSONResponse(body, headers=headers)
 
 
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:

@@ -509,6 +509,8 @@ class StepBatcher:
                 job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
             )
             job.index += 1
+            if job.progress is not None:  # queued for the device, not yet run on it
+                job.progress(job.index, len(job.timesteps))
             if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond rows
                 job.embeddings = job.embeddings.chunk(2)[1]
         self._queued.append(self._charge(jobs, "denoise", start))

@@ -64,13 +64,16 @@ async def run_job(
     timeout: Any = None,
     priority: Any = None,
     answerable: Callable[[Job], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
     for; BadRequest with the status of each failure. The job is cancelled if the client
     goes away: ``gone()`` says so (HTTP's is_disconnected), or the waiting task is
     cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
-    answer, checked before the job is queued (InvalidInputError: 422). ``timeout`` (seconds)
+    answer, checked before the job is queued (InvalidInputError: 422). ``progress(done,
+    steps)``: told (0, None) once the job is queued, then after each of its steps (from the
+    worker's thread). ``timeout`` (seconds)
     and ``priority`` (Triton's), as the request gave them (None: not given), are the
     batcher's ``prepare``'s."""
     timeout = field_value(timeout, float, "timeout")
@@ -81,7 +84,10 @@ async def run_job(
         job = await off_loop(intake, _prepare, batcher, values, load, timeout, priority)
         if answerable is not None:
             answerable(job)
+        job.progress = progress
         future = batcher.submit(job)
+        if progress is not None:
+            progress(0, None)
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
     except ServerBusyError as exc:
@@ -96,6 +102,7 @@ async def run_job(
                 raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
     except (BadRequest, asyncio.CancelledError):
         job.cancel()  # dropped at the next iteration
+        waiting.add_done_callback(_read)  # its RequestCancelledError is expected
         logger.info("request %s: the client went away; its job is cancelled", request_id)
         raise
     try:
@@ -105,6 +112,12 @@ async def run_job(
     except Exception as exc:  # this job's failure (non-finite output...), nobody else's
         logger.warning("request %s failed: %s", request_id, exc)
         raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
+
+
+def _read(future: asyncio.Future[Any]) -> None:
+    """Reads a future's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _prepare(

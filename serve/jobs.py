@@ -5,6 +5,7 @@ step index between the worker's iterations) and what it gives back (``JobResult`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,9 @@ class Job:
     """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
     priority: int = 0
     """Its priority level: 1 the highest (admitted first); 0 where the server has none."""
+    progress: Callable[[int, int | None], None] | None = None
+    """Told (steps done, steps) by the worker after each of the job's steps (a stream's
+    events); the steps are None when it is queued."""
     future: Future[JobResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
