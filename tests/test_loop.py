@@ -180,11 +180,18 @@ def test_threads_sharing_a_pipeline_get_their_own_images(tiny, images, scheduler
     """A pipeline shared by threads (a web framework's worker pool): each call gets the
     image it would get alone. Unguarded, the scheduler's state was shared: IndexError, or
     another request's step."""
+    from sdtrt.serve.batcher import intra_op_threads
+
     pipe = Img2ImgPipeline.from_components(tiny, scheduler=scheduler, show_progress=False)
+    # Every call at this thread's intra-op thread count: a thread made while another holds
+    # a different count (an earlier test's server worker) takes that one, and other counts
+    # round differently.
+    threads = torch.get_num_threads()
 
     def run(i):
         generator = torch.Generator().manual_seed(i)
-        return pipe(f"a red circle {i}", images[0], num_inference_steps=12, generator=generator)
+        with intra_op_threads(threads):
+            return pipe(f"a red circle {i}", images[0], num_inference_steps=12, generator=generator)
 
     alone = [run(i).images[0] for i in range(3)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
