@@ -125,6 +125,19 @@ def test_two_replicas_answer_concurrent_requests_as_the_pipeline(cluster, tiny):
     assert np.abs(got - np.round(want * 255)).max() <= 1
 
 
+def test_a_stream_of_progress_passes_through_rays_proxy(cluster):
+    """/v1/img2img/stream's server-sent events, each step as it comes, through the proxy."""
+    events = []
+    with httpx.stream("POST", f"{cluster}/v1/img2img/stream", json={**BODY, "seed": 5},
+                      timeout=120) as answer:  # fmt: skip
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        events = [
+            line[len("event: ") :] for line in answer.iter_lines() if line.startswith("event")
+        ]
+    assert events == ["queued"] + ["step"] * 6 + ["result"]  # int(8 x 0.75) UNet calls
+
+
 def test_a_replica_killed_under_load_loses_only_its_requests_and_is_replaced(cluster):
     """Eight slow requests in flight on both replicas (400 steps each, about 14 s batched
     four to a replica here), then one replica's process is killed: the requests it held
