@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.jobs import JobResult
@@ -44,6 +48,8 @@ class Metrics:
         )
         queue = Gauge("sdtrt_queue_depth", "requests waiting for admission", registry=registry)
         queue.set_function(lambda: len(batcher.waiting))
+        if batcher.priority_levels:  # --priority-levels: how many wait at each level
+            registry.register(_WaitingByLevel(batcher))
         active = Gauge("sdtrt_active_jobs", "requests being denoised", registry=registry)
         active.set_function(lambda: len(batcher.active))
         batcher.stats.on_unet_call.append(self.rows.observe)
@@ -56,3 +62,24 @@ class Metrics:
         for stage, ms in result.timings_ms.items():
             if stage != "total":  # the request's latency, above
                 self.stages.labels(stage).observe(ms / 1e3)
+
+
+class _WaitingByLevel(Collector):
+    """``sdtrt_queue_depth_by_priority{priority}``: the waiting requests of each level, read
+    when scraped (every level shown, 0 where none waits)."""
+
+    def __init__(self, batcher: StepBatcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "sdtrt_queue_depth_by_priority",
+            "requests waiting for admission, by priority level (1 the highest)",
+            labels=["priority"],
+        )
+        counts = dict.fromkeys(range(1, self.batcher.priority_levels + 1), 0)
+        for job in list(self.batcher.waiting):  # a copy: the worker changes the queue
+            counts[job.priority] = counts.get(job.priority, 0) + 1
+        for level, count in counts.items():
+            family.add_metric([str(level)], count)
+        yield family

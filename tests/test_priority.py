@@ -143,3 +143,26 @@ def test_every_protocol_takes_a_priority(pipe, image):
             request = {"inputs": [tensor], "parameters": {"num_inference_steps": 2,
                                                           "priority": priority}}  # fmt: skip
             assert httpx.post(infer, json=request, timeout=60).status_code == status
+
+
+def test_the_queue_depth_by_level_is_a_metric(pipe, image):
+    """/metrics' sdtrt_queue_depth_by_priority: the waiting requests of each level (every
+    level shown); a server without levels has none."""
+    from prometheus_client import generate_latest
+
+    from sdtrt.serve.metrics import Metrics
+
+    batcher = StepBatcher(pipe, ServeOptions(priority_levels=3), start=False)
+    without = StepBatcher(pipe, start=False)
+    try:
+        for priority in (1, 0, 0):
+            batcher.submit(_job(batcher, image, priority))
+        text = generate_latest(Metrics(batcher).registry).decode()
+        assert 'sdtrt_queue_depth_by_priority{priority="1"} 1.0' in text
+        assert 'sdtrt_queue_depth_by_priority{priority="2"} 0.0' in text
+        assert 'sdtrt_queue_depth_by_priority{priority="3"} 2.0' in text  # 0: the lowest
+        assert "sdtrt_queue_depth 3.0" in text
+        assert "by_priority" not in generate_latest(Metrics(without).registry).decode()
+    finally:
+        batcher.close()
+        without.close()
