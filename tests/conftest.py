@@ -220,3 +220,44 @@ def held_mid_call(
             release.set()
             client.join(timeout=60)
     return answers[0]
+
+
+def pipeline_reference(tiny: Any, request: Any, image: Any) -> np.ndarray:
+    """The single-request pipeline on the same arguments as a server's request: what the
+    request must give (its first image). It runs with the worker's intra-op thread count
+    (PyTorch's CPU kernels split their sums by thread count: 1 and 2 threads differ by
+    about 1e-6)."""
+    return pipeline_reference_images(tiny, request, image)[0]
+
+
+def pipeline_reference_images(tiny: Any, request: Any, image: Any) -> Any:
+    """The pipeline's images for ``request`` (``pipeline_reference``), all of them."""
+    import torch
+
+    from sdtrt.runtime.guidance import cutoff_callback
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+    from sdtrt.serve.batcher import intra_op_threads
+    from sdtrt.serve.options import ServeOptions
+
+    pipe = Img2ImgPipeline.from_components(
+        tiny, "torch", scheduler=request.scheduler, show_progress=False
+    )
+    with intra_op_threads(ServeOptions.intra_op_threads):
+        return pipe(
+            request.prompt,
+            image,
+            strength=request.strength,
+            start_step=request.start_step,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            negative_prompt=request.negative_prompt,
+            eta=request.eta,
+            generator=torch.Generator().manual_seed(request.seed),
+            output_type="np",
+            height=request.height,
+            width=request.width,
+            timesteps=None if request.timesteps is None else list(request.timesteps),
+            sigmas=None if request.sigmas is None else list(request.sigmas),
+            callback_on_step_end=cutoff_callback(request.guidance_cutoff),
+            num_images_per_prompt=request.num_images_per_prompt,
+        ).images
