@@ -126,7 +126,7 @@ def create_app(
         if failure := unauthorised(request, options):
             metrics.requests.labels("401").inc()
             return failure
-        request_id = request_id_of(request)
+        request_id = request_id_of(request.headers)
         try:
             result, encode = await serve(request_id)
             # Encoding the answer takes longer still (a 512x512 PNG: ~15 ms, 2048x2048:
@@ -157,7 +157,7 @@ def create_app(
         if failure := unauthorised(request, options):
             metrics.requests.labels("401").inc()
             return failure
-        request_id = request_id_of(request)
+        request_id = request_id_of(request.headers)
         headers = {"X-Request-ID": request_id} if answer_request_id else {}
         progress = streaming.Progress()
         task = asyncio.create_task(_serve(request, request_id, batcher, options, intake, progress))

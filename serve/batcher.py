@@ -39,7 +39,7 @@ from sdtrt.errors import (
     ServerBusyError,
     ShapeOutsideProfileError,
 )
-from sdtrt.options import SAMPLE_IMAGE
+from sdtrt.options import SAMPLE_IMAGE, check_integer
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real, prompt_lists
@@ -204,8 +204,7 @@ class StepBatcher:
     def _priority_level(self, priority: int) -> int:
         """A request's priority as a level: itself, or the lowest for 0 (the default)."""
         levels = self.priority_levels
-        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-            raise InvalidInputError(f"priority must be an integer >= 0, got {priority!r}")
+        check_integer("priority", priority, 0)
         if priority > levels:
             if levels == 0:
                 raise InvalidInputError(

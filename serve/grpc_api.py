@@ -23,7 +23,6 @@ import logging
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -42,6 +41,7 @@ from sdtrt.serve.handling import (
     field_value,
     key_given,
     off_loop,
+    request_id_of,
     run_job,
 )
 from sdtrt.serve.jobs import JobResult
@@ -302,8 +302,7 @@ class InferenceService:
         from sdtrt.runtime.inputs import Limits
 
         self._answerable(context, request.model_name, request.model_version, key=True)
-        request_id = request.id or dict(context.invocation_metadata()).get("x-request-id", "")
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id_of(dict(context.invocation_metadata()), request.id)
         max_pixels = Limits.from_env().max_pixels
         try:
             inference = await off_loop(self.intake, read_infer, request, max_pixels)

@@ -44,10 +44,11 @@ async def off_loop(executor: Executor | None, work: Callable[..., T], *args: Any
     return await asyncio.get_running_loop().run_in_executor(executor, work, *args)
 
 
-def request_id_of(request: Request) -> str:
-    """The caller's X-Request-ID (a proxy's, to follow one request through the logs) where
-    it is a short printable token, else a new one; every answer carries it back."""
-    given = request.headers.get("x-request-id", "")
+def request_id_of(headers: Mapping[str, str], given: str = "") -> str:
+    """The caller's id (``given``: a protocol's own field, else the X-Request-ID header or
+    gRPC metadata: a proxy's, to follow one request through the logs) where it is a short
+    printable token, else a new one; every answer carries it back."""
+    given = given or headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isprintable() and given.isascii():
         return given
     return uuid.uuid4().hex

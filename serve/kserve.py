@@ -254,14 +254,14 @@ def _seconds(microseconds: Any) -> float | None:
     """Triton's ``timeout`` request parameter (its schedule-policy extension; what
     tritonclient's ``infer(timeout=...)`` sends): the request's time in microseconds, 0 or
     none for the server's own; in seconds."""
-    if microseconds is None or (microseconds == 0 and not isinstance(microseconds, bool)):
+    if microseconds is None:
         return None
     if isinstance(microseconds, bool) or not isinstance(microseconds, int) or microseconds < 0:
         raise ProtocolError(
             400, "timeout is the request's time in microseconds (Triton's schedule-policy "
             f"parameter), an integer >= 0, got {microseconds!r}"
         )  # fmt: skip
-    return microseconds / 1e6
+    return microseconds / 1e6 or None  # 0: the server's own
 
 
 def _field(name: str, array: np.ndarray) -> Any:

@@ -79,7 +79,7 @@ class _WaitingByLevel(Collector):
         )
         counts = dict.fromkeys(range(1, self.batcher.priority_levels + 1), 0)
         for job in list(self.batcher.waiting):  # a copy: the worker changes the queue
-            counts[job.priority] = counts.get(job.priority, 0) + 1
+            counts[job.priority] += 1
         for level, count in counts.items():
             family.add_metric([str(level)], count)
         yield family
