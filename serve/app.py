@@ -335,34 +335,20 @@ async def _serve(
 
 
 def encode_answer(result: JobResult, response_format: str) -> Response:
-    image_format = "png" if response_format == "json" else response_format
-    name, settings = IMAGE_FORMATS[image_format]
-    files = []
-    for image in result.images:
-        encoded = io.BytesIO()
-        image.save(encoded, format=name, **settings)
-        files.append(encoded.getvalue())
     headers = {
         "X-Seed": str(result.seed),
         "X-Unet-Calls": str(result.unet_calls),
         "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
     }
-    if response_format != "json":  # one image (prepare refused more)
-        return Response(files[0], media_type=f"image/{image_format}", headers=headers)
-    return JSONResponse(json_answer(result, files), headers=headers)
+    if response_format == "json":
+        return JSONResponse(json_answer(result), headers=headers)
+    (file,) = encoded(result, response_format)  # one image (prepare refused more)
+    return Response(file, media_type=f"image/{response_format}", headers=headers)
 
 
-def json_answer(result: JobResult, pngs: list[bytes] | None = None) -> dict[str, Any]:
-    """The JSON answer's body: the images as PNG files in base64 (``pngs``: made already),
-    with the job's figures."""
-    if pngs is None:
-        name, settings = IMAGE_FORMATS["png"]
-        pngs = []
-        for image in result.images:
-            encoded = io.BytesIO()
-            image.save(encoded, format=name, **settings)
-            pngs.append(encoded.getvalue())
-    files = [base64.b64encode(png).decode() for png in pngs]
+def json_answer(result: JobResult) -> dict[str, Any]:
+    """The JSON answer's body: the images as PNG files in base64, with the job's figures."""
+    files = [base64.b64encode(png).decode() for png in encoded(result, "png")]
     return {
         "image": files[0],
         "images": files,
@@ -373,6 +359,17 @@ def json_answer(result: JobResult, pngs: list[bytes] | None = None) -> dict[str,
         "queue_wait_ms": result.queue_wait_ms,
         "timings_ms": result.timings_ms,
     }
+
+
+def encoded(result: JobResult, image_format: str) -> list[bytes]:
+    """The job's images as files of ``image_format`` (IMAGE_FORMATS' settings)."""
+    name, settings = IMAGE_FORMATS[image_format]
+    files = []
+    for image in result.images:
+        buffer = io.BytesIO()
+        image.save(buffer, format=name, **settings)
+        files.append(buffer.getvalue())
+    return files
 
 
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:
