@@ -34,6 +34,14 @@ def tiny():
     return build_tiny_trained()
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny: Any) -> Any:
+    """A torch pipeline of the tiny model, one per test module (its scheduler holds state)."""
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+
+    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_random():
     """The tiny architecture with random weights (``tiny-random``)."""

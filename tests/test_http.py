@@ -41,11 +41,6 @@ from sdtrt.serve.server import BackgroundServer
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny):
-    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def image():
     return noise_picture(0)
 

@@ -13,17 +13,11 @@ import pytest
 from conftest import noise_picture, png_bytes
 
 from sdtrt.errors import InvalidInputError
-from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.admission import admit
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny):
-    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
 
 
 @pytest.fixture(scope="module")

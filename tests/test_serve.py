@@ -47,11 +47,6 @@ MIXED_BOUND = 2e-4
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny):
-    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def image():
     return noise_picture(0)
 

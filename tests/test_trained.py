@@ -39,11 +39,6 @@ PROMPT_WON_AT_1 = 0.5
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny):
-    return Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def curve(pipe):
     return strength.strength_curve(pipe)
 
