@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from sdtrt.runtime import fast_schedulers
+from sdtrt.runtime import scheduler_memo
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.jobs import Img2ImgRequest, JobResult
@@ -56,7 +56,7 @@ def new_memo(key: Any) -> dict[Any, Any]:
 
 
 def main(schedulers: list[str]) -> None:
-    shared = fast_schedulers._shared_memo
+    shared = scheduler_memo.shared_memo
     pipe = Img2ImgPipeline.from_pretrained("tiny", show_progress=False)
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     image = PIL.Image.fromarray(pixels)
@@ -67,7 +67,7 @@ def main(schedulers: list[str]) -> None:
         for repeat in range(REPEATS + 1):  # the first round is the warm-up
             for mode in times:
                 # cold: a memo of its own for every scheduler, as before they were shared
-                fast_schedulers._shared_memo = shared if mode == "shared" else new_memo
+                scheduler_memo.shared_memo = shared if mode == "shared" else new_memo
                 ms, results = load(pipe, image, scheduler)
                 arrays[mode] = [r.array for r in results]
                 if repeat:

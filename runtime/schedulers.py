@@ -15,10 +15,11 @@ from sdtrt.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-# runtime/fast_schedulers.py overrides private diffusers methods. Its classes are used only
-# on the diffusers releases whose exactness tests (tests/test_exactness.py: 0.0 difference
-# from diffusers' own pipeline, every named scheduler) were run; elsewhere diffusers' own
-# classes run, with a log line. Add a release here after running those tests on it.
+# runtime/fast_schedulers.py and fast_multistep.py override private diffusers methods. Their
+# classes are used only on the diffusers releases whose exactness tests
+# (tests/test_exactness.py: 0.0 difference from diffusers' own pipeline, every named
+# scheduler) were run; elsewhere diffusers' own classes run, with a log line. Add a release
+# here after running those tests on it.
 PROVEN_DIFFUSERS = ("0.42.1",)
 
 SCHEDULERS: dict[str, str] = {

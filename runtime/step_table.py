@@ -27,14 +27,16 @@ from typing import Any
 import torch
 from diffusers import LMSDiscreteScheduler
 
+from sdtrt.runtime.fast_multistep import (
+    CachedDPMSolverMultistepScheduler,
+    CachedUniPCMultistepScheduler,
+)
 from sdtrt.runtime.fast_schedulers import (
     CachedDDIMScheduler,
-    CachedDPMSolverMultistepScheduler,
     CachedEulerAncestralDiscreteScheduler,
     CachedEulerDiscreteScheduler,
     CachedLCMScheduler,
     CachedPNDMScheduler,
-    CachedUniPCMultistepScheduler,
 )
 from sdtrt.runtime.steps import draw_noise
 
@@ -96,7 +98,7 @@ def tabulate(
     def rows() -> tuple[StepKind, torch.Tensor] | None:
         return _rows(scheduler, timesteps, prediction, begin, can_draw_noise)
 
-    # sdtrt's memoised schedulers keep values per schedule (fast_schedulers.py): a request
+    # sdtrt's memoised schedulers keep values per schedule (scheduler_memo.py): a request
     # with the steps and strength of an earlier one reuses its rows (UniPC's took 13 ms
     # of host work per request on the development CPU).
     memoised = getattr(scheduler, "_memoised", None)

@@ -435,11 +435,11 @@ def test_lcm_steps_with_memoised_factors(tiny, images, monkeypatch):
     same schedule computes none and still gives diffusers' image."""
     from diffusers import LCMScheduler
 
-    from sdtrt.runtime.fast_schedulers import _shared_memo
+    from sdtrt.runtime.scheduler_memo import shared_memo
 
     # The memo is shared by the whole process: an earlier test with this schedule (the
     # LCM-LoRA one in test_adapters) would have filled it.
-    _shared_memo.cache_clear()
+    shared_memo.cache_clear()
     kwargs = dict(strength=0.6, num_inference_steps=4, guidance_scale=1.0, output_type="np")
     runs = []
     scalings = LCMScheduler.get_scalings_for_boundary_condition_discrete

@@ -313,9 +313,9 @@ def test_a_schedule_seen_before_reuses_its_rows(tiny, scheduler, monkeypatch):
     """The rows of a schedule are computed once (host work: UniPC's took 13 ms a request
     on the development CPU) and reused for the same steps and start; any other schedule,
     or start, computes its own. Euler A's noise is drawn anew each time."""
-    from sdtrt.runtime import fast_schedulers, step_table
+    from sdtrt.runtime import scheduler_memo, step_table
 
-    fast_schedulers._shared_memo.cache_clear()  # earlier tests' memos
+    scheduler_memo.shared_memo.cache_clear()  # earlier tests' memos
     computed = []
     real_rows = step_table._rows
     monkeypatch.setattr(
