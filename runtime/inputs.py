@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -18,6 +19,10 @@ from sdtrt.options import DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
     import torch
+
+    from sdtrt.engine.trt_profile import PixelRange
+
+logger = logging.getLogger(__name__)
 
 # torch.Generator.manual_seed takes an unsigned 64-bit seed; larger ones overflow inside it.
 MAX_SEED = 2**64 - 1
@@ -338,32 +343,65 @@ def image_size(image: Any) -> tuple[int, int]:
     return (int(shape[0]), int(shape[1])) if len(shape) == 3 else (int(shape[1]), int(shape[2]))
 
 
-def prompt_list(prompt: Any, what: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+def output_size(
+    image: Any,
+    height: int | None,
+    width: int | None,
+    multiple: int,
+    pixel_range: PixelRange | None,
+) -> tuple[int, int]:
+    """The size asked for (a multiple of ``multiple`` px, the backend's unit), else
+    diffusers' rule: the image's own size, rounded down to that unit, with a note when that
+    resizes it. A size outside ``pixel_range`` (the engines' profiles) is refused here,
+    before any work."""
+    from sdtrt.engine.trt_profile import check_pixels  # here: it loads torch (image_size says)
 
-
-def prompt_lists(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
-    """The prompts and their negative prompts as lists, by diffusers' rules: a string or a
-    non-empty list of them; negative prompts one for all, or one per prompt; none: empty
-    strings. The pipeline's call and the server's requests take them so."""
-    prompts = prompt_list(prompt, "prompt")
-    return prompts, negatives_for(len(prompts), negative_prompt)
-
-
-def negatives_for(count: int, negative_prompt: Any) -> list[str]:
-    """``count`` prompts' negative prompts (``prompt_lists`` says the rules)."""
-    if negative_prompt is None:
-        return [""] * count
-    negative_prompts = prompt_list(negative_prompt, "negative prompt")
-    if len(negative_prompts) == 1:
-        negative_prompts = negative_prompts * count
-    if len(negative_prompts) != count:
-        raise InvalidInputError(
-            f"{len(negative_prompts)} negative prompts for {count} prompts: "
-            "give one, or one per prompt"
+    own = None
+    if height is None or width is None:
+        own = image_size(image)
+        if height is None:
+            height = max(multiple, own[0] // multiple * multiple)
+        if width is None:
+            width = max(multiple, own[1] // multiple * multiple)
+    check_size(height, width, multiple)
+    height, width = int(height), int(width)  # numpy's integers too
+    check_pixels(height, width, pixel_range)
+    if own is not None and (height, width) != own:
+        logger.info(
+            "the %dx%d input image is resized to %dx%d (sizes are multiples of %d px here)",
+            own[1],
+            own[0],
+            width,
+            height,
+            multiple,
         )
-    return negative_prompts
+    return height, width
+
+
+def latents_size(
+    latents: torch.Tensor,
+    height: int | None,
+    width: int | None,
+    factor: int,
+    multiple: int,
+    pixel_range: PixelRange | None,
+) -> tuple[int, int]:
+    """The picture's size that latents given as the image decode to (``factor``: the VAE's
+    scale); they are not resized: a height or width given must be that size. Refused where
+    the size is not a multiple of ``multiple`` or outside ``pixel_range``."""
+    from sdtrt.engine.trt_profile import check_pixels
+
+    size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+    asked = (
+        size[0] if height is None else height,
+        size[1] if width is None else width,
+    )
+    if asked != size:
+        raise InvalidInputError(
+            f"latents of {latents.shape[-1]}x{latents.shape[-2]} are a {size[1]}x{size[0]} "
+            f"picture, not {asked[1]}x{asked[0]}: latents given as the image are not "
+            "resized (leave height and width out)"
+        )
+    check_size(*size, multiple)
+    check_pixels(*size, pixel_range)
+    return size

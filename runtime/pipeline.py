@@ -10,7 +10,6 @@ and the same generator the images equal diffusers' own.
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from sdtrt.engine.base import Backend
-from sdtrt.engine.trt_profile import check_pixels
 from sdtrt.errors import InvalidInputError, NonFiniteOutputError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import BackendOptions, CacheOptions, default_options
@@ -40,16 +38,15 @@ from sdtrt.runtime.inputs import (
     Limits,
     check_eta,
     check_generator,
-    check_size,
     check_steps_and_guidance,
     image_input,
-    image_size,
     is_integer,
     latents_input,
-    negatives_for,
-    prompt_list,
+    latents_size,
+    output_size,
     resolve_start_step,
 )
+from sdtrt.runtime.prompts import Texts, call_texts
 from sdtrt.runtime.schedulers import (
     check_scheduler_fits,
     custom_schedule,
@@ -70,11 +67,8 @@ from sdtrt.source import ModelSource, as_source
 
 T = TypeVar("T")
 P = ParamSpec("P")
-logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # diffusers' names
-Texts = list[str] | torch.Tensor
-"""Prompts as strings, or as their embeddings [prompts, tokens, width]."""
 
 
 @dataclass
@@ -267,8 +261,13 @@ class Img2ImgPipeline:
                 "graphs and engines carry it): build the pipeline with "
                 "from_pretrained(ModelSource(model, clip_skip=N)) and call it without clip_skip"
             )
-        prompts, negative_prompts = self._texts(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+        prompts, negative_prompts = call_texts(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            text_shape=self.text_shape,
+            device=self.backend.device,
         )
         tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type not in OUTPUT_TYPES:
@@ -455,7 +454,14 @@ class Img2ImgPipeline:
             height, width = self.output_size(image, height, width)
         else:
             image = None
-            height, width = self._latents_size(latents, height, width)
+            height, width = latents_size(
+                latents,
+                height,
+                width,
+                self.dims.vae_scale_factor,
+                self.backend.size_multiple,
+                self.backend.pixel_range,
+            )
         self.limits.check(steps=steps, batch=prompts * images, height=height, width=width)
         if not schedule:  # a custom one was checked by the scheduler as it was set
             check_scheduler_fits(type(scheduler), scheduler.config, steps)
@@ -467,27 +473,9 @@ class Img2ImgPipeline:
         """The size asked for (a multiple of the backend's unit), else diffusers' rule: the
         image's own size, rounded down to that unit, with a note when that resizes it. A
         size the backend's engines do not take is refused here, before any work."""
-        multiple = self.backend.size_multiple
-        own = None
-        if height is None or width is None:
-            own = image_size(image)
-            if height is None:
-                height = max(multiple, own[0] // multiple * multiple)
-            if width is None:
-                width = max(multiple, own[1] // multiple * multiple)
-        check_size(height, width, multiple)
-        height, width = int(height), int(width)  # numpy's integers too
-        check_pixels(height, width, self.backend.pixel_range)
-        if own is not None and (height, width) != own:
-            logger.info(
-                "the %dx%d input image is resized to %dx%d (sizes are multiples of %d px here)",
-                own[1],
-                own[0],
-                width,
-                height,
-                multiple,
-            )
-        return height, width
+        return output_size(
+            image, height, width, self.backend.size_multiple, self.backend.pixel_range
+        )
 
     def _step_end(
         self,
@@ -511,28 +499,6 @@ class Img2ImgPipeline:
         rows = len(latents) * (2 if self.do_classifier_free_guidance else 1)
         return step_end_outputs(changed, latents, text_embeddings, rows)
 
-    def _latents_size(
-        self, latents: torch.Tensor, height: int | None, width: int | None
-    ) -> tuple[int, int]:
-        """The picture's size that latents given as the image decode to (they are not
-        resized: a height or width given must be that size), refused where the backend's
-        engines do not take it."""
-        factor = self.dims.vae_scale_factor
-        size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
-        asked = (
-            size[0] if height is None else height,
-            size[1] if width is None else width,
-        )
-        if asked != size:
-            raise InvalidInputError(
-                f"latents of {latents.shape[-1]}x{latents.shape[-2]} are a {size[1]}x{size[0]} "
-                f"picture, not {asked[1]}x{asked[0]}: latents given as the image are not "
-                "resized (leave height and width out)"
-            )
-        check_size(*size, self.backend.size_multiple)
-        check_pixels(*size, self.backend.pixel_range)
-        return size
-
     def _step_table(
         self,
         scheduler: Any,
@@ -548,53 +514,6 @@ class Img2ImgPipeline:
         if self.step_graphs is None or self.step_graphs.unet is not unet:
             self.step_graphs = StepGraphs(unet)
         return tabulate(scheduler, timesteps, latents, generator)
-
-    def _texts(
-        self,
-        prompt: Any,
-        negative_prompt: Any,
-        prompt_embeds: Any,
-        negative_prompt_embeds: Any,
-    ) -> tuple[Texts, Texts]:
-        """The prompts and negative prompts, as strings or as embeddings (diffusers' rules:
-        ``prompt`` or ``prompt_embeds``; at most one of the negative pair; negative prompts
-        one per prompt, or one string for all; none: empty strings)."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise InvalidInputError("give prompt or prompt_embeds, one of the two")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise InvalidInputError("give negative_prompt or negative_prompt_embeds, not both")
-        prompts: Texts
-        if prompt_embeds is None:
-            prompts = prompt_list(prompt, "prompt")
-        else:
-            prompts = self._embeddings(prompt_embeds, "prompt_embeds")
-        if negative_prompt_embeds is not None:
-            negatives = self._embeddings(negative_prompt_embeds, "negative_prompt_embeds")
-            if len(negatives) != len(prompts):
-                raise InvalidInputError(
-                    f"negative_prompt_embeds holds {len(negatives)} prompts, the prompts are "
-                    f"{len(prompts)}: give one per prompt"
-                )
-            return prompts, negatives
-        return prompts, negatives_for(len(prompts), negative_prompt)
-
-    def _embeddings(self, embeds: Any, name: str) -> torch.Tensor:
-        """Prompt embeddings given in place of prompts: the text encoder's output shape
-        (every backend's UNet takes that sequence length), finite, as float32 on the device."""
-        want = f"[prompts, {self.text_shape[0]}, {self.text_shape[1]}]"
-        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
-            what = type(embeds).__name__
-            if isinstance(embeds, torch.Tensor):
-                what = f"a tensor of {embeds.dtype}"
-            raise InvalidInputError(f"{name} must be a float tensor {want}, got {what}")
-        if embeds.ndim != 3 or not len(embeds) or tuple(embeds.shape[1:]) != self.text_shape:
-            raise InvalidInputError(
-                f"{name} has shape {list(embeds.shape)}; expected {want}, the text encoder's "
-                "output for this model"
-            )
-        if not torch.isfinite(embeds).all():
-            raise InvalidInputError(f"{name} holds NaN or infinite values")
-        return embeds.to(self.backend.device, torch.float32)
 
     def _encode(self, texts: Texts) -> torch.Tensor:
         if isinstance(texts, torch.Tensor):

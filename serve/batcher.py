@@ -42,8 +42,9 @@ from sdtrt.errors import (
 from sdtrt.options import SAMPLE_IMAGE, check_integer
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
-from sdtrt.runtime.inputs import check_seed, is_integer, is_real, prompt_lists
+from sdtrt.runtime.inputs import check_seed, is_integer, is_real
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
+from sdtrt.runtime.prompts import prompt_lists
 from sdtrt.runtime.schedulers import (
     make_scheduler,
     step_kwargs,

@@ -474,7 +474,7 @@ def test_output_size_follows_the_image(tmp_path, capsys, caplog):
     image = tmp_path / "wide.png"
     PIL.Image.new("RGB", (300, 100), (200, 30, 30)).save(image)
     out = tmp_path / "o.png"
-    with caplog.at_level("INFO", logger="sdtrt.runtime.pipeline"):
+    with caplog.at_level("INFO", logger="sdtrt.runtime.inputs"):
         code, _ = _run(
             ["img2img", "--image", str(image), "--out", str(out), "--steps", "2"], capsys
         )
