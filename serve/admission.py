@@ -1,5 +1,6 @@
 """Which waiting jobs start now: the server's batching policies and priority levels, as a
-pure function of the queue (the batcher calls it under its lock, at every iteration).
+pure function of the queue (the batcher calls it under its lock, at every iteration); and
+the checks of what a request asks of them (its level, its rows).
 
 - ``step`` (continuous batching): every waiting job whose rows fit beside the active jobs
   of its size, up to ``max_rows`` a size.
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
+
+from sdtrt.errors import InvalidInputError
+from sdtrt.options import check_integer
 
 
 class Waiting(Protocol):
@@ -75,3 +79,31 @@ def _continuous(ranked: list[J], active: Sequence[J], max_rows: int) -> list[J]:
         else:
             waits.setdefault(job.size, job.priority)
     return admitted
+
+
+def priority_level(priority: int, levels: int) -> int:
+    """A request's priority (Triton's: 1 the highest) as its level among ``levels``: itself,
+    or the lowest for 0 (the default)."""
+    check_integer("priority", priority, 0)
+    if priority > levels:
+        if levels == 0:
+            raise InvalidInputError(
+                f"priority {priority}: this server has no priority levels (sdtrt serve "
+                "--priority-levels N); send 0 or none"
+            )
+        raise InvalidInputError(
+            f"priority must be in [0, {levels}] (1 the highest; 0: the default, "
+            f"{levels}), got {priority}"
+        )
+    return priority or levels
+
+
+def check_rows(images: int, guidance_scale: float, max_rows: int) -> None:
+    """A request's rows of a step fit in one UNet call of ``max_rows``."""
+    per_image = 2 if guidance_scale > 1.0 else 1
+    if images * per_image > max_rows:
+        raise InvalidInputError(
+            f"{images} images take {images * per_image} UNet rows a step ({per_image} "
+            f"each at this guidance); this server's calls take {max_rows}: at most "
+            f"{max_rows // per_image} images per request"
+        )

@@ -37,9 +37,8 @@ from sdtrt.errors import (
     NonFiniteOutputError,
     RequestCancelledError,
     ServerBusyError,
-    ShapeOutsideProfileError,
 )
-from sdtrt.options import SAMPLE_IMAGE, check_integer
+from sdtrt.options import SAMPLE_IMAGE
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real
@@ -57,7 +56,8 @@ from sdtrt.runtime.steps import (
     token_ids,
     unet_input,
 )
-from sdtrt.serve.admission import admit
+from sdtrt.serve import warmup
+from sdtrt.serve.admission import admit, check_rows, priority_level
 from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
 from sdtrt.serve.options import ServeOptions
 
@@ -156,14 +156,14 @@ class StepBatcher:
         highest level, 0 the server's default (its lowest)."""
         from sdtrt.runtime.inputs import load_image
 
-        level = self._priority_level(priority)
+        level = priority_level(priority, self.priority_levels)
         check_seed(request.seed)
         check_guidance_cutoff(request.guidance_cutoff)
         prompts, negatives = prompt_lists(request.prompt, request.negative_prompt)
         if is_integer(request.num_images_per_prompt) and is_real(request.guidance_scale):
             # The server's bound first: past it, raising the machine's limits would not help.
             images = len(prompts) * request.num_images_per_prompt
-            self._check_rows(images, request.guidance_scale)
+            check_rows(images, request.guidance_scale, self.max_rows)
         scheduler = make_scheduler(request.scheduler, self.pipeline.model_scheduler_config)
         image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
         plan = self.pipeline.plan(
@@ -201,32 +201,6 @@ class StepBatcher:
         )
         pixels = pixels.to(torch.float32)
         return Job(request, pixels, plan.start_step, deadline, scheduler, plan.schedule, level)
-
-    def _priority_level(self, priority: int) -> int:
-        """A request's priority as a level: itself, or the lowest for 0 (the default)."""
-        levels = self.priority_levels
-        check_integer("priority", priority, 0)
-        if priority > levels:
-            if levels == 0:
-                raise InvalidInputError(
-                    f"priority {priority}: this server has no priority levels (sdtrt serve "
-                    "--priority-levels N); send 0 or none"
-                )
-            raise InvalidInputError(
-                f"priority must be in [0, {levels}] (1 the highest; 0: the default, "
-                f"{levels}), got {priority}"
-            )
-        return priority or levels
-
-    def _check_rows(self, images: int, guidance_scale: float) -> None:
-        """A request's rows of a step fit in one UNet call."""
-        per_image = 2 if guidance_scale > 1.0 else 1
-        if images * per_image > self.max_rows:
-            raise InvalidInputError(
-                f"{images} images take {images * per_image} UNet rows a step ({per_image} "
-                f"each at this guidance); this server's calls take {self.max_rows}: at most "
-                f"{self.max_rows // per_image} images per request"
-            )
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
@@ -304,37 +278,14 @@ class StepBatcher:
         self.warmed.set_result(shapes)
 
     def _run_warmup_shapes(self) -> int:
-        backend, most = self.backend, self.max_rows
-        # Prompts are encoded together for all jobs admitted at once (up to max_rows jobs
-        # of each size), images per size: in chunks of at most max_images.
-        ids = token_ids(self.pipeline.tokenizer, [""] * most * len(self._warmup_jobs))
-        shapes = self._warm_counts(backend.encode_text, ids[: self.max_images])
-        hidden = backend.encode_text(ids[:1]).repeat(most, 1, 1)
-        timesteps = torch.full((most,), 999.0, device=self.device)
-        for job in self._warmup_jobs:
-            pixels = torch.cat([job.pixels] * most).to(self.device)
-            shapes += self._warm_counts(backend.encode_image, pixels[: self.max_images])
-            self._noise(job, backend.encode_image(pixels[:1]))
-            latents = torch.cat([job.latents] * most)
-            shapes += self._warm_counts(backend.unet, latents, timesteps, hidden)
-            shapes += self._warm_counts(backend.decode_latents, latents[: self.max_images])
-        backend.synchronize()
-        return shapes
-
-    @staticmethod
-    def _warm_counts(call: Callable[..., Any], *batched: torch.Tensor) -> int:
-        """``call`` on the first n rows of ``batched``, for each n up to their length but
-        those the backend refuses (sdtrt's TensorRT engines pad a call of fewer rows than
-        their profile takes, a static one's included: a backend of one's own may not); how
-        many ran. Sizes outside the profiles never get here: ``prepare`` refused them."""
-        ran = 0
-        for n in range(1, len(batched[0]) + 1):
-            try:
-                call(*(tensor[:n] for tensor in batched))
-                ran += 1
-            except ShapeOutsideProfileError:
-                continue
-        return ran
+        return warmup.run_shapes(
+            self.backend,
+            self.pipeline.tokenizer,
+            self._warmup_jobs,
+            max_rows=self.max_rows,
+            max_images=self.max_images,
+            noise=self._noise,
+        )
 
     def _iterate(self, new: list[Job]) -> None:
         self._drop_expired()
