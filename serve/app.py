@@ -1,8 +1,9 @@
 """The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img`` (its fields and
 their description at /docs: serve/fields.py), ``GET /health``, ``GET /ready`` and
 ``GET /metrics`` (Prometheus); the same requests in the Open Inference Protocol (KServe v2,
-Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages). What
-both do with a request (its body, key, fields, image and job) is serve/handling.py's.
+Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages), and as
+OpenAI's image edits (serve/openai_images.py). What each does with a request (its body,
+key, fields, image and job) is serve/handling.py's.
 
 Every bad input is a 4xx with the library's own message; a full queue is 429 with
 Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
@@ -16,7 +17,6 @@ import base64
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import logging
 import os
@@ -33,20 +33,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sdtrt.errors import InvalidInputError
 from sdtrt.serve import kserve, streaming
 from sdtrt.serve.batcher import StepBatcher
-from sdtrt.serve.fields import IMAGE_FORMATS, OPTIONS, TEXTS, TYPES, openapi
+from sdtrt.serve.fields import OPTIONS, TYPES, openapi
 from sdtrt.serve.handling import (
+    WRONG_KEY,
     BadRequest,
+    answer_headers,
+    as_bad_request,
     decode_base64,
     decode_image,
+    encoded,
     field_value,
+    key_given,
     off_loop,
     read_body,
+    read_form,
     request_id_of,
     run_job,
     unauthorised,
 )
 from sdtrt.serve.jobs import Job, JobResult
 from sdtrt.serve.metrics import Metrics
+from sdtrt.serve.openai_images import add_openai_images
 from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -118,16 +125,18 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def handled(
-        request: Request, serve: Callable[[str], Awaitable[tuple[JobResult, Encoder]]]
+        request: Request,
+        serve: Callable[[str], Awaitable[tuple[JobResult, Encoder]]],
+        failed: Callable[[BaseException, str], Response] | None = None,
     ) -> Response:
         """A request answered by ``serve(request_id)``: authorised, counted, its failure
-        the protocols' one error object ``{"error": message}`` with its status."""
+        ``failed(exc, request_id)`` (by default the protocols' one error object ``{"error":
+        message}`` with its status)."""
         arrived = time.monotonic()
-        if failure := unauthorised(request, options):
-            metrics.requests.labels("401").inc()
-            return failure
         request_id = request_id_of(request.headers)
         try:
+            if not key_given(options.api_key, request.headers):
+                raise BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"})
             result, encode = await serve(request_id)
             # Encoding the answer takes longer still (a 512x512 PNG: ~15 ms, 2048x2048:
             # ~0.25 s): Pillow alone, which lets go of the GIL, so the default pool's threads
@@ -135,7 +144,7 @@ def create_app(
             response = await off_loop(None, encode, result)
             metrics.answered(result, time.monotonic() - arrived)
         except Exception as exc:
-            response = error_response(exc, request_id)
+            response = (failed or error_response)(exc, request_id)
         if answer_request_id:
             response.headers["X-Request-ID"] = request_id
         metrics.requests.labels(str(response.status_code)).inc()
@@ -180,6 +189,7 @@ def create_app(
         )
 
     _add_inference_protocol(app, handled, batcher, options, intake, lambda: readiness() == "ready")
+    add_openai_images(app, handled, batcher, options, intake)
     return app
 
 
@@ -278,10 +288,8 @@ def _inference_answer(result: JobResult, model: str, inference: kserve.Inference
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     """A request's failure as the protocols' error object, ``{"error": message}``, with its
     status: a BadRequest's, else 500 (unforeseen: still this request's alone)."""
-    if isinstance(exc, BadRequest):
-        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
-    logger.error("request %s failed", request_id, exc_info=exc)
-    return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+    failure = as_bad_request(exc, request_id)
+    return JSONResponse({"error": failure.message}, failure.status, headers=failure.headers)
 
 
 def streamed(documented: dict[str, Any]) -> dict[str, Any]:
@@ -335,11 +343,7 @@ async def _serve(
 
 
 def encode_answer(result: JobResult, response_format: str) -> Response:
-    headers = {
-        "X-Seed": str(result.seed),
-        "X-Unet-Calls": str(result.unet_calls),
-        "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
-    }
+    headers = answer_headers(result)
     if response_format == "json":
         return JSONResponse(json_answer(result), headers=headers)
     (file,) = encoded(result, response_format)  # one image (prepare refused more)
@@ -361,17 +365,6 @@ def json_answer(result: JobResult) -> dict[str, Any]:
     }
 
 
-def encoded(result: JobResult, image_format: str) -> list[bytes]:
-    """The job's images as files of ``image_format`` (IMAGE_FORMATS' settings)."""
-    name, settings = IMAGE_FORMATS[image_format]
-    files = []
-    for image in result.images:
-        buffer = io.BytesIO()
-        image.save(buffer, format=name, **settings)
-        files.append(buffer.getvalue())
-    return files
-
-
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:
     """The img2img fields and the image's bytes from a JSON or multipart body."""
     body = await read_body(request, options)
@@ -389,7 +382,7 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
             image_bytes = decode_base64(raw.pop("image"))
         raw.pop("image", None)
     elif kind == "multipart/form-data":
-        form = await _form(request, bytes(body))
+        form = await read_form(request, bytes(body))
         upload = form.pop("image", None)
         if upload is not None:
             image_bytes = upload if isinstance(upload, bytes) else upload.encode()
@@ -407,32 +400,6 @@ async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any
         if v is not None
     }
     return values, image_bytes
-
-
-async def _form(request: Request, body: bytes) -> dict[str, Any]:
-    """The multipart form, parsed from the body already read (and bounded)."""
-    from starlette.datastructures import UploadFile
-    from starlette.requests import Request as StarletteRequest
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await StarletteRequest(request.scope, receive).form()
-    except Exception as exc:  # python-multipart's parse errors
-        raise BadRequest(400, f"the multipart body cannot be parsed: {exc}") from None
-    out: dict[str, Any] = {}
-    try:
-        for key, item in form.multi_items():
-            value = await item.read() if isinstance(item, UploadFile) else item
-            if key in TEXTS and key in out:  # -F prompt=a -F prompt=b: a list of prompts
-                before = out[key]
-                out[key] = [*before, value] if isinstance(before, list) else [before, value]
-            else:
-                out[key] = value
-    finally:
-        await form.close()  # each upload's spooled temporary file
-    return out
 
 
 def _form_value(name: str, value: Any) -> Any:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.serve.batcher import StepBatcher
-from sdtrt.serve.fields import TEXTS
+from sdtrt.serve.fields import IMAGE_FORMATS, TEXTS
 from sdtrt.serve.jobs import Job, JobResult
 from sdtrt.serve.options import ServeOptions
 
@@ -37,6 +37,15 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def as_bad_request(exc: BaseException, request_id: str) -> BadRequest:
+    """A request's failure as a BadRequest: itself, else a 500 (unforeseen: still this
+    request's alone; logged with its traceback)."""
+    if isinstance(exc, BadRequest):
+        return exc
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return BadRequest(500, f"{type(exc).__name__}: {exc}")
 
 
 async def off_loop(executor: Executor | None, work: Callable[..., T], *args: Any) -> T:
@@ -246,3 +255,52 @@ def unauthorised(request: Request, options: ServeOptions) -> Response | None:
     return JSONResponse(
         {"error": WRONG_KEY}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
     )
+
+
+async def read_form(
+    request: Request, body: bytes, repeated: tuple[str, ...] = TEXTS
+) -> dict[str, Any]:
+    """The multipart form, parsed from the body already read (and bounded): text fields as
+    strings, files as bytes; a field of ``repeated`` sent more than once as a list of them."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, receive).form()
+    except Exception as exc:  # python-multipart's parse errors
+        raise BadRequest(400, f"the multipart body cannot be parsed: {exc}") from None
+    out: dict[str, Any] = {}
+    try:
+        for key, item in form.multi_items():
+            value = await item.read() if isinstance(item, UploadFile) else item
+            if key in repeated and key in out:  # -F prompt=a -F prompt=b: a list of prompts
+                before = out[key]
+                out[key] = [*before, value] if isinstance(before, list) else [before, value]
+            else:
+                out[key] = value
+    finally:
+        await form.close()  # each upload's spooled temporary file
+    return out
+
+
+def answer_headers(result: JobResult) -> dict[str, str]:
+    """The job's figures as an image answer's headers."""
+    return {
+        "X-Seed": str(result.seed),
+        "X-Unet-Calls": str(result.unet_calls),
+        "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
+    }
+
+
+def encoded(result: JobResult, image_format: str) -> list[bytes]:
+    """The job's images as files of ``image_format`` (IMAGE_FORMATS' settings)."""
+    name, settings = IMAGE_FORMATS[image_format]
+    files = []
+    for image in result.images:
+        buffer = io.BytesIO()
+        image.save(buffer, format=name, **settings)
+        files.append(buffer.getvalue())
+    return files

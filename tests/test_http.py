@@ -185,7 +185,7 @@ def test_a_multipart_upload_is_read_and_its_temporary_file_closed(image):
 
     from starlette.requests import Request
 
-    from sdtrt.serve.app import _form
+    from sdtrt.serve.handling import read_form
 
     request = httpx.Request(
         "POST", "http://x/", data={"prompt": "a cat"}, files={"image": ("in.png", png_bytes(image))}
@@ -194,7 +194,7 @@ def test_a_multipart_upload_is_read_and_its_temporary_file_closed(image):
     scope = {"type": "http", "method": "POST", "headers": [(b"content-type", kind.encode())]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        form = asyncio.run(_form(Request(scope), body))
+        form = asyncio.run(read_form(Request(scope), body))
         gc.collect()
     assert form == {"prompt": "a cat", "image": png_bytes(image)}
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

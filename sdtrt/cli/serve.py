@@ -91,7 +91,8 @@ def add_serve(sub: Any) -> None:
         "--model-name",
         default=o.model_name,
         help="the model's name in the Open Inference Protocol's paths "
-        "(/v2/models/NAME/infer): what Triton and KServe clients ask for",
+        "(/v2/models/NAME/infer): what Triton and KServe clients ask for; its id in OpenAI's "
+        "API (the model of /v1/images/edits)",
     )
     p.add_argument(
         "--grpc-port",

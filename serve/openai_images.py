@@ -1,0 +1,240 @@
+"""OpenAI's Images API over the step batcher: ``POST /v1/images/edits`` (an image and a prompt
+in, images out: img2img) and ``GET /v1/models``, so that a client written for OpenAI's API
+(the ``openai`` SDK given ``base_url``) calls sdtrt as it calls OpenAI.
+
+OpenAI's form fields are read as its API defines them (``n`` images, ``size`` as
+WIDTHxHEIGHT, ``output_format``, ``response_format`` b64_json); /v1/img2img's own fields
+(``strength``, ``seed``, ``num_inference_steps``...) come beside them (the SDK's
+``extra_body``). What sdtrt cannot do as asked (a mask, a URL answer, transparency, a
+quality tier, streaming) is refused, not ignored. Errors are OpenAI's error object.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from sdtrt.serve.batcher import StepBatcher
+from sdtrt.serve.fields import IMAGE_FORMATS, TEXTS, TYPES, openapi
+from sdtrt.serve.handling import (
+    WRONG_KEY,
+    BadRequest,
+    answer_headers,
+    as_bad_request,
+    decode_image,
+    encoded,
+    field_value,
+    read_body,
+    read_form,
+    run_job,
+    unauthorised,
+)
+from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.options import ServeOptions
+
+# /v1/img2img's fields that OpenAI's API names otherwise: n, and size (WIDTHxHEIGHT).
+_RENAMED = {"num_images_per_prompt": "n", "height": "size", "width": "size"}
+SDTRT_FIELDS = tuple(name for name in [*TYPES, "timeout", "priority"] if name not in _RENAMED)
+"""/v1/img2img's fields an edit may carry beside OpenAI's (the SDK's ``extra_body``)."""
+# OpenAI's fields that sdtrt takes only at the value that asks for nothing it lacks, and
+# what to say otherwise.
+_ONLY: dict[str, tuple[tuple[str, ...], str]] = {
+    "response_format": (("b64_json",), "this server keeps no files to link to"),
+    "background": (("auto", "opaque"), "Stable Diffusion draws no transparency"),
+    "quality": (("auto",), "sdtrt's quality knob is num_inference_steps"),
+    "stream": (("false",), "a stream of progress is POST /v1/img2img/stream"),
+    "partial_images": (("0",), "a stream of progress is POST /v1/img2img/stream"),
+}
+_REFUSED = {
+    "mask": "a mask asks for inpainting; this server runs img2img on the whole image",
+    "markup": "markup asks for an edit this server does not make; it runs img2img",
+}
+_IGNORED = ("user", "safety_identifier")  # OpenAI's abuse monitoring: nothing to do here
+_OUTPUT_FORMATS = tuple(IMAGE_FORMATS)
+# OpenAI's error types by status (its API answers invalid arguments with 400).
+_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
+
+
+def add_openai_images(
+    app: FastAPI,
+    handled: Callable[..., Awaitable[Response]],
+    batcher: StepBatcher,
+    options: ServeOptions,
+    intake: Executor,
+) -> None:
+    """OpenAI's ``/v1/images/edits`` and ``/v1/models`` on ``app``; the one model is
+    ``options.model_name``, run as ``/v1/img2img`` runs a request (``handled``: the app's
+    way of answering one, here with OpenAI's error object)."""
+    model_name = options.model_name
+    created = int(time.time())
+
+    def described() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "sdtrt"}
+
+    @app.get("/v1/models")
+    def models(request: Request) -> Response:
+        if unauthorised(request, options):
+            return error_object(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+        return JSONResponse({"object": "list", "data": [described()]})
+
+    @app.get("/v1/models/{model}")
+    def model(request: Request, model: str) -> Response:
+        if unauthorised(request, options):
+            return error_object(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+        if model != model_name:
+            return error_object(BadRequest(404, _unknown_model(model, model_name)), "")
+        return JSONResponse(described())
+
+    @app.post("/v1/images/edits", response_class=Response, openapi_extra=documented(batcher))
+    async def edits(request: Request) -> Response:
+        async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
+            kind = request.headers.get("content-type", "").split(";")[0].strip()
+            if kind != "multipart/form-data":
+                raise BadRequest(
+                    400, f"send multipart/form-data, as OpenAI's images/edits takes, not {kind}"
+                )
+            body = await read_body(request, options)
+            form = await read_form(request, body, repeated=(*TEXTS, "image", "image[]"))
+            edit = read_edit(form, model_name)
+            result = await run_job(
+                request.is_disconnected,
+                request_id,
+                batcher,
+                intake,
+                edit.values,
+                lambda: decode_image(edit.image),
+                timeout=edit.timeout,
+                priority=edit.priority,
+            )
+            return result, lambda done: _answer(done, edit.output_format)
+
+        return await handled(request, serve, error_object)
+
+
+def documented(batcher: StepBatcher) -> dict[str, Any]:
+    """What /docs shows of ``POST /v1/images/edits``: OpenAI's fields taken here, then
+    /v1/img2img's (with the server's defaults) that may come beside them."""
+    v1 = openapi(batcher.request_defaults)["requestBody"]["content"]["multipart/form-data"]
+    text = {"type": "string"}
+    fields = {
+        "image": {"type": "string", "format": "binary", "description": "The input image."},
+        "prompt": v1["schema"]["properties"]["prompt"],
+        "model": {**text, "description": "The served model's id (GET /v1/models)."},
+        "n": {"type": "integer", "default": 1, "description": "Images to make."},
+        "size": {**text, "default": "auto", "description": "WIDTHxHEIGHT; auto: the image's."},
+        "output_format": {**text, "enum": list(_OUTPUT_FORMATS), "default": "png"},
+        **{name: {**text, "enum": list(allowed)} for name, (allowed, _) in _ONLY.items()},
+        **{name: v1["schema"]["properties"][name] for name in SDTRT_FIELDS if name != "prompt"},
+    }
+    body = {"multipart/form-data": {"schema": {"type": "object", "properties": fields}}}
+    answer = {
+        "description": "OpenAI's images response: data[].b64_json, with created, size, "
+        "output_format; headers X-Seed, X-Unet-Calls, X-Queue-Wait-Ms.",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+    return {"requestBody": {"content": body}, "responses": {"200": answer}}
+
+
+class Edit:
+    """An edit request as the batcher takes it: the image's bytes, /v1/img2img's values, the
+    answer's format and the per-request options."""
+
+    def __init__(self, image: bytes, values: dict[str, Any], output_format: str) -> None:
+        self.image, self.output_format = image, output_format
+        self.timeout = values.pop("timeout", None)
+        self.priority = values.pop("priority", None)
+        self.values = values
+
+
+def read_edit(form: dict[str, Any], model_name: str) -> Edit:
+    """OpenAI's edit form (text fields as strings, files as bytes) as an ``Edit``; BadRequest
+    (400, OpenAI's status for a bad argument) naming what is allowed."""
+    form = dict(form)
+    images = [form.pop(key) for key in ("image", "image[]") if key in form]
+    files = [item for given in images for item in (given if isinstance(given, list) else [given])]
+    if len(files) != 1 or not isinstance(files[0], bytes):
+        raise BadRequest(400, f"image: send one image file, got {len(files)}")
+    model = form.pop("model", "") or model_name
+    if model != model_name:
+        raise BadRequest(404, _unknown_model(model, model_name))
+    for name, why in _REFUSED.items():
+        if name in form:
+            raise BadRequest(400, f"{name}: {why}")
+    for name, (allowed, why) in _ONLY.items():
+        value = str(form.pop(name, allowed[0])).lower()
+        if value not in allowed:
+            raise BadRequest(400, f"{name} {value!r}: {why} (allowed: {', '.join(allowed)})")
+    for name in _IGNORED:
+        form.pop(name, None)
+    output_format = str(form.pop("output_format", "png")).lower()
+    if output_format not in _OUTPUT_FORMATS:
+        raise BadRequest(
+            400, f"output_format must be one of {', '.join(_OUTPUT_FORMATS)}, got {output_format!r}"
+        )
+    values: dict[str, Any] = {}
+    if "n" in form:
+        values["num_images_per_prompt"] = field_value(form.pop("n"), int, "n")
+    size = str(form.pop("size", "auto"))
+    if size != "auto":
+        values["width"], values["height"] = _size(size)
+    unknown = sorted(set(form) - set(SDTRT_FIELDS))
+    if unknown:
+        taken = ["image", "prompt", "model", "n", "size", "output_format", *_ONLY, *_IGNORED]
+        raise BadRequest(
+            400,
+            f"unknown field(s) {', '.join(unknown)}; OpenAI's taken here: {', '.join(taken)};"
+            f" sdtrt's: {', '.join(name for name in SDTRT_FIELDS if name != 'prompt')}",
+        )
+    for name, value in form.items():
+        if isinstance(value, bytes):
+            raise BadRequest(400, f"{name} must be a text field, not a file")
+        if value == "" and TYPES.get(name, str) is not str:
+            continue  # an empty form field: the default, as /v1/img2img takes it
+        # timeout and priority as given: run_job reads them
+        values[name] = field_value(value, TYPES[name], name) if name in TYPES else value
+    # OpenAI's edits differ call by call: a seed of its own unless one is asked for (the
+    # answer's X-Seed header says which, so any image can be made again).
+    values.setdefault("seed", secrets.randbelow(2**32))
+    return Edit(files[0], values, output_format)
+
+
+def _size(size: str) -> tuple[int, int]:
+    """OpenAI's ``size``, WIDTHxHEIGHT, as (width, height)."""
+    width, _, height = size.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise BadRequest(400, f"size must be WIDTHxHEIGHT (e.g. 512x512) or auto, got {size!r}")
+    return int(width), int(height)
+
+
+def _unknown_model(model: str, model_name: str) -> str:
+    return f"the model {model!r} does not exist: this server has {model_name!r}"
+
+
+def _answer(result: JobResult, output_format: str) -> Response:
+    files = encoded(result, output_format)
+    body = {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(file).decode()} for file in files],
+        "background": "opaque",
+        "output_format": output_format,
+        "size": f"{result.image.width}x{result.image.height}",
+    }
+    return JSONResponse(body, headers=answer_headers(result))
+
+
+def error_object(exc: BaseException, request_id: str) -> JSONResponse:
+    """A failure as OpenAI's error object, ``{"error": {"message", "type", "param",
+    "code"}}``: a bad argument (sdtrt's 422) is OpenAI's 400 ``invalid_request_error``, a
+    failure of the server's ``server_error``; other statuses are /v1/img2img's."""
+    failure = as_bad_request(exc, request_id)
+    status = 400 if failure.status == 422 else failure.status
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    error = {"message": failure.message, "type": kind, "param": None, "code": _CODES.get(status)}
+    return JSONResponse({"error": error}, status, headers=failure.headers)
