@@ -161,7 +161,36 @@ def step(
 ) -> torch.Tensor:
     """Classifier-free guidance on the UNet's rows (when there are two per latent), then
     the scheduler's step: the next latents."""
+    noise_pred = _guided(noise_pred, latents, guidance_scale)
+    return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+
+def step_and_estimate(
+    scheduler: Any,
+    noise_pred: torch.Tensor,
+    t: Any,
+    latents: torch.Tensor,
+    guidance_scale: float,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``step``'s next latents (the same numbers), and the step's estimate of the finished
+    latents (x0, what a preview shows): the scheduler's own where it gives one
+    (``pred_original_sample`` of LMS, Euler, DDIM; LCM's ``denoised``; the data prediction
+    DPM-Solver++ and UniPC keep as their last model output), else the next latents."""
+    noise_pred = _guided(noise_pred, latents, guidance_scale)
+    output = scheduler.step(noise_pred, t, latents, **extra)
+    for name in ("pred_original_sample", "denoised"):
+        if (estimate := getattr(output, name, None)) is not None:
+            return output.prev_sample, estimate
+    config = scheduler.config
+    predicts_data = config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++")
+    if getattr(scheduler, "model_outputs", None) and (predicts_data or config.get("predict_x0")):
+        return output.prev_sample, scheduler.model_outputs[-1]
+    return output.prev_sample, output.prev_sample
+
+
+def _guided(noise_pred: torch.Tensor, latents: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     if noise_pred.shape[0] == 2 * latents.shape[0]:
         noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
         noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-    return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+    return noise_pred

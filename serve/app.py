@@ -13,7 +13,6 @@ next denoising step. Nothing one request does reaches past its own job.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import functools
@@ -43,6 +42,7 @@ from sdtrt.serve.handling import (
     decode_image,
     encoded,
     field_value,
+    json_answer,
     key_given,
     off_loop,
     read_body,
@@ -183,7 +183,7 @@ def create_app(
                 metrics.answered(result, time.monotonic() - arrived)
 
         return StreamingResponse(
-            streaming.events(task, progress, json_answer, ended),
+            streaming.events(task, progress, streaming.Events(), ended),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **headers},
         )
@@ -320,6 +320,12 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
+    every = field_value(per_request.get("preview_every"), int, "preview_every") or 0
+    if every < 0 or (every and progress is None):
+        raise BadRequest(
+            422, "preview_every must be an integer >= 0 (0: none), and previews come in the "
+            f"stream (POST /v1/img2img/stream); got {every}"
+        )  # fmt: skip
     if progress is not None and response_format not in ("png", "json"):
         raise BadRequest(
             422, "a stream's result is the JSON answer, PNGs in base64: response_format json "
@@ -337,7 +343,7 @@ async def _serve(
     result = await run_job(
         request.is_disconnected, request_id, batcher, intake, values, load,
         timeout=per_request.get("timeout"), priority=per_request.get("priority"),
-        answerable=answerable, progress=progress,
+        answerable=answerable, progress=progress, previews=streaming.every_nth(every),
     )  # fmt: skip
     return result, response_format
 
@@ -348,21 +354,6 @@ def encode_answer(result: JobResult, response_format: str) -> Response:
         return JSONResponse(json_answer(result), headers=headers)
     (file,) = encoded(result, response_format)  # one image (prepare refused more)
     return Response(file, media_type=f"image/{response_format}", headers=headers)
-
-
-def json_answer(result: JobResult) -> dict[str, Any]:
-    """The JSON answer's body: the images as PNG files in base64, with the job's figures."""
-    files = [base64.b64encode(png).decode() for png in encoded(result, "png")]
-    return {
-        "image": files[0],
-        "images": files,
-        "width": result.image.width,
-        "height": result.image.height,
-        "seed": result.seed,
-        "unet_calls": result.unet_calls,
-        "queue_wait_ms": result.queue_wait_ms,
-        "timings_ms": result.timings_ms,
-    }
 
 
 async def _parse(request: Request, options: ServeOptions) -> tuple[dict[str, Any], bytes | None]:

@@ -52,6 +52,7 @@ from sdtrt.runtime.steps import (
     noised_latents,
     start_timesteps,
     step,
+    step_and_estimate,
     text_batch,
     token_ids,
     unet_input,
@@ -435,6 +436,9 @@ class StepBatcher:
         self._each_alone_on_failure(
             self._unet_call, jobs, pending=lambda job: job.index == before[id(job)]
         )
+        previewed = [job for job in jobs if job.estimate is not None]
+        if previewed:
+            self._each_alone_on_failure(self._preview, previewed)
 
     def _unet_call(self, jobs: list[Job]) -> None:
         while len(self._queued) >= RUN_AHEAD:
@@ -456,15 +460,35 @@ class StepBatcher:
             pred = noise_pred[offset : offset + job.rows]
             offset += job.rows
             t = job.host_timesteps[job.index]
-            job.latents = step(
-                job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra
-            )
+            args = (job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra)
+            if job.progress is not None and job.index + 1 in job.preview_steps:
+                job.latents, job.estimate = step_and_estimate(*args)
+            else:
+                job.latents = step(*args)
             job.index += 1
             if job.progress is not None:  # queued for the device, not yet run on it
                 job.progress(job.index, len(job.timesteps))
             if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond rows
                 job.embeddings = job.embeddings.chunk(2)[1]
         self._queued.append(self._charge(jobs, "denoise", start))
+
+    def _preview(self, jobs: list[Job]) -> None:
+        """The jobs' estimates of their finished latents decoded, as their progress's
+        previews (reading them waits for the device: a step asked to preview runs none
+        ahead)."""
+        start = mark(self.device)
+        estimates = torch.cat([job.estimate for job in jobs if job.estimate is not None])
+        decoded = self._in_chunks(
+            self.backend.decode_latents, estimates / self.pipeline.scaling_factor
+        )
+        self._charge(jobs, "preview", start)
+        images = self.pipeline.image_processor.postprocess(decoded, output_type="pil")
+        first = 0
+        for job in jobs:
+            job.estimate = None
+            if job.progress is not None:
+                job.progress(job.index, len(job.timesteps), images[first : first + job.images])
+            first += job.images
 
     def _finish(self, jobs: list[Job]) -> None:
         pipe = self.pipeline

@@ -88,6 +88,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "description": "Its priority level on a server with levels (sdtrt serve "
         "--priority-levels N), as Triton's: 1 is admitted first, N last; 0 is N.",
     },
+    "preview_every": {
+        "type": "integer",
+        "default": 0,
+        "description": "The stream's previews (POST /v1/img2img/stream): after every N-th "
+        "step, each image as that step estimates it finished (a VAE decode each); 0: none.",
+    },
 }
 """Per-request options beside the img2img fields, as /docs describes them."""
 

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, TEXTS
-from sdtrt.serve.jobs import Job, JobResult
+from sdtrt.serve.jobs import Job, JobResult, Progress
 from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ async def run_job(
     timeout: Any = None,
     priority: Any = None,
     answerable: Callable[[Job], None] | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
+    previews: Callable[[int], frozenset[int]] | None = None,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:
     the sample picture) and the request checked in the intake thread, queued, and waited
@@ -83,7 +84,8 @@ async def run_job(
     cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
     answer, checked before the job is queued (InvalidInputError: 422). ``progress(done,
     steps)``: told (0, None) once the job is queued, then after each of its steps (from the
-    worker's thread). ``timeout`` (seconds)
+    worker's thread), and ``progress(done, steps, images)`` after the steps that
+    ``previews(steps)`` gives (the job's steps run: 1 the first). ``timeout`` (seconds)
     and ``priority`` (Triton's), as the request gave them (None: not given), are the
     batcher's ``prepare``'s."""
     timeout = field_value(timeout, float, "timeout")
@@ -95,6 +97,8 @@ async def run_job(
         if answerable is not None:
             answerable(job)
         job.progress = progress
+        if previews is not None and progress is not None:
+            job.preview_steps = previews(job.request.num_inference_steps - job.t_start)
         future = batcher.submit(job)
         if progress is not None:
             progress(0, None)
@@ -297,10 +301,30 @@ def answer_headers(result: JobResult) -> dict[str, str]:
 
 def encoded(result: JobResult, image_format: str) -> list[bytes]:
     """The job's images as files of ``image_format`` (IMAGE_FORMATS' settings)."""
+    return encoded_images(result.images, image_format)
+
+
+def encoded_images(images: list[PIL.Image.Image], image_format: str) -> list[bytes]:
+    """``images`` as files of ``image_format`` (IMAGE_FORMATS' settings)."""
     name, settings = IMAGE_FORMATS[image_format]
     files = []
-    for image in result.images:
+    for image in images:
         buffer = io.BytesIO()
         image.save(buffer, format=name, **settings)
         files.append(buffer.getvalue())
     return files
+
+
+def json_answer(result: JobResult) -> dict[str, Any]:
+    """The JSON answer's body: the images as PNG files in base64, with the job's figures."""
+    files = [base64.b64encode(png).decode() for png in encoded(result, "png")]
+    return {
+        "image": files[0],
+        "images": files,
+        "width": result.image.width,
+        "height": result.image.height,
+        "seed": result.seed,
+        "unet_calls": result.unet_calls,
+        "queue_wait_ms": result.queue_wait_ms,
+        "timings_ms": result.timings_ms,
+    }

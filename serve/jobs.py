@@ -5,10 +5,9 @@ step index between the worker's iterations) and what it gives back (``JobResult`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -16,6 +15,14 @@ import torch
 
 from sdtrt.options import SEED_PROMPT, Img2ImgJob
 from sdtrt.runtime.clock import span_totals
+
+
+class Progress(Protocol):
+    """A job's progress hook (``Job.progress``)."""
+
+    def __call__(
+        self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,15 @@ class Job:
     """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
     priority: int = 0
     """Its priority level: 1 the highest (admitted first); 0 where the server has none."""
-    progress: Callable[[int, int | None], None] | None = None
+    progress: Progress | None = None
     """Told (steps done, steps) by the worker after each of the job's steps (a stream's
-    events); the steps are None when it is queued."""
+    events), and (steps done, steps, previews) after those of ``preview_steps``; the steps
+    are None when it is queued."""
+    preview_steps: frozenset[int] = frozenset()
+    """The steps (1 the first run) after which the job's progress is given previews: its
+    images as the step estimates them finished (``step_and_estimate``)."""
+    estimate: torch.Tensor | None = None
+    """The estimate of the step just taken, until the worker has decoded it for a preview."""
     future: Future[JobResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

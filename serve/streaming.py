@@ -3,8 +3,12 @@
 
     event: queued     data: {}                         the request is checked and queued
     event: step       data: {"step": 3, "steps": 12}   after each of its UNet steps
+    event: preview    data: {"step": 4, "steps": 12, "images": [...]}   with preview_every
     event: result     data: {...}                      /v1's JSON answer (PNGs in base64)
     event: error      data: {"error": "...", "status": 500}   a failure after it was queued
+
+A preview is each image as the step estimates it finished (the scheduler's x0, decoded by
+the model's VAE), a JPEG in base64, after every ``preview_every``-th step but the last.
 
 A request refused before it is queued (a bad field, a full queue, no API key) is answered
 as ``/v1/img2img`` answers it: its status and ``{"error": message}``, no stream. A client
@@ -15,27 +19,68 @@ for the device, which on a GPU runs up to two steps behind.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sdtrt.serve.handling import BadRequest, off_loop
+import PIL.Image
+
+from sdtrt.serve.handling import (
+    BadRequest,
+    as_bad_request,
+    encoded_images,
+    json_answer,
+    off_loop,
+)
 from sdtrt.serve.jobs import JobResult
+
+Told = tuple[int, int | None, list[PIL.Image.Image] | None]
+"""(steps done, steps, previews): the steps None when the job is queued, the previews None
+but after a step asked to preview."""
 
 
 class Progress:
     """A job's progress as the batcher's worker tells it (from its thread), for the event
-    loop's stream: (steps done, steps), the steps None when the job is queued."""
+    loop's stream (``Told``)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        self.events: asyncio.Queue[Told] = asyncio.Queue()
 
-    def __call__(self, done: int, steps: int | None) -> None:
+    def __call__(
+        self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None = None
+    ) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (done, steps))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (done, steps, previews))
         except RuntimeError:  # the loop is closed: nobody is listening
             pass
+
+
+class Events:
+    """How a protocol writes a stream's events; this one is /v1/img2img/stream's (above)."""
+
+    def told(self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None) -> bytes:
+        """The events of one thing the worker told (run off the loop: previews are encoded)."""
+        if steps is None:
+            return event("queued", {})
+        if previews is None:
+            return event("step", {"step": done, "steps": steps})
+        files = [base64.b64encode(file).decode() for file in encoded_images(previews, "jpeg")]
+        return event("preview", {"step": done, "steps": steps, "images": files})
+
+    def result(self, result: JobResult) -> bytes:
+        """The events of the job's result (run off the loop: images are encoded)."""
+        return event("result", json_answer(result))
+
+    def error(self, failure: BadRequest) -> bytes:
+        return event("error", {"error": failure.message, "status": failure.status})
+
+
+def every_nth(every: int) -> Callable[[int], frozenset[int]]:
+    """The steps a job of ``steps`` previews after, for ``preview_every``: every ``every``-th
+    one but the last (the result shows it); none for 0."""
+    return lambda steps: frozenset(range(every, steps, every) if every else ())
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
@@ -58,12 +103,12 @@ async def queued(task: asyncio.Task[Any], progress: Progress) -> bool:
 async def events(
     task: asyncio.Task[tuple[JobResult, Any]],
     progress: Progress,
-    answer: Callable[[JobResult], dict[str, Any]],
+    write: Events,
     ended: Callable[[int, JobResult | None], None],
 ) -> AsyncIterator[bytes]:
-    """The stream of a queued job: its progress, then its result (``answer(result)``, built
-    off the loop) or its error. ``ended(status, result)`` is told how it ended (499: the
-    client went away, which cancels the job)."""
+    """The stream of a queued job as ``write`` writes it: its progress, then its result or
+    its error. ``ended(status, result)`` is told how it ended (499: the client went away,
+    which cancels the job)."""
     status, result = 499, None
     try:
         while True:
@@ -72,20 +117,18 @@ async def events(
             if getter not in done:
                 getter.cancel()
                 break
-            yield _progress_event(*getter.result())
+            yield await _told(write, getter.result())
         while not progress.events.empty():  # told before the task ended
-            yield _progress_event(*progress.events.get_nowait())
+            yield await _told(write, progress.events.get_nowait())
         try:
             result, _ = task.result()
-            body = await off_loop(None, answer, result)
+            body = await off_loop(None, write.result, result)
             status = 200
-            yield event("result", body)
-        except BadRequest as exc:
-            status = exc.status
-            yield event("error", {"error": exc.message, "status": exc.status})
-        except Exception as exc:  # unforeseen: still this request's failure alone
-            status = 500
-            yield event("error", {"error": f"{type(exc).__name__}: {exc}", "status": 500})
+            yield body
+        except Exception as exc:  # this request's failure alone
+            failure = as_bad_request(exc, "")
+            status = failure.status
+            yield write.error(failure)
     finally:
         if not task.done():  # the client went away mid-stream
             task.cancel()  # run_job cancels the job
@@ -94,7 +137,7 @@ async def events(
         ended(status, result)
 
 
-def _progress_event(done: int, steps: int | None) -> bytes:
-    if steps is None:
-        return event("queued", {})
-    return event("step", {"step": done, "steps": steps})
+async def _told(write: Events, told: Told) -> bytes:
+    if told[2] is None:
+        return write.told(*told)
+    return await off_loop(None, write.told, *told)

@@ -410,3 +410,39 @@ def test_bad_custom_schedules_are_refused_before_any_work(counted, images, sched
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         pipe("a", images[0], **custom)
     assert backend.calls == []
+
+
+ESTIMATED_AT_THE_END = ("euler", "euler_a", "dpmpp_2m", "unipc", "dpmpp_2m_karras", "lcm")
+
+
+@pytest.mark.parametrize("name", ["lms", "ddim", "pndm", *ESTIMATED_AT_THE_END, "tcd"])
+def test_a_step_and_its_estimate_of_the_finished_latents(tiny, name):
+    """``step_and_estimate`` (what a preview decodes) takes the very step ``step`` takes;
+    its estimate is the scheduler's x0, far from the noisy latents at the first step and,
+    where the last step lands on x0, equal to the finished latents; PNDM and TCD give no
+    x0: the next latents stand for it."""
+    import copy
+
+    from sdtrt.runtime.schedulers import make_scheduler, step_kwargs
+    from sdtrt.runtime.steps import step, step_and_estimate
+
+    plain = make_scheduler(name, tiny["scheduler"].config)
+    plain.set_timesteps(8)
+    estimating = copy.deepcopy(plain)
+    draws = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=draws) * plain.init_noise_sigma
+    direction = torch.randn(1, 4, 8, 8, generator=draws)
+    extras = [step_kwargs(s, torch.Generator().manual_seed(1), 0.0) for s in (plain, estimating)]
+    gaps = []
+    for t in plain.timesteps:
+        noise_pred = 0.5 * direction + 0.1 * latents  # a stand-in UNet
+        expected = step(plain, noise_pred, t, latents, 1.0, extras[0])
+        latents, estimate = step_and_estimate(estimating, noise_pred, t, latents, 1.0, extras[1])
+        assert torch.equal(latents, expected)
+        gaps.append((estimate - latents).abs().max().item())
+    if name in ("pndm", "tcd"):
+        assert gaps == [0.0] * len(gaps)
+        return
+    assert gaps[0] > 1.0
+    if name in ESTIMATED_AT_THE_END:
+        assert gaps[-1] < 1e-5

@@ -107,3 +107,58 @@ def test_a_client_that_leaves_mid_stream_cancels_its_job(server, body):
         time.sleep(0.02)
     assert job.cancelled and batcher.idle
     assert job.index < len(job.timesteps)  # dropped mid-way
+
+
+def test_previews_show_each_steps_estimate_of_the_finished_image(server, tiny, body):
+    """preview_every 2 of 6 steps: a preview after steps 2 and 4 (not 6: the result shows
+    it), each the VAE's decoding of the step's x0, which for Euler is computed here from
+    the pipeline's own latents before and after the step (a JPEG, as the server encodes it)."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from sdtrt.serve.handling import encoded_images
+
+    fields = {**body, "num_inference_steps": 12, "scheduler": "euler"}
+    with httpx.stream("POST", f"{server.url}/v1/img2img/stream", headers=KEY, timeout=60,
+                      json={**fields, "preview_every": 2}) as answer:  # fmt: skip
+        events = _events(answer.iter_lines())
+    names = [name if name != "step" else data["step"] for name, data in events]
+    assert names == ["queued", 1, 2, "preview", 3, 4, "preview", 5, 6, "result"]
+    previews = [data for name, data in events if name == "preview"]
+    assert [(p["step"], p["steps"], len(p["images"])) for p in previews] == [(2, 6, 1), (4, 6, 1)]
+
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    after = []  # the latents after each step
+
+    def record(pipeline, i, t, tensors):
+        after.append(tensors["latents"].clone())
+        return tensors
+
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(body["image"])))
+    pipe(prompt="a cat", image=image, num_inference_steps=12, strength=0.5,
+         generator=torch.Generator().manual_seed(11), callback_on_step_end=record)  # fmt: skip
+    sigmas = pipe.scheduler.sigmas[12 - 6 :]
+    for preview in previews:
+        k = preview["step"]  # x0 of step k, from its latents before (k-1) and after (k)
+        before, later = after[k - 2], after[k - 1]
+        x0 = before - sigmas[k - 1] * (later - before) / (sigmas[k] - sigmas[k - 1])
+        decoded = pipe.backend.decode_latents(x0 / pipe.scaling_factor)
+        (jpeg,) = encoded_images(pipe.image_processor.postprocess(decoded, "pil"), "jpeg")
+        want = np.asarray(PIL.Image.open(io.BytesIO(jpeg)))
+        got = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(preview["images"][0]))))
+        assert got.shape == want.shape == (32, 48, 3)
+        assert np.abs(got.astype(int) - want).mean() < 0.5  # measured: 0.0
+        noisy = pipe.backend.decode_latents(later / pipe.scaling_factor)  # not the latents
+        plain = np.asarray(pipe.image_processor.postprocess(noisy, output_type="pil")[0])
+        assert np.abs(got.astype(int) - plain).mean() > 10
+
+
+def test_preview_every_is_for_the_stream(server, body):
+    answer = httpx.post(f"{server.url}/v1/img2img", json={**body, "preview_every": 2},
+                        headers=KEY, timeout=60)  # fmt: skip
+    assert answer.status_code == 422 and "POST /v1/img2img/stream" in answer.json()["error"]
+    answer = httpx.post(f"{server.url}/v1/img2img/stream", json={**body, "preview_every": -1},
+                        headers=KEY, timeout=60)  # fmt: skip
+    assert answer.status_code == 422 and "preview_every must be an integer >= 0" in answer.text
