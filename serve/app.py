@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -160,36 +160,50 @@ def create_app(
 
         return await handled(request, serve)
 
-    @app.post("/v1/img2img/stream", response_class=Response, openapi_extra=streamed(documented))
-    async def img2img_stream(request: Request) -> Response:
+    async def streamed_answer(
+        request: Request,
+        serve: Callable[[str, streaming.Progress], Coroutine[Any, Any, tuple[JobResult, Any]]],
+        write: streaming.Events,
+        failed: Callable[[BaseException, str], Response] | None = None,
+    ) -> Response:
+        """A request answered by server-sent events while ``serve(request_id, progress)``
+        runs its job (``write`` writes them): authorised, counted; refused before its job is
+        queued, answered as ``handled`` answers (``failed``: its error object)."""
         arrived = time.monotonic()
-        if failure := unauthorised(request, options):
-            metrics.requests.labels("401").inc()
-            return failure
         request_id = request_id_of(request.headers)
         headers = {"X-Request-ID": request_id} if answer_request_id else {}
+        failed = failed or error_response
         progress = streaming.Progress()
-        task = asyncio.create_task(_serve(request, request_id, batcher, options, intake, progress))
-        if not await streaming.queued(task, progress):  # refused: as /v1/img2img answers
-            exc = task.exception()
-            response = error_response(exc, request_id) if exc else JSONResponse({}, 500)
-            response.headers.update(headers)
-            metrics.requests.labels(str(response.status_code)).inc()
-            return response
+        if not key_given(options.api_key, request.headers):
+            response = failed(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+        else:
+            task = asyncio.create_task(serve(request_id, progress))
+            if await streaming.queued(task, progress):
 
-        def ended(status: int, result: JobResult | None) -> None:
-            metrics.requests.labels(str(status)).inc()
-            if result is not None:
-                metrics.answered(result, time.monotonic() - arrived)
+                def ended(status: int, result: JobResult | None) -> None:
+                    metrics.requests.labels(str(status)).inc()
+                    if result is not None:
+                        metrics.answered(result, time.monotonic() - arrived)
 
-        return StreamingResponse(
-            streaming.events(task, progress, streaming.Events(), ended),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **headers},
-        )
+                return StreamingResponse(
+                    streaming.events(task, progress, write, ended),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", **headers},
+                )
+            response = failed(task.exception() or RuntimeError("not queued"), request_id)
+        response.headers.update(headers)
+        metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/img2img/stream", response_class=Response, openapi_extra=streamed(documented))
+    async def img2img_stream(request: Request) -> Response:
+        async def serve(request_id: str, progress: streaming.Progress) -> tuple[JobResult, str]:
+            return await _serve(request, request_id, batcher, options, intake, progress)
+
+        return await streamed_answer(request, serve, streaming.Events())
 
     _add_inference_protocol(app, handled, batcher, options, intake, lambda: readiness() == "ready")
-    add_openai_images(app, handled, batcher, options, intake)
+    add_openai_images(app, handled, streamed_answer, batcher, options, intake)
     return app
 
 

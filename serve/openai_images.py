@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
+import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -30,14 +31,17 @@ from sdtrt.serve.handling import (
     as_bad_request,
     decode_image,
     encoded,
+    encoded_images,
     field_value,
+    key_given,
     read_body,
     read_form,
     run_job,
     unauthorised,
 )
-from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.jobs import JobResult, Progress
 from sdtrt.serve.options import ServeOptions
+from sdtrt.serve.streaming import Events, event, spread
 
 # /v1/img2img's fields that OpenAI's API names otherwise: n, and size (WIDTHxHEIGHT).
 _RENAMED = {"num_images_per_prompt": "n", "height": "size", "width": "size"}
@@ -49,8 +53,6 @@ _ONLY: dict[str, tuple[tuple[str, ...], str]] = {
     "response_format": (("b64_json",), "this server keeps no files to link to"),
     "background": (("auto", "opaque"), "Stable Diffusion draws no transparency"),
     "quality": (("auto",), "sdtrt's quality knob is num_inference_steps"),
-    "stream": (("false",), "a stream of progress is POST /v1/img2img/stream"),
-    "partial_images": (("0",), "a stream of progress is POST /v1/img2img/stream"),
 }
 _REFUSED = {
     "mask": "a mask asks for inpainting; this server runs img2img on the whole image",
@@ -65,13 +67,15 @@ _CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_excee
 def add_openai_images(
     app: FastAPI,
     handled: Callable[..., Awaitable[Response]],
+    streamed: Callable[..., Awaitable[Response]],
     batcher: StepBatcher,
     options: ServeOptions,
     intake: Executor,
 ) -> None:
     """OpenAI's ``/v1/images/edits`` and ``/v1/models`` on ``app``; the one model is
     ``options.model_name``, run as ``/v1/img2img`` runs a request (``handled``: the app's
-    way of answering one, here with OpenAI's error object)."""
+    way of answering one, ``streamed`` of answering one as events; here with OpenAI's error
+    object)."""
     model_name = options.model_name
     created = int(time.time())
 
@@ -94,16 +98,16 @@ def add_openai_images(
 
     @app.post("/v1/images/edits", response_class=Response, openapi_extra=documented(batcher))
     async def edits(request: Request) -> Response:
-        async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
-            kind = request.headers.get("content-type", "").split(";")[0].strip()
-            if kind != "multipart/form-data":
-                raise BadRequest(
-                    400, f"send multipart/form-data, as OpenAI's images/edits takes, not {kind}"
-                )
-            body = await read_body(request, options)
-            form = await read_form(request, body, repeated=(*TEXTS, "image", "image[]"))
-            edit = read_edit(form, model_name)
-            result = await run_job(
+        # The form says whether to stream: read once the key is known good (else the
+        # answer is the 401 of handled or streamed, without reading the body).
+        edit: Edit | BadRequest | None = None
+        if key_given(options.api_key, request.headers):
+            edit = await _read(request, options, model_name)
+
+        async def run(request_id: str, progress: Progress | None = None) -> JobResult:
+            if not isinstance(edit, Edit):
+                raise edit or BadRequest(401, WRONG_KEY)
+            return await run_job(
                 request.is_disconnected,
                 request_id,
                 batcher,
@@ -112,10 +116,76 @@ def add_openai_images(
                 lambda: decode_image(edit.image),
                 timeout=edit.timeout,
                 priority=edit.priority,
+                progress=progress,
+                previews=spread(edit.partial_images),
             )
-            return result, lambda done: _answer(done, edit.output_format)
 
+        async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
+            result = await run(request_id)
+            return result, lambda done: _answer(done, edit.output_format)  # type: ignore[union-attr]
+
+        async def serve_streamed(request_id: str, progress: Progress) -> tuple[JobResult, None]:
+            return await run(request_id, progress), None
+
+        if isinstance(edit, Edit) and edit.stream:
+            return await streamed(request, serve_streamed, EditEvents(edit), error_object)
         return await handled(request, serve, error_object)
+
+
+async def _read(request: Request, options: ServeOptions, model_name: str) -> Edit | BadRequest:
+    """The edit a request's form asks for, or why it cannot be read."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind != "multipart/form-data":
+        return BadRequest(
+            400, f"send multipart/form-data, as OpenAI's images/edits takes, not {kind}"
+        )
+    try:
+        body = await read_body(request, options)
+        form = await read_form(request, body, repeated=(*TEXTS, "image", "image[]"))
+        return read_edit(form, model_name)
+    except BadRequest as exc:
+        return exc
+
+
+class EditEvents(Events):
+    """OpenAI's stream of an edit: ``image_edit.partial_image`` for each preview's images
+    (``partial_images``), ``image_edit.completed`` for each image, or ``error`` with OpenAI's
+    error object; no event for steps."""
+
+    def __init__(self, edit: Edit) -> None:
+        self.output_format = edit.output_format
+        self.partials = 0
+
+    def _events(self, kind: str, images: list[PIL.Image.Image], **more: Any) -> bytes:
+        size = f"{images[0].width}x{images[0].height}"
+        return b"".join(
+            event(
+                f"image_edit.{kind}",
+                {
+                    "type": f"image_edit.{kind}",
+                    "b64_json": base64.b64encode(file).decode(),
+                    "created_at": int(time.time()),
+                    "size": size,
+                    "quality": "auto",
+                    "background": "opaque",
+                    "output_format": self.output_format,
+                    **more,
+                },
+            )  # fmt: skip
+            for file in encoded_images(images, self.output_format)
+        )
+
+    def told(self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None) -> bytes:
+        if previews is None:
+            return b""
+        self.partials += 1
+        return self._events("partial_image", previews, partial_image_index=self.partials - 1)
+
+    def result(self, result: JobResult) -> bytes:
+        return self._events("completed", result.images)
+
+    def error(self, failure: BadRequest) -> bytes:
+        return event("error", {"type": "error", "error": openai_error(failure)[1]})
 
 
 def documented(batcher: StepBatcher) -> dict[str, Any]:
@@ -144,10 +214,19 @@ def documented(batcher: StepBatcher) -> dict[str, Any]:
 
 class Edit:
     """An edit request as the batcher takes it: the image's bytes, /v1/img2img's values, the
-    answer's format and the per-request options."""
+    answer's format, whether it streams (with how many previews) and the per-request
+    options."""
 
-    def __init__(self, image: bytes, values: dict[str, Any], output_format: str) -> None:
+    def __init__(
+        self,
+        image: bytes,
+        values: dict[str, Any],
+        output_format: str,
+        stream: bool = False,
+        partial_images: int = 0,
+    ) -> None:
         self.image, self.output_format = image, output_format
+        self.stream, self.partial_images = stream, partial_images
         self.timeout = values.pop("timeout", None)
         self.priority = values.pop("priority", None)
         self.values = values
@@ -173,6 +252,15 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
             raise BadRequest(400, f"{name} {value!r}: {why} (allowed: {', '.join(allowed)})")
     for name in _IGNORED:
         form.pop(name, None)
+    stream = str(form.pop("stream", "false")).lower()
+    if stream not in ("true", "false"):
+        raise BadRequest(400, f"stream must be true or false, got {stream!r}")
+    partial_images = field_value(form.pop("partial_images", None), int, "partial_images") or 0
+    if not 0 <= partial_images <= 3 or (partial_images and stream == "false"):
+        raise BadRequest(
+            400, "partial_images must be in [0, 3], and they come in a stream (stream true); "
+            f"got {partial_images}"
+        )  # fmt: skip
     output_format = str(form.pop("output_format", "png")).lower()
     if output_format not in _OUTPUT_FORMATS:
         raise BadRequest(
@@ -186,7 +274,8 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
         values["width"], values["height"] = _size(size)
     unknown = sorted(set(form) - set(SDTRT_FIELDS))
     if unknown:
-        taken = ["image", "prompt", "model", "n", "size", "output_format", *_ONLY, *_IGNORED]
+        taken = ["image", "prompt", "model", "n", "size", "output_format", "stream",
+                 "partial_images", *_ONLY, *_IGNORED]  # fmt: skip
         raise BadRequest(
             400,
             f"unknown field(s) {', '.join(unknown)}; OpenAI's taken here: {', '.join(taken)};"
@@ -202,7 +291,7 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
     # OpenAI's edits differ call by call: a seed of its own unless one is asked for (the
     # answer's X-Seed header says which, so any image can be made again).
     values.setdefault("seed", secrets.randbelow(2**32))
-    return Edit(files[0], values, output_format)
+    return Edit(files[0], values, output_format, stream == "true", partial_images)
 
 
 def _size(size: str) -> tuple[int, int]:
@@ -231,10 +320,18 @@ def _answer(result: JobResult, output_format: str) -> Response:
 
 def error_object(exc: BaseException, request_id: str) -> JSONResponse:
     """A failure as OpenAI's error object, ``{"error": {"message", "type", "param",
-    "code"}}``: a bad argument (sdtrt's 422) is OpenAI's 400 ``invalid_request_error``, a
-    failure of the server's ``server_error``; other statuses are /v1/img2img's."""
+    "code"}}`` (``openai_error``)."""
     failure = as_bad_request(exc, request_id)
+    status, error = openai_error(failure)
+    return JSONResponse({"error": error}, status, headers=failure.headers)
+
+
+def openai_error(failure: BadRequest) -> tuple[int, dict[str, Any]]:
+    """OpenAI's status and error for a failure: a bad argument (sdtrt's 422) is OpenAI's 400
+    ``invalid_request_error``, a failure of the server's ``server_error``; other statuses
+    are /v1/img2img's."""
     status = 400 if failure.status == 422 else failure.status
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    error = {"message": failure.message, "type": kind, "param": None, "code": _CODES.get(status)}
-    return JSONResponse({"error": error}, status, headers=failure.headers)
+    return status, {
+        "message": failure.message, "type": kind, "param": None, "code": _CODES.get(status),
+    }  # fmt: skip

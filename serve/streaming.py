@@ -61,7 +61,8 @@ class Events:
     """How a protocol writes a stream's events; this one is /v1/img2img/stream's (above)."""
 
     def told(self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None) -> bytes:
-        """The events of one thing the worker told (run off the loop: previews are encoded)."""
+        """The events of one thing the worker told, b"" for none (run off the loop where it
+        has previews: they are encoded)."""
         if steps is None:
             return event("queued", {})
         if previews is None:
@@ -81,6 +82,15 @@ def every_nth(every: int) -> Callable[[int], frozenset[int]]:
     """The steps a job of ``steps`` previews after, for ``preview_every``: every ``every``-th
     one but the last (the result shows it); none for 0."""
     return lambda steps: frozenset(range(every, steps, every) if every else ())
+
+
+def spread(count: int) -> Callable[[int], frozenset[int]]:
+    """The steps a job of ``steps`` previews after, for ``count`` previews (OpenAI's
+    ``partial_images``): spread evenly, never after the last step; fewer where the steps
+    are fewer."""
+    return lambda steps: frozenset(
+        step for i in range(1, count + 1) if 0 < (step := round(steps * i / (count + 1))) < steps
+    )
 
 
 def event(name: str, data: dict[str, Any]) -> bytes:
@@ -117,9 +127,11 @@ async def events(
             if getter not in done:
                 getter.cancel()
                 break
-            yield await _told(write, getter.result())
+            if chunk := await _told(write, getter.result()):
+                yield chunk
         while not progress.events.empty():  # told before the task ended
-            yield await _told(write, progress.events.get_nowait())
+            if chunk := await _told(write, progress.events.get_nowait()):
+                yield chunk
         try:
             result, _ = task.result()
             body = await off_loop(None, write.result, result)

@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import PIL.Image
 import pytest
+import torch
 from conftest import noise_picture, png_bytes
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -37,8 +38,10 @@ def image():
 def server(tiny):
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
     options = ServeOptions(api_key=KEY, model_name="tiny-img2img")
-    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
+    app = create_app(StepBatcher(pipe, options), options)
+    with BackgroundServer(app) as running:
         running.wait_ready()
+        running.batcher = app.state.batcher
         yield running
 
 
@@ -217,3 +220,53 @@ def test_the_readme_client_runs_against_a_server(server, image, tmp_path, monkey
     )
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert [PIL.Image.open(f"cat-{i}.png").size for i in range(2)] == [(48, 32)] * 2
+
+
+def test_a_streamed_edit_gives_partial_images_then_the_images(server, client, image):
+    """stream with partial_images 2 of 4 steps: previews after steps 1 and 3 (OpenAI's
+    image_edit.partial_image, one event per image), then image_edit.completed per image,
+    the pixels of the same request unstreamed."""
+    events = list(
+        client.images.edit(
+            image=("p.png", png_bytes(image), "image/png"),
+            prompt="a cat",
+            n=2,
+            stream=True,
+            partial_images=2,
+            extra_body=SMALL | {"num_inference_steps": 8},
+        )
+    )
+    kinds = [(e.type, getattr(e, "partial_image_index", None)) for e in events]
+    partial, completed = "image_edit.partial_image", "image_edit.completed"
+    assert kinds == [(partial, 0)] * 2 + [(partial, 1)] * 2 + [(completed, None)] * 2
+    assert {(e.size, e.output_format, e.background) for e in events} == {("48x32", "png", "opaque")}
+    expected = _v1_images(server, image, {"prompt": "a cat", **SMALL, "num_inference_steps": 8,
+                                          "num_images_per_prompt": 2})  # fmt: skip
+    for event, theirs in zip(events[-2:], expected, strict=True):
+        np.testing.assert_array_equal(_pixels(event.b64_json), theirs)
+    previews = [_pixels(e.b64_json) for e in events[:4]]
+    assert all(p.shape == (32, 48, 3) for p in previews)
+    assert not np.array_equal(previews[0], previews[2])  # two steps' estimates
+
+
+def test_a_stream_that_fails_raises_in_the_sdk(server, client, image, monkeypatch):
+    backend = server.batcher.backend
+    monkeypatch.setattr(backend, "decode_latents", lambda latents: torch.full(
+        (len(latents), 3, 32, 48), float("nan")))  # fmt: skip
+    stream = client.images.edit(image=("p.png", png_bytes(image), "image/png"), prompt="a cat",
+                                stream=True, extra_body=SMALL)  # fmt: skip
+    with pytest.raises(openai.APIError, match="NonFiniteOutputError"):
+        list(stream)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"partial_images": 2}, "they come in a stream"),
+        ({"stream": True, "partial_images": 4}, r"partial_images must be in \[0, 3\]"),
+    ],
+)
+def test_partial_images_are_for_a_stream_of_at_most_three(client, image, arguments, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.images.edit(image=("p.png", png_bytes(image), "image/png"), prompt="a cat",
+                           **arguments)  # fmt: skip
