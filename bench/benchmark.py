@@ -13,14 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from sdtrt.bench.config import PEERS, BenchConfig, split_row
 from sdtrt.bench.report import STAGES
 from sdtrt.bench.timing import StageTimer, peak_rss_mb, percentiles, reset_peak_memory, synchronize
-from sdtrt.engine.torch_backend import IN_PLACE_SWITCHES
+from sdtrt.engine.torch_backend import IN_PLACE_SWITCHES, TorchBackend
 from sdtrt.errors import ModelNotFoundError, SdtrtError
 from sdtrt.export.networks import ModelDims
 from sdtrt.options import DTYPES, SAMPLE_IMAGE, SEED_PROMPT, CacheOptions, TorchOptions
@@ -334,10 +334,8 @@ def _make_target(
         )
     engine = pipe.backend
     raw_unet = engine.unet
-    engine.encode_text = timer.wrap("text_encoder", engine.encode_text)
-    engine.unet = timer.wrap("unet", engine.unet)
-    engine.encode_image = timer.wrap("vae_encoder", engine.encode_image)
-    engine.decode_latents = timer.wrap("vae_decoder", engine.decode_latents)
+    for stage, method in STAGE_METHODS.items():  # each network's calls timed
+        setattr(engine, method, timer.wrap(stage, getattr(engine, method)))
     last: dict[str, float] = {}
 
     cutoff = cutoff_callback(config.guidance_cutoff)  # every row's, diffusers' too
@@ -352,8 +350,18 @@ def _make_target(
     target = Target(backend, run, raw_unet, lambda: last["denoise"], engine.device, dims)
     if isinstance(options, TorchOptions) and options.compile_unet:
         target.run_args = []
-        engine.unet_call = _recording(engine.unet_call, target.run_args)
+        torch_engine = cast(TorchBackend, engine)  # the torch options' backend
+        torch_engine.unet_call = _recording(torch_engine.unet_call, target.run_args)
     return target
+
+
+# A stage's name and the backend method that runs it.
+STAGE_METHODS = {
+    "text_encoder": "encode_text",
+    "unet": "unet",
+    "vae_encoder": "encode_image",
+    "vae_decoder": "decode_latents",
+}
 
 
 def _pytorch(components: dict[str, Any] | None, config: BenchConfig, backend: str) -> Any:

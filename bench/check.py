@@ -229,7 +229,7 @@ def run_check(
     networks = compare_networks(exported, components, precision, backend, engine_dir)
     m = exported.dims.size_multiple
     image = torch.rand(1, 3, 2 * m, 3 * m, generator=torch.Generator().manual_seed(7))
-    run = dict(strength=strength, num_inference_steps=steps, output_type="np")
+    run: dict[str, Any] = dict(strength=strength, num_inference_steps=steps, output_type="np")
     options = backend_options(backend, precision=precision, engine_dir=engine_dir)
     graph_pipe = Img2ImgPipeline.from_pretrained(
         exported.root, options, scheduler, show_progress=False

@@ -34,11 +34,13 @@ def measure(model: str, size: int, steps: int, ratio: float, repeats: int, devic
     rows: list[int] = []
     unet = pipe.backend.unet
 
-    def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
-        rows.append(len(x))
-        return unet(x, *args)
+    def counted(
+        sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        rows.append(len(sample))
+        return unet(sample, timestep, encoder_hidden_states)
 
-    pipe.backend.unet = counted
+    pipe.backend.unet = counted  # type: ignore[method-assign]  # rows counted per call
     image = load_image(SAMPLE_IMAGE).resize((size, size))
     scheduler, _, strength, guidance = RUNS["default"]  # lms at strength 0.8, guidance 7.5
     run = (scheduler, steps, strength, guidance)

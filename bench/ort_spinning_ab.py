@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from typing import Any
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
         )
         for side, spin in sides.items()
     }
-    call = {"num_inference_steps": int(steps), "strength": 1.0}
+    call: dict[str, Any] = {"num_inference_steps": int(steps), "strength": 1.0}
     for pipe in pipes.values():
         pipe(SEED_PROMPT, image, **call)  # warm-up
     times: dict[str, list[float]] = {side: [] for side in sides}

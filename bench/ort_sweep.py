@@ -10,10 +10,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from sdtrt.export.folder import ExportedModel
 
-SETTINGS = [
+SETTINGS: list[dict[str, Any]] = [
     {"optimization": "basic", "threads": 0, "arena": True, "spinning": True},
     {"optimization": "extended", "threads": 0, "arena": True, "spinning": True},
     {"optimization": "all", "threads": 0, "arena": True, "spinning": True},

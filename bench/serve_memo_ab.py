@@ -67,7 +67,8 @@ def main(schedulers: list[str]) -> None:
         for repeat in range(REPEATS + 1):  # the first round is the warm-up
             for mode in times:
                 # cold: a memo of its own for every scheduler, as before they were shared
-                scheduler_memo.shared_memo = shared if mode == "shared" else new_memo
+                memo = shared if mode == "shared" else new_memo
+                scheduler_memo.shared_memo = memo  # type: ignore[assignment]  # a plain function
                 ms, results = load(pipe, image, scheduler)
                 arrays[mode] = [r.array for r in results]
                 if repeat:

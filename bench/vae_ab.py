@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def measure(
     }
     image = load_image(SAMPLE_IMAGE).resize((size, size))
 
-    runs = {name: functools.partial(run_once, pipe, image, RECIPE) for name, pipe in pipes.items()}
+    runs: dict[str, Callable[[], Any]] = {
+        name: functools.partial(run_once, pipe, image, RECIPE) for name, pipe in pipes.items()
+    }
     medians, _ = alternate(runs, repeats)
     full, tiny = (medians[name] for name in pipes)
     vae_ms = {name: m["vae_encoder"] + m["vae_decoder"] for name, m in medians.items()}

@@ -8,6 +8,9 @@ from typing import Protocol
 
 import torch
 
+UnetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A UNet call: (sample, timestep, encoder_hidden_states) -> model output."""
+
 
 class Backend(Protocol):
     """Runs text encoder, UNet, VAE encoder and VAE decoder.
@@ -33,7 +36,7 @@ class Backend(Protocol):
     pixel_range: tuple[tuple[int, int], tuple[int, int]] | None
     # A UNet call (same arguments as ``unet``) that the pipeline may capture whole
     # denoising steps around as CUDA graphs; None: steps run eagerly.
-    step_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
+    step_unet: UnetCall | None
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, 77] token ids -> [B, 77, C] last hidden state."""

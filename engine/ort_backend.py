@@ -7,15 +7,16 @@ straight to torch CUDA tensors (no host copies).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from sdtrt.engine.base import UnetCall
 from sdtrt.engine.factory import check_available
 from sdtrt.errors import GraphIntegrityError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import NETWORK_NAMES
+from sdtrt.export.networks import NETWORK_NAMES, UNet
 from sdtrt.options import OrtOptions
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _NUMPY = {
 
 class OrtBackend:
     name = "onnxruntime"
-    step_unet = None  # whole-step graphs: the torch and TensorRT backends (CUDA graphs)
+    step_unet: UnetCall | None = None  # whole-step graphs: torch and TensorRT (CUDA graphs)
 
     def __init__(self, exported: ExportedModel, options: OrtOptions = OrtOptions()) -> None:
         import onnxruntime as ort
@@ -54,7 +55,7 @@ class OrtBackend:
                 "CPU kernels are fp32's): use them to check fp16 numbers, fp32 for speed"
             )
         self._contracts = {n: exported.network(n, precision) for n in NETWORK_NAMES}
-        self.per_row_timesteps = self._contracts["unet"].per_row_timesteps
+        self.per_row_timesteps = cast(UNet, self._contracts["unet"]).per_row_timesteps
         self.max_unet_rows: int | None = None
         self.max_image_rows: int | None = None
         self.pixel_range: tuple[tuple[int, int], tuple[int, int]] | None = None

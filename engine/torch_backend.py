@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
+from sdtrt.engine.base import UnetCall
 from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.factory import check_available
 from sdtrt.errors import InvalidInputError
@@ -35,9 +36,9 @@ logger = logging.getLogger(__name__)
 class TorchBackend:
     name = "torch"
     per_row_timesteps = True  # diffusers' UNet takes a timestep per row
-    max_unet_rows = None
-    max_image_rows = None
-    pixel_range = None
+    max_unet_rows: int | None = None
+    max_image_rows: int | None = None
+    pixel_range: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     def __init__(self, components: dict[str, Any], options: TorchOptions = TorchOptions()) -> None:
         check_available(options)
@@ -63,7 +64,7 @@ class TorchBackend:
         graphs = options.cuda_graphs or options.step_graphs  # steps not tabulated: the UNet's
         self._graphed_unet = CudaGraphed(self._unet_forward) if graphs else None
         # What the pipeline captures whole steps around (runtime/step_graph.py).
-        self.step_unet = self._unet_eager if options.step_graphs else None
+        self.step_unet: UnetCall | None = self._unet_eager if options.step_graphs else None
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:

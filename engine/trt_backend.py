@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from sdtrt.engine.base import UnetCall
 from sdtrt.engine.cuda_graphs import CudaGraphed
 from sdtrt.engine.trt_build import (
     build_missing_engines,
@@ -36,7 +37,7 @@ from sdtrt.engine.trt_profile import (
 )
 from sdtrt.errors import EngineMismatchError
 from sdtrt.export.folder import ExportedModel
-from sdtrt.export.networks import NETWORK_NAMES, Network
+from sdtrt.export.networks import NETWORK_NAMES, Network, UNet
 from sdtrt.options import BuildOptions, TensorRTOptions
 
 if TYPE_CHECKING:  # TensorRT is imported lazily: machines without it still load this module
@@ -262,7 +263,7 @@ class TensorRTBackend:
             self.fp32_activations = torch.empty(size, dtype=torch.uint8, device="cuda")
             self.fp32_decoder.context.set_device_memory(self.fp32_activations.data_ptr(), size)
         unet = self.networks["unet"]
-        self.per_row_timesteps = unet.contract.per_row_timesteps
+        self.per_row_timesteps = cast(UNet, unet.contract).per_row_timesteps
         self.max_unet_rows: int | None = max_rows(unet.profile)
         engines = [*self.networks.values()]
         if self.fp32_decoder is not None:
@@ -274,7 +275,7 @@ class TensorRTBackend:
         self._graphed_unet = CudaGraphed(self._unet_enqueue) if graphs else None
         self._unet_net = unet
         # What the pipeline captures whole steps around (runtime/step_graph.py).
-        self.step_unet = self._step_unet if options.step_graphs else None
+        self.step_unet: UnetCall | None = self._step_unet if options.step_graphs else None
 
     def save_runtime_caches(self) -> None:
         """TensorRT-RTX: keep the kernels compiled for new shapes for the next process."""

@@ -5,6 +5,7 @@ builds on any machine for its target compute capabilities (engine/trt_family.py)
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def build_engines(
         paths[network] = cached_engine(
             engine_dir,
             key,
-            lambda onnx_path=onnx_path, key=key: _build(onnx_path, key, options, timing_cache),
+            functools.partial(_build, onnx_path, key, options, timing_cache),
         )
     return paths
 

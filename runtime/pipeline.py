@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,8 +424,8 @@ class Img2ImgPipeline:
         guidance_scale: float = 8.0,
         strength: float | None = None,
         start_step: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
         eta: float = 0.0,
         num_images_per_prompt: int = 1,
         height: int | None = None,

@@ -51,7 +51,7 @@ from sdtrt.serve.handling import (
     run_job,
     unauthorised,
 )
-from sdtrt.serve.jobs import Job, JobResult
+from sdtrt.serve.jobs import Job, JobResult, ProgressHook
 from sdtrt.serve.metrics import Metrics
 from sdtrt.serve.openai_images import add_openai_images
 from sdtrt.serve.options import ServeOptions
@@ -322,7 +322,7 @@ async def _serve(
     batcher: StepBatcher,
     options: ServeOptions,
     intake: Executor,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressHook | None = None,
 ) -> tuple[JobResult, str]:
     """The request's result and the format to answer in; BadRequest where there is none.
     ``progress``: a stream's (its answer is the JSON one)."""

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from sdtrt.errors import DeadlineExceededError, InvalidInputError, ServerBusyError
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, TEXTS
-from sdtrt.serve.jobs import Job, JobResult, Progress
+from sdtrt.serve.jobs import Job, JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ async def run_job(
     timeout: Any = None,
     priority: Any = None,
     answerable: Callable[[Job], None] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressHook | None = None,
     previews: Callable[[int], frozenset[int]] | None = None,
 ) -> JobResult:
     """One request's job, whatever protocol brought it: its image loaded (``load``; None:

@@ -17,7 +17,7 @@ from sdtrt.options import SEED_PROMPT, Img2ImgJob
 from sdtrt.runtime.clock import span_totals
 
 
-class Progress(Protocol):
+class ProgressHook(Protocol):
     """A job's progress hook (``Job.progress``)."""
 
     def __call__(
@@ -93,7 +93,7 @@ class Job:
     """Custom ``timesteps`` or ``sigmas``, checked (``custom_schedule``); {}: the count's."""
     priority: int = 0
     """Its priority level: 1 the highest (admitted first); 0 where the server has none."""
-    progress: Progress | None = None
+    progress: ProgressHook | None = None
     """Told (steps done, steps) by the worker after each of the job's steps (a stream's
     events), and (steps done, steps, previews) after those of ``preview_steps``; the steps
     are None when it is queued."""

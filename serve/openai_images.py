@@ -36,10 +36,11 @@ from sdtrt.serve.handling import (
     key_given,
     read_body,
     read_form,
+    request_id_of,
     run_job,
     unauthorised,
 )
-from sdtrt.serve.jobs import JobResult, Progress
+from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.streaming import Events, event, spread
 
@@ -103,8 +104,9 @@ def add_openai_images(
         edit: Edit | BadRequest | None = None
         if key_given(options.api_key, request.headers):
             edit = await _read(request, options, model_name)
+        output_format = edit.output_format if isinstance(edit, Edit) else "png"
 
-        async def run(request_id: str, progress: Progress | None = None) -> JobResult:
+        async def run(request_id: str, progress: ProgressHook | None = None) -> JobResult:
             if not isinstance(edit, Edit):
                 raise edit or BadRequest(401, WRONG_KEY)
             return await run_job(
@@ -122,9 +124,9 @@ def add_openai_images(
 
         async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
             result = await run(request_id)
-            return result, lambda done: _answer(done, edit.output_format)  # type: ignore[union-attr]
+            return result, lambda done: _answer(done, output_format)
 
-        async def serve_streamed(request_id: str, progress: Progress) -> tuple[JobResult, None]:
+        async def serve_streamed(request_id: str, progress: ProgressHook) -> tuple[JobResult, None]:
             return await run(request_id, progress), None
 
         if isinstance(edit, Edit) and edit.stream:
@@ -143,8 +145,8 @@ async def _read(request: Request, options: ServeOptions, model_name: str) -> Edi
         body = await read_body(request, options)
         form = await read_form(request, body, repeated=(*TEXTS, "image", "image[]"))
         return read_edit(form, model_name)
-    except BadRequest as exc:
-        return exc
+    except Exception as exc:  # answered as the request's failure, as handled answers one
+        return as_bad_request(exc, request_id_of(request.headers))
 
 
 class EditEvents(Events):

@@ -153,7 +153,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         run(source_from(args), backend_from(args), args.scheduler, options)
         return 0
     try:
-        from sdtrt.serve import ray_app
+        import sdtrt.serve.ray_app as ray_app
     except ImportError:
         raise unavailable("--ray needs Ray Serve: pip install 'sdtrt[ray]'") from None
     backend_kwargs = {
