@@ -140,7 +140,8 @@ def openapi(server_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
         "timings_ms": {
             "type": "object",
             "additionalProperties": number,
-            "description": "Per stage (text_encoder, vae_encoder, denoise, vae_decoder), "
+            "description": "Per stage (text_encoder, vae_encoder, denoise, vae_decoder; preview "
+            "where a stream asked for previews), "
             "the batched calls it took part in, and total.",
         },
     }
