@@ -87,6 +87,49 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
     return vae.eval()
 
 
+def load_preview_vae(path: str, latent_channels: int, scale: int) -> Any:
+    """A TAESD (AutoencoderTiny: its diffusers folder, or TAESD's own ``taesd_encoder`` and
+    ``taesd_decoder`` .safetensors) to decode previews with, in fp32 on the CPU; refused
+    where it is another kind of VAE or makes other latents than the model's
+    (``latent_channels`` at 1/``scale`` of the image's size)."""
+    from diffusers import AutoencoderTiny
+    from safetensors import SafetensorError
+
+    from sdtrt.export.networks import is_tiny_vae
+    from sdtrt.models import quiet_loaders
+
+    where = Path(path)
+    if not where.is_dir():
+        raise ModelNotFoundError(
+            f"preview VAE {path} is not a folder: give a TAESD's (madebyollin/taesd's "
+            "diffusers folder, or one of taesd_encoder and taesd_decoder .safetensors)"
+        )
+    halves = _taesd_halves(where, allow_pickle=False)
+    try:
+        with quiet_loaders():
+            if halves:
+                vae = _taesd_from_halves(halves)
+            else:
+                settings = AutoencoderTiny.load_config(where)
+                if not is_tiny_vae(settings):
+                    raise InvalidInputError(
+                        f"preview VAE {path} is {settings.get('_class_name', 'a VAE')}, not "
+                        "a TAESD (AutoencoderTiny): previews are decoded by the model's own "
+                        "VAE where none is given"
+                    )
+                vae = AutoencoderTiny.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as exc:
+        raise InvalidInputError(f"could not load the preview VAE {path}: {_gist(exc)}") from None
+    theirs = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+    if vae.config.latent_channels != latent_channels or theirs != scale:
+        raise InvalidInputError(
+            f"preview VAE {path} decodes latents of {vae.config.latent_channels} channels at "
+            f"1/{theirs} of the image's size; this model's are {latent_channels} channels at "
+            f"1/{scale}: a TAESD made for another model"
+        )
+    return vae.eval()
+
+
 def _taesd_halves(where: Path, allow_pickle: bool) -> dict[str, Path]:
     """TAESD's own files in the folder ``where``, as madebyollin/taesd and ComfyUI's
     vae_approx keep them: ``taesd_encoder`` and ``taesd_decoder``, .safetensors (or .pth:

@@ -116,6 +116,16 @@ class StepBatcher:
         self.priority_levels = options.priority_levels
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
+        self.preview_vae = None
+        """The TAESD that decodes previews (``ServeOptions.preview_vae``); None: the model's
+        VAE does."""
+        if options.preview_vae is not None:
+            from sdtrt.adapters import load_preview_vae
+
+            dims = pipeline.dims
+            vae = load_preview_vae(options.preview_vae, dims.latent_channels, dims.vae_scale_factor)
+            half = self.device.type == "cuda"  # TAESD runs in fp16 on GPUs (web UIs' way)
+            self.preview_vae = vae.to(self.device, torch.float16 if half else torch.float32)
         # A blank picture per warm-up size, prepared as a request is (refused here, at
         # start, when the model cannot take the size).
         self._warmup_jobs = [
@@ -478,9 +488,14 @@ class StepBatcher:
         ahead)."""
         start = mark(self.device)
         estimates = torch.cat([job.estimate for job in jobs if job.estimate is not None])
-        decoded = self._in_chunks(
-            self.backend.decode_latents, estimates / self.pipeline.scaling_factor
-        )
+        vae = self.preview_vae
+        if vae is None:
+            decoded = self._in_chunks(
+                self.backend.decode_latents, estimates / self.pipeline.scaling_factor
+            )
+        else:  # TAESD's latents are the scaled ones (its scaling factor: 1)
+            latents = (estimates / vae.config.scaling_factor).to(self.device, vae.dtype)
+            decoded = vae.decode(latents, return_dict=False)[0].float()
         self._charge(jobs, "preview", start)
         images = self.pipeline.image_processor.postprocess(decoded, output_type="pil")
         first = 0

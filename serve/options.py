@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from sdtrt.errors import InvalidInputError
+from sdtrt.errors import InvalidInputError, ModelNotFoundError
 from sdtrt.options import DEFAULT_STRENGTH, Img2ImgJob, check_integer, one_of, parse_sizes
 
 SERVE_POLICIES = ("step", "request", "single")
@@ -72,6 +73,11 @@ class ServeOptions:
     request of a higher level is admitted before those of lower ones, which do not take
     the UNet rows it waits for; within a level, in arrival order. 0: none (a request's
     priority must then be 0)."""
+    preview_vae: str | None = None
+    """A TAESD (AutoencoderTiny: its diffusers folder, or TAESD's own taesd_encoder and
+    taesd_decoder .safetensors) that decodes the stream's previews in place of the model's
+    VAE, as web UIs preview: SD's VAE decoder is about as much work as a UNet step, TAESD's
+    a small share of it. Its images are approximate (TAESD's). None: the model's VAE."""
     grpc_port: int | None = None
     """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
     serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
@@ -117,6 +123,16 @@ class ServeOptions:
             raise InvalidInputError(
                 f"max rows must be >= 2 (one guided image), got {self.max_rows}"
             )
+        if self.preview_vae is not None:  # said before the model loads (minutes, for some)
+            from sdtrt.source import expand_home
+
+            object.__setattr__(self, "preview_vae", expand_home(self.preview_vae))
+            if not Path(self.preview_vae).is_dir():
+                raise ModelNotFoundError(
+                    f"preview VAE {self.preview_vae} is not a folder: give a TAESD's "
+                    "(madebyollin/taesd's diffusers folder, or one of taesd_encoder and "
+                    "taesd_decoder .safetensors)"
+                )
         for name in ("queue_delay", "drain_timeout"):
             if not getattr(self, name) >= 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")

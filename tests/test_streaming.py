@@ -109,6 +109,27 @@ def test_a_client_that_leaves_mid_stream_cancels_its_job(server, body):
     assert job.index < len(job.timesteps)  # dropped mid-way
 
 
+def _euler_estimates(tiny, image, steps=12, strength=0.5, seed=11):
+    """x0 of each step (1 the first) of the pipeline's own Euler run, from its latents
+    before and after the step (the scheduler keeps no x0), and that run's pipeline."""
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    after = []  # the latents after each step
+
+    def record(pipeline, i, t, tensors):
+        after.append(tensors["latents"].clone())
+        return tensors
+
+    pipe(prompt="a cat", image=image, num_inference_steps=steps, strength=strength,
+         generator=torch.Generator().manual_seed(seed), callback_on_step_end=record)  # fmt: skip
+    run = len(after)
+    sigmas = pipe.scheduler.sigmas[steps - run :]
+    estimates = {}
+    for k in range(2, run + 1):
+        before, later = after[k - 2], after[k - 1]
+        estimates[k] = before - sigmas[k - 1] * (later - before) / (sigmas[k] - sigmas[k - 1])
+    return pipe, estimates, after
+
+
 def test_previews_show_each_steps_estimate_of_the_finished_image(server, tiny, body):
     """preview_every 2 of 6 steps: a preview after steps 2 and 4 (not 6: the result shows
     it), each the VAE's decoding of the step's x0, which for Euler is computed here from
@@ -129,30 +150,81 @@ def test_previews_show_each_steps_estimate_of_the_finished_image(server, tiny, b
     previews = [data for name, data in events if name == "preview"]
     assert [(p["step"], p["steps"], len(p["images"])) for p in previews] == [(2, 6, 1), (4, 6, 1)]
 
-    pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
-    after = []  # the latents after each step
-
-    def record(pipeline, i, t, tensors):
-        after.append(tensors["latents"].clone())
-        return tensors
-
     image = PIL.Image.open(io.BytesIO(base64.b64decode(body["image"])))
-    pipe(prompt="a cat", image=image, num_inference_steps=12, strength=0.5,
-         generator=torch.Generator().manual_seed(11), callback_on_step_end=record)  # fmt: skip
-    sigmas = pipe.scheduler.sigmas[12 - 6 :]
+    pipe, estimates, after = _euler_estimates(tiny, image)
     for preview in previews:
-        k = preview["step"]  # x0 of step k, from its latents before (k-1) and after (k)
-        before, later = after[k - 2], after[k - 1]
-        x0 = before - sigmas[k - 1] * (later - before) / (sigmas[k] - sigmas[k - 1])
-        decoded = pipe.backend.decode_latents(x0 / pipe.scaling_factor)
+        k = preview["step"]
+        decoded = pipe.backend.decode_latents(estimates[k] / pipe.scaling_factor)
         (jpeg,) = encoded_images(pipe.image_processor.postprocess(decoded, "pil"), "jpeg")
         want = np.asarray(PIL.Image.open(io.BytesIO(jpeg)))
         got = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(preview["images"][0]))))
         assert got.shape == want.shape == (32, 48, 3)
         assert np.abs(got.astype(int) - want).mean() < 0.5  # measured: 0.0
-        noisy = pipe.backend.decode_latents(later / pipe.scaling_factor)  # not the latents
+        noisy = pipe.backend.decode_latents(after[k - 1] / pipe.scaling_factor)  # not the latents
         plain = np.asarray(pipe.image_processor.postprocess(noisy, output_type="pil")[0])
         assert np.abs(got.astype(int) - plain).mean() > 10
+
+
+def test_a_preview_vae_decodes_the_previews(tiny):
+    """ServeOptions.preview_vae (--preview-vae): the previews are that TAESD's decoding of
+    each step's x0 (the tiny model's own TAESD here), not the model VAE's."""
+    import numpy as np
+
+    from sdtrt.adapters import load_preview_vae
+    from sdtrt.serve.jobs import Img2ImgRequest
+
+    image = noise_picture(4)
+    pipe, estimates, _ = _euler_estimates(tiny, image)
+    taesd = load_preview_vae("sdtrt/assets/tiny-taesd", 4, 8)
+    got: dict[str, dict[int, np.ndarray]] = {}
+    for decoder in ("sdtrt/assets/tiny-taesd", None):
+        serving = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+        batcher = StepBatcher(serving, ServeOptions(preview_vae=decoder))
+        request = Img2ImgRequest(image=image, prompt="a cat", num_inference_steps=12,
+                                 strength=0.5, seed=11, scheduler="euler")  # fmt: skip
+        job = batcher.prepare(request)
+        previews: dict[int, np.ndarray] = {}
+
+        def told(done, steps, images=None, into=previews):
+            if images:
+                into[done] = np.asarray(images[0])
+
+        job.progress = told
+        job.preview_steps = frozenset({2, 5})
+        batcher.submit(job).result(timeout=60)
+        batcher.close()
+        got[str(decoder)] = previews
+    assert sorted(got["sdtrt/assets/tiny-taesd"]) == [2, 5]
+    for k, preview in got["sdtrt/assets/tiny-taesd"].items():
+        with torch.inference_mode():
+            decoded = taesd.decode(estimates[k], return_dict=False)[0]  # its scaling factor: 1
+        want = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+        assert np.abs(preview.astype(int) - want).max() <= 1
+        assert np.abs(preview.astype(int) - got["None"][k]).mean() > 1  # not the model VAE's
+
+
+def test_a_preview_vae_must_be_a_taesd_for_the_model(tiny, tmp_path):
+    from sdtrt.adapters import load_preview_vae
+    from sdtrt.errors import InvalidInputError, ModelNotFoundError
+
+    tiny["vae"].save_pretrained(tmp_path / "kl")
+    with pytest.raises(InvalidInputError, match="is AutoencoderKL, not a TAESD"):
+        load_preview_vae(str(tmp_path / "kl"), 4, 8)
+    with pytest.raises(InvalidInputError, match="a TAESD made for another model"):
+        load_preview_vae("sdtrt/assets/tiny-taesd", 16, 8)
+    with pytest.raises(ModelNotFoundError, match="is not a folder"):
+        load_preview_vae(str(tmp_path / "none"), 4, 8)
+    with pytest.raises(ModelNotFoundError, match="is not a folder"):
+        ServeOptions(preview_vae=str(tmp_path / "none"))  # before any model loads
+
+
+def test_the_command_line_takes_a_preview_vae(tmp_path, capsys):
+    from sdtrt.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--preview-vae", "sdtrt/assets/tiny-taesd"])
+    assert args.preview_vae == "sdtrt/assets/tiny-taesd" and ServeOptions().preview_vae is None
+    assert main(["serve", "--preview-vae", str(tmp_path / "none")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_preview_every_is_for_the_stream(server, body):

@@ -88,6 +88,14 @@ def add_serve(sub: Any) -> None:
         "small request)",
     )
     p.add_argument(
+        "--preview-vae",
+        metavar="DIR",
+        default=None,
+        help="a TAESD (madebyollin/taesd's diffusers folder, or TAESD's taesd_encoder and "
+        "taesd_decoder .safetensors) that decodes the stream's previews in place of the "
+        "model's VAE: a small share of the work, approximate images (default: the model's VAE)",
+    )
+    p.add_argument(
         "--model-name",
         default=o.model_name,
         help="the model's name in the Open Inference Protocol's paths "
@@ -143,6 +151,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         grpc_port=args.grpc_port,
         priority_levels=args.priority_levels,
+        preview_vae=args.preview_vae,
     )
     if args.ray and args.grpc_port is not None:
         raise invalid("--grpc-port is not served through Ray Serve's proxy: serve without --ray")
