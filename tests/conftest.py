@@ -3,7 +3,8 @@ from __future__ import annotations
 import io
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -201,6 +202,24 @@ def fake_network_export(network, module, path, *, precision, opset):
 def fast_export(monkeypatch):
     """export_model's folder handling and manifest, without the minute of torch.export."""
     monkeypatch.setattr("sdtrt.export.exporter.export_network", fake_network_export)
+
+
+@contextmanager
+def serving(pipe: Any, options: Any) -> Iterator[Any]:
+    """``sdtrt serve``'s app over ``pipe`` with ``options`` on a loopback port, warmed up:
+    the running server, with its ``app``, ``batcher`` (and ``grpc``, the gRPC address, where
+    it serves gRPC)."""
+    from sdtrt.serve.app import create_app
+    from sdtrt.serve.batcher import StepBatcher
+    from sdtrt.serve.server import BackgroundServer
+
+    app = create_app(StepBatcher(pipe, options), options)
+    with BackgroundServer(app) as running:
+        running.wait_ready()
+        running.app, running.batcher = app, app.state.batcher
+        if options.grpc_port is not None:
+            running.grpc = f"127.0.0.1:{app.state.grpc_port}"
+        yield running
 
 
 def held_mid_call(

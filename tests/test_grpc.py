@@ -22,15 +22,12 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import free_port, noise_picture, png_bytes
+from conftest import free_port, noise_picture, png_bytes, serving
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.app import create_app
-from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.kserve import ProtocolError, img2img_values
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.server import BackgroundServer
 
 grpc = pytest.importorskip("grpc", reason="pip install 'sdtrt[grpc]'")
 pytest.importorskip("grpc_tools", reason="pip install 'sdtrt[grpc]'")
@@ -48,12 +45,7 @@ def image():
 @pytest.fixture(scope="module")
 def server(tiny):
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(api_key="secret", grpc_port=0, max_body_mb=0.05)
-    app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
-        running.wait_ready()
-        running.grpc = f"127.0.0.1:{app.state.grpc_port}"
-        running.batcher = app.state.batcher
+    with serving(pipe, ServeOptions(api_key="secret", grpc_port=0, max_body_mb=0.05)) as running:
         yield running
 
 
@@ -323,13 +315,10 @@ def test_the_readme_client_runs_against_a_server(tiny, image, tmp_path, monkeypa
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, re.S) if "grpcclient" in b]
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(grpc_port=0, steps=4)
-    app = create_app(StepBatcher(pipe, options), options)
     monkeypatch.chdir(tmp_path)
     image.save("photo.png")
-    with BackgroundServer(app) as running:
-        running.wait_ready()
-        code = textwrap.dedent(block).replace("localhost:8001", f"127.0.0.1:{app.state.grpc_port}")
+    with serving(pipe, ServeOptions(grpc_port=0, steps=4)) as running:
+        code = textwrap.dedent(block).replace("localhost:8001", running.grpc)
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert PIL.Image.open("out.png").size == (48, 32)
 
@@ -338,15 +327,11 @@ def test_a_draining_server_is_not_ready_and_takes_no_new_calls(tiny, image):
     """What a stop signal does (DrainingServer.handle_exit): ServerReady turns false and a
     new call is UNAVAILABLE, as /ready turns 503."""
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(grpc_port=0)
-    app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
-        running.wait_ready()
-        running.grpc = f"127.0.0.1:{app.state.grpc_port}"
+    with serving(pipe, ServeOptions(grpc_port=0)) as running:
         ready = messages()["ModelReadyRequest"](name="img2img")
         assert _call(running, "ModelReady", ready).ready
-        app.state.sdtrt["draining"] = True
-        app.state.batcher.drain()
+        running.app.state.sdtrt["draining"] = True
+        running.batcher.drain()
         assert not _call(running, "ModelReady", ready).ready
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -26,6 +26,7 @@ from conftest import (
     pipeline_reference,
     pipeline_reference_images,
     png_bytes,
+    serving,
 )
 
 from sdtrt.errors import (
@@ -47,10 +48,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    options = ServeOptions(api_key="secret", max_body_mb=0.5)
-    app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
-        running.wait_ready()
+    with serving(pipe, ServeOptions(api_key="secret", max_body_mb=0.5)) as running:
         yield running
 
 

@@ -15,14 +15,11 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import held_mid_call, noise_picture, png_bytes
+from conftest import held_mid_call, noise_picture, png_bytes, serving
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.app import create_app
-from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.kserve import ProtocolError, parse_infer
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.server import BackgroundServer
 
 KEY = {"Authorization": "Bearer secret"}
 SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
@@ -37,9 +34,7 @@ def image():
 @pytest.fixture(scope="module")
 def server(tiny):
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(api_key="secret")
-    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
-        running.wait_ready()
+    with serving(pipe, ServeOptions(api_key="secret")) as running:
         yield running
 
 
@@ -290,9 +285,7 @@ def test_the_model_is_served_under_the_name_given(tiny, image):
     args = build_parser().parse_args(["serve", "--model-name", "sd15-img2img"])
     assert args.model_name == "sd15-img2img"
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(model_name="sd15-img2img")
-    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
-        running.wait_ready()
+    with serving(pipe, ServeOptions(model_name="sd15-img2img")) as running:
         url = f"{running.url}/v2/models/sd15-img2img"
         assert httpx.get(url).json()["name"] == "sd15-img2img"
         body = {"inputs": [_pixels(image)], "parameters": SMALL}

@@ -16,14 +16,11 @@ import openai
 import PIL.Image
 import pytest
 import torch
-from conftest import noise_picture, png_bytes
+from conftest import noise_picture, png_bytes, serving
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.app import create_app
-from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.openai_images import read_edit
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.server import BackgroundServer
 
 KEY = "secret"
 SMALL = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
@@ -37,11 +34,7 @@ def image():
 @pytest.fixture(scope="module")
 def server(tiny):
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(api_key=KEY, model_name="tiny-img2img")
-    app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
-        running.wait_ready()
-        running.batcher = app.state.batcher
+    with serving(pipe, ServeOptions(api_key=KEY, model_name="tiny-img2img")) as running:
         yield running
 
 

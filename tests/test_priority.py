@@ -10,14 +10,12 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from conftest import noise_picture, png_bytes
+from conftest import noise_picture, png_bytes, serving
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.serve.admission import admit
-from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.server import BackgroundServer
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +119,7 @@ def test_every_protocol_takes_a_priority(pipe, image):
 
     args = build_parser().parse_args(["serve", "--priority-levels", "3"])
     assert args.priority_levels == 3
-    options = ServeOptions(priority_levels=2)
-    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
-        running.wait_ready()
+    with serving(pipe, ServeOptions(priority_levels=2)) as running:
         body = {"image": base64.b64encode(png_bytes(image)).decode(), "num_inference_steps": 2}
         url = f"{running.url}/v1/img2img"
         assert httpx.post(url, json={**body, "priority": 1}, timeout=60).status_code == 200

@@ -21,6 +21,7 @@ from conftest import (
     noise_picture,
     pipeline_reference,
     pipeline_reference_images,
+    serving,
 )
 
 from sdtrt.errors import (
@@ -709,9 +710,7 @@ def test_a_size_the_engines_do_not_take_is_refused_before_any_work(tiny, image):
     with pytest.raises(ShapeOutsideProfileError, match="64x64 px"):
         StepBatcher(pipe, ServeOptions(warmup_sizes="64x64"), start=False)
     assert backend.calls == []  # no UNet call on either
-    options = ServeOptions(max_rows=4)
-    with BackgroundServer(create_app(StepBatcher(pipe, options), options)) as running:
-        running.wait_ready()
+    with serving(pipe, ServeOptions(max_rows=4)) as running:
         assert backend.calls == [2, 2]  # the warm-up request: 2 steps at 32x32
         small = {"num_inference_steps": 4, "strength": 0.5, "seed": 3}
         url, fields = f"{running.url}/v1/img2img", {**small, "height": 64, "width": 32}

@@ -11,13 +11,11 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import noise_picture, png_bytes
+from conftest import noise_picture, png_bytes, serving
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.server import BackgroundServer
 
 KEY = {"Authorization": "Bearer secret"}
 
@@ -25,11 +23,7 @@ KEY = {"Authorization": "Bearer secret"}
 @pytest.fixture(scope="module")
 def server(tiny):
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
-    options = ServeOptions(api_key="secret")
-    app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
-        running.wait_ready()
-        running.batcher = app.state.batcher
+    with serving(pipe, ServeOptions(api_key="secret")) as running:
         yield running
 
 
