@@ -102,7 +102,7 @@ def load_preview_vae(path: str, latent_channels: int, scale: int) -> Any:
     if not where.is_dir():
         raise ModelNotFoundError(
             f"preview VAE {path} is not a folder: give a TAESD's (madebyollin/taesd's "
-            "diffusers folder, or one of taesd_encoder and taesd_decoder .safetensors)"
+            "diffusers folder, or one holding taesd_encoder and taesd_decoder .safetensors)"
         )
     halves = _taesd_halves(where, allow_pickle=False)
     try:

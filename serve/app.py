@@ -26,6 +26,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -98,6 +99,15 @@ def create_app(
         summary="Stable Diffusion img2img, batched at every denoising step",
         lifespan=lifespan,
     )
+    if options.cors_origins:  # browsers' scripts on those pages may call the API
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=[*EXPOSED_HEADERS],
+            max_age=600,
+        )
     metrics = Metrics(batcher)
     app.state.sdtrt = state
     app.state.batcher = batcher
@@ -207,6 +217,8 @@ def create_app(
     return app
 
 
+# The answers' headers a browser's script may read (CORS).
+EXPOSED_HEADERS = ("X-Seed", "X-Unet-Calls", "X-Queue-Wait-Ms", "X-Request-ID", "Retry-After")
 Encoder = Callable[[JobResult], Response]
 """How a protocol answers a job's result (run in a thread: image encoding takes long)."""
 

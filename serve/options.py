@@ -78,6 +78,12 @@ class ServeOptions:
     taesd_decoder .safetensors) that decodes the stream's previews in place of the model's
     VAE, as web UIs preview: SD's VAE decoder is about as much work as a UNet step, TAESD's
     a small share of it. Its images are approximate (TAESD's). None: the model's VAE."""
+    cors_origins: tuple[str, ...] = ()
+    """The web pages' origins (``https://ui.example.com``; ``*``: any) whose scripts may call
+    the API from a browser (CORS, FastAPI's CORSMiddleware): their preflight requests are
+    answered, and the answers' X-Seed, X-Unet-Calls, X-Queue-Wait-Ms and X-Request-ID
+    headers are exposed to them. Also takes "ORIGIN,ORIGIN". Empty: none (browsers refuse
+    a page of another origin the answers)."""
     grpc_port: int | None = None
     """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
     serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
@@ -123,6 +129,15 @@ class ServeOptions:
             raise InvalidInputError(
                 f"max rows must be >= 2 (one guided image), got {self.max_rows}"
             )
+        origins = self.cors_origins
+        if isinstance(origins, str):
+            origins = tuple(o.strip() for o in origins.split(",") if o.strip())
+        object.__setattr__(self, "cors_origins", tuple(origins))
+        for origin in self.cors_origins:
+            if not (isinstance(origin, str) and re.fullmatch(r"\*|https?://[^/\s]+", origin)):
+                raise InvalidInputError(
+                    f"CORS origins are scheme://host[:port] (no path), or *: got {origin!r}"
+                )
         if self.preview_vae is not None:  # said before the model loads (minutes, for some)
             from sdtrt.source import expand_home
 
@@ -130,7 +145,7 @@ class ServeOptions:
             if not Path(self.preview_vae).is_dir():
                 raise ModelNotFoundError(
                     f"preview VAE {self.preview_vae} is not a folder: give a TAESD's "
-                    "(madebyollin/taesd's diffusers folder, or one of taesd_encoder and "
+                    "(madebyollin/taesd's diffusers folder, or one holding taesd_encoder and "
                     "taesd_decoder .safetensors)"
                 )
         for name in ("queue_delay", "drain_timeout"):

@@ -623,3 +623,41 @@ def test_bench_serve_refuses_bad_settings_before_loading(capsys):
     # (test_warm_up_sizes_are_checked_when_the_server_starts).
     assert main(["serve", "--warmup-sizes", "512"]) == 2
     assert "--warmup-sizes: HxW,HxW (e.g. 512x768), got '512'" in capsys.readouterr().err
+
+
+def test_cors_lets_the_named_origins_call_from_a_browser(pipe, image):
+    """--cors-origins: a preflight from a named origin is answered with its permissions, an
+    answer to it carries the origin and exposes X-Seed; another origin gets none, nor does
+    any without the option."""
+    from sdtrt.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--cors-origins", "a"]).cors_origins == "a"
+    ui, other = "https://ui.example.com", "https://elsewhere.example.com"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    body = {"image": base64.b64encode(png_bytes(image)).decode(), "num_inference_steps": 2}
+    options = ServeOptions(cors_origins=f"{ui}, http://localhost:3000")
+    assert options.cors_origins == (ui, "http://localhost:3000")
+    with serving(pipe, options) as running:
+        url = f"{running.url}/v1/img2img"
+        allowed = httpx.options(url, headers={"Origin": ui, **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == ui
+        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        answer = httpx.post(url, json=body, headers={"Origin": ui}, timeout=60)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ui
+        assert "X-Seed" in answer.headers["access-control-expose-headers"]
+        refused = httpx.options(url, headers={"Origin": other, **preflight})
+        assert refused.status_code == 400
+        assert "access-control-allow-origin" not in refused.headers
+        answer = httpx.post(url, json=body, headers={"Origin": other}, timeout=60)
+        assert "access-control-allow-origin" not in answer.headers
+    with serving(pipe, ServeOptions()) as running:
+        answer = httpx.post(f"{running.url}/v1/img2img", json=body, headers={"Origin": ui})
+        assert "access-control-allow-origin" not in answer.headers
+
+
+@pytest.mark.parametrize("origin", ["ui.example.com", "https://ui.example.com/app", "", 3])
+def test_cors_origins_are_origins(origin):
+    with pytest.raises(InvalidInputError, match="CORS origins are scheme://host"):
+        ServeOptions(cors_origins=(origin,))

@@ -96,6 +96,13 @@ def add_serve(sub: Any) -> None:
         "model's VAE: a small share of the work, approximate images (default: the model's VAE)",
     )
     p.add_argument(
+        "--cors-origins",
+        metavar="ORIGIN,ORIGIN",
+        default="",
+        help="web pages' origins (https://ui.example.com; *: any) whose scripts may call the "
+        "API from a browser (CORS; default: none)",
+    )
+    p.add_argument(
         "--model-name",
         default=o.model_name,
         help="the model's name in the Open Inference Protocol's paths "
@@ -152,6 +159,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         priority_levels=args.priority_levels,
         preview_vae=args.preview_vae,
+        cors_origins=args.cors_origins,
     )
     if args.ray and args.grpc_port is not None:
         raise invalid("--grpc-port is not served through Ray Serve's proxy: serve without --ray")
