@@ -4,7 +4,7 @@
 # whole-step graphs, compiled with inductor, with each UNet switch) against diffusers (plain
 # and with torch.compile) on SD-1.5 shapes, then profile the loop.
 #   bash bench/gpu_check.sh                        every stage: tests table profile compiled
-#                                                  compiled4 lcm taesd cutoff
+#                                                  compiled4 lcm taesd cutoff previews
 #   bash bench/gpu_check.sh tests:150 table:200    those stages, each cut off after N seconds
 # A device call lasts 10 minutes at most: give each stage a limit, so that one slow stage
 # (inductor compiles SD-1.5's UNet once per shape, not yet timed on a GPU) cannot starve
@@ -101,13 +101,21 @@ stage_taesd() {
     --size 512 --repeats 5 2>&1 | tee "$OUT/vae_ab.txt"
 }
 
+# What the stream's previews cost a request on SD-1.5 shapes: SD's VAE against TAESD's
+# architecture (--preview-vae), after every 5th and every step (python -m
+# sdtrt.bench.preview_ab).
+stage_previews() {
+  python3 -P -m sdtrt.bench.preview_ab --model sd15-random --device cuda --dtype fp16 \
+    --size 512 --steps 20 --repeats 5 2>&1 | tee "$OUT/preview_ab.txt"
+}
+
 # Guidance cut off after 40% of the steps (sdtrt's GuidanceCutoffCallback, diffusers' row
 # running it too): the later steps on B rows, step graphs replaying a second capture.
 stage_cutoff() {
   bench cutoff --guidance-cutoff 0.4 --backends torch+step-graphs,diffusers
 }
 
-STAGES="tests table profile compiled compiled4 lcm taesd cutoff"
+STAGES="tests table profile compiled compiled4 lcm taesd cutoff previews"
 [ $# -gt 0 ] || set -- $STAGES
 for arg in "$@"; do
   stage=${arg%%:*}

@@ -121,11 +121,13 @@ class StepBatcher:
         VAE does."""
         if options.preview_vae is not None:
             from sdtrt.adapters import load_preview_vae
+            from sdtrt.models import quiet_loaders
 
             dims = pipeline.dims
             vae = load_preview_vae(options.preview_vae, dims.latent_channels, dims.vae_scale_factor)
             half = self.device.type == "cuda"  # TAESD runs in fp16 on GPUs (web UIs' way)
-            self.preview_vae = vae.to(self.device, torch.float16 if half else torch.float32)
+            with quiet_loaders():  # diffusers' note on casting, with no module to keep fp32
+                self.preview_vae = vae.to(self.device, torch.float16 if half else torch.float32)
         # A blank picture per warm-up size, prepared as a request is (refused here, at
         # start, when the model cannot take the size).
         self._warmup_jobs = [

@@ -404,3 +404,22 @@ def test_the_priority_ab_runs_both_servers_on_the_same_arrivals():
     levels, none = record["medians"]["levels"], record["medians"]["none"]
     ratio = record["ratios"]["urgent p50, levels/none"]
     assert ratio == levels["urgent"]["p50_ms"] / none["urgent"]["p50_ms"]
+
+
+def test_the_preview_ab_times_each_decoder(monkeypatch, capsys):
+    """``python -m sdtrt.bench.preview_ab`` (tiny-random: TAESD's architecture made for it):
+    a row per run, each a time and its ratio to the run without previews."""
+    import re
+    import sys
+
+    from sdtrt.bench import preview_ab
+
+    argv = ["preview_ab", "--model", "tiny-random", "--size", "64", "--steps", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1"])
+    preview_ab.main()
+    rows = re.findall(r"^\| (.+?) \| (\d+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M)
+    assert [name for name, _, _ in rows] == [
+        "no previews", "model's VAE, every 5th step", "model's VAE, every step",
+        "TAESD, every 5th step", "TAESD, every step",
+    ]  # fmt: skip
+    assert rows[0][2] == "1.00" and all(int(ms) > 0 for _, ms, _ in rows)
