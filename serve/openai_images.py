@@ -173,7 +173,7 @@ class EditEvents(Events):
                     "output_format": self.output_format,
                     **more,
                 },
-            )  # fmt: skip
+            )
             for file in encoded_images(images, self.output_format)
         )
 
@@ -203,6 +203,12 @@ def documented(batcher: StepBatcher) -> dict[str, Any]:
         "size": {**text, "default": "auto", "description": "WIDTHxHEIGHT; auto: the image's."},
         "output_format": {**text, "enum": list(_OUTPUT_FORMATS), "default": "png"},
         **{name: {**text, "enum": list(allowed)} for name, (allowed, _) in _ONLY.items()},
+        "stream": {"type": "boolean", "default": False, "description": "OpenAI's events."},
+        "partial_images": {
+            "type": "integer",
+            "default": 0,
+            "description": "0-3 previews in the stream, spread over the steps.",
+        },
         **{name: v1["schema"]["properties"][name] for name in SDTRT_FIELDS if name != "prompt"},
     }
     body = {"multipart/form-data": {"schema": {"type": "object", "properties": fields}}}
@@ -240,8 +246,10 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
     form = dict(form)
     images = [form.pop(key) for key in ("image", "image[]") if key in form]
     files = [item for given in images for item in (given if isinstance(given, list) else [given])]
-    if len(files) != 1 or not isinstance(files[0], bytes):
+    if len(files) != 1:
         raise BadRequest(400, f"image: send one image file, got {len(files)}")
+    if not isinstance(files[0], bytes):
+        raise BadRequest(400, "image must be a file in the form, not a text field")
     model = form.pop("model", "") or model_name
     if model != model_name:
         raise BadRequest(404, _unknown_model(model, model_name))

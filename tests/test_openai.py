@@ -182,6 +182,8 @@ def test_the_form_reads_as_v1_fields():
     )  # fmt: skip
     with pytest.raises(Exception, match="send one image file, got 2"):
         read_edit({"image[]": [b"a", b"b"], "prompt": "x"}, "m")
+    with pytest.raises(Exception, match="image must be a file in the form"):
+        read_edit({"image": "text", "prompt": "x"}, "m")
 
 
 def test_docs_show_the_edit_fields(server):
@@ -195,6 +197,7 @@ def test_docs_show_the_edit_fields(server):
     )
     assert not {"height", "width", "num_images_per_prompt"} & set(fields)
     assert fields["response_format"]["enum"] == ["b64_json"]
+    assert fields["stream"]["type"] == "boolean" and "partial_images" in fields
 
 
 def test_the_readme_client_runs_against_a_server(server, image, tmp_path, monkeypatch):
