@@ -88,8 +88,9 @@ def load_vae(path: str, model_vae: Any, allow_pickle: bool) -> Any:
 
 
 def load_preview_vae(path: str, latent_channels: int, scale: int) -> Any:
-    """A TAESD (AutoencoderTiny: its diffusers folder, or TAESD's own ``taesd_encoder`` and
-    ``taesd_decoder`` .safetensors) to decode previews with, in fp32 on the CPU; refused
+    """A TAESD (AutoencoderTiny: its diffusers folder, or TAESD's own ``taesd_decoder``
+    .safetensors, with or without ``taesd_encoder``) to decode previews with, in fp32 on the
+    CPU (a decoder alone leaves the encoder's random weights, never used); refused
     where it is another kind of VAE or makes other latents than the model's
     (``latent_channels`` at 1/``scale`` of the image's size)."""
     from diffusers import AutoencoderTiny
@@ -104,7 +105,7 @@ def load_preview_vae(path: str, latent_channels: int, scale: int) -> Any:
             f"preview VAE {path} is not a folder: give a TAESD's (madebyollin/taesd's "
             "diffusers folder, or one holding taesd_encoder and taesd_decoder .safetensors)"
         )
-    halves = _taesd_halves(where, allow_pickle=False)
+    halves = _taesd_halves(where, allow_pickle=False, decoder_alone=True)
     try:
         with quiet_loaders():
             if halves:
@@ -130,10 +131,11 @@ def load_preview_vae(path: str, latent_channels: int, scale: int) -> Any:
     return vae.eval()
 
 
-def _taesd_halves(where: Path, allow_pickle: bool) -> dict[str, Path]:
+def _taesd_halves(where: Path, allow_pickle: bool, decoder_alone: bool = False) -> dict[str, Path]:
     """TAESD's own files in the folder ``where``, as madebyollin/taesd and ComfyUI's
     vae_approx keep them: ``taesd_encoder`` and ``taesd_decoder``, .safetensors (or .pth:
-    pickles, read only with ``allow_pickle``). None for a file, or for a diffusers folder
+    pickles, read only with ``allow_pickle``); ``decoder_alone``: the decoder may come
+    without the encoder (previews decode only). None for a file, or for a diffusers folder
     (madebyollin/taesd holds both kinds: it is read as diffusers')."""
     if not where.is_dir() or any((where / f).is_file() for f in ("config.json", "vae/config.json")):
         return {}
@@ -146,8 +148,12 @@ def _taesd_halves(where: Path, allow_pickle: bool) -> dict[str, Path]:
     for file in found.values():
         if file.suffix != ".safetensors":
             _check_pickle(file, allow_pickle, "TAESD file")
-    if len(found) == 1:
+    if len(found) == 1 and not (decoder_alone and "decoder" in found):
         (alone,) = found.values()
+        if decoder_alone:
+            raise InvalidInputError(
+                f"{where} holds {alone.name} alone: previews are decoded by taesd_decoder"
+            )
         raise InvalidInputError(
             f"{where} holds {alone.name} alone: img2img needs TAESD's encoder and decoder "
             "(taesd_encoder and taesd_decoder .safetensors), or its diffusers folder"
@@ -175,7 +181,12 @@ def _taesd_from_halves(halves: dict[str, Path]) -> Any:
                 layer = str(int(layer) - 1)
             state[f"{half}.layers.{layer}.{rest}"] = value
     vae: Any = AutoencoderTiny(latent_channels=state["decoder.layers.0.weight"].shape[1])
-    vae.load_state_dict(state, strict=True)
+    if "encoder" in halves:
+        vae.load_state_dict(state, strict=True)
+        return vae
+    missing, unexpected = vae.load_state_dict(state, strict=False)  # a decoder alone
+    if unexpected or any(not key.startswith("encoder.") for key in missing):
+        raise KeyError(f"not TAESD's decoder: {[*unexpected, *missing][:3]}")
     return vae
 
 

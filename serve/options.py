@@ -74,10 +74,11 @@ class ServeOptions:
     the UNet rows it waits for; within a level, in arrival order. 0: none (a request's
     priority must then be 0)."""
     preview_vae: str | None = None
-    """A TAESD (AutoencoderTiny: its diffusers folder, or TAESD's own taesd_encoder and
-    taesd_decoder .safetensors) that decodes the stream's previews in place of the model's
-    VAE, as web UIs preview: SD's VAE decoder is about as much work as a UNet step, TAESD's
-    a small share of it. Its images are approximate (TAESD's). None: the model's VAE."""
+    """A TAESD (AutoencoderTiny: its diffusers folder, or a folder of TAESD's own
+    taesd_decoder .safetensors, with taesd_encoder or alone) that decodes the stream's
+    previews in place of the model's VAE, as web UIs preview: SD's VAE decoder is much
+    work next to a UNet step, TAESD's a small share of it (bench/preview_ab.py). Its
+    images are approximate (TAESD's). None: the model's VAE."""
     cors_origins: tuple[str, ...] = ()
     """The web pages' origins (``https://ui.example.com``; ``*``: any) whose scripts may call
     the API from a browser (CORS, FastAPI's CORSMiddleware): their preflight requests are

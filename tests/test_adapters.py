@@ -632,3 +632,24 @@ def test_taesds_own_encoder_and_decoder_files_load_as_taesd(tmp_path):
     (tmp_path / "taesd_encoder.pth").unlink()
     with pytest.raises(InvalidInputError, match="holds taesd_decoder.pth alone: img2img needs"):
         load_vae(str(tmp_path), model_vae, allow_pickle=True)
+
+
+def test_a_preview_vae_may_be_taesds_decoder_alone(tmp_path):
+    """--preview-vae: TAESD's decoder file alone (as ComfyUI's vae_approx may keep it) decodes
+    as the original network does; the encoder alone is refused."""
+    from safetensors.torch import save_file
+
+    from sdtrt.adapters import load_preview_vae
+
+    torch.manual_seed(4)
+    encoder, decoder = _original_taesd()
+    save_file(decoder.state_dict(), tmp_path / "taesd_decoder.safetensors")
+    loaded = load_preview_vae(str(tmp_path), 4, 8)
+    latents = torch.randn(1, 4, 4, 6)
+    with torch.no_grad():
+        decoded = loaded.decode(latents).sample
+        assert torch.allclose(decoded, decoder(latents) * 2 - 1, atol=1e-6)
+    (tmp_path / "taesd_decoder.safetensors").unlink()
+    save_file(encoder.state_dict(), tmp_path / "taesd_encoder.safetensors")
+    with pytest.raises(InvalidInputError, match="previews are decoded by taesd_decoder"):
+        load_preview_vae(str(tmp_path), 4, 8)

@@ -91,7 +91,7 @@ def add_serve(sub: Any) -> None:
         "--preview-vae",
         metavar="DIR",
         default=None,
-        help="a TAESD (madebyollin/taesd's diffusers folder, or TAESD's taesd_encoder and "
+        help="a TAESD (madebyollin/taesd's diffusers folder, or a folder of TAESD's "
         "taesd_decoder .safetensors) that decodes the stream's previews in place of the "
         "model's VAE: a small share of the work, approximate images (default: the model's VAE)",
     )
