@@ -196,7 +196,7 @@ def create_app(
                         metrics.answered(result, time.monotonic() - arrived)
 
                 return StreamingResponse(
-                    streaming.events(task, progress, write, ended),
+                    streaming.events(task, progress, write, ended, request_id),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", **headers},
                 )

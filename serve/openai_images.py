@@ -250,6 +250,8 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
         raise BadRequest(400, f"image: send one image file, got {len(files)}")
     if not isinstance(files[0], bytes):
         raise BadRequest(400, "image must be a file in the form, not a text field")
+    if not form.get("prompt"):  # /v1 has a default prompt; OpenAI's API requires one
+        raise BadRequest(400, "prompt is required: what the edited image should show")
     model = form.pop("model", "") or model_name
     if model != model_name:
         raise BadRequest(404, _unknown_model(model, model_name))

@@ -115,10 +115,11 @@ async def events(
     progress: Progress,
     write: Events,
     ended: Callable[[int, JobResult | None], None],
+    request_id: str = "",
 ) -> AsyncIterator[bytes]:
     """The stream of a queued job as ``write`` writes it: its progress, then its result or
-    its error. ``ended(status, result)`` is told how it ended (499: the client went away,
-    which cancels the job)."""
+    its error (an unforeseen one logged with ``request_id``). ``ended(status, result)`` is
+    told how it ended (499: the client went away, which cancels the job)."""
     status, result = 499, None
     try:
         while True:
@@ -138,7 +139,7 @@ async def events(
             status = 200
             yield body
         except Exception as exc:  # this request's failure alone
-            failure = as_bad_request(exc, "")
+            failure = as_bad_request(exc, request_id)
             status = failure.status
             yield write.error(failure)
     finally:

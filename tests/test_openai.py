@@ -184,6 +184,9 @@ def test_the_form_reads_as_v1_fields():
         read_edit({"image[]": [b"a", b"b"], "prompt": "x"}, "m")
     with pytest.raises(Exception, match="image must be a file in the form"):
         read_edit({"image": "text", "prompt": "x"}, "m")
+    for form in ({"image": b"png"}, {"image": b"png", "prompt": ""}):
+        with pytest.raises(Exception, match="prompt is required"):
+            read_edit(form, "m")
 
 
 def test_docs_show_the_edit_fields(server):
