@@ -35,7 +35,6 @@ from sdtrt.serve import kserve, streaming
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import OPTIONS, TYPES, openapi
 from sdtrt.serve.handling import (
-    WRONG_KEY,
     BadRequest,
     answer_headers,
     as_bad_request,
@@ -51,6 +50,7 @@ from sdtrt.serve.handling import (
     request_id_of,
     run_job,
     unauthorised,
+    wrong_key,
 )
 from sdtrt.serve.jobs import Job, JobResult, ProgressHook
 from sdtrt.serve.metrics import Metrics
@@ -146,7 +146,7 @@ def create_app(
         request_id = request_id_of(request.headers)
         try:
             if not key_given(options.api_key, request.headers):
-                raise BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"})
+                raise wrong_key()
             result, encode = await serve(request_id)
             # Encoding the answer takes longer still (a 512x512 PNG: ~15 ms, 2048x2048:
             # ~0.25 s): Pillow alone, which lets go of the GIL, so the default pool's threads
@@ -185,7 +185,7 @@ def create_app(
         failed = failed or error_response
         progress = streaming.Progress()
         if not key_given(options.api_key, request.headers):
-            response = failed(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+            response = failed(wrong_key(), request_id)
         else:
             task = asyncio.create_task(serve(request_id, progress))
             if await streaming.queued(task, progress):

@@ -473,7 +473,7 @@ class StepBatcher:
             offset += job.rows
             t = job.host_timesteps[job.index]
             args = (job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra)
-            if job.progress is not None and job.index + 1 in job.preview_steps:
+            if job.index + 1 in job.preview_steps:  # run_job sets them with a progress hook
                 job.latents, job.estimate = step_and_estimate(*args)
             else:
                 job.latents = step(*args)

@@ -253,12 +253,16 @@ def key_given(api_key: str | None, headers: Mapping[str, str]) -> bool:
     return secrets.compare_digest(given.encode(), api_key.encode())
 
 
+def wrong_key() -> BadRequest:
+    """What a request without the server's API key is answered (401)."""
+    return BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"})
+
+
 def unauthorised(request: Request, options: ServeOptions) -> Response | None:
     if key_given(options.api_key, request.headers):
         return None
-    return JSONResponse(
-        {"error": WRONG_KEY}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-    )
+    failure = wrong_key()
+    return JSONResponse({"error": failure.message}, failure.status, headers=failure.headers)
 
 
 async def read_form(

@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, Response
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import IMAGE_FORMATS, TEXTS, TYPES, openapi
 from sdtrt.serve.handling import (
-    WRONG_KEY,
     BadRequest,
     answer_headers,
     as_bad_request,
@@ -38,7 +37,7 @@ from sdtrt.serve.handling import (
     read_form,
     request_id_of,
     run_job,
-    unauthorised,
+    wrong_key,
 )
 from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
@@ -85,30 +84,30 @@ def add_openai_images(
 
     @app.get("/v1/models")
     def models(request: Request) -> Response:
-        if unauthorised(request, options):
-            return error_object(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+        if not key_given(options.api_key, request.headers):
+            return error_object(wrong_key(), "")
         return JSONResponse({"object": "list", "data": [described()]})
 
     @app.get("/v1/models/{model}")
     def model(request: Request, model: str) -> Response:
-        if unauthorised(request, options):
-            return error_object(BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"}), "")
+        if not key_given(options.api_key, request.headers):
+            return error_object(wrong_key(), "")
         if model != model_name:
             return error_object(BadRequest(404, _unknown_model(model, model_name)), "")
         return JSONResponse(described())
 
     @app.post("/v1/images/edits", response_class=Response, openapi_extra=documented(batcher))
     async def edits(request: Request) -> Response:
-        # The form says whether to stream: read once the key is known good (else the
-        # answer is the 401 of handled or streamed, without reading the body).
-        edit: Edit | BadRequest | None = None
+        # The form says whether to stream: read once the key is known good (without it,
+        # handled answers 401 before run, and the body is never read).
+        edit: Edit | BadRequest = wrong_key()
         if key_given(options.api_key, request.headers):
             edit = await _read(request, options, model_name)
         output_format = edit.output_format if isinstance(edit, Edit) else "png"
 
         async def run(request_id: str, progress: ProgressHook | None = None) -> JobResult:
-            if not isinstance(edit, Edit):
-                raise edit or BadRequest(401, WRONG_KEY)
+            if isinstance(edit, BadRequest):
+                raise edit
             return await run_job(
                 request.is_disconnected,
                 request_id,
