@@ -6,8 +6,10 @@ of one latent size: their rows concatenated, each row at its own timestep; then 
 applies its guidance and its own ``scheduler.step``. New requests join at the next
 iteration, finished ones leave and are decoded together. Size groups are served in turn.
 The worker does not wait for the device between steps: it queues at most ``RUN_AHEAD``
-steps ahead of the GPU, and reads results (images, finiteness, stage times) only when jobs
-finish. On a CPU it runs PyTorch with its own intra-op thread count (1 by default:
+steps ahead of the GPU, reads each step's finiteness flags once the device has passed that
+step (a job whose UNet output went NaN or infinite fails then, RUN_AHEAD steps later, and
+gives its rows up), and reads results (images, stage times) only when jobs finish. On a
+CPU it runs PyTorch with its own intra-op thread count (1 by default:
 ``ServeOptions.intra_op_threads`` says why).
 
 Two reference policies run through the same machinery, for the load benchmark: ``request``
@@ -136,7 +138,7 @@ class StepBatcher:
         ]
         self.warmed: Future[int] = Future()
         """The number of shapes the worker has run at the warm-up sizes, or why it failed."""
-        self._queued: deque[Any] = deque()  # the end marks of the steps queued on the device
+        self._queued: deque[_Queued] = deque()  # the steps queued on the device
         self.stats = BatcherStats()
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []
@@ -304,6 +306,7 @@ class StepBatcher:
         self._drop_expired()
         if new:
             self._each_alone_on_failure(self._start, new)
+        self._settle(RUN_AHEAD - 1)  # with the step to come: RUN_AHEAD
         group = self._next_group()
         if group:
             self._unet_step(group)
@@ -311,6 +314,8 @@ class StepBatcher:
         if finished:
             self.active = [job for job in self.active if not job.done]
             self._each_alone_on_failure(self._finish, finished)
+        if not self.active:
+            self._settle(0)  # the device is through (decoding synchronised): let go of jobs
         if not new and not group and self.waiting:
             time.sleep(0.002)  # request-level batching waiting out its queue delay
 
@@ -452,9 +457,24 @@ class StepBatcher:
         if previewed:
             self._each_alone_on_failure(self._preview, previewed)
 
+    def _settle(self, ahead: int) -> None:
+        """Wait for the device to pass all but the last ``ahead`` queued steps, and read
+        their finiteness flags: a job whose UNet rows went NaN or infinite fails now
+        instead of at its end (its later steps could only carry the NaN on), and leaves
+        the active jobs."""
+        while len(self._queued) > ahead:
+            queued = self._queued.popleft()
+            wait(queued.end)
+            finite = queued.finite.tolist()
+            for job, rows in queued.rows:
+                if not all(finite[rows]) and not job.future.done():
+                    self._fail(job, non_finite_error("unet"))
+                    if job in self.active:
+                        self.active.remove(job)
+
     def _unet_call(self, jobs: list[Job]) -> None:
-        while len(self._queued) >= RUN_AHEAD:
-            wait(self._queued.popleft())
+        if len(self._queued) >= RUN_AHEAD:  # a retry job by job: still RUN_AHEAD at most
+            wait(self._queued[-RUN_AHEAD].end)
         start = mark(self.device)
         inputs, steps, hidden = [], [], []
         for job in jobs:
@@ -467,9 +487,12 @@ class StepBatcher:
         self.stats.unet_calls += 1
         for observe in self.stats.on_unet_call:
             observe(rows)
-        offset = 0
+        # Each row's finiteness, copied to the host without waiting (read by _settle).
+        finite = torch.isfinite(noise_pred).flatten(1).all(1).to("cpu", non_blocking=True)
+        offset, job_rows = 0, []
         for job in jobs:
             pred = noise_pred[offset : offset + job.rows]
+            job_rows.append((job, slice(offset, offset + job.rows)))
             offset += job.rows
             t = job.host_timesteps[job.index]
             args = (job.scheduler, pred, t, job.latents, job.request.guidance_scale, job.extra)
@@ -482,7 +505,7 @@ class StepBatcher:
                 job.progress(job.index, len(job.timesteps))
             if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond rows
                 job.embeddings = job.embeddings.chunk(2)[1]
-        self._queued.append(self._charge(jobs, "denoise", start))
+        self._queued.append(_Queued(self._charge(jobs, "denoise", start), finite, job_rows))
 
     def _preview(self, jobs: list[Job]) -> None:
         """The jobs' estimates of their finished latents decoded, as their progress's
@@ -565,6 +588,16 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@dataclass
+class _Queued:
+    """A UNet step queued on the device: its end mark, its rows' finiteness flags (on the
+    host once the device passes the mark), and which rows are whose."""
+
+    end: Any
+    finite: torch.Tensor
+    rows: list[tuple[Job, slice]]
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:

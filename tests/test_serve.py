@@ -456,9 +456,11 @@ class _PoisonedBackend(_OneTimestepBackend):
     def __init__(self, backend, poison=None, nan=False):
         super().__init__(backend)
         self.poison, self.nan = poison, nan
+        self.poisoned_calls = 0
 
     def unet(self, sample, timestep, hidden):
         rows = (hidden == self.poison).flatten(1).all(1) if self.poison is not None else None
+        self.poisoned_calls += rows is not None and bool(rows.any())
         if rows is not None and not self.nan and bool(rows.any()):
             raise RuntimeError("poisoned rows")
         out = self._backend.unet(sample, timestep, hidden)
@@ -494,20 +496,25 @@ def _the_middle_one_fails(pipe, requests, error, says):
 )
 def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
     """A job whose UNet call raises fails alone (the batched call is retried job by job);
-    one whose latents went NaN fails when it finishes (finiteness is read once then, not at
-    every step), naming the loop. The jobs batched with it are unharmed."""
+    one whose UNet output went NaN fails once the worker reads that step's finiteness
+    flags (RUN_AHEAD steps later, not at its end), naming the loop. The jobs batched with
+    it are unharmed."""
     from sdtrt.runtime.steps import token_ids
+    from sdtrt.serve.batcher import RUN_AHEAD
 
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
     poison = pipe.backend.encode_text(token_ids(pipe.tokenizer, ["poison"]))[0]
-    pipe.backend = _PoisonedBackend(pipe.backend, poison, nan)
+    pipe.backend = backend = _PoisonedBackend(pipe.backend, poison, nan)
     requests = [
-        Img2ImgRequest(prompt=p, image=image, strength=0.5, num_inference_steps=6, seed=1)
+        Img2ImgRequest(prompt=p, image=image, strength=0.5, num_inference_steps=16, seed=1)
         for p in ("fine", "poison", "also fine")
     ]
     for i, got in zip((0, 2), _the_middle_one_fails(pipe, requests, error, says), strict=True):
         want = pipeline_reference(tiny, requests[i], image)
         assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
+    # Its batched call and its retry alone (raising), or its first RUN_AHEAD steps (NaN):
+    # not its 8 steps.
+    assert backend.poisoned_calls == (2 if not nan else RUN_AHEAD)
 
 
 class _OneImageVaeBackend(_OneTimestepBackend):
