@@ -303,14 +303,19 @@ def answer_headers(result: JobResult) -> dict[str, str]:
     }
 
 
-def encoded(result: JobResult, image_format: str) -> list[bytes]:
-    """The job's images as files of ``image_format`` (IMAGE_FORMATS' settings)."""
-    return encoded_images(result.images, image_format)
+def encoded(result: JobResult, image_format: str, quality: int | None = None) -> list[bytes]:
+    """The job's images as files of ``image_format`` (``encoded_images``)."""
+    return encoded_images(result.images, image_format, quality)
 
 
-def encoded_images(images: list[PIL.Image.Image], image_format: str) -> list[bytes]:
-    """``images`` as files of ``image_format`` (IMAGE_FORMATS' settings)."""
+def encoded_images(
+    images: list[PIL.Image.Image], image_format: str, quality: int | None = None
+) -> list[bytes]:
+    """``images`` as files of ``image_format``: IMAGE_FORMATS' settings, but for the lossy
+    formats' ``quality`` (0-100) where one is given."""
     name, settings = IMAGE_FORMATS[image_format]
+    if quality is not None:
+        settings = {**settings, "quality": quality}
     files = []
     for image in images:
         buffer = io.BytesIO()

@@ -3,10 +3,11 @@ in, images out: img2img) and ``GET /v1/models``, so that a client written for Op
 (the ``openai`` SDK given ``base_url``) calls sdtrt as it calls OpenAI.
 
 OpenAI's form fields are read as its API defines them (``n`` images, ``size`` as
-WIDTHxHEIGHT, ``output_format``, ``response_format`` b64_json); /v1/img2img's own fields
-(``strength``, ``seed``, ``num_inference_steps``...) come beside them (the SDK's
-``extra_body``). What sdtrt cannot do as asked (a mask, a URL answer, transparency, a
-quality tier, streaming) is refused, not ignored. Errors are OpenAI's error object.
+WIDTHxHEIGHT, ``output_format`` with ``output_compression``, ``response_format`` b64_json,
+``stream`` with ``partial_images``); /v1/img2img's own fields (``strength``, ``seed``,
+``num_inference_steps``...) come beside them (the SDK's ``extra_body``). What sdtrt cannot
+do as asked (a mask, a URL answer, transparency, a quality tier) is refused, not ignored.
+Errors are OpenAI's error object.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def add_openai_images(
         if key_given(options.api_key, request.headers):
             edit = await _read(request, options, model_name)
         output_format = edit.output_format if isinstance(edit, Edit) else "png"
+        quality = edit.output_compression if isinstance(edit, Edit) else None
 
         async def run(request_id: str, progress: ProgressHook | None = None) -> JobResult:
             if isinstance(edit, BadRequest):
@@ -123,7 +125,7 @@ def add_openai_images(
 
         async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
             result = await run(request_id)
-            return result, lambda done: _answer(done, output_format)
+            return result, lambda done: _answer(done, output_format, quality)
 
         async def serve_streamed(request_id: str, progress: ProgressHook) -> tuple[JobResult, None]:
             return await run(request_id, progress), None
@@ -154,7 +156,7 @@ class EditEvents(Events):
     error object; no event for steps."""
 
     def __init__(self, edit: Edit) -> None:
-        self.output_format = edit.output_format
+        self.output_format, self.quality = edit.output_format, edit.output_compression
         self.partials = 0
 
     def _events(self, kind: str, images: list[PIL.Image.Image], **more: Any) -> bytes:
@@ -173,7 +175,7 @@ class EditEvents(Events):
                     **more,
                 },
             )
-            for file in encoded_images(images, self.output_format)
+            for file in encoded_images(images, self.output_format, self.quality)
         )
 
     def told(self, done: int, steps: int | None, previews: list[PIL.Image.Image] | None) -> bytes:
@@ -201,6 +203,10 @@ def documented(batcher: StepBatcher) -> dict[str, Any]:
         "n": {"type": "integer", "default": 1, "description": "Images to make."},
         "size": {**text, "default": "auto", "description": "WIDTHxHEIGHT; auto: the image's."},
         "output_format": {**text, "enum": list(_OUTPUT_FORMATS), "default": "png"},
+        "output_compression": {
+            "type": "integer",
+            "description": "jpeg and webp: their quality, 0-100 (without it: 95 and 90).",
+        },
         **{name: {**text, "enum": list(allowed)} for name, (allowed, _) in _ONLY.items()},
         "stream": {"type": "boolean", "default": False, "description": "OpenAI's events."},
         "partial_images": {
@@ -221,8 +227,8 @@ def documented(batcher: StepBatcher) -> dict[str, Any]:
 
 class Edit:
     """An edit request as the batcher takes it: the image's bytes, /v1/img2img's values, the
-    answer's format, whether it streams (with how many previews) and the per-request
-    options."""
+    answer's format (and a lossy one's quality), whether it streams (with how many previews)
+    and the per-request options."""
 
     def __init__(
         self,
@@ -231,8 +237,10 @@ class Edit:
         output_format: str,
         stream: bool = False,
         partial_images: int = 0,
+        output_compression: int | None = None,
     ) -> None:
         self.image, self.output_format = image, output_format
+        self.output_compression = output_compression
         self.stream, self.partial_images = stream, partial_images
         self.timeout = values.pop("timeout", None)
         self.priority = values.pop("priority", None)
@@ -277,6 +285,7 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
         raise BadRequest(
             400, f"output_format must be one of {', '.join(_OUTPUT_FORMATS)}, got {output_format!r}"
         )
+    compression = _compression(form.pop("output_compression", ""), output_format)
     values: dict[str, Any] = {}
     if "n" in form:
         values["num_images_per_prompt"] = field_value(form.pop("n"), int, "n")
@@ -285,8 +294,8 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
         values["width"], values["height"] = _size(size)
     unknown = sorted(set(form) - set(SDTRT_FIELDS))
     if unknown:
-        taken = ["image", "prompt", "model", "n", "size", "output_format", "stream",
-                 "partial_images", *_ONLY, *_IGNORED]  # fmt: skip
+        taken = ["image", "prompt", "model", "n", "size", "output_format", "output_compression",
+                 "stream", "partial_images", *_ONLY, *_IGNORED]  # fmt: skip
         raise BadRequest(
             400,
             f"unknown field(s) {', '.join(unknown)}; OpenAI's taken here: {', '.join(taken)};"
@@ -302,7 +311,22 @@ def read_edit(form: dict[str, Any], model_name: str) -> Edit:
     # OpenAI's edits differ call by call: a seed of its own unless one is asked for (the
     # answer's X-Seed header says which, so any image can be made again).
     values.setdefault("seed", secrets.randbelow(2**32))
-    return Edit(files[0], values, output_format, stream == "true", partial_images)
+    return Edit(files[0], values, output_format, stream == "true", partial_images, compression)
+
+
+def _compression(given: Any, output_format: str) -> int | None:
+    """OpenAI's ``output_compression`` (0-100, 100 its default): a jpeg's or webp's quality
+    (Pillow's scale); None where not given, the server's settings then. A png is lossless:
+    only 100 (no loss) is taken with it."""
+    if given == "":
+        return None
+    value = field_value(given, int, "output_compression")
+    if not 0 <= value <= 100 or (output_format == "png" and value != 100):
+        raise BadRequest(
+            400, "output_compression must be in [0, 100], for jpeg or webp (a png is lossless:"
+            f" 100 or none); got {value} for {output_format}"
+        )  # fmt: skip
+    return int(value)
 
 
 def _size(size: str) -> tuple[int, int]:
@@ -317,8 +341,8 @@ def _unknown_model(model: str, model_name: str) -> str:
     return f"the model {model!r} does not exist: this server has {model_name!r}"
 
 
-def _answer(result: JobResult, output_format: str) -> Response:
-    files = encoded(result, output_format)
+def _answer(result: JobResult, output_format: str, quality: int | None) -> Response:
+    files = encoded(result, output_format, quality)
     body = {
         "created": int(time.time()),
         "data": [{"b64_json": base64.b64encode(file).decode()} for file in files],
