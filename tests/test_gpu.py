@@ -324,6 +324,41 @@ def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
 
 
 @cuda
+def test_serve_fails_a_nan_job_within_run_ahead_steps_without_waiting(tiny):
+    """On CUDA the worker reads a step's finiteness flags (copied to pinned memory without a
+    synchronising call: sync debug mode raises on one) once the GPU is through that step:
+    a job whose UNet answers NaN fails after RUN_AHEAD UNet calls, not its 12."""
+    import PIL.Image
+
+    from sdtrt.errors import NonFiniteOutputError
+    from sdtrt.serve.batcher import RUN_AHEAD, StepBatcher
+    from sdtrt.serve.jobs import Img2ImgRequest
+
+    pipe = Img2ImgPipeline.from_components(
+        _own(tiny), TorchOptions(device="cuda"), show_progress=False
+    )
+    unet, calls = pipe.backend.unet, []
+
+    def nan_unet(sample, timestep, hidden):
+        calls.append(len(sample))
+        return unet(sample, timestep, hidden) * float("nan")
+
+    pipe.backend.unet = nan_unet
+    request = Img2ImgRequest(image=PIL.Image.new("RGB", (48, 32)), strength=1.0,
+                             num_inference_steps=12, seed=1)  # fmt: skip
+    batcher = StepBatcher(pipe, start=False)
+    batcher._unet_call = _no_sync(batcher._unet_call)
+    future = batcher.submit(batcher.prepare(request))
+    batcher.start()
+    try:
+        with pytest.raises(NonFiniteOutputError, match="denoising loop"):
+            future.result(timeout=120)
+    finally:
+        batcher.close()
+    assert calls == [2] * RUN_AHEAD
+
+
+@cuda
 def test_profile_shows_one_graph_launch_per_step(tiny, tmp_path, monkeypatch):
     """bench --profile on a real GPU trace: the eager loop launches its kernels one by one,
     the step-graph loop launches one graph per step and keeps the GPU busier."""
