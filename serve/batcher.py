@@ -74,10 +74,10 @@ RUN_AHEAD = 2
 
 @dataclass
 class BatcherStats:
-    """What /metrics reports; read without the lock (plain counters)."""
+    """What /metrics reports: a plain counter, read without the lock, and the observers of
+    each UNet call's rows (the rows-per-call histogram)."""
 
     unet_calls: int = 0
-    unet_rows: list[int] = field(default_factory=list)
     on_unet_call: list[Callable[[int], None]] = field(default_factory=list)
 
 
