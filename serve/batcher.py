@@ -6,11 +6,12 @@ of one latent size: their rows concatenated, each row at its own timestep; then 
 applies its guidance and its own ``scheduler.step``. New requests join at the next
 iteration, finished ones leave and are decoded together. Size groups are served in turn.
 The worker does not wait for the device between steps: it queues at most ``RUN_AHEAD``
-steps ahead of the GPU, reads each step's finiteness flags once the device has passed that
-step (a job whose UNet output went NaN or infinite fails then, RUN_AHEAD steps later, and
-gives its rows up), and reads results (images, stage times) only when jobs finish. On a
-CPU it runs PyTorch with its own intra-op thread count (1 by default:
-``ServeOptions.intra_op_threads`` says why).
+steps ahead of the GPU, reads what a step left on the host (its rows' finiteness flags, its
+previews' pixels) once the device has passed that step (a job whose UNet output went NaN
+or infinite fails then, RUN_AHEAD steps later, and gives its rows up), and reads results
+(images, stage times) only when jobs finish. On a CPU, where calls are synchronous,
+nothing is left queued between iterations; it runs PyTorch with its own intra-op thread
+count (1 by default: ``ServeOptions.intra_op_threads`` says why).
 
 Two reference policies run through the same machinery, for the load benchmark: ``request``
 (wait up to a queue delay for requests with identical parameters, run them as one batch
@@ -139,6 +140,8 @@ class StepBatcher:
         self.warmed: Future[int] = Future()
         """The number of shapes the worker has run at the warm-up sizes, or why it failed."""
         self._queued: deque[_Queued] = deque()  # the steps queued on the device
+        # The steps left queued between iterations: with the next one, RUN_AHEAD on a GPU.
+        self._ahead = RUN_AHEAD - 1 if self.device.type == "cuda" else 0
         self.stats = BatcherStats()
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []
@@ -306,10 +309,10 @@ class StepBatcher:
         self._drop_expired()
         if new:
             self._each_alone_on_failure(self._start, new)
-        self._settle(RUN_AHEAD - 1)  # with the step to come: RUN_AHEAD
         group = self._next_group()
         if group:
             self._unet_step(group)
+        self._settle(self._ahead)
         finished = [job for job in self.active if job.done]
         if finished:
             self.active = [job for job in self.active if not job.done]
@@ -459,9 +462,9 @@ class StepBatcher:
 
     def _settle(self, ahead: int) -> None:
         """Wait for the device to pass all but the last ``ahead`` queued steps, and read
-        their finiteness flags: a job whose UNet rows went NaN or infinite fails now
-        instead of at its end (its later steps could only carry the NaN on), and leaves
-        the active jobs."""
+        what they left on the host: a job whose UNet rows went NaN or infinite fails now
+        instead of at its end (its later steps could only carry the NaN on) and leaves the
+        active jobs; the others' previews go to their progress hooks as pictures."""
         while len(self._queued) > ahead:
             queued = self._queued.popleft()
             wait(queued.end)
@@ -471,6 +474,10 @@ class StepBatcher:
                     self._fail(job, non_finite_error("unet"))
                     if job in self.active:
                         self.active.remove(job)
+            for job, done, pixels in queued.previews:
+                if job.progress is not None and not job.future.done():
+                    pictures = [PIL.Image.fromarray(image) for image in pixels.numpy()]
+                    job.progress(done, len(job.timesteps), pictures)
 
     def _unet_call(self, jobs: list[Job]) -> None:
         if len(self._queued) >= RUN_AHEAD:  # a retry job by job: still RUN_AHEAD at most
@@ -509,8 +516,8 @@ class StepBatcher:
 
     def _preview(self, jobs: list[Job]) -> None:
         """The jobs' estimates of their finished latents decoded, as their progress's
-        previews (reading them waits for the device: a step asked to preview runs none
-        ahead)."""
+        previews: 8-bit pixels (diffusers' postprocessing, on the device), copied to the host
+        without waiting and handed on by ``_settle`` once the device is through them."""
         start = mark(self.device)
         estimates = torch.cat([job.estimate for job in jobs if job.estimate is not None])
         vae = self.preview_vae
@@ -522,12 +529,16 @@ class StepBatcher:
             latents = (estimates / vae.config.scaling_factor).to(self.device, vae.dtype)
             decoded = vae.decode(latents, return_dict=False)[0].float()
         self._charge(jobs, "preview", start)
-        images = self.pipeline.image_processor.postprocess(decoded, output_type="pil")
+        # numpy_to_pil's rounding, of postprocess's [0, 1] images: its pictures exactly.
+        images = self.pipeline.image_processor.postprocess(decoded, output_type="pt").float()
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        on_host = pixels.to("cpu", non_blocking=True)
+        queued = self._queued[-1]  # this step's (its UNet call came first)
+        queued.end = mark(self.device)  # the step is through once its previews are copied
         first = 0
         for job in jobs:
             job.estimate = None
-            if job.progress is not None:
-                job.progress(job.index, len(job.timesteps), images[first : first + job.images])
+            queued.previews.append((job, job.index, on_host[first : first + job.images]))
             first += job.images
 
     def _finish(self, jobs: list[Job]) -> None:
@@ -592,12 +603,15 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
 
 @dataclass
 class _Queued:
-    """A UNet step queued on the device: its end mark, its rows' finiteness flags (on the
-    host once the device passes the mark), and which rows are whose."""
+    """A UNet step queued on the device: its end mark, its rows' finiteness flags and its
+    previews' pixels (on the host once the device passes the mark), and which rows are
+    whose."""
 
     end: Any
     finite: torch.Tensor
     rows: list[tuple[Job, slice]]
+    previews: list[tuple[Job, int, torch.Tensor]] = field(default_factory=list)
+    """(job, its steps done, its images' 8-bit pixels, NHWC), for each previewing job."""
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:

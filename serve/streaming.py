@@ -13,7 +13,8 @@ the model's VAE), a JPEG in base64, after every ``preview_every``-th step but th
 A request refused before it is queued (a bad field, a full queue, no API key) is answered
 as ``/v1/img2img`` answers it: its status and ``{"error": message}``, no stream. A client
 that goes away mid-stream cancels its job. A step is counted when the worker has queued it
-for the device, which on a GPU runs up to two steps behind.
+for the device, which on a GPU runs up to two steps behind; a preview comes once the device
+is through its step (on a GPU, after the next step's event).
 """
 
 from __future__ import annotations

@@ -324,6 +324,41 @@ def test_serve_steps_do_not_wait_for_the_gpu(tiny, scheduler):
 
 
 @cuda
+@pytest.mark.parametrize("preview_vae", [None, "sdtrt/assets/tiny-taesd"])
+def test_serve_previews_do_not_wait_for_the_gpu(tiny, preview_vae):
+    """A step's previews are decoded, rounded to 8 bits and copied to the host without a
+    synchronising call (sync debug mode raises on one), and handed on once the GPU is
+    through that step: each asked-for step's pictures, in order."""
+    import PIL.Image
+
+    from sdtrt.serve.batcher import StepBatcher
+    from sdtrt.serve.jobs import Img2ImgRequest
+    from sdtrt.serve.options import ServeOptions
+
+    pipe = Img2ImgPipeline.from_components(
+        _own(tiny), TorchOptions(device="cuda"), scheduler="euler", show_progress=False
+    )
+    request = Img2ImgRequest(image=PIL.Image.new("RGB", (48, 32)), strength=1.0,
+                             num_inference_steps=8, seed=1, scheduler="euler")  # fmt: skip
+    batcher = StepBatcher(pipe, ServeOptions(preview_vae=preview_vae), start=False)
+    batcher._unet_call = _no_sync(batcher._unet_call)
+    batcher._preview = _no_sync(batcher._preview)
+    told: list[tuple[int, int, tuple[int, int]]] = []
+    job = batcher.prepare(request)
+    job.progress = lambda done, steps, images=None: (
+        images and told.append((done, steps, images[0].size))
+    )
+    job.preview_steps = frozenset({2, 3, 6})
+    future = batcher.submit(job)
+    batcher.start()
+    try:
+        assert future.result(timeout=120).unet_calls == 8
+    finally:
+        batcher.close()
+    assert told == [(2, 8, (48, 32)), (3, 8, (48, 32)), (6, 8, (48, 32))]
+
+
+@cuda
 def test_serve_fails_a_nan_job_within_run_ahead_steps_without_waiting(tiny):
     """On CUDA the worker reads a step's finiteness flags (copied to pinned memory without a
     synchronising call: sync debug mode raises on one) once the GPU is through that step:

@@ -497,10 +497,9 @@ def _the_middle_one_fails(pipe, requests, error, says):
 def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
     """A job whose UNet call raises fails alone (the batched call is retried job by job);
     one whose UNet output went NaN fails once the worker reads that step's finiteness
-    flags (RUN_AHEAD steps later, not at its end), naming the loop. The jobs batched with
-    it are unharmed."""
+    flags (on a GPU RUN_AHEAD steps later; here, where nothing runs ahead, at once), not at
+    its end, naming the loop. The jobs batched with it are unharmed."""
     from sdtrt.runtime.steps import token_ids
-    from sdtrt.serve.batcher import RUN_AHEAD
 
     pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
     poison = pipe.backend.encode_text(token_ids(pipe.tokenizer, ["poison"]))[0]
@@ -512,9 +511,8 @@ def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
     for i, got in zip((0, 2), _the_middle_one_fails(pipe, requests, error, says), strict=True):
         want = pipeline_reference(tiny, requests[i], image)
         assert float(np.abs(got.array - want).max()) <= MIXED_BOUND
-    # Its batched call and its retry alone (raising), or its first RUN_AHEAD steps (NaN):
-    # not its 8 steps.
-    assert backend.poisoned_calls == (2 if not nan else RUN_AHEAD)
+    # Its batched call and its retry alone (raising), or its first step (NaN): not its 8.
+    assert backend.poisoned_calls == (2 if not nan else 1)
 
 
 class _OneImageVaeBackend(_OneTimestepBackend):

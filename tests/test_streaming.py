@@ -171,8 +171,17 @@ def test_a_preview_vae_decodes_the_previews(tiny):
     pipe, estimates, _ = _euler_estimates(tiny, image)
     taesd = load_preview_vae("sdtrt/assets/tiny-taesd", 4, 8)
     got: dict[str, dict[int, np.ndarray]] = {}
+    vae_decoded: list[torch.Tensor] = []
     for decoder in ("sdtrt/assets/tiny-taesd", None):
         serving = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+        if decoder is None:
+            decode = serving.backend.decode_latents
+
+            def recorded(latents, decode=decode):
+                vae_decoded.append(decode(latents))
+                return vae_decoded[-1]
+
+            serving.backend.decode_latents = recorded
         batcher = StepBatcher(serving, ServeOptions(preview_vae=decoder))
         request = Img2ImgRequest(image=image, prompt="a cat", num_inference_steps=12,
                                  strength=0.5, seed=11, scheduler="euler")  # fmt: skip
@@ -195,6 +204,11 @@ def test_a_preview_vae_decodes_the_previews(tiny):
         want = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
         assert np.abs(preview.astype(int) - want).max() <= 1
         assert np.abs(preview.astype(int) - got["None"][k]).mean() > 1  # not the model VAE's
+    # The model VAE's previews: diffusers' pictures of what it decoded, exactly (the worker
+    # rounds to 8 bits on the device, as numpy_to_pil does on the host).
+    for k, decoded in zip((2, 5), vae_decoded, strict=False):  # the last: the result's
+        want = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+        np.testing.assert_array_equal(got["None"][k], want)
 
 
 def test_a_preview_vae_must_be_a_taesd_for_the_model(tiny, tmp_path):
