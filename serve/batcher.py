@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import PIL.Image
@@ -64,6 +65,7 @@ from sdtrt.serve import warmup
 from sdtrt.serve.admission import admit, check_rows, priority_level
 from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
 from sdtrt.serve.options import ServeOptions
+from sdtrt.serve.previews import PreviewDecoder, pictures
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +121,8 @@ class StepBatcher:
         self.priority_levels = options.priority_levels
         self.per_row_timesteps = self.backend.per_row_timesteps
         self.device = self.backend.device
-        self.preview_vae = None
-        """The TAESD that decodes previews (``ServeOptions.preview_vae``); None: the model's
-        VAE does."""
-        if options.preview_vae is not None:
-            from sdtrt.adapters import load_preview_vae
-            from sdtrt.models import quiet_loaders
-
-            dims = pipeline.dims
-            vae = load_preview_vae(options.preview_vae, dims.latent_channels, dims.vae_scale_factor)
-            half = self.device.type == "cuda"  # TAESD runs in fp16 on GPUs (web UIs' way)
-            with quiet_loaders():  # diffusers' note on casting, with no module to keep fp32
-                self.preview_vae = vae.to(self.device, torch.float16 if half else torch.float32)
+        decode = partial(self._in_chunks, self.backend.decode_latents)
+        self.previews = PreviewDecoder(pipeline, options.preview_vae, decode)
         # A blank picture per warm-up size, prepared as a request is (refused here, at
         # start, when the model cannot take the size).
         self._warmup_jobs = [
@@ -476,8 +468,7 @@ class StepBatcher:
                         self.active.remove(job)
             for job, done, pixels in queued.previews:
                 if job.progress is not None and not job.future.done():
-                    pictures = [PIL.Image.fromarray(image) for image in pixels.numpy()]
-                    job.progress(done, len(job.timesteps), pictures)
+                    job.progress(done, len(job.timesteps), pictures(pixels))
 
     def _unet_call(self, jobs: list[Job]) -> None:
         if len(self._queued) >= RUN_AHEAD:  # a retry job by job: still RUN_AHEAD at most
@@ -516,22 +507,12 @@ class StepBatcher:
 
     def _preview(self, jobs: list[Job]) -> None:
         """The jobs' estimates of their finished latents decoded, as their progress's
-        previews: 8-bit pixels (diffusers' postprocessing, on the device), copied to the host
-        without waiting and handed on by ``_settle`` once the device is through them."""
+        previews: 8-bit pixels (``PreviewDecoder``), copied to the host without waiting and
+        handed on by ``_settle`` once the device is through them."""
         start = mark(self.device)
         estimates = torch.cat([job.estimate for job in jobs if job.estimate is not None])
-        vae = self.preview_vae
-        if vae is None:
-            decoded = self._in_chunks(
-                self.backend.decode_latents, estimates / self.pipeline.scaling_factor
-            )
-        else:  # TAESD's latents are the scaled ones (its scaling factor: 1)
-            latents = (estimates / vae.config.scaling_factor).to(self.device, vae.dtype)
-            decoded = vae.decode(latents, return_dict=False)[0].float()
+        pixels = self.previews.pixels(estimates)
         self._charge(jobs, "preview", start)
-        # numpy_to_pil's rounding, of postprocess's [0, 1] images: its pictures exactly.
-        images = self.pipeline.image_processor.postprocess(decoded, output_type="pt").float()
-        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         on_host = pixels.to("cpu", non_blocking=True)
         queued = self._queued[-1]  # this step's (its UNet call came first)
         queued.end = mark(self.device)  # the step is through once its previews are copied
