@@ -514,8 +514,11 @@ class StepBatcher:
         pixels = self.previews.pixels(estimates)
         self._charge(jobs, "preview", start)
         on_host = pixels.to("cpu", non_blocking=True)
-        queued = self._queued[-1]  # this step's (its UNet call came first)
-        queued.end = mark(self.device)  # the step is through once its previews are copied
+        end = mark(self.device)  # the step is through once its previews are copied
+        if not self._queued:  # its UNet call failed for another job before it was queued
+            self._queued.append(_Queued(end, torch.ones(0, dtype=torch.bool), []))
+        queued = self._queued[-1]  # this step's, else the last queued: the mark passes both
+        queued.end = end
         first = 0
         for job in jobs:
             job.estimate = None

@@ -211,6 +211,39 @@ def test_a_preview_vae_decodes_the_previews(tiny):
         np.testing.assert_array_equal(got["None"][k], want)
 
 
+def test_a_preview_outlives_another_jobs_failure_in_its_step(tiny):
+    """Two jobs in one UNet call; the second's scheduler update fails after the first has
+    taken its step (no step was queued then): the first still gets its preview and its
+    image, the second fails alone."""
+    from sdtrt.serve.jobs import Img2ImgRequest
+
+    pipe = Img2ImgPipeline.from_components(tiny, scheduler="euler", show_progress=False)
+    batcher = StepBatcher(pipe, start=False)
+    request = Img2ImgRequest(image=noise_picture(4), num_inference_steps=4, strength=1.0,
+                             scheduler="euler")  # fmt: skip
+    first, second = batcher.prepare(request), batcher.prepare(request)
+    told: list[int] = []
+    first.progress = lambda done, steps, images=None: images and told.append(done)
+    first.preview_steps = frozenset({2})
+    step = second.scheduler.step
+
+    def fails_at_the_second(*args, **kwargs):
+        if second.index == 1:
+            raise RuntimeError("a scheduler update failed")
+        return step(*args, **kwargs)
+
+    second.scheduler.step = fails_at_the_second
+    futures = [batcher.submit(first), batcher.submit(second)]
+    batcher.start()
+    try:
+        assert futures[0].result(timeout=60).unet_calls == 4
+        with pytest.raises(RuntimeError, match="a scheduler update failed"):
+            futures[1].result(timeout=60)
+    finally:
+        batcher.close()
+    assert told == [2]
+
+
 def test_a_preview_vae_must_be_a_taesd_for_the_model(tiny, tmp_path):
     from sdtrt.adapters import load_preview_vae
     from sdtrt.errors import InvalidInputError, ModelNotFoundError
