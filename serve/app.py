@@ -1,9 +1,9 @@
 """The HTTP API over the step batcher (FastAPI): ``POST /v1/img2img`` (its fields and
 their description at /docs: serve/fields.py), ``GET /health``, ``GET /ready`` and
 ``GET /metrics`` (Prometheus); the same requests in the Open Inference Protocol (KServe v2,
-Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages), and as
-OpenAI's image edits (serve/openai_images.py). What each does with a request (its body,
-key, fields, image and job) is serve/handling.py's.
+Triton's HTTP API) under ``/v2`` (serve/kserve.py reads and writes its messages), as
+OpenAI's image edits (serve/openai_images.py) and as A1111's img2img (serve/a1111.py). What
+each does with a request (its body, key, fields, image and job) is serve/handling.py's.
 
 Every bad input is a 4xx with the library's own message; a full queue is 429 with
 Retry-After, a request past its deadline 504; a client that goes away cancels its job at the
@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.serve import kserve, streaming
+from sdtrt.serve.a1111 import add_a1111_api
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import OPTIONS, TYPES, openapi
 from sdtrt.serve.handling import (
@@ -214,6 +215,7 @@ def create_app(
 
     _add_inference_protocol(app, handled, batcher, options, intake, lambda: readiness() == "ready")
     add_openai_images(app, handled, streamed_answer, batcher, options, intake)
+    add_a1111_api(app, handled, batcher, options, intake)
     return app
 
 

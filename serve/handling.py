@@ -243,13 +243,20 @@ WRONG_KEY = "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"
 
 def key_given(api_key: str | None, headers: Mapping[str, str]) -> bool:
     """Whether a request's headers (gRPC's metadata) carry the server's API key, if it has
-    one: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (names in lower case)."""
+    one: ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` (names in lower case), or HTTP
+    Basic with the key as its password, any user name (how A1111's clients send
+    ``--api-auth``)."""
     if api_key is None:
         return True
     given = headers.get("x-api-key", "")
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
+    elif auth.lower().startswith("basic "):
+        try:
+            given = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
     return secrets.compare_digest(given.encode(), api_key.encode())
 
 
