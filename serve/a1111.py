@@ -42,7 +42,7 @@ from sdtrt.serve.handling import (
     run_job,
     wrong_key,
 )
-from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
 
 # A1111's samplers sdtrt runs: name -> (aliases, sdtrt's scheduler on the sampler's own
@@ -121,6 +121,7 @@ def add_a1111_api(
     from sdtrt import __version__
 
     model = options.model_name
+    running: dict[str, Progress] = {}  # the calls in flight, by request id, oldest first
 
     def listed(request: Request, answer: Any) -> Response:
         if not key_given(options.api_key, request.headers):
@@ -167,6 +168,14 @@ def add_a1111_api(
     def scripts(request: Request) -> Response:
         return listed(request, {"txt2img": [], "img2img": []})
 
+    @app.get("/sdapi/v1/progress")
+    def progress(request: Request) -> Response:
+        """The oldest img2img call in flight (A1111 runs one at a time; its clients poll
+        this while theirs runs): the share of its steps done, the seconds it has left at
+        that pace, the steps of its first image; no live preview."""
+        calls = list(running.values())
+        return listed(request, (calls[0] if calls else Progress(0)).answer(len(calls)))
+
     @app.post("/sdapi/v1/img2img", response_class=Response)
     async def img2img(request: Request) -> Response:
         async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
@@ -175,11 +184,54 @@ def add_a1111_api(
             except ValueError as exc:
                 raise BadRequest(400, f"the body is not JSON: {exc}") from None
             call = read_call(given, model, batcher.request_defaults, batcher.max_queue)
-            results = await _run_all(request, request_id, batcher, intake, call)
+            running[request_id] = told = Progress(len(call.seeds))
+            try:
+                results = await _run_all(request, request_id, batcher, intake, call, told)
+            finally:
+                del running[request_id]
             done = merged(results)
             return done, lambda _: _answer(results, call, given, model, __version__)
 
         return await handled(request, serve, error_object)
+
+
+class Progress:
+    """An img2img call's progress as A1111's ``/progress`` answers it: the steps done and
+    to do of each of its images, told by the worker (``hook(i)``: image i's hook)."""
+
+    def __init__(self, images: int) -> None:
+        self.started = time.monotonic()
+        self.steps = [(0, 0)] * images  # (done, steps) per image
+
+    def hook(self, image: int) -> ProgressHook:
+        def told(done: int, steps: int | None, previews: Any = None) -> None:
+            if steps is not None:
+                self.steps[image] = (done, steps)
+
+        return told
+
+    def answer(self, calls: int) -> dict[str, Any]:
+        done = sum(d for d, _ in self.steps)
+        total = sum(s for _, s in self.steps)
+        share = done / total if total else 0.0
+        elapsed = time.monotonic() - self.started
+        first = self.steps[0] if self.steps else (0, 0)
+        return {
+            "progress": share,
+            "eta_relative": elapsed / share - elapsed if share else 0.0,
+            "state": {
+                "skipped": False,
+                "interrupted": False,
+                "job": "img2img" if calls else "",
+                "job_count": calls,
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+                "job_no": 0,
+                "sampling_step": first[0],
+                "sampling_steps": first[1],
+            },
+            "current_image": None,
+            "textinfo": None,
+        }
 
 
 class Call:
@@ -281,10 +333,15 @@ def _text(form: dict[str, Any], name: str) -> str:
 
 
 async def _run_all(
-    request: Request, request_id: str, batcher: StepBatcher, intake: Executor, call: Call
+    request: Request,
+    request_id: str,
+    batcher: StepBatcher,
+    intake: Executor,
+    call: Call,
+    progress: Progress,
 ) -> list[JobResult]:
-    """One job per image (its own seed), run side by side; the first failure cancels the
-    rest and is the call's."""
+    """One job per image (its own seed), run side by side, each telling ``progress``; the
+    first failure cancels the rest and is the call's."""
     loaded: list[Any] = []
 
     def load() -> Any:  # in the intake thread: decoded once, for every image
@@ -301,9 +358,10 @@ async def _run_all(
                 intake,
                 {**call.values, "seed": seed},
                 load,
-            )  # fmt: skip
+                progress=progress.hook(i),
+            )
         )
-        for seed in call.seeds
+        for i, seed in enumerate(call.seeds)
     ]
     try:
         return list(await asyncio.gather(*tasks))

@@ -10,6 +10,8 @@ import io
 import json
 import re
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ import webuiapi
 from conftest import noise_picture, png_bytes, serving
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.a1111 import scheduler_for
+from sdtrt.serve.a1111 import Progress, scheduler_for
 from sdtrt.serve.handling import BadRequest
 from sdtrt.serve.options import ServeOptions
 
@@ -201,3 +203,40 @@ def test_the_readme_client_runs_against_a_server(server, image, tmp_path, monkey
     )
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert [PIL.Image.open(f"cat-{seed}.png").size for seed in (7, 8)] == [(48, 32)] * 2
+
+
+def test_progress_adds_up_the_calls_images():
+    """Two images of 8 steps (after 0 steps, when queued, they tell no steps yet)."""
+    progress = Progress(2)
+    first, second = progress.hook(0), progress.hook(1)
+    first(0, None)
+    assert progress.answer(1)["progress"] == 0
+    first(3, 8)
+    second(1, 8)
+    answer = progress.answer(1)
+    assert answer["progress"] == 4 / 16 and answer["eta_relative"] > 0
+    assert (answer["state"]["sampling_step"], answer["state"]["sampling_steps"]) == (3, 8)
+    assert answer["state"]["job_count"] == 1 and answer["current_image"] is None
+
+
+def test_progress_shows_a_call_in_flight(server, api, image):
+    """/progress while a call of 100 steps runs (polled every 5 ms, 20 s at most): a share
+    of its steps between 0 and 1; nothing once it has finished."""
+    body = {"init_images": [base64.b64encode(png_bytes(image)).decode()], **SMALL,
+            "steps": 100, "denoising_strength": 1.0}  # fmt: skip
+    call = threading.Thread(  # a client of its own (the api's session is not thread-safe)
+        target=httpx.post,
+        args=(f"{server.url}/sdapi/v1/img2img",),
+        kwargs={"json": body, "auth": ("me", KEY), "timeout": 60},
+    )
+    call.start()
+    seen, deadline = [], time.monotonic() + 20
+    while call.is_alive() and time.monotonic() < deadline:
+        state = api.get_progress()
+        if 0 < state["progress"] < 1:
+            seen.append(state)
+        time.sleep(0.005)
+    call.join(timeout=60)
+    assert seen, "no poll saw the call between its first and last step"
+    assert all(s["state"]["job_count"] == 1 and s["state"]["sampling_steps"] == 100 for s in seen)
+    assert api.get_progress()["state"]["job_count"] == 0
