@@ -66,7 +66,8 @@ class ServeOptions:
     model_name: str = "img2img"
     """The model's name in the Open Inference Protocol's paths (``/v2/models/NAME/infer``):
     what Triton and KServe clients ask for (a KServe InferenceService's name); and its id in
-    OpenAI's API (``model`` of ``/v1/images/edits``, ``/v1/models``)."""
+    OpenAI's API (``model`` of ``/v1/images/edits``, ``/v1/models``) and A1111's
+    (``sd_model_checkpoint``, ``/sdapi/v1/sd-models``)."""
     priority_levels: int = 0
     """Priority levels a request may name (Triton's schedule-policy ``priority``): 1 is the
     highest, ``priority_levels`` the lowest and a request's default (priority 0). A waiting

@@ -107,7 +107,7 @@ def add_serve(sub: Any) -> None:
         default=o.model_name,
         help="the model's name in the Open Inference Protocol's paths "
         "(/v2/models/NAME/infer): what Triton and KServe clients ask for; its id in OpenAI's "
-        "API (the model of /v1/images/edits)",
+        "API (the model of /v1/images/edits) and A1111's (sd_model_checkpoint)",
     )
     p.add_argument(
         "--grpc-port",
