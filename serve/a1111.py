@@ -121,7 +121,7 @@ def add_a1111_api(
     from sdtrt import __version__
 
     model = options.model_name
-    running: dict[str, Progress] = {}  # the calls in flight, by request id, oldest first
+    running: dict[Progress, None] = {}  # the calls in flight, oldest first
 
     def listed(request: Request, answer: Any) -> Response:
         if not key_given(options.api_key, request.headers):
@@ -156,8 +156,10 @@ def add_a1111_api(
             return error_object(wrong_key(), "")
         try:
             given = json.loads(await read_body(request, options))
-        except (ValueError, BadRequest) as exc:
+        except ValueError as exc:
             return error_object(BadRequest(400, f"the body is not JSON: {exc}"), "")
+        except BadRequest as exc:  # over the body limit
+            return error_object(exc, "")
         if given != {"sd_model_checkpoint": model}:
             return error_object(
                 BadRequest(422, f"this server sets nothing but sd_model_checkpoint {model!r} "
@@ -173,7 +175,7 @@ def add_a1111_api(
         """The oldest img2img call in flight (A1111 runs one at a time; its clients poll
         this while theirs runs): the share of its steps done, the seconds it has left at
         that pace, the steps of its first image; no live preview."""
-        calls = list(running.values())
+        calls = list(running)
         return listed(request, (calls[0] if calls else Progress(0)).answer(len(calls)))
 
     @app.post("/sdapi/v1/img2img", response_class=Response)
@@ -184,11 +186,12 @@ def add_a1111_api(
             except ValueError as exc:
                 raise BadRequest(400, f"the body is not JSON: {exc}") from None
             call = read_call(given, model, batcher.request_defaults, batcher.max_queue)
-            running[request_id] = told = Progress(len(call.seeds))
+            told = Progress(len(call.seeds))
+            running[told] = None
             try:
                 results = await _run_all(request, request_id, batcher, intake, call, told)
             finally:
-                del running[request_id]
+                del running[told]
             done = merged(results)
             return done, lambda _: _answer(results, call, given, model, __version__)
 
