@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -329,10 +330,22 @@ def scheduler_for(sampler: str, schedule: str) -> str:
 
 
 def _text(form: dict[str, Any], name: str) -> str:
+    """A prompt, refused where it calls for one of A1111's extra networks (``<lora:NAME:W>``,
+    ``<hypernet:...>``): sdtrt has none to switch per request (a server's LoRAs are fused as
+    it starts: ``--lora``). Emphasis, ``(word:1.2)``, is read as plain text, as diffusers
+    reads it."""
     value = form.get(name) or ""
     if not isinstance(value, str):
         raise BadRequest(422, f"{name} must be a string")
+    if tag := _EXTRA_NETWORK.search(value):
+        raise BadRequest(
+            422, f"{name} calls for {tag.group(0)}: this server switches no extra networks per "
+            "request (its LoRAs are fused as it starts: sdtrt serve --lora FILE:SCALE)"
+        )  # fmt: skip
     return value
+
+
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 
 async def _run_all(

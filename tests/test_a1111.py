@@ -119,11 +119,13 @@ def test_what_clients_read_first(api):
         ({"resize_mode": 1}, "Just resize"),
         ({"batch_size": 0}, "batch_size and n_iter must be >= 1"),
         ({"denoising_strength": 2}, "strength"),  # the library's own message
+        ({"prompt": "a cat <lora:ghibli:0.8>"}, "calls for <lora:ghibli:0.8>"),
+        ({"negative_prompt": "<hypernet:x:1>"}, "switches no extra networks"),
     ],
 )
 def test_what_cannot_be_done_as_asked_is_refused(api, image, arguments, message):
     with pytest.raises(RuntimeError) as caught:  # the client's, with the status and body
-        api.img2img(images=[image], prompt="a cat", **{**SMALL, **arguments})
+        api.img2img(images=[image], **{"prompt": "a cat", **SMALL, **arguments})
     status, body = caught.value.args
     assert status == 422 and message in json.loads(body)["detail"]
 
