@@ -413,11 +413,15 @@ def _answer(
     images = [base64.b64encode(png).decode() for r in results for png in encoded(r, "png")]
     first, values, count = results[0].image, call.values, len(call.seeds)
     prompt, negative = values["prompt"], values["negative_prompt"]
-    settings = (
-        f"Steps: {values['num_inference_steps']}, Sampler: {call.sampler}, CFG scale: "
-        f"{values['guidance_scale']}, Seed: {{seed}}, Size: {first.width}x{first.height}, "
-        f"Model: {model}, Denoising strength: {values['strength']}, Version: sdtrt {version}"
-    )
+
+    def infotext(seed: int) -> str:  # A1111's: the prompts, then the settings
+        return (
+            f"{prompt}\nNegative prompt: {negative}\nSteps: {values['num_inference_steps']}, "
+            f"Sampler: {call.sampler}, CFG scale: {values['guidance_scale']}, Seed: {seed}, "
+            f"Size: {first.width}x{first.height}, Model: {model}, Denoising strength: "
+            f"{values['strength']}, Version: sdtrt {version}"
+        )
+
     info = {
         "prompt": prompt,
         "all_prompts": [prompt] * count,
@@ -437,10 +441,7 @@ def _answer(
         "denoising_strength": values["strength"],
         "sd_model_name": model,
         "index_of_first_image": 0,
-        "infotexts": [
-            f"{prompt}\nNegative prompt: {negative}\n{settings.format(seed=seed)}"
-            for seed in call.seeds
-        ],
+        "infotexts": [infotext(seed) for seed in call.seeds],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "version": f"sdtrt {version}",

@@ -238,7 +238,10 @@ def decode_image(data: bytes) -> PIL.Image.Image:
         raise BadRequest(400, "image is not an image Pillow reads (PNG, JPEG, WebP...)") from None
 
 
-WRONG_KEY = "missing or wrong API key (Authorization: Bearer KEY, or X-API-Key)"
+WRONG_KEY = (
+    "missing or wrong API key (Authorization: Bearer KEY, X-API-Key, or HTTP basic with the "
+    "key as the password)"
+)
 
 
 def key_given(api_key: str | None, headers: Mapping[str, str]) -> bool:
