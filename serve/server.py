@@ -64,7 +64,9 @@ def warn_if_open(sock: socket.socket, api_key: str | None) -> None:
         logger.warning("listening on %s without --api-key: anyone who reaches it may use it", host)
 
 
-def serve_forever(app: FastAPI, sock: socket.socket, drain_timeout: float) -> None:
+def serve_forever(
+    app: FastAPI, sock: socket.socket, drain_timeout: float, model_name: str = "img2img"
+) -> None:
     config = uvicorn.Config(
         app,
         timeout_graceful_shutdown=int(drain_timeout),
@@ -80,10 +82,12 @@ def serve_forever(app: FastAPI, sock: socket.socket, drain_timeout: float) -> No
     # uvicorn prints its "running on" line only for sockets it bound itself.
     shown = f"[{host}]" if ":" in host else host
     logger.info(
-        "serving on http://%s:%d: POST /v1/img2img, and /v2/models/img2img/infer (KServe v2, "
-        "Triton's HTTP API); /docs (Ctrl-C or SIGTERM: drain, then stop)",
+        "serving on http://%s:%d: POST /v1/img2img, /v2/models/%s/infer (KServe v2, Triton's "
+        "HTTP API), /v1/images/edits (OpenAI's), /sdapi/v1/img2img (A1111's); /docs (Ctrl-C "
+        "or SIGTERM: drain, then stop)",
         shown,
         port,
+        model_name,
     )
     DrainingServer(config, app).run(sockets=[sock])
 
@@ -153,4 +157,4 @@ def run(
     with sock:
         pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
         app = create_app(StepBatcher(pipeline, options), options)
-        serve_forever(app, sock, options.drain_timeout)
+        serve_forever(app, sock, options.drain_timeout, options.model_name)

@@ -500,8 +500,9 @@ def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SDTRT_API_KEY": "k"}
+    command = ["serve", "--port", str(port), "--drain-timeout", "60", "--model-name", "tiny"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "sdtrt.cli", "serve", "--port", str(port), "--drain-timeout", "60"],
+        [sys.executable, "-m", "sdtrt.cli", *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -537,6 +538,7 @@ def test_sdtrt_serve_drains_on_sigterm_and_exits_0(tmp_path):
         with process:  # closes its pipe
             log = process.stdout.read() if process.stdout else ""
     assert "draining" in log
+    assert "/v2/models/tiny/infer" in log  # the start line names the served paths
 
 
 def test_bench_serve_compares_the_three_policies_over_loopback(tmp_path, capsys):
