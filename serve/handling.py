@@ -114,10 +114,12 @@ async def run_job(
             done, _ = await asyncio.wait({waiting}, timeout=0.05)
             if not done and gone is not None and await gone():
                 raise BadRequest(499, "the client went away")  # nginx's status; nobody reads it
-    except (BadRequest, asyncio.CancelledError):
+    except (BadRequest, asyncio.CancelledError) as exc:
         job.cancel()  # dropped at the next iteration
         waiting.add_done_callback(_read)  # its RequestCancelledError is expected
-        logger.info("request %s: the client went away; its job is cancelled", request_id)
+        why = "the client went away" if isinstance(exc, BadRequest) else "it was cancelled"
+        # (a cancelled wait: gRPC's call ended, or another image of an A1111 call failed)
+        logger.info("request %s: %s; its job is cancelled", request_id, why)
         raise
     try:
         return waiting.result()
