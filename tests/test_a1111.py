@@ -242,3 +242,18 @@ def test_progress_shows_a_call_in_flight(server, api, image):
     assert seen, "no poll saw the call between its first and last step"
     assert all(s["state"]["job_count"] == 1 and s["state"]["sampling_steps"] == 100 for s in seen)
     assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_one_images_failure_is_the_calls_and_cancels_the_others(server, image):
+    """batch_size 2 from the last seed there is: the second image's seed is out of range
+    (422, the library's message); the first image's job is cancelled, not left running."""
+    picture = base64.b64encode(png_bytes(image)).decode()
+    body = {"init_images": [picture], **SMALL, "steps": 400, "denoising_strength": 1.0,
+            "seed": 2**64 - 1, "batch_size": 2}  # fmt: skip
+    calls = server.batcher.stats.unet_calls
+    answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, auth=("me", KEY), timeout=60)
+    assert answer.status_code == 422 and "seed" in answer.json()["detail"], answer.text
+    deadline = time.monotonic() + 30
+    while not server.batcher.idle and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.batcher.idle and server.batcher.stats.unet_calls - calls < 100  # not its 400
