@@ -355,8 +355,16 @@ class GrpcServer:
     """A gRPC server for ``service`` on its own thread and event loop (uvicorn's loop is
     left to HTTP), started and stopped from the app's lifespan."""
 
-    def __init__(self, service: InferenceService, host: str, port: int, max_mb: float) -> None:
-        self.service, self.port = service, port
+    def __init__(
+        self,
+        service: InferenceService,
+        host: str,
+        port: int,
+        max_mb: float,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key) PEM files: the port speaks TLS only."""
+        self.service, self.port, self.tls = service, port, tls
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._started = threading.Event()
@@ -374,7 +382,8 @@ class GrpcServer:
                 f"the gRPC server could not listen on {self.address}: {self._failure}"
             )
         logger.info(
-            "serving gRPC on %s: %s (KServe v2, Triton's gRPC API), model %s",
+            "serving gRPC%s on %s: %s (KServe v2, Triton's gRPC API), model %s",
+            " over TLS" if self.tls else "",
             self.address.rsplit(":", 1)[0] + f":{self.port}",
             SERVICE,
             self.service.options.model_name,
@@ -411,7 +420,12 @@ class GrpcServer:
 
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server, pool=_compiled()[0])
-        self.port = server.add_insecure_port(self.address)
+        if self.tls is None:
+            self.port = server.add_insecure_port(self.address)
+        else:
+            cert, key = (Path(file).read_bytes() for file in self.tls)
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            self.port = server.add_secure_port(self.address, credentials)
         await server.start()
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()

@@ -90,6 +90,12 @@ class ServeOptions:
     """Also serve the Open Inference Protocol over gRPC on this port, at ``host`` (Triton
     serves it on 8001; 0: a free port). None: HTTP only. Needs ``pip install
     'sdtrt[grpc]'``."""
+    tls_cert: str | None = None
+    """A PEM certificate (chain) to serve HTTPS with, and gRPC over TLS (uvicorn's
+    ``--ssl-certfile``, Triton's ``--grpc-server-cert``); with ``tls_key``. None: plain HTTP
+    (where a proxy in front terminates TLS)."""
+    tls_key: str | None = None
+    """The certificate's PEM private key (unencrypted)."""
 
     def __post_init__(self) -> None:
         from sdtrt.runtime.guidance import check_guidance_cutoff
@@ -150,9 +156,50 @@ class ServeOptions:
                     "(madebyollin/taesd's diffusers folder, or one holding taesd_encoder and "
                     "taesd_decoder .safetensors)"
                 )
+        if self.tls_cert is not None or self.tls_key is not None:
+            self._check_tls()
         for name in ("queue_delay", "drain_timeout"):
             if not getattr(self, name) >= 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("timeout", "max_body_mb"):  # 0: every request refused
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def _check_tls(self) -> None:
+        """Both files, a key that is the certificate's: read here, before the model loads
+        (uvicorn would say so only once it starts listening)."""
+        import ssl
+
+        from sdtrt.source import expand_home
+
+        if self.tls_cert is None or self.tls_key is None:
+            raise InvalidInputError(
+                "TLS needs a certificate and its key: give both --tls-cert and --tls-key"
+            )
+        for name in ("tls_cert", "tls_key"):
+            object.__setattr__(self, name, expand_home(getattr(self, name)))
+            if not Path(getattr(self, name)).is_file():
+                raise ModelNotFoundError(f"{name} {getattr(self, name)} is not a file")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self.tls_cert,
+                self.tls_key,
+                password=b"",  # no prompt for an encrypted key
+            )
+        except (ssl.SSLError, ValueError) as exc:
+            raise InvalidInputError(
+                f"the TLS certificate {self.tls_cert} and key {self.tls_key} do not load as a "
+                f"PEM certificate and its unencrypted key: {exc}"
+            ) from None
+
+    @property
+    def tls(self) -> tuple[str, str] | None:
+        """(certificate, key) PEM files, or None: plain HTTP and gRPC."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return self.tls_cert, self.tls_key
+
+    @property
+    def scheme(self) -> str:
+        """http, or https with a certificate."""
+        return "https" if self.tls else "http"

@@ -64,14 +64,14 @@ def warn_if_open(sock: socket.socket, api_key: str | None) -> None:
         logger.warning("listening on %s without --api-key: anyone who reaches it may use it", host)
 
 
-def serve_forever(
-    app: FastAPI, sock: socket.socket, drain_timeout: float, model_name: str = "img2img"
-) -> None:
+def serve_forever(app: FastAPI, sock: socket.socket, options: ServeOptions) -> None:
     config = uvicorn.Config(
         app,
-        timeout_graceful_shutdown=int(drain_timeout),
+        timeout_graceful_shutdown=int(options.drain_timeout),
         log_level="info",
         access_log=False,
+        ssl_certfile=options.tls_cert,
+        ssl_keyfile=options.tls_key,
     )
     # uvicorn re-raises the stop signal after its graceful shutdown, to the handler that was
     # there before it ran (the default one kills the process: exit -15). A drained stop is
@@ -82,12 +82,13 @@ def serve_forever(
     # uvicorn prints its "running on" line only for sockets it bound itself.
     shown = f"[{host}]" if ":" in host else host
     logger.info(
-        "serving on http://%s:%d: POST /v1/img2img, /v2/models/%s/infer (KServe v2, Triton's "
+        "serving on %s://%s:%d: POST /v1/img2img, /v2/models/%s/infer (KServe v2, Triton's "
         "HTTP API), /v1/images/edits (OpenAI's), /sdapi/v1/img2img (A1111's); /docs (Ctrl-C "
         "or SIGTERM: drain, then stop)",
+        options.scheme,
         shown,
         port,
-        model_name,
+        options.model_name,
     )
     DrainingServer(config, app).run(sockets=[sock])
 
@@ -95,12 +96,21 @@ def serve_forever(
 class BackgroundServer:
     """The app on 127.0.0.1 at a free port, in a thread (``with`` stops it)."""
 
-    def __init__(self, app: FastAPI, drain_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: FastAPI, drain_timeout: float = 10.0, tls: tuple[str, str] | None = None
+    ) -> None:
+        """``tls``: (certificate, key) PEM files: HTTPS."""
         self.socket = bound_socket("127.0.0.1", 0)
         self.port = int(self.socket.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        cert, key = tls or (None, None)
+        self.verify = tls is None  # its own polls of itself, on loopback: not the certificate
         config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=int(drain_timeout)
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=int(drain_timeout),
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
         self.server = DrainingServer(config, app)
         self.thread = threading.Thread(
@@ -128,7 +138,7 @@ class BackgroundServer:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{self.url}/ready", timeout=5, verify=self.verify).status_code == 200:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the server was not ready within {timeout} s")
@@ -157,4 +167,4 @@ def run(
     with sock:
         pipeline = build_pipeline(model, backend, scheduler, show_progress=False)
         app = create_app(StepBatcher(pipeline, options), options)
-        serve_forever(app, sock, options.drain_timeout, options.model_name)
+        serve_forever(app, sock, options)

@@ -214,7 +214,7 @@ def serving(pipe: Any, options: Any) -> Iterator[Any]:
     from sdtrt.serve.server import BackgroundServer
 
     app = create_app(StepBatcher(pipe, options), options)
-    with BackgroundServer(app) as running:
+    with BackgroundServer(app, tls=options.tls) as running:
         running.wait_ready()
         running.app, running.batcher = app, app.state.batcher
         if options.grpc_port is not None:

@@ -122,6 +122,14 @@ def add_serve(sub: Any) -> None:
         help="required on /v1 and /metrics (else $SDTRT_API_KEY, which keeps it out of the "
         "process list; neither: open)",
     )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve HTTPS (and gRPC over TLS) with this certificate (chain), with --tls-key "
+        "(default: plain HTTP, for a proxy in front that terminates TLS)",
+    )
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key, unencrypted")
     ray = p.add_argument_group("scale-out on Ray Serve (pip install 'sdtrt[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
     ray.add_argument(
@@ -160,9 +168,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         priority_levels=args.priority_levels,
         preview_vae=args.preview_vae,
         cors_origins=args.cors_origins,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     if args.ray and args.grpc_port is not None:
         raise invalid("--grpc-port is not served through Ray Serve's proxy: serve without --ray")
+    if args.ray and options.tls:
+        raise invalid("--tls-cert: Ray Serve's proxy speaks plain HTTP; terminate TLS in front")
     if not args.ray:
         for flag in ("address", "min_replicas", "max_replicas"):
             if getattr(args, flag) is not None:
