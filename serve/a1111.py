@@ -6,7 +6,7 @@ schedulers, models, options, scripts), so that a client written for that API (th
 Its fields as A1111 names them: ``init_images`` (one, base64), ``prompt``,
 ``negative_prompt``, ``denoising_strength``, ``steps``, ``cfg_scale``, ``sampler_name``
 (with A1111's ``scheduler``), ``seed`` (-1: a new one), ``width``/``height`` (512 each
-unless given: the image is resized to them, A1111's "Just resize"), ``batch_size`` and
+unless given), ``resize_mode`` (0-2: /v1's default, crop and fill), ``batch_size`` and
 ``n_iter``. As A1111 seeds a batch, image i has seed + i: each is its own job (they share
 the UNet calls like any other requests) and can be made again alone from its seed. The
 many fields A1111's clients send at their defaults are taken at those defaults; one asking
@@ -73,7 +73,6 @@ SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 # all): the values taken; what is refused otherwise, and why.
 _AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "mask": ((None, ""), "a mask asks for inpainting; this server runs img2img"),
-    "resize_mode": ((0,), "sdtrt resizes the image to width x height (0: Just resize)"),
     "restore_faces": ((False, None), "no face restoration here"),
     "tiling": ((False, None), "no tiling here"),
     "styles": (([], None), "no saved styles here: put them in the prompt"),
@@ -107,7 +106,10 @@ _NUMBERS = (
 _READ = ("init_images", "prompt", "negative_prompt", "width", "height", "denoising_strength",
          "steps", "cfg_scale", "sampler_name", "sampler_index", "scheduler", "seed",
          "batch_size", "n_iter", "eta", "override_settings", "send_images",
-         "include_init_images")  # fmt: skip
+         "include_init_images", "resize_mode")  # fmt: skip
+# A1111's resize modes: Just resize, Crop and resize, Resize and fill (diffusers' image
+# processor's default, crop and fill); 3, a latent upscale, is not here.
+_RESIZE_MODES = {0: "default", 1: "crop", 2: "fill"}
 
 
 def add_a1111_api(
@@ -292,6 +294,13 @@ def read_call(given: Any, model: str, defaults: dict[str, Any], max_images: int)
         values["scheduler"] = scheduler_for(str(sampler), str(form.get("scheduler") or "automatic"))
     if form.get("eta") is not None:  # DDIM's and TCD's; the others take none, as diffusers'
         values["eta"] = field_value(form["eta"], float, "eta")
+    resize_mode = form.get("resize_mode", 0)
+    if resize_mode not in _RESIZE_MODES or isinstance(resize_mode, bool):
+        raise BadRequest(
+            422, f"resize_mode {resize_mode!r}: taken: 0 (Just resize), 1 (Crop and resize), "
+            "2 (Resize and fill)"
+        )  # fmt: skip
+    values["resize_mode"] = _RESIZE_MODES[resize_mode]
     batch_size = field_value(form.get("batch_size", 1), int, "batch_size")
     n_iter = field_value(form.get("n_iter", 1), int, "n_iter")
     if not (batch_size >= 1 and n_iter >= 1 and batch_size * n_iter <= max_images):

@@ -42,7 +42,7 @@ from sdtrt.errors import (
     RequestCancelledError,
     ServerBusyError,
 )
-from sdtrt.options import SAMPLE_IMAGE
+from sdtrt.options import SAMPLE_IMAGE, one_of
 from sdtrt.runtime.clock import mark, wait
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real
@@ -63,7 +63,7 @@ from sdtrt.runtime.steps import (
 )
 from sdtrt.serve import warmup
 from sdtrt.serve.admission import admit, check_rows, priority_level
-from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
+from sdtrt.serve.jobs import RESIZE_MODES, Img2ImgRequest, Job, JobResult
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.previews import PreviewDecoder, pictures
 
@@ -193,8 +193,11 @@ class StepBatcher:
         )
         if plan.latents is not None:
             raise InvalidInputError("a request's image is a picture: the server takes no latents")
+        one_of("resize_mode", request.resize_mode, RESIZE_MODES)
+        if request.resize_mode != "default" and not isinstance(plan.image, PIL.Image.Image):
+            raise InvalidInputError("resize_mode fill and crop take a picture, not an array")
         pixels = self.pipeline.image_processor.preprocess(
-            plan.image, height=plan.height, width=plan.width
+            plan.image, height=plan.height, width=plan.width, resize_mode=request.resize_mode
         )
         if len(pixels) != 1:
             raise InvalidInputError(

@@ -57,6 +57,12 @@ FIELDS: dict[str, tuple[type, str]] = {
         "Images of the prompt, drawn from the one seed as diffusers draws a batch; more than "
         "one come as JSON (response_format json: the images list).",
     ),
+    "resize_mode": (
+        str,
+        "How the image comes to height x width: default stretches it; fill fits it inside "
+        "and fills the rest from its edges; crop fills the size and crops what is over "
+        "(diffusers' image processor's modes).",
+    ),
 }
 TYPES = {name: kind for name, (kind, _) in FIELDS.items()}
 TEXTS = ("prompt", "negative_prompt")

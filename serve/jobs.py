@@ -25,6 +25,9 @@ class ProgressHook(Protocol):
     ) -> None: ...
 
 
+RESIZE_MODES = ("default", "fill", "crop")
+
+
 @dataclass(frozen=True)
 class Img2ImgRequest:
     """One request, its fields named as diffusers' pipeline names them; defaults are the
@@ -58,6 +61,11 @@ class Img2ImgRequest:
     num_images_per_prompt: int = 1
     """Images of the prompt, drawn from the one seed as diffusers draws a batch (the
     pipeline's images for ``num_images_per_prompt`` and that seed's generator)."""
+    resize_mode: str = "default"
+    """How the image comes to ``height`` x ``width`` (diffusers' image processor's modes):
+    default stretches it; fill fits it inside, keeping its aspect, and fills the rest from
+    its edges; crop fills the size, keeping its aspect, and crops what is over (A1111's
+    "Resize and fill" and "Crop and resize")."""
 
 
 @dataclass

@@ -116,7 +116,7 @@ def test_what_clients_read_first(api):
         ({"sampler_name": "Euler", "scheduler": "Karras"}, "'Euler' on the karras schedule"),
         ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "this server has 'tiny-img2img'"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "only sd_model_checkpoint"),
-        ({"resize_mode": 1}, "Just resize"),
+        ({"resize_mode": 3}, "resize_mode 3: taken: 0 (Just resize), 1 (Crop and resize)"),
         ({"batch_size": 0}, "batch_size and n_iter must be >= 1"),
         ({"denoising_strength": 2}, "strength"),  # the library's own message
         ({"prompt": "a cat <lora:ghibli:0.8>"}, "calls for <lora:ghibli:0.8>"),
@@ -257,3 +257,15 @@ def test_one_images_failure_is_the_calls_and_cancels_the_others(server, image):
     while not server.batcher.idle and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.batcher.idle and server.batcher.stats.unet_calls - calls < 100  # not its 400
+
+
+def test_resize_modes_are_a1111s(server, api, image):
+    """A1111's 1 (Crop and resize) and 2 (Resize and fill) are /v1's crop and fill, exactly
+    (one image each: batched alike); 0 stretches."""
+    for mode, name in ((0, "default"), (1, "crop"), (2, "fill")):
+        got = api.img2img(images=[image], prompt="a cat", seed=5, resize_mode=mode,
+                          **{**SMALL, "width": 32})  # fmt: skip
+        want = _v1_pixels(server, image, prompt="a cat", seed=5, resize_mode=name, width=32,
+                          height=32, num_inference_steps=4, strength=0.5, guidance_scale=3.0,
+                          scheduler="euler_a", eta=1.0)  # fmt: skip
+        np.testing.assert_array_equal(_pixels(got.image), want)

@@ -84,6 +84,26 @@ def test_json_and_multipart_answer_the_pipelinespng_bytes(tiny, server, image):
     assert np.array_equal(np.asarray(decoded), got)
 
 
+@pytest.mark.parametrize("mode", ["crop", "fill"])
+def test_resize_mode_is_the_image_processors(server, image, mode):
+    """A 48x32 picture to 32x32: with resize_mode crop or fill, the answer is the default
+    (stretching) one's for the picture diffusers' image processor made of it in that mode
+    first, exactly; not the stretched picture's."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    def answer(picture, **fields):
+        body = {"image": base64.b64encode(png_bytes(picture)).decode(), **SMALL, **fields}
+        got = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
+        assert got.status_code == 200, got.text
+        return np.asarray(PIL.Image.open(io.BytesIO(got.content)))
+
+    made = VaeImageProcessor().resize(image, 32, 32, resize_mode=mode)
+    assert made.size == (32, 32)
+    moded = answer(image, height=32, width=32, resize_mode=mode)
+    np.testing.assert_array_equal(moded, answer(made))
+    assert np.abs(moded.astype(int) - answer(image, height=32, width=32)).mean() > 5
+
+
 @pytest.mark.parametrize(
     "custom", [{"timesteps": (999, 850, 736, 645)}, {"sigmas": (14.615, 6.475, 3.861, 0.0)}]
 )
@@ -288,6 +308,7 @@ def test_a_server_answers_with_its_own_defaults(tiny, image):
         ({"timesteps": [500, 999], "scheduler": "euler"}, 422, "must be in descending order"),
         ({"guidance_cutoff": 1.5}, 422, "guidance cutoff must be a number in [0, 1], the share"),
         ({"guidance_cutoff": "half"}, 422, "guidance_cutoff must be a number"),
+        ({"resize_mode": "zoom"}, 422, "resize_mode must be one of default, fill, crop"),
     ],
 )
 def test_bad_input_is_a_4xx_with_the_librarys_message(server, body, status, says):
