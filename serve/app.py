@@ -36,6 +36,7 @@ from sdtrt.serve.a1111 import add_a1111_api
 from sdtrt.serve.batcher import StepBatcher
 from sdtrt.serve.fields import OPTIONS, TYPES, openapi
 from sdtrt.serve.handling import (
+    ANSWER_HEADERS,
     BadRequest,
     answer_headers,
     as_bad_request,
@@ -222,7 +223,7 @@ def create_app(
 
 
 # The answers' headers a browser's script may read (CORS).
-EXPOSED_HEADERS = ("X-Seed", "X-Unet-Calls", "X-Queue-Wait-Ms", "X-Request-ID", "Retry-After")
+EXPOSED_HEADERS = (*ANSWER_HEADERS, "X-Request-ID", "Retry-After")
 Encoder = Callable[[JobResult], Response]
 """How a protocol answers a job's result (run in a thread: image encoding takes long)."""
 

@@ -306,13 +306,14 @@ async def read_form(
     return out
 
 
+ANSWER_HEADERS = ("X-Seed", "X-Unet-Calls", "X-Queue-Wait-Ms")
+"""The headers an image answer carries (``answer_headers``)."""
+
+
 def answer_headers(result: JobResult) -> dict[str, str]:
-    """The job's figures as an image answer's headers."""
-    return {
-        "X-Seed": str(result.seed),
-        "X-Unet-Calls": str(result.unet_calls),
-        "X-Queue-Wait-Ms": f"{result.queue_wait_ms:.3f}",
-    }
+    """The job's figures as an image answer's headers (ANSWER_HEADERS)."""
+    figures = (str(result.seed), str(result.unet_calls), f"{result.queue_wait_ms:.3f}")
+    return dict(zip(ANSWER_HEADERS, figures, strict=True))
 
 
 def encoded(result: JobResult, image_format: str, quality: int | None = None) -> list[bytes]:
