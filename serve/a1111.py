@@ -9,7 +9,8 @@ Its fields as A1111 names them: ``init_images`` (one, base64), ``prompt``,
 unless given), ``resize_mode`` (0-2: /v1's default, crop and fill), ``batch_size`` and
 ``n_iter``. As A1111 seeds a batch, image i has seed + i: each is its own job (they share
 the UNet calls like any other requests) and can be made again alone from its seed. The
-many fields A1111's clients send at their defaults are taken at those defaults; one asking
+prompts' emphasis, ``(word:1.2)``, weighs their tokens as A1111 weighs them. The many
+fields A1111's clients send at their defaults are taken at those defaults; one asking
 for what sdtrt does not do (a mask, face restoration, tiling, scripts, another model...)
 is refused (422), not ignored. The answer is A1111's: ``images`` (PNGs in base64),
 ``parameters`` (the request), ``info`` (a JSON string: seeds, sizes, the infotexts).
@@ -281,6 +282,7 @@ def read_call(given: Any, model: str, defaults: dict[str, Any], max_images: int)
         "negative_prompt": _text(form, "negative_prompt"),
         "width": field_value(form.get("width", 512), int, "width"),
         "height": field_value(form.get("height", 512), int, "height"),
+        "emphasis": True,  # A1111's (word:1.2)
         "scheduler": defaults["scheduler"],
         "num_inference_steps": defaults["num_inference_steps"],
         "guidance_scale": defaults["guidance_scale"],
@@ -341,8 +343,8 @@ def scheduler_for(sampler: str, schedule: str) -> str:
 def _text(form: dict[str, Any], name: str) -> str:
     """A prompt, refused where it calls for one of A1111's extra networks (``<lora:NAME:W>``,
     ``<hypernet:...>``): sdtrt has none to switch per request (a server's LoRAs are fused as
-    it starts: ``--lora``). Emphasis, ``(word:1.2)``, is read as plain text, as diffusers
-    reads it."""
+    it starts: ``--lora``). Its emphasis, ``(word:1.2)``, is read as A1111 reads it
+    (runtime/emphasis.py)."""
     value = form.get(name) or ""
     if not isinstance(value, str):
         raise BadRequest(422, f"{name} must be a string")

@@ -44,6 +44,7 @@ from sdtrt.errors import (
 )
 from sdtrt.options import SAMPLE_IMAGE, one_of
 from sdtrt.runtime.clock import mark, wait
+from sdtrt.runtime.emphasis import emphasised, parse_emphasis, weighted_ids
 from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
 from sdtrt.runtime.inputs import check_seed, is_integer, is_real
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
@@ -170,6 +171,9 @@ class StepBatcher:
         check_seed(request.seed)
         check_guidance_cutoff(request.guidance_cutoff)
         prompts, negatives = prompt_lists(request.prompt, request.negative_prompt)
+        if request.emphasis:  # what it refuses (BREAK), refused here, not in the worker
+            for text in (*prompts, *negatives):
+                parse_emphasis(text)
         if is_integer(request.num_images_per_prompt) and is_real(request.guidance_scale):
             # The server's bound first: past it, raising the machine's limits would not help.
             images = len(prompts) * request.num_images_per_prompt
@@ -367,15 +371,14 @@ class StepBatcher:
     def _start(self, jobs: list[Job]) -> None:
         """Text and VAE encoding of newly admitted jobs, batched; then each job's noised
         latents from its own generator (diffusers' draws, in diffusers' order)."""
-        backend, pipe = self.backend, self.pipeline
+        backend = self.backend
         guided = [job for job in jobs if job.guided]
         start = mark(self.device)
-        prompts = token_ids(pipe.tokenizer, [p for job in jobs for p in job.prompts])
-        cond = self._in_chunks(backend.encode_text, prompts)
+        cond = self._encode_texts([(p, job.request.emphasis) for job in jobs for p in job.prompts])
         uncond = None
         if guided:
-            negatives = [p for job in guided for p in job.negative_prompts]
-            uncond = self._in_chunks(backend.encode_text, token_ids(pipe.tokenizer, negatives))
+            negatives = [(p, job.request.emphasis) for job in guided for p in job.negative_prompts]
+            uncond = self._encode_texts(negatives)
         self._charge(jobs, "text_encoder", start)
         at, uncond_at = 0, 0
         for job in jobs:  # each job's prompts in turn, the guided ones' negatives too
@@ -394,6 +397,20 @@ class StepBatcher:
             for i, job in enumerate(size_jobs):
                 self._noise(job, encoded[i : i + 1])
         self.active.extend(jobs)
+
+    def _encode_texts(self, texts: list[tuple[str, bool]]) -> torch.Tensor:
+        """The text encoder's output for (prompt, with A1111's emphasis) pairs, in chunks;
+        the emphasised ones weighted (runtime/emphasis.py)."""
+        tokenizer = self.pipeline.tokenizer
+        ids = token_ids(tokenizer, [text for text, _ in texts])
+        rows = [i for i, (_, emphasis) in enumerate(texts) if emphasis]
+        if not rows:
+            return self._in_chunks(self.backend.encode_text, ids)
+        weighted, weights = weighted_ids(tokenizer, [texts[i][0] for i in rows])
+        ids[rows] = weighted
+        hidden = self._in_chunks(self.backend.encode_text, ids)
+        hidden[rows] = emphasised(hidden[rows], weights)
+        return hidden
 
     def _in_chunks(
         self, call: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor

@@ -61,6 +61,9 @@ class Img2ImgRequest:
     num_images_per_prompt: int = 1
     """Images of the prompt, drawn from the one seed as diffusers draws a batch (the
     pipeline's images for ``num_images_per_prompt`` and that seed's generator)."""
+    emphasis: bool = False
+    """Read the prompts' A1111 emphasis, ``(word:1.2)`` (runtime/emphasis.py): what A1111's
+    API takes (serve/a1111.py). False: the prompts are plain text, as diffusers reads them."""
     resize_mode: str = "default"
     """How the image comes to ``height`` x ``width`` (diffusers' image processor's modes):
     default stretches it; fill fits it inside, keeping its aspect, and fills the rest from

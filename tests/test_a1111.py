@@ -269,3 +269,22 @@ def test_resize_modes_are_a1111s(server, api, image):
                           height=32, num_inference_steps=4, strength=0.5, guidance_scale=3.0,
                           scheduler="euler_a", eta=1.0)  # fmt: skip
         np.testing.assert_array_equal(_pixels(got.image), want)
+
+
+def test_prompts_are_read_with_a1111s_emphasis(server, api, image):
+    """A weight of 1 is the plain prompt's image, exactly; (red:1.5) another one; BREAK, which
+    would start a second 75-token chunk, is refused."""
+    fields = {"seed": 5, **SMALL}
+
+    def pixels(prompt):
+        return _pixels(api.img2img(images=[image], prompt=prompt, **fields).image)
+
+    plain = _v1_pixels(server, image, prompt="a red circle", seed=5, num_inference_steps=4,
+                       strength=0.5, guidance_scale=3.0, width=48, height=32,
+                       scheduler="euler_a", eta=1.0)  # fmt: skip
+    np.testing.assert_array_equal(pixels("(a red circle:1.0)"), plain)
+    assert np.abs(pixels("a (red:1.5) circle").astype(int) - plain).mean() > 1
+    with pytest.raises(RuntimeError) as caught:
+        api.img2img(images=[image], prompt="a cat BREAK a dog", **fields)
+    status, body = caught.value.args
+    assert status == 422 and "BREAK starts another" in json.loads(body)["detail"]
