@@ -8,7 +8,7 @@ iteration, finished ones leave and are decoded together. Size groups are served 
 The worker does not wait for the device between steps: it queues at most ``RUN_AHEAD``
 steps ahead of the GPU, reads what a step left on the host (its rows' finiteness flags, its
 previews' pixels) once the device has passed that step (a job whose UNet output went NaN
-or infinite fails then, RUN_AHEAD steps later, and gives its rows up), and reads results
+or infinite fails then, after its next step, and gives its rows up), and reads results
 (images, stage times) only when jobs finish. On a CPU, where calls are synchronous,
 nothing is left queued between iterations; it runs PyTorch with its own intra-op thread
 count (1 by default: ``ServeOptions.intra_op_threads`` says why).

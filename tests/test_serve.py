@@ -497,7 +497,7 @@ def _the_middle_one_fails(pipe, requests, error, says):
 def test_one_failing_job_fails_only_its_request(tiny, image, nan, error, says):
     """A job whose UNet call raises fails alone (the batched call is retried job by job);
     one whose UNet output went NaN fails once the worker reads that step's finiteness
-    flags (on a GPU RUN_AHEAD steps later; here, where nothing runs ahead, at once), not at
+    flags (on a GPU after its next step; here, where nothing runs ahead, at once), not at
     its end, naming the loop. The jobs batched with it are unharmed."""
     from sdtrt.runtime.steps import token_ids
 
