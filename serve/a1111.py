@@ -38,6 +38,7 @@ from sdtrt.serve.handling import (
     decode_base64,
     decode_image,
     encoded,
+    encoded_images,
     field_value,
     key_given,
     read_body,
@@ -46,6 +47,7 @@ from sdtrt.serve.handling import (
 )
 from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
+from sdtrt.serve.streaming import every_nth
 
 # A1111's samplers sdtrt runs: name -> (aliases, sdtrt's scheduler on the sampler's own
 # ("uniform") schedule, on Karras's sigmas; None: not here). A1111's "automatic" schedule is
@@ -111,6 +113,7 @@ _READ = ("init_images", "prompt", "negative_prompt", "width", "height", "denoisi
 # A1111's resize modes: Just resize, Crop and resize, Resize and fill (diffusers' image
 # processor's default, crop and fill); 3, a latent upscale, is not here.
 _RESIZE_MODES = {0: "default", 1: "crop", 2: "fill"}
+LIVE_PREVIEW_EVERY = 10  # A1111's show_progress_every_n_steps
 
 
 def add_a1111_api(
@@ -126,6 +129,8 @@ def add_a1111_api(
 
     model = options.model_name
     running: dict[Progress, None] = {}  # the calls in flight, oldest first
+    # A1111's live previews, every 10 steps (its default), where a TAESD makes them cheap.
+    live_previews = every_nth(LIVE_PREVIEW_EVERY) if options.preview_vae else None
 
     def listed(request: Request, answer: Any) -> Response:
         if not key_given(options.api_key, request.headers):
@@ -175,12 +180,14 @@ def add_a1111_api(
         return listed(request, {"txt2img": [], "img2img": []})
 
     @app.get("/sdapi/v1/progress")
-    def progress(request: Request) -> Response:
+    def progress(request: Request, skip_current_image: bool = False) -> Response:
         """The oldest img2img call in flight (A1111 runs one at a time; its clients poll
         this while theirs runs): the share of its steps done, the seconds it has left at
-        that pace, the steps of its first image; no live preview."""
+        that pace, the steps of its first image, its latest live preview (with
+        --preview-vae: A1111's every 10 steps) unless skip_current_image."""
         calls = list(running)
-        return listed(request, (calls[0] if calls else Progress(0)).answer(len(calls)))
+        oldest = calls[0] if calls else Progress(0)
+        return listed(request, oldest.answer(len(calls), not skip_current_image))
 
     @app.post("/sdapi/v1/img2img", response_class=Response)
     async def img2img(request: Request) -> Response:
@@ -193,7 +200,9 @@ def add_a1111_api(
             told = Progress(len(call.seeds))
             running[told] = None
             try:
-                results = await _run_all(request, request_id, batcher, intake, call, told)
+                results = await _run_all(
+                    request, request_id, batcher, intake, call, told, live_previews
+                )
             finally:
                 del running[told]
             done = merged(results)
@@ -204,20 +213,29 @@ def add_a1111_api(
 
 class Progress:
     """An img2img call's progress as A1111's ``/progress`` answers it: the steps done and
-    to do of each of its images, told by the worker (``hook(i)``: image i's hook)."""
+    to do of each of its images, and the latest preview of any, told by the worker
+    (``hook(i)``: image i's hook)."""
 
     def __init__(self, images: int) -> None:
         self.started = time.monotonic()
         self.steps = [(0, 0)] * images  # (done, steps) per image
+        self.preview: Any = None  # a picture
 
     def hook(self, image: int) -> ProgressHook:
         def told(done: int, steps: int | None, previews: Any = None) -> None:
             if steps is not None:
                 self.steps[image] = (done, steps)
+            if previews:
+                self.preview = previews[0]
 
         return told
 
-    def answer(self, calls: int) -> dict[str, Any]:
+    def answer(self, calls: int, with_image: bool = True) -> dict[str, Any]:
+        """A1111's answer; ``with_image``: the latest preview as ``current_image`` (a PNG in
+        base64), where there is one."""
+        image = None
+        if with_image and self.preview is not None:
+            image = base64.b64encode(encoded_images([self.preview], "png")[0]).decode()
         done = sum(d for d, _ in self.steps)
         total = sum(s for _, s in self.steps)
         share = done / total if total else 0.0
@@ -236,7 +254,7 @@ class Progress:
                 "sampling_step": first[0],
                 "sampling_steps": first[1],
             },
-            "current_image": None,
+            "current_image": image,
             "textinfo": None,
         }
 
@@ -366,9 +384,11 @@ async def _run_all(
     intake: Executor,
     call: Call,
     progress: Progress,
+    previews: Callable[[int], frozenset[int]] | None,
 ) -> list[JobResult]:
-    """One job per image (its own seed), run side by side, each telling ``progress``; the
-    first failure cancels the rest and is the call's."""
+    """One job per image (its own seed), run side by side, each telling ``progress`` (with
+    previews after the steps ``previews`` gives); the first failure cancels the rest and is
+    the call's."""
     loaded: list[Any] = []
 
     def load() -> Any:  # in the intake thread: decoded once, for every image
@@ -386,6 +406,7 @@ async def _run_all(
                 {**call.values, "seed": seed},
                 load,
                 progress=progress.hook(i),
+                previews=previews,
             )
         )
         for i, seed in enumerate(call.seeds)

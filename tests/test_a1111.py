@@ -241,6 +241,7 @@ def test_progress_shows_a_call_in_flight(server, api, image):
     call.join(timeout=60)
     assert seen, "no poll saw the call between its first and last step"
     assert all(s["state"]["job_count"] == 1 and s["state"]["sampling_steps"] == 100 for s in seen)
+    assert all(s["current_image"] is None for s in seen)  # no live previews without a TAESD
     assert api.get_progress()["state"]["job_count"] == 0
 
 
@@ -288,3 +289,29 @@ def test_prompts_are_read_with_a1111s_emphasis(server, api, image):
         api.img2img(images=[image], prompt="a cat BREAK a dog", **fields)
     status, body = caught.value.args
     assert status == 422 and "BREAK starts another" in json.loads(body)["detail"]
+
+
+def test_live_previews_come_with_a_taesd(tiny, image):
+    """With --preview-vae, /progress carries the call's latest preview (A1111's every 10
+    steps) as current_image, a PNG of the call's size; none with skip_current_image."""
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    options = ServeOptions(preview_vae="sdtrt/assets/tiny-taesd")
+    with serving(pipe, options) as running:
+        picture = base64.b64encode(png_bytes(image)).decode()
+        body = {"init_images": [picture], **SMALL, "steps": 100, "denoising_strength": 1.0}
+        url = f"{running.url}/sdapi/v1"
+        call = threading.Thread(target=httpx.post, args=(f"{url}/img2img",),
+                                kwargs={"json": body, "timeout": 60})  # fmt: skip
+        call.start()
+        previews, skipped, deadline = [], [], time.monotonic() + 20
+        while call.is_alive() and time.monotonic() < deadline:
+            state = httpx.get(f"{url}/progress").json()
+            if state["current_image"]:
+                previews.append(state["current_image"])
+                skipped.append(httpx.get(f"{url}/progress?skip_current_image=true").json())
+            time.sleep(0.005)
+        call.join(timeout=60)
+    assert previews, "no poll saw a live preview"
+    picture = PIL.Image.open(io.BytesIO(base64.b64decode(previews[-1])))
+    assert (picture.format, picture.size) == ("PNG", (48, 32))
+    assert all(state["current_image"] is None for state in skipped)
