@@ -90,11 +90,13 @@ def test_bad_certificate_files_are_refused_before_the_model_loads(certificate, t
     assert ServeOptions(tls_cert=cert, tls_key=key).scheme == "https"
 
 
-def test_the_command_line_takes_the_files(certificate):
+def test_the_command_line_takes_the_files(certificate, capsys):
     from sdtrt.cli import build_parser, main
 
     cert, key = certificate
     args = build_parser().parse_args(["serve", "--tls-cert", cert, "--tls-key", key])
     assert (args.tls_cert, args.tls_key) == (cert, key)
     assert main(["serve", "--tls-cert", cert]) == 2  # its key missing: refused at once
+    assert "give both --tls-cert and --tls-key" in capsys.readouterr().err
     assert main(["serve", "--tls-cert", cert, "--tls-key", key, "--ray"]) == 2
+    assert "Ray Serve's proxy speaks plain HTTP" in capsys.readouterr().err
