@@ -40,10 +40,9 @@ from sdtrt.serve.handling import (
     encoded,
     encoded_images,
     field_value,
-    key_given,
     read_body,
     run_job,
-    wrong_key,
+    unauthorised,
 )
 from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
@@ -133,9 +132,7 @@ def add_a1111_api(
     live_previews = every_nth(LIVE_PREVIEW_EVERY) if options.preview_vae else None
 
     def listed(request: Request, answer: Any) -> Response:
-        if not key_given(options.api_key, request.headers):
-            return error_object(wrong_key(), "")
-        return JSONResponse(answer)
+        return unauthorised(request, options, error_object) or JSONResponse(answer)
 
     @app.get("/sdapi/v1/samplers")
     def samplers(request: Request) -> Response:
@@ -161,8 +158,8 @@ def add_a1111_api(
     async def set_settings(request: Request) -> Response:
         """A1111's clients choose the model this way: this server's is taken (nothing to do),
         any other setting refused."""
-        if not key_given(options.api_key, request.headers):
-            return error_object(wrong_key(), "")
+        if failure := unauthorised(request, options, error_object):
+            return failure
         try:
             given = json.loads(await read_body(request, options))
         except ValueError as exc:

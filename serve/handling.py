@@ -270,10 +270,18 @@ def wrong_key() -> BadRequest:
     return BadRequest(401, WRONG_KEY, {"WWW-Authenticate": "Bearer"})
 
 
-def unauthorised(request: Request, options: ServeOptions) -> Response | None:
+def unauthorised(
+    request: Request,
+    options: ServeOptions,
+    failed: Callable[[BaseException, str], Response] | None = None,
+) -> Response | None:
+    """None where the request carries the server's key (``key_given``), else its 401 as the
+    protocol writes a failure (``failed(exc, request_id)``; by default ``{"error": message}``)."""
     if key_given(options.api_key, request.headers):
         return None
     failure = wrong_key()
+    if failed is not None:
+        return failed(failure, request_id_of(request.headers))
     return JSONResponse({"error": failure.message}, failure.status, headers=failure.headers)
 
 

@@ -38,6 +38,7 @@ from sdtrt.serve.handling import (
     read_form,
     request_id_of,
     run_job,
+    unauthorised,
     wrong_key,
 )
 from sdtrt.serve.jobs import JobResult, ProgressHook
@@ -85,14 +86,14 @@ def add_openai_images(
 
     @app.get("/v1/models")
     def models(request: Request) -> Response:
-        if not key_given(options.api_key, request.headers):
-            return error_object(wrong_key(), "")
+        if failure := unauthorised(request, options, error_object):
+            return failure
         return JSONResponse({"object": "list", "data": [described()]})
 
     @app.get("/v1/models/{model}")
     def model(request: Request, model: str) -> Response:
-        if not key_given(options.api_key, request.headers):
-            return error_object(wrong_key(), "")
+        if failure := unauthorised(request, options, error_object):
+            return failure
         if model != model_name:
             return error_object(BadRequest(404, _unknown_model(model, model_name)), "")
         return JSONResponse(described())
