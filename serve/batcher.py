@@ -337,9 +337,7 @@ class StepBatcher:
         except Exception as exc:
             rest = [job for job in jobs if pending(job)]
             if len(rest) == 1:
-                self._fail(rest[0], exc)
-                if rest[0] in self.active:
-                    self.active.remove(rest[0])
+                self._fail_active(rest[0], exc)
                 return
             logger.warning(
                 "a batch of %d jobs failed (%s): running %d alone", len(jobs), exc, len(rest)
@@ -483,9 +481,7 @@ class StepBatcher:
             finite = queued.finite.tolist()
             for job, rows in queued.rows:
                 if not all(finite[rows]) and not job.future.done():
-                    self._fail(job, non_finite_error("unet"))
-                    if job in self.active:
-                        self.active.remove(job)
+                    self._fail_active(job, non_finite_error("unet"))
             for job, done, pixels in queued.previews:
                 if job.progress is not None and not job.future.done():
                     job.progress(done, len(job.timesteps), pictures(pixels))
@@ -583,6 +579,12 @@ class StepBatcher:
         for job in jobs:
             job.spans.append((stage, start, end))
         return end
+
+    def _fail_active(self, job: Job, exc: BaseException) -> None:
+        """Fail ``job`` and take it out of the active jobs (it takes no more steps)."""
+        self._fail(job, exc)
+        if job in self.active:
+            self.active.remove(job)
 
     @staticmethod
     def _fail(job: Job, exc: BaseException) -> None:
