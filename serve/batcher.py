@@ -400,12 +400,18 @@ class StepBatcher:
         """The text encoder's output for (prompt, with A1111's emphasis) pairs, in chunks;
         the emphasised ones weighted (runtime/emphasis.py)."""
         tokenizer = self.pipeline.tokenizer
-        ids = token_ids(tokenizer, [text for text, _ in texts])
         rows = [i for i, (_, emphasis) in enumerate(texts) if emphasis]
         if not rows:
-            return self._in_chunks(self.backend.encode_text, ids)
+            return self._in_chunks(
+                self.backend.encode_text, token_ids(tokenizer, [t for t, _ in texts])
+            )
+        # Each text tokenized once, as it is read (the markup's length is not the text's).
         weighted, weights = weighted_ids(tokenizer, [texts[i][0] for i in rows])
+        plain = [i for i, (_, emphasis) in enumerate(texts) if not emphasis]
+        ids = torch.empty((len(texts), weighted.shape[1]), dtype=weighted.dtype)
         ids[rows] = weighted
+        if plain:
+            ids[plain] = token_ids(tokenizer, [texts[i][0] for i in plain])
         hidden = self._in_chunks(self.backend.encode_text, ids)
         hidden[rows] = emphasised(hidden[rows], weights)
         return hidden

@@ -85,3 +85,24 @@ def test_the_weighting_keeps_each_prompts_mean():
     factor = ratio[0, 0]
     torch.testing.assert_close(ratio[3], torch.full((8,), 1.5 * factor.item()))
     torch.testing.assert_close(ratio[[0, 1, 2, 4]], torch.full((4, 8), factor.item()))
+
+
+def test_the_server_tokenizes_each_text_as_it_reads_it(tiny, caplog):
+    """The batcher's text encoding of plain and emphasised prompts side by side: a plain
+    prompt's row is its plain encoding; an emphasised one whose markup alone would pass 77
+    tokens is not said to be cut (its text is 20 tokens)."""
+    from sdtrt.runtime.pipeline import Img2ImgPipeline
+    from sdtrt.serve.batcher import StepBatcher
+
+    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+    batcher = StepBatcher(pipe, start=False)
+    marked = "(word:1.1) " * 20
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        hidden = batcher._encode_texts([("a (red) circle", False), (marked, True)])
+        plain = pipe.backend.encode_text(token_ids(tiny["tokenizer"], ["a (red) circle"]))
+        ids, weights = weighted_ids(tiny["tokenizer"], [marked])
+        weighed = emphasised(pipe.backend.encode_text(ids), weights)
+    batcher.close()
+    assert "truncated" not in caplog.text
+    torch.testing.assert_close(hidden[0], plain[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden[1], weighed[0], rtol=0, atol=1e-6)
