@@ -88,9 +88,7 @@ def create_app(
             from sdtrt.serve.grpc_api import GrpcServer, InferenceService
 
             service = InferenceService(batcher, options, intake, metrics, readiness)
-            grpc_server = GrpcServer(
-                service, options.host, options.grpc_port, options.max_body_mb, options.tls
-            )
+            grpc_server = GrpcServer(service)
             app.state.grpc_port = grpc_server.start()
         yield
         if grpc_server is not None:  # its calls in flight finish first

@@ -355,18 +355,14 @@ class GrpcServer:
     """A gRPC server for ``service`` on its own thread and event loop (uvicorn's loop is
     left to HTTP), started and stopped from the app's lifespan."""
 
-    def __init__(
-        self,
-        service: InferenceService,
-        host: str,
-        port: int,
-        max_mb: float,
-        tls: tuple[str, str] | None = None,
-    ) -> None:
-        """``tls``: (certificate, key) PEM files: the port speaks TLS only."""
-        self.service, self.port, self.tls = service, port, tls
+    def __init__(self, service: InferenceService) -> None:
+        """At the service options' host and gRPC port, their body limit, and their TLS
+        certificate where they have one (the port then speaks TLS only)."""
+        options = service.options
+        host, port = options.host, options.grpc_port or 0  # (set: the app serves gRPC)
+        self.service, self.port, self.tls = service, port, options.tls
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.max_bytes = int(options.max_body_mb * 1024 * 1024)
         self._started = threading.Event()
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
