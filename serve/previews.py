@@ -21,13 +21,13 @@ class PreviewDecoder:
     def __init__(
         self,
         pipeline: Img2ImgPipeline,
-        path: str | None = None,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        path: str | None,
+        decode: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         """``decode``: how the model's VAE decodes a batch (the batcher's, in chunks its
-        engines take); the backend's own call by default."""
+        engines take)."""
         self.pipeline = pipeline
-        self.decode = decode or pipeline.backend.decode_latents
+        self.decode = decode
         self.taesd: Any = None
         """The TAESD that decodes previews; None: the model's VAE does."""
         if path is not None:
