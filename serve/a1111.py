@@ -127,7 +127,7 @@ def add_a1111_api(
     from sdtrt import __version__
 
     model = options.model_name
-    running: dict[Progress, None] = {}  # the calls in flight, oldest first
+    running: dict[CallProgress, None] = {}  # the calls in flight, oldest first
     # A1111's live previews, every 10 steps (its default), where a TAESD makes them cheap.
     live_previews = every_nth(LIVE_PREVIEW_EVERY) if options.preview_vae else None
 
@@ -183,7 +183,7 @@ def add_a1111_api(
         that pace, the steps of its first image, its latest live preview (with
         --preview-vae: A1111's every 10 steps) unless skip_current_image."""
         calls = list(running)
-        oldest = calls[0] if calls else Progress(0)
+        oldest = calls[0] if calls else CallProgress(0)
         return listed(request, oldest.answer(len(calls), not skip_current_image))
 
     @app.post("/sdapi/v1/img2img", response_class=Response)
@@ -194,7 +194,7 @@ def add_a1111_api(
             except ValueError as exc:
                 raise BadRequest(400, f"the body is not JSON: {exc}") from None
             call = read_call(given, model, batcher.request_defaults, batcher.max_queue)
-            told = Progress(len(call.seeds))
+            told = CallProgress(len(call.seeds))
             running[told] = None
             try:
                 results = await _run_all(
@@ -208,7 +208,7 @@ def add_a1111_api(
         return await handled(request, serve, error_object)
 
 
-class Progress:
+class CallProgress:
     """An img2img call's progress as A1111's ``/progress`` answers it: the steps done and
     to do of each of its images, and the latest preview of any, told by the worker
     (``hook(i)``: image i's hook)."""
@@ -380,7 +380,7 @@ async def _run_all(
     batcher: StepBatcher,
     intake: Executor,
     call: Call,
-    progress: Progress,
+    progress: CallProgress,
     previews: Callable[[int], frozenset[int]] | None,
 ) -> list[JobResult]:
     """One job per image (its own seed), run side by side, each telling ``progress`` (with

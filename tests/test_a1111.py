@@ -22,7 +22,7 @@ import webuiapi
 from conftest import noise_picture, png_bytes, serving
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
-from sdtrt.serve.a1111 import Progress, scheduler_for
+from sdtrt.serve.a1111 import CallProgress, scheduler_for
 from sdtrt.serve.handling import BadRequest
 from sdtrt.serve.options import ServeOptions
 
@@ -209,7 +209,7 @@ def test_the_readme_client_runs_against_a_server(server, image, tmp_path, monkey
 
 def test_progress_adds_up_the_calls_images():
     """Two images of 8 steps (after 0 steps, when queued, they tell no steps yet)."""
-    progress = Progress(2)
+    progress = CallProgress(2)
     first, second = progress.hook(0), progress.hook(1)
     first(0, None)
     assert progress.answer(1)["progress"] == 0
