@@ -96,6 +96,26 @@ def png_bytes(image: PIL.Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def v1_images(server: Any, image: PIL.Image.Image, fields: dict[str, Any]) -> list[np.ndarray]:
+    """What ``/v1/img2img`` answers (in JSON) for ``image`` and ``fields``, as RGB pixel
+    arrays: the reference a protocol adapter's test compares its images with. The server's
+    key is ``secret`` where it wants one."""
+    import base64
+
+    import httpx
+
+    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
+    answer = httpx.post(
+        f"{server.url}/v1/img2img",
+        json={**body, "response_format": "json"},
+        headers={"Authorization": "Bearer secret"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    pngs = [base64.b64decode(png) for png in answer.json()["images"]]
+    return [np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs]
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now."""
     with socket.socket() as s:

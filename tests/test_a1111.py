@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import webuiapi
-from conftest import noise_picture, png_bytes, serving
+from conftest import noise_picture, png_bytes, serving, v1_images
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.a1111 import CallProgress, scheduler_for
@@ -36,8 +36,7 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+def server(pipe):
     with serving(pipe, ServeOptions(api_key=KEY, model_name="tiny-img2img")) as running:
         yield running
 
@@ -51,15 +50,6 @@ def api(server):
 
 def _pixels(picture: PIL.Image.Image) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
-
-
-def _v1_pixels(server, image, **fields):
-    """What /v1/img2img answers for the same request, as pixels."""
-    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
-    answer = httpx.post(f"{server.url}/v1/img2img", json=body,
-                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
-    assert answer.status_code == 200, answer.text
-    return _pixels(PIL.Image.open(io.BytesIO(answer.content)))
 
 
 def test_the_client_gets_v1s_images_one_seed_per_image(server, api, image):
@@ -76,11 +66,11 @@ def test_the_client_gets_v1s_images_one_seed_per_image(server, api, image):
     assert result.parameters["init_images"] is None and result.parameters["seed"] == 7
     assert len(result.images) == 4
     for seed, got in zip((7, 8, 9, 10), result.images, strict=True):
-        want = _v1_pixels(
-            server, image, prompt="a red circle", negative_prompt="blue", seed=seed,
+        (want,) = v1_images(server, image, dict(
+            prompt="a red circle", negative_prompt="blue", seed=seed,
             scheduler="dpmpp_2m_karras", num_inference_steps=4, strength=0.5,
             guidance_scale=3.0, width=48, height=32, eta=1.0,
-        )  # fmt: skip
+        ))  # fmt: skip
         # The four ran as one batch of UNet rows, /v1's one at a time: sums in another order
         # (measured: one pixel value of 4608 a level off).
         difference = np.abs(_pixels(got).astype(int) - want)
@@ -266,9 +256,9 @@ def test_resize_modes_are_a1111s(server, api, image):
     for mode, name in ((0, "default"), (1, "crop"), (2, "fill")):
         got = api.img2img(images=[image], prompt="a cat", seed=5, resize_mode=mode,
                           **{**SMALL, "width": 32})  # fmt: skip
-        want = _v1_pixels(server, image, prompt="a cat", seed=5, resize_mode=name, width=32,
-                          height=32, num_inference_steps=4, strength=0.5, guidance_scale=3.0,
-                          scheduler="euler_a", eta=1.0)  # fmt: skip
+        (want,) = v1_images(server, image, dict(prompt="a cat", seed=5, resize_mode=name,
+                            width=32, height=32, num_inference_steps=4, strength=0.5,
+                            guidance_scale=3.0, scheduler="euler_a", eta=1.0))  # fmt: skip
         np.testing.assert_array_equal(_pixels(got.image), want)
 
 
@@ -280,9 +270,9 @@ def test_prompts_are_read_with_a1111s_emphasis(server, api, image):
     def pixels(prompt):
         return _pixels(api.img2img(images=[image], prompt=prompt, **fields).image)
 
-    plain = _v1_pixels(server, image, prompt="a red circle", seed=5, num_inference_steps=4,
-                       strength=0.5, guidance_scale=3.0, width=48, height=32,
-                       scheduler="euler_a", eta=1.0)  # fmt: skip
+    (plain,) = v1_images(server, image, dict(prompt="a red circle", seed=5, num_inference_steps=4,
+                         strength=0.5, guidance_scale=3.0, width=48, height=32,
+                         scheduler="euler_a", eta=1.0))  # fmt: skip
     np.testing.assert_array_equal(pixels("(a red circle:1.0)"), plain)
     assert np.abs(pixels("a (red:1.5) circle").astype(int) - plain).mean() > 1
     with pytest.raises(RuntimeError) as caught:

@@ -5,8 +5,6 @@ cancels its job."""
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 import signal
 import socket
@@ -22,7 +20,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import free_port, noise_picture, png_bytes, serving
+from conftest import free_port, noise_picture, serving, v1_images
 
 from sdtrt.errors import InvalidInputError
 from sdtrt.runtime.pipeline import Img2ImgPipeline
@@ -43,18 +41,9 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+def server(pipe):
     with serving(pipe, ServeOptions(api_key="secret", grpc_port=0, max_body_mb=0.05)) as running:
         yield running
-
-
-def _v1_pixels(server, image, fields):
-    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
-    headers = {"Authorization": "Bearer secret"}
-    answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=headers, timeout=60)
-    assert answer.status_code == 200, answer.text
-    return np.asarray(PIL.Image.open(io.BytesIO(answer.content)))
 
 
 def _call(server, name, request, metadata=(("authorization", "Bearer secret"),)):
@@ -118,7 +107,7 @@ def test_tritonclient_grpc_gets_the_pixels_of_v1(server, image):
     """NVIDIA's client, in this process (its copy of the protocol's messages and ours live
     in two descriptor pools): raw tensors in and out, the id and job figures back."""
     tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
-    want = _v1_pixels(server, image, {"prompt": "a bird", **SMALL})
+    (want,) = v1_images(server, image, {"prompt": "a bird", **SMALL})
     client = tg.InferenceServerClient(server.grpc)
     prompt = tg.InferInput("prompt", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"a bird"], dtype=object))
@@ -162,7 +151,7 @@ def test_health_and_metadata_follow_the_protocol(server):
 def test_typed_contents_read_as_raw_ones_and_fp32_as_its_decimal(server, image):
     """Typed contents (uint_contents pixels, bytes_contents text, fp32_contents 0.7): the
     same image as /v1's with 0.7, whose 10 steps run 7 UNet calls (not 6)."""
-    want = _v1_pixels(
+    (want,) = v1_images(
         server, image, {"prompt": "a fox", "num_inference_steps": 10, "strength": 0.7, "seed": 5}
     )
     response = _call(server, "ModelInfer", _typed_request(image, 0.7))

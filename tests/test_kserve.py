@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import held_mid_call, noise_picture, png_bytes, serving
+from conftest import held_mid_call, noise_picture, png_bytes, serving, v1_images
 
 from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.kserve import ProtocolError, parse_infer
@@ -32,18 +32,9 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+def server(pipe):
     with serving(pipe, ServeOptions(api_key="secret")) as running:
         yield running
-
-
-def _v1_pixels(server, image, fields):
-    """What ``/v1/img2img`` answers for the same request, as pixels."""
-    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
-    answer = httpx.post(f"{server.url}/v1/img2img", json=body, headers=KEY, timeout=60)
-    assert answer.status_code == 200, answer.text
-    return np.asarray(PIL.Image.open(io.BytesIO(answer.content)))
 
 
 def _text(name, value):
@@ -78,7 +69,7 @@ def test_health_and_metadata_follow_the_protocol(server):
 def test_a_json_inference_answers_the_pixels_of_v1(server, image):
     """Pixels in, fields as tensors and as parameters; the output tensor is /v1's image,
     and the request's id and the job's seed and UNet calls come back."""
-    want = _v1_pixels(server, image, {"prompt": "a cat", **SMALL})
+    (want,) = v1_images(server, image, {"prompt": "a cat", **SMALL})
     body = {
         "id": "r-1",
         "inputs": [_text("prompt", "a cat"), _pixels(image),
@@ -121,7 +112,7 @@ def test_a_binary_inference_reads_fp32_numbers_as_their_decimals(server, image):
     """FP32 strength 0.7 is 0.699999988: read as 0.7, 10 steps run int(10 x 0.7) = 7 UNet
     calls, as /v1 with 0.7 does (not 6); the image comes back as raw bytes."""
     fields = {"prompt": "a dog", "num_inference_steps": 10, "strength": 0.7, "seed": 5}
-    want = _v1_pixels(server, image, fields)
+    (want,) = v1_images(server, image, fields)
     prompt = np.array([b"a dog"], dtype=object)
     strength = np.array([0.7], dtype=np.float32)
     body, headers = _binary_request(
@@ -232,7 +223,7 @@ def test_tritonclient_calls_the_server(server, image, tmp_path):
     """NVIDIA's client, in binary form both ways (its default), in its own process (it
     brings gevent): its output is /v1's image."""
     pytest.importorskip("tritonclient.http", reason="pip install 'tritonclient[http]'")
-    want = _v1_pixels(server, image, {"prompt": "a bird", **SMALL})
+    (want,) = v1_images(server, image, {"prompt": "a bird", **SMALL})
     np.save(tmp_path / "image.npy", np.asarray(image))
     code = f"""
 import numpy as np, tritonclient.http as http

@@ -16,9 +16,8 @@ import openai
 import PIL.Image
 import pytest
 import torch
-from conftest import noise_picture, png_bytes, serving
+from conftest import noise_picture, png_bytes, serving, v1_images
 
-from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.serve.openai_images import read_edit
 from sdtrt.serve.options import ServeOptions
 
@@ -32,8 +31,7 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    pipe = Img2ImgPipeline.from_components(tiny, "torch", show_progress=False)
+def server(pipe):
     with serving(pipe, ServeOptions(api_key=KEY, model_name="tiny-img2img")) as running:
         yield running
 
@@ -45,19 +43,6 @@ def client(server):
 
 def _pixels(encoded: str) -> np.ndarray:
     return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"))
-
-
-def _v1_images(server, image, fields):
-    """What /v1/img2img answers in JSON for the same request, as pixels."""
-    body = {"image": base64.b64encode(png_bytes(image)).decode(), **fields}
-    answer = httpx.post(
-        f"{server.url}/v1/img2img",
-        json={**body, "response_format": "json"},
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    return [_pixels(png) for png in answer.json()["images"]]
 
 
 def test_the_sdk_gets_the_images_v1_gives(server, client, image):
@@ -74,7 +59,7 @@ def test_the_sdk_gets_the_images_v1_gives(server, client, image):
     assert [len(result.data or [])] == [2] and result.size == "32x48"
     assert result.output_format == "png" and result.background == "opaque"
     fields = {**SMALL, "guidance_scale": 3, "num_images_per_prompt": 2, "width": 32, "height": 48}
-    expected = _v1_images(server, image, {"prompt": "a red circle on a blue background", **fields})
+    expected = v1_images(server, image, {"prompt": "a red circle on a blue background", **fields})
     got = [_pixels(item.b64_json or "") for item in result.data or []]
     assert got[0].shape == (48, 32, 3)
     for mine, theirs in zip(got, expected, strict=True):
@@ -271,7 +256,7 @@ def test_a_streamed_edit_gives_partial_images_then_the_images(server, client, im
     partial, completed = "image_edit.partial_image", "image_edit.completed"
     assert kinds == [(partial, 0)] * 2 + [(partial, 1)] * 2 + [(completed, None)] * 2
     assert {(e.size, e.output_format, e.background) for e in events} == {("48x32", "png", "opaque")}
-    expected = _v1_images(server, image, {"prompt": "a cat", **SMALL, "num_inference_steps": 8,
+    expected = v1_images(server, image, {"prompt": "a cat", **SMALL, "num_inference_steps": 8,
                                           "num_images_per_prompt": 2})  # fmt: skip
     for event, theirs in zip(events[-2:], expected, strict=True):
         np.testing.assert_array_equal(_pixels(event.b64_json), theirs)
