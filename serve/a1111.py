@@ -44,7 +44,7 @@ from sdtrt.serve.handling import (
     run_job,
     unauthorised,
 )
-from sdtrt.serve.jobs import JobResult, ProgressHook
+from sdtrt.serve.jobs import Job, JobResult, ProgressHook
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.streaming import every_nth
 
@@ -186,6 +186,22 @@ def add_a1111_api(
         oldest = calls[0] if calls else CallProgress(0)
         return listed(request, oldest.answer(len(calls), not skip_current_image))
 
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt(request: Request) -> Response:
+        """A1111's Interrupt: the calls in flight finish now, each image with the steps it
+        has taken (decoded as they are), an image not started with none."""
+        for call in running:
+            call.interrupt()
+        return listed(request, {})
+
+    @app.post("/sdapi/v1/skip")
+    def skip(request: Request) -> Response:
+        """A1111's Skip: the images being denoised now finish with the steps they have
+        taken; the calls' images not started yet run (A1111's next batch)."""
+        for call in running:
+            call.skip()
+        return listed(request, None)
+
     @app.post("/sdapi/v1/img2img", response_class=Response)
     async def img2img(request: Request) -> Response:
         async def serve(request_id: str) -> tuple[JobResult, Callable[[JobResult], Response]]:
@@ -211,12 +227,32 @@ def add_a1111_api(
 class CallProgress:
     """An img2img call's progress as A1111's ``/progress`` answers it: the steps done and
     to do of each of its images, and the latest preview of any, told by the worker
-    (``hook(i)``: image i's hook)."""
+    (``hook(i)``: image i's hook); and its jobs, for A1111's interrupt and skip."""
 
     def __init__(self, images: int) -> None:
         self.started = time.monotonic()
         self.steps = [(0, 0)] * images  # (done, steps) per image
         self.preview: Any = None  # a picture
+        self.jobs: list[Job] = []
+        self.interrupted = self.skipped = False
+
+    def keep(self, job: Job) -> None:
+        """``job`` is one of the call's (an interrupted call's is interrupted)."""
+        self.jobs.append(job)
+        if self.interrupted:
+            job.interrupt()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for job in self.jobs:
+            job.interrupt()
+
+    def skip(self) -> None:
+        """The jobs admitted by now finish with the steps they have taken."""
+        self.skipped = True
+        for job in self.jobs:
+            if job.admitted:
+                job.interrupt()
 
     def hook(self, image: int) -> ProgressHook:
         def told(done: int, steps: int | None, previews: Any = None) -> None:
@@ -242,8 +278,8 @@ class CallProgress:
             "progress": share,
             "eta_relative": elapsed / share - elapsed if share else 0.0,
             "state": {
-                "skipped": False,
-                "interrupted": False,
+                "skipped": self.skipped,
+                "interrupted": self.interrupted,
                 "job": "img2img" if calls else "",
                 "job_count": calls,
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -402,6 +438,7 @@ async def _run_all(
                 intake,
                 {**call.values, "seed": seed},
                 load,
+                before_queue=progress.keep,
                 progress=progress.hook(i),
                 previews=previews,
             )
@@ -437,17 +474,20 @@ def merged(results: list[JobResult]) -> JobResult:
 def _answer(
     results: list[JobResult], call: Call, given: dict[str, Any], model: str, version: str
 ) -> Response:
-    """A1111's answer: the images as PNGs in base64, the request as given (its images left
-    out, as A1111 leaves them out), and ``info``, a JSON string."""
+    """A1111's answer: the images as PNGs in base64 (an interrupted call's those it made),
+    the request as given (its images left out, as A1111 leaves them out), and ``info``, a
+    JSON string."""
     images = [base64.b64encode(png).decode() for r in results for png in encoded(r, "png")]
-    first, values, count = results[0].image, call.values, len(call.seeds)
+    made = [result for result in results if result.images]
+    values, count = call.values, len(call.seeds)
+    width, height = made[0].image.size if made else (values["width"], values["height"])
     prompt, negative = values["prompt"], values["negative_prompt"]
 
     def infotext(seed: int) -> str:  # A1111's: the prompts, then the settings
         return (
             f"{prompt}\nNegative prompt: {negative}\nSteps: {values['num_inference_steps']}, "
             f"Sampler: {call.sampler}, CFG scale: {values['guidance_scale']}, Seed: {seed}, "
-            f"Size: {first.width}x{first.height}, Model: {model}, Denoising strength: "
+            f"Size: {width}x{height}, Model: {model}, Denoising strength: "
             f"{values['strength']}, Version: sdtrt {version}"
         )
 
@@ -461,8 +501,8 @@ def _answer(
         "subseed": -1,
         "all_subseeds": [-1] * count,
         "subseed_strength": 0,
-        "width": first.width,
-        "height": first.height,
+        "width": width,
+        "height": height,
         "sampler_name": call.sampler,
         "cfg_scale": values["guidance_scale"],
         "steps": values["num_inference_steps"],
@@ -470,7 +510,7 @@ def _answer(
         "denoising_strength": values["strength"],
         "sd_model_name": model,
         "index_of_first_image": 0,
-        "infotexts": [infotext(seed) for seed in call.seeds],
+        "infotexts": [infotext(result.seed) for result in made],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "version": f"sdtrt {version}",

@@ -372,7 +372,7 @@ async def _serve(
     result = await run_job(
         request.is_disconnected, request_id, batcher, intake, values, load,
         timeout=per_request.get("timeout"), priority=per_request.get("priority"),
-        answerable=answerable, progress=progress, previews=streaming.every_nth(every),
+        before_queue=answerable, progress=progress, previews=streaming.every_nth(every),
     )  # fmt: skip
     return result, response_format
 

@@ -346,7 +346,12 @@ class StepBatcher:
                 self._each_alone_on_failure(work, [job], pending)
 
     def _admit(self) -> list[Job]:
-        """Move waiting jobs to active as the policy allows (under the lock)."""
+        """Move waiting jobs to active as the policy allows (under the lock); answer those
+        interrupted before they started with no images."""
+        for job in [j for j in self.waiting if j.interrupted]:
+            self.waiting.remove(job)
+            if not job.future.done():
+                job.future.set_result(_result(job, [], []))
         now = time.monotonic()
         args = (self.waiting, self.active, self.max_rows, self.queue_delay, now)
         admitted = admit(self.policy, *args)
@@ -449,7 +454,7 @@ class StepBatcher:
         """The jobs of the next size group in turn (and of one timestep, where the UNet
         graph takes one for all rows), at most ``max_rows`` rows."""
         groups: dict[Any, list[Job]] = {}
-        for job in self.active:
+        for job in [job for job in self.active if not job.done]:  # interrupted: no more steps
             key: Any = job.size
             if not self.per_row_timesteps:
                 key = (job.size, float(job.host_timesteps[job.index]))
@@ -566,17 +571,9 @@ class StepBatcher:
                     self._fail(job, _non_finite(job.latents))
                     continue
                 arrays = pipe.image_processor.postprocess(decoded[rows], output_type="np")
-                total = (time.monotonic() - job.submitted) * 1e3
-                result = JobResult(
-                    images=pipe.image_processor.numpy_to_pil(arrays),
-                    arrays=list(arrays),
-                    seed=job.request.seed,
-                    unet_calls=len(job.timesteps),
-                    queue_wait_ms=(job.admitted - job.submitted) * 1e3,
-                    timings_ms={**job.timings(), "total": total},
-                )
+                images = pipe.image_processor.numpy_to_pil(arrays)
                 if not job.future.done():
-                    job.future.set_result(result)
+                    job.future.set_result(_result(job, images, list(arrays)))
 
     def _charge(self, jobs: list[Job], stage: str, start: Any) -> Any:
         """Charge the device's work queued since ``start`` to ``stage`` of each job, without
@@ -624,6 +621,22 @@ class _Queued:
     rows: list[tuple[Job, slice]]
     previews: list[tuple[Job, int, torch.Tensor]] = field(default_factory=list)
     """(job, its steps done, its images' 8-bit pixels, NHWC), for each previewing job."""
+
+
+def _result(job: Job, images: list[PIL.Image.Image], arrays: list[Any]) -> JobResult:
+    """The job's answer: its images, the steps it ran, its times (read once the device has
+    passed its calls)."""
+    now = time.monotonic()
+    waited = ((job.admitted or now) - job.submitted) * 1e3  # never admitted: till now
+    total = (now - job.submitted) * 1e3
+    return JobResult(
+        images=images,
+        arrays=arrays,
+        seed=job.request.seed,
+        unet_calls=job.index,
+        queue_wait_ms=waited,
+        timings_ms={**job.timings(), "total": total},
+    )
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:

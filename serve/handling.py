@@ -73,7 +73,7 @@ async def run_job(
     *,
     timeout: Any = None,
     priority: Any = None,
-    answerable: Callable[[Job], None] | None = None,
+    before_queue: Callable[[Job], None] | None = None,
     progress: ProgressHook | None = None,
     previews: Callable[[int], frozenset[int]] | None = None,
 ) -> JobResult:
@@ -81,8 +81,9 @@ async def run_job(
     the sample picture) and the request checked in the intake thread, queued, and waited
     for; BadRequest with the status of each failure. The job is cancelled if the client
     goes away: ``gone()`` says so (HTTP's is_disconnected), or the waiting task is
-    cancelled (gRPC cancels a call's handler). ``answerable(job)``: what the protocol can
-    answer, checked before the job is queued (InvalidInputError: 422). ``progress(done,
+    cancelled (gRPC cancels a call's handler). ``before_queue(job)``: called with the
+    checked job before it is queued: what the protocol can answer (InvalidInputError:
+    422), or where it keeps its jobs (A1111's interrupt). ``progress(done,
     steps)``: told (0, None) once the job is queued, then after each of its steps (from the
     worker's thread), and ``progress(done, steps, images)`` after the steps that
     ``previews(steps)`` gives (the job's steps run: 1 the first). ``timeout`` (seconds)
@@ -94,8 +95,8 @@ async def run_job(
         raise BadRequest(422, f"timeout must be in (0, {batcher.timeout}] seconds")
     try:
         job = await off_loop(intake, _prepare, batcher, values, load, timeout, priority)
-        if answerable is not None:
-            answerable(job)
+        if before_queue is not None:
+            before_queue(job)
         job.progress = progress
         if previews is not None and progress is not None:
             job.preview_steps = previews(job.request.num_inference_steps - job.t_start)

@@ -116,6 +116,7 @@ class Job:
     future: Future[JobResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    interrupted: bool = False
     # Set when admitted:
     admitted: float = 0.0
     generator: torch.Generator | None = None
@@ -175,11 +176,20 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.timesteps is not None and self.index >= len(self.timesteps)
+        """Started, and through its steps or interrupted."""
+        if self.timesteps is None:
+            return False
+        return self.interrupted or self.index >= len(self.timesteps)
 
     def cancel(self) -> None:
         """Drop the job at the next iteration (the client went away)."""
         self.cancelled = True
+
+    def interrupt(self) -> None:
+        """Finish the job at the next iteration with the steps it has taken, as diffusers'
+        ``pipe._interrupt`` does: the steps left are skipped and the latents decoded as they
+        are (A1111's Interrupt and Skip buttons). A job not started yet answers no images."""
+        self.interrupted = True
 
     def timings(self) -> dict[str, float]:
         """Milliseconds per stage, summed over the job's calls; read once the device has
