@@ -14,6 +14,8 @@ fields A1111's clients send at their defaults are taken at those defaults; one a
 for what sdtrt does not do (a mask, face restoration, tiling, scripts, another model...)
 is refused (422), not ignored. The answer is A1111's: ``images`` (PNGs in base64),
 ``parameters`` (the request), ``info`` (a JSON string: seeds, sizes, the infotexts).
+``POST /sdapi/v1/interrupt`` and ``/skip`` end the images being denoised where they are
+(``Job.interrupt``); interrupt leaves the calls' images not started unmade, skip runs them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -305,3 +306,67 @@ def test_live_previews_come_with_a_taesd(tiny, image):
     picture = PIL.Image.open(io.BytesIO(base64.b64decode(previews[-1])))
     assert (picture.format, picture.size) == ("PNG", (48, 32))
     assert all(state["current_image"] is None for state in skipped)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(pipe):
+    """A server whose UNet calls take one guided image (2 rows): a call's second image waits
+    for its first."""
+    with serving(pipe, ServeOptions(max_rows=2)) as running:
+        yield running
+
+
+def _started_then(server, told: str, seed: int) -> tuple[dict, Any]:
+    """A call of two images (100 steps each) from ``seed``; once its first image has taken a
+    step (polled every 5 ms, 20 s at most), ``POST /sdapi/v1/{told}``: the call's answer
+    and what ``told`` answered."""
+    picture = base64.b64encode(png_bytes(noise_picture(4))).decode()
+    body = {"init_images": [picture], **SMALL, "steps": 100, "denoising_strength": 1.0,
+            "seed": seed, "batch_size": 2}  # fmt: skip
+    url, answers = f"{server.url}/sdapi/v1", []
+    call = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{url}/img2img", json=body, timeout=60))
+    )
+    call.start()
+    said, deadline = [], time.monotonic() + 20
+    while call.is_alive() and time.monotonic() < deadline and not said:
+        if httpx.get(f"{url}/progress").json()["state"]["sampling_step"] > 0:
+            said.append(httpx.post(f"{url}/{told}").json())
+        time.sleep(0.005)
+    call.join(timeout=60)
+    assert said, "no poll saw the call's first image take a step"
+    assert answers and answers[0].status_code == 200, answers
+    return answers[0].json(), said[0]
+
+
+def test_interrupt_ends_the_call_with_the_images_it_has_begun(one_at_a_time):
+    """A1111's Interrupt while a call's first image runs: the call answers at once, that image
+    at the steps it took (not the 100 steps' image), the second, not started, not made; the
+    server is then idle."""
+    calls = one_at_a_time.batcher.stats.unet_calls
+    answer, said = _started_then(one_at_a_time, "interrupt", seed=11)
+    assert said == {}
+    info = json.loads(answer["info"])
+    assert len(answer["images"]) == 1 and info["all_seeds"] == [11, 12]
+    assert [text.split("Seed: ")[1].split(",")[0] for text in info["infotexts"]] == ["11"]
+    assert one_at_a_time.batcher.idle and one_at_a_time.batcher.stats.unet_calls - calls < 100
+    whole = v1_images(one_at_a_time, noise_picture(4), dict(
+        prompt="", seed=11, num_inference_steps=100, strength=1.0, guidance_scale=3.0, width=48,
+        height=32))  # fmt: skip
+    got = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+    assert np.abs(got.astype(int) - whole[0]).mean() > 1
+
+
+def test_skip_ends_the_images_begun_and_runs_the_others(one_at_a_time):
+    """A1111's Skip while a call's first image runs: that image ends at the steps it took;
+    the second, not started, runs its 100 steps: /v1's image for its seed, exactly."""
+    answer, said = _started_then(one_at_a_time, "skip", seed=21)
+    assert said is None and len(answer["images"]) == 2
+    pixels = [np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(png))))
+              for png in answer["images"]]  # fmt: skip
+    fields = dict(prompt="", num_inference_steps=100, strength=1.0, guidance_scale=3.0, width=48,
+                  height=32)  # fmt: skip
+    (first,) = v1_images(one_at_a_time, noise_picture(4), {**fields, "seed": 21})
+    (second,) = v1_images(one_at_a_time, noise_picture(4), {**fields, "seed": 22})
+    np.testing.assert_array_equal(pixels[1], second)
+    assert np.abs(pixels[0].astype(int) - first).mean() > 1
