@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -42,17 +42,11 @@ from sdtrt.errors import (
     RequestCancelledError,
     ServerBusyError,
 )
-from sdtrt.options import SAMPLE_IMAGE, one_of
 from sdtrt.runtime.clock import mark, wait
-from sdtrt.runtime.emphasis import emphasised, parse_emphasis, weighted_ids
-from sdtrt.runtime.guidance import check_guidance_cutoff, guided_steps
-from sdtrt.runtime.inputs import check_seed, is_integer, is_real
+from sdtrt.runtime.emphasis import emphasised, weighted_ids
+from sdtrt.runtime.guidance import guided_steps
 from sdtrt.runtime.pipeline import Img2ImgPipeline, non_finite_error
-from sdtrt.runtime.prompts import prompt_lists
-from sdtrt.runtime.schedulers import (
-    make_scheduler,
-    step_kwargs,
-)
+from sdtrt.runtime.schedulers import step_kwargs
 from sdtrt.runtime.steps import (
     noised_latents,
     start_timesteps,
@@ -63,8 +57,9 @@ from sdtrt.runtime.steps import (
     unet_input,
 )
 from sdtrt.serve import warmup
-from sdtrt.serve.admission import admit, check_rows, priority_level
-from sdtrt.serve.jobs import RESIZE_MODES, Img2ImgRequest, Job, JobResult
+from sdtrt.serve.admission import admit, priority_level
+from sdtrt.serve.intake import checked_job
+from sdtrt.serve.jobs import Img2ImgRequest, Job, JobResult
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.previews import PreviewDecoder, pictures
 
@@ -163,61 +158,11 @@ class StepBatcher:
         self, request: Img2ImgRequest, timeout: float | None = None, priority: int = 0
     ) -> Job:
         """Check a request whole and preprocess its image (InvalidInputError naming what
-        is allowed), before it takes a place in the queue. ``priority``: Triton's, 1 the
-        highest level, 0 the server's default (its lowest)."""
-        from sdtrt.runtime.inputs import load_image
-
+        is allowed), before it takes a place in the queue (serve/intake.py). ``priority``:
+        Triton's, 1 the highest level, 0 the server's default (its lowest)."""
         level = priority_level(priority, self.priority_levels)
-        check_seed(request.seed)
-        check_guidance_cutoff(request.guidance_cutoff)
-        prompts, negatives = prompt_lists(request.prompt, request.negative_prompt)
-        if request.emphasis:  # what it refuses (BREAK), refused here, not in the worker
-            for text in (*prompts, *negatives):
-                parse_emphasis(text)
-        if is_integer(request.num_images_per_prompt) and is_real(request.guidance_scale):
-            # The server's bound first: past it, raising the machine's limits would not help.
-            images = len(prompts) * request.num_images_per_prompt
-            check_rows(images, request.guidance_scale, self.max_rows)
-        scheduler = make_scheduler(request.scheduler, self.pipeline.model_scheduler_config)
-        image = request.image if request.image is not None else load_image(SAMPLE_IMAGE)
-        plan = self.pipeline.plan(
-            image,
-            scheduler,
-            prompts=len(prompts),
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            strength=request.strength,
-            start_step=request.start_step,
-            timesteps=request.timesteps,
-            sigmas=request.sigmas,
-            eta=request.eta,
-            num_images_per_prompt=request.num_images_per_prompt,
-            height=request.height,
-            width=request.width,
-        )
-        if plan.latents is not None:
-            raise InvalidInputError("a request's image is a picture: the server takes no latents")
-        one_of("resize_mode", request.resize_mode, RESIZE_MODES)
-        if request.resize_mode != "default" and not isinstance(plan.image, PIL.Image.Image):
-            raise InvalidInputError("resize_mode fill and crop take a picture, not an array")
-        pixels = self.pipeline.image_processor.preprocess(
-            plan.image, height=plan.height, width=plan.width, resize_mode=request.resize_mode
-        )
-        if len(pixels) != 1:
-            raise InvalidInputError(
-                f"a request takes one image, got {len(pixels)}: send one request per image"
-            )
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        # The plan's steps, integers Python's (a request may hold numpy's).
-        request = replace(
-            request,
-            prompt=tuple(prompts),
-            negative_prompt=tuple(negatives),
-            num_inference_steps=plan.steps,
-            num_images_per_prompt=plan.images_per_prompt,
-        )
-        pixels = pixels.to(torch.float32)
-        return Job(request, pixels, plan.start_step, deadline, scheduler, plan.schedule, level)
+        return checked_job(self.pipeline, request, self.max_rows, deadline, level)
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
