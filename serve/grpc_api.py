@@ -12,7 +12,8 @@ INVALID_ARGUMENT, no API key UNAUTHENTICATED, another model NOT_FOUND, a full qu
 RESOURCE_EXHAUSTED, a server draining UNAVAILABLE, a request past its deadline
 DEADLINE_EXCEEDED, a job that fails INTERNAL, each with the message ``/v1`` gives. A call
 the client cancels, or whose gRPC deadline passes, cancels its job. The server runs on its
-own thread and event loop beside uvicorn's.
+own thread and event loop beside uvicorn's. Triton's ``ModelStreamInfer`` answers each
+request sent on a stream on it, as it finishes, a failure in its ``error_message``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ def _compiled() -> tuple[Any, dict[str, Any]]:
     health = descriptor_pb2.FileDescriptorProto()
     health_pb2.DESCRIPTOR.CopyToProto(health)
     pool.Add(health)
-    names = {name for pair in CALLS.values() for name in pair} | {"InferParameter"}
+    names = {name for pair in CALLS.values() for name in pair}
+    names |= {"InferParameter", "ModelStreamInferResponse"}
     classes = {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
         for name in names
@@ -227,6 +229,11 @@ class InferenceService:
                 request_deserializer=self.messages[asked].FromString,
                 response_serializer=self.messages[answered].SerializeToString,
             )
+        calls["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer,
+            request_deserializer=self.messages["ModelInferRequest"].FromString,
+            response_serializer=self.messages["ModelStreamInferResponse"].SerializeToString,
+        )
         check = grpc.unary_unary_rpc_method_handler(
             self.Check,
             request_deserializer=health_pb2.HealthCheckRequest.FromString,
@@ -277,6 +284,47 @@ class InferenceService:
         return self.messages["ModelMetadataResponse"](**metadata)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        try:
+            return await self._answer(request, context)
+        except BadRequest as exc:
+            await context.abort(_status(exc.status), exc.message)
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        """Triton's streaming call: the requests sent on the stream run side by side, each
+        answered on it once done (in the order they finish: a request's ``id`` names its
+        answer), a failure in that answer's ``error_message`` (the stream goes on). When
+        the client closes its side, the answers still due come, then the stream ends; a
+        stream the client cancels cancels its requests' jobs."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: list[asyncio.Future[None]] = []
+
+        async def answer(request: Any) -> None:
+            response = self.messages["ModelStreamInferResponse"]()
+            try:
+                response.infer_response.CopyFrom(await self._answer(request, context))
+            except BadRequest as exc:
+                response.error_message = exc.message
+            await answers.put(response)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    tasks.append(asyncio.ensure_future(answer(request)))
+                await asyncio.gather(*tasks)
+            finally:
+                answers.put_nowait(None)  # every request answered (or the reading failed)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+        finally:  # the stream ended, or was cancelled: nothing of it runs on
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _answer(self, request: Any, context: Any) -> Any:
+        """The ModelInferResponse to ``request``, counted in the metrics; BadRequest with
+        its status where it fails."""
         arrived, status = time.monotonic(), 200
         try:
             result = await self._infer(request, context)
@@ -287,14 +335,14 @@ class InferenceService:
             return response
         except BadRequest as exc:
             status = exc.status
-            await context.abort(_status(exc.status), exc.message)
+            raise
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             status = 499
             raise
         except Exception as exc:  # unforeseen: still this request's failure alone
             status = 500
             logger.exception("gRPC request failed")
-            await context.abort(_status(500), f"{type(exc).__name__}: {exc}")
+            raise BadRequest(500, f"{type(exc).__name__}: {exc}") from None
         finally:
             self.metrics.requests.labels(str(status)).inc()
 

@@ -5,6 +5,7 @@ cancels its job."""
 
 from __future__ import annotations
 
+import queue
 import re
 import signal
 import socket
@@ -83,8 +84,10 @@ def test_health_checks_and_reflection(server):
         service = DescriptorPool(database).FindServiceByName(SERVICE)
         assert [m.name for m in service.methods] == [
             "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-            "ModelInfer",
+            "ModelInfer", "ModelStreamInfer",
         ]  # fmt: skip
+        streamed = service.methods_by_name["ModelStreamInfer"]
+        assert streamed.client_streaming and streamed.server_streaming
 
 
 def _typed_request(image, strength):
@@ -220,6 +223,67 @@ def test_a_cancelled_call_cancels_its_job(server, image):
             time.sleep(0.01)
     assert future.cancelled() and job.cancelled
     assert not server.batcher.active and job.index < len(job.timesteps)  # dropped mid-way
+
+
+def _stream_inputs(tg, image, prompt):
+    text = tg.InferInput("prompt", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    pixels = np.asarray(image)
+    picture = tg.InferInput("image", list(pixels.shape), "UINT8")
+    picture.set_data_from_numpy(pixels)
+    return [text, picture]
+
+
+def test_tritonclient_streams_requests_and_gets_each_answer(server, image):
+    """tritonclient's stream (Triton's ModelStreamInfer): three requests on one stream, each
+    answered on it by its id: two with /v1's pixels for their seeds, one with another
+    model's name with the message ModelInfer's status carries; closing the stream waits
+    for them."""
+    tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    answers = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=KEY)
+    try:
+        inputs = _stream_inputs(tg, image, "a bird")
+        for seed in (3, 4):
+            client.async_stream_infer("img2img", inputs, request_id=f"seed-{seed}",
+                                      parameters={**SMALL, "seed": seed})  # fmt: skip
+        client.async_stream_infer("sd15", inputs, request_id="other", parameters=SMALL)
+    finally:
+        client.stop_stream()  # the client's side closed: it waits for the answers
+        client.close()
+    got = [answers.get(timeout=60) for _ in range(3)]
+    results = {result.get_response().id: result for result, error in got if error is None}
+    (error,) = [error for _, error in got if error is not None]
+    assert "unknown model 'sd15'" in error.message() and set(results) == {"seed-3", "seed-4"}
+    for seed in (3, 4):  # the two may share UNet calls, /v1's ran alone: a level at most
+        (want,) = v1_images(server, image, {"prompt": "a bird", **SMALL, "seed": seed})
+        difference = np.abs(results[f"seed-{seed}"].as_numpy("image")[0].astype(int) - want)
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert answers.empty()
+
+
+def test_a_cancelled_stream_cancels_its_jobs(server, image):
+    """A stream the client cancels with a request of 1000 steps running: its job is
+    cancelled, dropped at its next step."""
+    tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    client = tg.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: None, headers=KEY)
+    try:
+        client.async_stream_infer("img2img", _stream_inputs(tg, image, "a cat"),
+                                  parameters={**SMALL, "num_inference_steps": 1000,
+                                              "strength": 1.0})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not server.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.batcher.active, "the job never started"
+        (job,) = server.batcher.active
+        client.stop_stream(cancel_requests=True)
+        while server.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        client.close()
+    assert job.cancelled and not server.batcher.active and job.index < len(job.timesteps)
 
 
 def _read(request, max_pixels=2048 * 2048):
