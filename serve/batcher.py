@@ -258,8 +258,8 @@ class StepBatcher:
             self._unet_step(group)
         self._settle(self._ahead)
         finished = [job for job in self.active if job.done]
-        if finished:
-            self.active = [job for job in self.active if not job.done]
+        if finished:  # (an interrupt may come meanwhile: the finished ones are these)
+            self.active = [job for job in self.active if job not in finished]
             self._each_alone_on_failure(self._finish, finished)
         if not self.active:
             self._settle(0)  # the device is through (decoding synchronised): let go of jobs

@@ -35,7 +35,7 @@ from sdtrt.runtime.pipeline import Img2ImgPipeline
 from sdtrt.runtime.schedulers import diffusers_scheduler, make_scheduler
 from sdtrt.serve.app import create_app
 from sdtrt.serve.batcher import StepBatcher, intra_op_threads
-from sdtrt.serve.jobs import Img2ImgRequest
+from sdtrt.serve.jobs import Img2ImgRequest, Job
 from sdtrt.serve.options import ServeOptions
 from sdtrt.serve.server import BackgroundServer
 
@@ -915,6 +915,31 @@ def test_a_job_interrupted_before_it_starts_answers_no_images(pipe, image):
         batcher.close()
     assert (skipped.images, skipped.arrays, skipped.unet_calls) == ([], [], 0)
     assert len(ran.images) == 1 and ran.unet_calls == 2 and waiting.timesteps is None
+
+
+def test_an_interrupt_while_the_worker_sorts_out_finished_jobs_loses_none(pipe, image, monkeypatch):
+    """An interrupt that lands between the worker's reading which jobs are done and its
+    keeping the others (simulated: the job reads not done, then is interrupted), as another
+    job finishes, is served at the next iteration: the job answers with its 2 steps, it is
+    not dropped unanswered."""
+    batcher = StepBatcher(pipe, start=False)
+    job = batcher.prepare(Img2ImgRequest(image=image, strength=1.0, num_inference_steps=4))
+    two_steps = batcher.prepare(Img2ImgRequest(image=image, strength=0.5, num_inference_steps=4))
+    done = Job.done
+
+    def landing(self):  # the first read after the 2nd step: not done, then interrupted
+        if self is job and self.index == 2 and not self.interrupted:
+            self.interrupt()
+            return False
+        return done.fget(self)
+
+    monkeypatch.setattr(Job, "done", property(landing))
+    futures = [batcher.submit(job), batcher.submit(two_steps)]
+    batcher.start()
+    try:
+        assert [future.result(timeout=30).unet_calls for future in futures] == [2, 2]
+    finally:
+        batcher.close()
 
 
 class _ShapeSpy:
