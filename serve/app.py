@@ -115,9 +115,12 @@ def create_app(
     app.state.batcher = batcher
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        # The process id tells replicas apart behind a proxy (Ray Serve).
-        return {"status": "alive", "pid": os.getpid()}
+    def health() -> Response:
+        """Liveness: the batching worker runs (503 once it has stopped: restart the server).
+        The process id tells replicas apart behind a proxy (Ray Serve)."""
+        if not batcher.alive:
+            return JSONResponse({"status": "stopped", "pid": os.getpid()}, status_code=503)
+        return JSONResponse({"status": "alive", "pid": os.getpid()})
 
     def readiness() -> str:
         """draining, loading (warming up) or ready: what /ready and /v2's ready answer."""
@@ -257,8 +260,9 @@ def _add_inference_protocol(
         return {"name": "sdtrt", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
-    def server_live() -> dict[str, bool]:
-        return {"live": True}
+    def server_live() -> Response:
+        live = batcher.alive  # the protocol's 4xx for false, as for ready
+        return JSONResponse({"live": live}, status_code=200 if live else 400)
 
     @app.get("/v2/health/ready")
     def server_ready() -> Response:

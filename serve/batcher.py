@@ -166,7 +166,9 @@ class StepBatcher:
 
     def submit(self, job: Job) -> Future[JobResult]:
         with self._lock:
-            if self.draining or self._stopped:
+            if self._stopped:
+                raise ServerBusyError("the server has stopped: it takes no new requests")
+            if self.draining:
                 raise ServerBusyError("the server is draining: it takes no new requests")
             if len(self.waiting) >= self.max_queue:
                 raise ServerBusyError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -178,6 +180,11 @@ class StepBatcher:
         """Take nothing new; what is queued or running finishes."""
         with self._lock:
             self.draining = True
+
+    @property
+    def stopped(self) -> bool:
+        """The worker has stopped, or was told to: nothing new is taken."""
+        return self._stopped
 
     @property
     def alive(self) -> bool:
@@ -215,12 +222,29 @@ class StepBatcher:
                 try:
                     with one_call:
                         self._iterate(new)
-                except Exception as exc:  # never let one bad iteration kill the worker
+                except Exception as exc:  # one bad iteration fails its jobs, not the worker
                     logger.exception("batcher iteration failed")
                     for job in [*new, *self.active]:
                         self._fail(job, exc)
+                    self.active = []
+                    self._stop_if_the_device_fails()
         for job in [*self.waiting, *self.active]:
             self._fail(job, ServerBusyError("the server stopped before the request finished"))
+
+    def _stop_if_the_device_fails(self) -> None:
+        """After a failed iteration: stop the worker where the device fails to synchronise
+        (a CUDA error that sticks, an illegal address or a device-side assert, fails every
+        later call in the process). New requests then get 503, and the liveness checks
+        (/health, /v2/health/live, gRPC's health, Ray's) fail, so that an orchestrator
+        restarts the server rather than leave it failing every request."""
+        try:
+            self.backend.synchronize()
+        except Exception:
+            logger.exception("the device fails after a failed iteration: the worker stops")
+            with self._lock:
+                self._stopped = True
+            return
+        self._queued.clear()  # the device is through them; their jobs have failed
 
     def _warm_shapes(self) -> None:
         """Every shape the worker can form at the warm-up sizes, run once

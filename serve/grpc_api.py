@@ -264,7 +264,7 @@ class InferenceService:
 
     # The calls, by the protocol's names (handlers() finds them by those).
     async def ServerLive(self, request: Any, context: Any) -> Any:
-        return self.messages["ServerLiveResponse"](live=True)
+        return self.messages["ServerLiveResponse"](live=self.batcher.alive)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return self.messages["ServerReadyResponse"](ready=self.readiness() == "ready")

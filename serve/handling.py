@@ -106,7 +106,7 @@ async def run_job(
     except InvalidInputError as exc:
         raise BadRequest(422, str(exc)) from None
     except ServerBusyError as exc:
-        if batcher.draining:
+        if batcher.draining or batcher.stopped:
             raise BadRequest(503, str(exc)) from None
         raise BadRequest(429, str(exc), {"Retry-After": "1"}) from None
     waiting = asyncio.wrap_future(future)
