@@ -51,13 +51,13 @@ def test_a_failed_iteration_fails_its_jobs_and_the_worker_goes_on(pipe):
 
 
 def test_a_device_that_fails_then_stops_the_worker_and_liveness_says_so(pipe, monkeypatch):
-    """The failed request gets 500; the worker stops: the next one 503, /health 503 and
-    /v2/health/live 400 (the protocol's false)."""
+    """The failed request gets 500; the worker stops: the next one 503, /health 503,
+    /v2/health/live 400 (the protocol's false), gRPC's ServerLive false."""
 
     def sticky():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    with serving(pipe, ServeOptions()) as running:
+    with serving(pipe, ServeOptions(grpc_port=0)) as running:
         batcher = running.batcher
         _failing_once(batcher)
         monkeypatch.setattr(batcher.backend, "synchronize", sticky)
@@ -75,3 +75,5 @@ def test_a_device_that_fails_then_stops_the_worker_and_liveness_says_so(pipe, mo
         assert health.status_code == 503 and health.json()["status"] == "stopped"
         live = httpx.get(f"{running.url}/v2/health/live")
         assert live.status_code == 400 and live.json() == {"live": False}
+        tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+        assert not tg.InferenceServerClient(running.grpc).is_server_live()
