@@ -13,7 +13,8 @@ RESOURCE_EXHAUSTED, a server draining UNAVAILABLE, a request past its deadline
 DEADLINE_EXCEEDED, a job that fails INTERNAL, each with the message ``/v1`` gives. A call
 the client cancels, or whose gRPC deadline passes, cancels its job. The server runs on its
 own thread and event loop beside uvicorn's. Triton's ``ModelStreamInfer`` answers each
-request sent on a stream on it, as it finishes, a failure in its ``error_message``.
+request sent on a stream on it, as it finishes, a failure in its ``error_message``; one
+with ``preview_every`` first gets its previews, as a decoupled model's responses.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from sdtrt.serve.handling import (
     request_id_of,
     run_job,
 )
-from sdtrt.serve.jobs import JobResult
+from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.metrics import Metrics
 from sdtrt.serve.options import ServeOptions
+from sdtrt.serve.streaming import every_nth
 
 logger = logging.getLogger(__name__)
 PROTO = Path(__file__).with_name("inference.proto")
@@ -163,7 +165,10 @@ def read_infer(
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     values, timeout, priority = kserve.img2img_values(tensors, parameters)
     load = kserve.image_loader(tensors.get("image"), decode, max_pixels)
-    return kserve.Inference(values, load, timeout, priority, binary=True, id=request.id or None)
+    return kserve.Inference(
+        values, load, timeout, priority, binary=True, id=request.id or None,
+        preview_every=parameters.get("preview_every"),
+    )  # fmt: skip
 
 
 def _typed_tensor(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:
@@ -184,13 +189,9 @@ def parameter_value(parameter: Any) -> Any:
 
 
 def infer_response(result: JobResult, model: str, request_id: str) -> Any:
-    """The ModelInferResponse for a job's images: ``image`` UINT8 [N, H, W, 3], raw."""
-    pixels = kserve.pixels_of(result)
-    response = messages()["ModelInferResponse"](
-        model_name=model, model_version=kserve.VERSION, id=request_id
-    )
-    response.outputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
-    response.raw_output_contents.append(pixels.tobytes())
+    """The ModelInferResponse for a job's images: ``image`` UINT8 [N, H, W, 3], raw, and
+    the job's seed, UNet calls and queue wait as parameters."""
+    response = _image_response(kserve.pixels_of(result), model, request_id)
     seed = response.parameters["seed"]
     if result.seed < 2**63:
         seed.int64_param = result.seed
@@ -198,6 +199,16 @@ def infer_response(result: JobResult, model: str, request_id: str) -> Any:
         seed.uint64_param = result.seed
     response.parameters["unet_calls"].int64_param = result.unet_calls
     response.parameters["queue_wait_ms"].double_param = result.queue_wait_ms
+    return response
+
+
+def _image_response(pixels: np.ndarray, model: str, request_id: str) -> Any:
+    """A ModelInferResponse whose output ``image`` is ``pixels`` (UINT8 [N, H, W, 3]), raw."""
+    response = messages()["ModelInferResponse"](
+        model_name=model, model_version=kserve.VERSION, id=request_id
+    )
+    response.outputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+    response.raw_output_contents.append(pixels.tobytes())
     return response
 
 
@@ -292,18 +303,42 @@ class InferenceService:
     async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
         """Triton's streaming call: the requests sent on the stream run side by side, each
         answered on it once done (in the order they finish: a request's ``id`` names its
-        answer), a failure in that answer's ``error_message`` (the stream goes on). When
-        the client closes its side, the answers still due come, then the stream ends; a
-        stream the client cancels cancels its requests' jobs."""
+        answer), a failure in that answer's ``error_message`` (the stream goes on). A
+        request with ``preview_every N`` is answered as a decoupled Triton model answers:
+        first a response per preview (after every N-th step but the last: ``image`` as that
+        step estimates it finished, the ``step`` and ``steps`` parameters), each with the
+        parameter ``triton_final_response`` false, then its result with it true. When the
+        client closes its side, the answers still due come, then the stream ends; a stream
+        the client cancels cancels its requests' jobs."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
         tasks: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+
+        def streamed(answer: Any, final: bool | None = None) -> Any:
+            response = self.messages["ModelStreamInferResponse"]()
+            response.infer_response.CopyFrom(answer)
+            if final is not None:  # previews were asked for: the decoupled answers' flag
+                response.infer_response.parameters["triton_final_response"].bool_param = final
+            return response
+
+        def previewed(request: Any, done: int, steps: int | None, pictures: Any) -> None:
+            pixels = np.stack([np.asarray(picture) for picture in pictures])
+            preview = _image_response(pixels, self.options.model_name, request.id)
+            preview.parameters["step"].int64_param = done
+            preview.parameters["steps"].int64_param = steps or 0
+            answers.put_nowait(streamed(preview, final=False))
 
         async def answer(request: Any) -> None:
-            response = self.messages["ModelStreamInferResponse"]()
+            def told(done: int, steps: int | None, previews: Any = None) -> None:
+                if previews:  # from the worker's thread: answered on the loop
+                    loop.call_soon_threadsafe(previewed, request, done, steps, previews)
+
             try:
-                response.infer_response.CopyFrom(await self._answer(request, context))
+                result = await self._answer(request, context, told)
+                final = True if "preview_every" in request.parameters else None
+                response = streamed(result, final)
             except BadRequest as exc:
-                response.error_message = exc.message
+                response = self.messages["ModelStreamInferResponse"](error_message=exc.message)
             await answers.put(response)
 
         async def read() -> None:
@@ -322,12 +357,15 @@ class InferenceService:
             for task in (reader, *tasks):
                 task.cancel()
 
-    async def _answer(self, request: Any, context: Any) -> Any:
+    async def _answer(
+        self, request: Any, context: Any, previews: ProgressHook | None = None
+    ) -> Any:
         """The ModelInferResponse to ``request``, counted in the metrics; BadRequest with
-        its status where it fails."""
+        its status where it fails. ``previews``: told the previews ``preview_every`` asks
+        for (a stream's); None: asking for them is refused."""
         arrived, status = time.monotonic(), 200
         try:
-            result = await self._infer(request, context)
+            result = await self._infer(request, context, previews)
             response = await off_loop(
                 None, infer_response, result, self.options.model_name, request.id
             )
@@ -346,7 +384,9 @@ class InferenceService:
         finally:
             self.metrics.requests.labels(str(status)).inc()
 
-    async def _infer(self, request: Any, context: Any) -> JobResult:
+    async def _infer(
+        self, request: Any, context: Any, previews: ProgressHook | None = None
+    ) -> JobResult:
         from sdtrt.runtime.inputs import Limits
 
         self._answerable(context, request.model_name, request.model_version, key=True)
@@ -357,9 +397,15 @@ class InferenceService:
         except kserve.ProtocolError as exc:
             raise BadRequest(exc.status, exc.message) from None
         values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
+        every = field_value(inference.preview_every, int, "preview_every") or 0
+        if every < 0:
+            raise BadRequest(400, f"preview_every must be an integer >= 0 (0: none), got {every}")
+        if every and previews is None:
+            raise BadRequest(400, kserve.STREAMED_PREVIEWS)
         result = await run_job(
             None, request_id, self.batcher, self.intake, values, inference.load,
             timeout=inference.timeout, priority=inference.priority,
+            progress=previews if every else None, previews=every_nth(every),
         )  # fmt: skip
         return result
 

@@ -50,8 +50,9 @@ DTYPES: dict[str, Any] = {
 _TEXT = ("prompt", "negative_prompt", "scheduler")
 _LISTS = ("timesteps", "sigmas")
 _METADATA_TYPES = {str: "BYTES", int: "INT64", float: "FP64", list: "FP64"}
-# Request parameters that are not img2img fields: Triton's schedule policy, its binary form.
-_POLICY = ("timeout", "priority", "binary_data_output")
+# Request parameters that are not img2img fields: Triton's schedule policy, its binary form,
+# previews (gRPC's ModelStreamInfer answers with them).
+_POLICY = ("timeout", "priority", "binary_data_output", "preview_every")
 
 
 class ProtocolError(Exception):
@@ -242,7 +243,8 @@ def img2img_values(
         if name in _POLICY:
             continue
         if name not in TYPES or name in _LISTS:
-            allowed = ", ".join([n for n in TYPES if n not in _LISTS] + ["timeout", "priority"])
+            names = [n for n in TYPES if n not in _LISTS] + ["timeout", "priority", "preview_every"]
+            allowed = ", ".join(names)
             raise ProtocolError(400, f"unknown parameter {name!r}; parameters: {allowed}")
         if name in values:
             raise ProtocolError(400, f"{name} is given as an input and as a parameter")
@@ -376,6 +378,12 @@ def pixels_of(result: JobResult) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in result.images])
 
 
+STREAMED_PREVIEWS = (
+    "preview_every: previews come on gRPC's ModelStreamInfer (tritonclient's "
+    "async_stream_infer), each a response of its own"
+)
+
+
 @dataclass(frozen=True)
 class Inference:
     """An inference request, read: what the app runs, and how it answers."""
@@ -392,6 +400,8 @@ class Inference:
     """Whether the image goes back in binary form."""
     id: str | None
     """The request's own id, echoed in the response."""
+    preview_every: Any = None
+    """The request's ``preview_every`` parameter, as sent: previews on gRPC's stream."""
 
 
 def parse_infer(
@@ -402,6 +412,8 @@ def parse_infer(
     request, tensors, binary_inputs, binary = read_request(body, header_length)
     parameters = request.get("parameters") or {}
     values, timeout, priority = img2img_values(tensors, parameters)
+    if parameters.get("preview_every"):
+        raise ProtocolError(400, STREAMED_PREVIEWS)
     image = tensors.get("image")
     if "image" not in binary_inputs:
         image = json_bytes_image(image)

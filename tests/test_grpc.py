@@ -263,6 +263,50 @@ def test_tritonclient_streams_requests_and_gets_each_answer(server, image):
     assert answers.empty()
 
 
+def test_a_stream_with_preview_every_answers_as_a_decoupled_model(server, image):
+    """preview_every 2 on 8 steps: three previews (after steps 2, 4 and 6: the picture's
+    size, the step and steps as parameters, triton_final_response false), then the result
+    (/v1's pixels, triton_final_response true). ModelInfer, with one answer, refuses it, as
+    /v2 over HTTP does."""
+    tg = pytest.importorskip("tritonclient.grpc", reason="pip install tritonclient")
+    from tritonclient.utils import InferenceServerException
+
+    fields = {"num_inference_steps": 8, "strength": 1.0, "seed": 9}
+    answers = queue.Queue()
+    client = tg.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=KEY)
+    try:
+        client.async_stream_infer("img2img", _stream_inputs(tg, image, "a fox"), request_id="p",
+                                  parameters={**fields, "preview_every": 2})  # fmt: skip
+    finally:
+        client.stop_stream()
+    got = [answers.get(timeout=60) for _ in range(4)]
+    assert answers.empty() and all(error is None for _, error in got)
+    responses = [result.get_response() for result, _ in got]
+    assert [r.id for r in responses] == ["p"] * 4
+    flags = [r.parameters["triton_final_response"].bool_param for r in responses]
+    assert flags == [False, False, False, True]
+    steps = [(r.parameters["step"].int64_param, r.parameters["steps"].int64_param)
+             for r in responses[:3]]  # fmt: skip
+    assert steps == [(2, 8), (4, 8), (6, 8)]
+    previews = [result.as_numpy("image") for result, _ in got[:3]]
+    assert all(p.shape == (1, 32, 48, 3) and p.dtype == np.uint8 for p in previews)
+    assert not np.array_equal(previews[0], previews[2])  # two steps' estimates
+    (want,) = v1_images(server, image, {"prompt": "a fox", **fields})
+    assert np.array_equal(got[3][0].as_numpy("image")[0], want)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("img2img", _stream_inputs(tg, image, "a fox"), headers=KEY,
+                     parameters={**fields, "preview_every": 2})  # fmt: skip
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "previews come on gRPC's ModelStreamInfer" in refused.value.message()
+    client.close()
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a fox"]}],
+            "parameters": {"preview_every": 2}}  # fmt: skip
+    answer = httpx.post(f"{server.url}/v2/models/img2img/infer", json=body,
+                        headers={"Authorization": "Bearer secret"}, timeout=30)  # fmt: skip
+    assert answer.status_code == 400 and "ModelStreamInfer" in answer.json()["error"]
+
+
 def test_a_cancelled_stream_cancels_its_jobs(server, image):
     """A stream the client cancels with a request of 1000 steps running: its job is
     cancelled, dropped at its next step."""
