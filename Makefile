@@ -70,7 +70,7 @@ typecheck: $(STAMP)
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)
 	for f in sdtrt/*; do ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/; done
 	for d in $(PACKAGE_DIRS); do ln -s "$(CURDIR)/$$d" $(MYPY_TREE)/$$d; done
-	$(VENV)/bin/mypy
+	MYPYPATH=$(VENV)/trt-stubs $(VENV)/bin/mypy $(MYPY_TREE)
 
 test: $(STAMP) $(OPTIMUM_STAMP) typecheck
 	$(VENV)/bin/ruff check .
