@@ -522,8 +522,13 @@ class StepBatcher:
             first += job.images
 
     def _finish(self, jobs: list[Job]) -> None:
+        """Decode the finished jobs' latents, batched by size, and answer them; a job
+        interrupted before its first step (as it started) answers no images."""
         pipe = self.pipeline
-        for size_jobs in _by_size(jobs).values():
+        for job in [job for job in jobs if not job.index]:
+            if not job.future.done():
+                job.future.set_result(_result(job, [], []))
+        for size_jobs in _by_size([job for job in jobs if job.index]).values():
             start = mark(self.device)
             latents = torch.cat([j.latents for j in size_jobs])
             decoded = self._in_chunks(self.backend.decode_latents, latents / pipe.scaling_factor)

@@ -188,8 +188,8 @@ class Job:
     def interrupt(self) -> None:
         """Finish the job at the next iteration with the steps it has taken, as diffusers'
         ``pipe._interrupt`` does: the steps left are skipped and the latents decoded as they
-        are (A1111's Interrupt and Skip buttons). A job still waiting for admission answers
-        no images."""
+        are (A1111's Interrupt and Skip buttons). A job interrupted before its first step
+        answers no images."""
         self.interrupted = True
 
     def timings(self) -> dict[str, float]:

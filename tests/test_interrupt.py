@@ -107,3 +107,26 @@ def test_an_interrupt_while_the_worker_sorts_out_finished_jobs_loses_none(pipe, 
         assert [future.result(timeout=30).unet_calls for future in futures] == [2, 2]
     finally:
         batcher.close()
+
+
+def test_a_job_interrupted_as_it_starts_answers_no_images(pipe, image, monkeypatch):
+    """Interrupted while the worker encodes its prompt (admitted, before its first step),
+    a job answers no images, as a waiting one does: no step, no decode."""
+    batcher = StepBatcher(pipe, start=False)
+    job = batcher.prepare(Img2ImgRequest(image=image, strength=0.5, num_inference_steps=4))
+    encode_text, decoded = pipe.backend.encode_text, []
+
+    def encoding(ids):
+        job.interrupt()
+        return encode_text(ids)
+
+    monkeypatch.setattr(pipe.backend, "encode_text", encoding)
+    monkeypatch.setattr(pipe.backend, "decode_latents", decoded.append)
+    future = batcher.submit(job)
+    batcher.start()
+    try:
+        result = future.result(timeout=30)
+    finally:
+        batcher.close()
+    assert (result.images, result.unet_calls, decoded) == ([], 0, [])
+    assert job.admitted and job.timesteps is not None  # it had started
