@@ -318,8 +318,8 @@ def one_at_a_time(pipe):
 
 def _started_then(server, told: str, seed: int) -> tuple[dict, Any]:
     """A call of two images (100 steps each) from ``seed``; once its first image has taken a
-    step (polled every 5 ms, 20 s at most), ``POST /sdapi/v1/{told}``: the call's answer
-    and what ``told`` answered."""
+    step (polled every 5 ms, 20 s at most), ``told`` as webuiapi tells it
+    (``api.interrupt()``, ``api.skip()``): the call's answer and what ``told`` answered."""
     picture = base64.b64encode(png_bytes(noise_picture(4))).decode()
     body = {"init_images": [picture], **SMALL, "steps": 100, "denoising_strength": 1.0,
             "seed": seed, "batch_size": 2}  # fmt: skip
@@ -328,10 +328,11 @@ def _started_then(server, told: str, seed: int) -> tuple[dict, Any]:
         target=lambda: answers.append(httpx.post(f"{url}/img2img", json=body, timeout=60))
     )
     call.start()
+    api = webuiapi.WebUIApi(baseurl=url)
     said, deadline = [], time.monotonic() + 20
     while call.is_alive() and time.monotonic() < deadline and not said:
-        if httpx.get(f"{url}/progress").json()["state"]["sampling_step"] > 0:
-            said.append(httpx.post(f"{url}/{told}").json())
+        if api.get_progress()["state"]["sampling_step"] > 0:
+            said.append(getattr(api, told)())
         time.sleep(0.005)
     call.join(timeout=60)
     assert said, "no poll saw the call's first image take a step"
