@@ -63,6 +63,8 @@ CALLS = {
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
 }
+# How often the health protocol's Watch reads the status it streams (seconds).
+WATCH_EVERY = 0.25
 # Typed contents: the field each datatype's elements come in (FP16 has none: raw only).
 CONTENTS = {
     "BOOL": "bool_contents",
@@ -245,33 +247,58 @@ class InferenceService:
             request_deserializer=self.messages["ModelInferRequest"].FromString,
             response_serializer=self.messages["ModelStreamInferResponse"].SerializeToString,
         )
-        check = grpc.unary_unary_rpc_method_handler(
-            self.Check,
-            request_deserializer=health_pb2.HealthCheckRequest.FromString,
-            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-        )
+        health_messages = {
+            "request_deserializer": health_pb2.HealthCheckRequest.FromString,
+            "response_serializer": health_pb2.HealthCheckResponse.SerializeToString,
+        }
+        checks = {
+            "Check": grpc.unary_unary_rpc_method_handler(self.Check, **health_messages),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.Watch, **health_messages),
+        }
         return (
             grpc.method_handlers_generic_handler(SERVICE, calls),
-            grpc.method_handlers_generic_handler(health.SERVICE_NAME, {"Check": check}),
+            grpc.method_handlers_generic_handler(health.SERVICE_NAME, checks),
         )
 
     async def Check(self, request: Any, context: Any) -> Any:
         """gRPC's health checking protocol (Kubernetes' grpc probes, grpc_health_probe):
         the server ("") is SERVING while its worker lives, as /v2/health/live; the
         inference service is SERVING when ready, NOT_SERVING while warming up or draining,
-        as /v2/health/ready."""
+        as /v2/health/ready; another service NOT_FOUND."""
         from grpc_health.v1 import health_pb2
 
-        status = health_pb2.HealthCheckResponse.ServingStatus
-        if request.service not in ("", SERVICE):
+        status = self._health(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(
                 _status(404),
                 f"unknown service {request.service!r}: this server has '' and {SERVICE}",
             )
-        serving = self.batcher.alive if request.service == "" else self.readiness() == "ready"
-        return health_pb2.HealthCheckResponse(
-            status=status.SERVING if serving else status.NOT_SERVING
-        )
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        """The health protocol's stream (what gRPC clients' own health checking,
+        ``healthCheckConfig``, calls): ``Check``'s status now, then each change of it (read
+        every ``WATCH_EVERY`` seconds) until the client goes away; SERVICE_UNKNOWN for
+        another service, the call kept open, as the protocol says."""
+        from grpc_health.v1 import health_pb2
+
+        told = None
+        while True:
+            status = self._health(request.service)
+            if status != told:
+                yield health_pb2.HealthCheckResponse(status=status)
+                told = status
+            await asyncio.sleep(WATCH_EVERY)
+
+    def _health(self, service: str) -> Any:
+        """The health protocol's status of ``service`` ("": the server)."""
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse
+        if service not in ("", SERVICE):
+            return status.SERVICE_UNKNOWN
+        serving = self.batcher.alive if service == "" else self.readiness() == "ready"
+        return status.SERVING if serving else status.NOT_SERVING
 
     # The calls, by the protocol's names (handlers() finds them by those).
     async def ServerLive(self, request: Any, context: Any) -> Any:

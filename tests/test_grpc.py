@@ -443,6 +443,28 @@ def test_a_draining_server_is_not_ready_and_takes_no_new_calls(tiny, image):
         assert httpx.get(f"{running.url}/ready").status_code == 503
 
 
+def test_health_watch_streams_each_change(pipe):
+    """The health protocol's Watch (gRPC clients' own health checking): SERVING at once for
+    the server and the inference service; when the server starts draining, the service's
+    stream says NOT_SERVING (within a read or two); another service gets SERVICE_UNKNOWN on
+    a call kept open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    answer = health_pb2.HealthCheckResponse
+    with serving(pipe, ServeOptions(grpc_port=0)) as running:
+        with grpc.insecure_channel(running.grpc) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch
+            streams = {s: watch(health_pb2.HealthCheckRequest(service=s), timeout=30)
+                       for s in ("", SERVICE, "img2img")}  # fmt: skip
+            firsts = {s: next(stream).status for s, stream in streams.items()}
+            assert firsts == {"": answer.SERVING, SERVICE: answer.SERVING,
+                              "img2img": answer.SERVICE_UNKNOWN}  # fmt: skip
+            running.batcher.drain()
+            assert next(streams[SERVICE]).status == answer.NOT_SERVING
+            for stream in streams.values():
+                assert stream.is_active() and stream.cancel()
+
+
 def test_sdtrt_serve_answers_grpc_and_drains_its_calls_on_sigterm(image):
     """The command line's --grpc-port: a call in flight when SIGTERM comes is answered,
     then the process exits 0."""
