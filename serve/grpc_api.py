@@ -357,8 +357,12 @@ class InferenceService:
 
         async def answer(request: Any) -> None:
             def told(done: int, steps: int | None, previews: Any = None) -> None:
-                if previews:  # from the worker's thread: answered on the loop
+                if not previews:
+                    return
+                try:  # from the worker's thread: answered on the loop
                     loop.call_soon_threadsafe(previewed, request, done, steps, previews)
+                except RuntimeError:  # the loop is closed (the server stopped): nobody listens
+                    pass
 
             try:
                 result = await self._answer(request, context, told)
