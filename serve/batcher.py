@@ -463,8 +463,8 @@ class StepBatcher:
                 if not all(finite[rows]) and not job.future.done():
                     self._fail_active(job, non_finite_error("unet"))
             for job, done, pixels in queued.previews:
-                if job.progress is not None and not job.future.done():
-                    job.progress(done, len(job.timesteps), pictures(pixels))
+                if not job.future.done():
+                    self._tell(job, done, pictures(pixels))
 
     def _unet_call(self, jobs: list[Job]) -> None:
         if len(self._queued) >= RUN_AHEAD:  # a retry job by job: still RUN_AHEAD at most
@@ -495,8 +495,7 @@ class StepBatcher:
             else:
                 job.latents = step(*args)
             job.index += 1
-            if job.progress is not None:  # queued for the device, not yet run on it
-                job.progress(job.index, len(job.timesteps))
+            self._tell(job, job.index)  # queued for the device, not yet run on it
             if job.rows < len(job.embeddings):  # past its guidance cutoff: the cond rows
                 job.embeddings = job.embeddings.chunk(2)[1]
         self._queued.append(_Queued(self._charge(jobs, "denoise", start), finite, job_rows))
@@ -548,6 +547,17 @@ class StepBatcher:
                 images = pipe.image_processor.numpy_to_pil(arrays)
                 if not job.future.done():
                     job.future.set_result(_result(job, images, list(arrays)))
+
+    def _tell(self, job: Job, done: int, previews: Any = None) -> None:
+        """Tell the job's progress hook (a protocol's) its steps done, and previews; a hook
+        that fails fails its job alone, not the iteration of every job."""
+        if job.progress is None:
+            return
+        try:
+            job.progress(done, len(job.timesteps), previews)
+        except Exception as exc:
+            logger.exception("a progress hook failed")
+            self._fail_active(job, exc)
 
     def _charge(self, jobs: list[Job], stage: str, start: Any) -> Any:
         """Charge the device's work queued since ``start`` to ``stage`` of each job, without

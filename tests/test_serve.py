@@ -975,3 +975,25 @@ def test_a_failed_warm_up_keeps_ready_503(tiny):
 
 
 # --- HTTP --------------------------------------------------------------------------
+
+
+def test_a_failing_progress_hook_fails_its_job_alone(pipe, image):
+    """A protocol's progress hook that raises (after its job's 2nd step) fails that job with
+    its error; the job batched beside it is answered (its 4 steps)."""
+    batcher = StepBatcher(pipe, start=False)
+    request = Img2ImgRequest(image=image, strength=1.0, num_inference_steps=4)
+    failing, beside = batcher.prepare(request), batcher.prepare(request)
+
+    def hook(done, steps, previews=None):
+        if done == 2:
+            raise RuntimeError("the hook broke")
+
+    failing.progress = hook
+    futures = [batcher.submit(job) for job in (failing, beside)]
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="the hook broke"):
+            futures[0].result(timeout=30)
+        assert futures[1].result(timeout=30).unet_calls == 4 and failing.index == 2
+    finally:
+        batcher.close()
