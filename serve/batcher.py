@@ -463,7 +463,7 @@ class StepBatcher:
                 if not all(finite[rows]) and not job.future.done():
                     self._fail_active(job, non_finite_error("unet"))
             for job, done, pixels in queued.previews:
-                if not job.future.done():
+                if job.progress is not None and not job.future.done():
                     self._tell(job, done, pictures(pixels))
 
     def _unet_call(self, jobs: list[Job]) -> None:
