@@ -228,6 +228,8 @@ class InferenceService:
         self.batcher, self.options, self.intake = batcher, options, intake
         self.metrics, self.readiness = metrics, readiness
         self.messages = messages()
+        self.stopping = False
+        """The server is stopping: health watches end (they would hold its stop)."""
 
     def handlers(self) -> tuple[Any, Any]:
         """The service's calls, and gRPC's health service's ``Check``, for
@@ -278,12 +280,13 @@ class InferenceService:
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         """The health protocol's stream (what gRPC clients' own health checking,
         ``healthCheckConfig``, calls): ``Check``'s status now, then each change of it (read
-        every ``WATCH_EVERY`` seconds) until the client goes away; SERVICE_UNKNOWN for
-        another service, the call kept open, as the protocol says."""
+        every ``WATCH_EVERY`` seconds) until the client goes away or the server stops (a
+        stop waits for the calls in flight: a watch would hold it to its grace's end);
+        SERVICE_UNKNOWN for another service, the call kept open, as the protocol says."""
         from grpc_health.v1 import health_pb2
 
         told = None
-        while True:
+        while not self.stopping:
             status = self._health(request.service)
             if status != told:
                 yield health_pb2.HealthCheckResponse(status=status)
@@ -551,4 +554,5 @@ class GrpcServer:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()
         await self._stop.wait()
+        self.service.stopping = True
         await server.stop(self._grace)
