@@ -228,8 +228,9 @@ class InferenceService:
         self.batcher, self.options, self.intake = batcher, options, intake
         self.metrics, self.readiness = metrics, readiness
         self.messages = messages()
-        self.stopping = False
-        """The server is stopping: health watches end (they would hold its stop)."""
+        self.stopping = asyncio.Event()
+        """Set when the server stops: health watches end and streams read no more requests
+        (a stop waits for the calls in flight: open ones would hold it to its grace's end)."""
 
     def handlers(self) -> tuple[Any, Any]:
         """The service's calls, and gRPC's health service's ``Check``, for
@@ -286,7 +287,7 @@ class InferenceService:
         from grpc_health.v1 import health_pb2
 
         told = None
-        while not self.stopping:
+        while not self.stopping.is_set():
             status = self._health(request.service)
             if status != told:
                 yield health_pb2.HealthCheckResponse(status=status)
@@ -338,8 +339,8 @@ class InferenceService:
         first a response per preview (after every N-th step but the last: ``image`` as that
         step estimates it finished, the ``step`` and ``steps`` parameters), each with the
         parameter ``triton_final_response`` false, then its result with it true. When the
-        client closes its side, the answers still due come, then the stream ends; a stream
-        the client cancels cancels its requests' jobs."""
+        client closes its side, or the server stops, the answers still due come, then the
+        stream ends; a stream the client cancels cancels its requests' jobs."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
         tasks: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
@@ -375,12 +376,20 @@ class InferenceService:
                 response = self.messages["ModelStreamInferResponse"](error_message=exc.message)
             await answers.put(response)
 
+        async def take() -> None:
+            async for request in requests:
+                tasks.append(asyncio.ensure_future(answer(request)))
+
         async def read() -> None:
-            try:
-                async for request in requests:
-                    tasks.append(asyncio.ensure_future(answer(request)))
+            taking = asyncio.ensure_future(take())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            try:  # until the client closes its side, or the server stops
+                await asyncio.wait({taking, stop}, return_when=asyncio.FIRST_COMPLETED)
+                taking.cancel()  # no more requests; those in flight are answered
                 await asyncio.gather(*tasks)
             finally:
+                stop.cancel()
+                taking.cancel()
                 answers.put_nowait(None)  # every request answered (or the reading failed)
 
         reader = asyncio.ensure_future(read())
@@ -554,5 +563,5 @@ class GrpcServer:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()
         await self._stop.wait()
-        self.service.stopping = True
+        self.service.stopping.set()
         await server.stop(self._grace)

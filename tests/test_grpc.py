@@ -308,6 +308,41 @@ def test_a_stream_with_preview_every_answers_as_a_decoupled_model(server, image)
     assert answer.status_code == 400 and "ModelStreamInfer" in answer.json()["error"]
 
 
+def test_a_stopping_server_answers_a_streams_requests_then_ends_it(pipe, image):
+    """A stream left open by its client, with a request running, when the server stops:
+    the request is answered, then the stream ends (OK) at once: it does not hold the stop
+    to its 30 s grace."""
+    m = messages()
+    request = _typed_request(image, 1.0)
+    request.parameters["num_inference_steps"].int64_param = 40
+    held, server = threading.Event(), contextlib.ExitStack()
+
+    def requests():  # one request, then the client's side stays open
+        yield request
+        held.wait(timeout=60)
+
+    with server:
+        running = server.enter_context(serving(pipe, ServeOptions(grpc_port=0, drain_timeout=30)))
+        with grpc.insecure_channel(running.grpc) as channel:
+            call = channel.stream_stream(
+                f"/{SERVICE}/ModelStreamInfer",
+                request_serializer=m["ModelInferRequest"].SerializeToString,
+                response_deserializer=m["ModelStreamInferResponse"].FromString,
+            )
+            responses = call(requests(), timeout=60)
+            deadline = time.monotonic() + 30
+            while not running.batcher.active and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert running.batcher.active, "the request never started"
+            started = time.monotonic()
+            server.close()  # the server stops
+            assert time.monotonic() - started < 15  # not held to the grace's 30 s
+            (answer,) = list(responses)
+            held.set()
+    assert responses.code() == grpc.StatusCode.OK and not answer.error_message
+    assert answer.infer_response.parameters["unet_calls"].int64_param == 40
+
+
 def test_a_cancelled_stream_cancels_its_jobs(server, image):
     """A stream the client cancels with a request of 1000 steps running: its job is
     cancelled, dropped at its next step."""
