@@ -315,13 +315,10 @@ class StepBatcher:
                 self._each_alone_on_failure(work, [job], pending)
 
     def _admit(self) -> list[Job]:
-        """Move waiting jobs to active as the policy allows (under the lock); answer those
-        interrupted before they started with no images."""
-        for job in [j for j in self.waiting if j.interrupted]:
-            self.waiting.remove(job)
-            if not job.future.done():
-                job.future.set_result(_result(job, [], []))
+        """Move waiting jobs to active as the policy allows (under the lock), once those
+        that leave without running (``_leave``) are out: none is encoded for nothing."""
         now = time.monotonic()
+        self._leave(self.waiting, now)
         args = (self.waiting, self.active, self.max_rows, self.queue_delay, now)
         admitted = admit(self.policy, *args)
         for job in admitted:
@@ -330,15 +327,23 @@ class StepBatcher:
         return admitted
 
     def _drop_expired(self) -> None:
-        now = time.monotonic()
         with self._lock:
-            for queue in (self.waiting, self.active):
-                for job in [j for j in queue if j.cancelled or now > j.deadline]:
-                    queue.remove(job)
-                    if job.cancelled:
-                        self._fail(job, RequestCancelledError("the client went away"))
-                    else:
-                        self._fail(job, DeadlineExceededError("the request passed its deadline"))
+            self._leave(self.active, time.monotonic())
+
+    def _leave(self, queue: Any, now: float) -> None:
+        """Take out of ``queue`` (under the lock) the jobs that end before another step:
+        cancelled, past their deadline (each failed as such), or interrupted before their
+        first step (answered with no images)."""
+        for job in list(queue):
+            if job.cancelled:
+                self._fail(job, RequestCancelledError("the client went away"))
+            elif now > job.deadline:
+                self._fail(job, DeadlineExceededError("the request passed its deadline"))
+            elif job.interrupted and not job.index:
+                _answer_unmade(job)
+            else:
+                continue
+            queue.remove(job)
 
     def _start(self, jobs: list[Job]) -> None:
         """Text and VAE encoding of newly admitted jobs, batched; then each job's noised
@@ -525,8 +530,7 @@ class StepBatcher:
         interrupted before its first step (as it started) answers no images."""
         pipe = self.pipeline
         for job in [job for job in jobs if not job.index]:
-            if not job.future.done():
-                job.future.set_result(_result(job, [], []))
+            _answer_unmade(job)
         for size_jobs in _by_size([job for job in jobs if job.index]).values():
             start = mark(self.device)
             latents = torch.cat([j.latents for j in size_jobs])
@@ -621,6 +625,12 @@ def _result(job: Job, images: list[PIL.Image.Image], arrays: list[Any]) -> JobRe
         queue_wait_ms=waited,
         timings_ms={**job.timings(), "total": total},
     )
+
+
+def _answer_unmade(job: Job) -> None:
+    """Answer a job interrupted before its first step: no images (nothing decoded)."""
+    if not job.future.done():
+        job.future.set_result(_result(job, [], []))
 
 
 def _non_finite(latents: torch.Tensor) -> NonFiniteOutputError:
