@@ -353,12 +353,10 @@ async def _serve(
     if response_format not in OPTIONS["response_format"]["enum"]:
         allowed = ", ".join(OPTIONS["response_format"]["enum"])
         raise BadRequest(422, f"response_format must be one of {allowed}, got {response_format!r}")
-    every = field_value(per_request.get("preview_every"), int, "preview_every") or 0
-    if every < 0 or (every and progress is None):
-        raise BadRequest(
-            422, "preview_every must be an integer >= 0 (0: none), and previews come in the "
-            f"stream (POST /v1/img2img/stream); got {every}"
-        )  # fmt: skip
+    every = streaming.preview_every(
+        per_request.get("preview_every"), progress is not None,
+        "in the stream (POST /v1/img2img/stream)",
+    )  # fmt: skip
     if progress is not None and response_format not in ("png", "json"):
         raise BadRequest(
             422, "a stream's result is the JSON answer, PNGs in base64: response_format json "

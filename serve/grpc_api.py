@@ -49,7 +49,7 @@ from sdtrt.serve.handling import (
 from sdtrt.serve.jobs import JobResult, ProgressHook
 from sdtrt.serve.metrics import Metrics
 from sdtrt.serve.options import ServeOptions
-from sdtrt.serve.streaming import every_nth
+from sdtrt.serve.streaming import every_nth, preview_every
 
 logger = logging.getLogger(__name__)
 PROTO = Path(__file__).with_name("inference.proto")
@@ -193,7 +193,7 @@ def parameter_value(parameter: Any) -> Any:
 def infer_response(result: JobResult, model: str, request_id: str) -> Any:
     """The ModelInferResponse for a job's images: ``image`` UINT8 [N, H, W, 3], raw, and
     the job's seed, UNet calls and queue wait as parameters."""
-    response = _image_response(kserve.pixels_of(result), model, request_id)
+    response = _image_response(kserve.pixels_of(result.images), model, request_id)
     seed = response.parameters["seed"]
     if result.seed < 2**63:
         seed.int64_param = result.seed
@@ -353,8 +353,9 @@ class InferenceService:
             return response
 
         def previewed(request: Any, done: int, steps: int | None, pictures: Any) -> None:
-            pixels = np.stack([np.asarray(picture) for picture in pictures])
-            preview = _image_response(pixels, self.options.model_name, request.id)
+            preview = _image_response(
+                kserve.pixels_of(pictures), self.options.model_name, request.id
+            )
             preview.parameters["step"].int64_param = done
             preview.parameters["steps"].int64_param = steps or 0
             answers.put_nowait(streamed(preview, final=False))
@@ -440,11 +441,8 @@ class InferenceService:
         except kserve.ProtocolError as exc:
             raise BadRequest(exc.status, exc.message) from None
         values = {k: field_value(v, TYPES[k], k) for k, v in inference.values.items()}
-        every = field_value(inference.preview_every, int, "preview_every") or 0
-        if every < 0:
-            raise BadRequest(400, f"preview_every must be an integer >= 0 (0: none), got {every}")
-        if every and previews is None:
-            raise BadRequest(400, kserve.STREAMED_PREVIEWS)
+        streamed = previews is not None
+        every = preview_every(inference.preview_every, streamed, kserve.PREVIEWS_STREAMED)
         result = await run_job(
             None, request_id, self.batcher, self.intake, values, inference.load,
             timeout=inference.timeout, priority=inference.priority,

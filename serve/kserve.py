@@ -346,7 +346,7 @@ def answer(
     result: JobResult, model: str, request_id: str | None, binary: bool
 ) -> tuple[bytes, dict[str, str]]:
     """The inference response (its body and headers) for a job's images."""
-    pixels = pixels_of(result)
+    pixels = pixels_of(result.images)
     output: dict[str, Any] = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape)}
     raw = b""
     if binary:
@@ -373,15 +373,16 @@ def answer(
     return head + raw, headers
 
 
-def pixels_of(result: JobResult) -> np.ndarray:
-    """The output tensor ``image``: the job's images as UINT8 [N, H, W, 3]."""
-    return np.stack([np.asarray(image.convert("RGB")) for image in result.images])
+def pixels_of(images: list[PIL.Image.Image]) -> np.ndarray:
+    """The output tensor ``image``: pictures (a job's images, its previews) as UINT8
+    [N, H, W, 3]."""
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
-STREAMED_PREVIEWS = (
-    "preview_every: previews come on gRPC's ModelStreamInfer (tritonclient's "
-    "async_stream_infer), each a response of its own"
+PREVIEWS_STREAMED = (
+    "on gRPC's ModelStreamInfer (tritonclient's async_stream_infer), each a response of its own"
 )
+"""Where the protocol's previews (``preview_every``) come."""
 
 
 @dataclass(frozen=True)
@@ -413,7 +414,7 @@ def parse_infer(
     parameters = request.get("parameters") or {}
     values, timeout, priority = img2img_values(tensors, parameters)
     if parameters.get("preview_every"):
-        raise ProtocolError(400, STREAMED_PREVIEWS)
+        raise ProtocolError(400, f"preview_every: previews come {PREVIEWS_STREAMED}")
     image = tensors.get("image")
     if "image" not in binary_inputs:
         image = json_bytes_image(image)

@@ -31,6 +31,7 @@ from sdtrt.serve.handling import (
     BadRequest,
     as_bad_request,
     encoded_images,
+    field_value,
     json_answer,
     off_loop,
 )
@@ -77,6 +78,18 @@ class Events:
 
     def error(self, failure: BadRequest) -> bytes:
         return event("error", {"error": failure.message, "status": failure.status})
+
+
+def preview_every(value: Any, streamed: bool, where: str) -> int:
+    """A request's ``preview_every``, checked: an integer >= 0 (0: none), above 0 only where
+    the answer is ``streamed`` (``where`` says where previews come); BadRequest(422)."""
+    every = field_value(value, int, "preview_every") or 0
+    if every < 0 or (every and not streamed):
+        raise BadRequest(
+            422, f"preview_every must be an integer >= 0 (0: none), and previews come {where}; "
+            f"got {every}"
+        )  # fmt: skip
+    return every
 
 
 def every_nth(every: int) -> Callable[[int], frozenset[int]]:
